@@ -1,0 +1,59 @@
+"""Command-line entry points: argv `key=value` overrides -> checked config -> train or prepare.
+
+Errors people can fix (config, missing data) print one message and exit 2, before any work.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline import config, data
+from pipeline import recipe as recipes
+
+USAGE = """usage: accelerate launch launch/{script}.py [recipe=NAME] [key.sub=value ...]
+       python launch/{script}.py [recipe=NAME] [key.sub=value ...]
+
+{what}
+
+Overrides are OmegaConf dotlist items, e.g.
+  recipe=mnist_cnn data.root=/data trainer.epochs=3 trainer.batch_size=128 optimizer.lr=3e-4 tracking=none
+
+Recipes (default: digits):
+{recipes}
+
+Show every key of a recipe with its value: python launch/train.py recipe=NAME --print-config
+"""
+
+
+def usage(script: str, what: str) -> str:
+    lines = []
+    for name in recipes.names():
+        try:
+            lines.append(f"  {name:<22} {recipes.load(name).description}")
+        except Exception as e:  # a broken recipe must not hide the others
+            lines.append(f"  {name:<22} (fails to load: {e})")
+    return USAGE.format(script=script, what=what, recipes="\n".join(lines))
+
+
+def parse(argv: list[str]):
+    dotlist = config.split_argv(argv)
+    recipe = recipes.load(config.recipe_name(dotlist))
+    return recipe, config.build(dotlist, recipe)
+
+
+def main(script: str, what: str, run) -> None:
+    argv = sys.argv[1:]
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage(script, what))
+        return
+    show = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
+    try:
+        recipe, cfg = parse(argv)
+        if show:
+            print(config.to_yaml(cfg))
+            return
+        run(recipe, cfg)
+    except (config.ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

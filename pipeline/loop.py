@@ -1,0 +1,308 @@
+"""The train/eval loop every recipe shares: the one place to follow a run from config to weights.
+
+Accelerate owns devices, processes, precision, accumulation and trackers; this is its client.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list,
+                              set_seed)
+
+from pipeline import data, optim, tracking
+from pipeline import recipe as recipes
+from pipeline.config import ConfigError, as_dict, flag, to_yaml
+
+
+def train(cfg) -> dict:
+    """Trains and evaluates `cfg.recipe`; returns the summary also written to `<run>/summary.json`."""
+    started = time.perf_counter()
+    recipe = recipes.load(cfg.recipe)
+    state = PartialState()
+    micro_batch = check_batches(cfg, state.num_processes)
+    say = state.print
+    say(to_yaml(cfg).rstrip())
+    # Shards first (built once, while the other processes wait): missing data stops the run before
+    # it leaves a run directory behind.
+    shards = data.prepare(recipe, cfg, state, log=say)
+    run_dir = make_run_dir(cfg, state)
+    log_with, init_kwargs = tracking.trackers(cfg, run_dir)
+    compile_model = flag(cfg.trainer.compile, state.device.type == "cuda")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
+        # The loaders yield GLOBAL batches; each process takes its slice, so the optimisation is
+        # the same on 1 or N processes.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile_model else None,
+        log_with=log_with,
+        project_dir=str(run_dir),
+    )
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    say(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
+        f"mixed_precision={accelerator.mixed_precision} compile={compile_model} "
+        f"micro_batch/process={micro_batch}")
+
+    # ---- data: whole-split tensors indexed per batch
+    splits, meta = data.load(shards)
+    tensors = {name: data.columns(split) for name, split in splits.items()}
+    on_device = keep_on_device(cfg, accelerator, tensors)
+    make = recipe.dataset or (lambda cols, meta, split: data.Rows(cols))
+    rows = {name: make(cols, meta, name) for name, cols in tensors.items()}
+    if on_device:
+        rows = {name: r.to(accelerator.device) for name, r in rows.items()}
+    workers = 0 if on_device else cfg.data.num_workers
+    train_loader = data.loader(rows["train"], cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
+                               train=True, seed=cfg.seed, num_workers=workers)
+    eval_loaders = {name: data.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
+                                      num_workers=workers) for name in ("eval", "test") if name in rows}
+    if len(train_loader) == 0:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
+                          f"({len(rows['train'])} rows); lower it")
+
+    # ---- model, optimizer, schedule
+    model = recipe.model(cfg, meta)
+    optim.init_weights(model, cfg.model.init, recipe.activation)
+    optimizer = optim.optimizer(cfg.optimizer, model.parameters())
+    steps_per_epoch = optim.steps(len(train_loader), cfg.trainer.grad_accum_steps)
+    scheduler = optim.scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.epochs)
+    model, optimizer, train_loader, *prepared = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values(), *([scheduler] if scheduler else []))
+    eval_loaders = dict(zip(eval_loaders, prepared))
+    metrics = make_metrics(recipe, cfg, meta, accelerator.device)
+
+    accelerator.init_trackers(cfg.project, config=as_dict(cfg), init_kwargs=init_kwargs)
+    if accelerator.is_main_process:
+        tracking.write_json(run_dir / "meta.json", meta)
+    say(f"data: train {len(rows['train']):,} rows, {steps_per_epoch} steps/epoch; "
+        + ", ".join(f"{k} {len(rows[k]):,} rows" for k in eval_loaders))
+
+    # ---- train and evaluate
+    step, results, speed = 0, {}, Speed()
+    progress = Progress(accelerator.is_main_process, steps_per_epoch * cfg.trainer.epochs)
+    for epoch in range(1, cfg.trainer.epochs + 1):
+        model.train()
+        running, count = torch.zeros((), device=accelerator.device), 0
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                batch = recipe.transform(batch, True, meta)
+                outputs = model(*(batch[k] for k in recipe.inputs))
+                loss = recipe.loss(outputs, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.trainer.clip_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.clip_grad_norm)
+                optimizer.step()
+                if scheduler:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running += loss.detach()
+            count += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            speed.step(cfg.trainer.batch_size)
+            if step % cfg.trainer.log_every == 0 or step == steps_per_epoch * epoch:
+                # One cross-process reduction per log line, not per step: no sync on the hot path.
+                train_loss = accelerator.reduce(running / count, reduction="mean").item()
+                running.zero_()
+                count = 0
+                logged = {"train/loss": train_loss, "train/lr": optimizer.param_groups[0]["lr"],
+                          "epoch": epoch}
+                accelerator.log(logged, step=step)
+                results.update(logged)
+                progress.update(step, epoch, train_loss, speed.rate())
+            if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
+                break
+        results.update(evaluate(model, eval_loaders["eval"], recipe, metrics, accelerator, meta, "eval"))
+        accelerator.log({k: v for k, v in results.items() if k.startswith("eval/") and _scalar(v)}, step=step)
+        progress.epoch(epoch, cfg.trainer.epochs, results)
+        if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
+            break
+
+    if "test" in eval_loaders:
+        test = evaluate(model, eval_loaders["test"], recipe, metrics, accelerator, meta, "test")
+        accelerator.log({k: v for k, v in test.items() if _scalar(v)}, step=step)
+        results.update(test)
+
+    # ---- outputs: weights, summary
+    accelerator.wait_for_everyone()
+    accelerator.save_model(model, run_dir, safe_serialization=True)
+    summary = {"recipe": cfg.recipe, "run_dir": str(run_dir), "steps": step, "epochs": epoch,
+               "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+               "compile": compile_model, **results, "train/samples_per_s": speed.rate(),
+               "time/first_step_s": speed.first, "time/total_s": time.perf_counter() - started}
+    if accelerator.is_main_process:
+        tracking.write_json(run_dir / "summary.json", summary)
+    progress.close()
+    say(summary_line(summary))
+    accelerator.end_training()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, loader, recipe, metrics, accelerator, meta, prefix: str) -> dict:
+    """Loss and metrics over a whole split; every sample counts exactly once on any number of processes."""
+    model.eval()
+    loss_sum, seen = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
+    for batch in loader:
+        batch = recipe.transform(batch, False, meta)
+        outputs = model(*(batch[k] for k in recipe.inputs))
+        # gather_for_metrics drops the samples Accelerate repeated to even out the last batch.
+        outputs, targets = accelerator.gather_for_metrics((outputs, {k: batch[k] for k in recipe.targets}))
+        n = len(targets[recipe.targets[0]])
+        loss_sum += recipe.loss(outputs, targets).double() * n
+        seen += n
+        for head, (preds, target) in recipe.predictions(outputs, targets).items():
+            metrics[head].update(preds, target)
+    results = {f"{prefix}/loss": (loss_sum / max(seen, 1)).item(), f"{prefix}/samples": seen}
+    for head, metric in metrics.items():
+        name = f"{prefix}/{head}/" if head else f"{prefix}/"
+        results.update(flatten(metric.compute(), name, meta.get("class_names")))
+        metric.reset()
+    return results
+
+
+def make_metrics(recipe, cfg, meta, device) -> dict:
+    """The recipe's metrics, updated with already-gathered values, so torchmetrics must not sync again."""
+    metrics = recipe.metrics(cfg, meta)
+    for metric in metrics.values():
+        for m in metric.modules():
+            if hasattr(m, "distributed_available_fn"):
+                m.distributed_available_fn = _never
+    return {head: m.to(device) for head, m in metrics.items()}
+
+
+def _never() -> bool:
+    return False
+
+
+def flatten(values, prefix: str, class_names=None) -> dict:
+    """torchmetrics results -> {name: float}; per-class vectors named by class; matrices kept as lists."""
+    if not isinstance(values, dict):
+        values = {"": values}
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}".rstrip("/")
+        value = value.detach().cpu() if torch.is_tensor(value) else torch.as_tensor(value)
+        if value.ndim == 0:
+            out[name] = value.item()
+        elif value.ndim == 1:
+            labels = class_names if class_names and len(class_names) == len(value) else range(len(value))
+            out.update({f"{name}/{label}": v.item() for label, v in zip(labels, value)})
+        else:
+            out[name] = value.tolist()
+    return out
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+def check_batches(cfg, num_processes: int) -> int:
+    """The per-process micro-batch: batch_size / (processes x accumulation), which must divide."""
+    parts = num_processes * cfg.trainer.grad_accum_steps
+    if cfg.trainer.batch_size % parts:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} does not split into {num_processes} processes x "
+            f"{cfg.trainer.grad_accum_steps} accumulation steps; use a multiple of {parts}")
+    if cfg.trainer.eval_batch_size % num_processes:
+        raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
+                          f"{num_processes} processes; use a multiple of {num_processes}")
+    return cfg.trainer.batch_size // parts
+
+
+def make_run_dir(cfg, state: PartialState) -> Path:
+    """`<output_dir>/<recipe>/<run_name>/`, chosen on the main process and shared with the others."""
+    name = [None]
+    if state.is_main_process:
+        base = Path(cfg.output_dir) / cfg.recipe
+        run_name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = base / run_name
+        if cfg.run_name and (path / "summary.json").exists():
+            raise ConfigError(f"run {path} already finished; pick another run_name= or remove it")
+        suffix = 1
+        while not cfg.run_name and path.exists():  # two runs started in the same second
+            suffix += 1
+            path = base / f"{run_name}-{suffix}"
+        path.mkdir(parents=True, exist_ok=True)
+        name = [str(path)]
+    if state.num_processes > 1:
+        broadcast_object_list(name)
+    return Path(name[0])
+
+
+def keep_on_device(cfg, accelerator, tensors: dict) -> bool:
+    """Whole prepared data on the GPU when it takes under a quarter of the free memory."""
+    if accelerator.device.type != "cuda" or cfg.data.on_device == "false":
+        return False
+    if cfg.data.on_device == "true":
+        return True
+    free, _ = torch.cuda.mem_get_info(accelerator.device)
+    return sum(data.nbytes(t) for t in tensors.values()) < free / 4
+
+
+class Speed:
+    """Training samples/s after the first step (which carries compilation and warm-up)."""
+
+    def __init__(self):
+        self.t0, self.first, self.samples, self.steps = time.perf_counter(), None, 0, 0
+
+    def step(self, batch: int):
+        self.steps += 1
+        if self.steps == 1:
+            now = time.perf_counter()
+            self.first, self.t0 = now - self.t0, now
+        else:
+            self.samples += batch
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        return self.samples / elapsed if self.samples and elapsed > 0 else 0.0
+
+
+class Progress:
+    """A bar on a terminal, plain lines in logs; main process only."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+        self.bar = None
+        if enabled and self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, epoch: int, loss: float, rate: float):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
+        else:
+            print(f"epoch {epoch} step {step} train/loss {loss:.4f} {rate:,.0f} samples/s", flush=True)
+
+    def epoch(self, epoch: int, epochs: int, results: dict):
+        if not self.enabled:
+            return
+        shown = {k: v for k, v in results.items()
+                 if k.startswith("eval/") and _scalar(v) and k.count("/") <= 2 and not k.endswith("/samples")}
+        line = f"epoch {epoch}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in list(shown.items())[:8])
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary_line(summary: dict) -> str:
+    keys = [k for k in summary if k.split("/")[0] in ("eval", "test") and _scalar(summary[k])
+            and k.count("/") <= 2 and not k.endswith("/samples")][:8]
+    shown = " ".join(f"{k}={summary[k]:.4f}" for k in keys)
+    return (f"done: {summary['recipe']} {summary['epochs']} epochs {summary['steps']} steps "
+            f"{summary['train/samples_per_s']:,.0f} samples/s {shown} -> {summary['run_dir']}")

@@ -1,0 +1,45 @@
+"""mnist_mlp: the classic MNIST MLP, 784-128-64-10 with LogSoftmax and NLLLoss, plain SGD.
+
+Raw files: <data.root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+python launch/train.py recipe=mnist_mlp data.root=data
+"""
+
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.datasets import MNIST
+
+from pipeline.data import idx_raw_files, idx_splits
+from pipeline.recipe import Recipe
+
+
+def transform(batch, train, meta):
+    # ToTensor + Normalize((0.5,), (0.5,)), applied to the whole batch at once: [0, 255] -> [-1, 1]
+    return {**batch, "image": batch["image"].float() / 127.5 - 1.0}
+
+
+def model(cfg, meta):
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 128), nn.ReLU(),
+        nn.Linear(128, 64), nn.ReLU(),
+        nn.Linear(64, 10), nn.LogSoftmax(dim=1),
+    )
+
+
+def nll(outputs, batch):
+    return nn.functional.nll_loss(outputs, batch["label"])
+
+
+recipe = Recipe(
+    name="mnist_mlp",
+    description="MNIST, MLP 784-128-64-10, LogSoftmax + NLLLoss, SGD lr 0.003",
+    prepare=lambda cfg: idx_splits(MNIST, cfg),
+    raw_files=lambda cfg: idx_raw_files(MNIST, cfg),
+    model=model,
+    loss=nll,
+    metrics=lambda cfg, meta: {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro")})},
+    transform=transform,
+    defaults={"trainer": {"epochs": 5, "batch_size": 64},
+              "optimizer": {"name": "sgd", "lr": 0.003}},
+)
