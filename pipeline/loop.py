@@ -15,7 +15,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import (DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list,
                               set_seed)
 
-from pipeline import data, optim, tracking
+from pipeline import data, hooks, optim, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError, as_dict, flag, to_yaml
 
@@ -24,7 +24,9 @@ def train(cfg) -> dict:
     """Trains and evaluates `cfg.recipe`; returns the summary also written to `<run>/summary.json`."""
     started = time.perf_counter()
     recipe = recipes.load(cfg.recipe)
-    state = PartialState()
+    # Without any accelerator, Accelerate only forms a multi-process (gloo) group when told cpu=True.
+    cpu = not torch.accelerator.is_available()
+    state = PartialState(cpu=cpu)
     micro_batch = check_batches(cfg, state.num_processes)
     say = state.print
     say(to_yaml(cfg).rstrip())
@@ -35,6 +37,7 @@ def train(cfg) -> dict:
     log_with, init_kwargs = tracking.trackers(cfg, run_dir)
     compile_model = flag(cfg.trainer.compile, state.device.type == "cuda")
     accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
         # The loaders yield GLOBAL batches; each process takes its slice, so the optimisation is
         # the same on 1 or N processes.
@@ -70,6 +73,7 @@ def train(cfg) -> dict:
     # ---- model, optimizer, schedule
     model = recipe.model(cfg, meta)
     optim.init_weights(model, cfg.model.init, recipe.activation)
+    layer_stats = hooks.LayerStats(model) if cfg.debug.hooks else None  # no hooks at all when off
     optimizer = optim.optimizer(cfg.optimizer, model.parameters())
     steps_per_epoch = optim.steps(len(train_loader), cfg.trainer.grad_accum_steps)
     scheduler = optim.scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.epochs)
@@ -91,6 +95,8 @@ def train(cfg) -> dict:
         model.train()
         running, count = torch.zeros((), device=accelerator.device), 0
         for batch in train_loader:
+            if layer_stats:
+                layer_stats.active = (step + 1) % cfg.debug.hooks_every == 0
             with accelerator.accumulate(model):
                 batch = recipe.transform(batch, True, meta)
                 outputs = model(*(batch[k] for k in recipe.inputs))
@@ -108,6 +114,8 @@ def train(cfg) -> dict:
                 continue
             step += 1
             speed.step(cfg.trainer.batch_size)
+            if layer_stats and layer_stats.active:
+                accelerator.log(layer_stats.collect(), step=step)
             if step % cfg.trainer.log_every == 0 or step == steps_per_epoch * epoch:
                 # One cross-process reduction per log line, not per step: no sync on the hot path.
                 train_loss = accelerator.reduce(running / count, reduction="mean").item()
