@@ -17,9 +17,12 @@ BIN = Path(sys.executable).parent
 
 
 def cli(args: list[str], cwd: Path, processes: int = 1, script: str = "train", timeout: int = 600,
-        env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs launch/<script>.py as a user would: `python` for one process, `accelerate launch` for more."""
-    if processes == 1:
+        env: dict | None = None, launcher: str = "python") -> subprocess.CompletedProcess:
+    """Runs launch/<script>.py as a user would: `python`, or `accelerate launch` (always for >1 process)."""
+    if processes == 1 and launcher == "accelerate":
+        cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "launch" / f"{script}.py")]
+    elif processes == 1:
         cmd = [sys.executable, str(ROOT / "launch" / f"{script}.py")]
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
