@@ -1,0 +1,126 @@
+"""water_potability: is this water safe to drink? 9 measurements -> MLP 9-16-8-1 (BatchNorm, ELU, He init).
+
+Raw file: <data.root>/water_potability.csv, the Kaggle "Water Quality" CSV as published (3,276 rows).
+python launch/train.py recipe=water_potability data.root=data
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision,
+                                         BinaryRecall)
+
+from pipeline.config import DataConfig
+from pipeline.data import DataError, split_train_eval
+from pipeline.recipe import Recipe
+
+FEATURES = ["ph", "Hardness", "Solids", "Chloramines", "Sulfate", "Conductivity", "Organic_carbon",
+            "Trihalomethanes", "Turbidity"]
+LABEL = "Potability"
+CLASSES = ["not potable", "potable"]
+
+
+@dataclass
+class WaterData(DataConfig):
+    file: str = "water_potability.csv"
+
+
+def raw_files(cfg) -> list[Path]:
+    path = Path(cfg.data.root) / cfg.data.file
+    if not path.is_file():
+        raise DataError(
+            f"{path.resolve()} not found: expected the Kaggle 'Water Quality' CSV with a header row "
+            f"{','.join(FEATURES)},{LABEL} (floats, empty cells for missing values; {LABEL} 0/1).\n"
+            f"Fix: put water_potability.csv there (kaggle datasets download adityakadiwal/water-potability) "
+            f"or set data.root=<folder> data.file=<name.csv>.")
+    return [path]
+
+
+def read_csv(cfg) -> datasets.Dataset:
+    path = raw_files(cfg)[0]
+    table = pd.read_csv(path)
+    missing = [c for c in [*FEATURES, LABEL] if c not in table.columns]
+    if missing:
+        raise DataError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)})")
+    features = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=len(FEATURES)),
+                                  "label": datasets.ClassLabel(names=CLASSES)})
+    # Missing measurements stay NaN here: they are filled after the split, from the train rows only.
+    return datasets.Dataset.from_dict({"features": table[FEATURES].to_numpy(np.float32),
+                                       "label": table[LABEL].to_numpy(np.int64)}, features=features)
+
+
+def fit(train: datasets.Dataset) -> dict:
+    """SimpleImputer(strategy="median") then StandardScaler, fitted on the train split alone."""
+    x = train.with_format("numpy")[:]["features"].astype(np.float64)
+    median = np.nanmedian(x, axis=0)
+    x = np.where(np.isnan(x), median, x)
+    return {"median": median.tolist(), "mean": x.mean(axis=0).tolist(), "std": x.std(axis=0).tolist()}
+
+
+def preprocess(batch: dict, stats: dict) -> dict:
+    x = batch["features"]
+    x = np.where(np.isnan(x), np.asarray(stats["median"]), x)
+    return {"features": (x - np.asarray(stats["mean"])) / np.asarray(stats["std"])}
+
+
+def prepare(cfg):
+    full = read_csv(cfg)
+    train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed, stratify="label")
+    stats = fit(train)
+    train, evaluation = (split.with_format("numpy").map(preprocess, batched=True, fn_kwargs={"stats": stats},
+                                                        features=full.features)
+                         for split in (train, evaluation))
+    # Saved with the shards and the run: evaluation and inference fill and scale with these numbers.
+    return datasets.DatasetDict(train=train, eval=evaluation), {"class_names": CLASSES,
+                                                               "feature_names": FEATURES, **stats}
+
+
+class WaterNet(nn.Module):
+    def __init__(self, inputs: int = len(FEATURES)):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(inputs, 16), nn.BatchNorm1d(16), nn.ELU(),
+            nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ELU(),
+            nn.Linear(8, 1),  # a logit: the sigmoid lives in the loss, where it cannot overflow
+        )
+
+    def forward(self, features):
+        return self.net(features).squeeze(1)
+
+
+def bce(outputs, batch):
+    return nn.functional.binary_cross_entropy_with_logits(outputs, batch["label"].float())
+
+
+def predictions(outputs, batch):
+    return {"": (outputs.sigmoid(), batch["label"])}
+
+
+def metrics(cfg, meta):
+    return {"": MetricCollection({"accuracy": BinaryAccuracy(), "precision": BinaryPrecision(),
+                                  "recall": BinaryRecall(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})}
+
+
+recipe = Recipe(
+    name="water_potability",
+    description="water_potability.csv, MLP 9-16-8-1 BatchNorm+ELU, He init, BCEWithLogits, Adam lr 1e-3",
+    prepare=prepare,
+    raw_files=raw_files,
+    model=lambda cfg, meta: WaterNet(),
+    loss=bce,
+    predictions=predictions,
+    metrics=metrics,
+    activation="elu",
+    inputs=("features",),
+    targets=("label",),
+    data_config=WaterData,
+    defaults={"data": {"eval_fraction": 0.2},
+              "model": {"init": "kaiming_normal"},
+              "trainer": {"epochs": 30, "batch_size": 32, "clip_grad_norm": 1.0, "log_every": 100},
+              "optimizer": {"name": "adam", "lr": 1e-3}},
+)

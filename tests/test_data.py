@@ -1,0 +1,130 @@
+"""Data preparation: Arrow shards keyed by a fingerprint, reused, rebuilt on change, clear errors."""
+
+import os
+import shutil
+
+import datasets
+import torch
+from conftest import cli, common, ok, write_mnist_raw
+
+from pipeline import data
+from pipeline import recipe as recipes
+
+
+def shard_dirs(workdir, recipe):
+    base = workdir / "cache" / recipe
+    return sorted(p for p in base.iterdir()) if base.exists() else []
+
+
+def test_prepare_once_reuse_and_invalidate(workdir):
+    root = write_mnist_raw(workdir / "data")
+    args = common(workdir, "recipe=mnist_mlp", f"data.root={root}")
+    first = ok(cli(args, cwd=workdir, script="prepare"))
+    assert "data: preparing mnist_mlp" in first.stdout and "train 9,000, eval 1,000, test 10,000" in first.stdout
+    [shards] = shard_dirs(workdir, "mnist_mlp")
+    assert {p.name for p in shards.iterdir()} == {"train", "eval", "test", "meta.json"}
+    assert len(list((shards / "train").glob("*.arrow"))) == 4  # data.num_shards
+
+    # Reused: same directory, untouched files, no preparation.
+    stamp = (shards / "train" / "state.json").stat().st_mtime_ns
+    again = ok(cli(args, cwd=workdir, script="prepare"))
+    assert "reusing shards" in again.stdout and "preparing" not in again.stdout
+    assert shard_dirs(workdir, "mnist_mlp") == [shards]
+    assert (shards / "train" / "state.json").stat().st_mtime_ns == stamp
+
+    # A changed preprocessing parameter makes new shards ...
+    ok(cli(args + ["data.eval_fraction=0.2"], cwd=workdir, script="prepare"))
+    assert len(shard_dirs(workdir, "mnist_mlp")) == 2
+    # ... and so does a changed raw file; a speed-only key does not.
+    raw = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    ok(cli(args, cwd=workdir, script="prepare"))
+    assert len(shard_dirs(workdir, "mnist_mlp")) == 3
+    ok(cli(args + ["data.num_workers=2"], cwd=workdir, script="prepare"))
+    assert len(shard_dirs(workdir, "mnist_mlp")) == 3
+
+
+def test_split_is_stratified_and_disjoint(workdir):
+    root = write_mnist_raw(workdir / "data")
+    recipe, cfg = recipes_parse(["recipe=mnist_mlp", f"data.root={root}", f"data.cache_dir={workdir / 'cache'}"])
+    splits, meta = data.load(data.prepare(recipe, cfg))
+    train, evaluation = data.columns(splits["train"]), data.columns(splits["eval"])
+    assert train["image"].dtype == torch.uint8 and train["image"].shape == (9000, 1, 28, 28)
+    assert train["label"].dtype == torch.int64
+    # Every class keeps its share in the held-out split (label counts 980/1135/... over 10,000).
+    counts = torch.bincount(evaluation["label"], minlength=10)
+    full = torch.tensor([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    assert (counts - full * 0.1).abs().max() <= 1 and counts.sum() == 1000
+    # No image is in both splits.
+    flat_train = {bytes(x) for x in train["image"].flatten(1).numpy()}
+    assert not any(bytes(x) in flat_train for x in evaluation["image"].flatten(1).numpy()[:200])
+    assert meta["class_names"][0].startswith("0")
+
+
+def test_missing_raw_files_name_the_directory_files_and_fixes(workdir):
+    result = cli(common(workdir, "recipe=mnist_cnn", f"data.root={workdir / 'nothing'}"), cwd=workdir)
+    assert result.returncode == 2
+    for word in [str(workdir / "nothing" / "MNIST" / "raw"), "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+                 ".gz", "data.root", "data.download=true"]:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "runs").exists()  # nothing left behind that looks like a run
+    assert shard_dirs(workdir, "mnist_cnn") == []
+
+
+def test_fashion_mnist_reads_its_own_folder(workdir):
+    root = write_mnist_raw(workdir / "data", name="FashionMNIST")
+    result = ok(cli(common(workdir, "recipe=fashion_mnist_mlp", f"data.root={root}"), cwd=workdir, script="prepare"))
+    assert "FashionMNIST" not in result.stderr
+    [shards] = shard_dirs(workdir, "fashion_mnist_mlp")
+    meta = data.load(shards)[1]
+    assert meta["class_names"][0] == "T-shirt/top"
+
+
+def test_interrupted_build_leaves_no_valid_looking_shards(workdir, monkeypatch):
+    recipe, cfg = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'cache'}"])
+
+    def broken_save(self, path, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", broken_save)
+    try:
+        data.prepare(recipe, cfg)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the failed save should propagate")
+    leftovers = [p for p in (workdir / "cache").rglob("*")] if (workdir / "cache").exists() else []
+    assert not [p for p in leftovers if p.name == "meta.json"]
+    assert not [p for p in leftovers if ".tmp-" in p.name]
+
+
+def test_rows_serve_whole_batches():
+    rows = data.Rows({"x": torch.arange(10).view(10, 1), "y": torch.arange(10)})
+    batch = rows.__getitems__([3, 1, 4])
+    assert batch["y"].tolist() == [3, 1, 4] and batch["x"].shape == (3, 1)
+    loader = data.loader(rows, batch_size=4, train=True, seed=0)
+    batches = list(loader)
+    assert len(batches) == 2 and all(len(b["y"]) == 4 for b in batches)  # ragged last batch dropped
+    order = torch.cat([b["y"] for b in batches]).tolist()
+    assert len(set(order)) == 8 and order != sorted(order)  # shuffled, no repeats
+    assert order == torch.cat([b["y"] for b in data.loader(rows, 4, train=True, seed=0)]).tolist()  # seeded
+    evaluation = list(data.loader(rows, batch_size=4, train=False, seed=0))
+    assert torch.cat([b["y"] for b in evaluation]).tolist() == list(range(10))
+
+
+def recipes_parse(argv):
+    from pipeline import cli as pipeline_cli
+
+    recipe, cfg = pipeline_cli.parse(argv)
+    assert isinstance(recipe, recipes.Recipe)
+    return recipe, cfg
+
+
+def test_cache_copy_is_found_by_content_location(workdir):
+    # Shards live under <cache>/<recipe>/<fingerprint>; moving the cache keeps them usable.
+    recipe, cfg = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'cache'}"])
+    out = data.prepare(recipe, cfg)
+    shutil.copytree(workdir / "cache", workdir / "moved")
+    recipe, moved = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'moved'}"])
+    assert data.shards_dir(recipe, moved) == workdir / "moved" / "digits" / out.name
