@@ -93,6 +93,7 @@ def train(cfg) -> dict:
     progress = Progress(accelerator.is_main_process, steps_per_epoch * cfg.trainer.epochs)
     for epoch in range(1, cfg.trainer.epochs + 1):
         model.train()
+        speed.resume()
         running, count = torch.zeros((), device=accelerator.device), 0
         for batch in train_loader:
             if layer_stats:
@@ -257,22 +258,28 @@ def keep_on_device(cfg, accelerator, tensors: dict) -> bool:
 
 
 class Speed:
-    """Training samples/s after the first step (which carries compilation and warm-up)."""
+    """Training samples/s over train steps only (not evaluation), without the first step, which
+    carries compilation and warm-up and is reported on its own."""
 
     def __init__(self):
-        self.t0, self.first, self.samples, self.steps = time.perf_counter(), None, 0, 0
+        self.first, self.samples, self.elapsed, self.steps = None, 0, 0.0, 0
+        self.last = time.perf_counter()
+
+    def resume(self):
+        self.last = time.perf_counter()
 
     def step(self, batch: int):
+        now = time.perf_counter()
+        spent, self.last = now - self.last, now
         self.steps += 1
         if self.steps == 1:
-            now = time.perf_counter()
-            self.first, self.t0 = now - self.t0, now
+            self.first = spent
         else:
             self.samples += batch
+            self.elapsed += spent
 
     def rate(self) -> float:
-        elapsed = time.perf_counter() - self.t0
-        return self.samples / elapsed if self.samples and elapsed > 0 else 0.0
+        return self.samples / self.elapsed if self.elapsed > 0 else 0.0
 
 
 class Progress:

@@ -8,7 +8,7 @@
 #
 # Environment: MASTER_ADDR, MASTER_PORT, WORLD_SIZE (pods), RANK (pod index) come from the
 # operator. GPUS_PER_NODE defaults to the `nvidia-smi -L` count, else 1. RUN_NAME, when set,
-# becomes run_name= so a restarted pod resumes in the same run directory. PREPARE=0 skips
+# becomes run_name= so a restarted pod writes to the same run directory. PREPARE=0 skips
 # the data preparation on rank 0 (when the shards were built beforehand).
 set -euo pipefail
 

@@ -1,0 +1,181 @@
+"""Training throughput of the pipeline vs. a bare in-memory loop vs. the tutorial loop, in one run.
+
+python launch/bench.py --recipe mnist_mlp --data-root data --json bench.json
+python launch/bench.py --recipe mnist_cnn --data-root data --device cuda --compile --mixed-precision bf16
+
+Same model, optimizer, batch and data for all three; samples/s over the steps after a warm-up.
+  pipeline  launch/train.py's loop (Accelerate, shards -> in-memory tensors, per-batch normalize)
+  bare      tensors already normalized in memory (on the device), sliced per step: the compute limit
+  tutorial  torchvision dataset + ToTensor/Normalize + DataLoader(batch 64, shuffle), as the tutorials do
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
+
+import torch  # noqa: E402
+
+from pipeline import cli as pipeline_cli  # noqa: E402
+from pipeline import optim  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="mnist_mlp", choices=["mnist_mlp", "mnist_cnn", "fashion_mnist_mlp"])
+    p.add_argument("--data-root", required=True, help="folder with MNIST/raw/ (or FashionMNIST/raw/)")
+    p.add_argument("--json", help="write {'samples_per_s': {...}, 'ratios': {...}} here")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per path (default: one epoch)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in every path")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--repeats", type=int, default=2, help="each path runs this often; the best run counts")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the recipe's")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the pipeline path picks its device by itself
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    overrides = [f"recipe={args.recipe}", f"data.root={args.data_root}", f"data.cache_dir={work / 'cache'}",
+                 f"output_dir={work / 'runs'}", "tracking=none", "trainer.epochs=1",
+                 f"trainer.compile={str(args.compile).lower()}"]
+    if args.batch_size:
+        overrides.append(f"trainer.batch_size={args.batch_size}")
+    recipe, cfg = pipeline_cli.parse(overrides)
+    if args.steps:
+        overrides.append(f"trainer.max_steps={args.steps + 1}")
+        recipe, cfg = pipeline_cli.parse(overrides)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
+
+    from pipeline import data
+
+    splits, meta = data.load(data.prepare(recipe, cfg))
+    train_cols = data.columns(splits["train"])
+    steps = args.steps or len(train_cols["label"]) // cfg.trainer.batch_size
+    device = torch.device(args.device)
+    print(f"bench: {args.recipe} batch {cfg.trainer.batch_size}, {steps} steps/path, device {device}, "
+          f"compile={args.compile}, mixed_precision={args.mixed_precision}, threads {torch.get_num_threads()}")
+
+    runs = {"pipeline": lambda: pipeline(cfg), "bare": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args),
+            "tutorial": lambda: tutorial(recipe, cfg, steps, device, args)}
+    best = {name: 0.0 for name in runs}
+    for r in range(args.repeats):
+        for name, fn in runs.items():
+            rate = fn()
+            best[name] = max(best[name], rate)
+            print(f"  repeat {r + 1} {name:<9} {rate:>10,.0f} samples/s", flush=True)
+
+    ratios = {"pipeline/bare": best["pipeline"] / best["bare"], "pipeline/tutorial": best["pipeline"] / best["tutorial"]}
+    print(f"\n{'path':<10} {'samples/s':>12} {'x bare':>8} {'x tutorial':>11}")
+    for name, rate in best.items():
+        print(f"{name:<10} {rate:>12,.0f} {rate / best['bare']:>8.2f} {rate / best['tutorial']:>11.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "recipe": args.recipe, "device": str(device), "compile": args.compile,
+            "mixed_precision": args.mixed_precision, "batch_size": cfg.trainer.batch_size, "steps": steps,
+            "samples_per_s": best, "ratios": ratios}, indent=2) + "\n")
+
+
+def pipeline(cfg) -> float:
+    from accelerate.state import AcceleratorState
+
+    from pipeline.loop import train
+
+    try:
+        return train(cfg)["train/samples_per_s"]
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def make_model(recipe, cfg, meta, device, args):
+    torch.manual_seed(cfg.seed)
+    model = recipe.model(cfg, meta).to(device)
+    opt = optim.optimizer(cfg.optimizer, model.parameters())
+    forward = torch.compile(model) if args.compile else model
+    return model, forward, opt
+
+
+def autocast(device, args):
+    if args.mixed_precision == "no":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
+
+
+def bare(recipe, cfg, meta, cols, steps, device, args) -> float:
+    """Normalized tensors on the device; a random permutation sliced per step."""
+    batch = {k: v.to(device) for k, v in cols.items()}
+    batch = recipe.transform(batch, False, meta)  # normalize once, outside the timed loop
+    model, forward, opt = make_model(recipe, cfg, meta, device, args)
+    scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
+    bs, n = cfg.trainer.batch_size, len(batch["label"])
+    order = torch.randperm(n, device=device)
+
+    def step(i):
+        idx = order[(i * bs) % (n - bs + 1):][:bs]
+        b = {k: v[idx] for k, v in batch.items()}
+        with autocast(device, args):
+            loss = recipe.loss(forward(*(b[k] for k in recipe.inputs)), b)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, steps, bs, device)
+
+
+def tutorial(recipe, cfg, steps, device, args) -> float:
+    """The tutorials' loop: a torchvision dataset decoding PIL images per sample, ToTensor, DataLoader."""
+    from torchvision import datasets as tv
+    from torchvision import transforms
+
+    cls = tv.FashionMNIST if recipe.name.startswith("fashion") else tv.MNIST
+    norm = [transforms.Normalize((0.5,), (0.5,))] if recipe.name == "mnist_mlp" else []
+    ds = cls(cfg.data.root, train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), *norm]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True)
+    model, forward, opt = make_model(recipe, cfg, {}, device, args)
+    scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
+    it = iter(loader)
+
+    def step(i):
+        nonlocal it
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
+        x, y = x.to(device), y.to(device)
+        with autocast(device, args):
+            loss = recipe.loss(forward(x), {"label": y})
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, steps, cfg.trainer.batch_size, device)
+
+
+def timed(step, steps: int, batch: int, device) -> float:
+    for i in range(3):  # warm-up (and compilation) is not timed
+        step(i)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i + 3)
+    sync()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""clouds: ground-level cloud photos in 7 classes from two image folders, a two-block ELU CNN, Adam lr 1e-3.
+
+Raw files: <data.root>/clouds_train/<class name>/*.jpg and <data.root>/clouds_test/<class name>/*.jpg
+python launch/train.py recipe=clouds data.root=data
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
+                                         MulticlassPrecision, MulticlassRecall)
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
+from torchvision.transforms import v2
+
+from pipeline.config import DataConfig
+from pipeline.data import DataError, split_train_eval
+from pipeline.recipe import Recipe
+
+FOLDERS = {"train": "clouds_train", "test": "clouds_test"}
+LAYOUT = ("<data.root>/clouds_train/<class name>/*.jpg and <data.root>/clouds_test/<class name>/*.jpg, "
+          "one folder per class (e.g. 'cumulus clouds', 'clear sky')")
+GET_DATA = ("download the clouds image folders used by DataCamp's 'Intermediate Deep Learning with PyTorch' "
+            "(Kaggle: clouds photos, 7 classes), unpack them so that clouds_train/ and clouds_test/ sit side by "
+            "side, and pass data.root=<the folder that holds them>")
+
+
+@dataclass
+class CloudsData(DataConfig):
+    image_size: int = 64  # every photo is squashed to image_size x image_size RGB once, in prepare
+
+
+# ---------------------------------------------------------------- raw files -> uint8 shards
+
+
+def read_folder(cfg, split: str) -> ImageFolder:
+    """torchvision's ImageFolder lists the files and names the classes (sorted folder names)."""
+    path = Path(cfg.data.root) / FOLDERS[split]
+    if not path.is_dir():
+        raise DataError(f"clouds data not found: {path.resolve()} is missing.\nExpected layout: {LAYOUT}.\n"
+                        f"Fix: {GET_DATA}.")
+    try:
+        return ImageFolder(str(path))
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise DataError(f"clouds data in {path.resolve()} is incomplete: {e}\nExpected layout: {LAYOUT}.\n"
+                        f"Fix: {GET_DATA}.") from None
+
+
+def raw_files(cfg) -> list[Path]:
+    return [Path(p) for split in FOLDERS for p, _ in read_folder(cfg, split).samples]
+
+
+def load_images(batch: dict, size: int) -> dict:
+    """Decodes and resizes a batch of files; runs once, inside `datasets.map`, never while training."""
+    images = []
+    for path in batch["path"]:
+        try:
+            image = v2.functional.pil_to_tensor(default_loader(path))  # PIL, converted to RGB
+        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+            raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace "
+                            f"that file (the class folders must hold only images), then run again.") from None
+        # As the tutorial's Resize((64, 64)): squashed, not cropped, so no part of the sky is lost.
+        images.append(v2.functional.resize(image, [size, size], antialias=True))
+    return {"image": np.stack([i.numpy() for i in images])}
+
+
+def decode(folder: ImageFolder, cfg) -> datasets.Dataset:
+    size = cfg.data.image_size
+    files = datasets.Dataset.from_dict(
+        {"path": [p for p, _ in folder.samples], "label": folder.targets},
+        features=datasets.Features({"path": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=folder.classes)}))
+    features = datasets.Features({"label": files.features["label"],
+                                  "image": datasets.Array3D(shape=(3, size, size), dtype="uint8")})
+    return files.map(load_images, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
+                     fn_kwargs={"size": size}, remove_columns=["path"], features=features)
+
+
+def prepare(cfg):
+    """clouds_train -> train/eval (stratified, `data.eval_fraction` held out); clouds_test -> test."""
+    train_folder, test_folder = read_folder(cfg, "train"), read_folder(cfg, "test")
+    if train_folder.classes != test_folder.classes:
+        raise DataError(f"the class folders differ: {FOLDERS['train']} has {train_folder.classes}, "
+                        f"{FOLDERS['test']} has {test_folder.classes}.\nFix: give both the same class folders.")
+    full = decode(train_folder, cfg)
+    train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed)
+    test = decode(test_folder, cfg)
+    return datasets.DatasetDict(train=train, eval=evaluation, test=test), {"class_names": train_folder.classes}
+
+
+# ---------------------------------------------------------------- per batch: augmentation and scaling
+
+# The tutorial's training augmentation, applied to the whole uint8 batch on its device. v2 draws one set of
+# random parameters per call, so the images of a batch share a flip and an angle; over the epochs each image
+# still sees every variant, and drawing per image would mean a Python loop on the hot path.
+AUGMENT = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomRotation(45), v2.RandomAutocontrast()])
+
+
+def transform(batch, train, meta):
+    image = AUGMENT(batch["image"]) if train else batch["image"]
+    return {**batch, "image": v2.functional.to_dtype(image, torch.float32, scale=True)}  # ToTensor: [0, 1]
+
+
+# ---------------------------------------------------------------- model, metrics
+
+
+class CloudsNet(nn.Module):
+    def __init__(self, num_classes: int, image_size: int = 64):
+        super().__init__()
+        self.feature_extractor = nn.Sequential(
+            nn.Conv2d(3, 32, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(64 * (image_size // 4) ** 2, num_classes)
+
+    def forward(self, image):
+        return self.classifier(self.feature_extractor(image))
+
+
+def metrics(cfg, meta):
+    n = len(meta["class_names"])
+    # average=None gives one value per class, logged as eval/<metric>/<class name>.
+    per_average = {f"{name}{suffix}": cls(n, average=average)
+                   for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall),
+                                     ("f1", MulticlassF1Score))
+                   for suffix, average in (("", None), ("_micro", "micro"), ("_macro", "macro"))}
+    return {"": MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro"), **per_average,
+                                  "confusion_matrix": MulticlassConfusionMatrix(n)})}
+
+
+recipe = Recipe(
+    name="clouds",
+    description="clouds image folders (7 classes), CNN conv32-conv64-linear with ELU, Adam lr 1e-3, batch 16",
+    prepare=prepare,
+    raw_files=raw_files,
+    model=lambda cfg, meta: CloudsNet(len(meta["class_names"]), cfg.data.image_size),
+    metrics=metrics,
+    transform=transform,
+    activation="elu",
+    data_config=CloudsData,
+    defaults={"trainer": {"epochs": 10, "batch_size": 16},
+              "optimizer": {"name": "adam", "lr": 1e-3}},
+)

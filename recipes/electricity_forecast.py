@@ -1,0 +1,173 @@
+"""electricity_forecast: the next 15 minutes of consumption from the last day (96 steps), RNN/LSTM/GRU.
+
+Raw file: <data.root>/electricity.csv: column 1 a timestamp (2016-01-01 00:15:00), column 2 the consumption.
+python launch/train.py recipe=electricity_forecast data.root=data model.cell=gru
+"""
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+from torchmetrics.wrappers import LambdaInputTransformer
+
+from pipeline.config import DataConfig, ModelConfig
+from pipeline.data import DataError
+from pipeline.recipe import Recipe
+
+Cell = Enum("Cell", "rnn lstm gru")
+
+
+@dataclass
+class ElectricityData(DataConfig):
+    file: str = "electricity.csv"
+    window: int = 96  # one day of 15-minute steps in, the next step out
+
+
+@dataclass
+class ForecastModel(ModelConfig):
+    cell: Cell = Cell.lstm
+    hidden_size: int = 32
+    num_layers: int = 2
+
+
+def raw_files(cfg) -> list[Path]:
+    path = Path(cfg.data.root) / cfg.data.file
+    if not path.is_file():
+        raise DataError(
+            f"{path.resolve()} not found: expected a CSV whose first column is a timestamp "
+            f"(2016-01-01 00:15:00) and second column the consumption, one row per 15 minutes "
+            f"(a header row is optional).\nFix: put electricity.csv there or set data.root=<folder> "
+            f"data.file=<name.csv>.")
+    return [path]
+
+
+def read_series(cfg) -> pd.Series:
+    path = raw_files(cfg)[0]
+    table = pd.read_csv(path, header=None, usecols=[0, 1], names=["time", "value"], dtype=str)
+    value = pd.to_numeric(table["value"], errors="coerce")
+    if len(table) and pd.isna(value.iloc[0]):  # a header row
+        table, value = table.iloc[1:], value.iloc[1:]
+    time = pd.to_datetime(table["time"], errors="coerce")
+    if time.isna().any():
+        bad = table["time"][time.isna()].iloc[0]
+        raise DataError(f"{path}: {bad!r} in column 1 is not a timestamp (expected e.g. 2016-01-01 00:15:00)")
+    series = pd.Series(value.to_numpy(np.float64), index=time.to_numpy()).sort_index()
+    # A meter that skipped a reading: the straight line between its neighbours, not a drop to zero.
+    return series.interpolate(limit_direction="both")
+
+
+def prepare(cfg):
+    series = read_series(cfg)
+    window = cfg.data.window
+    cut = int(len(series) * (1 - cfg.data.eval_fraction))
+    train, evaluation = series.iloc[:cut], series.iloc[cut:]
+    if min(len(train), len(evaluation)) <= window:
+        raise DataError(f"{len(series)} rows split into {len(train)} train / {len(evaluation)} eval; each needs "
+                        f"more than data.window={window}: use a longer series, a smaller window or another "
+                        f"data.eval_fraction")
+    # Scaled by the train split alone: the future must not leak into the past through the scaler.
+    mean, std = float(train.mean()), float(train.std())
+    features = datasets.Features({"value": datasets.Value("float32")})
+
+    def split(part: pd.Series) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"value": ((part.to_numpy() - mean) / std).astype(np.float32)},
+                                          features=features)
+
+    meta = {"mean": mean, "std": std, "window": window,
+            "train_start": str(train.index[0]), "train_end": str(train.index[-1]),
+            "eval_start": str(evaluation.index[0]), "eval_end": str(evaluation.index[-1])}
+    return datasets.DatasetDict(train=split(train), eval=split(evaluation)), meta
+
+
+class Windows(torch.utils.data.Dataset):
+    """Every window of `window + 1` consecutive steps of one series, cut per batch: nothing is stored twice."""
+
+    def __init__(self, series: torch.Tensor, window: int):
+        self.series, self.window = series, window
+        self.offsets = torch.arange(window + 1, device=series.device)
+
+    def __len__(self):
+        return len(self.series) - self.window
+
+    def __getitems__(self, starts: list[int]) -> dict[str, torch.Tensor]:
+        starts = torch.as_tensor(starts, device=self.series.device)
+        return {"series": self.series[starts[:, None] + self.offsets]}
+
+    __getitem__ = __getitems__
+
+    def to(self, device) -> "Windows":
+        return Windows(self.series.to(device), self.window)
+
+
+def windows(columns, meta, split):
+    return Windows(columns["value"], meta["window"])
+
+
+def transform(batch, train, meta):
+    series = batch["series"]
+    return {"window": series[:, :-1, None], "target": series[:, -1], "last": series[:, -2]}
+
+
+class Forecaster(nn.Module):
+    def __init__(self, cell: str = "lstm", hidden_size: int = 32, num_layers: int = 2):
+        super().__init__()
+        rnn = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(1, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, 1)
+
+    def forward(self, window):
+        out, _ = self.rnn(window)
+        return self.head(out[:, -1]).squeeze(1)
+
+
+def mse(outputs, batch):
+    return nn.functional.mse_loss(outputs, batch["target"])
+
+
+def predictions(outputs, batch):
+    # Two forecasts side by side, the model's and the naive "same as the last step", scored alike.
+    return {"": (torch.stack([outputs, batch["last"]], dim=1), batch["target"])}
+
+
+def metrics(cfg, meta):
+    mean, std = meta["mean"], meta["std"]
+
+    def consumption(scaled):
+        return scaled * std + mean
+
+    def scored(metric, column):
+        return LambdaInputTransformer(metric, transform_pred=lambda both: consumption(both[:, column]),
+                                      transform_target=consumption)
+
+    # No compute groups: the wrappers hold no state of their own, so they would all look alike.
+    return {"": MetricCollection({"mse": scored(MeanSquaredError(), 0), "mae": scored(MeanAbsoluteError(), 0),
+                                  "naive_mse": scored(MeanSquaredError(), 1),
+                                  "naive_mae": scored(MeanAbsoluteError(), 1)}, compute_groups=False)}
+
+
+recipe = Recipe(
+    name="electricity_forecast",
+    description="electricity.csv 15-min consumption, 96-step window -> next step, RNN|LSTM|GRU, MSE, Adam 1e-4",
+    prepare=prepare,
+    raw_files=raw_files,
+    model=lambda cfg, meta: Forecaster(cfg.model.cell.name, cfg.model.hidden_size, cfg.model.num_layers),
+    loss=mse,
+    predictions=predictions,
+    metrics=metrics,
+    transform=transform,
+    dataset=windows,
+    activation="tanh",
+    inputs=("window",),
+    targets=("target", "last"),
+    data_config=ElectricityData,
+    model_config=ForecastModel,
+    defaults={"data": {"eval_fraction": 0.2},
+              "trainer": {"epochs": 10, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
+              "optimizer": {"name": "adam", "lr": 1e-4}},
+)

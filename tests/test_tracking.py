@@ -1,0 +1,78 @@
+"""Tracking: W&B offline without a key (no prompt, no network), and the local run record."""
+
+import json
+
+import wandb
+from accelerate.state import AcceleratorState
+from conftest import run_dirs
+
+from pipeline import cli as pipeline_cli
+from pipeline import tracking
+from pipeline.loop import train
+
+
+def test_wandb_offline_run_gets_resolved_config_and_metrics(workdir, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(workdir))  # no ~/.netrc: not logged in
+    monkeypatch.setenv("NETRC", str(workdir / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(workdir / "wandb-config"))
+    seen = {"logged": []}
+    real_init = wandb.init
+
+    def init(*args, **kwargs):  # the real wandb.init; we only keep its run to look at
+        run = real_init(*args, **kwargs)
+        real_log = run.log
+
+        def log(values, *a, **k):
+            seen["logged"].append(dict(values))
+            return real_log(values, *a, **k)
+
+        run.log = log
+        seen["run"] = run
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    _, cfg = pipeline_cli.parse(["trainer.epochs=2", "tracking=wandb", "project=tests",
+                                 f"output_dir={workdir / 'runs'}", f"data.cache_dir={workdir / 'cache'}"])
+    try:
+        summary = train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+
+    run = seen["run"]
+    assert run.settings.mode == "offline"
+    assert run.project == "tests" or run.settings.project == "tests"
+    config = dict(run.config)
+    assert config["recipe"] == "digits" and config["trainer"]["epochs"] == 2
+    assert config["optimizer"] == {"name": "adam", "lr": 0.001, "momentum": 0.0, "weight_decay": 0.0,
+                                   "betas": [0.9, 0.999]}
+    evals = [v for v in seen["logged"] if "eval/accuracy" in v]
+    assert len(evals) == 2 and evals[-1]["eval/accuracy"] == summary["eval/accuracy"]
+    assert any("train/loss" in v for v in seen["logged"])
+    # The same values in the local record, and the offline run on disk for a later `wandb sync`.
+    run_dir = run_dirs(workdir / "runs", "digits")[0]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [v for v in lines if "eval/accuracy" in v][-1]["eval/accuracy"] == summary["eval/accuracy"]
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_mode_follows_login(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert tracking.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.wandb_mode() == "disabled"
+
+
+def test_tracking_none_makes_no_wandb_run(workdir):
+    from conftest import cli, common, ok
+
+    ok(cli(common(workdir, "trainer.epochs=1", "trainer.max_steps=2"), cwd=workdir))
+    run_dir = run_dirs(workdir / "runs", "digits")[0]
+    assert not (run_dir / "wandb").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
