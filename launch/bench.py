@@ -67,7 +67,8 @@ def main():
     print(f"bench: {args.recipe} batch {cfg.trainer.batch_size}, {steps} steps/path, device {device}, "
           f"compile={args.compile}, mixed_precision={args.mixed_precision}, threads {torch.get_num_threads()}")
 
-    runs = {"pipeline": lambda: pipeline(cfg), "bare": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args),
+    runs = {"pipeline": lambda: pipeline(cfg),
+            "bare": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args),
             "tutorial": lambda: tutorial(recipe, cfg, steps, device, args)}
     best = {name: 0.0 for name in runs}
     for r in range(args.repeats):
@@ -76,7 +77,8 @@ def main():
             best[name] = max(best[name], rate)
             print(f"  repeat {r + 1} {name:<9} {rate:>10,.0f} samples/s", flush=True)
 
-    ratios = {"pipeline/bare": best["pipeline"] / best["bare"], "pipeline/tutorial": best["pipeline"] / best["tutorial"]}
+    ratios = {"pipeline/bare": best["pipeline"] / best["bare"],
+              "pipeline/tutorial": best["pipeline"] / best["tutorial"]}
     print(f"\n{'path':<10} {'samples/s':>12} {'x bare':>8} {'x tutorial':>11}")
     for name, rate in best.items():
         print(f"{name:<10} {rate:>12,.0f} {rate / best['bare']:>8.2f} {rate / best['tutorial']:>11.2f}")

@@ -6,7 +6,7 @@ OmegaConf owns parsing and type checks; this module adds the choices and message
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -35,10 +35,10 @@ class TrainerConfig:
     batch_size: int = 64  # GLOBAL samples per optimizer step, split across processes
     eval_batch_size: int = 512  # global samples per evaluation step
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    clip_grad_norm: Optional[float] = None
+    clip_grad_norm: float | None = None
     compile: str = "auto"  # auto | true | false (auto: on where CUDA is used)
     log_every: int = 50  # optimizer steps between train/loss log lines
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Config:
     recipe: str = "digits"
     seed: int = 42
     output_dir: str = "runs"  # the run's directory is <output_dir>/<recipe>/<run_name>/
-    run_name: Optional[str] = None  # default: a timestamp; reuse one to keep a job's runs together
+    run_name: str | None = None  # default: a timestamp; reuse one to keep a job's runs together
     tracking: str = "wandb"  # wandb | none
     project: str = "pipeline"  # W&B project
     data: Any = field(default_factory=DataConfig)

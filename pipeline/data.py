@@ -161,7 +161,7 @@ class Rows(torch.utils.data.Dataset):
 
     __getitem__ = __getitems__
 
-    def to(self, device) -> "Rows":
+    def to(self, device) -> Rows:
         return Rows({k: v.to(device) for k, v in self.tensors.items()})
 
 

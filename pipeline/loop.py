@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list,
-                              set_seed)
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
 
 from pipeline import data, hooks, optim, tracking
 from pipeline import recipe as recipes

@@ -1,0 +1,233 @@
+"""omniglot_multi: Omniglot characters with two heads (alphabet, character) or two inputs (image, alphabet).
+
+Raw files: <data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png (or under omniglot-py/)
+python launch/train.py recipe=omniglot_multi data.root=data                          # image -> alphabet, character
+python launch/train.py recipe=omniglot_multi data.root=data model.mode=multi_input   # image, alphabet -> character
+"""
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.datasets import Omniglot
+from torchvision.datasets.utils import list_dir, list_files
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
+from pipeline.data import DataError
+from pipeline.recipe import Recipe
+
+LAYOUT = ("<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png "
+          "(or <data.root>/omniglot-py/images_background/..., as torchvision downloads it)")
+GET_DATA = ("unzip images_background.zip from https://github.com/brendenlake/omniglot (python/) into data.root, "
+            "or add data.download=true on a machine with a network")
+
+
+class Mode(Enum):
+    multi_output = "multi_output"  # image -> alphabet and character
+    multi_input = "multi_input"  # image and the alphabet (one-hot) -> character
+
+
+@dataclass
+class OmniglotData(DataConfig):
+    image_size: int = 64  # 105x105 strokes are resized once, in prepare, to image_size x image_size grey
+    eval_drawers: int = 4  # of each character's 20 drawers, the held-out ones (the same drawers for all)
+
+
+@dataclass
+class OmniglotModel(ModelConfig):
+    mode: Mode = Mode.multi_output  # OmegaConf checks the value against the Enum's names
+
+
+@dataclass
+class OmniglotLoss(LossConfig):
+    alphabet_weight: float = 1.0  # multi_output only
+    character_weight: float = 1.0
+
+
+# ---------------------------------------------------------------- raw files -> uint8 shards
+
+
+def background_folder(cfg) -> Path:
+    root = Path(cfg.data.root)
+    for folder in (root / "images_background", root / Omniglot.folder / "images_background"):
+        if folder.is_dir():
+            return folder
+    if cfg.data.download:
+        Omniglot(str(root), background=True, download=True)
+        return root / Omniglot.folder / "images_background"
+    raise DataError(f"Omniglot not found under {root.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.")
+
+
+def list_images(cfg) -> tuple[Path, list[str], list[str], list[tuple[str, int, int]]]:
+    """Alphabets, characters ("Alphabet/characterNN") and (file, alphabet, character) rows.
+
+    The listing is torchvision's Omniglot's (sorted folders, *.png); the class itself insists on its
+    downloaded zip being present, so it cannot read an unpacked copy.
+    """
+    folder = background_folder(cfg)
+    alphabets = list_dir(str(folder))
+    characters = [f"{a}/{c}" for a in alphabets for c in list_dir(str(folder / a))]
+    rows = [(str(folder / character / name), alphabets.index(character.split("/")[0]), index)
+            for index, character in enumerate(characters) for name in list_files(str(folder / character), ".png")]
+    if not rows:
+        raise DataError(f"no character images in {folder.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.")
+    return folder, alphabets, characters, rows
+
+
+def raw_files(cfg) -> list[Path]:
+    return [Path(path) for path, _, _ in list_images(cfg)[3]]
+
+
+def drawer(path: str) -> int:
+    """Omniglot names a file <image id>_<drawer>.png; drawers are numbered 01..20 for every character."""
+    try:
+        return int(Path(path).stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise DataError(f"{path}: not an Omniglot file name (<id>_<drawer>.png).\nExpected layout: {LAYOUT}.") from None
+
+
+def load_images(batch: dict, size: int) -> dict:
+    """Decodes and resizes a batch of files; runs once, inside `datasets.map`, never while training."""
+    images = []
+    for path in batch["path"]:
+        try:
+            image = decode_image(path, mode=ImageReadMode.GRAY)
+        except RuntimeError as e:
+            raise DataError(f"not a readable image: {path} ({e}).\nFix: delete or replace that file.") from None
+        images.append(v2.functional.resize(image, [size, size], antialias=True))
+    return {"image": np.stack([i.numpy() for i in images])}
+
+
+def decode(rows: list, alphabets: list[str], characters: list[str], cfg) -> datasets.Dataset:
+    size = cfg.data.image_size
+    labels = {"alphabet": datasets.ClassLabel(names=alphabets), "character": datasets.ClassLabel(names=characters)}
+    paths, alphabet, character = zip(*rows)
+    files = datasets.Dataset.from_dict({"path": paths, "alphabet": alphabet, "character": character},
+                                       features=datasets.Features({"path": datasets.Value("string"), **labels}))
+    features = datasets.Features({**labels, "image": datasets.Array3D(shape=(1, size, size), dtype="uint8")})
+    return files.map(load_images, batched=True, batch_size=256, num_proc=cfg.data.num_proc,
+                     fn_kwargs={"size": size}, remove_columns=["path"], features=features)
+
+
+def prepare(cfg):
+    """Each character's drawings by `data.eval_drawers` drawers (picked by `data.split_seed`) -> eval."""
+    _, alphabets, characters, rows = list_images(cfg)
+    drawers = sorted({drawer(path) for path, _, _ in rows})
+    if not 0 < cfg.data.eval_drawers < len(drawers):
+        raise ConfigError(f"bad value data.eval_drawers={cfg.data.eval_drawers}: the data has {len(drawers)} "
+                          f"drawers per character; choose 1..{len(drawers) - 1}")
+    # Whole drawers, not random images, are held out: eval measures new handwriting of known characters.
+    held_out = set(np.random.default_rng(cfg.data.split_seed).choice(drawers, cfg.data.eval_drawers, replace=False))
+    train = [row for row in rows if drawer(row[0]) not in held_out]
+    evaluation = [row for row in rows if drawer(row[0]) in held_out]
+    splits = datasets.DatasetDict(train=decode(train, alphabets, characters, cfg),
+                                  eval=decode(evaluation, alphabets, characters, cfg))
+    return splits, {"alphabet_names": alphabets, "character_names": characters,
+                    "eval_drawers": sorted(int(d) for d in held_out)}
+
+
+# ---------------------------------------------------------------- per batch
+
+
+def transform(batch, train, meta):
+    # The one-hot alphabet is built here, per batch, from the stored label (1 byte per row on disk, not 5..30).
+    alphabet = F.one_hot(batch["alphabet"], len(meta["alphabet_names"])).float()
+    image = v2.functional.to_dtype(batch["image"], torch.float32, scale=True)  # ToTensor: [0, 1]
+    return {**batch, "image": image, "alphabet_onehot": alphabet}
+
+
+# ---------------------------------------------------------------- the tutorial's networks
+
+
+def image_layer(image_size: int) -> nn.Sequential:
+    """One conv block and a linear layer: the image's 128 features, shared by every head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, kernel_size=3, padding=1), nn.MaxPool2d(kernel_size=2), nn.ELU(),
+        nn.Flatten(), nn.Linear(16 * (image_size // 2) ** 2, 128),
+    )
+
+
+class TwoOutputNet(nn.Module):
+    """image -> {alphabet, character} logits."""
+
+    def __init__(self, num_alphabets: int, num_characters: int, image_size: int = 64):
+        super().__init__()
+        self.image_layer = image_layer(image_size)
+        self.classifier_alpha = nn.Linear(128, num_alphabets)
+        self.classifier_char = nn.Linear(128, num_characters)
+
+    def forward(self, image, alphabet_onehot):
+        # Recipe.inputs is fixed for both modes, so the alphabet arrives here too; this net must predict it,
+        # so it never looks at it.
+        x = self.image_layer(image)
+        return {"alphabet": self.classifier_alpha(x), "character": self.classifier_char(x)}
+
+
+class TwoInputNet(nn.Module):
+    """image and one-hot alphabet -> {character} logits."""
+
+    def __init__(self, num_alphabets: int, num_characters: int, image_size: int = 64):
+        super().__init__()
+        self.image_layer = image_layer(image_size)
+        self.alphabet_layer = nn.Sequential(nn.Linear(num_alphabets, 8), nn.ELU())
+        self.classifier = nn.Linear(128 + 8, num_characters)
+
+    def forward(self, image, alphabet_onehot):
+        x = torch.cat((self.image_layer(image), self.alphabet_layer(alphabet_onehot)), dim=1)
+        return {"character": self.classifier(x)}
+
+
+# The loop calls loss(outputs, batch) without the config, so model() leaves the weights here for it.
+LOSS_WEIGHTS = {"alphabet": 1.0, "character": 1.0}
+
+
+def model(cfg, meta):
+    LOSS_WEIGHTS.update(alphabet=cfg.loss.alphabet_weight, character=cfg.loss.character_weight)
+    net = TwoOutputNet if cfg.model.mode == Mode.multi_output else TwoInputNet
+    return net(len(meta["alphabet_names"]), len(meta["character_names"]), cfg.data.image_size)
+
+
+def loss(outputs, batch):
+    """Weighted sum of one cross-entropy per head the model has."""
+    return sum(LOSS_WEIGHTS[head] * F.cross_entropy(logits, batch[head]) for head, logits in outputs.items())
+
+
+def predictions(outputs, batch):
+    return {head: (logits, batch[head]) for head, logits in outputs.items()}
+
+
+def metrics(cfg, meta):
+    sizes = {"alphabet": len(meta["alphabet_names"]), "character": len(meta["character_names"])}
+    heads = ("alphabet", "character") if cfg.model.mode == Mode.multi_output else ("character",)
+    return {head: MetricCollection({"accuracy": MulticlassAccuracy(sizes[head], average="micro")}) for head in heads}
+
+
+recipe = Recipe(
+    name="omniglot_multi",
+    description="Omniglot, multi_output (image -> alphabet, character) or multi_input (image, alphabet -> "
+                "character); conv16-pool-128 ELU",
+    prepare=prepare,
+    raw_files=raw_files,
+    model=model,
+    metrics=metrics,
+    loss=loss,
+    predictions=predictions,
+    transform=transform,
+    activation="elu",
+    inputs=("image", "alphabet_onehot"),
+    targets=("alphabet", "character"),
+    data_config=OmniglotData,
+    model_config=OmniglotModel,
+    loss_config=OmniglotLoss,
+    defaults={"trainer": {"epochs": 10, "batch_size": 32},
+              "optimizer": {"name": "adam", "lr": 1e-3}},
+)
