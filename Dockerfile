@@ -27,7 +27,7 @@ RUN useradd --create-home --uid 1000 --user-group app \
     && chown -R app:app /app /data /cache /runs
 USER 1000:1000
 
-# Raw data (read-only is fine), Arrow shard cache, run outputs (checkpoints, logs).
+# Raw data (read-only is fine), Arrow shard cache, run outputs (weights, summary, W&B files).
 VOLUME ["/data", "/cache", "/runs"]
 
 # `docker run IMAGE ARGS` = `accelerate launch ARGS`: no config file, so accelerate starts one

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 
 from pipeline import cli as pipeline_cli  # noqa: E402
 from pipeline import optim  # noqa: E402
+from pipeline import recipe as recipes  # noqa: E402
 
 
 def parse_args():
@@ -48,21 +50,22 @@ def main():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the pipeline path picks its device by itself
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     overrides = [f"recipe={args.recipe}", f"data.root={args.data_root}", f"data.cache_dir={work / 'cache'}",
-                 f"output_dir={work / 'runs'}", "tracking=none", "trainer.epochs=1",
+                 f"output_dir={work / 'runs'}", "tracking=none",
                  f"trainer.compile={str(args.compile).lower()}"]
     if args.batch_size:
         overrides.append(f"trainer.batch_size={args.batch_size}")
     recipe, cfg = pipeline_cli.parse(overrides)
-    if args.steps:
-        overrides.append(f"trainer.max_steps={args.steps + 1}")
-        recipe, cfg = pipeline_cli.parse(overrides)
     os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
 
     from pipeline import data
 
     splits, meta = data.load(data.prepare(recipe, cfg))
     train_cols = data.columns(splits["train"])
-    steps = args.steps or len(train_cols["label"]) // cfg.trainer.batch_size
+    per_epoch = len(train_cols["label"]) // cfg.trainer.batch_size
+    steps = args.steps or per_epoch
+    # The pipeline runs whole epochs (evaluation between them is not timed) until `steps` are done.
+    overrides += [f"trainer.epochs={math.ceil((steps + 1) / per_epoch)}", f"trainer.max_steps={steps + 1}"]
+    recipe, cfg = pipeline_cli.parse(overrides)
     device = torch.device(args.device)
     print(f"bench: {args.recipe} batch {cfg.trainer.batch_size}, {steps} steps/path, device {device}, "
           f"compile={args.compile}, mixed_precision={args.mixed_precision}, threads {torch.get_num_threads()}")
@@ -119,6 +122,7 @@ def bare(recipe, cfg, meta, cols, steps, device, args) -> float:
     batch = {k: v.to(device) for k, v in cols.items()}
     batch = recipe.transform(batch, False, meta)  # normalize once, outside the timed loop
     model, forward, opt = make_model(recipe, cfg, meta, device, args)
+    loss_fn = recipes.loss_fn(recipe, cfg, meta)
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     bs, n = cfg.trainer.batch_size, len(batch["label"])
     order = torch.randperm(n, device=device)
@@ -127,7 +131,7 @@ def bare(recipe, cfg, meta, cols, steps, device, args) -> float:
         idx = order[(i * bs) % (n - bs + 1):][:bs]
         b = {k: v[idx] for k, v in batch.items()}
         with autocast(device, args):
-            loss = recipe.loss(forward(*(b[k] for k in recipe.inputs)), b)
+            loss = loss_fn(forward(*(b[k] for k in recipe.inputs)), b)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -146,6 +150,7 @@ def tutorial(recipe, cfg, steps, device, args) -> float:
     ds = cls(cfg.data.root, train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), *norm]))
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True)
     model, forward, opt = make_model(recipe, cfg, {}, device, args)
+    loss_fn = recipes.loss_fn(recipe, cfg, {})
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     it = iter(loader)
 
@@ -158,7 +163,7 @@ def tutorial(recipe, cfg, steps, device, args) -> float:
             x, y = next(it)
         x, y = x.to(device), y.to(device)
         with autocast(device, args):
-            loss = recipe.loss(forward(x), {"label": y})
+            loss = loss_fn(forward(x), {"label": y})
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

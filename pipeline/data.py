@@ -156,7 +156,10 @@ class Rows(torch.utils.data.Dataset):
         return self.length
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, device=next(iter(self.tensors.values())).device)
+        idx = torch.as_tensor(indices)
+        device = next(iter(self.tensors.values())).device
+        if device.type == "cuda":  # from pinned memory the copy does not wait for the GPU's queue
+            idx = idx.pin_memory().to(device, non_blocking=True)
         return {k: v[idx] for k, v in self.tensors.items()}
 
     __getitem__ = __getitems__
@@ -169,14 +172,20 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 0) -> DataLoader:
+def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 0,
+           step_batch: int | None = None) -> DataLoader:
     """A DataLoader that fetches whole batches: the dataset's `__getitems__` slices all indices at once.
 
-    Training drops the ragged last batch (equal steps on every process, no recompiles under
-    torch.compile); evaluation keeps every sample.
+    Training drops the ragged last optimizer step's samples (`step_batch`, the global batch of an
+    optimizer step, when micro-batches are accumulated): equal steps on every process, the same
+    optimization with or without accumulation, no recompiles under torch.compile. Evaluation keeps
+    every sample.
     """
     if train:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        step_batch = step_batch or batch_size
+        used = len(dataset) - len(dataset) % step_batch
+        sampler = RandomSampler(dataset, num_samples=used or len(dataset),
+                                generator=torch.Generator().manual_seed(seed))
     else:
         sampler = SequentialSampler(dataset)
     batches = BatchSampler(sampler, batch_size=batch_size, drop_last=train)

@@ -43,6 +43,8 @@ class Recipe:
     metrics: Callable
     # (outputs, batch) -> scalar mean loss over the batch
     loss: Callable = cross_entropy
+    # (cfg, meta) -> such a loss, for losses with settings of their own (`loss.*` keys); replaces `loss`
+    make_loss: Callable | None = None
     # (outputs, batch) -> {head: (preds, target)} fed to that head's metrics
     predictions: Callable = label_predictions
     # (batch, train, meta) -> batch: normalization and augmentation of a whole batch on its device
@@ -57,6 +59,10 @@ class Recipe:
     version: int = 1  # bump when prepare() output changes, so old shards are not reused
     # (columns, meta, split) -> a batch-indexable dataset; default: the columns indexed by row
     dataset: Callable | None = None
+
+
+def loss_fn(recipe: Recipe, cfg, meta: dict) -> Callable:
+    return recipe.make_loss(cfg, meta) if recipe.make_loss else recipe.loss
 
 
 def names() -> list[str]:

@@ -1,6 +1,8 @@
 """clouds: ground-level cloud photos in 7 classes from two image folders, a two-block ELU CNN, Adam lr 1e-3.
 
-Raw files: <data.root>/clouds_train/<class name>/*.jpg and <data.root>/clouds_test/<class name>/*.jpg
+Raw files: <data.root>/clouds_train/<class name>/*.jpg and <data.root>/clouds_test/<class name>/*.jpg. Files
+without an image extension are skipped (ImageFolder's rule); an image file that does not decode stops prepare
+with its path, so no class silently loses samples.
 python launch/train.py recipe=clouds data.root=data
 """
 
@@ -12,8 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
-                                         MulticlassPrecision, MulticlassRecall)
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
@@ -25,9 +32,9 @@ from pipeline.recipe import Recipe
 FOLDERS = {"train": "clouds_train", "test": "clouds_test"}
 LAYOUT = ("<data.root>/clouds_train/<class name>/*.jpg and <data.root>/clouds_test/<class name>/*.jpg, "
           "one folder per class (e.g. 'cumulus clouds', 'clear sky')")
-GET_DATA = ("download the clouds image folders used by DataCamp's 'Intermediate Deep Learning with PyTorch' "
-            "(Kaggle: clouds photos, 7 classes), unpack them so that clouds_train/ and clouds_test/ sit side by "
-            "side, and pass data.root=<the folder that holds them>")
+GET_DATA = ("get the clouds image folders of DataCamp's 'Intermediate Deep Learning with PyTorch' (7 classes; "
+            "no download here), unpack them so that clouds_train/ and clouds_test/ sit side by side, and pass "
+            "data.root=<the folder that holds them>")
 
 
 @dataclass

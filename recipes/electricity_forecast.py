@@ -30,7 +30,7 @@ class ElectricityData(DataConfig):
 
 
 @dataclass
-class ForecastModel(ModelConfig):
+class ForecasterConfig(ModelConfig):
     cell: Cell = Cell.lstm
     hidden_size: int = 32
     num_layers: int = 2
@@ -49,7 +49,10 @@ def raw_files(cfg) -> list[Path]:
 
 def read_series(cfg) -> pd.Series:
     path = raw_files(cfg)[0]
-    table = pd.read_csv(path, header=None, usecols=[0, 1], names=["time", "value"], dtype=str)
+    try:
+        table = pd.read_csv(path, header=None, usecols=[0, 1], names=["time", "value"], dtype=str)
+    except ValueError as e:  # fewer than two columns
+        raise DataError(f"{path}: expected two columns, timestamp and consumption ({e})") from None
     value = pd.to_numeric(table["value"], errors="coerce")
     if len(table) and pd.isna(value.iloc[0]):  # a header row
         table, value = table.iloc[1:], value.iloc[1:]
@@ -145,10 +148,9 @@ def metrics(cfg, meta):
         return LambdaInputTransformer(metric, transform_pred=lambda both: consumption(both[:, column]),
                                       transform_target=consumption)
 
-    # No compute groups: the wrappers hold no state of their own, so they would all look alike.
     return {"": MetricCollection({"mse": scored(MeanSquaredError(), 0), "mae": scored(MeanAbsoluteError(), 0),
                                   "naive_mse": scored(MeanSquaredError(), 1),
-                                  "naive_mae": scored(MeanAbsoluteError(), 1)}, compute_groups=False)}
+                                  "naive_mae": scored(MeanAbsoluteError(), 1)})}
 
 
 recipe = Recipe(
@@ -166,7 +168,7 @@ recipe = Recipe(
     inputs=("window",),
     targets=("target", "last"),
     data_config=ElectricityData,
-    model_config=ForecastModel,
+    model_config=ForecasterConfig,
     defaults={"data": {"eval_fraction": 0.2},
               "trainer": {"epochs": 10, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
               "optimizer": {"name": "adam", "lr": 1e-4}},

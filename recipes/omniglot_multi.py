@@ -70,14 +70,15 @@ def background_folder(cfg) -> Path:
 def list_images(cfg) -> tuple[Path, list[str], list[str], list[tuple[str, int, int]]]:
     """Alphabets, characters ("Alphabet/characterNN") and (file, alphabet, character) rows.
 
-    The listing is torchvision's Omniglot's (sorted folders, *.png); the class itself insists on its
-    downloaded zip being present, so it cannot read an unpacked copy.
+    torchvision's Omniglot insists on its downloaded zip being present, so it cannot read an unpacked copy;
+    this is its listing, sorted, because os.listdir's order (and so every label) would vary by file system.
     """
     folder = background_folder(cfg)
-    alphabets = list_dir(str(folder))
-    characters = [f"{a}/{c}" for a in alphabets for c in list_dir(str(folder / a))]
+    alphabets = sorted(list_dir(str(folder)))
+    characters = [f"{a}/{c}" for a in alphabets for c in sorted(list_dir(str(folder / a)))]
     rows = [(str(folder / character / name), alphabets.index(character.split("/")[0]), index)
-            for index, character in enumerate(characters) for name in list_files(str(folder / character), ".png")]
+            for index, character in enumerate(characters)
+            for name in sorted(list_files(str(folder / character), ".png"))]
     if not rows:
         raise DataError(f"no character images in {folder.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.")
     return folder, alphabets, characters, rows
@@ -126,20 +127,22 @@ def prepare(cfg):
         raise ConfigError(f"bad value data.eval_drawers={cfg.data.eval_drawers}: the data has {len(drawers)} "
                           f"drawers per character; choose 1..{len(drawers) - 1}")
     # Whole drawers, not random images, are held out: eval measures new handwriting of known characters.
-    held_out = set(np.random.default_rng(cfg.data.split_seed).choice(drawers, cfg.data.eval_drawers, replace=False))
+    rng = np.random.default_rng(cfg.data.split_seed)
+    held_out = {int(d) for d in rng.choice(drawers, cfg.data.eval_drawers, replace=False)}
     train = [row for row in rows if drawer(row[0]) not in held_out]
     evaluation = [row for row in rows if drawer(row[0]) in held_out]
     splits = datasets.DatasetDict(train=decode(train, alphabets, characters, cfg),
                                   eval=decode(evaluation, alphabets, characters, cfg))
     return splits, {"alphabet_names": alphabets, "character_names": characters,
-                    "eval_drawers": sorted(int(d) for d in held_out)}
+                    "eval_drawers": sorted(held_out)}
 
 
 # ---------------------------------------------------------------- per batch
 
 
 def transform(batch, train, meta):
-    # The one-hot alphabet is built here, per batch, from the stored label (1 byte per row on disk, not 5..30).
+    # The one-hot alphabet is built here, per batch, from the stored label: one integer per row on disk, not
+    # a vector as wide as the alphabet count.
     alphabet = F.one_hot(batch["alphabet"], len(meta["alphabet_names"])).float()
     image = v2.functional.to_dtype(batch["image"], torch.float32, scale=True)  # ToTensor: [0, 1]
     return {**batch, "image": image, "alphabet_onehot": alphabet}
@@ -186,19 +189,19 @@ class TwoInputNet(nn.Module):
         return {"character": self.classifier(x)}
 
 
-# The loop calls loss(outputs, batch) without the config, so model() leaves the weights here for it.
-LOSS_WEIGHTS = {"alphabet": 1.0, "character": 1.0}
-
-
 def model(cfg, meta):
-    LOSS_WEIGHTS.update(alphabet=cfg.loss.alphabet_weight, character=cfg.loss.character_weight)
     net = TwoOutputNet if cfg.model.mode == Mode.multi_output else TwoInputNet
     return net(len(meta["alphabet_names"]), len(meta["character_names"]), cfg.data.image_size)
 
 
-def loss(outputs, batch):
+def make_loss(cfg, meta):
     """Weighted sum of one cross-entropy per head the model has."""
-    return sum(LOSS_WEIGHTS[head] * F.cross_entropy(logits, batch[head]) for head, logits in outputs.items())
+    weights = {"alphabet": cfg.loss.alphabet_weight, "character": cfg.loss.character_weight}
+
+    def loss(outputs, batch):
+        return sum(weights[head] * F.cross_entropy(logits, batch[head]) for head, logits in outputs.items())
+
+    return loss
 
 
 def predictions(outputs, batch):
@@ -219,7 +222,7 @@ recipe = Recipe(
     raw_files=raw_files,
     model=model,
     metrics=metrics,
-    loss=loss,
+    make_loss=make_loss,
     predictions=predictions,
     transform=transform,
     activation="elu",

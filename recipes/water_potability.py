@@ -12,8 +12,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision,
-                                         BinaryRecall)
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, split_train_eval

@@ -1,0 +1,87 @@
+"""Scale-out keeps the math: processes, machines, accumulation, precision and compile."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import BIN, ROOT, cli, common, free_port, ok, run_dirs, summary
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_vs_two_processes_same_eval_loss(workdir, mnist_root):
+    args = ["recipe=mnist_mlp", f"data.root={mnist_root}", "trainer.epochs=1"]
+    ok(cli(common(workdir / "one", *args), cwd=workdir))
+    two = ok(cli(common(workdir / "two", *args), cwd=workdir, processes=2))
+    s1, s2 = summary(workdir / "one" / "runs", "mnist_mlp"), summary(workdir / "two" / "runs", "mnist_mlp")
+    assert s2["num_processes"] == 2 and s1["num_processes"] == 1
+    assert s2["steps"] == s1["steps"] == 9000 // 64  # the same global batches
+    assert s2["eval/loss"] == pytest.approx(s1["eval/loss"], rel=1e-3)
+    assert s2["test/loss"] == pytest.approx(s1["test/loss"], rel=1e-3)
+    # One run record, one set of weights, shards built once, every eval sample counted once.
+    assert len(run_dirs(workdir / "two" / "runs", "mnist_mlp")) == 1
+    assert len(list((workdir / "two" / "cache" / "mnist_mlp").iterdir())) == 1
+    assert two.stdout.count("data: preparing mnist_mlp") == 1
+    assert s2["eval/samples"] == 1000 and s2["test/samples"] == 10000
+    assert s2["eval/accuracy"] == pytest.approx(s1["eval/accuracy"], abs=2e-3)
+
+
+def test_accumulation_matches_the_full_batch(workdir):
+    ok(cli(common(workdir / "full", "trainer.epochs=2"), cwd=workdir))
+    ok(cli(common(workdir / "accum", "trainer.epochs=2", "trainer.grad_accum_steps=2"), cwd=workdir))
+    full, accum = summary(workdir / "full" / "runs", "digits"), summary(workdir / "accum" / "runs", "digits")
+    assert accum["steps"] == full["steps"]  # optimizer steps, not micro-batches
+    assert accum["eval/loss"] == pytest.approx(full["eval/loss"], rel=1e-3)
+
+
+def test_two_machines_train_together(workdir):
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = [str(BIN / "accelerate"), "launch", "--num_machines", "2", "--machine_rank", str(rank),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--multi_gpu",
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "launch" / "train.py"), *common(workdir, "trainer.epochs=2")]
+        procs.append(subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env={"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+                                           "PATH": f"{BIN}:/usr/bin:/bin"}))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    s = summary(workdir / "runs", "digits")
+    assert s["num_processes"] == 2 and s["eval/samples"] == 360
+    # The same numbers as one process on one machine.
+    ok(cli(common(workdir / "one", "trainer.epochs=2"), cwd=workdir))
+    assert s["eval/loss"] == pytest.approx(summary(workdir / "one" / "runs", "digits")["eval/loss"], rel=1e-3)
+
+
+def test_bf16_on_cpu_trains_correctly(workdir):
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"),
+           *common(workdir, "trainer.epochs=5")]
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
+                            env={"TQDM_DISABLE": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
+    ok(result)
+    s = summary(workdir / "runs", "digits")
+    assert s["mixed_precision"] == "bf16"
+    assert s["eval/accuracy"] >= 0.9
+
+
+def test_compile_matches_eager(workdir):
+    args = ["trainer.epochs=1", "trainer.max_steps=20"]
+    ok(cli(common(workdir / "eager", *args, "trainer.compile=false"), cwd=workdir))
+    compiled = ok(cli(common(workdir / "compiled", *args, "trainer.compile=true"), cwd=workdir,
+                      env={"TORCH_LOGS": "recompiles"}))
+    eager, comp = summary(workdir / "eager" / "runs", "digits"), summary(workdir / "compiled" / "runs", "digits")
+    assert comp["compile"] is True and eager["compile"] is False
+    assert comp["eval/loss"] == pytest.approx(eager["eval/loss"], rel=1e-3)
+    assert comp["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-3)
+    # Compilation is timed apart from steady state: the first step carries it.
+    assert comp["time/first_step_s"] > 5 * eager["time/first_step_s"]
+    # Train graph + eval graph (no grad): nothing more, however many steps.
+    assert compiled.stderr.count("Recompiling function") <= 1, compiled.stderr[-3000:]
+
+
+def test_python_module_importable_without_accelerate_launch():
+    # `python launch/train.py` and `accelerate launch launch/train.py` run the same entry.
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "accelerate launch launch/train.py" in out.stdout
