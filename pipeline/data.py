@@ -173,7 +173,7 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 0,
-           step_batch: int | None = None) -> DataLoader:
+           step_batch: int | None = None, pin_memory: bool = False) -> DataLoader:
     """A DataLoader that fetches whole batches: the dataset's `__getitems__` slices all indices at once.
 
     Training drops the ragged last optimizer step's samples (`step_batch`, the global batch of an
@@ -190,7 +190,7 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
         sampler = SequentialSampler(dataset)
     batches = BatchSampler(sampler, batch_size=batch_size, drop_last=train)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory)
 
 
 def _whole_batch(batch: dict) -> dict:

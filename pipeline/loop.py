@@ -48,7 +48,7 @@ def train(cfg) -> dict:
         gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
         # The loaders yield GLOBAL batches; each process takes its slice, so the optimisation is
         # the same on 1 or N processes.
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile_model else None,
         log_with=log_with,
         project_dir=str(run_dir),
@@ -68,11 +68,14 @@ def train(cfg) -> dict:
     rows = {name: make(cols, meta, name) for name, cols in tensors.items()}
     if on_device:
         rows = {name: r.to(accelerator.device) for name, r in rows.items()}
+    # Data that stays in host memory goes to the GPU from pinned pages, without waiting (non_blocking).
     workers = 0 if on_device else cfg.data.num_workers
+    pin = accelerator.device.type == "cuda" and not on_device
     train_loader = data.loader(rows["train"], cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
-                               train=True, seed=cfg.seed, num_workers=workers, step_batch=cfg.trainer.batch_size)
+                               train=True, seed=cfg.seed, num_workers=workers, step_batch=cfg.trainer.batch_size,
+                               pin_memory=pin)
     eval_loaders = {name: data.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
-                                      num_workers=workers) for name in ("eval", "test") if name in rows}
+                                      num_workers=workers, pin_memory=pin) for name in ("eval", "test") if name in rows}
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
                           f"({len(rows['train'])} rows); lower it")

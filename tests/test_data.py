@@ -4,6 +4,7 @@ import os
 import shutil
 
 import datasets
+import pytest
 import torch
 from conftest import cli, common, ok, write_mnist_raw
 
@@ -128,3 +129,13 @@ def test_cache_copy_is_found_by_content_location(workdir):
     shutil.copytree(workdir / "cache", workdir / "moved")
     recipe, moved = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'moved'}"])
     assert data.shards_dir(recipe, moved) == workdir / "moved" / "digits" / out.name
+
+
+def test_loader_workers_serve_the_same_batches(workdir):
+    args = ["trainer.epochs=1", "trainer.max_steps=15"]
+    ok(cli(common(workdir / "w0", *args), cwd=workdir))
+    ok(cli(common(workdir / "w2", *args, "data.num_workers=2"), cwd=workdir))
+    from conftest import summary
+
+    assert summary(workdir / "w2" / "runs", "digits")["eval/loss"] == pytest.approx(
+        summary(workdir / "w0" / "runs", "digits")["eval/loss"], rel=1e-6)

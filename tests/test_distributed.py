@@ -85,3 +85,12 @@ def test_python_module_importable_without_accelerate_launch():
     # `python launch/train.py` and `accelerate launch launch/train.py` run the same entry.
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "accelerate launch launch/train.py" in out.stdout
+
+
+def test_compile_under_ddp_matches_eager(workdir):
+    args = ["trainer.epochs=1", "trainer.max_steps=10"]
+    ok(cli(common(workdir / "eager", *args, "trainer.compile=false"), cwd=workdir, processes=2))
+    ok(cli(common(workdir / "compiled", *args, "trainer.compile=true"), cwd=workdir, processes=2))
+    eager, comp = summary(workdir / "eager" / "runs", "digits"), summary(workdir / "compiled" / "runs", "digits")
+    assert comp["compile"] is True and comp["num_processes"] == 2
+    assert comp["eval/loss"] == pytest.approx(eager["eval/loss"], rel=1e-3)
