@@ -129,7 +129,7 @@ def bare(recipe, cfg, meta, cols, steps, device, args) -> float:
 
     def step(i):
         idx = order[(i * bs) % (n - bs + 1):][:bs]
-        b = {k: v[idx] for k, v in batch.items()}
+        b = {k: v.index_select(0, idx) for k, v in batch.items()}
         with autocast(device, args):
             loss = loss_fn(forward(*(b[k] for k in recipe.inputs)), b)
         scaler.scale(loss).backward()

@@ -151,16 +151,17 @@ class Rows(torch.utils.data.Dataset):
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
         self.length = len(next(iter(tensors.values())))
+        self.device = next(iter(tensors.values())).device
 
     def __len__(self):
         return self.length
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices)
-        device = next(iter(self.tensors.values())).device
-        if device.type == "cuda":  # from pinned memory the copy does not wait for the GPU's queue
-            idx = idx.pin_memory().to(device, non_blocking=True)
-        return {k: v[idx] for k, v in self.tensors.items()}
+        if self.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU's queue
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        # index_select, not v[idx]: advanced indexing is 2-4x slower for image rows on a CPU.
+        return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
 
     __getitem__ = __getitems__
 
@@ -186,11 +187,25 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
         used = len(dataset) - len(dataset) % step_batch
         sampler = RandomSampler(dataset, num_samples=used or len(dataset),
                                 generator=torch.Generator().manual_seed(seed))
+        batches = ShuffledBatches(sampler, batch_size=batch_size, drop_last=True)
     else:
-        sampler = SequentialSampler(dataset)
-    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=train)
+        batches = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=pin_memory)
+
+
+class ShuffledBatches(BatchSampler):
+    """A fresh permutation per epoch from the RandomSampler's generator, served as index tensors.
+
+    `BatchSampler(RandomSampler(...))` builds every batch in a Python loop over sample indices, a
+    fifth of a small model's step; this draws the epoch in one call. Accelerate still finds the
+    sampler's generator here and keeps it in step across processes. Full batches only.
+    """
+
+    def __iter__(self):
+        order = torch.randperm(len(self.sampler.data_source), generator=self.sampler.generator)
+        usable = self.sampler.num_samples - self.sampler.num_samples % self.batch_size
+        yield from order[:usable].split(self.batch_size)
 
 
 def _whole_batch(batch: dict) -> dict:

@@ -14,7 +14,7 @@ from pipeline.recipe import Recipe
 
 
 def transform(batch, train, meta):
-    return {**batch, "image": batch["image"].float() / 255.0}  # ToTensor: [0, 255] -> [0, 1]
+    return {**batch, "image": batch["image"].float().div_(255.0)}  # ToTensor: [0, 255] -> [0, 1]
 
 
 def model(cfg, meta):

@@ -15,7 +15,8 @@ from pipeline.recipe import Recipe
 
 def transform(batch, train, meta):
     # ToTensor + Normalize((0.5,), (0.5,)), applied to the whole batch at once: [0, 255] -> [-1, 1]
-    return {**batch, "image": batch["image"].float() / 127.5 - 1.0}
+    # (in place on the fresh float copy: one buffer a batch instead of three)
+    return {**batch, "image": batch["image"].float().div_(127.5).sub_(1.0)}
 
 
 def model(cfg, meta):
