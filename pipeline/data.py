@@ -158,7 +158,7 @@ class Rows(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices)
-        if self.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU's queue
+        if idx.device != self.device:  # from pinned memory the copy does not wait for the GPU's queue
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         # index_select, not v[idx]: advanced indexing is 2-4x slower for image rows on a CPU.
         return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
@@ -187,7 +187,7 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
         used = len(dataset) - len(dataset) % step_batch
         sampler = RandomSampler(dataset, num_samples=used or len(dataset),
                                 generator=torch.Generator().manual_seed(seed))
-        batches = ShuffledBatches(sampler, batch_size=batch_size, drop_last=True)
+        batches = ShuffledBatches(sampler, batch_size=batch_size, device=getattr(dataset, "device", None))
     else:
         batches = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers,
@@ -202,8 +202,14 @@ class ShuffledBatches(BatchSampler):
     sampler's generator here and keeps it in step across processes. Full batches only.
     """
 
+    def __init__(self, sampler: RandomSampler, batch_size: int, device=None):
+        super().__init__(sampler, batch_size, drop_last=True)
+        self.device = device  # rows kept on a GPU are indexed there: one index copy an epoch, not a step
+
     def __iter__(self):
         order = torch.randperm(len(self.sampler.data_source), generator=self.sampler.generator)
+        if self.device is not None:
+            order = order.to(self.device)
         usable = self.sampler.num_samples - self.sampler.num_samples % self.batch_size
         yield from order[:usable].split(self.batch_size)
 

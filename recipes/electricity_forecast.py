@@ -92,7 +92,7 @@ class Windows(torch.utils.data.Dataset):
     """Every window of `window + 1` consecutive steps of one series, cut per batch: nothing is stored twice."""
 
     def __init__(self, series: torch.Tensor, window: int):
-        self.series, self.window = series, window
+        self.series, self.window, self.device = series, window, series.device
         self.offsets = torch.arange(window + 1, device=series.device)
 
     def __len__(self):

@@ -110,6 +110,10 @@ def test_rows_serve_whole_batches():
     order = torch.cat([b["y"] for b in batches]).tolist()
     assert len(set(order)) == 8 and order != sorted(order)  # shuffled, no repeats
     assert order == torch.cat([b["y"] for b in data.loader(rows, 4, train=True, seed=0)]).tolist()  # seeded
+    assert torch.cat([b["y"] for b in loader]).tolist() != order  # a new permutation every epoch
+    # Accumulation: micro-batches of 3 for optimizer steps of 6 -> only whole steps (6 of 10 rows).
+    micro = list(data.loader(rows, batch_size=3, train=True, seed=0, step_batch=6))
+    assert [len(b["y"]) for b in micro] == [3, 3]
     evaluation = list(data.loader(rows, batch_size=4, train=False, seed=0))
     assert torch.cat([b["y"] for b in evaluation]).tolist() == list(range(10))
 
