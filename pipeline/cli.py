@@ -5,6 +5,7 @@ Errors people can fix (config, missing data) print one message and exit 2, befor
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pipeline import config, data
@@ -55,5 +56,7 @@ def main(script: str, what: str, run) -> None:
             return
         run(recipe, cfg)
     except (config.ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every process of a launch meets the same error: one message per machine is enough.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

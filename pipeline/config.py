@@ -39,6 +39,7 @@ class TrainerConfig:
     compile: str = "auto"  # auto | true | false (auto: on where CUDA is used)
     log_every: int = 50  # optimizer steps between train/loss log lines
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (several CUDA processes)
 
 
 @dataclass

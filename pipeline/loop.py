@@ -41,6 +41,7 @@ def train(cfg) -> dict:
     cpu = not torch.accelerator.is_available()
     state = PartialState(cpu=cpu)
     micro_batch = check_batches(cfg, state.num_processes)
+    sync_batchnorm = check_sync_batchnorm(cfg, state)
     say = state.print
     say(to_yaml(cfg).rstrip())
     # Shards first (built once, while the other processes wait): missing data stops the run before
@@ -89,6 +90,8 @@ def train(cfg) -> dict:
     # ---- model, optimizer, schedule
     model = recipe.model(cfg, meta)
     optim.init_weights(model, cfg.model.init, recipe.activation)
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     layer_stats = hooks.LayerStats(model) if cfg.debug.hooks else None  # no hooks at all when off
     optimizer = optim.optimizer(cfg.optimizer, model.parameters())
     steps_per_epoch = optim.steps(len(train_loader), cfg.trainer.grad_accum_steps)
@@ -246,6 +249,18 @@ def check_batches(cfg, num_processes: int) -> int:
         raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
                           f"{num_processes} processes; use a multiple of {num_processes}")
     return cfg.trainer.batch_size // parts
+
+
+def check_sync_batchnorm(cfg, state: PartialState) -> bool:
+    """Whether BatchNorm layers become SyncBatchNorm: asked for, and more than one process to sync."""
+    if not cfg.trainer.sync_batchnorm or state.num_processes == 1:
+        return False
+    if state.device.type != "cuda":
+        raise ConfigError(
+            f"trainer.sync_batchnorm=true needs CUDA devices; these {state.num_processes} processes run on "
+            f"{state.device.type} (torch's SyncBatchNorm has no gloo/CPU path). Drop the option here: each "
+            f"process then normalizes with the statistics of its own part of the batch.")
+    return True
 
 
 def make_run_dir(cfg, state: PartialState) -> Path:

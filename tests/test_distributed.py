@@ -94,3 +94,12 @@ def test_compile_under_ddp_matches_eager(workdir):
     eager, comp = summary(workdir / "eager" / "runs", "digits"), summary(workdir / "compiled" / "runs", "digits")
     assert comp["compile"] is True and comp["num_processes"] == 2
     assert comp["eval/loss"] == pytest.approx(eager["eval/loss"], rel=1e-3)
+
+
+def test_sync_batchnorm_needs_cuda_processes(workdir):
+    # torch's SyncBatchNorm has no gloo/CPU path: refused before any data or run directory is made.
+    out = cli(common(workdir, "recipe=water_potability", f"data.root={ROOT.parent / 'shared/data/water-potability'}",
+                     "trainer.sync_batchnorm=true"), cwd=workdir, processes=2)
+    assert out.returncode != 0
+    assert out.stderr.count("error: trainer.sync_batchnorm=true needs CUDA") == 1, out.stderr[-3000:]
+    assert not run_dirs(workdir / "runs", "water_potability") and not (workdir / "cache").exists()
