@@ -30,7 +30,8 @@ from pipeline.config import ConfigError, as_dict, flag, to_yaml
 accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 # Its zero_grad likewise reads the wrapped optimizer's signature on every call (inspect.signature
 # unwraps torch's decorators: 7-25 us a step); the signature of a given optimizer's method is fixed.
-accelerate.optimizer.inspect = SimpleNamespace(signature=functools.lru_cache(maxsize=16)(inspect.signature))
+accelerate.optimizer.inspect = SimpleNamespace(
+    **{**vars(inspect), "signature": functools.lru_cache(maxsize=16)(inspect.signature)})
 
 
 def train(cfg) -> dict:
