@@ -102,15 +102,35 @@ def prepare(cfg):
 
 # ---------------------------------------------------------------- per batch: augmentation and scaling
 
-# The tutorial's training augmentation, applied to the whole uint8 batch on its device. v2 draws one set of
-# random parameters per call, so the images of a batch share a flip and an angle; over the epochs each image
-# still sees every variant, and drawing per image would mean a Python loop on the hot path.
-AUGMENT = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomRotation(45), v2.RandomAutocontrast()])
+def augment(image: torch.Tensor) -> torch.Tensor:
+    """The tutorial's RandomHorizontalFlip, RandomRotation(45), RandomAutocontrast, drawn per image.
+
+    A whole float batch [N, C, H, W] in [0, 1] at once on its device: v2's transforms draw one set of
+    parameters per call (one flip and one angle for the whole batch), so the per-image draws are done
+    here with masks and one affine grid, without a Python loop over images.
+    """
+    n = len(image)
+    flip = torch.rand(n, device=image.device) < 0.5
+    image = torch.where(flip[:, None, None, None], image.flip(-1), image)
+    image = rotate(image, torch.empty(n, device=image.device).uniform_(-45.0, 45.0))
+    contrast = torch.rand(n, device=image.device) < 0.5
+    return torch.where(contrast[:, None, None, None], v2.functional.autocontrast(image), image)
+
+
+def rotate(image: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each square image turned counter-clockwise about its centre by its own angle, as v2.functional.rotate
+    does (nearest pixel, black corners)."""
+    angle = torch.deg2rad(degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # affine_grid maps output to input positions (x right, y down): the inverse of the image's turn.
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = nn.functional.affine_grid(theta, list(image.shape), align_corners=False)
+    return nn.functional.grid_sample(image, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def transform(batch, train, meta):
-    image = AUGMENT(batch["image"]) if train else batch["image"]
-    return {**batch, "image": v2.functional.to_dtype(image, torch.float32, scale=True)}  # ToTensor: [0, 1]
+    image = v2.functional.to_dtype(batch["image"], torch.float32, scale=True)  # ToTensor: [0, 1]
+    return {**batch, "image": augment(image) if train else image}
 
 
 # ---------------------------------------------------------------- model, metrics

@@ -99,6 +99,18 @@ def test_clouds_augments_training_batches_only():
     augmented = [transform({"image": image}, True, {})["image"] for _ in range(4)]
     assert all(a.shape == plain.shape and 0 <= a.min() and a.max() <= 1 for a in augmented)
     assert not any(torch.equal(a, plain) for a in augmented)  # rotation alone changes every batch
+    # Drawn per image, as the tutorial's per-sample transforms: copies of one image come out different.
+    same = transform({"image": image[:1].repeat(16, 1, 1, 1)}, True, {})["image"]
+    assert len({tuple(x.flatten()[::97].tolist()) for x in same}) == 16
+    # Each image turned by its own angle, pixel for pixel as torchvision's rotate turns it.
+    from torchvision.transforms import v2
+
+    from recipes.clouds import rotate
+
+    images, degrees = torch.rand(4, 3, 64, 64), torch.tensor([0.0, 30.0, -45.0, 90.0])
+    turned = rotate(images, degrees)
+    for img, deg, out in zip(images, degrees.tolist(), turned):
+        assert torch.equal(out, v2.functional.rotate(img, deg))
 
 
 def test_clouds_bad_files_stop_with_their_names(workdir):
