@@ -70,6 +70,13 @@ class LossConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also save every N optimizer steps (0: only at the end of each epoch)
+    keep: int = 1  # newest checkpoints kept in <run>/checkpoints/ (0: no checkpoints)
+    resume: bool = True  # continue from the run directory's newest checkpoint (same run_name=)
+
+
+@dataclass
 class DebugConfig:
     hooks: bool = False  # log per-layer activation and gradient statistics
     hooks_every: int = 100  # optimizer steps between those logs
@@ -89,6 +96,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     model: Any = field(default_factory=ModelConfig)
     loss: Any = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -158,6 +166,9 @@ def _check_values(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 1")
+    for key in ("checkpoint.every_steps", "checkpoint.keep"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 0")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"bad value data.eval_fraction={cfg.data.eval_fraction}: must be between 0 and 1")
     if cfg.optimizer.lr <= 0:

@@ -185,9 +185,8 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
     if train:
         step_batch = step_batch or batch_size
         used = len(dataset) - len(dataset) % step_batch
-        sampler = RandomSampler(dataset, num_samples=used or len(dataset),
-                                generator=torch.Generator().manual_seed(seed))
-        batches = ShuffledBatches(sampler, batch_size=batch_size, device=getattr(dataset, "device", None))
+        sampler = RandomSampler(dataset, num_samples=used or len(dataset))
+        batches = ShuffledBatches(sampler, batch_size, seed, device=getattr(dataset, "device", None))
     else:
         batches = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers,
@@ -195,23 +194,27 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
 
 
 class ShuffledBatches(BatchSampler):
-    """A fresh permutation per epoch from the RandomSampler's generator, served as index tensors.
+    """Epoch `e` is the permutation drawn from `seed + e`, served as index tensors.
 
     `BatchSampler(RandomSampler(...))` builds every batch in a Python loop over sample indices, a
-    fifth of a small model's step; this draws the epoch in one call. Accelerate still finds the
-    sampler's generator here and keeps it in step across processes. Full batches only.
+    fifth of a small model's step; this draws the epoch in one call. The order depends on the seed
+    and the epoch alone (the loop sets `epoch`), so every process draws the same batches and a
+    resumed run continues the order it left. Full batches only.
     """
 
-    def __init__(self, sampler: RandomSampler, batch_size: int, device=None):
-        super().__init__(sampler, batch_size, drop_last=True)
+    def __init__(self, sampler: RandomSampler, batch_size: int, seed: int, device=None):
+        super().__init__(sampler, batch_size, drop_last=True)  # the sampler gives Accelerate the sizes
+        self.seed, self.epoch = seed, 0
         self.device = device  # rows kept on a GPU are indexed there: one index copy an epoch, not a step
 
     def __iter__(self):
-        order = torch.randperm(len(self.sampler.data_source), generator=self.sampler.generator)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.sampler.data_source), generator=generator)
         if self.device is not None:
             order = order.to(self.device)
         usable = self.sampler.num_samples - self.sampler.num_samples % self.batch_size
         yield from order[:usable].split(self.batch_size)
+        self.epoch += 1  # the next pass is the next epoch, unless the loop says otherwise
 
 
 def _whole_batch(batch: dict) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
 from omegaconf import OmegaConf
 
-from pipeline import data, hooks, optim, tracking
+from pipeline import checkpoint, data, hooks, optim, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError, as_dict, flag, to_yaml
 
@@ -84,6 +85,7 @@ def train(cfg) -> dict:
                                pin_memory=pin)
     eval_loaders = {name: data.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
                                       num_workers=workers, pin_memory=pin) for name in ("eval", "test") if name in rows}
+    batch_order = train_loader.batch_sampler  # the loop tells it the epoch; Accelerate wraps it below
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
                           f"({len(rows['train'])} rows); lower it")
@@ -109,19 +111,33 @@ def train(cfg) -> dict:
     say(f"data: train {len(rows['train']):,} rows, {steps_per_epoch} steps/epoch; "
         + ", ".join(f"{k} {len(rows[k]):,} rows" for k in eval_loaders))
 
+    # ---- resume: an interrupted run (same run_name=) continues from its newest complete checkpoint
+    position = {"step": 0, "epoch": 1, "batches": 0}
+    resume_from = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
+    if resume_from:
+        position = checkpoint.load(accelerator, resume_from)
+        say(f"resuming from {resume_from}: epoch {position['epoch']}, step {position['step']}")
+    keep = cfg.checkpoint.keep
+    every = cfg.checkpoint.every_steps if keep else 0
+
     # ---- train and evaluate
     # Plain dataclasses on the hot path: an OmegaConf attribute read costs ~10 us, a step ~400 us.
     trainer, hooks_every = OmegaConf.to_object(cfg.trainer), cfg.debug.hooks_every
     # Accelerate's accumulate() skips the gradient sync of micro-batches between optimizer steps;
     # with one micro-batch a step it has nothing to skip, and its bookkeeping stays off the step.
     accumulating = trainer.grad_accum_steps > 1
-    step, results, speed = 0, {}, Speed()
+    step, results, speed = position["step"], {}, Speed()
     progress = Progress(accelerator.is_main_process, steps_per_epoch * trainer.epochs)
-    for epoch in range(1, trainer.epochs + 1):
+    epoch = position["epoch"] - 1
+    for epoch in range(position["epoch"], trainer.epochs + 1):
         model.train()
+        batch_order.epoch = epoch
+        done = position["batches"] if epoch == position["epoch"] else 0  # micro-batches of this epoch
+        # A run resumed mid-epoch skips the batches it already trained on (indices only, no data read).
+        loader = accelerator.skip_first_batches(train_loader, done) if done else train_loader
         speed.resume()
         losses = []  # detached per-step losses, averaged at each log line (no sync, no extra op a step)
-        for batch in train_loader:
+        for batch in loader:
             if layer_stats:
                 layer_stats.active = (step + 1) % hooks_every == 0
             with accelerator.accumulate(model) if accumulating else nullcontext():
@@ -136,6 +152,7 @@ def train(cfg) -> dict:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
+            done += 1
             if accumulating and not accelerator.sync_gradients:
                 continue
             step += 1
@@ -152,6 +169,8 @@ def train(cfg) -> dict:
                 accelerator.log(logged, step=step)
                 results.update(logged)
                 progress.update(step, epoch, train_loss, speed.rate())
+            if every and step % every == 0 and done < len(train_loader):
+                checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch, "batches": done}, keep)
             if stop:
                 break
         results.update(evaluate(model, eval_loaders["eval"], recipe, loss_fn, metrics, accelerator, meta, "eval"))
@@ -159,6 +178,8 @@ def train(cfg) -> dict:
         progress.epoch(epoch, cfg.trainer.epochs, results)
         if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
             break
+        if keep and epoch < trainer.epochs:  # after the last epoch the weights and summary follow
+            checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch + 1, "batches": 0}, keep)
 
     if "test" in eval_loaders:
         test = evaluate(model, eval_loaders["test"], recipe, loss_fn, metrics, accelerator, meta, "test")
@@ -174,6 +195,8 @@ def train(cfg) -> dict:
                "time/first_step_s": speed.first, "time/total_s": time.perf_counter() - started}
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)
+        # Checkpoints are for resuming an interrupted run; a finished one keeps its final weights.
+        shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
     progress.close()
     say(summary_line(summary))
     accelerator.end_training()
@@ -273,6 +296,9 @@ def make_run_dir(cfg, state: PartialState) -> Path:
         path = base / run_name
         if cfg.run_name and (path / "summary.json").exists():
             raise ConfigError(f"run {path} already finished; pick another run_name= or remove it")
+        if cfg.run_name and not cfg.checkpoint.resume and checkpoint.latest(path):
+            raise ConfigError(f"run {path} has checkpoints and checkpoint.resume=false would start it over; "
+                              f"resume it (checkpoint.resume=true), pick another run_name=, or remove it")
         suffix = 1
         while not cfg.run_name and path.exists():  # two runs started in the same second
             suffix += 1

@@ -19,6 +19,11 @@ BIN = Path(sys.executable).parent
 def cli(args: list[str], cwd: Path, processes: int = 1, script: str = "train", timeout: int = 600,
         env: dict | None = None, launcher: str = "python") -> subprocess.CompletedProcess:
     """Runs launch/<script>.py as a user would: `python`, or `accelerate launch` (always for >1 process)."""
+    return subprocess.run(command(args, processes, script, launcher), cwd=cwd, env=environment(processes, env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def command(args: list[str], processes: int = 1, script: str = "train", launcher: str = "python") -> list[str]:
     if processes == 1 and launcher == "accelerate":
         cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "launch" / f"{script}.py")]
@@ -28,10 +33,12 @@ def cli(args: list[str], cwd: Path, processes: int = 1, script: str = "train", t
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(ROOT / "launch" / f"{script}.py")]
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1",
-                "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-                **(env or {})}
-    return subprocess.run(cmd + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return cmd + args
+
+
+def environment(processes: int = 1, env: dict | None = None) -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1",
+            "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
 
 
 def free_port() -> int:

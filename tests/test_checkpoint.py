@@ -1,0 +1,78 @@
+"""Checkpoints and resume: a run killed at any moment continues, on 1 or 2 processes, exactly where it was."""
+
+import json
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import cli, command, common, environment, ok, run_dirs
+from safetensors.torch import load_file
+
+from pipeline import checkpoint
+
+
+def kill_after_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int) -> None:
+    """Starts a run and kills it (and every process it started) hard once a checkpoint of `min_step` or
+    later is complete: no handler runs, as after a node failure."""
+    proc = subprocess.Popen(command(args, processes), cwd=cwd, env=environment(processes),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        newest = checkpoint.latest(run_dir)
+        if newest and json.loads((newest / checkpoint.STATE_FILE).read_text())["step"] >= min_step:
+            break
+        time.sleep(0.01)
+    tree = psutil.Process(proc.pid)
+    for p in tree.children(recursive=True) + [tree]:
+        p.kill()
+    proc.wait()
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_killed_run_resumes_exactly(workdir, processes):
+    args = ["trainer.epochs=4", "checkpoint.every_steps=10", "checkpoint.keep=2"]
+    ok(cli(common(workdir, *args, "run_name=whole"), cwd=workdir, processes=processes))
+    run_dir = workdir / "runs" / "digits" / "killed"
+    resumable = common(workdir, *args, "run_name=killed")
+    # digits: 44 steps an epoch; killed in the second epoch, between checkpoints.
+    kill_after_checkpoint(resumable, workdir, run_dir, processes, min_step=60)
+    kept = [p.name for p in checkpoint.complete(run_dir)]
+    assert 1 <= len(kept) <= 2, kept  # older ones pruned (keep=2)
+
+    resumed = ok(cli(resumable, cwd=workdir, processes=processes))
+    assert f"resuming from {run_dir / 'checkpoints' / kept[-1]}" in resumed.stdout
+    whole_dir = workdir / "runs" / "digits" / "whole"
+    whole = json.loads((whole_dir / "summary.json").read_text())
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["steps"] == whole["steps"] == 4 * 44 and again["num_processes"] == processes
+    # Same data order, weights, optimizer moments and RNG: the same numbers, not just close ones.
+    assert again["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-9)
+    a, b = load_file(run_dir / "model.safetensors"), load_file(whole_dir / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in b)
+    assert not checkpoint.folder(run_dir).exists()  # a finished run keeps its weights, not its checkpoints
+    assert len(run_dirs(workdir / "runs", "digits")) == 2
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    root = checkpoint.folder(tmp_path)
+    for name, complete in [("step-00000010", True), ("step-00000200", False), (".tmp-step-00000300", False),
+                           ("step-00000020", True)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / checkpoint.STATE_FILE).write_text(json.dumps({"step": int(name[5:])}))
+    assert checkpoint.latest(tmp_path) == root / "step-00000020"
+    assert checkpoint.latest(tmp_path / "nothing") is None
+
+
+def test_starting_over_a_checkpointed_run_is_refused(workdir):
+    run_dir = workdir / "runs" / "digits" / "job"
+    (checkpoint.folder(run_dir) / "step-00000044").mkdir(parents=True)
+    (checkpoint.folder(run_dir) / "step-00000044" / checkpoint.STATE_FILE).write_text("{}")
+    out = cli(common(workdir, "run_name=job", "checkpoint.resume=false"), cwd=workdir)
+    assert out.returncode == 2 and "checkpoint.resume=false" in out.stderr and "Traceback" not in out.stderr
+    assert (checkpoint.folder(run_dir) / "step-00000044").exists()  # nothing destroyed
+    bad = cli(common(workdir, "checkpoint.keep=-1"), cwd=workdir)
+    assert bad.returncode == 2 and "checkpoint.keep" in bad.stderr
