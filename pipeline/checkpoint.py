@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 from pipeline.tracking import write_json
@@ -60,3 +62,28 @@ def load(accelerator, checkpoint: Path) -> dict:
     """Restores what `save` wrote into the prepared objects; returns the saved position."""
     accelerator.load_state(str(checkpoint))
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+class Preempted(Exception):
+    """The processes agreed to stop on SIGTERM and saved a checkpoint; the same command resumes."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption or time-limit warning) only raises a flag here. The loop sends
+    the flag along with its next log-line reduction, so every process stops after the same step."""
+
+    def __init__(self, enabled: bool = True):
+        self.received, self.previous = False, None
+        if enabled and threading.current_thread() is threading.main_thread():  # signals are set up there only
+            self.previous = signal.signal(signal.SIGTERM, self._receive)
+
+    def _receive(self, signum, frame):
+        self.received = True
+
+    def close(self):
+        """Gives SIGTERM back to whoever had it (a test runner calling train() in-process, say)."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline import config, data
+from pipeline import checkpoint, config, data
 from pipeline import recipe as recipes
 
 USAGE = """usage: accelerate launch launch/{script}.py [recipe=NAME] [key.sub=value ...]
@@ -55,6 +55,10 @@ def main(script: str, what: str, run) -> None:
             print(config.to_yaml(cfg))
             return
         run(recipe, cfg)
+    except checkpoint.Preempted as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except (config.ConfigError, data.DataError) as e:
         # Every process of a launch meets the same error: one message per machine is enough.
         if os.environ.get("LOCAL_RANK", "0") == "0":

@@ -119,6 +119,7 @@ def train(cfg) -> dict:
         say(f"resuming from {resume_from}: epoch {position['epoch']}, step {position['step']}")
     keep = cfg.checkpoint.keep
     every = cfg.checkpoint.every_steps if keep else 0
+    stop_signal = checkpoint.StopSignal(enabled=keep > 0)  # without checkpoints SIGTERM just ends the run
 
     # ---- train and evaluate
     # Plain dataclasses on the hot path: an OmegaConf attribute read costs ~10 us, a step ~400 us.
@@ -161,14 +162,25 @@ def train(cfg) -> dict:
                 accelerator.log(layer_stats.collect(), step=step)
             stop = bool(trainer.max_steps) and step >= trainer.max_steps
             if step % trainer.log_every == 0 or step == steps_per_epoch * epoch or stop:
-                # One cross-process reduction per log line, not per step: no sync on the hot path.
-                train_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                # One cross-process reduction per log line, not per step: no sync on the hot path. It
+                # carries the SIGTERM flags too: any process that got one makes all of them stop here.
+                flags = torch.stack([torch.stack(losses).mean().float(),
+                                     torch.tensor(float(stop_signal.received), device=accelerator.device)])
+                train_loss, terminate = accelerator.reduce(flags, reduction="mean").tolist()
                 losses.clear()
                 logged = {"train/loss": train_loss, "train/lr": optimizer.param_groups[0]["lr"],
                           "epoch": epoch}
                 accelerator.log(logged, step=step)
                 results.update(logged)
                 progress.update(step, epoch, train_loss, speed.rate())
+                if terminate > 0:
+                    saved = checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch, "batches": done},
+                                            keep)
+                    stop_signal.close()
+                    accelerator.end_training()
+                    progress.close()
+                    raise checkpoint.Preempted(f"stopped on SIGTERM after step {step}; saved {saved}. "
+                                               f"The same command with run_name={run_dir.name} resumes it.")
             if every and step % every == 0 and done < len(train_loader):
                 checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch, "batches": done}, keep)
             if stop:
@@ -197,6 +209,7 @@ def train(cfg) -> dict:
         tracking.write_json(run_dir / "summary.json", summary)
         # Checkpoints are for resuming an interrupted run; a finished one keeps its final weights.
         shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
+    stop_signal.close()
     progress.close()
     say(summary_line(summary))
     accelerator.end_training()

@@ -12,48 +12,78 @@ from safetensors.torch import load_file
 from pipeline import checkpoint
 
 
-def kill_after_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int) -> None:
-    """Starts a run and kills it (and every process it started) hard once a checkpoint of `min_step` or
-    later is complete: no handler runs, as after a node failure."""
+def start_and_wait_for_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int):
+    """Starts a run and returns it once a checkpoint of `min_step` or later is complete."""
     proc = subprocess.Popen(command(args, processes), cwd=cwd, env=environment(processes),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         newest = checkpoint.latest(run_dir)
         if newest and json.loads((newest / checkpoint.STATE_FILE).read_text())["step"] >= min_step:
             break
         time.sleep(0.01)
+    return proc
+
+
+def kill_after_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int) -> None:
+    """Kills a run (and every process it started) hard once a checkpoint of `min_step` or later is
+    complete: no handler runs, as after a node failure."""
+    proc = start_and_wait_for_checkpoint(args, cwd, run_dir, processes, min_step)
     tree = psutil.Process(proc.pid)
     for p in tree.children(recursive=True) + [tree]:
-        p.kill()
-    proc.wait()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate()
     assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+
+
+def same_result(run_dir, reference_dir) -> None:
+    again = json.loads((run_dir / "summary.json").read_text())
+    whole = json.loads((reference_dir / "summary.json").read_text())
+    assert again["steps"] == whole["steps"] and again["num_processes"] == whole["num_processes"]
+    # Same data order, weights, optimizer moments and RNG: the same numbers, not just close ones.
+    assert again["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-9)
+    a, b = load_file(run_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in b)
+    assert not checkpoint.folder(run_dir).exists()  # a finished run keeps its weights, not its checkpoints
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_killed_run_resumes_exactly(workdir, processes):
-    args = ["trainer.epochs=4", "checkpoint.every_steps=10", "checkpoint.keep=2"]
+def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes):
+    args = ["trainer.epochs=4", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=2"]
     ok(cli(common(workdir, *args, "run_name=whole"), cwd=workdir, processes=processes))
+    whole_dir = workdir / "runs" / "digits" / "whole"
+    assert json.loads((whole_dir / "summary.json").read_text())["steps"] == 4 * 44  # digits: 44 steps an epoch
+
+    # SIGKILL in the second epoch, between checkpoints: resumes from the newest complete one.
     run_dir = workdir / "runs" / "digits" / "killed"
-    resumable = common(workdir, *args, "run_name=killed")
-    # digits: 44 steps an epoch; killed in the second epoch, between checkpoints.
-    kill_after_checkpoint(resumable, workdir, run_dir, processes, min_step=60)
+    killed = common(workdir, *args, "run_name=killed")
+    kill_after_checkpoint(killed, workdir, run_dir, processes, min_step=60)
     kept = [p.name for p in checkpoint.complete(run_dir)]
     assert 1 <= len(kept) <= 2, kept  # older ones pruned (keep=2)
-
-    resumed = ok(cli(resumable, cwd=workdir, processes=processes))
+    resumed = ok(cli(killed, cwd=workdir, processes=processes))
     assert f"resuming from {run_dir / 'checkpoints' / kept[-1]}" in resumed.stdout
-    whole_dir = workdir / "runs" / "digits" / "whole"
-    whole = json.loads((whole_dir / "summary.json").read_text())
-    again = json.loads((run_dir / "summary.json").read_text())
-    assert again["steps"] == whole["steps"] == 4 * 44 and again["num_processes"] == processes
-    # Same data order, weights, optimizer moments and RNG: the same numbers, not just close ones.
-    assert again["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-9)
-    a, b = load_file(run_dir / "model.safetensors"), load_file(whole_dir / "model.safetensors")
-    assert all(a[k].equal(b[k]) for k in b)
-    assert not checkpoint.folder(run_dir).exists()  # a finished run keeps its weights, not its checkpoints
-    assert len(run_dirs(workdir / "runs", "digits")) == 2
+    same_result(run_dir, whole_dir)
+
+    # SIGTERM (a scheduler's warning; to the launcher, which passes it on): all processes stop after the
+    # same step at the next log line, save there and exit non-zero; the same command resumes.
+    run_dir = workdir / "runs" / "digits" / "terminated"
+    terminated = common(workdir, *args, "run_name=terminated")
+    proc = start_and_wait_for_checkpoint(terminated, workdir, run_dir, processes, min_step=44)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), err[-3000:]
+    if processes == 1:
+        assert proc.returncode == 143
+    assert err.count("stopped on SIGTERM after step") == 1, err[-3000:]
+    step = json.loads((checkpoint.latest(run_dir) / checkpoint.STATE_FILE).read_text())["step"]
+    assert step % 5 == 0 or step % 44 == 0  # a log-line step, where the processes compare flags
+    ok(cli(terminated, cwd=workdir, processes=processes))
+    same_result(run_dir, whole_dir)
+    assert len(run_dirs(workdir / "runs", "digits")) == 3
 
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
