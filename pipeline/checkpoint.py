@@ -12,6 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
+from pipeline.config import ConfigError
 from pipeline.tracking import write_json
 
 STATE_FILE = "trainer_state.json"  # where the loop stands: step, epoch, micro-batches into the epoch
@@ -48,7 +49,7 @@ def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(tmp / STATE_FILE, position)
+        write_json(tmp / STATE_FILE, {**position, "num_processes": accelerator.num_processes})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -56,6 +57,15 @@ def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_resumable(checkpoint: Path, num_processes: int) -> None:
+    """Stops before any work when the checkpoint was written by another number of processes."""
+    saved = json.loads((Path(checkpoint) / STATE_FILE).read_text()).get("num_processes", num_processes)
+    if saved != num_processes:
+        raise ConfigError(
+            f"{checkpoint} was saved by {saved} processes and this run has {num_processes}; resume with "
+            f"{saved} processes (accelerate launch --num_processes {saved} ...), or start a new run_name=")
 
 
 def load(accelerator, checkpoint: Path) -> dict:

@@ -50,6 +50,10 @@ def train(cfg) -> dict:
     # it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
     run_dir = make_run_dir(cfg, state)
+    # An interrupted run (same run_name=) continues from its newest complete checkpoint.
+    resume_from = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
+    if resume_from:
+        checkpoint.check_resumable(resume_from, state.num_processes)
     log_with, init_kwargs = tracking.trackers(cfg, run_dir)
     compile_model = flag(cfg.trainer.compile, state.device.type == "cuda")
     accelerator = Accelerator(
@@ -111,9 +115,8 @@ def train(cfg) -> dict:
     say(f"data: train {len(rows['train']):,} rows, {steps_per_epoch} steps/epoch; "
         + ", ".join(f"{k} {len(rows[k]):,} rows" for k in eval_loaders))
 
-    # ---- resume: an interrupted run (same run_name=) continues from its newest complete checkpoint
+    # ---- resume
     position = {"step": 0, "epoch": 1, "batches": 0}
-    resume_from = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
     if resume_from:
         position = checkpoint.load(accelerator, resume_from)
         say(f"resuming from {resume_from}: epoch {position['epoch']}, step {position['step']}")

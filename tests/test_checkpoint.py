@@ -104,5 +104,9 @@ def test_starting_over_a_checkpointed_run_is_refused(workdir):
     out = cli(common(workdir, "run_name=job", "checkpoint.resume=false"), cwd=workdir)
     assert out.returncode == 2 and "checkpoint.resume=false" in out.stderr and "Traceback" not in out.stderr
     assert (checkpoint.folder(run_dir) / "step-00000044").exists()  # nothing destroyed
+    (checkpoint.folder(run_dir) / "step-00000044" / checkpoint.STATE_FILE).write_text('{"num_processes": 2}')
+    other = cli(common(workdir, "run_name=job"), cwd=workdir)
+    assert other.returncode == 2 and "saved by 2 processes and this run has 1" in other.stderr
+    assert "--num_processes 2" in other.stderr
     bad = cli(common(workdir, "checkpoint.keep=-1"), cwd=workdir)
     assert bad.returncode == 2 and "checkpoint.keep" in bad.stderr
