@@ -132,7 +132,7 @@ def train(cfg) -> dict:
     accumulating = trainer.grad_accum_steps > 1
     step, results, speed = position["step"], {}, Speed()
     progress = Progress(accelerator.is_main_process, steps_per_epoch * trainer.epochs)
-    epoch = position["epoch"] - 1
+    epoch = position["epoch"] - 1  # the epochs done, for the summary, if none are left to run
     for epoch in range(position["epoch"], trainer.epochs + 1):
         model.train()
         batch_order.epoch = epoch
