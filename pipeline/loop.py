@@ -103,8 +103,13 @@ def train(cfg) -> dict:
     optimizer = optim.optimizer(cfg.optimizer, model.parameters())
     steps_per_epoch = optim.steps(len(train_loader), cfg.trainer.grad_accum_steps)
     scheduler = optim.scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.epochs)
+    # Batches of rows that already live on the training device need no per-step move (Accelerate's
+    # device placement walks every batch); rows in host memory for a GPU are moved as they come.
+    move_batches = not on_device and accelerator.device.type != "cpu"
+    loaders = [train_loader, *eval_loaders.values()]
     model, optimizer, train_loader, *prepared = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values(), *([scheduler] if scheduler else []))
+        model, optimizer, *loaders, *([scheduler] if scheduler else []),
+        device_placement=[True, True, *[move_batches] * len(loaders), *([True] if scheduler else [])])
     eval_loaders = dict(zip(eval_loaders, prepared))
     metrics = make_metrics(recipe, cfg, meta, accelerator.device)
     loss_fn = recipes.loss_fn(recipe, cfg, meta)

@@ -4,6 +4,7 @@ Raw files: <data.root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.g
 python launch/train.py recipe=mnist_mlp data.root=data
 """
 
+import torch
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -12,11 +13,13 @@ from torchvision.datasets import MNIST
 from pipeline.data import idx_raw_files, idx_splits
 from pipeline.recipe import Recipe
 
+MINUS_ONE = torch.tensor(-1.0)
+
 
 def transform(batch, train, meta):
-    # ToTensor + Normalize((0.5,), (0.5,)), applied to the whole batch at once: [0, 255] -> [-1, 1]
-    # (in place on the fresh float copy: one buffer a batch instead of three)
-    return {**batch, "image": batch["image"].float().div_(127.5).sub_(1.0)}
+    # ToTensor + Normalize((0.5,), (0.5,)) on the whole batch: [0, 255] -> [-1, 1] as -1 + x * 2/255,
+    # one kernel that reads uint8 and writes float (half the time of convert, divide, subtract)
+    return {**batch, "image": torch.add(MINUS_ONE, batch["image"], alpha=2 / 255)}
 
 
 def model(cfg, meta):

@@ -1,0 +1,25 @@
+"""launch/bench.py runs all its paths on real MNIST files and reports what it measured (no timing asserts)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, environment, ok
+
+
+def test_bench_measures_every_path(tmp_path, mnist_root):
+    out = tmp_path / "bench.json"
+    result = ok(subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "--recipe", "mnist_mlp", "--data-root", str(mnist_root),
+         "--steps", "20", "--repeats", "1", "--json", str(out)],
+        cwd=tmp_path, env={**environment(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=600))
+    report = json.loads(out.read_text())
+    rates = report["samples_per_s"]
+    assert set(rates) == {"pipeline", "bare", "bare_u8", "tutorial"}
+    assert all(rate > 0 for rate in rates.values()), rates
+    assert abs(report["ratios"]["pipeline/bare"] - rates["pipeline"] / rates["bare"]) < 1e-9
+    assert report["steps"] == 20 and report["batch_size"] == 64
+    for path in rates:
+        assert f"\n{path} " in result.stdout  # the printed table has a row per path
+    # The pipeline path's shards and runs live in a temporary folder that is gone afterwards.
+    assert not list(tmp_path.glob("bench-*"))
