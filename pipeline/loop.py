@@ -15,10 +15,17 @@ from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import accelerate
 import accelerate.optimizer
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate import PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    TorchDynamoPlugin,
+    broadcast_object_list,
+    set_seed,
+)
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint, data, hooks, optim, tracking
@@ -33,6 +40,23 @@ accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is
 # unwraps torch's decorators: 7-25 us a step); the signature of a given optimizer's method is fixed.
 accelerate.optimizer.inspect = SimpleNamespace(
     **{**vars(inspect), "signature": functools.lru_cache(maxsize=16)(inspect.signature)})
+
+
+PLAIN_BACKWARD = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+class Accelerator(accelerate.Accelerator):
+    """Accelerate's, minus one op a step on the plain path of `backward`."""
+
+    def backward(self, loss, **kwargs):
+        # Accelerate divides the loss by the accumulation steps before every backward, by 1 too: one more
+        # op and autograd node a step (3-4% of mnist_mlp's ~350-us CPU step). Without accumulation, loss
+        # scaling (fp16) or an engine of its own (DeepSpeed, Megatron, LOMO), its backward is exactly this.
+        if (self.gradient_accumulation_steps == 1 and self.scaler is None and not kwargs
+                and self.distributed_type in PLAIN_BACKWARD):
+            loss.backward()
+        else:
+            super().backward(loss, **kwargs)
 
 
 def train(cfg) -> dict:

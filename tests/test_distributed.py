@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import BIN, ROOT, cli, common, free_port, ok, run_dirs, summary
 
 pytestmark = pytest.mark.slow
@@ -103,3 +104,25 @@ def test_sync_batchnorm_needs_cuda_processes(workdir):
     assert out.returncode != 0
     assert out.stderr.count("error: trainer.sync_batchnorm=true needs CUDA") == 1, out.stderr[-3000:]
     assert not run_dirs(workdir / "runs", "water_potability") and not (workdir / "cache").exists()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_backward_gives_accelerates_gradients(accumulation):
+    # The loop's Accelerator skips Accelerate's division of the loss by 1; with accumulation it must not.
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from pipeline.loop import Accelerator
+
+    def gradients(cls):
+        torch.manual_seed(0)
+        accelerator = cls(cpu=True, gradient_accumulation_steps=accumulation)
+        try:
+            model = accelerator.prepare(torch.nn.Linear(4, 2))
+            accelerator.backward(model(torch.randn(8, 4)).square().mean())
+            return [p.grad.clone() for p in model.parameters()]
+        finally:
+            AcceleratorState._reset_state(True)
+
+    ours, accelerates = gradients(Accelerator), gradients(accelerate.Accelerator)
+    assert all(torch.equal(a, b) for a, b in zip(ours, accelerates, strict=True))
