@@ -30,6 +30,8 @@ import torch  # noqa: E402
 from pipeline import cli as pipeline_cli  # noqa: E402
 from pipeline import optim  # noqa: E402
 from pipeline import recipe as recipes  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.data import DataError  # noqa: E402
 
 
 def parse_args():
@@ -51,7 +53,10 @@ def main():
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the pipeline path picks its device by itself
     with tempfile.TemporaryDirectory(prefix="bench-") as work:  # shards and runs of the pipeline path
-        measure(args, Path(work))
+        try:
+            measure(args, Path(work))
+        except (ConfigError, DataError) as e:
+            sys.exit(f"error: {e}")
 
 
 def measure(args, work: Path):

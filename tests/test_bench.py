@@ -23,3 +23,11 @@ def test_bench_measures_every_path(tmp_path, mnist_root):
         assert f"\n{path} " in result.stdout  # the printed table has a row per path
     # The pipeline path's shards and runs live in a temporary folder that is gone afterwards.
     assert not list(tmp_path.glob("bench-*"))
+
+
+def test_bench_names_missing_data(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "--recipe", "mnist_mlp", "--data-root", str(tmp_path)],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "MNIST raw files missing" in result.stderr and "Traceback" not in result.stderr
