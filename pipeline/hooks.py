@@ -1,6 +1,7 @@
 """Debug hooks (`debug.hooks=true`): per-layer activation mean/std and gradient norms, every N steps.
 
-Forward and full backward hooks on every leaf layer; they record only on steps that will be logged.
+A forward hook on every leaf layer; on steps that will be logged it records the output's statistics
+and hooks the output tensor for its gradient (nothing is wrapped or recorded on other steps).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ class LayerStats:
         for name, module in model.named_modules():
             if name and not list(module.children()) and any(True for _ in module.parameters()):
                 self.handles.append(module.register_forward_hook(self._forward(name)))
-                self.handles.append(module.register_full_backward_hook(self._backward(name)))
 
     def _forward(self, name: str):
         def hook(module, inputs, output):
@@ -25,12 +25,13 @@ class LayerStats:
                 out = output.detach().float()
                 self.values[f"debug/activation_mean/{name}"] = out.mean()
                 self.values[f"debug/activation_std/{name}"] = out.std()
+                if output.requires_grad:  # the gradient w.r.t. the layer's output, as it arrives
+                    output.register_hook(self._gradient(name))
         return hook
 
-    def _backward(self, name: str):
-        def hook(module, grad_input, grad_output):
-            if self.active and grad_output and grad_output[0] is not None:
-                self.values[f"debug/grad_norm/{name}"] = grad_output[0].detach().float().norm()
+    def _gradient(self, name: str):
+        def hook(grad):
+            self.values[f"debug/grad_norm/{name}"] = grad.detach().float().norm()
         return hook
 
     def collect(self) -> dict[str, float]:

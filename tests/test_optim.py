@@ -99,6 +99,13 @@ def test_hooks_record_only_on_logged_steps():
     values = stats.collect()
     expected = {"debug/activation_mean/0", "debug/activation_std/3", "debug/grad_norm/0", "debug/grad_norm/3"}
     assert expected <= set(values)
+    # The recorded gradient is the loss's gradient w.r.t. the layer's output.
+    stats.active = True
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    logits = model(x)
+    logits.retain_grad()
+    nn.functional.cross_entropy(logits, y).backward()
+    assert stats.collect()["debug/grad_norm/3"] == pytest.approx(logits.grad.norm().item(), rel=1e-6)
     stats.remove()
     assert not model[0]._forward_hooks and not model[0]._backward_hooks
 
