@@ -59,9 +59,14 @@ def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
     return final
 
 
+def position(checkpoint: Path) -> dict:
+    """Where the loop stood when `checkpoint` was saved: step, epoch, micro-batches into the epoch."""
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
 def check_resumable(checkpoint: Path, num_processes: int) -> None:
     """Stops before any work when the checkpoint was written by another number of processes."""
-    saved = json.loads((Path(checkpoint) / STATE_FILE).read_text()).get("num_processes", num_processes)
+    saved = position(checkpoint).get("num_processes", num_processes)
     if saved != num_processes:
         raise ConfigError(
             f"{checkpoint} was saved by {saved} processes and this run has {num_processes}; resume with "
@@ -71,7 +76,7 @@ def check_resumable(checkpoint: Path, num_processes: int) -> None:
 def load(accelerator, checkpoint: Path) -> dict:
     """Restores what `save` wrote into the prepared objects; returns the saved position."""
     accelerator.load_state(str(checkpoint))
-    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    return position(checkpoint)
 
 
 class Preempted(Exception):

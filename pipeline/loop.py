@@ -78,7 +78,9 @@ def train(cfg) -> dict:
     resume_from = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
     if resume_from:
         checkpoint.check_resumable(resume_from, state.num_processes)
-    log_with, init_kwargs = tracking.trackers(cfg, run_dir)
+    # The local record keeps the lines up to the checkpoint; the steps after it are trained again.
+    resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
+    log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step)
     compile_model = flag(cfg.trainer.compile, state.device.type == "cuda")
     accelerator = Accelerator(
         cpu=cpu,

@@ -20,10 +20,13 @@ class LocalRecord(GeneralTracker):
     main_process_only = True
 
     @on_main_process
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resumed_step: int | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.file = open(self.run_dir / "metrics.jsonl", "a")
+        path = self.run_dir / "metrics.jsonl"
+        if resumed_step is not None and path.exists():
+            keep_until(path, resumed_step)
+        self.file = open(path, "a")
 
     @property
     def tracker(self):
@@ -41,6 +44,20 @@ class LocalRecord(GeneralTracker):
     @on_main_process
     def finish(self):
         self.file.close()
+
+
+def keep_until(path: Path, step: int) -> None:
+    """Drops the lines logged after `step` (and a line cut short by a kill); written atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if (json.loads(line).get("step") or 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def wandb_mode() -> str:
@@ -62,9 +79,10 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def trackers(cfg, run_dir: Path) -> tuple[list, dict]:
-    """The `log_with` list for Accelerator and the matching `init_kwargs`."""
-    log_with: list = [LocalRecord(run_dir)]
+def trackers(cfg, run_dir: Path, resumed_step: int | None = None) -> tuple[list, dict]:
+    """The `log_with` list for Accelerator and the matching `init_kwargs`; a run resumed from the
+    checkpoint of `resumed_step` continues its local record from there."""
+    log_with: list = [LocalRecord(run_dir, resumed_step)]
     init_kwargs = {}
     if cfg.tracking == "wandb":
         log_with.append("wandb")

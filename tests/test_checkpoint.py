@@ -12,23 +12,32 @@ from safetensors.torch import load_file
 from pipeline import checkpoint
 
 
-def start_and_wait_for_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int):
-    """Starts a run and returns it once a checkpoint of `min_step` or later is complete."""
+def start_and_wait_for_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int,
+                                  logged_past_it: bool = False):
+    """Starts a run and returns it once a checkpoint of `min_step` or later is complete (and, with
+    `logged_past_it`, once the run has logged a step after that checkpoint)."""
     proc = subprocess.Popen(command(args, processes), cwd=cwd, env=environment(processes),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         newest = checkpoint.latest(run_dir)
-        if newest and json.loads((newest / checkpoint.STATE_FILE).read_text())["step"] >= min_step:
+        step = checkpoint.position(newest)["step"] if newest else -1
+        if step >= min_step and (not logged_past_it or last_logged_step(run_dir) > step):
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     return proc
+
+
+def last_logged_step(run_dir) -> int:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    steps = [json.loads(x)["step"] for x in lines if x.endswith("}")]
+    return max(steps, default=-1)
 
 
 def kill_after_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int) -> None:
     """Kills a run (and every process it started) hard once a checkpoint of `min_step` or later is
     complete: no handler runs, as after a node failure."""
-    proc = start_and_wait_for_checkpoint(args, cwd, run_dir, processes, min_step)
+    proc = start_and_wait_for_checkpoint(args, cwd, run_dir, processes, min_step, logged_past_it=True)
     tree = psutil.Process(proc.pid)
     for p in tree.children(recursive=True) + [tree]:
         try:
@@ -48,6 +57,13 @@ def same_result(run_dir, reference_dir) -> None:
     a, b = load_file(run_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in b)
     assert not checkpoint.folder(run_dir).exists()  # a finished run keeps its weights, not its checkpoints
+    # The local record reads like one uninterrupted run: lines logged after the checkpoint were dropped.
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (reference_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], sorted(x)) for x in lines] == [(x["step"], sorted(x)) for x in reference]
+    for x, y in zip(lines, reference):
+        assert {k: pytest.approx(v, rel=1e-9) for k, v in x.items() if isinstance(v, float)} == {
+            k: v for k, v in y.items() if isinstance(v, float)}
 
 
 @pytest.mark.slow
@@ -64,6 +80,8 @@ def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes):
     kill_after_checkpoint(killed, workdir, run_dir, processes, min_step=60)
     kept = [p.name for p in checkpoint.complete(run_dir)]
     assert 1 <= len(kept) <= 2, kept  # older ones pruned (keep=2)
+    # Killed between checkpoints: steps after the newest one were logged, and will be trained again.
+    assert last_logged_step(run_dir) > checkpoint.position(checkpoint.latest(run_dir))["step"]
     resumed = ok(cli(killed, cwd=workdir, processes=processes))
     assert f"resuming from {run_dir / 'checkpoints' / kept[-1]}" in resumed.stdout
     same_result(run_dir, whole_dir)
@@ -79,7 +97,7 @@ def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes):
     if processes == 1:
         assert proc.returncode == 143
     assert err.count("stopped on SIGTERM after step") == 1, err[-3000:]
-    step = json.loads((checkpoint.latest(run_dir) / checkpoint.STATE_FILE).read_text())["step"]
+    step = checkpoint.position(checkpoint.latest(run_dir))["step"]
     assert step % 5 == 0 or step % 44 == 0  # a log-line step, where the processes compare flags
     ok(cli(terminated, cwd=workdir, processes=processes))
     same_result(run_dir, whole_dir)
