@@ -80,7 +80,7 @@ def train(cfg) -> dict:
         checkpoint.check_resumable(resume_from, state.num_processes)
     # The local record keeps the lines up to the checkpoint; the steps after it are trained again.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
-    log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step)
+    log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, main=state.is_main_process)
     compile_model = flag(cfg.trainer.compile, state.device.type == "cuda")
     accelerator = Accelerator(
         cpu=cpu,

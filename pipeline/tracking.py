@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, on_main_process
@@ -79,16 +80,32 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def trackers(cfg, run_dir: Path, resumed_step: int | None = None) -> tuple[list, dict]:
+def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = True) -> tuple[list, dict]:
     """The `log_with` list for Accelerator and the matching `init_kwargs`; a run resumed from the
-    checkpoint of `resumed_step` continues its local record from there."""
+    checkpoint of `resumed_step` continues its local record (and its online W&B run) from there."""
     log_with: list = [LocalRecord(run_dir, resumed_step)]
     init_kwargs = {}
     if cfg.tracking == "wandb":
         log_with.append("wandb")
-        init_kwargs["wandb"] = {"mode": wandb_mode(), "dir": str(run_dir), "name": run_dir.name,
+        mode = wandb_mode()
+        init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name,
                                 "group": cfg.recipe, "tags": [cfg.recipe]}
+        # Online, every attempt of a run (a requeued job) logs into one W&B run, by an id kept in the
+        # run directory. Offline runs get none: `wandb sync` of two offline parts with one id keeps
+        # only one of them, so each attempt stays a run of its own. WANDB_RUN_ID, if set, wins.
+        if mode == "online" and main and not os.environ.get("WANDB_RUN_ID"):
+            init_kwargs["wandb"].update(id=wandb_run_id(run_dir), resume="allow")
     return log_with, init_kwargs
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory: made once, then read back by every attempt."""
+    path = Path(run_dir) / "wandb_id"
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(secrets.token_hex(8) + "\n")
+        tmp.replace(path)
+    return path.read_text().strip()
 
 
 def write_json(path: Path, values: dict) -> None:

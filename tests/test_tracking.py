@@ -55,6 +55,30 @@ def test_wandb_offline_run_gets_resolved_config_and_metrics(workdir, monkeypatch
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [v for v in lines if "eval/accuracy" in v][-1]["eval/accuracy"] == summary["eval/accuracy"]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert not (run_dir / "wandb_id").exists()  # offline attempts are runs of their own
+
+
+def test_online_attempts_of_a_run_share_one_wandb_run(monkeypatch, tmp_path):
+    # Only the arguments for wandb.init are built here: an online run needs a network.
+    _, cfg = pipeline_cli.parse(["tracking=wandb"])
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = tracking.trackers(cfg, run_dir)[1]["wandb"]
+    again = tracking.trackers(cfg, run_dir, resumed_step=40)[1]["wandb"]  # the requeued job
+    assert first["resume"] == "allow" and first["id"] == again["id"] == (run_dir / "wandb_id").read_text().strip()
+    other = tmp_path / "other"
+    other.mkdir()
+    assert tracking.trackers(cfg, other)[1]["wandb"]["id"] != first["id"]
+    # Other processes neither choose nor write an id; an explicit WANDB_RUN_ID is left to wandb.
+    assert "id" not in tracking.trackers(cfg, tmp_path, main=False)[1]["wandb"]
+    assert not (tmp_path / "wandb_id").exists()
+    monkeypatch.setenv("WANDB_RUN_ID", "mine")
+    assert "id" not in tracking.trackers(cfg, tmp_path)[1]["wandb"]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert "id" not in tracking.trackers(cfg, tmp_path)[1]["wandb"] and not (tmp_path / "wandb_id").exists()
 
 
 def test_mode_follows_login(monkeypatch, tmp_path):
