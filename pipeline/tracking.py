@@ -56,9 +56,7 @@ def keep_until(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except json.JSONDecodeError:
             pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(kept))
 
 
 def wandb_mode() -> str:
@@ -102,14 +100,16 @@ def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run directory: made once, then read back by every attempt."""
     path = Path(run_dir) / "wandb_id"
     if not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(secrets.token_hex(8) + "\n")
-        tmp.replace(path)
+        write_atomic(path, secrets.token_hex(8) + "\n")
     return path.read_text().strip()
 
 
 def write_json(path: Path, values: dict) -> None:
+    write_atomic(path, json.dumps(values, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
     """Written to a temporary file and renamed, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
