@@ -16,15 +16,15 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from pipeline.config import DataConfig, ModelConfig
-from pipeline.data import DataError
+from pipeline.config import ModelConfig
 from pipeline.recipe import Recipe
+from recipes._csv import Column, CsvData, raw_file, read, require_spread
 
 Cell = Enum("Cell", "rnn lstm gru")
 
 
 @dataclass
-class ElectricityData(DataConfig):
+class ElectricityData(CsvData):
     file: str = "electricity.csv"
     window: int = 96  # one day of 15-minute steps in, the next step out
 
@@ -36,53 +36,45 @@ class ForecasterConfig(ModelConfig):
     num_layers: int = 2
 
 
+# Read by position; a missing reading (empty cell) is filled from its neighbours.
+COLUMNS = [Column("timestamp", "time"), Column("consumption", empty_ok=True)]
+
+
 def raw_files(cfg) -> list[Path]:
-    path = Path(cfg.data.root) / cfg.data.file
-    if not path.is_file():
-        raise DataError(
-            f"{path.resolve()} not found: expected a CSV whose first column is a timestamp "
-            f"(2016-01-01 00:15:00) and second column the consumption, one row per 15 minutes "
-            f"(a header row is optional).\nFix: put electricity.csv there or set data.root=<folder> "
-            f"data.file=<name.csv>.")
-    return [path]
+    return [raw_file(cfg, "a CSV whose first column is a timestamp (2016-01-01 00:15:00) and second column "
+                          "the consumption, one row per 15 minutes (a header row is optional)")]
 
 
-def read_series(cfg) -> pd.Series:
-    path = raw_files(cfg)[0]
-    try:
-        table = pd.read_csv(path, header=None, usecols=[0, 1], names=["time", "value"], dtype=str)
-    except ValueError as e:  # fewer than two columns
-        raise DataError(f"{path}: expected two columns, timestamp and consumption ({e})") from None
-    value = pd.to_numeric(table["value"], errors="coerce")
-    if len(table) and pd.isna(value.iloc[0]):  # a header row
-        table, value = table.iloc[1:], value.iloc[1:]
-    time = pd.to_datetime(table["time"], errors="coerce")
-    if time.isna().any():
-        bad = table["time"][time.isna()].iloc[0]
-        raise DataError(f"{path}: {bad!r} in column 1 is not a timestamp (expected e.g. 2016-01-01 00:15:00)")
-    series = pd.Series(value.to_numpy(np.float64), index=time.to_numpy()).sort_index()
+def time_split(rows: int, fraction: float) -> tuple[int, int]:
+    """The train and eval lengths: the last `fraction` of the time is held out."""
+    cut = int(rows * (1 - fraction))
+    return cut, rows - cut
+
+
+def read_series(cfg) -> tuple[pd.Series, dict]:
+    window, fraction = cfg.data.window, cfg.data.eval_fraction
+    table, report = read(cfg, raw_files(cfg)[0], COLUMNS, lambda n: min(time_split(n, fraction)) > window,
+                         f"with data.eval_fraction={fraction}, each part longer than data.window={window} "
+                         f"(or use a smaller data.window)", header=None)
+    series = pd.Series(table["consumption"].to_numpy(), index=table["timestamp"].to_numpy()).sort_index()
     # A meter that skipped a reading: the straight line between its neighbours, not a drop to zero.
-    return series.interpolate(limit_direction="both")
+    return series.interpolate(limit_direction="both"), report
 
 
 def prepare(cfg):
-    series = read_series(cfg)
-    window = cfg.data.window
-    cut = int(len(series) * (1 - cfg.data.eval_fraction))
+    series, report = read_series(cfg)
+    cut = time_split(len(series), cfg.data.eval_fraction)[0]
     train, evaluation = series.iloc[:cut], series.iloc[cut:]
-    if min(len(train), len(evaluation)) <= window:
-        raise DataError(f"{len(series)} rows split into {len(train)} train / {len(evaluation)} eval; each needs "
-                        f"more than data.window={window}: use a longer series, a smaller window or another "
-                        f"data.eval_fraction")
     # Scaled by the train split alone: the future must not leak into the past through the scaler.
     mean, std = float(train.mean()), float(train.std())
+    require_spread(raw_files(cfg)[0], {"consumption": std}, len(train))
     features = datasets.Features({"value": datasets.Value("float32")})
 
     def split(part: pd.Series) -> datasets.Dataset:
         return datasets.Dataset.from_dict({"value": ((part.to_numpy() - mean) / std).astype(np.float32)},
                                           features=features)
 
-    meta = {"mean": mean, "std": std, "window": window,
+    meta = {"mean": mean, "std": std, "window": cfg.data.window, **report,
             "train_start": str(train.index[0]), "train_end": str(train.index[-1]),
             "eval_start": str(evaluation.index[0]), "eval_end": str(evaluation.index[-1])}
     return datasets.DatasetDict(train=split(train), eval=split(evaluation)), meta

@@ -15,13 +15,13 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from pipeline.config import DataConfig
-from pipeline.data import DataError, split_train_eval
+from pipeline.data import split_train_eval
 from pipeline.recipe import Recipe
+from recipes._csv import Column, CsvData, raw_file, read, require_spread, split_sizes
 
 
 @dataclass
-class HousePricesData(DataConfig):
+class HousePricesData(CsvData):
     file: str = "house_prices.csv"
     x_column: str = "area"
     y_column: str = "price"
@@ -31,29 +31,21 @@ class HousePricesData(DataConfig):
 
 
 def raw_files(cfg) -> list[Path]:
-    path = Path(cfg.data.root) / cfg.data.file
-    if not path.is_file():
-        raise DataError(
-            f"{path.resolve()} not found: expected a CSV with a header row and numeric columns "
-            f"{cfg.data.x_column},{cfg.data.y_column} (one row per house).\n"
-            f"Fix: put {cfg.data.file} there or set data.root=<folder> data.file=<name.csv> "
-            f"(and data.x_column= data.y_column= for other column names).")
-    return [path]
+    return [raw_file(cfg, f"a CSV with a header row and numeric columns {cfg.data.x_column},{cfg.data.y_column} "
+                          f"(one row per house)", "and data.x_column= data.y_column= for other column names")]
 
 
-def read_csv(cfg) -> pd.DataFrame:
+def read_csv(cfg) -> tuple[pd.DataFrame, dict]:
     path = raw_files(cfg)[0]
-    table = pd.read_csv(path)
-    columns = [cfg.data.x_column, cfg.data.y_column]
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise DataError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)}); "
-                        f"set data.x_column= and data.y_column=")
-    return table[columns].apply(pd.to_numeric, errors="coerce").dropna()  # a house without a price teaches nothing
+    # No empty cells: a house without a price teaches nothing, and rows are dropped only when asked.
+    fraction = cfg.data.eval_fraction
+    return read(cfg, path, [Column(cfg.data.x_column), Column(cfg.data.y_column)],
+                lambda n: min(split_sizes(n, fraction)) >= 1, f"with data.eval_fraction={fraction}",
+                rename="data.x_column= data.y_column=")
 
 
 def prepare(cfg):
-    table = read_csv(cfg)
+    table, report = read_csv(cfg)
     features = datasets.Features({"x": datasets.List(datasets.Value("float32"), length=1),
                                   "y": datasets.Value("float32")})
     full = datasets.Dataset.from_dict({"x": table.iloc[:, [0]].to_numpy(np.float32),
@@ -63,8 +55,11 @@ def prepare(cfg):
     rows = train.with_format("numpy")[:]
     x, y = rows["x"][:, 0], rows["y"]
     meta = {"x_column": cfg.data.x_column, "y_column": cfg.data.y_column, "standardize": cfg.data.standardize,
-            "x_mean": float(x.mean()), "x_std": float(x.std()), "y_mean": float(y.mean()), "y_std": float(y.std())}
+            "x_mean": float(x.mean()), "x_std": float(x.std()), "y_mean": float(y.mean()), "y_std": float(y.std()),
+            **report}
     if cfg.data.standardize:
+        require_spread(raw_files(cfg)[0], {cfg.data.x_column: meta["x_std"], cfg.data.y_column: meta["y_std"]},
+                       len(train))
         train, evaluation = (split.with_format("numpy").map(standardize, batched=True, fn_kwargs={"meta": meta},
                                                             features=features)
                              for split in (train, evaluation))

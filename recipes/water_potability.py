@@ -9,14 +9,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pandas as pd
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
-from pipeline.config import DataConfig
-from pipeline.data import DataError, split_train_eval
+from pipeline.data import split_train_eval
 from pipeline.recipe import Recipe
+from recipes._csv import Column, CsvData, raw_file, read, require_rows, require_spread, split_sizes
 
 FEATURES = ["ph", "Hardness", "Solids", "Chloramines", "Sulfate", "Conductivity", "Organic_carbon",
             "Trihalomethanes", "Turbidity"]
@@ -25,32 +24,33 @@ CLASSES = ["not potable", "potable"]
 
 
 @dataclass
-class WaterData(DataConfig):
+class WaterData(CsvData):
     file: str = "water_potability.csv"
 
 
+COLUMNS = [*(Column(name, empty_ok=True) for name in FEATURES), Column(LABEL, "label", values=(0, 1))]
+
+
 def raw_files(cfg) -> list[Path]:
-    path = Path(cfg.data.root) / cfg.data.file
-    if not path.is_file():
-        raise DataError(
-            f"{path.resolve()} not found: expected the Kaggle 'Water Quality' CSV with a header row "
-            f"{','.join(FEATURES)},{LABEL} (floats, empty cells for missing values; {LABEL} 0/1).\n"
-            f"Fix: put water_potability.csv there (kaggle datasets download adityakadiwal/water-potability) "
-            f"or set data.root=<folder> data.file=<name.csv>.")
-    return [path]
+    return [raw_file(cfg, f"the Kaggle 'Water Quality' CSV with a header row {','.join(FEATURES)},{LABEL} "
+                          f"(numbers, empty cells for missing values; {LABEL} 0/1)",
+                     "kaggle datasets download adityakadiwal/water-potability")]
 
 
-def read_csv(cfg) -> datasets.Dataset:
+def read_csv(cfg) -> tuple[datasets.Dataset, dict]:
     path = raw_files(cfg)[0]
-    table = pd.read_csv(path)
-    missing = [c for c in [*FEATURES, LABEL] if c not in table.columns]
-    if missing:
-        raise DataError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)})")
+    # Empty cells are allowed: missing measurements stay NaN here and are filled after the split,
+    # from the train rows only. Text, inf and labels other than 0/1 are refused (or dropped when asked).
+    fraction = cfg.data.eval_fraction
+    table, report = read(cfg, path, COLUMNS, lambda n: min(split_sizes(n, fraction)) >= 2,
+                         f"with data.eval_fraction={fraction} (stratified: each part needs a row of each class)")
+    for value, count in ((v, int((table[LABEL] == v).sum())) for v in (0, 1)):
+        require_rows(path, count, lambda n: n >= 2, f"with {LABEL}={value} (a stratified split needs 2 of each)")
     features = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=len(FEATURES)),
                                   "label": datasets.ClassLabel(names=CLASSES)})
-    # Missing measurements stay NaN here: they are filled after the split, from the train rows only.
-    return datasets.Dataset.from_dict({"features": table[FEATURES].to_numpy(np.float32),
+    full = datasets.Dataset.from_dict({"features": table[FEATURES].to_numpy(np.float32),
                                        "label": table[LABEL].to_numpy(np.int64)}, features=features)
+    return full, report
 
 
 def fit(train: datasets.Dataset) -> dict:
@@ -68,15 +68,16 @@ def preprocess(batch: dict, stats: dict) -> dict:
 
 
 def prepare(cfg):
-    full = read_csv(cfg)
+    full, report = read_csv(cfg)
     train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed, stratify="label")
     stats = fit(train)
+    require_spread(raw_files(cfg)[0], dict(zip(FEATURES, stats["std"])), len(train))
     train, evaluation = (split.with_format("numpy").map(preprocess, batched=True, fn_kwargs={"stats": stats},
                                                         features=full.features)
                          for split in (train, evaluation))
     # Saved with the shards and the run: evaluation and inference fill and scale with these numbers.
     return datasets.DatasetDict(train=train, eval=evaluation), {"class_names": CLASSES,
-                                                               "feature_names": FEATURES, **stats}
+                                                               "feature_names": FEATURES, **stats, **report}
 
 
 class WaterNet(nn.Module):

@@ -158,3 +158,248 @@ def test_missing_file_stops_the_cli_before_a_run(workdir):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "water_potability.csv not found" in result.stderr and "Traceback" not in result.stderr
     assert run_dirs(workdir / "runs", "water_potability") == []
+
+
+# ---------------------------------------------------------------- bad CSV input (recipes/_csv.py)
+# Most checks happen in prepare, before any training: they run in this process through data.prepare
+# (the cache included); one CLI test per recipe shows what a user sees (exit 2, no run, no shards).
+
+FILES = {"house_prices_linear": "house_prices.csv", "water_potability": "water_potability.csv",
+         "electricity_forecast": "electricity.csv"}
+CSV_RECIPES = list(FILES)
+
+
+def write_water(root: Path, rows: int | None = None) -> Path:
+    """The real Kaggle CSV, whole or its header and first `rows` rows of each class (original lines)."""
+    lines = (WATER / "water_potability.csv").read_text().splitlines(keepends=True)
+    if rows is not None:
+        lines = lines[:1] + [x for x in lines[1:] if x.rstrip().endswith(",0")][:rows] + \
+            [x for x in lines[1:] if x.rstrip().endswith(",1")][:rows]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "water_potability.csv").write_text("".join(lines))
+    return root
+
+
+def write_csv(recipe: str, root: Path) -> Path:
+    """A good CSV in the recipe's own format; returns its path."""
+    {"house_prices_linear": write_house_prices, "water_potability": write_water,
+     "electricity_forecast": write_electricity}[recipe](root)
+    return root / FILES[recipe]
+
+
+def edit(path: Path, lines: dict[int, str]) -> None:
+    """Replaces whole lines (1-based, as an editor numbers them) of a CSV."""
+    text = path.read_text().splitlines()
+    for number, line in lines.items():
+        text[number - 1] = line
+    path.write_text("\n".join(text) + "\n")
+
+
+def set_cell(path: Path, line: int, column: int, value: str) -> None:
+    """Puts `value` into one cell (1-based line and column) of a comma-separated line."""
+    cells = path.read_text().splitlines()[line - 1].split(",")
+    cells[column - 1] = value
+    edit(path, {line: ",".join(cells)})
+
+
+def prepare(workdir: Path, recipe: str, path: Path, *args: str) -> Path:
+    recipe_, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.root={path.parent}", f"data.file={path.name}",
+                                       f"data.cache_dir={workdir / 'cache'}", *args])
+    return data.prepare(recipe_, cfg, log=lambda *a: None)
+
+
+def refused(workdir: Path, recipe: str, path: Path, *args: str) -> str:
+    """The DataError message of preparing `path`; the cache holds no shards afterwards."""
+    with pytest.raises(data.DataError) as error:
+        prepare(workdir, recipe, path, *args)
+    assert not [p for p in (workdir / "cache").rglob("*") if p.is_file()], "a failed prepare left files"
+    message = str(error.value)
+    assert str(path.resolve()) in message and "Fix:" in message, message
+    return message
+
+
+@pytest.mark.parametrize("recipe", CSV_RECIPES)
+def test_empty_csv_is_refused(workdir, recipe):
+    path = write_csv(recipe, workdir / "data")
+    path.write_text("")
+    assert "is empty (0 bytes)" in refused(workdir, recipe, path)
+    path.write_text("\n \n")
+    assert "only blank lines" in refused(workdir, recipe, path)
+
+
+@pytest.mark.parametrize("recipe", CSV_RECIPES)
+def test_header_only_csv_is_refused(workdir, recipe):
+    path = write_csv(recipe, workdir / "data")
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    assert "has a header (line 1) but no data rows" in refused(workdir, recipe, path)
+
+
+def test_missing_columns_are_named_with_the_header_found(workdir):
+    path = write_csv("house_prices_linear", workdir / "data")
+    edit(path, {1: "size,price"})
+    message = refused(workdir, "house_prices_linear", path)
+    assert "no column 'area'" in message and "line 1 has 'size', 'price'" in message
+    assert "or set data.x_column= data.y_column=" in message
+    path = write_csv("water_potability", workdir / "data")
+    set_cell(path, 1, 5, "sulfate")
+    assert "no column 'Sulfate'" in refused(workdir, "water_potability", path)
+    path = write_csv("electricity_forecast", workdir / "data")  # read by position: one column is too few
+    path.write_text("".join(line.split(",")[0] + "\n" for line in path.read_text().splitlines()))
+    assert "a row with fewer than 2 cells" in refused(workdir, "electricity_forecast", path)
+
+
+@pytest.mark.parametrize("recipe, column", [("house_prices_linear", 2), ("water_potability", 3),
+                                            ("electricity_forecast", 2)])
+def test_text_in_a_number_column_names_line_column_and_value(workdir, recipe, column):
+    path = write_csv(recipe, workdir / "data")
+    bad = [5, 8, 9, 12, 14, 20, 21]
+    for line in bad:
+        set_cell(path, line, column, f"n/a{line}")
+    message = refused(workdir, recipe, path)
+    rows = len(path.read_text().splitlines()) - 1
+    assert f"{len(bad)} of {rows} data rows have bad cells" in message
+    assert f"text in a number column: {len(bad)} cells: line 5 column {column} (" in message
+    assert "line 14 column" in message and "'n/a14'" in message and ", and 2 more" in message
+    assert "'n/a20'" not in message  # the first few are named, the count covers the rest
+    assert "data.drop_bad_rows=true" in message
+
+
+@pytest.mark.parametrize("recipe", CSV_RECIPES)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e39"])
+def test_non_finite_numbers_are_refused(workdir, recipe, value):
+    path = write_csv(recipe, workdir / "data")
+    set_cell(path, 7, 2, value)
+    message = refused(workdir, recipe, path)
+    assert "not a finite number" in message and "line 7 column 2 (" in message and repr(value) in message
+
+
+def test_water_labels_outside_0_1_are_refused(workdir):
+    path = write_csv("water_potability", workdir / "data")
+    set_cell(path, 4, 10, "2")
+    set_cell(path, 6, 10, "yes")
+    set_cell(path, 9, 10, "")
+    message = refused(workdir, "water_potability", path)
+    assert "3 of 3275 data rows" in message
+    assert "not one of 0, 1: 1 cell: line 4 column 10 (Potability) '2'" in message
+    assert "text in a number column: 1 cell: line 6 column 10 (Potability) 'yes'" in message
+    assert "an empty cell, a missing value this recipe cannot fill: 1 cell: line 9 column 10" in message
+
+
+def test_empty_cells_are_refused_with_their_count_where_the_recipe_cannot_fill_them(workdir):
+    path = write_csv("house_prices_linear", workdir / "data")
+    for line in (3, 4, 11):
+        set_cell(path, line, 1, "")
+    message = refused(workdir, "house_prices_linear", path)
+    assert "an empty cell, a missing value this recipe cannot fill: 3 cells: line 3 column 1 (area)" in message
+    # water_potability fills gaps with train medians (the real file has 1,434 of them) and
+    # electricity_forecast interpolates a skipped reading: both prepare.
+    splits, _ = data.load(prepare(workdir, "water_potability", write_csv("water_potability", workdir / "w")))
+    assert len(splits["train"]) + len(splits["eval"]) == 3275
+    path = write_csv("electricity_forecast", workdir / "e")
+    set_cell(path, 3, 2, "")
+    splits, meta = data.load(prepare(workdir, "electricity_forecast", path))
+    raw = pd.read_csv(path)["consumption"]
+    value = splits["train"]["value"][1] * meta["std"] + meta["mean"]
+    assert value == pytest.approx((raw[0] + raw[2]) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe, args, needed", [("house_prices_linear", (), 2), ("water_potability", (), 6),
+                                                  ("electricity_forecast", (), 481),
+                                                  ("electricity_forecast", ("data.window=8",), 41)])
+def test_too_few_rows_say_how_many_are_needed(workdir, recipe, args, needed):
+    path = write_csv(recipe, workdir / "data")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]))  # one row
+    assert "1 usable data row to split into train and eval" in refused(workdir, recipe, path, *args)
+    if recipe == "water_potability":  # both classes, as the stratified split needs: 3 + 2 rows
+        write_water(path.parent, rows=3)
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:-1]))
+    else:
+        path.write_text("".join(lines[:needed]))
+    message = refused(workdir, recipe, path, *args)
+    assert f"{needed - 1} usable data row" in message and f"at least {needed} are needed" in message
+    # ... and that many are enough.
+    if recipe == "water_potability":
+        write_water(path.parent, rows=3)
+    else:
+        path.write_text("".join(lines[:needed + 1]))
+    splits, _ = data.load(prepare(workdir, recipe, path, *args))
+    assert len(splits["train"]) + len(splits["eval"]) == needed
+
+
+def test_water_needs_two_rows_of_each_class(workdir):
+    path = write_water(workdir / "data", rows=10) / "water_potability.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-9]))  # 10 rows of class 0, 1 of class 1
+    assert "1 usable data row with Potability=1" in refused(workdir, "water_potability", path)
+
+
+def test_rows_with_a_wrong_cell_count_and_unreadable_files_are_refused(workdir):
+    path = write_csv("house_prices_linear", workdir / "data")
+    edit(path, {6: "50.5,700,3"})  # an unquoted comma shifts every later cell
+    assert "different number of cells than the header's 2" in refused(workdir, "house_prices_linear", path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    assert "is not UTF-8 text" in refused(workdir, "house_prices_linear", path)
+    (workdir / "data" / "folder.csv").mkdir()
+    assert "is a directory, not a file" in refused(workdir, "house_prices_linear", workdir / "data" / "folder.csv")
+
+
+@pytest.mark.parametrize("recipe", CSV_RECIPES)
+def test_drop_bad_rows_drops_only_when_asked_and_counts(workdir, recipe, capsys):
+    path = write_csv(recipe, workdir / "data")
+    rows = len(path.read_text().splitlines()) - 1
+    for line in (4, 9, 10):
+        set_cell(path, line, 2, "oops")
+    splits, meta = data.load(prepare(workdir, recipe, path, "data.drop_bad_rows=true"))
+    assert f"dropped 3 of {rows} rows of {path.resolve()} (data.drop_bad_rows=true), lines 4, 9, 10" \
+        in capsys.readouterr().out
+    assert (meta["rows_read"], meta["rows_dropped"], meta["dropped_lines"]) == (rows, 3, [4, 9, 10])
+    kept = sum(len(split) for split in splits.values())
+    assert kept == rows - 3
+
+
+# ---------------------------------------------------------------- the same, as a user sees it
+
+
+def test_house_prices_text_rows_stop_the_cli_and_are_dropped_only_when_asked(workdir):
+    root = write_house_prices(workdir / "data")  # the issue's case: 3 text rows out of 30
+    for line in (3, 17, 30):
+        set_cell(root / "house_prices.csv", line, 2, "call for price")
+    result = cli(common(workdir, "recipe=house_prices_linear", f"data.root={root}"), cwd=workdir, env=ONE_THREAD)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"error: {(root / 'house_prices.csv').resolve()}: 3 of 30 data rows have bad cells" in result.stderr
+    assert "line 3 column 2 (price) 'call for price'; line 17 column 2" in result.stderr
+    assert "data.drop_bad_rows=true" in result.stderr
+    assert run_dirs(workdir / "runs", "house_prices_linear") == []
+    assert not [p for p in (workdir / "cache").rglob("*") if p.is_file()]
+
+    result = ok(cli(common(workdir, "recipe=house_prices_linear", f"data.root={root}", "data.drop_bad_rows=true",
+                           "trainer.epochs=1"), cwd=workdir, env=ONE_THREAD))
+    assert "dropped 3 of 30 rows" in result.stdout and "lines 3, 17, 30" in result.stdout
+    [run] = run_dirs(workdir / "runs", "house_prices_linear")
+    meta = json.loads((run / "meta.json").read_text())
+    assert (meta["rows_read"], meta["rows_dropped"], meta["dropped_lines"]) == (30, 3, [3, 17, 30])
+    assert summary(workdir / "runs", "house_prices_linear")["eval/samples"] == 6  # 20% of the 27 kept
+
+
+def test_water_potability_inf_stops_the_cli_before_a_run(workdir):
+    root = write_water(workdir / "data")
+    set_cell(root / "water_potability.csv", 2000, 3, "inf")
+    result = cli(common(workdir, "recipe=water_potability", f"data.root={root}"), cwd=workdir, env=ONE_THREAD)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "not a finite number" in result.stderr and "line 2000 column 3 (Solids) 'inf'" in result.stderr
+    assert run_dirs(workdir / "runs", "water_potability") == []
+    assert not [p for p in (workdir / "cache").rglob("*") if p.is_file()]
+
+
+def test_electricity_bad_timestamp_stops_prepare(workdir):
+    root = write_electricity(workdir / "data")
+    set_cell(root / "electricity.csv", 40, 1, "2016-13-45 25:00:00")
+    result = cli(common(workdir, "recipe=electricity_forecast", f"data.root={root}"), cwd=workdir,
+                 script="prepare", env=ONE_THREAD)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "not a timestamp" in result.stderr and "line 40 column 1 (timestamp) '2016-13-45 25:00:00'" \
+        in result.stderr
+    assert not [p for p in (workdir / "cache").rglob("*") if p.is_file()]
