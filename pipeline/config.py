@@ -5,15 +5,34 @@ OmegaConf owns parsing and type checks; this module adds the choices and message
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.nodes import EnumNode
+
+from pipeline.optim import INITS, OPTIMIZERS, SCHEDULERS
 
 
 class ConfigError(ValueError):
     """A bad key or value; the message names it and the valid choices."""
+
+
+def choice(name: str, names) -> type[Enum]:
+    """An Enum whose member names are `names` (a registry's keys), so the config accepts exactly the
+    names the code implements. OmegaConf checks values against it and writes members by name."""
+    return Enum(name, {n: n for n in names}, module=__name__, qualname=name)
+
+
+OptimizerName = choice("OptimizerName", OPTIMIZERS)
+SchedulerName = choice("SchedulerName", SCHEDULERS)
+InitName = choice("InitName", INITS)
+Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the device (see `flag`)
+Tracker = choice("Tracker", ("wandb", "none"))
 
 
 @dataclass
@@ -26,7 +45,7 @@ class DataConfig:
     num_shards: int = 4  # Arrow files per split on disk
     num_proc: int = 1  # processes for `datasets.map` while preparing (changing it misses the cache)
     num_workers: int = 0  # DataLoader workers; only for data that is read from disk per batch
-    on_device: str = "auto"  # auto | true | false: keep the prepared tensors on the GPU
+    on_device: Switch = Switch.auto  # keep the prepared tensors on the GPU (auto: if they fit)
 
 
 @dataclass
@@ -36,15 +55,16 @@ class TrainerConfig:
     eval_batch_size: int = 512  # global samples per evaluation step
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = None
-    compile: str = "auto"  # auto | true | false (auto: on where CUDA is used)
+    compile: Switch = Switch.auto  # torch.compile the model (auto: where CUDA is used)
     log_every: int = 50  # optimizer steps between train/loss log lines
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (several CUDA processes)
+    tf32: bool = True  # fp32 matmuls/convolutions on TF32 tensor cores (Ampere+ GPUs); false: full fp32
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adam | adamw | adagrad | rmsprop
+    name: OptimizerName = OptimizerName.sgd
     lr: float = 1e-3
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -53,7 +73,7 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "none"  # none | step | cosine | onecycle
+    name: SchedulerName = SchedulerName.none
     warmup_steps: int = 0  # linear warmup before the schedule
     step_size: int = 1  # step: epochs between decays
     gamma: float = 0.1  # step: decay factor
@@ -61,7 +81,7 @@ class SchedulerConfig:
 
 @dataclass
 class ModelConfig:
-    init: str = "default"  # default | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal
+    init: InitName = InitName.default
 
 
 @dataclass
@@ -88,7 +108,7 @@ class Config:
     seed: int = 42
     output_dir: str = "runs"  # the run's directory is <output_dir>/<recipe>/<run_name>/
     run_name: str | None = None  # default: a timestamp; reuse one to keep a job's runs together
-    tracking: str = "wandb"  # wandb | none
+    tracking: Tracker = Tracker.wandb
     project: str = "pipeline"  # W&B project
     data: Any = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -100,16 +120,11 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
-CHOICES = {
-    "tracking": ("wandb", "none"),
-    "data.on_device": ("auto", "true", "false"),
-    "trainer.compile": ("auto", "true", "false"),
-    "optimizer.name": ("sgd", "adam", "adamw", "adagrad", "rmsprop"),
-    "scheduler.name": ("none", "step", "cosine", "onecycle"),
-    "model.init": ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"),
-}
 POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.grad_accum_steps",
-            "trainer.log_every", "data.num_shards", "data.num_proc", "debug.hooks_every")
+            "trainer.log_every", "scheduler.step_size", "data.num_shards", "data.num_proc", "debug.hooks_every")
+NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup_steps", "checkpoint.every_steps",
+                "checkpoint.keep", "optimizer.momentum", "optimizer.weight_decay")
+NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 
 def split_argv(argv: list[str]) -> list[str]:
@@ -120,29 +135,102 @@ def split_argv(argv: list[str]) -> list[str]:
     return [arg[2:] if arg.startswith("--") else arg for arg in argv]
 
 
+def given(dotlist: list[str], key: str) -> str | None:
+    """The raw text of the last `key=` item (the one OmegaConf keeps), or None."""
+    values = [item.partition("=")[2] for item in dotlist if item.partition("=")[0] == key]
+    return values[-1] if values else None
+
+
 def recipe_name(dotlist: list[str]) -> str:
-    for item in dotlist:
-        key, _, value = item.partition("=")
-        if key == "recipe":
-            return value
-    return Config.recipe
+    name = given(dotlist, "recipe")
+    return Config.recipe if name is None else name
+
+
+def schema(recipe) -> DictConfig:
+    """The typed defaults of a run of `recipe`, before its own defaults and the command line."""
+    return OmegaConf.structured(Config(recipe=recipe.name, data=recipe.data_config(),
+                                       model=recipe.model_config(), loss=recipe.loss_config()))
 
 
 def build(dotlist: list[str], recipe) -> DictConfig:
     """Merges the pipeline's defaults, the recipe's and the command line into one checked config."""
-    schema = OmegaConf.structured(Config(recipe=recipe.name, data=recipe.data_config(),
-                                         model=recipe.model_config(), loss=recipe.loss_config()))
+    base = schema(recipe)
+    choices = enum_keys(base)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.create(recipe.defaults))
-    except OmegaConfBaseException as e:  # a recipe's own mistake, not the user's
-        raise ConfigError(f"recipe {recipe.name!r} has a bad default: {_describe(e, schema)}") from None
+        cfg = OmegaConf.merge(base, normalize(OmegaConf.create(recipe.defaults), choices))
+    except (OmegaConfBaseException, ConfigError) as e:  # a recipe's own mistake, not the user's
+        why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+        raise ConfigError(f"recipe {recipe.name!r} has a bad default: {why}") from None
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+        cfg = OmegaConf.merge(cfg, normalize(parse(dotlist), choices))
     except OmegaConfBaseException as e:
-        raise ConfigError(_describe(e, schema)) from None
+        raise ConfigError(_describe(e, base)) from None
+    # `run_name=` parses as null (a timestamp); a script passing an empty variable meant a name.
+    check_run_name("" if given(dotlist, "run_name") == "" else cfg.run_name)
     _check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def parse(dotlist: list[str]) -> DictConfig:
+    """The command line as a config; each value is YAML (OmegaConf's dotlist), read one item at a time
+    so that an unreadable one is named."""
+    overrides = OmegaConf.create()
+    for item in dotlist:
+        try:
+            overrides.merge_with_dotlist([item])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot read {item!r}: {str(e).splitlines()[0]}; a value must be YAML, "
+                              f"e.g. optimizer.betas=[0.9,0.999] or run_name=\"my run\"") from None
+    return overrides
+
+
+def enum_keys(cfg: DictConfig, prefix: str = "") -> dict[str, type[Enum]]:
+    """Every choice in a typed config (the pipeline's and the recipe's own): dotted key -> its Enum."""
+    found = {}
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig):
+            found.update(enum_keys(node, f"{prefix}{k}."))
+        elif isinstance(node, EnumNode):
+            found[f"{prefix}{k}"] = node.enum_type
+    return found
+
+
+def normalize(overrides: DictConfig, choices: dict[str, type[Enum]]) -> DictConfig:
+    """Choices are matched case-insensitively (SGD, Xavier_Uniform), and `true`/`false`, which YAML
+    reads as booleans, as the names they spell. Unknown names are refused with the valid ones."""
+    for k, enum in choices.items():
+        parent, _, leaf = k.rpartition(".")
+        node = OmegaConf.select(overrides, parent) if parent else overrides
+        if not isinstance(node, DictConfig) or leaf not in node or OmegaConf.is_interpolation(node, leaf):
+            continue
+        value = node[leaf]
+        if value is None or isinstance(value, Enum):
+            continue  # OmegaConf decides: null is refused for a choice, a member is itself
+        names = {name.lower(): name for name in enum.__members__}
+        name = names.get(str(value).lower())
+        if name is None:
+            raise ConfigError(f"bad value {k}={value!r}; choose one of: {', '.join(enum.__members__)}")
+        node[leaf] = name
+    return overrides
+
+
+def check_run_name(name: str | None) -> None:
+    """A run's folder is <output_dir>/<recipe>/<run_name>: the name must stay one plain folder inside."""
+    if name is None:
+        return  # a timestamp is chosen
+    if name in ("", ".", ".."):
+        why = {"": "is empty", ".": "is '.', the recipe's folder itself", "..": "is '..', the folder above"}[name]
+    elif "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        why = "contains a path separator; the run folder stays inside output_dir/<recipe>/ (output_dir= moves it)"
+    elif "\0" in name:
+        why = "contains a NUL character"
+    elif len(name.encode()) > 255:
+        why = f"is {len(name.encode())} bytes long; file systems allow 255"
+    else:
+        return
+    raise ConfigError(f"bad value run_name={name!r}: it {why}. Give one plain folder name, {NAME_EXAMPLE}")
 
 
 def _describe(e: OmegaConfBaseException, schema: DictConfig) -> str:
@@ -159,31 +247,40 @@ def _describe(e: OmegaConfBaseException, schema: DictConfig) -> str:
 
 
 def _check_values(cfg: DictConfig) -> None:
-    for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and str(value).lower() not in choices:
-            raise ConfigError(f"bad value {key}={value!r}; choose one of: {', '.join(choices)}")
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 1")
-    for key in ("checkpoint.every_steps", "checkpoint.keep"):
+    for key in NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 0")
+    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
+        raise ConfigError(f"bad value trainer.max_steps={cfg.trainer.max_steps}: must be >= 1, "
+                          f"or null (the default) for no limit")
+    if cfg.trainer.clip_grad_norm is not None and cfg.trainer.clip_grad_norm <= 0:
+        raise ConfigError(f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
+                          f"or null (the default) for no clipping")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"bad value data.eval_fraction={cfg.data.eval_fraction}: must be between 0 and 1")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"bad value optimizer.lr={cfg.optimizer.lr}: must be > 0")
+    if not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
+        raise ConfigError(f"bad value optimizer.betas={list(cfg.optimizer.betas)}: each must be in [0, 1)")
+    if cfg.scheduler.gamma <= 0:
+        raise ConfigError(f"bad value scheduler.gamma={cfg.scheduler.gamma}: must be > 0")
+    if cfg.scheduler.name is SchedulerName.onecycle and cfg.scheduler.warmup_steps:
+        raise ConfigError(f"scheduler.name=onecycle has its own warmup; leave scheduler.warmup_steps=0 "
+                          f"(got {cfg.scheduler.warmup_steps})")
 
 
 def as_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """Plain values (choices by name), e.g. for a tracker's config."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-def flag(value: str, cuda: bool) -> bool:
-    """Resolves an auto | true | false choice: auto means on where CUDA is used."""
-    value = str(value).lower()
-    return cuda if value == "auto" else value == "true"
+def flag(value: Switch, cuda: bool) -> bool:
+    """Resolves a Switch: auto means on where CUDA is used."""
+    return cuda if value is Switch.auto else value is Switch.true

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from pipeline import checkpoint, data, hooks, optim, tracking
 from pipeline import recipe as recipes
-from pipeline.config import ConfigError, as_dict, flag, to_yaml
+from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
 
 # Accelerate's optimizer step asks the file system twice per step whether the optional `lomo_optim`
 # package is installed (importlib find_spec): ~100 us a step, a third of a small model's step on a
@@ -359,9 +359,9 @@ def make_run_dir(cfg, state: PartialState) -> Path:
 
 def keep_on_device(cfg, accelerator, tensors: dict) -> bool:
     """Whole prepared data on the GPU when it takes under a quarter of the free memory."""
-    if accelerator.device.type != "cuda" or cfg.data.on_device == "false":
+    if accelerator.device.type != "cuda" or cfg.data.on_device is Switch.false:
         return False
-    if cfg.data.on_device == "true":
+    if cfg.data.on_device is Switch.true:
         return True
     free, _ = torch.cuda.mem_get_info(accelerator.device)
     return sum(data.nbytes(t) for t in tensors.values()) < free / 4

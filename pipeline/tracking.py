@@ -83,7 +83,7 @@ def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = T
     checkpoint of `resumed_step` continues its local record (and its online W&B run) from there."""
     log_with: list = [LocalRecord(run_dir, resumed_step)]
     init_kwargs = {}
-    if cfg.tracking == "wandb":
+    if cfg.tracking.name == "wandb":
         log_with.append("wandb")
         mode = wandb_mode()
         init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name,

@@ -120,15 +120,6 @@ def test_sbatch_directives():
     assert all(text.splitlines().index(f"#SBATCH {d}") < first_command for d in directives)
 
 
-def test_run_name_is_a_config_key_and_the_last_override_wins():
-    from omegaconf import OmegaConf
-
-    from pipeline.config import Config
-
-    assert "run_name" in Config.__dataclass_fields__
-    assert OmegaConf.from_dotlist(["run_name=slurm-123", "run_name=mine"]).run_name == "mine"
-
-
 # ---- Kubernetes
 
 def test_k8s_launch_dry_run():

@@ -1,19 +1,28 @@
 """Configuration: defaults <- recipe defaults <- command line; errors name the key and the choices."""
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import cli, common
+from conftest import ROOT, cli, common, ok, run_dirs
+from omegaconf import OmegaConf
 
 from pipeline import cli as pipeline_cli
+from pipeline import config, optim
+from pipeline import recipe as recipes
 from pipeline.config import ConfigError
+
+DIGITS = recipes.load("digits")
 
 
 def test_layers_pipeline_then_recipe_then_command_line():
     _, cfg = pipeline_cli.parse(["recipe=mnist_mlp", "optimizer.lr=0.01"])
     assert cfg.trainer.batch_size == 64 and cfg.trainer.epochs == 5  # the tutorial's
-    assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.01  # command line wins
+    assert cfg.optimizer.name.name == "sgd" and cfg.optimizer.lr == 0.01  # command line wins
     assert cfg.seed == 42 and cfg.data.root == "data"  # pipeline defaults
     _, cfg = pipeline_cli.parse(["recipe=mnist_cnn"])
-    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == 1e-3
+    assert cfg.optimizer.name.name == "adam" and cfg.optimizer.lr == 1e-3
 
 
 def test_default_recipe_is_digits():
@@ -27,9 +36,26 @@ def test_default_recipe_is_digits():
     (["trainer.epochs=three"], ["trainer.epochs", "three"]),
     (["recipe=nope"], ["nope", "digits", "mnist_cnn", "fashion_mnist_mlp"]),
     (["optimizer.name=lion"], ["optimizer.name", "lion", "adamw", "rmsprop"]),
+    (["scheduler.name=linear"], ["scheduler.name", "linear", "none, step, cosine, onecycle"]),
+    (["model.init=he"], ["model.init", "he", "default", "xavier_uniform", "kaiming_normal"]),
+    (["data.on_device=maybe"], ["data.on_device", "maybe", "auto, true, false"]),
+    (["trainer.compile=1"], ["trainer.compile", "auto, true, false"]),
+    (["tracking=tensorboard"], ["tracking", "wandb, none"]),
     (["trainer.epochs=0"], ["trainer.epochs", ">= 1"]),
+    (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1", "no limit"]),
+    (["trainer.max_steps=0"], ["trainer.max_steps=0", ">= 1"]),
+    (["trainer.clip_grad_norm=0"], ["trainer.clip_grad_norm", "> 0"]),
+    (["scheduler.step_size=0"], ["scheduler.step_size=0", ">= 1"]),
+    (["scheduler.warmup_steps=-5"], ["scheduler.warmup_steps=-5", ">= 0"]),
+    (["scheduler.gamma=-0.1"], ["scheduler.gamma", "> 0"]),
+    (["scheduler.name=onecycle", "scheduler.warmup_steps=3"], ["onecycle", "own warmup", "warmup_steps=0"]),
+    (["optimizer.momentum=-0.9"], ["optimizer.momentum", ">= 0"]),
+    (["optimizer.betas=[0.9,1.5]"], ["optimizer.betas", "[0, 1)"]),
+    (["seed=-1"], ["seed=-1", ">= 0"]),
+    (["data.num_workers=-2"], ["data.num_workers", ">= 0"]),
     (["data.eval_fraction=1.5"], ["data.eval_fraction"]),
     (["epochs"], ["epochs", "key=value"]),
+    (["optimizer.betas=[0.9"], ["optimizer.betas=[0.9", "YAML"]),
 ])
 def test_bad_input_names_the_key_and_the_choices(argv, words):
     with pytest.raises(ConfigError) as e:
@@ -64,3 +90,102 @@ def test_print_config_shows_resolved_values(workdir):
     result = cli(["recipe=mnist_cnn", "trainer.epochs=2", "--print-config"], cwd=workdir)
     assert result.returncode == 0
     assert "epochs: 2" in result.stdout and "name: adam" in result.stdout
+
+
+# ---- choices: one registry each, any case, true/false as spelled
+
+def test_choices_are_the_registries_keys():
+    choices = config.enum_keys(config.schema(DIGITS))
+    assert list(choices["optimizer.name"].__members__) == list(optim.OPTIMIZERS)
+    assert list(choices["scheduler.name"].__members__) == list(optim.SCHEDULERS)
+    assert list(choices["model.init"].__members__) == list(optim.INITS)
+
+
+def test_a_new_registry_entry_needs_no_other_edit():
+    # A fresh interpreter: the registry grows before the config is built from it, as a user's code would.
+    code = """
+import torch
+from pipeline import optim
+optim.OPTIMIZERS["nadam"] = lambda p, c: torch.optim.NAdam(p, lr=c.lr)
+from pipeline import config, recipe
+cfg = config.build(["optimizer.name=NAdam"], recipe.load("digits"))
+print(type(optim.optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "NAdam"
+
+
+@pytest.mark.parametrize("key, registry", [("optimizer.name", optim.OPTIMIZERS), ("scheduler.name", optim.SCHEDULERS),
+                                           ("model.init", optim.INITS)])
+def test_every_registry_name_is_accepted_in_any_case(key, registry):
+    for name in registry:
+        for spelled in (name, name.upper(), name.title()):
+            assert OmegaConf.select(config.build([f"{key}={spelled}"], DIGITS), key).name == name
+
+
+@pytest.mark.parametrize("value, meant", [("false", "false"), ("False", "false"), ("FALSE", "false"),
+                                          ("true", "true"), ("True", "true"), ("auto", "auto"), ("AUTO", "auto")])
+def test_switches_mean_what_they_say(value, meant):
+    cfg = config.build([f"data.on_device={value}", f"trainer.compile={value}"], DIGITS)
+    assert cfg.data.on_device.name == meant and cfg.trainer.compile.name == meant
+    assert config.flag(cfg.trainer.compile, cuda=True) == (meant != "false")
+    assert config.flag(cfg.trainer.compile, cuda=False) == (meant == "true")
+
+
+def test_recipe_choices_are_case_insensitive_too():
+    omniglot, forecast = recipes.load("omniglot_multi"), recipes.load("electricity_forecast")
+    assert config.build(["model.mode=Multi_Input"], omniglot).model.mode.name == "multi_input"
+    assert config.build(["model.cell=LSTM"], forecast).model.cell.name == "lstm"
+    with pytest.raises(ConfigError, match="model.mode.*multi_output, multi_input"):
+        config.build(["model.mode=both"], omniglot)
+
+
+def test_config_yaml_loads_back_into_the_same_config():
+    cfg = config.build(["optimizer.name=ADAMW", "scheduler.name=cosine", "model.init=kaiming_normal",
+                        "data.on_device=false", "trainer.compile=true", "tracking=none"], DIGITS)
+    text = config.to_yaml(cfg)
+    assert "name: adamw" in text and "init: kaiming_normal" in text
+    assert OmegaConf.merge(config.schema(DIGITS), OmegaConf.create(text)) == cfg
+    assert config.as_dict(cfg)["optimizer"]["name"] == "adamw"  # plain strings for trackers
+
+
+# ---- run_name: one plain folder inside <output_dir>/<recipe>/
+
+@pytest.mark.parametrize("name, why", [
+    ("../../x", "path separator"), ("a/b", "path separator"), ("/abs/dir", "path separator"),
+    (f"a{os.sep}b", "path separator"), (".", "the recipe's folder itself"), ("..", "the folder above"),
+    ('""', "empty"), ("", "empty"), ("x" * 256, "255"),
+])
+def test_run_name_must_be_one_plain_folder_name(name, why):
+    with pytest.raises(ConfigError) as e:
+        config.build([f"run_name={name}"], DIGITS)
+    assert "run_name=" in str(e.value) and why in str(e.value) and "e.g. run_name=" in str(e.value)
+
+
+def test_run_name_with_nul_is_refused():
+    # A command line cannot carry NUL (nor does YAML read it); a name set in code can.
+    with pytest.raises(ConfigError, match="NUL.*e.g. run_name="):
+        config.check_run_name("a\0b")
+
+
+def test_plain_run_names_pass_and_the_last_one_wins():
+    for name in ("slurm-123", "baseline.lr3e-4", "run 1", "x" * 255):
+        assert config.build([f"run_name={name}"], DIGITS).run_name == name
+    # launch/k8s/launch.sh puts run_name=$RUN_NAME first so that the user's own wins.
+    assert config.build(["run_name=", "run_name=mine"], DIGITS).run_name == "mine"
+    with pytest.raises(ConfigError, match="empty"):
+        config.build(["run_name=mine", "run_name="], DIGITS)
+    assert config.build(["run_name=null"], DIGITS).run_name is None  # a timestamp is chosen
+
+
+def test_any_case_and_false_train_through_the_cli(workdir):
+    args = ["optimizer.name=SGD", "scheduler.name=COSINE", "model.init=Xavier_Uniform", "data.on_device=false",
+            "trainer.compile=False", "trainer.max_steps=2", "trainer.epochs=1", "run_name=cased"]
+    ok(cli(common(workdir, *args), cwd=workdir))
+    run = run_dirs(workdir / "runs", "digits")[0]
+    assert run.name == "cased" and (run / "summary.json").exists()
+    written = OmegaConf.load(run / "config.yaml")
+    assert (written.optimizer.name, written.scheduler.name, written.model.init) == ("sgd", "cosine", "xavier_uniform")
+    assert (written.data.on_device, written.trainer.compile) == ("false", "false")
+    assert OmegaConf.merge(config.schema(DIGITS), written) == config.build(common(workdir, *args), DIGITS)
