@@ -12,6 +12,8 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
+from pipeline.config import ConfigError
+
 
 class LocalRecord(GeneralTracker):
     """Appends every `accelerator.log(...)` call as one JSON line to `<run>/metrics.jsonl`."""
@@ -59,41 +61,99 @@ def keep_until(path: Path, step: int) -> None:
     write_atomic(path, "".join(kept))
 
 
-def wandb_mode() -> str:
-    """online when the user is logged in (WANDB_API_KEY or `wandb login`), offline otherwise.
+# wandb.init waits this long for its service and server (wandb's default is 90 s); the login was
+# verified just before, so a healthy server answers in seconds.
+WANDB_INIT_TIMEOUT_S = 30
 
-    An explicit WANDB_MODE wins. Never prompts: wandb without a key would ask, or fail.
+
+def wandb_mode(verify: bool = True) -> str:
+    """online when the user is logged in (WANDB_API_KEY, `wandb login`'s netrc entry for wandb's
+    configured host, or wandb's settings), offline otherwise; an explicit WANDB_MODE wins.
+
+    With `verify` the credentials are checked with the server first (about 1 s; 10 s without a
+    network): a bad key or no network stops the run here, with the fix, instead of failing in
+    wandb.init after 90 s. Never prompts.
     """
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        return mode
+    import wandb
+    from wandb.errors import AuthenticationError, UsageError
+
     try:
-        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+        # wandb's public login check, for the host wandb is configured for: False without credentials.
+        logged_in = wandb.login(prompt=False, verify=verify)
+    except (AuthenticationError, UsageError) as e:
+        raise ConfigError(wandb_login_failed(e)) from None
+    if mode and not logged_in:
+        raise ConfigError(f"WANDB_MODE={mode} but no W&B credentials were found (WANDB_API_KEY, `wandb login`). "
+                          f"Log in with `wandb login`, or log offline: unset WANDB_MODE or set WANDB_MODE=offline, "
+                          f"or tracking=none")
+    return mode or ("online" if logged_in else "offline")
 
-        if read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
-            return "online"
-    except Exception:  # an internal helper of wandb; if it moves, offline is the safe answer
-        pass
-    return "offline"
+
+def agreed_wandb_mode(main: bool) -> str:
+    """The W&B mode, decided (and the login verified) by the main process alone and then shared, so a
+    failed login stops every process at once, with one message, and the server sees one check."""
+    import torch.distributed as dist
+
+    mode, error = None, None
+    if main:
+        try:
+            mode = wandb_mode()
+        except ConfigError as e:
+            error = str(e)
+    shared = [mode, error]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(shared, src=0)
+    mode, error = shared
+    if error:
+        raise ConfigError(error)
+    return mode
 
 
-def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = True) -> tuple[list, dict]:
+def wandb_login_failed(e: Exception) -> str:
+    source = "WANDB_API_KEY" if os.environ.get("WANDB_API_KEY") else "`wandb login` (~/.netrc)"
+    return (f"W&B rejected the login from {source} or could not be reached: {str(e).rstrip('.')}. Nothing was trained. "
+            f"Fix the key (`wandb login --relogin`; or unset WANDB_API_KEY to log offline), or run without "
+            f"W&B's server: WANDB_MODE=offline (upload later with `wandb sync`) or tracking=none")
+
+
+def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
+    """`accelerator.init_trackers`, with W&B's failures (server gone since the login check, a run id
+    it refuses) as one message that says what to do instead of a traceback."""
+    try:
+        accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+    except Exception as e:
+        import wandb
+
+        if "wandb" not in init_kwargs or not isinstance(e, (wandb.Error, TimeoutError)):
+            raise
+        raise ConfigError(f"W&B could not start its run: {e}. Nothing was trained. Retry, or run without "
+                          f"W&B's server: WANDB_MODE=offline (upload later with `wandb sync`) or tracking=none"
+                          ) from None
+
+
+def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = True,
+             mode: str | None = None) -> tuple[list, dict]:
     """The `log_with` list for Accelerator and the matching `init_kwargs`; a run resumed from the
-    checkpoint of `resumed_step` continues its local record (and its online W&B run) from there."""
-    log_with: list = [LocalRecord(run_dir, resumed_step)]
+    checkpoint of `resumed_step` continues its local record (and its online W&B run) from there.
+    The W&B `mode` is decided (and the login checked) here unless given."""
+    log_with: list = ["wandb"] if cfg.tracking.name == "wandb" else []
     init_kwargs = {}
-    if cfg.tracking.name == "wandb":
-        log_with.append("wandb")
-        mode = wandb_mode()
+    if log_with:
+        import wandb
+
+        mode = mode or agreed_wandb_mode(main)  # first: a failed W&B login leaves the run directory empty
         init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name,
-                                "group": cfg.recipe, "tags": [cfg.recipe]}
+                                "group": cfg.recipe, "tags": [cfg.recipe],
+                                "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S)}
         # Online, every attempt of a run (a requeued job) logs into one W&B run, by an id kept in the
         # run directory. Offline runs get none: `wandb sync` of two offline parts with one id keeps
         # only one of them, so each attempt stays a run of its own. WANDB_RUN_ID, if set, wins.
         if mode == "online" and main and not os.environ.get("WANDB_RUN_ID"):
             init_kwargs["wandb"].update(id=wandb_run_id(run_dir), resume="allow")
-    return log_with, init_kwargs
+    return [LocalRecord(run_dir, resumed_step), *log_with], init_kwargs
 
 
 def wandb_run_id(run_dir: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -12,33 +13,67 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Small real data sets in their original formats, inside the repo so a fresh clone tests anywhere.
+TEST_DATA = ROOT / "tests" / "data"
 BIN = Path(sys.executable).parent
+# Tests run on the CPU, in this process and in the ones it starts; only tests marked `gpu` get the
+# host's devices back (see `environment`). Set before anything initialises CUDA.
+HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def cli(args: list[str], cwd: Path, processes: int = 1, script: str = "train", timeout: int = 600,
-        env: dict | None = None, launcher: str = "python") -> subprocess.CompletedProcess:
-    """Runs launch/<script>.py as a user would: `python`, or `accelerate launch` (always for >1 process)."""
-    return subprocess.run(command(args, processes, script, launcher), cwd=cwd, env=environment(processes, env),
+        env: dict | None = None, launcher: str = "python", gpu: bool = False) -> subprocess.CompletedProcess:
+    """Runs launch/<script>.py as a user would: `python`, or `accelerate launch` (always for >1 process);
+    on the CPU unless `gpu`."""
+    return subprocess.run(command(args, processes, script, launcher), cwd=cwd, env=environment(processes, env, gpu),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def command(args: list[str], processes: int = 1, script: str = "train", launcher: str = "python") -> list[str]:
-    if processes == 1 and launcher == "accelerate":
-        cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+    """launcher: `python` (one process; else `accelerate`), `accelerate` (`accelerate launch`) or `run`
+    (launch/run.py: `accelerate launch` that passes the training's exit code on)."""
+    launch = [sys.executable, str(ROOT / "launch" / "run.py")] if launcher == "run" else [str(BIN / "accelerate"),
+                                                                                          "launch"]
+    if processes == 1 and launcher in ("accelerate", "run"):
+        cmd = [*launch, "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "launch" / f"{script}.py")]
     elif processes == 1:
         cmd = [sys.executable, str(ROOT / "launch" / f"{script}.py")]
     else:
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+        cmd = [*launch, "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(ROOT / "launch" / f"{script}.py")]
     return cmd + args
 
 
-def environment(processes: int = 1, env: dict | None = None) -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1",
-            "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+def environment(processes: int = 1, env: dict | None = None, gpu: bool = False) -> dict:
+    """The runs' environment: offline W&B, no progress bars, and the CPU unless `gpu` (a GPU host would
+    otherwise put every process of a CPU test, and every "machine" of one, on cuda:0)."""
+    base = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1",
+            "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    base.pop("CUDA_VISIBLE_DEVICES", None)
+    if not gpu:
+        base["CUDA_VISIBLE_DEVICES"] = ""
+    elif HOST_CUDA_VISIBLE_DEVICES is not None:
+        base["CUDA_VISIBLE_DEVICES"] = HOST_CUDA_VISIBLE_DEVICES
+    return {**base, **(env or {})}
+
+
+@functools.cache
+def cuda_devices() -> int:
+    """The host's CUDA devices, counted in a child process (this one is pinned to the CPU)."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                         env=environment(gpu=True), capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+
+
+def needs_gpus(count: int = 1) -> None:
+    """Skips a `gpu` test, saying why, on a host with fewer than `count` CUDA devices."""
+    found = cuda_devices()
+    if found < count:
+        pytest.skip(f"needs {count} CUDA device{'s' if count > 1 else ''}; "
+                    f"torch.cuda.device_count() is {found} on this host")
 
 
 def free_port() -> int:
@@ -68,7 +103,7 @@ def summary(output_dir: Path, recipe: str) -> dict:
 
 def write_mnist_raw(root: Path, name: str = "MNIST", n: int | None = None) -> Path:
     """The real MNIST test set written as both the train and the t10k raw files (gzipped IDX)."""
-    src = SHARED_DATA / "mnist-test"
+    src = TEST_DATA / "mnist-test"
     raw = root / name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for kind in ("images-idx3", "labels-idx1"):

@@ -43,7 +43,7 @@ def dry_run(script: str, args: list[str], env: dict, **kw) -> list[str]:
 
 
 def accelerate_cmd(rank: int, addr: str, port: int, processes: int, args: list[str]) -> str:
-    return ("accelerate launch --config_file launch/accelerate/multi_node.yaml --num_machines 2 "
+    return ("python launch/run.py --config_file launch/accelerate/multi_node.yaml --num_machines 2 "
             f"--machine_rank {rank} --main_process_ip {addr} --main_process_port {port} "
             f"--num_processes {processes} launch/train.py {' '.join(args)}")
 
@@ -79,8 +79,9 @@ def test_sbatch_dry_run_overrides_and_errors():
     assert result.returncode != 0 and "sbatch" in result.stderr
 
 
-def test_sbatch_runs_prepare_once_then_accelerate_on_every_node(tmp_path):
-    """The real (not dry) path with fake srun/scontrol/python/accelerate that log their arguments."""
+def fake_sbatch(tmp_path, train_exit: int = 0) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The real (not dry) path with fake srun/scontrol/python that log their arguments; the training
+    step ends with `train_exit`. Returns the result and the logged commands."""
     log = tmp_path / "log"
     fakes = {
         # srun: log, then run the command once per node (as Slurm does with --ntasks-per-node=1)
@@ -88,25 +89,40 @@ def test_sbatch_runs_prepare_once_then_accelerate_on_every_node(tmp_path):
         "srun": 'echo "srun $*" >> "$LOG"; while [[ "$1" == --* ]]; do shift; done\n'
                 'if [[ " $* " == *" --node "* ]]; then n=$SLURM_NNODES; else n=1; fi\n'
                 'for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@" || exit; done',
-        "scontrol": '[[ "$1 $2 $3" == "show hostnames node[7-8]" ]] && printf "node7\\nnode8\\n"',
-        "python": 'echo "python $*" >> "$LOG"',
-        "accelerate": 'echo "accelerate $*" >> "$LOG"',
+        "scontrol": 'if [[ "$1 $2 $3" == "show hostnames node[7-8]" ]]; then printf "node7\\nnode8\\n"; '
+                    'else echo "scontrol $*" >> "$LOG"; fi',
+        # The training step ends with TRAIN_EXIT (launch/run.py passes the training's code on).
+        "python": 'echo "python $*" >> "$LOG"; [[ "$1" != launch/run.py ]] || exit "${TRAIN_EXIT:-0}"',
     }
     for name, body in fakes.items():
         (tmp_path / name).write_text(f"#!/bin/bash\n{body}\n")
         (tmp_path / name).chmod(0o755)
     env = {**SLURM_ENV, "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_SUBMIT_DIR": str(ROOT),
-           "LOG": str(log)}
+           "LOG": str(log), "TRAIN_EXIT": str(train_exit)}
     result = bash(SBATCH, ["recipe=digits"], env, path_prefix=tmp_path)
+    return result, log.read_text().splitlines()
+
+
+def test_sbatch_runs_prepare_once_then_accelerate_on_every_node(tmp_path):
+    result, log = fake_sbatch(tmp_path)
     assert result.returncode == 0, result.stderr
     train = "run_name=slurm-123 recipe=digits"
-    assert log.read_text().splitlines() == [
+    assert log == [
         "srun --nodes=1 --ntasks=1 python launch/prepare.py recipe=digits",
         "python launch/prepare.py recipe=digits",
         f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash {SBATCH} --node {train}",
         accelerate_cmd(0, "node7", 20123, 8, train.split()),
         accelerate_cmd(1, "node7", 20123, 8, train.split()),
     ]
+
+
+@pytest.mark.parametrize("code", [143, 2, 3, 1])
+def test_sbatch_requeues_a_run_stopped_on_sigterm_only(tmp_path, code):
+    # 143: SIGTERM (time-limit warning or preemption), checkpoint saved -> requeue; the rest are final.
+    result, log = fake_sbatch(tmp_path, train_exit=code)
+    assert result.returncode == code
+    assert ("scontrol requeue 123" in log) == (code == 143), log
+    assert ("requeueing" in result.stdout) == (code == 143)
 
 
 def test_sbatch_directives():
@@ -169,6 +185,11 @@ def test_pytorchjob_manifest():
     assert env["GPUS_PER_NODE"]["value"] == str(container["resources"]["limits"]["nvidia.com/gpu"])
     assert env["RUN_NAME"]["value"] == job["metadata"]["name"]
     assert any(p["name"] == "pytorchjob-port" for p in container["ports"])
+    # Exit 143 (stopped on SIGTERM, checkpoint saved) restarts the pod; 1, 2, 3 fail the job. The pod
+    # gets longer to save than torch's launcher waits (launch.sh's TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
+    assert {specs[r]["restartPolicy"] for r in specs} == {"ExitCode"}
+    timeout = int(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", (ROOT / K8S).read_text())[1])
+    assert master["terminationGracePeriodSeconds"] > timeout
 
 
 # ---- accelerate configs
@@ -205,7 +226,7 @@ def launch_args(command: str):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     argv = shlex.split(command)
-    assert argv[:2] == ["accelerate", "launch"]
+    assert argv[:2] in (["accelerate", "launch"], ["python", "launch/run.py"])  # run.py takes the same options
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv[2:]))
     return args
 
@@ -303,3 +324,62 @@ def test_scripts_are_valid_bash_and_say_what_they_are(script):
     assert subprocess.run(["bash", "-n", script], cwd=ROOT).returncode == 0
     head = (ROOT / script).read_text().splitlines()
     assert head[0] == "#!/bin/bash" and head[1].startswith("# ") and script in "\n".join(head[:12])
+
+
+# ---- what a scheduler sees: exit codes and messages of launch/run.py (and of plain `accelerate launch`)
+
+def launched(tmp_path, processes: int, *args: str, launcher: str = "run") -> subprocess.CompletedProcess:
+    from conftest import cli, common
+
+    return cli(common(tmp_path, *args), cwd=tmp_path, processes=processes, launcher=launcher, timeout=300)
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_config_error_exits_2_with_one_message(tmp_path, processes):
+    result = launched(tmp_path, processes, "trainer.nope=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("error: unknown config key 'trainer.nope'") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert result.stderr.strip().count("\n") <= 1, result.stderr  # nothing but the message
+
+
+@pytest.mark.slow
+def test_plain_accelerate_launch_hides_the_exit_code(tmp_path):
+    # What run.py is for: Accelerate 1.15 turns every failure into exit 1, with torch's ChildFailedError
+    # traceback after our message (several processes) or CalledProcessError (one process, without -q).
+    two = launched(tmp_path, 2, "trainer.nope=1", launcher="accelerate")
+    assert two.returncode == 1 and "ChildFailedError" in two.stderr
+    assert two.stderr.count("error: unknown config key 'trainer.nope'") == 1
+
+
+def sigterm_after_first_log_line(tmp_path, processes: int) -> subprocess.CompletedProcess:
+    """Starts a long run under launch/run.py, sends SIGTERM to the launcher alone (as Kubernetes does
+    to a pod's PID 1) once a train/loss line is logged, and returns how it ended."""
+    import signal
+    import time
+
+    from conftest import command, common, environment
+
+    args = common(tmp_path, "trainer.epochs=100", "trainer.log_every=5", "run_name=job")
+    proc = subprocess.Popen(command(args, processes, launcher="run"), cwd=tmp_path, env=environment(processes),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "digits" / "job" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_to_the_launcher_saves_and_exits_143(tmp_path, processes):
+    from pipeline import checkpoint
+
+    result = sigterm_after_first_log_line(tmp_path, processes)
+    run_dir = tmp_path / "runs" / "digits" / "job"
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert result.stderr.count("stopped on SIGTERM after step") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert checkpoint.latest(run_dir) and not (run_dir / "summary.json").exists()

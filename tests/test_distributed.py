@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BIN, ROOT, cli, common, free_port, ok, run_dirs, summary
+from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, needs_gpus, ok, run_dirs, summary
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,18 @@ def test_one_vs_two_processes_same_eval_loss(workdir, mnist_root):
     assert s2["eval/accuracy"] == pytest.approx(s1["eval/accuracy"], abs=2e-3)
 
 
+@pytest.mark.gpu
+def test_one_vs_two_gpus_same_eval_loss(workdir):
+    needs_gpus(2)
+    args = ["trainer.epochs=2"]
+    one = ok(cli(common(workdir / "one", *args), cwd=workdir, gpu=True))
+    two = ok(cli(common(workdir / "two", *args), cwd=workdir, processes=2, gpu=True))
+    assert "device=cuda" in one.stdout and "device=cuda" in two.stdout
+    s1, s2 = summary(workdir / "one" / "runs", "digits"), summary(workdir / "two" / "runs", "digits")
+    assert s2["num_processes"] == 2 and s2["steps"] == s1["steps"] and s2["eval/samples"] == 360
+    assert s2["eval/loss"] == pytest.approx(s1["eval/loss"], rel=1e-2)
+
+
 def test_accumulation_matches_the_full_batch(workdir):
     ok(cli(common(workdir / "full", "trainer.epochs=2"), cwd=workdir))
     ok(cli(common(workdir / "accum", "trainer.epochs=2", "trainer.grad_accum_steps=2"), cwd=workdir))
@@ -35,7 +47,8 @@ def test_accumulation_matches_the_full_batch(workdir):
     assert accum["eval/loss"] == pytest.approx(full["eval/loss"], rel=1e-3)
 
 
-def test_two_machines_train_together(workdir):
+def two_machines(workdir, gpu: bool) -> dict:
+    """Two `accelerate launch` "machines" on this host, one process each; on GPUs each gets its own device."""
     port = str(free_port())
     procs = []
     for rank in (0, 1):
@@ -43,28 +56,61 @@ def test_two_machines_train_together(workdir):
                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--multi_gpu",
                "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "launch" / "train.py"), *common(workdir, "trainer.epochs=2")]
+        # A bare environment (no inherited accelerate or W&B settings); both local ranks are 0, so on a
+        # GPU host each machine must see only its own GPU, and on the CPU none.
+        env = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PATH": f"{BIN}:/usr/bin:/bin",
+               "CUDA_VISIBLE_DEVICES": str(rank) if gpu else ""}
         procs.append(subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-                                           "PATH": f"{BIN}:/usr/bin:/bin"}))
+                                      env=env))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    s = summary(workdir / "runs", "digits")
+    assert ("device=cuda" if gpu else "device=cpu") in outs[0]
+    return summary(workdir / "runs", "digits")
+
+
+def test_two_machines_train_together(workdir):
+    s = two_machines(workdir, gpu=False)
     assert s["num_processes"] == 2 and s["eval/samples"] == 360
     # The same numbers as one process on one machine.
     ok(cli(common(workdir / "one", "trainer.epochs=2"), cwd=workdir))
     assert s["eval/loss"] == pytest.approx(summary(workdir / "one" / "runs", "digits")["eval/loss"], rel=1e-3)
 
 
-def test_bf16_on_cpu_trains_correctly(workdir):
+@pytest.mark.gpu
+def test_two_machines_on_two_gpus(workdir):
+    needs_gpus(2)
+    s = two_machines(workdir, gpu=True)
+    assert s["num_processes"] == 2 and s["eval/samples"] == 360
+    one = ok(cli(common(workdir / "one", "trainer.epochs=2"), cwd=workdir, gpu=True))
+    assert "device=cuda" in one.stdout
+    # GPU reductions are not bit-identical across process counts: a looser bound than on the CPU.
+    assert s["eval/loss"] == pytest.approx(summary(workdir / "one" / "runs", "digits")["eval/loss"], rel=1e-2)
+
+
+def bf16_run(workdir, gpu: bool) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "bf16", "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"),
            *common(workdir, "trainer.epochs=5")]
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
-                            env={"TQDM_DISABLE": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
-    ok(result)
+    # A bare environment: bf16 comes from the launch flag alone.
+    env = {"TQDM_DISABLE": "1", "PATH": f"{BIN}:/usr/bin:/bin"}
+    devices = environment(gpu=gpu).get("CUDA_VISIBLE_DEVICES")  # "" on the CPU; the host's own for a GPU
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    result = ok(subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env))
     s = summary(workdir / "runs", "digits")
     assert s["mixed_precision"] == "bf16"
     assert s["eval/accuracy"] >= 0.9
+    return result
+
+
+def test_bf16_on_cpu_trains_correctly(workdir):
+    assert "device=cpu" in bf16_run(workdir, gpu=False).stdout
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_trains_correctly(workdir):
+    needs_gpus(1)
+    assert "device=cuda" in bf16_run(workdir, gpu=True).stdout
 
 
 def test_compile_matches_eager(workdir):
@@ -99,11 +145,25 @@ def test_compile_under_ddp_matches_eager(workdir):
 
 def test_sync_batchnorm_needs_cuda_processes(workdir):
     # torch's SyncBatchNorm has no gloo/CPU path: refused before any data or run directory is made.
-    out = cli(common(workdir, "recipe=water_potability", f"data.root={ROOT.parent / 'shared/data/water-potability'}",
+    # This holds because cli() pins the processes to the CPU; on GPUs see the test below.
+    out = cli(common(workdir, "recipe=water_potability", f"data.root={TEST_DATA / 'water-potability'}",
                      "trainer.sync_batchnorm=true"), cwd=workdir, processes=2)
     assert out.returncode != 0
     assert out.stderr.count("error: trainer.sync_batchnorm=true needs CUDA") == 1, out.stderr[-3000:]
     assert not run_dirs(workdir / "runs", "water_potability") and not (workdir / "cache").exists()
+
+
+@pytest.mark.gpu
+def test_sync_batchnorm_on_two_gpus_normalizes_the_global_batch(workdir):
+    needs_gpus(2)
+    # BatchNorm over the whole global batch: 2 processes with SyncBatchNorm train like 1 process.
+    args = ["recipe=water_potability", f"data.root={TEST_DATA / 'water-potability'}", "trainer.epochs=3"]
+    ok(cli(common(workdir / "one", *args), cwd=workdir, gpu=True))
+    two = ok(cli(common(workdir / "two", *args, "trainer.sync_batchnorm=true"), cwd=workdir, processes=2, gpu=True))
+    assert "device=cuda" in two.stdout
+    s1, s2 = (summary(workdir / name / "runs", "water_potability") for name in ("one", "two"))
+    assert s2["num_processes"] == 2 and s2["steps"] == s1["steps"]
+    assert s2["eval/loss"] == pytest.approx(s1["eval/loss"], rel=1e-2)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -21,7 +21,7 @@ from pipeline import data
 
 CLOUDS = ["cirriform clouds", "clear sky", "cumulonimbus clouds", "cumulus clouds", "high cumuliform clouds",
           "stratiform clouds", "stratocumulus clouds"]
-OMNIGLOT_ZIP = Path(conftest.SHARED_DATA) / "omniglot-small" / "images_background_small1.zip"
+OMNIGLOT_ZIP = Path(conftest.TEST_DATA) / "omniglot-small" / "images_background_small1.zip"
 # small1: 5 alphabets, 136 characters, 20 drawers each; Korean has 40 of the characters.
 ALPHABETS, CHARACTERS, DRAWERS = 5, 136, 20
 MAJORITY_ALPHABET = 40 / 136  # what always answering "Korean" scores

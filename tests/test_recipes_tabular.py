@@ -13,7 +13,7 @@ from conftest import cli, common, ok, run_dirs, summary
 from pipeline import cli as pipeline_cli
 from pipeline import data
 
-WATER = Path(conftest.SHARED_DATA) / "water-potability"
+WATER = Path(conftest.TEST_DATA) / "water-potability"
 # Two shared cores: one thread per run avoids the oversubscription stalls (up to 5x) that a second
 # thread meets while other runs use the machine; these models are too small to gain from two.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -1,10 +1,15 @@
 """Tracking: W&B offline without a key (no prompt, no network), and the local run record."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
+import pytest
 import wandb
 from accelerate.state import AcceleratorState
-from conftest import run_dirs
+from conftest import ROOT, cli, common, run_dirs
 
 from pipeline import cli as pipeline_cli
 from pipeline import tracking
@@ -59,38 +64,74 @@ def test_wandb_offline_run_gets_resolved_config_and_metrics(workdir, monkeypatch
 
 
 def test_online_attempts_of_a_run_share_one_wandb_run(monkeypatch, tmp_path):
-    # Only the arguments for wandb.init are built here: an online run needs a network.
+    # Only the arguments for wandb.init are built here, for a given mode: an online run needs a network.
     _, cfg = pipeline_cli.parse(["tracking=wandb"])
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     monkeypatch.setenv("WANDB_MODE", "online")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    first = tracking.trackers(cfg, run_dir)[1]["wandb"]
-    again = tracking.trackers(cfg, run_dir, resumed_step=40)[1]["wandb"]  # the requeued job
+    first = tracking.trackers(cfg, run_dir, mode="online")[1]["wandb"]
+    again = tracking.trackers(cfg, run_dir, resumed_step=40, mode="online")[1]["wandb"]  # the requeued job
     assert first["resume"] == "allow" and first["id"] == again["id"] == (run_dir / "wandb_id").read_text().strip()
     other = tmp_path / "other"
     other.mkdir()
-    assert tracking.trackers(cfg, other)[1]["wandb"]["id"] != first["id"]
+    assert tracking.trackers(cfg, other, mode="online")[1]["wandb"]["id"] != first["id"]
     # Other processes neither choose nor write an id; an explicit WANDB_RUN_ID is left to wandb.
-    assert "id" not in tracking.trackers(cfg, tmp_path, main=False)[1]["wandb"]
+    assert "id" not in tracking.trackers(cfg, tmp_path, main=False, mode="online")[1]["wandb"]
     assert not (tmp_path / "wandb_id").exists()
     monkeypatch.setenv("WANDB_RUN_ID", "mine")
-    assert "id" not in tracking.trackers(cfg, tmp_path)[1]["wandb"]
+    assert "id" not in tracking.trackers(cfg, tmp_path, mode="online")[1]["wandb"]
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_RUN_ID")
     assert "id" not in tracking.trackers(cfg, tmp_path)[1]["wandb"] and not (tmp_path / "wandb_id").exists()
 
 
-def test_mode_follows_login(monkeypatch, tmp_path):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert tracking.wandb_mode() == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert tracking.wandb_mode() == "online"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert tracking.wandb_mode() == "disabled"
+def mode_seen_by_a_fresh_process(home, **env) -> str:
+    """wandb_mode() without the server check, in a new process (wandb keeps a login for its process)."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT),
+           "CUDA_VISIBLE_DEVICES": "", **env}
+    code = "from pipeline import tracking; print(tracking.wandb_mode(verify=False))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def netrc(home, host: str) -> None:
+    (home / ".netrc").write_text(f"machine {host}\n  login user\n  password {'a' * 40}\n")
+    (home / ".netrc").chmod(0o600)
+
+
+def test_mode_follows_login(tmp_path):
+    from wandb.sdk.lib.urls import DEFAULT_BASE_URL  # wandb 0.31: https://api.forge.coreweave.com
+
+    assert mode_seen_by_a_fresh_process(tmp_path) == "offline"
+    assert mode_seen_by_a_fresh_process(tmp_path, WANDB_API_KEY="x" * 40) == "online"
+    # `wandb login` writes a netrc entry for wandb's configured host; an entry for another host is no login.
+    netrc(tmp_path, "wandb.example.com")
+    assert mode_seen_by_a_fresh_process(tmp_path) == "offline"
+    assert mode_seen_by_a_fresh_process(tmp_path, WANDB_BASE_URL="https://wandb.example.com") == "online"
+    netrc(tmp_path, DEFAULT_BASE_URL.removeprefix("https://"))
+    assert mode_seen_by_a_fresh_process(tmp_path) == "online"
+    netrc(tmp_path, "api.wandb.ai")  # an older `wandb login`: wandb 0.31 reads it for its default host too
+    assert mode_seen_by_a_fresh_process(tmp_path) == "online"
+    assert mode_seen_by_a_fresh_process(tmp_path, WANDB_MODE="disabled") == "disabled"
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_bad_key_or_no_network_stops_before_training(workdir, processes):
+    # This machine has no network: the login check fails as it would for a wrong key, within seconds.
+    started = time.perf_counter()
+    result = cli(common(workdir, "trainer.epochs=1", "tracking=wandb"), cwd=workdir, processes=processes,
+                 launcher="run", env={"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "HOME": str(workdir)})
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("error: W&B rejected the login from WANDB_API_KEY or could not be reached") == 1
+    assert "WANDB_MODE=offline" in result.stderr and "tracking=none" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert seconds < 60 + 30 * (processes - 1), seconds  # was 107 s of wandb.init retries, then a traceback
+    # Nothing that looks like a run: the run directory is empty (no config, record, weights or W&B run).
+    (run_dir,) = run_dirs(workdir / "runs", "digits")
+    assert not list(run_dir.iterdir())
 
 
 def test_tracking_none_makes_no_wandb_run(workdir):

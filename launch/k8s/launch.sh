@@ -42,7 +42,10 @@ if [[ -n "${RUN_NAME:-}" ]]; then
     train_args=("run_name=$RUN_NAME" "$@")
 fi
 
-cmd=(accelerate launch --config_file "$ACCELERATE_CONFIG"
+# launch/run.py is `accelerate launch` that exits with the training's own code (143: stopped on
+# SIGTERM with a checkpoint saved, which the PyTorchJob's restartPolicy ExitCode retries; 1, 2, 3
+# are final) instead of 1 and a launcher traceback for every failure.
+cmd=(python launch/run.py --config_file "$ACCELERATE_CONFIG"
     --num_machines "$num_machines" --machine_rank "$machine_rank"
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
     --num_processes "$((num_machines * GPUS_PER_NODE))"
@@ -60,5 +63,8 @@ if [[ "$DRY_RUN" == 1 ]]; then
     show "${cmd[@]}"
     exit 0
 fi
-# exec so that the pod's SIGTERM reaches accelerate directly.
+# On SIGTERM torch's launcher waits this long for the training processes to save and exit (its
+# default: 30 s); keep it under the pod's terminationGracePeriodSeconds.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
+# exec so that the pod's SIGTERM reaches the launcher directly.
 exec "${cmd[@]}"
