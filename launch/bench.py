@@ -3,20 +3,25 @@
 python launch/bench.py --recipe mnist_mlp --data-root data --json bench.json
 python launch/bench.py --recipe mnist_cnn --data-root data --device cuda --compile --mixed-precision bf16
 
-Same model, optimizer, batch and data for all three; samples/s over the steps after a warm-up.
+Same model, optimizer, batch and data for all paths; samples/s over the steps after the same warm-up
+(pipeline.loop.WARMUP_STEPS), on CUDA between syncs, every path on the one device --device names.
   pipeline  launch/train.py's loop (Accelerate, shards -> in-memory tensors, per-batch normalize)
   bare      tensors already normalized in memory (on the device), sliced per step: the compute limit
   bare_u8   the same, but rows kept as uint8 and normalized per batch, as the pipeline stores them
             (informational: splits the pipeline's gap into the per-batch normalize and the loop)
   tutorial  torchvision dataset + ToTensor/Normalize + DataLoader(batch 64, shuffle), as the tutorials do
+--on-device false keeps the pipeline's rows in host memory (copied per batch, as for data too big for
+the GPU); the bare paths always index tensors on the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +37,7 @@ from pipeline import optim  # noqa: E402
 from pipeline import recipe as recipes  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
+from pipeline.loop import WARMUP_STEPS  # noqa: E402
 
 
 def parse_args():
@@ -40,7 +46,9 @@ def parse_args():
     p.add_argument("--data-root", required=True, help="folder with MNIST/raw/ (or FashionMNIST/raw/)")
     p.add_argument("--json", help="write {'samples_per_s': {...}, 'ratios': {...}} here")
     p.add_argument("--steps", type=int, default=0, help="timed steps per path (default: one epoch)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda where there is one")
+    p.add_argument("--on-device", default="auto", choices=["auto", "true", "false"],
+                   help="the pipeline's data.on_device (rows on the GPU, or in host memory copied per batch)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in every path")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--repeats", type=int, default=3, help="each path runs this often; the best run counts")
@@ -50,8 +58,15 @@ def parse_args():
 
 def main():
     args = parse_args()
+    # The pipeline path picks its device by itself: --device cpu hides the GPUs from it, before anything
+    # asks CUDA about them (CUDA fixes the devices a process sees at its first query).
     if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the pipeline path picks its device by itself
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        sys.exit(f"error: --device cuda, but torch sees no CUDA device here (CUDA_VISIBLE_DEVICES={visible!r}); "
+                 "drop --device or pass --device cpu")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="bench-") as work:  # shards and runs of the pipeline path
         try:
             measure(args, Path(work))
@@ -61,8 +76,8 @@ def main():
 
 def measure(args, work: Path):
     overrides = [f"recipe={args.recipe}", f"data.root={args.data_root}", f"data.cache_dir={work / 'cache'}",
-                 f"output_dir={work / 'runs'}", "tracking=none",
-                 f"trainer.compile={str(args.compile).lower()}"]
+                 f"output_dir={work / 'runs'}", "tracking=none", "data.download=false",
+                 f"trainer.compile={str(args.compile).lower()}", f"data.on_device={args.on_device}"]
     if args.batch_size:
         overrides.append(f"trainer.batch_size={args.batch_size}")
     recipe, cfg = pipeline_cli.parse(overrides)
@@ -74,14 +89,17 @@ def measure(args, work: Path):
     train_cols = data.columns(splits["train"])
     per_epoch = len(train_cols["label"]) // cfg.trainer.batch_size
     steps = args.steps or per_epoch
-    # The pipeline runs whole epochs (evaluation between them is not timed) until `steps` are done.
-    overrides += [f"trainer.epochs={math.ceil((steps + 1) / per_epoch)}", f"trainer.max_steps={steps + 1}"]
+    # The pipeline runs whole epochs (evaluation between them is not timed) until `steps` are done after
+    # its warm-up.
+    total = steps + WARMUP_STEPS
+    overrides += [f"trainer.epochs={math.ceil(total / per_epoch)}", f"trainer.max_steps={total}"]
     recipe, cfg = pipeline_cli.parse(overrides)
     device = torch.device(args.device)
-    print(f"bench: {args.recipe} batch {cfg.trainer.batch_size}, {steps} steps/path, device {device}, "
-          f"compile={args.compile}, mixed_precision={args.mixed_precision}, threads {torch.get_num_threads()}")
+    print(f"bench: {args.recipe} batch {cfg.trainer.batch_size}, {steps} steps/path after {WARMUP_STEPS} warm-up, "
+          f"device {device}, compile={args.compile}, mixed_precision={args.mixed_precision}, "
+          f"data.on_device={args.on_device}, threads {torch.get_num_threads()}")
 
-    runs = {"pipeline": lambda: pipeline(cfg),
+    runs = {"pipeline": lambda: pipeline(cfg, device),
             "bare": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args),
             "bare_u8": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args, per_batch=True),
             "tutorial": lambda: tutorial(recipe, cfg, steps, device, args)}
@@ -101,19 +119,26 @@ def measure(args, work: Path):
     if args.json:
         Path(args.json).write_text(json.dumps({
             "recipe": args.recipe, "device": str(device), "compile": args.compile,
-            "mixed_precision": args.mixed_precision, "batch_size": cfg.trainer.batch_size, "steps": steps,
+            "mixed_precision": args.mixed_precision, "on_device": args.on_device,
+            "batch_size": cfg.trainer.batch_size, "steps": steps, "warmup_steps": WARMUP_STEPS,
             "samples_per_s": best, "ratios": ratios}, indent=2) + "\n")
 
 
-def pipeline(cfg) -> float:
-    from accelerate.state import AcceleratorState
+def pipeline(cfg, device) -> float:
+    """The loop's own train/samples_per_s (timed as `timed` times the other paths)."""
+    from accelerate.state import AcceleratorState, PartialState
 
     from pipeline.loop import train
 
     try:
-        return train(cfg)["train/samples_per_s"]
+        rate = train(cfg)["train/samples_per_s"]
+        ran_on = PartialState().device.type
     finally:
         AcceleratorState._reset_state(True)
+    if ran_on != device.type:  # ratios of paths on different devices would mean nothing
+        sys.exit(f"error: the pipeline path ran on {ran_on}, the others on {device.type}; "
+                 f"run with --device {ran_on} or make {device.type} visible to it")
+    return rate
 
 
 def make_model(recipe, cfg, meta, device, args):
@@ -164,7 +189,17 @@ def tutorial(recipe, cfg, steps, device, args) -> float:
 
     cls = tv.FashionMNIST if recipe.name.startswith("fashion") else tv.MNIST
     norm = [transforms.Normalize((0.5,), (0.5,))] if recipe.name == "mnist_mlp" else []
-    ds = cls(cfg.data.root, train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), *norm]))
+    # torchvision's dataset reads unpacked IDX files; the pipeline never unpacks into the data folder, so
+    # the bench does, into its own temporary folder.
+    root = Path(cfg.data.cache_dir).parent / "tutorial-raw"
+    raw = root / cls.__name__ / "raw"
+    if not raw.exists():
+        raw.mkdir(parents=True)
+        for path in recipe.raw_files(cfg):
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as src, \
+                    open(raw / path.name.removesuffix(".gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    ds = cls(str(root), train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), *norm]))
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True)
     model, forward, opt = make_model(recipe, cfg, {}, device, args)
     loss_fn = recipes.loss_fn(recipe, cfg, {})
@@ -190,13 +225,14 @@ def tutorial(recipe, cfg, steps, device, args) -> float:
 
 
 def timed(step, steps: int, batch: int, device) -> float:
-    for i in range(3):  # warm-up (and compilation) is not timed
+    """As the loop's Speed: warm-up (and compilation) untimed, the clock read after a sync."""
+    for i in range(WARMUP_STEPS):
         step(i)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
-        step(i + 3)
+        step(i + WARMUP_STEPS)
     sync()
     return steps * batch / (time.perf_counter() - t0)
 

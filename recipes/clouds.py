@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -109,12 +110,23 @@ def augment(image: torch.Tensor) -> torch.Tensor:
     parameters per call (one flip and one angle for the whole batch), so the per-image draws are done
     here with masks and one affine grid, without a Python loop over images.
     """
-    n = len(image)
-    flip = torch.rand(n, device=image.device) < 0.5
-    image = torch.where(flip[:, None, None, None], image.flip(-1), image)
-    image = rotate(image, torch.empty(n, device=image.device).uniform_(-45.0, 45.0))
-    contrast = torch.rand(n, device=image.device) < 0.5
-    return torch.where(contrast[:, None, None, None], v2.functional.autocontrast(image), image)
+    flip, turn, contrast = draws(3, len(image), image.device)
+    image = torch.where(flip[:, None, None, None] < 0.5, image.flip(-1), image)
+    image = rotate(image, turn * 90.0 - 45.0)
+    return torch.where(contrast[:, None, None, None] < 0.5, v2.functional.autocontrast(image), image)
+
+
+def draws(rows: int, n: int, device) -> torch.Tensor:
+    """[rows, n] uniform [0, 1) numbers for this process's n images: the draws for the whole global batch,
+    made alike on every process (set_seed gives them one generator state), sliced at this process's part.
+
+    Each process trains on its slice of the global batch (split_batches), so image i of the global batch
+    gets the same draws on 1 or N processes and the generators stay in step; drawing only n numbers would
+    give every process's slice the same flips and angles.
+    """
+    state = PartialState()  # Accelerate's process group (a singleton); one process outside a launch
+    numbers = torch.rand(rows, n * state.num_processes, device=device)
+    return numbers[:, state.process_index * n:(state.process_index + 1) * n]
 
 
 def rotate(image: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

@@ -186,3 +186,19 @@ def test_backward_gives_accelerates_gradients(accumulation):
 
     ours, accelerates = gradients(Accelerator), gradients(accelerate.Accelerator)
     assert all(torch.equal(a, b) for a, b in zip(ours, accelerates, strict=True))
+
+
+def test_clouds_augments_alike_on_one_or_two_processes(workdir):
+    # Per-image flips, angles and contrast are drawn for the whole global batch, alike on every process,
+    # and each process takes its slice: augmented training is the same on 1 or 2 processes (drawn per
+    # process, every slice got the same draws and the runs drift apart).
+    from test_recipes_images import write_clouds
+
+    root = write_clouds(workdir / "data")
+    args = ["recipe=clouds", f"data.root={root}", "trainer.epochs=2"]
+    ok(cli(common(workdir / "one", *args), cwd=workdir))
+    ok(cli(common(workdir / "two", *args), cwd=workdir, processes=2))
+    s1, s2 = summary(workdir / "one" / "runs", "clouds"), summary(workdir / "two" / "runs", "clouds")
+    assert s2["num_processes"] == 2 and s2["steps"] == s1["steps"] == 2 * (189 // 16)
+    assert s2["eval/loss"] == pytest.approx(s1["eval/loss"], rel=1e-3)
+    assert s2["test/loss"] == pytest.approx(s1["test/loss"], rel=1e-3)

@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# Proves the GPU paths on a CUDA host in about 10 minutes, without network: one line per check with its
+# figure, then a summary; exits 1 if any check failed (2 if it cannot start).
+#
+#   bash launch/gpu_check.sh                          # from the repo root, on a host with 1+ GPUs
+#   GPU_CHECK_ALLOW_CPU=1 bash launch/gpu_check.sh    # the same checks, small, on the CPU (tests this script)
+#
+# Checks: compile + bf16 on mnist_cnn (recompiles counted); its weights load into an uncompiled model;
+# launch/bench.py on mnist_mlp and mnist_cnn with the data on the GPU and in host memory, and --device cpu
+# on the GPU host; fp16 from host memory stopped by SIGTERM and resumed; `pytest -m gpu`; with 2+ GPUs,
+# mnist_mlp on 1 and 2 processes. Data: MNIST's test set from tests/data/mnist-test (or ../shared/data),
+# written as both the train and the test files. PYTHON= picks the interpreter (default .venv/bin/python).
+set -u
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=$(command -v python3 || command -v python)
+WORK=$(mktemp -d -t gpu-check-XXXXXX)
+export TQDM_DISABLE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONUNBUFFERED=1
+
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then
+    # Small on the CPU: the same commands, fewer steps, no accuracy bar, no GPU-only checks.
+    DEVICE=cpu SMALL=1 GPUS=0 MIN_ACCURACY=0 BENCH_STEPS=20 REPEATS=1 EPOCHS=3
+    export CUDA_VISIBLE_DEVICES=""
+elif [ "$GPUS" -ge 1 ]; then
+    DEVICE=cuda SMALL=0 MIN_ACCURACY=0.9 BENCH_STEPS=400 REPEATS=2 EPOCHS=30  # EPOCHS: long enough to stop
+else
+    echo "error: no CUDA device (torch.cuda.device_count() is 0 with $PY); run this on a GPU host," \
+         "or set GPU_CHECK_ALLOW_CPU=1 to run the checks small on the CPU" >&2
+    exit 2
+fi
+
+MNIST=tests/data/mnist-test
+[ -d "$MNIST" ] || MNIST=../shared/data/mnist-test
+if [ ! -f "$MNIST/t10k-images-idx3-ubyte.gz" ]; then
+    echo "error: MNIST test files not found in tests/data/mnist-test or ../shared/data/mnist-test" >&2
+    exit 2
+fi
+mkdir -p "$WORK/data/MNIST/raw"
+for kind in images-idx3 labels-idx1; do
+    for split in train t10k; do cp "$MNIST/t10k-$kind-ubyte.gz" "$WORK/data/MNIST/raw/$split-$kind-ubyte.gz"; done
+done
+RUNS=$WORK/runs
+TRAIN=("$PY" launch/train.py "data.root=$WORK/data" "output_dir=$RUNS" "data.cache_dir=$WORK/cache" tracking=none)
+
+# The figures, read from the runs' own outputs; each exits non-zero when its check fails.
+cat >"$WORK/figures.py" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+def compiled(summary, recompiles, min_accuracy):
+    s = read(summary)
+    print(f"eval/accuracy {s['eval/accuracy']:.4f}, {s['train/samples_per_s']:,.0f} samples/s, first step "
+          f"{s['time/first_step_s']:.1f} s, compile={s['compile']}, {s['mixed_precision']}, recompiles {recompiles}")
+    # One recompile is the eval graph (no grad); the ragged last eval batch may add one.
+    return s["compile"] is True and s["mixed_precision"] == "bf16" and s["eval/accuracy"] >= float(min_accuracy) \
+        and int(recompiles) <= 2
+
+def load_weights(run, *overrides):
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline import cli, data
+
+    weights = load_file(Path(run) / "model.safetensors")
+    wrapped = [k for k in weights if "_orig_mod." in k]
+    if wrapped:
+        print(f"keys carry torch.compile's prefix: {', '.join(wrapped[:2])} ...")
+        return False
+    recipe, cfg = cli.parse(list(overrides))
+    splits, meta = data.load(data.shards_dir(recipe, cfg))
+    model = recipe.model(cfg, meta)
+    model.load_state_dict(weights, strict=True)  # every key, nothing extra
+    test, right = data.columns(splits["test"]), 0
+    with torch.no_grad():
+        for start in range(0, len(test["label"]), 1000):
+            batch = recipe.transform({k: v[start:start + 1000] for k, v in test.items()}, False, meta)
+            right += (model.eval()(batch["image"]).argmax(1) == batch["label"]).sum().item()
+    accuracy = right / len(test["label"])
+    expected = read(Path(run) / "summary.json")["test/accuracy"]
+    print(f"{len(weights)} tensors, test accuracy {accuracy:.4f} uncompiled fp32 vs {expected:.4f} in the run")
+    return abs(accuracy - expected) <= 0.01
+
+def bench(report, device):
+    r = read(report)
+    x = r["samples_per_s"]
+    print(f"{r['device']}: pipeline {x['pipeline']:,.0f} samples/s, x{r['ratios']['pipeline/bare']:.2f} bare, "
+          f"x{r['ratios']['pipeline/bare_u8']:.2f} bare_u8, x{r['ratios']['pipeline/tutorial']:.2f} tutorial")
+    return r["device"] == device
+
+def same_run(a, b, label_a, label_b):
+    a, b = read(a), read(b)
+    print(f"steps {a['steps']}/{b['steps']}, eval/loss {a['eval/loss']:.5f} {label_a} vs {b['eval/loss']:.5f} {label_b}")
+    return a["steps"] == b["steps"] and abs(a["eval/loss"] - b["eval/loss"]) <= 1e-3 * b["eval/loss"]
+
+try:
+    passed = globals()[sys.argv[1]](*sys.argv[2:])
+except Exception as e:  # a missing file or key: the check failed, and says how
+    print(f"{type(e).__name__}: {e}")
+    passed = False
+sys.exit(0 if passed else 1)
+EOF
+figure() { PYTHONPATH=. "$PY" "$WORK/figures.py" "$@" 2>>"$WORK/figures.log" | tail -n 1; return "${PIPESTATUS[0]}"; }
+
+PASSED=0 FAILED=0 SKIPPED=0
+FAILED_NAMES=()
+report() {  # report NAME STATUS FIGURE: one line; a failure shows the end of its log
+    if [ "$2" -eq 0 ]; then
+        PASSED=$((PASSED + 1)); printf 'PASS  %-26s %s\n' "$1" "$3"
+    else
+        FAILED=$((FAILED + 1)); FAILED_NAMES+=("$1")
+        printf 'FAIL  %-26s %s\n' "$1" "$3"
+        tail -n 12 "$WORK/$1.log" 2>/dev/null | sed 's/^/      | /'
+    fi
+}
+skip() { SKIPPED=$((SKIPPED + 1)); printf 'SKIP  %-26s %s\n' "$1" "$2"; }
+limited() {  # limited NAME SECONDS COMMAND...: appends the command's output to NAME.log; 124 on timeout
+    local name=$1 seconds=$2
+    shift 2
+    timeout --kill-after=15 "$seconds" "$@" >>"$WORK/$name.log" 2>&1
+    local status=$?
+    [ $status -eq 124 ] && echo "timed out after $seconds s: $*" >>"$WORK/$name.log"
+    return $status
+}
+
+echo "gpu_check: device=$DEVICE gpus=$GPUS python=$PY work=$WORK"
+
+# ---- 1. compile + bf16 on mnist_cnn: trains, and recompiles no more than evaluation needs
+few=(); [ "$SMALL" = 1 ] && few=(trainer.max_steps=10)
+TORCH_LOGS=recompiles ACCELERATE_MIXED_PRECISION=bf16 limited compile_bf16 600 "${TRAIN[@]}" recipe=mnist_cnn \
+    run_name=compiled trainer.compile=true trainer.epochs=1 "${few[@]}"
+status=$?
+recompiles=$(grep -c "Recompiling function" "$WORK/compile_bf16.log")
+line=$(figure compiled "$RUNS/mnist_cnn/compiled/summary.json" "$recompiles" "$MIN_ACCURACY") || status=1
+report compile_bf16 $status "$line"
+
+# ---- 2. the compiled run's weights load into an uncompiled model and score as in its summary
+line=$(figure load_weights "$RUNS/mnist_cnn/compiled" recipe=mnist_cnn "${TRAIN[@]:2}")
+report load_weights $? "$line"
+
+# ---- 3. bench: every path on the one device, the pipeline's data on the GPU and in host memory
+bench() {  # bench NAME DEVICE STEPS ARGS...
+    local name=$1 device=$2 steps=$3
+    shift 3
+    limited "$name" 600 "$PY" launch/bench.py --data-root "$WORK/data" --device "$device" --steps "$steps" \
+        --repeats "$REPEATS" --json "$WORK/$name.json" "$@"
+    local status=$? line
+    line=$(figure bench "$WORK/$name.json" "$device") || status=1
+    report "$name" $status "$line"
+}
+if [ "$DEVICE" = cuda ]; then
+    for recipe in mnist_mlp mnist_cnn; do
+        for on_device in true false; do
+            bench "bench_${recipe}_on_device_$on_device" cuda "$BENCH_STEPS" --recipe $recipe --on-device $on_device
+        done
+    done
+    # --device cpu on a GPU host: every path, the pipeline's too, on the CPU (bench stops otherwise).
+    bench bench_device_cpu_on_gpu_host cpu 20 --recipe mnist_mlp
+else
+    bench bench_mnist_mlp_host cpu "$BENCH_STEPS" --recipe mnist_mlp --on-device false
+fi
+
+# ---- 4. fp16 from host memory: SIGTERM stops it at a log line with a checkpoint; the same command resumes
+precision=fp16
+if [ "$DEVICE" = cpu ] && ! ACCELERATE_MIXED_PRECISION=fp16 "$PY" -c "import accelerate; accelerate.Accelerator()" \
+        >/dev/null 2>&1; then
+    precision=bf16  # Accelerate refuses fp16 on a CPU
+fi
+resume=(recipe=mnist_mlp "trainer.epochs=$EPOCHS" trainer.log_every=10 checkpoint.every_steps=20 data.on_device=false)
+export ACCELERATE_MIXED_PRECISION=$precision
+limited sigterm_resume 300 "${TRAIN[@]}" "${resume[@]}" run_name=whole
+whole=$?
+"${TRAIN[@]}" "${resume[@]}" run_name=stopped >>"$WORK/sigterm_resume.log" 2>&1 &
+pid=$!
+for _ in $(seq 1200); do  # up to 60 s for the first checkpoint
+    ls "$RUNS"/mnist_mlp/stopped/checkpoints/step-*/trainer_state.json >/dev/null 2>&1 && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.05
+done
+kill -TERM $pid 2>/dev/null
+wait $pid
+stopped=$?
+stop=$(grep -o "stopped on SIGTERM after step [0-9]*" "$WORK/sigterm_resume.log" | head -n 1)
+limited sigterm_resume 300 "${TRAIN[@]}" "${resume[@]}" run_name=stopped
+resumed=$?
+unset ACCELERATE_MIXED_PRECISION
+if [ $whole -eq 0 ] && [ $stopped -eq 143 ] && [ -n "$stop" ] && [ $resumed -eq 0 ] \
+        && grep -q "resuming from" "$WORK/sigterm_resume.log"; then
+    line=$(figure same_run "$RUNS/mnist_mlp/stopped/summary.json" "$RUNS/mnist_mlp/whole/summary.json" resumed \
+        uninterrupted)
+    report sigterm_resume $? "$precision, data in host memory, ${stop#stopped on SIGTERM }; $line"
+else
+    report sigterm_resume 1 "exit codes: whole $whole, stopped $stopped (143 expected), resumed $resumed; ${stop:-no stop}"
+fi
+
+# ---- 5. the tests marked gpu (they skip, saying why, where CUDA or a second GPU is missing)
+limited pytest_gpu 480 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+status=$?
+counts=$(tail -n 1 "$WORK/pytest_gpu.log")
+[ $status -eq 5 ] && counts="no tests marked gpu"
+# With 2+ GPUs nothing may skip: a skipped test is a path not proven.
+if [ "$GPUS" -ge 2 ] && grep -q "skipped" <<<"$counts"; then status=1; fi
+report pytest_gpu $status "$counts"
+
+# ---- 6. two processes on two GPUs: the same optimization as one
+if [ "$GPUS" -ge 2 ]; then
+    one=(recipe=mnist_mlp trainer.epochs=1)
+    limited ddp_one_vs_two 300 "${TRAIN[@]}" "${one[@]}" run_name=one
+    limited ddp_one_vs_two 300 "$(dirname "$PY")/accelerate" launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no "${TRAIN[@]:1}" "${one[@]}" run_name=two
+    status=$?
+    line=$(figure same_run "$RUNS/mnist_mlp/two/summary.json" "$RUNS/mnist_mlp/one/summary.json" "on 2 GPUs" \
+        "on 1") || status=1
+    report ddp_one_vs_two $status "$line"
+else
+    skip ddp_one_vs_two "needs 2 GPUs, found $GPUS"
+fi
+
+echo "gpu_check: $PASSED passed, $FAILED failed, $SKIPPED skipped (device=$DEVICE gpus=$GPUS)"
+if [ $FAILED -gt 0 ]; then
+    echo "gpu_check: failed: ${FAILED_NAMES[*]}; logs in $WORK"
+    exit 1
+fi
+rm -rf "$WORK"
