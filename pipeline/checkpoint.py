@@ -1,41 +1,70 @@
 """Checkpoints: the whole training state through Accelerate's `save_state`, and finding it again to resume.
 
 A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves one
-that looks usable; `latest` only sees complete ones.
+that looks usable; a manifest of its files (sizes, sha256) shows later damage before anything is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shlex
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from accelerate.utils import broadcast_object_list
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, to_yaml
+from pipeline.data import NOT_CONTENT
 from pipeline.tracking import write_json
 
 STATE_FILE = "trainer_state.json"  # where the loop stands: step, epoch, micro-batches into the epoch
+CONFIG_FILE = "config.yaml"  # the run's config when the checkpoint was saved
+MANIFEST = "manifest.json"  # every other file's size and sha256, written last
+RNG_FILE = re.compile(r"random_states_\d+\.pkl")
+# The only folders this module writes into checkpoints/, and so the only ones it ever removes.
+OURS = re.compile(r"(\.tmp-|damaged-)?step-\d{8}")
+
+# Keys that may differ when a run resumes: where things are, what is logged, how fast data is read,
+# when to stop. Any other difference changes the training and is refused (see `check_config`).
+MAY_CHANGE = ("output_dir", "run_name", "tracking", "project", "trainer.log_every", "trainer.eval_batch_size",
+              "trainer.max_steps", "checkpoint.", "debug.", *(f"data.{key}" for key in NOT_CONTENT))
+# trainer.epochs may change too (a run extended or cut short), unless the LR schedule is spread over
+# all the epochs: then the lr of every step depends on their number.
+SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
 
 
 def folder(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def ours(path: Path) -> bool:
+    """A folder this module wrote: `step-N` (or one set aside as damaged) with its state, or a `.tmp-step-N`."""
+    if not OURS.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+        return False
+    return path.name.startswith(".tmp-") or (path / STATE_FILE).exists() or (path / MANIFEST).exists()
+
+
 def complete(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
+    """The run's complete checkpoints (renamed into place, intact or not), oldest first."""
     root = folder(run_dir)
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).exists()] if root.exists() else []
+    found = [p for p in root.glob("step-*") if OURS.fullmatch(p.name) and (p / STATE_FILE).exists()]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def latest(run_dir: Path) -> Path | None:
-    found = complete(run_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint whose files are as they were saved."""
+    return next((p for p in reversed(complete(run_dir)) if damage(p) is None), None)
 
 
 def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
-    """Model, optimizer, scheduler, every process's RNG state and `position`; keeps the newest `keep`.
+    """Model, optimizer, scheduler, every process's RNG state, `position` and the run's config; keeps
+    the newest `keep`.
 
     Every process calls it at the same step (each writes its own RNG state); the output directory must
     be one that all processes see.
@@ -50,7 +79,10 @@ def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, {**position, "num_processes": accelerator.num_processes})
-        if final.exists():
+        if (Path(run_dir) / CONFIG_FILE).exists():  # what trained up to here, for `check_config`
+            shutil.copyfile(Path(run_dir) / CONFIG_FILE, tmp / CONFIG_FILE)
+        write_manifest(tmp)
+        if ours(final):
             shutil.rmtree(final)
         tmp.rename(final)
         for old in complete(run_dir)[:-keep]:
@@ -59,9 +91,118 @@ def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
     return final
 
 
+def write_manifest(checkpoint: Path) -> None:
+    # sha256 reads the files back once (~1.7 GB/s on one core): milliseconds for this pipeline's models.
+    files = {p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    write_json(checkpoint / MANIFEST, {"files": files})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with the files of `checkpoint` (None: they are as saved), naming each damaged file."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / MANIFEST).exists():  # saved before manifests: only its state can be checked
+        try:
+            return None if "step" in position(checkpoint) else f"{STATE_FILE} has no step"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{STATE_FILE} is unreadable ({type(e).__name__})"
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    problems = []
+    for name, saved in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            problem = f"{name} is missing"
+        elif path.stat().st_size != saved["size"]:
+            problem = f"{name} has {path.stat().st_size:,} bytes, {saved['size']:,} were saved"
+        elif _sha256(path) != saved["sha256"]:
+            problem = f"{name} differs from what was saved (sha256)"
+        else:
+            continue
+        if RNG_FILE.fullmatch(name):  # Accelerate would skip it with an info log: an inexact resume
+            problem += " - it is a random-number state: a resume without it would not repeat the same numbers"
+        problems.append(problem)
+    return "; ".join(problems) or None
+
+
 def position(checkpoint: Path) -> dict:
     """Where the loop stood when `checkpoint` was saved: step, epoch, micro-batches into the epoch."""
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def resume_point(run_dir: Path, cfg, state, say=print) -> Path | None:
+    """The checkpoint this run continues from, or None to start at step 0. Chosen on the main process
+    (which sets damaged checkpoints aside) and shared with the others; a refusal is raised on all."""
+    answer = ["", ""]  # checkpoint, error
+    if state.is_main_process:
+        try:
+            answer[0] = str(_choose(Path(run_dir), cfg, state.num_processes, say) or "")
+        except ConfigError as e:
+            answer[1] = str(e)
+    if state.num_processes > 1:
+        broadcast_object_list(answer)
+    if answer[1]:
+        raise ConfigError(answer[1])
+    return Path(answer[0]) if answer[0] else None
+
+
+def _choose(run_dir: Path, cfg, num_processes: int, say) -> Path | None:
+    found = complete(run_dir)
+    if not cfg.checkpoint.resume:
+        # The run starts over (a run with an intact checkpoint is refused before this). Its damaged
+        # checkpoints are set aside, so none can be mistaken for, or pruned instead of, the new run's.
+        for path in found:
+            if problem := damage(path):
+                say(f"starting over: the damaged checkpoint {path} ({problem}) is set aside as "
+                    f"{set_aside(path).name}")
+        return None
+    damaged = []
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            break
+        damaged.append((path, problem))
+    else:
+        path = None
+    if path is None and damaged:
+        lines = "\n".join(f"  checkpoint {bad} is damaged: {problem}" for bad, problem in damaged)
+        raise ConfigError(
+            f"no intact checkpoint to resume from:\n{lines}\nTo start this run over (the damaged checkpoints "
+            f"are set aside), run\n  {same_command('checkpoint.resume=false')}\nor train under another "
+            f"name:\n  {same_command('run_name=<new name>')}")
+    if path is not None:
+        check_resumable(path, num_processes)
+        check_config(path, cfg)
+    for bad, problem in damaged:
+        say(f"warning: checkpoint {bad} is damaged ({problem}); resuming from the one before it. "
+            f"The damaged one is set aside as {set_aside(bad).name}")
+    return path
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Renames a damaged checkpoint out of the way (kept to look at; removed when the run finishes)."""
+    aside = checkpoint.with_name(f"damaged-{checkpoint.name}")
+    if ours(aside):
+        shutil.rmtree(aside)  # set aside by an earlier attempt
+    checkpoint.rename(aside)
+    return aside
+
+
+def same_command(extra: str) -> str:
+    """This process's command line with `extra` in place of the argument of the same key."""
+    key = extra.split("=")[0] + "="
+    args = [a for a in sys.argv[1:] if not a.removeprefix("--").startswith(key)]
+    return shlex.join(["python", sys.argv[0], *args]) + " " + extra
 
 
 def check_resumable(checkpoint: Path, num_processes: int) -> None:
@@ -73,10 +214,76 @@ def check_resumable(checkpoint: Path, num_processes: int) -> None:
             f"{saved} processes (accelerate launch --num_processes {saved} ...), or start a new run_name=")
 
 
+def check_config(checkpoint: Path, cfg) -> None:
+    """Stops when this command would train differently from the run that saved `checkpoint`: resuming
+    would mix the two while the run's config.yaml shows only the new values."""
+    saved_file = Path(checkpoint) / CONFIG_FILE
+    if not saved_file.exists():  # saved before checkpoints kept their config
+        return
+    saved, now = _flat(_plain(saved_file.read_text())), _flat(_plain(to_yaml(cfg)))
+    absent = "(absent)"
+    changed = [key for key in sorted(saved.keys() | now.keys())
+               if saved.get(key, absent) != now.get(key, absent) and not _may_change(key, saved, now)]
+    if changed:
+        lines = "\n".join(f"  {key}: {saved.get(key, absent)} in the checkpoint, {now.get(key, absent)} now"
+                          + (" (the lr schedule spans all epochs)" if key == "trainer.epochs" else "")
+                          for key in changed)
+        raise ConfigError(
+            f"this command trains differently from the run that saved {checkpoint}, and resuming would "
+            f"mix the two:\n{lines}\nResume with the checkpoint's values (they are in {saved_file}); or "
+            f"train the new values as a new run:\n  {same_command('run_name=<new name>')}\nor start this "
+            f"run over with them: remove its checkpoints (rm -r {folder(Path(checkpoint).parent.parent)}/step-*) "
+            f"and run the command again")
+
+
+def _may_change(key: str, saved: dict, now: dict) -> bool:
+    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE):
+        return True
+    schedules = {str(saved.get("scheduler.name")), str(now.get("scheduler.name"))}
+    return key == "trainer.epochs" and not schedules & set(SCHEDULES_OVER_THE_RUN)
+
+
+def _plain(text: str) -> dict:
+    """Both configs go through the same YAML text, so values compare alike (Enums by name, tuples as lists)."""
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load(accelerator, checkpoint: Path) -> dict:
     """Restores what `save` wrote into the prepared objects; returns the saved position."""
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # its files are as saved (see `damage`): they do not fit what this code built
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not fit the model or optimizer this command builds "
+            f"({type(e).__name__}: {first}); was the recipe's code changed since it was saved? Restore that "
+            f"code to resume, or train under another name: {same_command('run_name=<new name>')}") from None
     return position(checkpoint)
+
+
+def remove_all(run_dir: Path) -> None:
+    """Removes a finished run's checkpoints: only the folders `save` wrote. Anything else a person put
+    into checkpoints/ stays, and so does the folder then."""
+    root = folder(run_dir)
+    if not root.is_dir() or root.is_symlink():
+        return
+    for path in root.iterdir():
+        if ours(path):
+            shutil.rmtree(path)
+    try:
+        root.rmdir()
+    except OSError:  # not empty: someone else's files
+        pass
 
 
 class Preempted(Exception):

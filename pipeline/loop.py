@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -74,11 +73,11 @@ def train(cfg) -> dict:
     # it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
     run_dir = make_run_dir(cfg, state)
-    # An interrupted run (same run_name=) continues from its newest complete checkpoint.
-    resume_from = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
-    if resume_from:
-        checkpoint.check_resumable(resume_from, state.num_processes)
-    # The local record keeps the lines up to the checkpoint; the steps after it are trained again.
+    # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
+    # trains the same way; damaged ones are set aside with a warning.
+    resume_from = checkpoint.resume_point(run_dir, cfg, state, say)
+    # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
+    # a run that starts at step 0 starts a fresh record.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
     log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, main=state.is_main_process)
     compile_model = flag(cfg.trainer.compile, state.device.type == "cuda")
@@ -242,7 +241,7 @@ def train(cfg) -> dict:
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "summary.json", summary)
         # Checkpoints are for resuming an interrupted run; a finished one keeps its final weights.
-        shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
+        checkpoint.remove_all(run_dir)  # only the folders it wrote: a person's files stay
     stop_signal.close()
     progress.close()
     say(summary_line(summary))

@@ -29,7 +29,9 @@ class LocalRecord(GeneralTracker):
         path = self.run_dir / "metrics.jsonl"
         if resumed_step is not None and path.exists():
             keep_until(path, resumed_step)
-        self.file = open(path, "a")
+        # A run that starts at step 0 (killed before its first checkpoint, or started over) starts a
+        # fresh record: appending would repeat its steps.
+        self.file = open(path, "a" if resumed_step is not None else "w")
 
     @property
     def tracker(self):

@@ -1,12 +1,14 @@
 """Checkpoints and resume: a run killed at any moment continues, on 1 or 2 processes, exactly where it was."""
 
 import json
+import shutil
 import subprocess
 import time
 
 import psutil
 import pytest
 from conftest import cli, command, common, environment, ok, run_dirs
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from pipeline import checkpoint
@@ -38,6 +40,11 @@ def kill_after_checkpoint(args: list[str], cwd, run_dir, processes: int, min_ste
     """Kills a run (and every process it started) hard once a checkpoint of `min_step` or later is
     complete: no handler runs, as after a node failure."""
     proc = start_and_wait_for_checkpoint(args, cwd, run_dir, processes, min_step, logged_past_it=True)
+    kill(proc, run_dir)
+
+
+def kill(proc: subprocess.Popen, run_dir) -> None:
+    """SIGKILL to a run and every process it started."""
     tree = psutil.Process(proc.pid)
     for p in tree.children(recursive=True) + [tree]:
         try:
@@ -118,13 +125,167 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
 def test_starting_over_a_checkpointed_run_is_refused(workdir):
     run_dir = workdir / "runs" / "digits" / "job"
     (checkpoint.folder(run_dir) / "step-00000044").mkdir(parents=True)
-    (checkpoint.folder(run_dir) / "step-00000044" / checkpoint.STATE_FILE).write_text("{}")
+    (checkpoint.folder(run_dir) / "step-00000044" / checkpoint.STATE_FILE).write_text('{"step": 44}')
     out = cli(common(workdir, "run_name=job", "checkpoint.resume=false"), cwd=workdir)
     assert out.returncode == 2 and "checkpoint.resume=false" in out.stderr and "Traceback" not in out.stderr
     assert (checkpoint.folder(run_dir) / "step-00000044").exists()  # nothing destroyed
-    (checkpoint.folder(run_dir) / "step-00000044" / checkpoint.STATE_FILE).write_text('{"num_processes": 2}')
+    state = checkpoint.folder(run_dir) / "step-00000044" / checkpoint.STATE_FILE
+    state.write_text('{"step": 44, "num_processes": 2}')
     other = cli(common(workdir, "run_name=job"), cwd=workdir)
     assert other.returncode == 2 and "saved by 2 processes and this run has 1" in other.stderr
     assert "--num_processes 2" in other.stderr
     bad = cli(common(workdir, "checkpoint.keep=-1"), cwd=workdir)
     assert bad.returncode == 2 and "checkpoint.keep" in bad.stderr
+
+
+# ---------------------------------------------------------------- resume integrity and damaged checkpoints
+
+# digits: 44 steps an epoch. A checkpoint every 10 steps, the newest 2 kept.
+ARGS = ["trainer.epochs=2", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=2"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """An uninterrupted run with ARGS: the numbers every resumed run must reproduce."""
+    workdir = tmp_path_factory.mktemp("whole")
+    ok(cli(common(workdir, *ARGS, "run_name=whole"), cwd=workdir))
+    return workdir / "runs" / "digits" / "whole"
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A working directory (runs/ and cache/) whose run `job` stopped on SIGTERM with two checkpoints."""
+    workdir = tmp_path_factory.mktemp("interrupted")
+    run_dir = workdir / "runs" / "digits" / "job"
+    proc = start_and_wait_for_checkpoint(common(workdir, *ARGS, "run_name=job"), workdir, run_dir, 1, min_step=20)
+    proc.terminate()
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143 and len(checkpoint.complete(run_dir)) == 2
+    return workdir
+
+
+def copy_of(interrupted, workdir):
+    """The interrupted run in this test's own working directory; returns its run directory."""
+    shutil.copytree(interrupted, workdir, dirs_exist_ok=True)
+    return workdir / "runs" / "digits" / "job"
+
+
+def cut(path) -> None:
+    """Truncates a file to half its size, as a full disk or a killed copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_record(workdir, whole):
+    run_dir = workdir / "runs" / "digits" / "job"
+    args = common(workdir, *ARGS[:-1], "checkpoint.keep=0", "run_name=job")  # no checkpoint to resume from
+    proc = subprocess.Popen(command(args), cwd=workdir, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and last_logged_step(run_dir) < 10:
+        time.sleep(0.005)
+    kill(proc, run_dir)
+    assert last_logged_step(run_dir) >= 10
+    out = ok(cli(args, cwd=workdir))
+    assert "resuming" not in out.stdout
+    same_result(run_dir, whole)  # the record has each step once, as in an uninterrupted run
+
+
+@pytest.mark.slow
+def test_resuming_with_other_training_values_is_refused_and_harmless_changes_are_allowed(workdir, interrupted,
+                                                                                        whole):
+    run_dir = copy_of(interrupted, workdir)
+    saved = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    trained = OmegaConf.load(checkpoint.latest(run_dir) / checkpoint.CONFIG_FILE)
+    other = cli(common(workdir, *ARGS, "run_name=job", "optimizer.lr=0.5", "trainer.batch_size=16"), cwd=workdir)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert f"optimizer.lr: {trained.optimizer.lr} in the checkpoint, 0.5 now" in other.stderr
+    assert f"trainer.batch_size: {trained.trainer.batch_size} in the checkpoint, 16 now" in other.stderr
+    assert "run_name=<new name>" in other.stderr and "config.yaml" in other.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == saved  # nothing changed
+
+    # Where it is written, logged and kept cannot change the numbers: allowed. Files a person put in
+    # checkpoints/ survive the pruning to the newest 1 and the finished run's clean-up.
+    (checkpoint.folder(run_dir) / "notes.txt").write_text("mine")
+    (checkpoint.folder(run_dir) / "step-00000099").mkdir()  # looks like ours, but has no state
+    again = ok(cli(common(workdir, *ARGS[:-1], "checkpoint.keep=1", "run_name=job", "trainer.log_every=7",
+                          "tracking=wandb"), cwd=workdir))
+    assert "resuming from" in again.stdout
+    a, b = load_file(run_dir / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in b)
+    assert sorted(p.name for p in checkpoint.folder(run_dir).iterdir()) == ["notes.txt", "step-00000099"]
+    assert (checkpoint.folder(run_dir) / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(workdir, interrupted, whole):
+    run_dir = copy_of(interrupted, workdir)
+    older, newest = checkpoint.complete(run_dir)
+    cut(newest / "model.safetensors")
+    out = ok(cli(common(workdir, *ARGS, "run_name=job"), cwd=workdir))
+    assert f"warning: checkpoint {newest} is damaged (model.safetensors has" in out.stdout
+    assert f"resuming from {older}" in out.stdout
+    same_result(run_dir, whole)  # exactly the uninterrupted run's numbers and record
+
+
+@pytest.mark.slow
+def test_without_an_intact_checkpoint_the_run_stops_and_can_start_over(workdir, interrupted, whole):
+    run_dir = copy_of(interrupted, workdir)
+    older, newest = checkpoint.complete(run_dir)
+    cut(newest / "optimizer.bin")
+    cut(older / checkpoint.STATE_FILE)
+    args = common(workdir, *ARGS, "run_name=job")
+    stopped = cli(args, cwd=workdir)
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert f"checkpoint {newest} is damaged: optimizer.bin has" in stopped.stderr
+    assert f"checkpoint {older} is damaged: {checkpoint.STATE_FILE} has" in stopped.stderr
+    assert "checkpoint.resume=false" in stopped.stderr and newest.exists() and older.exists()
+    # The command the message gives starts the run over: the damaged checkpoints are set aside.
+    over = ok(cli([*args, "checkpoint.resume=false"], cwd=workdir))
+    assert "set aside as damaged-step-" in over.stdout and "resuming" not in over.stdout
+    same_result(run_dir, whole)  # a fresh record, not the killed attempt's lines plus the new ones
+
+
+def test_each_damaged_file_is_named(workdir, interrupted):
+    """Every file of a real checkpoint is checked against its manifest before anything is loaded."""
+    run_dir = copy_of(interrupted, workdir)
+    newest = checkpoint.latest(run_dir)
+    assert checkpoint.damage(newest) is None
+    names = sorted(p.name for p in newest.iterdir())
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", checkpoint.STATE_FILE,
+            checkpoint.CONFIG_FILE, checkpoint.MANIFEST} <= set(names), names
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", checkpoint.STATE_FILE):
+        original = (newest / name).read_bytes()
+        cut(newest / name)
+        assert checkpoint.damage(newest).startswith(f"{name} has "), name
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0xFF
+        (newest / name).write_bytes(bytes(flipped))  # same size, other content
+        assert checkpoint.damage(newest).startswith(f"{name} differs"), name
+        (newest / name).write_bytes(original)
+    # Accelerate skips an unreadable RNG state with an info log; here it is said plainly.
+    cut(newest / "random_states_0.pkl")
+    assert "would not repeat the same numbers" in checkpoint.damage(newest)
+    assert checkpoint.latest(run_dir) != newest
+    cut(newest / checkpoint.MANIFEST)
+    assert checkpoint.damage(newest).startswith(f"{checkpoint.MANIFEST} is unreadable")
+
+
+def test_only_the_pipelines_own_folders_are_removed(tmp_path):
+    root = checkpoint.folder(tmp_path)
+    for name in ("step-00000010", "damaged-step-00000020", ".tmp-step-00000030"):
+        (root / name).mkdir(parents=True)
+        (root / name / checkpoint.STATE_FILE).write_text("{}")
+    (root / "step-00000040").mkdir()  # no state: not ours
+    (root / "step-5").mkdir()
+    (root / "step-5" / checkpoint.STATE_FILE).write_text("{}")  # not our name
+    (root / "notes.txt").write_text("mine")
+    checkpoint.remove_all(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-00000040", "step-5"]
+    for p in list(root.iterdir()):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (root / "step-00000010").mkdir()
+    (root / "step-00000010" / checkpoint.STATE_FILE).write_text("{}")
+    checkpoint.remove_all(tmp_path)
+    assert not root.exists()  # emptied: the folder goes too
