@@ -10,6 +10,7 @@ import sys
 
 from pipeline import checkpoint, config, data
 from pipeline import recipe as recipes
+from pipeline.loop import Diverged
 
 USAGE = """usage: accelerate launch launch/{script}.py [recipe=NAME] [key.sub=value ...]
        python launch/{script}.py [recipe=NAME] [key.sub=value ...]
@@ -58,6 +59,10 @@ def main(script: str, what: str, run) -> None:
     except checkpoint.Preempted as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Diverged as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (config.ConfigError, data.DataError) as e:
         # Every process of a launch meets the same error: one message per machine is enough.

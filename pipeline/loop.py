@@ -5,11 +5,15 @@ Accelerate owns devices, processes, precision, accumulation and trackers; this i
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
+import math
+import os
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +45,10 @@ accelerate.optimizer.inspect = SimpleNamespace(
     **{**vars(inspect), "signature": functools.lru_cache(maxsize=16)(inspect.signature)})
 
 
+# Steps before train/samples_per_s counts: the first carries compilation, the next ones the allocator's
+# and autotuning's warm-up. launch/bench.py warms its other paths up for as many steps.
+WARMUP_STEPS = 3
+
 PLAIN_BACKWARD = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
@@ -68,7 +76,8 @@ def train(cfg) -> dict:
     micro_batch = check_batches(cfg, state.num_processes)
     sync_batchnorm = check_sync_batchnorm(cfg, state)
     say = state.print
-    say(to_yaml(cfg).rstrip())
+    # Checked before any work: an unwritable output_dir must not surface after the data was prepared.
+    check_writable(cfg)
     # Shards first (built once, while the other processes wait): missing data stops the run before
     # it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
@@ -80,17 +89,26 @@ def train(cfg) -> dict:
     # a run that starts at step 0 starts a fresh record.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
     log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, main=state.is_main_process)
-    compile_model = flag(cfg.trainer.compile, state.device.type == "cuda")
+    compile_model = decide_compile(cfg, state, sync_batchnorm, say)
     accelerator = Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
         # The loaders yield GLOBAL batches; each process takes its slice, so the optimisation is
         # the same on 1 or N processes.
         dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile_model else None,
+        # "no" spelled out: without a plugin Accelerate reads ACCELERATE_DYNAMO_BACKEND / `accelerate
+        # config` and compiles anyway, while this run's record would say compile=False.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if compile_model else "no"),
         log_with=log_with,
         project_dir=str(run_dir),
     )
+    keep_plain_weights(accelerator)
+    if accelerator.device.type == "cuda":
+        # TF32 keeps fp32's range with a 10-bit mantissa: several times the fp32 matmul speed on Ampere+ for
+        # a precision that SGD noise swamps. cudnn.benchmark picks the fastest convolution for the (fixed,
+        # drop_last) training shapes once.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+        torch.backends.cudnn.benchmark = True
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -101,7 +119,8 @@ def train(cfg) -> dict:
     # ---- data: whole-split tensors indexed per batch
     splits, meta = data.load(shards)
     tensors = {name: data.columns(split) for name, split in splits.items()}
-    on_device = keep_on_device(cfg, accelerator, tensors)
+    # Decided on each process from its own GPU's free memory; all must take the same path.
+    on_device = all_agree(accelerator, keep_on_device(cfg, accelerator, tensors))
     make = recipe.dataset or (lambda cols, meta, split: data.Rows(cols))
     rows = {name: make(cols, meta, name) for name, cols in tensors.items()}
     if on_device:
@@ -139,7 +158,7 @@ def train(cfg) -> dict:
     metrics = make_metrics(recipe, cfg, meta, accelerator.device)
     loss_fn = recipes.loss_fn(recipe, cfg, meta)
 
-    accelerator.init_trackers(cfg.project, config=as_dict(cfg), init_kwargs=init_kwargs)
+    tracking.init(accelerator, cfg.project, as_dict(cfg), init_kwargs)
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "meta.json", meta)
     say(f"data: train {len(rows['train']):,} rows, {steps_per_epoch} steps/epoch; "
@@ -160,7 +179,7 @@ def train(cfg) -> dict:
     # Accelerate's accumulate() skips the gradient sync of micro-batches between optimizer steps;
     # with one micro-batch a step it has nothing to skip, and its bookkeeping stays off the step.
     accumulating = trainer.grad_accum_steps > 1
-    step, results, speed = position["step"], {}, Speed()
+    step, results, speed = position["step"], {}, Speed(accelerator.device)
     progress = Progress(accelerator.is_main_process, steps_per_epoch * trainer.epochs)
     epoch = position["epoch"] - 1  # the epochs done, for the summary, if none are left to run
     for epoch in range(position["epoch"], trainer.epochs + 1):
@@ -168,7 +187,7 @@ def train(cfg) -> dict:
         batch_order.epoch = epoch
         done = position["batches"] if epoch == position["epoch"] else 0  # micro-batches of this epoch
         # A run resumed mid-epoch skips the batches it already trained on (indices only, no data read).
-        loader = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+        loader = skip_batches(accelerator, train_loader, done) if done else train_loader
         speed.resume()
         losses = []  # detached per-step losses, averaged at each log line (no sync, no extra op a step)
         for batch in loader:
@@ -206,25 +225,35 @@ def train(cfg) -> dict:
                 accelerator.log(logged, step=step)
                 results.update(logged)
                 progress.update(step, epoch, train_loss, speed.rate())
+                # NaN or inf on any process makes the mean so: every process stops at the same line.
+                check_finite({"train/loss": train_loss}, step, run_dir, accelerator)
                 if terminate > 0:
-                    saved = checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch, "batches": done},
-                                            keep)
+                    check_weights(model, step, run_dir, accelerator)
+                    with disk_full_guard(run_dir, "a checkpoint", accelerator):
+                        saved = checkpoint.save(accelerator, run_dir,
+                                                {"step": step, "epoch": epoch, "batches": done}, keep)
                     stop_signal.close()
                     accelerator.end_training()
                     progress.close()
                     raise checkpoint.Preempted(f"stopped on SIGTERM after step {step}; saved {saved}. "
                                                f"The same command with run_name={run_dir.name} resumes it.")
             if every and step % every == 0 and done < len(train_loader):
-                checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch, "batches": done}, keep)
+                check_weights(model, step, run_dir, accelerator)  # a checkpoint never holds NaN weights
+                with disk_full_guard(run_dir, "a checkpoint", accelerator):
+                    checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch, "batches": done}, keep)
             if stop:
                 break
+        speed.pause()
         results.update(evaluate(model, eval_loaders["eval"], recipe, loss_fn, metrics, accelerator, meta, "eval"))
+        check_finite({"eval/loss": results["eval/loss"]}, step, run_dir, accelerator)
         accelerator.log({k: v for k, v in results.items() if k.startswith("eval/") and _scalar(v)}, step=step)
         progress.epoch(epoch, cfg.trainer.epochs, results)
         if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
             break
         if keep and epoch < trainer.epochs:  # after the last epoch the weights and summary follow
-            checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch + 1, "batches": 0}, keep)
+            check_weights(model, step, run_dir, accelerator)
+            with disk_full_guard(run_dir, "a checkpoint", accelerator):
+                checkpoint.save(accelerator, run_dir, {"step": step, "epoch": epoch + 1, "batches": 0}, keep)
 
     if "test" in eval_loaders:
         test = evaluate(model, eval_loaders["test"], recipe, loss_fn, metrics, accelerator, meta, "test")
@@ -233,7 +262,11 @@ def train(cfg) -> dict:
 
     # ---- outputs: weights, summary
     accelerator.wait_for_everyone()
-    accelerator.save_model(model, run_dir, safe_serialization=True)
+    # The plain module's weights: a compiled model's keys would carry `_orig_mod.` and load nowhere else.
+    check_weights(model, step, run_dir, accelerator)
+    with disk_full_guard(run_dir, "the final weights", accelerator):
+        accelerator.save_model(accelerator.unwrap_model(model, keep_torch_compile=False), run_dir,
+                               safe_serialization=True)
     summary = {"recipe": cfg.recipe, "run_dir": str(run_dir), "steps": step, "epochs": epoch,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                "compile": compile_model, **results, "train/samples_per_s": speed.rate(),
@@ -366,26 +399,164 @@ def keep_on_device(cfg, accelerator, tensors: dict) -> bool:
     return sum(data.nbytes(t) for t in tensors.values()) < free / 4
 
 
-class Speed:
-    """Training samples/s over train steps only (not evaluation), without the first step, which
-    carries compilation and warm-up and is reported on its own."""
+class Diverged(RuntimeError):
+    """The loss became NaN or inf: the run stops, keeps its checkpoints and writes no summary."""
 
-    def __init__(self):
+    exit_code = 3
+
+
+def check_finite(values: dict, step: int, run_dir: Path, accelerator) -> None:
+    """Stops the run on a non-finite loss (every process sees the same reduced value, so all stop)."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    accelerator.end_training()
+    last = checkpoint.latest(run_dir)
+    kept = (f"The last checkpoint, {last}, was saved before the loss went bad; the same command resumes from it."
+            if last else "No checkpoint was saved before it.")
+    raise Diverged(
+        f"{', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}: training diverged and was stopped "
+        f"(no summary.json or weights written). {kept}\nLikely causes: a learning rate too high (lower "
+        f"optimizer.lr), non-finite or unscaled values in the input data, fp16 overflow (use bf16, or "
+        f"trainer.clip_grad_norm=1.0). Start a new run with the fix: run_name=<new name>.")
+
+
+def check_weights(model, step: int, run_dir: Path, accelerator) -> None:
+    """Before any save: one pass over the weights (the loss of a step is taken before its update)."""
+    bad = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all().logical_not().float()
+    if accelerator.reduce(bad, reduction="sum").item():
+        check_finite({"weights": float("nan")}, step, run_dir, accelerator)
+
+
+@contextmanager
+def disk_full_guard(run_dir: Path, what: str, accelerator):
+    """A full disk while saving becomes one message; the incomplete checkpoint is removed."""
+    try:
+        yield
+    except Exception as e:  # OSError, torch's zip writer (RuntimeError "unexpected pos"), SafetensorError
+        free = shutil.disk_usage(run_dir).free
+        full = any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                   or "No space left on device" in str(x) for x in _chain(e))
+        if not full and free >= 1 << 20:
+            raise
+        if accelerator.is_main_process:
+            for tmp in checkpoint.folder(run_dir).glob(".tmp-step-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        last = checkpoint.latest(run_dir)
+        raise data.DataError(
+            f"disk full while writing {what} to {run_dir} ({free:,} bytes free; {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else e!r}).\nFix: free space there or point output_dir= at a "
+            f"larger disk. " + (f"The last complete checkpoint, {last}, is intact: rerun the same command "
+                                f"to resume from it." if last else "No complete checkpoint exists yet.")) from None
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def check_writable(cfg) -> None:
+    """`output_dir` and `data.cache_dir` must be folders this process can write, or become ones."""
+    for key in ("output_dir", "data.cache_dir"):
+        path = Path(OmegaConf.select(cfg, key)).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{key}={path}: {existing} is a file, not a folder; point {key}= at a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={path}: {existing} is not writable by this user; point {key}= at a "
+                              f"writable folder (e.g. {key}=$HOME/{Path(OmegaConf.select(cfg, key)).name})")
+
+
+def decide_compile(cfg, state: PartialState, sync_batchnorm: bool, say) -> bool:
+    """torch.compile where asked (auto: on CUDA), except with parts that recompile or break under it."""
+    wanted = flag(cfg.trainer.compile, state.device.type == "cuda")
+    if wanted and cfg.debug.hooks:
+        # A hook inside the graph is a guard of its own: one recompile per hooked layer on the logged steps.
+        say("compile: off because debug.hooks=true (hooks inside a compiled graph recompile every layer)")
+        return False
+    if wanted and sync_batchnorm:
+        # SyncBatchNorm's all-gather of per-process counts is data-dependent: graph breaks at every layer.
+        say("compile: off because trainer.sync_batchnorm=true (SyncBatchNorm breaks the compiled graph)")
+        return False
+    return wanted
+
+
+def keep_plain_weights(accelerator) -> None:
+    """Checkpoints hold the plain module's weights, so they load with compile on or off, on any device.
+
+    Accelerate saves the prepared model as it is: `_orig_mod.` (torch.compile) and `module.` (DDP) end up
+    in the keys, and a checkpoint loads only into a model wrapped the same way. FSDP and DeepSpeed save
+    their own way and are left alone.
+    """
+    if accelerator.distributed_type not in PLAIN_BACKWARD:
+        return
+
+    def plain(model):
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    def save(models, weights, output_dir):
+        weights[:] = [plain(m).state_dict() for m in models]
+
+    def load(models, input_dir):
+        models[:] = [plain(m) for m in models]  # Accelerate's own list for this load, not its models
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def all_agree(accelerator, decision: bool) -> bool:
+    """True only when every process decided True."""
+    if accelerator.num_processes == 1:
+        return decision
+    votes = torch.tensor(float(decision), device=accelerator.device)
+    return accelerator.reduce(votes, reduction="sum").item() == accelerator.num_processes
+
+
+def skip_batches(accelerator, loader, batches: int):
+    """`skip_first_batches`, keeping the loader's non-blocking host-to-GPU copies (Accelerate drops them)."""
+    skipped = accelerator.skip_first_batches(loader, batches)
+    if hasattr(loader, "_non_blocking"):
+        skipped._non_blocking = loader._non_blocking
+    return skipped
+
+
+class Speed:
+    """Training samples/s over train steps only (not evaluation), after WARMUP_STEPS steps; the first
+    step, which carries compilation, is reported on its own.
+
+    Steps run without a sync; on CUDA the clock is read after one at the measured boundaries (the end of
+    the warm-up, the start and end of each epoch's steps), so the kernels still queued there count.
+    """
+
+    def __init__(self, device: torch.device):
+        self.sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
         self.first, self.samples, self.elapsed, self.steps = None, 0, 0.0, 0
         self.last = time.perf_counter()
 
     def resume(self):
+        """An epoch's steps begin (evaluation before them is not timed)."""
+        self.sync()
         self.last = time.perf_counter()
 
     def step(self, batch: int):
+        self.steps += 1
+        if self.steps in (1, WARMUP_STEPS):
+            self.sync()
         now = time.perf_counter()
         spent, self.last = now - self.last, now
-        self.steps += 1
         if self.steps == 1:
             self.first = spent
-        else:
+        elif self.steps > WARMUP_STEPS:
             self.samples += batch
             self.elapsed += spent
+
+    def pause(self):
+        """An epoch's steps end: the GPU work still queued belongs to them."""
+        if self.steps > WARMUP_STEPS:
+            self.sync()
+            now = time.perf_counter()
+            self.elapsed, self.last = self.elapsed + now - self.last, now
 
     def rate(self) -> float:
         return self.samples / self.elapsed if self.elapsed > 0 else 0.0
