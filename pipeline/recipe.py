@@ -56,7 +56,9 @@ class Recipe:
     data_config: type = DataConfig  # subclass to add recipe keys under `data.`
     model_config: type = ModelConfig
     loss_config: type = LossConfig
-    version: int = 1  # bump when prepare() output changes, so old shards are not reused
+    # In the shards' fingerprint beside the recipe's source (which already covers edits to prepare()):
+    # bump it when the output changes for a reason the source does not show, e.g. a dependency's update.
+    version: int = 1
     # (columns, meta, split) -> a batch-indexable dataset; default: the columns indexed by row
     dataset: Callable | None = None
 

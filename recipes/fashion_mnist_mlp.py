@@ -1,6 +1,7 @@
 """fashion_mnist_mlp: the PyTorch quickstart network on FashionMNIST, 784-512-512-10, SGD lr 1e-3.
 
 Raw files: <data.root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+(downloaded there when missing, unless data.download=false)
 python launch/train.py recipe=fashion_mnist_mlp data.root=data
 """
 
@@ -34,6 +35,7 @@ recipe = Recipe(
     model=model,
     metrics=lambda cfg, meta: {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro")})},
     transform=transform,
-    defaults={"trainer": {"epochs": 10, "batch_size": 64},
+    defaults={"data": {"download": True},  # as the tutorial's FashionMNIST(download=True)
+              "trainer": {"epochs": 10, "batch_size": 64},
               "optimizer": {"name": "sgd", "lr": 1e-3}},
 )

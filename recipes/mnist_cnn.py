@@ -1,6 +1,7 @@
 """mnist_cnn: two 3x3 convolutions, max-pool, two linear layers; Adam lr 1e-3, batch 64.
 
 Raw files: <data.root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+(downloaded there when missing, unless data.download=false)
 python launch/train.py recipe=mnist_cnn data.root=data
 """
 
@@ -35,6 +36,7 @@ recipe = Recipe(
     model=model,
     metrics=lambda cfg, meta: {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro")})},
     transform=transform,
-    defaults={"trainer": {"epochs": 5, "batch_size": 64},
+    defaults={"data": {"download": True},  # as the tutorial's MNIST(download=True)
+              "trainer": {"epochs": 5, "batch_size": 64},
               "optimizer": {"name": "adam", "lr": 1e-3}},
 )

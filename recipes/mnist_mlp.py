@@ -1,6 +1,7 @@
 """mnist_mlp: the classic MNIST MLP, 784-128-64-10 with LogSoftmax and NLLLoss, plain SGD.
 
 Raw files: <data.root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+(downloaded there when missing, unless data.download=false)
 python launch/train.py recipe=mnist_mlp data.root=data
 """
 
@@ -44,6 +45,7 @@ recipe = Recipe(
     loss=nll,
     metrics=lambda cfg, meta: {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro")})},
     transform=transform,
-    defaults={"trainer": {"epochs": 5, "batch_size": 64},
+    defaults={"data": {"download": True},  # as the tutorial's MNIST(download=True)
+              "trainer": {"epochs": 5, "batch_size": 64},
               "optimizer": {"name": "sgd", "lr": 0.003}},
 )

@@ -1,10 +1,15 @@
 """omniglot_multi: Omniglot characters with two heads (alphabet, character) or two inputs (image, alphabet).
 
-Raw files: <data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png (or under omniglot-py/)
+Raw files: <data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png, or images_background.zip
+(either also under <data.root>/omniglot-py/); downloaded there when missing unless data.download=false.
 python launch/train.py recipe=omniglot_multi data.root=data                          # image -> alphabet, character
 python launch/train.py recipe=omniglot_multi data.root=data model.mode=multi_input   # image, alphabet -> character
 """
 
+import tempfile
+import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -22,12 +27,13 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
-from pipeline.data import DataError
+from pipeline.data import DataError, download, readable_file
 from pipeline.recipe import Recipe
 
-LAYOUT = ("<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png "
-          "(or <data.root>/omniglot-py/images_background/..., as torchvision downloads it)")
-GET_DATA = ("unzip images_background.zip from https://github.com/brendenlake/omniglot (python/) into data.root, "
+LAYOUT = ("<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png, or the zip images_background.zip "
+          "holding that folder, in <data.root>/ or in <data.root>/omniglot-py/ (where torchvision downloads it)")
+ZIP_URL = f"{Omniglot.download_url_prefix}/images_background.zip"
+GET_DATA = (f"put images_background.zip from {ZIP_URL} (or its unpacked folder) in data.root, "
             "or add data.download=true on a machine with a network")
 
 
@@ -56,24 +62,58 @@ class OmniglotLoss(LossConfig):
 # ---------------------------------------------------------------- raw files -> uint8 shards
 
 
-def background_folder(cfg) -> Path:
+def raw_source(cfg) -> Path:
+    """The unpacked images_background folder, else its zip; the zip is downloaded if neither exists."""
     root = Path(cfg.data.root)
-    for folder in (root / "images_background", root / Omniglot.folder / "images_background"):
+    places = (root, root / Omniglot.folder)
+    for folder in (p / "images_background" for p in places):
         if folder.is_dir():
             return folder
+    for archive in (p / "images_background.zip" for p in places):
+        if archive.exists():
+            readable_file(archive, "Omniglot's images_background.zip")
+            return archive
     if cfg.data.download:
-        Omniglot(str(root), background=True, download=True)
-        return root / Omniglot.folder / "images_background"
+        # Into omniglot-py/, as torchvision's Omniglot(download=True) puts it; the zip stays a zip (see unpacked).
+        try:
+            download([("images_background.zip", [ZIP_URL], Omniglot.zips_md5["images_background"])],
+                     root / Omniglot.folder, "Omniglot's images_background.zip")
+        except DataError as e:
+            raise DataError(f"{e}\nExpected layout: {LAYOUT}.") from None
+        return root / Omniglot.folder / "images_background.zip"
     raise DataError(f"Omniglot not found under {root.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.")
 
 
-def list_images(cfg) -> tuple[Path, list[str], list[str], list[tuple[str, int, int]]]:
+@contextmanager
+def unpacked(cfg):
+    """The folder of alphabets: the unpacked one, or the zip unpacked into a temporary folder for as long as
+    prepare() needs it (the data folder is never written to)."""
+    source = raw_source(cfg)
+    if source.suffix != ".zip":
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="omniglot-") as tmp:
+        try:
+            with zipfile.ZipFile(source) as archive:
+                archive.extractall(tmp)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise DataError(f"{source} is damaged ({e}): a truncated or interrupted download?\nFix: replace it with "
+                            f"a good copy from {ZIP_URL}, or delete it and run again with data.download=true. "
+                            f"The data folder was not changed.") from None
+        except OSError as e:
+            raise DataError(f"cannot unpack {source} into the temporary folder {tmp} ({e}).\nFix: free space "
+                            f"there or point TMPDIR at a folder with room.") from None
+        top = list_dir(tmp)
+        # The zip holds one folder (images_background/, or images_background_small1/ for the subsets).
+        yield Path(tmp) / top[0] if len(top) == 1 and top[0].startswith("images_") else Path(tmp)
+
+
+def list_images(folder: Path) -> tuple[list[str], list[str], list[tuple[str, int, int]]]:
     """Alphabets, characters ("Alphabet/characterNN") and (file, alphabet, character) rows.
 
     torchvision's Omniglot insists on its downloaded zip being present, so it cannot read an unpacked copy;
     this is its listing, sorted, because os.listdir's order (and so every label) would vary by file system.
     """
-    folder = background_folder(cfg)
     alphabets = sorted(list_dir(str(folder)))
     characters = [f"{a}/{c}" for a in alphabets for c in sorted(list_dir(str(folder / a)))]
     rows = [(str(folder / character / name), alphabets.index(character.split("/")[0]), index)
@@ -81,11 +121,12 @@ def list_images(cfg) -> tuple[Path, list[str], list[str], list[tuple[str, int, i
             for name in sorted(list_files(str(folder / character), ".png"))]
     if not rows:
         raise DataError(f"no character images in {folder.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.")
-    return folder, alphabets, characters, rows
+    return alphabets, characters, rows
 
 
 def raw_files(cfg) -> list[Path]:
-    return [Path(path) for path, _, _ in list_images(cfg)[3]]
+    source = raw_source(cfg)
+    return [source] if source.suffix == ".zip" else [Path(path) for path, _, _ in list_images(source)[2]]
 
 
 def drawer(path: str) -> int:
@@ -121,18 +162,19 @@ def decode(rows: list, alphabets: list[str], characters: list[str], cfg) -> data
 
 def prepare(cfg):
     """Each character's drawings by `data.eval_drawers` drawers (picked by `data.split_seed`) -> eval."""
-    _, alphabets, characters, rows = list_images(cfg)
-    drawers = sorted({drawer(path) for path, _, _ in rows})
-    if not 0 < cfg.data.eval_drawers < len(drawers):
-        raise ConfigError(f"bad value data.eval_drawers={cfg.data.eval_drawers}: the data has {len(drawers)} "
-                          f"drawers per character; choose 1..{len(drawers) - 1}")
-    # Whole drawers, not random images, are held out: eval measures new handwriting of known characters.
-    rng = np.random.default_rng(cfg.data.split_seed)
-    held_out = {int(d) for d in rng.choice(drawers, cfg.data.eval_drawers, replace=False)}
-    train = [row for row in rows if drawer(row[0]) not in held_out]
-    evaluation = [row for row in rows if drawer(row[0]) in held_out]
-    splits = datasets.DatasetDict(train=decode(train, alphabets, characters, cfg),
-                                  eval=decode(evaluation, alphabets, characters, cfg))
+    with unpacked(cfg) as folder:
+        alphabets, characters, rows = list_images(folder)
+        drawers = sorted({drawer(path) for path, _, _ in rows})
+        if not 0 < cfg.data.eval_drawers < len(drawers):
+            raise ConfigError(f"bad value data.eval_drawers={cfg.data.eval_drawers}: the data has {len(drawers)} "
+                              f"drawers per character; choose 1..{len(drawers) - 1}")
+        # Whole drawers, not random images, are held out: eval measures new handwriting of known characters.
+        rng = np.random.default_rng(cfg.data.split_seed)
+        held_out = {int(d) for d in rng.choice(drawers, cfg.data.eval_drawers, replace=False)}
+        train = [row for row in rows if drawer(row[0]) not in held_out]
+        evaluation = [row for row in rows if drawer(row[0]) in held_out]
+        splits = datasets.DatasetDict(train=decode(train, alphabets, characters, cfg),
+                                      eval=decode(evaluation, alphabets, characters, cfg))
     return splits, {"alphabet_names": alphabets, "character_names": characters,
                     "eval_drawers": sorted(held_out)}
 
@@ -231,6 +273,7 @@ recipe = Recipe(
     data_config=OmniglotData,
     model_config=OmniglotModel,
     loss_config=OmniglotLoss,
-    defaults={"trainer": {"epochs": 10, "batch_size": 32},
+    defaults={"data": {"download": True},  # as the tutorial's Omniglot(download=True)
+              "trainer": {"epochs": 10, "batch_size": 32},
               "optimizer": {"name": "adam", "lr": 1e-3}},
 )

@@ -1,7 +1,13 @@
 """Data preparation: Arrow shards keyed by a fingerprint, reused, rebuilt on change, clear errors."""
 
+import dataclasses
+import importlib.util
+import json
 import os
 import shutil
+import sys
+import time
+from pathlib import Path
 
 import datasets
 import pytest
@@ -23,7 +29,7 @@ def test_prepare_once_reuse_and_invalidate(workdir):
     first = ok(cli(args, cwd=workdir, script="prepare"))
     assert "data: preparing mnist_mlp" in first.stdout and "train 9,000, eval 1,000, test 10,000" in first.stdout
     [shards] = shard_dirs(workdir, "mnist_mlp")
-    assert {p.name for p in shards.iterdir()} == {"train", "eval", "test", "meta.json"}
+    assert {p.name for p in shards.iterdir()} == {"train", "eval", "test", "meta.json", "checksums.json"}
     assert len(list((shards / "train").glob("*.arrow"))) == 4  # data.num_shards
 
     # Reused: same directory, untouched files, no preparation.
@@ -37,7 +43,7 @@ def test_prepare_once_reuse_and_invalidate(workdir):
     ok(cli(args + ["data.eval_fraction=0.2"], cwd=workdir, script="prepare"))
     assert len(shard_dirs(workdir, "mnist_mlp")) == 2
     # ... and so does a changed raw file; a speed-only key does not.
-    raw = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    raw = root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
     os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
     ok(cli(args, cwd=workdir, script="prepare"))
     assert len(shard_dirs(workdir, "mnist_mlp")) == 3
@@ -63,7 +69,8 @@ def test_split_is_stratified_and_disjoint(workdir):
 
 
 def test_missing_raw_files_name_the_directory_files_and_fixes(workdir):
-    result = cli(common(workdir, "recipe=mnist_cnn", f"data.root={workdir / 'nothing'}"), cwd=workdir)
+    result = cli(common(workdir, "recipe=mnist_cnn", f"data.root={workdir / 'nothing'}", "data.download=false"),
+                 cwd=workdir)
     assert result.returncode == 2
     for word in [str(workdir / "nothing" / "MNIST" / "raw"), "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
                  ".gz", "data.root", "data.download=true"]:
@@ -143,3 +150,103 @@ def test_loader_workers_serve_the_same_batches(workdir):
 
     assert summary(workdir / "w2" / "runs", "digits")["eval/loss"] == pytest.approx(
         summary(workdir / "w0" / "runs", "digits")["eval/loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- shard integrity (checksums written with them)
+
+
+def flip(path, start: int, count: int) -> None:
+    """Changes `count` bytes of a file in place, keeping its size (bit rot, a bad copy)."""
+    with open(path, "r+b") as f:
+        f.seek(start)
+        old = f.read(count)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def test_damaged_shards_are_named_never_trained_on_and_rebuilt(workdir, mnist_root):
+    args = common(workdir, "recipe=mnist_mlp", f"data.root={mnist_root}")
+    ok(cli(args, cwd=workdir, script="prepare"))
+    [shards] = shard_dirs(workdir, "mnist_mlp")
+    sums = json.loads((shards / "checksums.json").read_text())
+    assert set(sums) == {str(p.relative_to(shards)) for p in shards.rglob("*") if p.is_file()} - {"checksums.json"}
+
+    # 2,000 changed bytes inside a shard: same size, caught by the hash before any training.
+    bad = shards / "train" / "data-00001-of-00004.arrow"
+    flip(bad, bad.stat().st_size // 2, 2000)
+    result = cli(args, cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"damaged shard file {bad}" in result.stderr and "sha256" in result.stderr
+    assert f"rm -r '{shards}'" in result.stderr and "--rebuild" in result.stderr
+    assert not (workdir / "runs").exists()
+    verify = cli(args + ["--verify"], cwd=workdir, script="prepare")
+    assert verify.returncode == 2 and f"damaged shard file {bad}" in verify.stderr
+
+    # --rebuild: the same folder, built again, verified.
+    rebuilt = ok(cli(args + ["--rebuild", "--verify"], cwd=workdir, script="prepare"))
+    assert "preparing mnist_mlp" in rebuilt.stdout and "verified: every shard file matches" in rebuilt.stdout
+    assert shard_dirs(workdir, "mnist_mlp") == [shards]
+
+    # A truncated shard: its size says so, on every load.
+    bad = shards / "test" / "data-00000-of-00004.arrow"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    result = cli(args, cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"damaged shard file {bad}: 1,000 bytes" in result.stderr and "truncated" in result.stderr
+    assert not (workdir / "runs").exists()
+
+
+def test_shard_that_fails_to_load_is_hashed_and_named(workdir, mnist_root):
+    # Above the size for a full hash on reuse only the sizes are checked; a file Arrow cannot read is
+    # then hashed, so the error names it instead of an ArrowInvalid traceback.
+    recipe, cfg = recipes_parse(["recipe=mnist_mlp", f"data.root={mnist_root}", f"data.cache_dir={workdir / 'cache'}"])
+    out = data.prepare(recipe, cfg)
+    bad = out / "eval" / "data-00002-of-00004.arrow"
+    flip(bad, 0, 64)  # the Arrow stream's header
+    with pytest.raises(data.DataError, match=f"damaged shard file {bad}: its sha256 differs"):
+        data.load(out)
+    assert data.check(out) > 0  # sizes alone pass: the hash found it
+
+
+def test_shard_checks_cost(workdir, mnist_root):
+    """Sizes on every load: well under a millisecond a file; the full hash: hundreds of MB/s."""
+    recipe, cfg = recipes_parse(["recipe=mnist_mlp", f"data.root={mnist_root}", f"data.cache_dir={workdir / 'cache'}"])
+    out = data.prepare(recipe, cfg)
+    started = time.perf_counter()
+    size = data.check(out)
+    sizes = time.perf_counter() - started
+    started = time.perf_counter()
+    data.check(out, full=True)
+    full = time.perf_counter() - started
+    print(f"size check {sizes * 1e3:.2f} ms; full hash {size / 2**20:.1f} MiB in {full * 1e3:.0f} ms "
+          f"({size / 2**20 / full:.0f} MiB/s)")
+    assert sizes < 0.05 and size / 2**20 / full > 50
+
+
+# ---------------------------------------------------------------- the fingerprint covers the code that made the shards
+
+
+def edited_recipe(tmp_path, name: str, source: str):
+    """recipes/mnist_mlp.py's text (maybe edited) loaded as another recipe module, `recipes.<name>`."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"recipes.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return dataclasses.replace(module.recipe, name=name)
+
+
+def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
+    source = (Path(recipes.__file__).parent.parent / "recipes" / "mnist_mlp.py").read_text()
+    same = data.code_hash(edited_recipe(tmp_path, "copy_a", source))
+    assert data.code_hash(edited_recipe(tmp_path, "copy_b", source)) == same  # the text, not the module name
+    edited = source.replace("idx_splits(MNIST, cfg)", "idx_splits(MNIST, cfg.copy())")
+    assert edited != source and data.code_hash(edited_recipe(tmp_path, "copy_c", edited)) != same
+    # Honest limit: the hash is of source text, so a whitespace or comment edit rebuilds the shards too.
+    assert data.code_hash(edited_recipe(tmp_path, "copy_d", source + "\n")) != same
+
+    # The library helpers prepare() reaches are covered (so editing one rebuilds); the rest of the library is not.
+    reached = {f.__qualname__ for f in data._reached(recipes.load("mnist_mlp").prepare)}
+    assert {"idx_splits", "torchvision_arrays", "image_split", "split_train_eval", "read_idx"} <= reached
+    assert not {"loader", "columns", "Rows", "prepare", "check"} & reached
