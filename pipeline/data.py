@@ -302,7 +302,11 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
     if train:
         step_batch = step_batch or batch_size
         used = len(dataset) - len(dataset) % step_batch
-        sampler = RandomSampler(dataset, num_samples=used or len(dataset))
+        # A generator of its own (ShuffledBatches draws the order; this one is never used): on more than one
+        # process Accelerate seeds a sampler without one from the global stream, which then runs one draw
+        # ahead of a single process's, and per-batch augmentation would differ between the two.
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, num_samples=used or len(dataset), generator=generator)
         batches = ShuffledBatches(sampler, batch_size, seed, device=getattr(dataset, "device", None))
     else:
         batches = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)

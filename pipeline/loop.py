@@ -81,6 +81,7 @@ def train(cfg) -> dict:
     # Shards first (built once, while the other processes wait): missing data stops the run before
     # it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
+    splits, meta = data.load(shards)  # a damaged shard stops the run here too, before its directory exists
     run_dir = make_run_dir(cfg, state)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
     # trains the same way; damaged ones are set aside with a warning.
@@ -117,7 +118,6 @@ def train(cfg) -> dict:
         f"micro_batch/process={micro_batch}")
 
     # ---- data: whole-split tensors indexed per batch
-    splits, meta = data.load(shards)
     tensors = {name: data.columns(split) for name, split in splits.items()}
     # Decided on each process from its own GPU's free memory; all must take the same path.
     on_device = all_agree(accelerator, keep_on_device(cfg, accelerator, tensors))

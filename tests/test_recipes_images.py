@@ -189,7 +189,8 @@ def test_omniglot_mistakes_are_named(workdir, omniglot_root):
     err = failed(cli(common(workdir, "recipe=omniglot_multi", "model.mode=multi_head"), cwd=workdir))
     assert "model.mode" in err and "multi_output" in err and "multi_input" in err
 
-    err = failed(cli(common(workdir, "recipe=omniglot_multi", f"data.root={workdir}"), cwd=workdir))
+    err = failed(cli(common(workdir, "recipe=omniglot_multi", f"data.root={workdir}", "data.download=false"),
+                     cwd=workdir))
     assert "images_background/<Alphabet>/characterNN" in err and "omniglot-py" in err and "Fix:" in err
 
     err = failed(cli(common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_root}",
