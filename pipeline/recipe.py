@@ -7,17 +7,66 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+import datasets
+import numpy as np
 import torch
 from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
 
 
 def cross_entropy(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The default loss: class logits [N, classes] against integer labels in `batch["label"]`."""
+    if outputs.ndim < 2 or outputs.shape[1] == 1:  # one shape check a step; torch would fail or be silently wrong
+        raise ConfigError(_one_output(outputs, batch))
     return nn.functional.cross_entropy(outputs, batch["label"])
+
+
+def _one_output(outputs: torch.Tensor, batch: dict) -> str:
+    shape = f"outputs of shape {list(outputs.shape)}"
+    label = batch.get("label")
+    if label is not None and not label.is_floating_point():
+        return (f"the model returns one number per sample ({shape}) and the labels are integers, but the recipe "
+                f"uses the default loss, cross_entropy, which needs one logit per class ([N, classes]).\nFix: for a "
+                f"0/1 label use the binary pieces: `from pipeline.recipe import binary_cross_entropy, "
+                f"binary_metrics, binary_predictions` and `Recipe(..., loss=binary_cross_entropy, "
+                f"predictions=binary_predictions, metrics=binary_metrics)`; or let the model return [N, 2] logits.")
+    return (f"the model returns one number per sample ({shape}), but the recipe uses the default loss, "
+            f"cross_entropy, which needs class logits [N, classes] and integer labels in batch['label'].\nFix: "
+            f"to predict a number give the Recipe a loss of its own, e.g. `loss=lambda outputs, batch: "
+            f"torch.nn.functional.mse_loss(outputs, batch['y'])` with `targets=('y',)` and matching `predictions`.")
+
+
+# Binary classification (a 0/1 label, one logit per sample): loss, predictions and metrics for a Recipe.
+def _logit(outputs: torch.Tensor) -> torch.Tensor:
+    if outputs.ndim == 2 and outputs.shape[1] == 1:
+        return outputs.squeeze(1)
+    if outputs.ndim != 1:
+        raise ConfigError(f"the binary pieces take one logit per sample ([N] or [N, 1]); the model returns "
+                          f"{list(outputs.shape)}.\nFix: end the model with nn.Linear(..., 1), or for more than "
+                          f"two classes use the default loss, predictions and multiclass metrics.")
+    return outputs
+
+
+def binary_cross_entropy(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+    """One logit per sample against 0/1 labels in `batch["label"]`; the sigmoid is inside, where it cannot overflow."""
+    return nn.functional.binary_cross_entropy_with_logits(_logit(outputs), batch["label"].float())
+
+
+def binary_predictions(outputs: torch.Tensor, batch: dict) -> dict:
+    return {"": (_logit(outputs).sigmoid(), batch["label"])}
+
+
+def binary_metrics(cfg, meta: dict) -> dict:
+    """Accuracy, precision, recall and F1 at probability 0.5, and AUROC over all thresholds."""
+    return {"": MetricCollection({"accuracy": BinaryAccuracy(), "precision": BinaryPrecision(),
+                                  "recall": BinaryRecall(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})}
 
 
 def label_predictions(outputs: torch.Tensor, batch: dict) -> dict:
@@ -30,6 +79,9 @@ def no_transform(batch: dict, train: bool, meta: dict) -> dict:
 
 @dataclass
 class Recipe:
+    """One task for the shared loop. Every field is described in README.md, "The recipe contract";
+    `check` tests the fields when a recipe loads, `check_prepared` what `prepare` returns."""
+
     name: str
     description: str
     # cfg -> (DatasetDict with "train", "eval" and optionally "test"; meta: JSON-able facts such as
@@ -81,4 +133,164 @@ def load(name: str) -> Recipe:
     recipe = getattr(module, "recipe", None)
     if not isinstance(recipe, Recipe):
         raise ConfigError(f"recipes/{name}.py defines no `recipe = Recipe(...)`")
+    return check(recipe)
+
+
+# ---------------------------------------------------------------- the contract, checked
+
+
+def check(recipe: Recipe) -> Recipe:
+    """The fields' types, when a recipe loads: a mistake is named with its fix before any data is read."""
+    for f in fields(recipe):
+        value, kind = getattr(recipe, f.name), str(f.type)
+        if kind == "Callable" and not callable(value) or kind == "Callable | None" and not (
+                value is None or callable(value)):
+            _bad(recipe, f.name, "a function", f"pass the function itself, `{f.name}={f.name}` (no parentheses: "
+                                               f"the loop calls it)")
+        elif kind.startswith("tuple") and not (kind.endswith("Callable") and callable(value)) and (
+                not isinstance(value, tuple) or not all(isinstance(v, str) for v in value)):
+            comma = " (a single name needs the trailing comma)" if isinstance(value, str) else ""
+            _bad(recipe, f.name, "a tuple of batch column names",
+                 f"`{f.name}=('features',)`{comma}; {FIELD_USE.get(f.name, '')}")
+        elif kind in ("dict", "str") and not isinstance(value, {"dict": dict, "str": str}[kind]):
+            _bad(recipe, f.name, f"a {kind}", FIELD_USE.get(f.name, f"give `{f.name}` a {kind}"))
+        elif kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+            _bad(recipe, f.name, "an int", "e.g. `version=2`")
+        elif kind == "type" and not isinstance(value, type):
+            _bad(recipe, f.name, "a dataclass (the class itself)", f"`{f.name}=MyConfig`, a subclass of the default")
+    if not recipe.inputs:
+        _bad(recipe, "inputs", "at least one column name", FIELD_USE["inputs"])
     return recipe
+
+
+FIELD_USE = {
+    "inputs": "the columns the model's forward() takes, in its argument order",
+    "targets": "the columns the loss and metrics read (default ('label',))",
+    "defaults": "e.g. `defaults={'trainer': {'epochs': 10}, 'optimizer': {'lr': 1e-3}}`",
+    "name": "the recipe's name, as given to `recipe=`",
+    "description": "one line for `--help`",
+    "activation": "the model's nonlinearity for `model.init`, e.g. 'relu'",
+}
+
+
+def where(recipe: Recipe) -> str:
+    """The recipe and the file that defines it, for messages."""
+    module = sys.modules.get(getattr(recipe.prepare, "__module__", ""))
+    file = getattr(module, "__file__", None)
+    return f"recipe {recipe.name!r}" + (f" ({file})" if file else "")
+
+
+def _bad(recipe: Recipe, name: str, want: str, fix: str) -> None:
+    value = getattr(recipe, name)
+    raise ConfigError(f"{where(recipe)}: `{name}` must be {want}, but it is {type(value).__name__} "
+                      f"{_short(value)}.\nFix: {fix}.")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_prepared(recipe: Recipe, result, cfg) -> tuple[datasets.DatasetDict, dict]:
+    """What `prepare(cfg)` returned -> (DatasetDict, JSON-able meta), or a ConfigError naming the mistake."""
+    expected = "`return datasets.DatasetDict(train=..., eval=...), meta` (meta: a dict of facts, {} if none)"
+    if isinstance(result, dict) and all(isinstance(v, datasets.Dataset) for v in result.values()):
+        raise ConfigError(f"{where(recipe)}: prepare(cfg) returned only the splits ({', '.join(result)}); it must "
+                          f"return two things, (DatasetDict, meta).\nFix: end prepare() with {expected}.")
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise ConfigError(f"{where(recipe)}: prepare(cfg) returned {type(result).__name__} {_short(result)}; it "
+                          f"must return (DatasetDict, meta).\nFix: end prepare() with {expected}.")
+    splits, meta = result
+    if not isinstance(splits, dict) or not all(isinstance(v, datasets.Dataset) for v in splits.values()):
+        raise ConfigError(f"{where(recipe)}: the first thing prepare(cfg) returns must be a datasets.DatasetDict, "
+                          f"but it is {type(splits).__name__} {_short(splits)}.\nFix: {expected}.")
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{where(recipe)}: the second thing prepare(cfg) returns, meta, must be a dict, but it "
+                          f"is {type(meta).__name__} {_short(meta)}.\nFix: {expected}.")
+    missing = [s for s in ("train", "eval") if s not in splits]
+    if missing:
+        raise ConfigError(f"{where(recipe)}: prepare(cfg) returned the splits {', '.join(splits) or '(none)'}; "
+                          f"{' and '.join(map(repr, missing))} missing. The loop trains on 'train', evaluates on "
+                          f"'eval' and, if present, 'test'.\nFix: {expected}.")
+    splits = datasets.DatasetDict(splits)
+    check_splits(recipe, splits, cfg)
+    return splits, jsonable(meta)
+
+
+def check_splits(recipe: Recipe, splits: dict, cfg) -> None:
+    """Each split has rows, fixed-shape columns, and the columns `inputs` and `targets` name (unless a
+    `transform` or `dataset` builds the batches: then `check_batch` looks at the first batch)."""
+    for name, split in splits.items():
+        if name == "train" and len(split) == 0:
+            raise ConfigError(f"{where(recipe)}: prepare(cfg) returned an empty 'train' split.\nFix: check the "
+                              f"raw files and the split sizes prepare() uses.")
+        for column, feature in split.features.items():
+            if not _fixed(feature):
+                raise ConfigError(
+                    f"{where(recipe)}: column {column!r} of the prepared {name!r} split has no fixed shape "
+                    f"({feature}); the loop stacks each column into one tensor.\nFix: build the split with "
+                    f"`pipeline.recipe.from_arrays({column}=array, ...)` (numpy arrays, one row per sample), or "
+                    f"give Dataset.from_dict the features, e.g. datasets.List(datasets.Value('float32'), length=8) "
+                    f"or datasets.Array3D(shape=(1, 28, 28), dtype='uint8').")
+        if recipe.dataset is None and recipe.transform is no_transform:
+            _require_columns(recipe, cfg, split.column_names, f"the prepared {name!r} split")
+
+
+def check_batch(recipe: Recipe, cfg, batch: dict) -> None:
+    """At the first training step, after `transform`: the batch holds the columns `inputs` and `targets` name."""
+    _require_columns(recipe, cfg, list(batch), "the first training batch (after the recipe's dataset and transform)")
+
+
+def _require_columns(recipe: Recipe, cfg, available: list[str], what: str) -> None:
+    inputs = tuple(recipe.inputs(cfg) if callable(recipe.inputs) else recipe.inputs)
+    for field_name, names in (("inputs", inputs), ("targets", recipe.targets)):
+        missing = [c for c in names if c not in available]
+        if not missing:
+            continue
+        others = [c for c in available if c not in (recipe.targets if field_name == "inputs" else inputs)]
+        role = "the model's input" if field_name == "inputs" else "the target"
+        raise ConfigError(
+            f"{where(recipe)}: {role} column {missing[0]!r} (`{field_name}={names!r}`) is not in {what}; its "
+            f"columns are: {', '.join(available) or '(none)'}.\nFix: name the right columns in the Recipe, "
+            f"e.g. `{field_name}={tuple(others) or names!r}` ({FIELD_USE[field_name]}).")
+
+
+def _fixed(feature) -> bool:
+    """Whether `data.columns` can make one tensor of the column: scalars, ArrayND, fixed-length lists of scalars."""
+    if isinstance(feature, datasets.List):
+        return (feature.length or -1) > 0 and isinstance(feature.feature, (datasets.Value, datasets.ClassLabel))
+    return isinstance(feature, (datasets.Value, datasets.ClassLabel, datasets.Array2D, datasets.Array3D,
+                                datasets.Array4D, datasets.Array5D))
+
+
+def jsonable(value, key: str = "meta"):
+    """`meta` with numpy and torch values as plain numbers and lists, as it will read back from meta.json."""
+    if isinstance(value, dict):
+        return {k: jsonable(v, f"{key}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)):
+        return value.tolist()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ConfigError(f"{key} is {type(value).__name__} {_short(value)}, which meta.json cannot hold (meta is "
+                      f"saved beside the shards and with the run).\nFix: store plain numbers, strings, lists or "
+                      f"dicts, e.g. str(path) or float(x).")
+
+
+def from_arrays(**columns: np.ndarray) -> datasets.Dataset:
+    """A split from numpy arrays with one row per sample, each column stored with its fixed shape and dtype:
+    [N] -> a number, [N, F] -> F numbers, [N, C, H, W] -> an image array."""
+    features = {}
+    for name, array in columns.items():
+        array = np.asarray(array)
+        dtype = str(array.dtype)
+        if array.ndim == 1:
+            features[name] = datasets.Value(dtype)
+        elif array.ndim == 2:
+            features[name] = datasets.List(datasets.Value(dtype), length=array.shape[1])
+        elif array.ndim <= 6:
+            features[name] = getattr(datasets, f"Array{array.ndim - 1}D")(shape=array.shape[1:], dtype=dtype)
+        else:
+            raise ConfigError(f"from_arrays: column {name!r} has {array.ndim} dimensions; at most 6 are stored.")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))

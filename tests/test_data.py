@@ -29,7 +29,8 @@ def test_prepare_once_reuse_and_invalidate(workdir):
     first = ok(cli(args, cwd=workdir, script="prepare"))
     assert "data: preparing mnist_mlp" in first.stdout and "train 9,000, eval 1,000, test 10,000" in first.stdout
     [shards] = shard_dirs(workdir, "mnist_mlp")
-    assert {p.name for p in shards.iterdir()} == {"train", "eval", "test", "meta.json", "checksums.json"}
+    assert {p.name for p in shards.iterdir()} == {"train", "eval", "test", "dataset_dict.json", "meta.json",
+                                                  "checksums.json"}  # one DatasetDict and the pipeline's files
     assert len(list((shards / "train").glob("*.arrow"))) == 4  # data.num_shards
 
     # Reused: same directory, untouched files, no preparation.
