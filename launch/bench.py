@@ -4,7 +4,7 @@ python launch/bench.py --recipe mnist_mlp --data-root data --json bench.json
 python launch/bench.py --recipe mnist_cnn --data-root data --device cuda --compile --mixed-precision bf16
 
 Same model, optimizer, batch and data for all paths; samples/s over the steps after the same warm-up
-(pipeline.loop.WARMUP_STEPS), on CUDA between syncs, every path on the one device --device names.
+(pipeline.report.WARMUP_STEPS), on CUDA between syncs, every path on the one device --device names.
   pipeline  launch/train.py's loop (Accelerate, shards -> in-memory tensors, per-batch normalize)
   bare      tensors already normalized in memory (on the device), sliced per step: the compute limit
   bare_u8   the same, but rows kept as uint8 and normalized per batch, as the pipeline stores them
@@ -37,7 +37,7 @@ from pipeline import optim  # noqa: E402
 from pipeline import recipe as recipes  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
-from pipeline.loop import WARMUP_STEPS  # noqa: E402
+from pipeline.report import WARMUP_STEPS  # noqa: E402
 
 
 def parse_args():

@@ -17,4 +17,4 @@ from pipeline.loop import train  # noqa: E402
 
 if __name__ == "__main__":
     main("train", "Trains and evaluates a recipe; the run goes to <output_dir>/<recipe>/<run_name>/.",
-         lambda recipe, cfg: train(cfg))
+         lambda recipe, cfg: train(cfg, recipe))

@@ -16,13 +16,16 @@ import sys
 import threading
 from pathlib import Path
 
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data import NOT_CONTENT
 from pipeline.tracking import write_json
 
+# Where the prepared model is the module itself, at most wrapped by DDP and torch.compile (FSDP and
+# DeepSpeed shard and save their own way).
+PLAIN_STATE = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 STATE_FILE = "trainer_state.json"  # where the loop stands: step, epoch, micro-batches into the epoch
 CONFIG_FILE = "config.yaml"  # the run's config when the checkpoint was saved
 MANIFEST = "manifest.json"  # every other file's size and sha256, written last
@@ -284,6 +287,37 @@ def remove_all(run_dir: Path) -> None:
         root.rmdir()
     except OSError:  # not empty: someone else's files
         pass
+
+
+def keep_plain_weights(accelerator) -> None:
+    """Checkpoints hold the plain module's weights, so they load with compile on or off, on any device.
+
+    Accelerate saves the prepared model as it is: `_orig_mod.` (torch.compile) and `module.` (DDP) end up
+    in the keys, and a checkpoint loads only into a model wrapped the same way. FSDP and DeepSpeed save
+    their own way and are left alone.
+    """
+    if accelerator.distributed_type not in PLAIN_STATE:
+        return
+
+    def plain(model):
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    def save(models, weights, output_dir):
+        weights[:] = [plain(m).state_dict() for m in models]
+
+    def load(models, input_dir):
+        models[:] = [plain(m) for m in models]  # Accelerate's own list for this load, not its models
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def skip_batches(accelerator, loader, batches: int):
+    """`skip_first_batches`, keeping the loader's non-blocking host-to-GPU copies (Accelerate drops them)."""
+    skipped = accelerator.skip_first_batches(loader, batches)
+    if hasattr(loader, "_non_blocking"):
+        skipped._non_blocking = loader._non_blocking
+    return skipped
 
 
 class Preempted(Exception):

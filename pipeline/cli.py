@@ -10,7 +10,7 @@ import sys
 
 from pipeline import checkpoint, config, data
 from pipeline import recipe as recipes
-from pipeline.loop import Diverged
+from pipeline.guards import Diverged
 
 USAGE = """usage: accelerate launch launch/{script}.py [recipe=NAME] [key.sub=value ...]
        python launch/{script}.py [recipe=NAME] [key.sub=value ...]

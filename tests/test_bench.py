@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT, environment, ok
 
-from pipeline.loop import WARMUP_STEPS
+from pipeline.report import WARMUP_STEPS
 
 
 def test_bench_measures_every_path(tmp_path, mnist_root):

@@ -116,7 +116,7 @@ def test_checkpoints_load_across_compile_on_and_off(tmp_path):
     from accelerate.state import AcceleratorState
     from accelerate.utils import TorchDynamoPlugin
 
-    from pipeline.loop import keep_plain_weights
+    from pipeline.checkpoint import keep_plain_weights
 
     def prepared(backend: str, seed: int):
         AcceleratorState._reset_state(True)
@@ -150,7 +150,7 @@ def test_resumed_epoch_keeps_non_blocking_copies():
     from accelerate.utils import DataLoaderConfiguration
 
     from pipeline import data
-    from pipeline.loop import skip_batches
+    from pipeline.checkpoint import skip_batches
 
     AcceleratorState._reset_state(True)
     try:

@@ -1,0 +1,121 @@
+"""What a run reports: training speed, progress lines, the summary line, torchmetrics results as numbers.
+
+Nothing here touches the model or the data; the loop calls it at steps, log lines and epoch ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import torch
+
+# Steps before train/samples_per_s counts: the first carries compilation, the next ones the allocator's
+# and autotuning's warm-up. launch/bench.py warms its other paths up for as many steps.
+WARMUP_STEPS = 3
+
+
+def flatten(values, prefix: str, class_names=None) -> dict:
+    """torchmetrics results -> {name: float}; per-class vectors named by class; matrices kept as lists."""
+    if not isinstance(values, dict):
+        values = {"": values}
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}".rstrip("/")
+        value = value.detach().cpu() if torch.is_tensor(value) else torch.as_tensor(value)
+        if value.ndim == 0:
+            out[name] = value.item()
+        elif value.ndim == 1:
+            labels = class_names if class_names and len(class_names) == len(value) else range(len(value))
+            out.update({f"{name}/{label}": v.item() for label, v in zip(labels, value)})
+        else:
+            out[name] = value.tolist()
+    return out
+
+
+def scalar(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+
+class Speed:
+    """Training samples/s over train steps only (not evaluation), after WARMUP_STEPS steps; the first
+    step, which carries compilation, is reported on its own.
+
+    Steps run without a sync; on CUDA the clock is read after one at the measured boundaries (the end of
+    the warm-up, the start and end of each epoch's steps), so the kernels still queued there count.
+    """
+
+    def __init__(self, device: torch.device):
+        self.sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
+        self.first, self.samples, self.elapsed, self.steps = None, 0, 0.0, 0
+        self.last = time.perf_counter()
+
+    def resume(self):
+        """An epoch's steps begin (evaluation before them is not timed)."""
+        self.sync()
+        self.last = time.perf_counter()
+
+    def step(self, batch: int):
+        self.steps += 1
+        if self.steps in (1, WARMUP_STEPS):
+            self.sync()
+        now = time.perf_counter()
+        spent, self.last = now - self.last, now
+        if self.steps == 1:
+            self.first = spent
+        elif self.steps > WARMUP_STEPS:
+            self.samples += batch
+            self.elapsed += spent
+
+    def pause(self):
+        """An epoch's steps end: the GPU work still queued belongs to them."""
+        if self.steps > WARMUP_STEPS:
+            self.sync()
+            now = time.perf_counter()
+            self.elapsed, self.last = self.elapsed + now - self.last, now
+
+    def rate(self) -> float:
+        return self.samples / self.elapsed if self.elapsed > 0 else 0.0
+
+
+class Progress:
+    """A bar on a terminal, plain lines in logs; main process only."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+        self.bar = None
+        if enabled and self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, epoch: int, loss: float, rate: float):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
+        else:
+            print(f"epoch {epoch} step {step} train/loss {loss:.4f} {rate:,.0f} samples/s", flush=True)
+
+    def epoch(self, epoch: int, epochs: int, results: dict):
+        if not self.enabled:
+            return
+        shown = {k: v for k, v in results.items()
+                 if k.startswith("eval/") and scalar(v) and k.count("/") <= 2 and not k.endswith("/samples")}
+        line = f"epoch {epoch}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in list(shown.items())[:8])
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary_line(summary: dict) -> str:
+    keys = [k for k in summary if k.split("/")[0] in ("eval", "test") and scalar(summary[k])
+            and k.count("/") <= 2 and not k.endswith("/samples")][:8]
+    shown = " ".join(f"{k}={summary[k]:.4f}" for k in keys)
+    return (f"done: {summary['recipe']} {summary['epochs']} epochs {summary['steps']} steps "
+            f"{summary['train/samples_per_s']:,.0f} samples/s {shown} -> {summary['run_dir']}")
