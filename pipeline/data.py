@@ -5,22 +5,18 @@ Prepared splits that fit in memory become one tensor per column and are indexed 
 
 from __future__ import annotations
 
-import gzip
+import functools
 import hashlib
 import inspect
 import json
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import warnings
-import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +35,7 @@ CHECKSUM_FILE = "checksums.json"  # {file: {size, sha256}} of every shard file, 
 # MNIST shards on 2 busy cores, so at most ~0.3 s); larger ones get their sizes checked on every load,
 # a full hash with `launch/prepare.py --verify`, and one whenever a file fails to load.
 FULL_CHECK_BYTES = 128 * 2**20
-PROJECT = ("pipeline", "recipes")  # packages whose code can change what prepare() makes
+PROJECT = ("pipeline", "recipes")  # packages whose code can change what prepare() makes (see _reached)
 
 
 class DataError(RuntimeError):
@@ -64,24 +60,31 @@ def fingerprint(recipe, cfg: DictConfig) -> str:
 
 
 def code_hash(recipe) -> str:
-    """Hash of the source that makes the shards: the recipe's whole module, and every project function
-    or class its prepare() reaches (e.g. the helpers below), so editing any of them rebuilds the shards.
+    """Hash of the source that makes the shards: the whole module that defines prepare() (the recipe's, unless
+    prepare() is a `functools.partial` of a shared helper), and every project function or class it reaches
+    (e.g. those in recipes/_helpers.py), so editing any of them rebuilds the shards.
 
     Source text, not behaviour: a comment or whitespace edit in those places rebuilds them too.
     """
-    modules = {sys.modules.get(f"recipes.{recipe.name}"), inspect.getmodule(recipe.prepare)} - {None}
-    parts = [inspect.getsource(m) for m in sorted(modules, key=lambda m: m.__name__)]
+    # A partial of a shared helper (functools' module is its getmodule): that helper and what it reaches only.
+    module = None if isinstance(recipe.prepare, functools.partial) else inspect.getmodule(recipe.prepare)
+    parts = [inspect.getsource(module)] if module else []
     parts += [f"{o.__qualname__}\n{inspect.getsource(o)}" for o in _reached(recipe.prepare)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _reached(start) -> list:
-    """Project functions and classes that `start` calls, directly or through others, sorted by name."""
+    """Project functions and classes that `start` calls, directly or through others, sorted by name.
+
+    The project: this repo's packages and the one that holds `start` (a recipe kept outside this repo).
+    """
+    start = getattr(start, "func", start)
+    project = {*PROJECT, (getattr(start, "__module__", None) or "pipeline").split(".")[0]}
     found, todo = {}, [start]
     while todo:
         obj = todo.pop()
         obj = getattr(obj, "func", obj)  # a functools.partial
-        if id(obj) in found or (getattr(obj, "__module__", None) or "").split(".")[0] not in PROJECT:
+        if id(obj) in found or (getattr(obj, "__module__", None) or "").split(".")[0] not in project:
             continue
         if inspect.isclass(obj):
             found[id(obj)] = obj
@@ -90,8 +93,8 @@ def _reached(start) -> list:
             found[id(obj)] = obj
             names = _names(obj.__code__)
             for value in [obj.__globals__.get(n) for n in names] + [c.cell_contents for c in obj.__closure__ or ()]:
-                if inspect.ismodule(value):  # `data.image_split`: the attribute names are in co_names too
-                    todo += [getattr(value, n) for n in names if value.__name__.split(".")[0] in PROJECT
+                if inspect.ismodule(value):  # `helpers.image_split`: the attribute names are in co_names too
+                    todo += [getattr(value, n) for n in names if value.__name__.split(".")[0] in project
                              and hasattr(value, n)]
                 elif value is not None:
                     todo.append(value)
@@ -345,175 +348,3 @@ class ShuffledBatches(BatchSampler):
 
 def _whole_batch(batch: dict) -> dict:
     return batch  # __getitems__ already returns the batch as tensors
-
-
-# ---------------------------------------------------------------- helpers for recipes
-
-
-def split_train_eval(ds: datasets.Dataset, fraction: float, seed: int, stratify: str | None = "label"):
-    """Holds out `fraction` of `ds` for evaluation, stratified by a ClassLabel column when given."""
-    parts = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
-    return parts["train"].flatten_indices(), parts["test"].flatten_indices()
-
-
-def image_split(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> datasets.Dataset:
-    """uint8 images [N, C, H, W] and int labels as a compact Arrow dataset."""
-    features = datasets.Features({
-        "image": datasets.Array3D(shape=tuple(images.shape[1:]), dtype="uint8"),
-        "label": datasets.ClassLabel(names=class_names),
-    })
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-
-
-def torchvision_raw(dataset_cls, cfg: DictConfig, files: dict[str, str]) -> list[Path]:
-    """The raw files of a torchvision data set under `<data.root>/<Name>/raw/`, each plain or `.gz`.
-
-    Missing files are downloaded with `data.download=true`; otherwise, or when the download fails, a
-    DataError lists the files and where they go. Nothing here writes to the data folder except a
-    download, and that only adds whole files (see `download`).
-    """
-    raw = Path(cfg.data.root) / dataset_cls.__name__ / "raw"
-    missing = [f for f in files.values() if _raw_path(raw, f) is None]
-    if missing and cfg.data.download:
-        mirrors = getattr(dataset_cls, "mirrors", [])
-        sources = dict(dataset_cls.resources)
-        download([(f"{f}.gz", [m + f"{f}.gz" for m in mirrors], sources.get(f"{f}.gz")) for f in missing], raw,
-                 f"{dataset_cls.__name__} raw files")
-        missing = [f for f in files.values() if _raw_path(raw, f) is None]
-    if missing:
-        raise DataError(
-            f"{dataset_cls.__name__} raw files missing in {raw.resolve()}: {', '.join(missing)} "
-            f"(plain or .gz).\nFix: put {', '.join(files.values())} (or their .gz) there and point "
-            f"data.root at the folder that holds {dataset_cls.__name__}/, "
-            f"or add data.download=true on a machine with a network.")
-    paths = [_raw_path(raw, f) for f in files.values()]
-    for path in paths:
-        readable_file(path, f"the {dataset_cls.__name__} raw file {path.name}")
-    return paths
-
-
-def _raw_path(raw: Path, name: str) -> Path | None:
-    """The plain file if it exists (as torchvision reads it), else its .gz, else None."""
-    for path in (raw / name, raw / f"{name}.gz"):
-        if path.exists():
-            return path
-    return None
-
-
-def readable_file(path: Path, what: str) -> None:
-    """A DataError unless `path` is a file this process can open (a folder or unreadable file is named)."""
-    if path.is_dir():
-        raise DataError(f"{path} is a folder, but {what} belongs there.\nFix: move that folder away and put the "
-                        f"file there.")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror}).\nFix: make it readable (chmod a+r) or replace it "
-                        f"with a good copy.") from None
-
-
-def download(files: list[tuple[str, list[str], str | None]], folder: Path, what: str, timeout: float = 10) -> None:
-    """Fetches each (name, urls, md5) into `folder` with torchvision's `download_url`, trying its URLs in order.
-
-    Each file is downloaded into a temporary folder elsewhere, checked, then copied beside its target
-    and renamed into place, so a failed or interrupted download leaves the data folder as it was. The
-    first file that cannot be had from any URL stops with one message; `timeout` bounds each network
-    wait, so without a network this fails in seconds.
-    """
-    from http.client import HTTPException
-    from urllib.error import URLError
-
-    from torchvision.datasets.utils import download_url
-
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)  # torchvision's urlopen calls take no timeout of their own
-    try:
-        for name, urls, md5 in files:
-            errors = []
-            with tempfile.TemporaryDirectory(prefix="download-") as tmp:
-                for url in urls:
-                    try:
-                        download_url(url, tmp, filename=name, md5=md5)
-                    except (URLError, HTTPException, OSError, RuntimeError) as e:  # RuntimeError: md5 mismatch
-                        errors.append(f"{url}: {getattr(e, 'reason', e)}")
-                        continue
-                    _place(Path(tmp) / name, folder / name)
-                    break
-            if len(errors) == len(urls):
-                sources = sorted({u[0].rsplit("/", 1)[0] + "/" for _, u, _ in files if u})
-                raise DataError(
-                    f"data.download is on, but {what} could not be downloaded ({'; '.join(errors) or 'no URL known'})."
-                    f"\nFix: put {', '.join(n for n, _, _ in files)} in {folder.resolve()} (from a machine with "
-                    f"a network, e.g. from {', '.join(sources)}), or check the network and proxy; "
-                    f"data.download=false stops trying.")
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _place(src: Path, target: Path) -> None:
-    """Copies a finished download into the data folder under a temporary name, then renames it into place."""
-    part = target.with_name(f".{target.name}.part")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copyfile(src, part)
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
-
-
-def read_idx(path: Path, reader) -> torch.Tensor:
-    """An IDX file read by torchvision's `reader`; a `.gz` is unpacked to a temporary file, never beside itself."""
-    if path.suffix != ".gz":
-        try:
-            return reader(str(path))
-        except Exception as e:  # any parse failure of a user's file means the file is bad
-            raise DataError(f"{path} is not a readable IDX file ({type(e).__name__}: {e}).\nFix: replace it with "
-                            f"a good copy, or delete it if its .gz is beside it (the .gz is read then).") from None
-    with tempfile.TemporaryDirectory(prefix="idx-") as tmp:
-        plain = Path(tmp) / path.stem
-        try:
-            with gzip.open(path) as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst, 2**20)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise DataError(f"{path} is damaged ({e}): a truncated or interrupted download?\nFix: replace it with "
-                            f"a good copy, or delete it and run again with data.download=true to fetch it anew. "
-                            f"The data folder was not changed.") from None
-        except OSError as e:
-            raise DataError(f"cannot unpack {path} into the temporary folder {tmp} ({e}).\nFix: free space there "
-                            f"or point TMPDIR at a folder with room.") from None
-        return read_idx(plain, reader)
-
-
-def torchvision_arrays(dataset_cls, cfg: DictConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-split uint8 images [N, 1, H, W] and labels, read by torchvision's IDX readers from the raw files."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    paths = dict(zip(IDX_FILES, torchvision_raw(dataset_cls, cfg, IDX_FILES), strict=True))
-    split = "train" if train else "test"
-    images_file, labels_file = paths[f"{split}_images"], paths[f"{split}_labels"]
-    images, labels = read_idx(images_file, read_image_file), read_idx(labels_file, read_label_file)
-    if len(images) != len(labels):
-        raise DataError(f"{images_file} holds {len(images):,} images but {labels_file} {len(labels):,} labels."
-                        f"\nFix: use the two files of one release (replace the one that does not belong).")
-    return images.unsqueeze(1).numpy(), labels.numpy()
-
-
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def idx_raw_files(dataset_cls, cfg: DictConfig) -> list[Path]:
-    """MNIST-format raw files (MNIST, FashionMNIST) under `<data.root>/<Name>/raw/`."""
-    return torchvision_raw(dataset_cls, cfg, IDX_FILES)
-
-
-def idx_splits(dataset_cls, cfg: DictConfig) -> tuple[datasets.DatasetDict, dict]:
-    """train files -> train/eval (stratified, `data.eval_fraction` held out); t10k files -> test."""
-    classes = list(dataset_cls.classes)
-    full = image_split(*torchvision_arrays(dataset_cls, cfg, train=True), classes)
-    train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed)
-    test = image_split(*torchvision_arrays(dataset_cls, cfg, train=False), classes)
-    return datasets.DatasetDict(train=train, eval=evaluation, test=test), {"class_names": classes}

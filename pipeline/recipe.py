@@ -5,7 +5,10 @@ A recipe holds only the task: raw data -> DatasetDict, the model, the loss, the 
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import os
 import pkgutil
 import sys
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field, fields
 import datasets
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
@@ -93,16 +97,16 @@ class Recipe:
     model: Callable
     # (cfg, meta) -> {head: torchmetrics Metric or MetricCollection}; head "" for single-output tasks
     metrics: Callable
-    # (outputs, batch) -> scalar mean loss over the batch
+    # (outputs, batch, **settings) -> scalar mean loss over the batch. settings: the `loss.*` keys (the fields of
+    # `loss_config`, none by default) as keyword arguments, e.g. omniglot_multi's `alphabet_weight`
     loss: Callable = cross_entropy
-    # (cfg, meta) -> such a loss, for losses with settings of their own (`loss.*` keys); replaces `loss`
-    make_loss: Callable | None = None
     # (outputs, batch) -> {head: (preds, target)} fed to that head's metrics
     predictions: Callable = label_predictions
     # (batch, train, meta) -> batch: normalization and augmentation of a whole batch on its device
     transform: Callable = no_transform
     activation: str = "relu"  # the model's nonlinearity, for the gain of `model.init`
-    inputs: tuple = ("image",)  # batch columns passed to the model, in order
+    # batch columns passed to the model, in order; or cfg -> such a tuple, where they depend on the config
+    inputs: tuple | Callable = ("image",)
     targets: tuple = ("label",)  # batch columns the loss and metrics read
     defaults: dict = field(default_factory=dict)  # the tutorial's hyperparameters
     data_config: type = DataConfig  # subclass to add recipe keys under `data.`
@@ -115,24 +119,58 @@ class Recipe:
     dataset: Callable | None = None
 
 
-def loss_fn(recipe: Recipe, cfg, meta: dict) -> Callable:
-    return recipe.make_loss(cfg, meta) if recipe.make_loss else recipe.loss
+def loss_fn(recipe: Recipe, cfg, meta: dict | None = None) -> Callable:
+    """The recipe's loss with its settings (the `loss.*` keys) bound; `meta` is not used."""
+    settings = OmegaConf.to_container(cfg.loss)
+    if not settings:
+        return recipe.loss
+    try:
+        inspect.signature(recipe.loss).bind(None, None, **settings)
+    except TypeError as e:
+        raise ConfigError(f"recipe {recipe.name!r}: its loss {getattr(recipe.loss, '__name__', recipe.loss)} "
+                          f"cannot take the `loss.*` settings {', '.join(settings)} ({e}).\nFix: give the loss "
+                          f"(outputs, batch, ...) a keyword argument per field of its loss_config.") from None
+    return functools.partial(recipe.loss, **settings)
+
+
+def model_inputs(recipe: Recipe, cfg) -> tuple:
+    """The batch columns the model takes under this config, in order."""
+    return tuple(recipe.inputs(cfg) if callable(recipe.inputs) else recipe.inputs)
+
+
+PACKAGE = "recipes"  # where a recipe name without a dot is found: recipes/<name>.py in this repo
 
 
 def names() -> list[str]:
-    import recipes
-
-    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+    """The recipes in this repo's `recipes/` (one kept elsewhere is named by its module path instead)."""
+    package = importlib.import_module(PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 def load(name: str) -> Recipe:
-    available = names()
-    if name not in available:
-        raise ConfigError(f"unknown recipe {name!r}; available recipes: {', '.join(available)}")
-    module = importlib.import_module(f"recipes.{name}")
+    """The `recipe` of `recipes/<name>.py`, or of any importable module given by its dotted path (`mypkg.my_recipe`),
+    found on sys.path or, last, in the current folder: users keep their own recipes outside this repo."""
+    path = name if "." in name else f"{PACKAGE}.{name}"
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # `python launch/train.py` puts launch/, not the current folder, on sys.path
+    try:
+        module = importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (path == e.name or path.startswith(f"{e.name}.")):
+            raise ConfigError(f"recipe {name!r}: importing {path} failed: {e}.\nFix: install that module "
+                              f"(pip install ...) or remove the import from the recipe.") from None
+        if "." not in name:
+            raise ConfigError(f"unknown recipe {name!r} (no module {path}); available recipes: "
+                              f"{', '.join(names())}.\nA recipe kept elsewhere is given by its module path: "
+                              f"recipe=mypkg.my_recipe (mypkg's folder on PYTHONPATH or the current folder).") from None
+        raise ConfigError(f"unknown recipe {name!r}: no module {e.name} (tried {path} from the current folder "
+                          f"{os.getcwd()}, PYTHONPATH and the installed packages).\nFix: run from the folder that "
+                          f"holds {path.split('.')[0]}/ or add it to PYTHONPATH; this repo's recipes: "
+                          f"{', '.join(names())}.") from None
     recipe = getattr(module, "recipe", None)
     if not isinstance(recipe, Recipe):
-        raise ConfigError(f"recipes/{name}.py defines no `recipe = Recipe(...)`")
+        raise ConfigError(f"{module.__file__} defines no `recipe = Recipe(...)`.\nFix: end the module with "
+                          f"`recipe = Recipe(name=..., ...)` (pipeline.recipe.Recipe).")
     return check(recipe)
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 from accelerate import PartialState
 from torch import nn
@@ -27,8 +26,9 @@ from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, split_train_eval
+from pipeline.data import DataError
 from pipeline.recipe import Recipe
+from recipes._helpers import image_rows, split_train_eval, unit_scale
 
 FOLDERS = {"train": "clouds_train", "test": "clouds_test"}
 LAYOUT = ("<data.root>/clouds_train/<class name>/*.jpg and <data.root>/clouds_test/<class name>/*.jpg, "
@@ -63,30 +63,17 @@ def raw_files(cfg) -> list[Path]:
     return [Path(p) for split in FOLDERS for p, _ in read_folder(cfg, split).samples]
 
 
-def load_images(batch: dict, size: int) -> dict:
-    """Decodes and resizes a batch of files; runs once, inside `datasets.map`, never while training."""
-    images = []
-    for path in batch["path"]:
-        try:
-            image = v2.functional.pil_to_tensor(default_loader(path))  # PIL, converted to RGB
-        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-            raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace "
-                            f"that file (the class folders must hold only images), then run again.") from None
-        # As the tutorial's Resize((64, 64)): squashed, not cropped, so no part of the sky is lost.
-        images.append(v2.functional.resize(image, [size, size], antialias=True))
-    return {"image": np.stack([i.numpy() for i in images])}
+def read_rgb(path: str) -> torch.Tensor:
+    """ImageFolder's reader (PIL, converted to RGB) as a uint8 tensor [3, H, W]."""
+    try:
+        return v2.functional.pil_to_tensor(default_loader(path))
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace "
+                        f"that file (the class folders must hold only images), then run again.") from None
 
 
 def decode(folder: ImageFolder, cfg) -> datasets.Dataset:
-    size = cfg.data.image_size
-    files = datasets.Dataset.from_dict(
-        {"path": [p for p, _ in folder.samples], "label": folder.targets},
-        features=datasets.Features({"path": datasets.Value("string"),
-                                    "label": datasets.ClassLabel(names=folder.classes)}))
-    features = datasets.Features({"label": files.features["label"],
-                                  "image": datasets.Array3D(shape=(3, size, size), dtype="uint8")})
-    return files.map(load_images, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
-                     fn_kwargs={"size": size}, remove_columns=["path"], features=features)
+    return image_rows([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read_rgb, 3, cfg)
 
 
 def prepare(cfg):
@@ -141,7 +128,7 @@ def rotate(image: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 
 
 def transform(batch, train, meta):
-    image = v2.functional.to_dtype(batch["image"], torch.float32, scale=True)  # ToTensor: [0, 1]
+    image = unit_scale(batch["image"])  # ToTensor: [0, 1]
     return {**batch, "image": augment(image) if train else image}
 
 
@@ -176,13 +163,9 @@ def metrics(cfg, meta):
 recipe = Recipe(
     name="clouds",
     description="clouds image folders (7 classes), CNN conv32-conv64-linear with ELU, Adam lr 1e-3, batch 16",
-    prepare=prepare,
-    raw_files=raw_files,
-    model=lambda cfg, meta: CloudsNet(len(meta["class_names"]), cfg.data.image_size),
-    metrics=metrics,
-    transform=transform,
-    activation="elu",
-    data_config=CloudsData,
+    prepare=prepare, raw_files=raw_files, data_config=CloudsData,
+    model=lambda cfg, meta: CloudsNet(len(meta["class_names"]), cfg.data.image_size), activation="elu",
+    transform=transform, metrics=metrics,
     defaults={"trainer": {"epochs": 10, "batch_size": 16},
               "optimizer": {"name": "adam", "lr": 1e-3}},
 )

@@ -13,9 +13,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from pipeline.config import DataConfig
-from pipeline.data import image_split, split_train_eval
 from pipeline.recipe import Recipe
+from recipes._helpers import image_split, split_train_eval
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -59,13 +58,9 @@ def metrics(cfg, meta):
 recipe = Recipe(
     name="digits",
     description="scikit-learn's bundled 8x8 digits, small CNN (embedded default, no download)",
-    prepare=prepare,
-    raw_files=raw_files,
+    prepare=prepare, raw_files=raw_files,
     model=lambda cfg, meta: DigitsCNN(),
-    metrics=metrics,
-    transform=transform,
-    data_config=DataConfig,
-    defaults={"data": {"eval_fraction": 0.2},
-              "trainer": {"epochs": 10, "batch_size": 32},
+    transform=transform, metrics=metrics,
+    defaults={"data": {"eval_fraction": 0.2}, "trainer": {"epochs": 10, "batch_size": 32},
               "optimizer": {"name": "adam", "lr": 1e-3}},
 )

@@ -18,7 +18,7 @@ from torchmetrics.wrappers import LambdaInputTransformer
 
 from pipeline.config import ModelConfig
 from pipeline.recipe import Recipe
-from recipes._csv import Column, CsvData, raw_file, read, require_spread
+from recipes._helpers import Column, CsvData, raw_file, read, require_spread
 
 Cell = Enum("Cell", "rnn lstm gru")
 
@@ -148,19 +148,11 @@ def metrics(cfg, meta):
 recipe = Recipe(
     name="electricity_forecast",
     description="electricity.csv 15-min consumption, 96-step window -> next step, RNN|LSTM|GRU, MSE, Adam 1e-4",
-    prepare=prepare,
-    raw_files=raw_files,
+    prepare=prepare, raw_files=raw_files, data_config=ElectricityData, dataset=windows,
     model=lambda cfg, meta: Forecaster(cfg.model.cell.name, cfg.model.hidden_size, cfg.model.num_layers),
-    loss=mse,
-    predictions=predictions,
-    metrics=metrics,
-    transform=transform,
-    dataset=windows,
-    activation="tanh",
-    inputs=("window",),
-    targets=("target", "last"),
-    data_config=ElectricityData,
-    model_config=ForecasterConfig,
+    model_config=ForecasterConfig, activation="tanh",
+    inputs=("window",), targets=("target", "last"),
+    transform=transform, loss=mse, predictions=predictions, metrics=metrics,
     defaults={"data": {"eval_fraction": 0.2},
               "trainer": {"epochs": 10, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
               "optimizer": {"name": "adam", "lr": 1e-4}},

@@ -6,16 +6,9 @@ python launch/train.py recipe=fashion_mnist_mlp data.root=data
 """
 
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets import FashionMNIST
 
-from pipeline.data import idx_raw_files, idx_splits
-from pipeline.recipe import Recipe
-
-
-def transform(batch, train, meta):
-    return {**batch, "image": batch["image"].float().div_(255.0)}  # ToTensor: [0, 255] -> [0, 1]
+from recipes._helpers import idx_recipe
 
 
 def model(cfg, meta):
@@ -27,15 +20,9 @@ def model(cfg, meta):
     )
 
 
-recipe = Recipe(
-    name="fashion_mnist_mlp",
+# The data, ToTensor's [0, 1] scaling and accuracy: recipes/_helpers.py's idx_recipe.
+recipe = idx_recipe(
+    FashionMNIST, name="fashion_mnist_mlp", model=model,
     description="FashionMNIST, MLP 784-512-512-10, CrossEntropyLoss, SGD lr 1e-3",
-    prepare=lambda cfg: idx_splits(FashionMNIST, cfg),
-    raw_files=lambda cfg: idx_raw_files(FashionMNIST, cfg),
-    model=model,
-    metrics=lambda cfg, meta: {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro")})},
-    transform=transform,
-    defaults={"data": {"download": True},  # as the tutorial's FashionMNIST(download=True)
-              "trainer": {"epochs": 10, "batch_size": 64},
-              "optimizer": {"name": "sgd", "lr": 1e-3}},
+    defaults={"trainer": {"epochs": 10, "batch_size": 64}, "optimizer": {"name": "sgd", "lr": 1e-3}},
 )

@@ -15,9 +15,8 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from pipeline.data import split_train_eval
 from pipeline.recipe import Recipe
-from recipes._csv import Column, CsvData, raw_file, read, require_spread, split_sizes
+from recipes._helpers import Column, CsvData, raw_file, read, require_spread, split_sizes, split_train_eval
 
 
 @dataclass
@@ -94,15 +93,10 @@ def metrics(cfg, meta):
 recipe = Recipe(
     name="house_prices_linear",
     description="house_prices.csv area -> price, nn.Linear(1, 1), MSELoss, SGD lr 4e-5",
-    prepare=prepare,
-    raw_files=raw_files,
+    prepare=prepare, raw_files=raw_files, data_config=HousePricesData,
     model=lambda cfg, meta: nn.Linear(1, 1),
-    loss=mse,
-    predictions=predictions,
-    metrics=metrics,
-    inputs=("x",),
-    targets=("y",),
-    data_config=HousePricesData,
+    inputs=("x",), targets=("y",),
+    loss=mse, predictions=predictions, metrics=metrics,
     # The tutorial's per-sample SGD: batch 1, lr 4e-5 on raw square metres and prices.
     defaults={"data": {"eval_fraction": 0.2},
               "trainer": {"epochs": 30, "batch_size": 1, "eval_batch_size": 256, "log_every": 100},

@@ -6,16 +6,9 @@ python launch/train.py recipe=mnist_cnn data.root=data
 """
 
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets import MNIST
 
-from pipeline.data import idx_raw_files, idx_splits
-from pipeline.recipe import Recipe
-
-
-def transform(batch, train, meta):
-    return {**batch, "image": batch["image"].float().div_(255.0)}  # ToTensor: [0, 255] -> [0, 1]
+from recipes._helpers import idx_recipe
 
 
 def model(cfg, meta):
@@ -28,15 +21,9 @@ def model(cfg, meta):
     )
 
 
-recipe = Recipe(
-    name="mnist_cnn",
+# The data, ToTensor's [0, 1] scaling and accuracy: recipes/_helpers.py's idx_recipe.
+recipe = idx_recipe(
+    MNIST, name="mnist_cnn", model=model,
     description="MNIST, CNN conv32-conv32-pool-128-10, CrossEntropyLoss, Adam lr 1e-3",
-    prepare=lambda cfg: idx_splits(MNIST, cfg),
-    raw_files=lambda cfg: idx_raw_files(MNIST, cfg),
-    model=model,
-    metrics=lambda cfg, meta: {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro")})},
-    transform=transform,
-    defaults={"data": {"download": True},  # as the tutorial's MNIST(download=True)
-              "trainer": {"epochs": 5, "batch_size": 64},
-              "optimizer": {"name": "adam", "lr": 1e-3}},
+    defaults={"trainer": {"epochs": 5, "batch_size": 64}, "optimizer": {"name": "adam", "lr": 1e-3}},
 )

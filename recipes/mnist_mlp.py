@@ -7,12 +7,9 @@ python launch/train.py recipe=mnist_mlp data.root=data
 
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets import MNIST
 
-from pipeline.data import idx_raw_files, idx_splits
-from pipeline.recipe import Recipe
+from recipes._helpers import idx_recipe
 
 MINUS_ONE = torch.tensor(-1.0)
 
@@ -36,16 +33,10 @@ def nll(outputs, batch):
     return nn.functional.nll_loss(outputs, batch["label"])
 
 
-recipe = Recipe(
-    name="mnist_mlp",
+# The data and accuracy: recipes/_helpers.py's idx_recipe.
+recipe = idx_recipe(
+    MNIST, name="mnist_mlp", model=model,
     description="MNIST, MLP 784-128-64-10, LogSoftmax + NLLLoss, SGD lr 0.003",
-    prepare=lambda cfg: idx_splits(MNIST, cfg),
-    raw_files=lambda cfg: idx_raw_files(MNIST, cfg),
-    model=model,
-    loss=nll,
-    metrics=lambda cfg, meta: {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro")})},
-    transform=transform,
-    defaults={"data": {"download": True},  # as the tutorial's MNIST(download=True)
-              "trainer": {"epochs": 5, "batch_size": 64},
-              "optimizer": {"name": "sgd", "lr": 0.003}},
+    loss=nll, transform=transform,
+    defaults={"trainer": {"epochs": 5, "batch_size": 64}, "optimizer": {"name": "sgd", "lr": 0.003}},
 )

@@ -8,7 +8,6 @@ python launch/train.py recipe=omniglot_multi data.root=data model.mode=multi_inp
 
 import tempfile
 import zipfile
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -19,16 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets import Omniglot
 from torchvision.datasets.utils import list_dir, list_files
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
 from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
-from pipeline.data import DataError, download, readable_file
+from pipeline.data import DataError
 from pipeline.recipe import Recipe
+from recipes._helpers import accuracy, download, image_rows, readable_file, unit_scale, unpacking
 
 LAYOUT = ("<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png, or the zip images_background.zip "
           "holding that folder, in <data.root>/ or in <data.root>/omniglot-py/ (where torchvision downloads it)")
@@ -93,16 +90,8 @@ def unpacked(cfg):
         yield source
         return
     with tempfile.TemporaryDirectory(prefix="omniglot-") as tmp:
-        try:
-            with zipfile.ZipFile(source) as archive:
-                archive.extractall(tmp)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise DataError(f"{source} is damaged ({e}): a truncated or interrupted download?\nFix: replace it with "
-                            f"a good copy from {ZIP_URL}, or delete it and run again with data.download=true. "
-                            f"The data folder was not changed.") from None
-        except OSError as e:
-            raise DataError(f"cannot unpack {source} into the temporary folder {tmp} ({e}).\nFix: free space "
-                            f"there or point TMPDIR at a folder with room.") from None
+        with unpacking(source, tmp, f" from {ZIP_URL}"), zipfile.ZipFile(source) as archive:
+            archive.extractall(tmp)
         top = list_dir(tmp)
         # The zip holds one folder (images_background/, or images_background_small1/ for the subsets).
         yield Path(tmp) / top[0] if len(top) == 1 and top[0].startswith("images_") else Path(tmp)
@@ -137,27 +126,17 @@ def drawer(path: str) -> int:
         raise DataError(f"{path}: not an Omniglot file name (<id>_<drawer>.png).\nExpected layout: {LAYOUT}.") from None
 
 
-def load_images(batch: dict, size: int) -> dict:
-    """Decodes and resizes a batch of files; runs once, inside `datasets.map`, never while training."""
-    images = []
-    for path in batch["path"]:
-        try:
-            image = decode_image(path, mode=ImageReadMode.GRAY)
-        except RuntimeError as e:
-            raise DataError(f"not a readable image: {path} ({e}).\nFix: delete or replace that file.") from None
-        images.append(v2.functional.resize(image, [size, size], antialias=True))
-    return {"image": np.stack([i.numpy() for i in images])}
+def read_gray(path: str) -> torch.Tensor:
+    try:
+        return decode_image(path, mode=ImageReadMode.GRAY)
+    except RuntimeError as e:
+        raise DataError(f"not a readable image: {path} ({e}).\nFix: delete or replace that file.") from None
 
 
 def decode(rows: list, alphabets: list[str], characters: list[str], cfg) -> datasets.Dataset:
-    size = cfg.data.image_size
-    labels = {"alphabet": datasets.ClassLabel(names=alphabets), "character": datasets.ClassLabel(names=characters)}
     paths, alphabet, character = zip(*rows)
-    files = datasets.Dataset.from_dict({"path": paths, "alphabet": alphabet, "character": character},
-                                       features=datasets.Features({"path": datasets.Value("string"), **labels}))
-    features = datasets.Features({**labels, "image": datasets.Array3D(shape=(1, size, size), dtype="uint8")})
-    return files.map(load_images, batched=True, batch_size=256, num_proc=cfg.data.num_proc,
-                     fn_kwargs={"size": size}, remove_columns=["path"], features=features)
+    labels = {"alphabet": (list(alphabet), alphabets), "character": (list(character), characters)}
+    return image_rows(list(paths), labels, read_gray, 1, cfg)
 
 
 def prepare(cfg):
@@ -186,8 +165,7 @@ def transform(batch, train, meta):
     # The one-hot alphabet is built here, per batch, from the stored label: one integer per row on disk, not
     # a vector as wide as the alphabet count.
     alphabet = F.one_hot(batch["alphabet"], len(meta["alphabet_names"])).float()
-    image = v2.functional.to_dtype(batch["image"], torch.float32, scale=True)  # ToTensor: [0, 1]
-    return {**batch, "image": image, "alphabet_onehot": alphabet}
+    return {**batch, "image": unit_scale(batch["image"]), "alphabet_onehot": alphabet}  # ToTensor: [0, 1]
 
 
 # ---------------------------------------------------------------- the tutorial's networks
@@ -236,14 +214,10 @@ def model(cfg, meta):
     return net(len(meta["alphabet_names"]), len(meta["character_names"]), cfg.data.image_size)
 
 
-def make_loss(cfg, meta):
-    """Weighted sum of one cross-entropy per head the model has."""
-    weights = {"alphabet": cfg.loss.alphabet_weight, "character": cfg.loss.character_weight}
-
-    def loss(outputs, batch):
-        return sum(weights[head] * F.cross_entropy(logits, batch[head]) for head, logits in outputs.items())
-
-    return loss
+def loss(outputs, batch, alphabet_weight: float, character_weight: float):
+    """Weighted sum of one cross-entropy per head the model has; the weights are the `loss.*` keys."""
+    weights = {"alphabet": alphabet_weight, "character": character_weight}
+    return sum(weights[head] * F.cross_entropy(logits, batch[head]) for head, logits in outputs.items())
 
 
 def predictions(outputs, batch):
@@ -253,26 +227,17 @@ def predictions(outputs, batch):
 def metrics(cfg, meta):
     sizes = {"alphabet": len(meta["alphabet_names"]), "character": len(meta["character_names"])}
     heads = ("alphabet", "character") if cfg.model.mode == Mode.multi_output else ("character",)
-    return {head: MetricCollection({"accuracy": MulticlassAccuracy(sizes[head], average="micro")}) for head in heads}
+    return {head: accuracy(sizes[head]) for head in heads}
 
 
 recipe = Recipe(
     name="omniglot_multi",
     description="Omniglot, multi_output (image -> alphabet, character) or multi_input (image, alphabet -> "
                 "character); conv16-pool-128 ELU",
-    prepare=prepare,
-    raw_files=raw_files,
-    model=model,
-    metrics=metrics,
-    make_loss=make_loss,
-    predictions=predictions,
-    transform=transform,
-    activation="elu",
-    inputs=("image", "alphabet_onehot"),
-    targets=("alphabet", "character"),
-    data_config=OmniglotData,
-    model_config=OmniglotModel,
-    loss_config=OmniglotLoss,
+    prepare=prepare, raw_files=raw_files, data_config=OmniglotData,
+    model=model, model_config=OmniglotModel, activation="elu",
+    inputs=("image", "alphabet_onehot"), targets=("alphabet", "character"),
+    transform=transform, loss=loss, loss_config=OmniglotLoss, predictions=predictions, metrics=metrics,
     defaults={"data": {"download": True},  # as the tutorial's Omniglot(download=True)
               "trainer": {"epochs": 10, "batch_size": 32},
               "optimizer": {"name": "adam", "lr": 1e-3}},

@@ -13,9 +13,17 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
-from pipeline.data import split_train_eval
 from pipeline.recipe import Recipe
-from recipes._csv import Column, CsvData, raw_file, read, require_rows, require_spread, split_sizes
+from recipes._helpers import (
+    Column,
+    CsvData,
+    raw_file,
+    read,
+    require_rows,
+    require_spread,
+    split_sizes,
+    split_train_eval,
+)
 
 FEATURES = ["ph", "Hardness", "Solids", "Chloramines", "Sulfate", "Conductivity", "Organic_carbon",
             "Trihalomethanes", "Turbidity"]
@@ -109,16 +117,10 @@ def metrics(cfg, meta):
 recipe = Recipe(
     name="water_potability",
     description="water_potability.csv, MLP 9-16-8-1 BatchNorm+ELU, He init, BCEWithLogits, Adam lr 1e-3",
-    prepare=prepare,
-    raw_files=raw_files,
-    model=lambda cfg, meta: WaterNet(),
-    loss=bce,
-    predictions=predictions,
-    metrics=metrics,
-    activation="elu",
-    inputs=("features",),
-    targets=("label",),
-    data_config=WaterData,
+    prepare=prepare, raw_files=raw_files, data_config=WaterData,
+    model=lambda cfg, meta: WaterNet(), activation="elu",
+    inputs=("features",), targets=("label",),
+    loss=bce, predictions=predictions, metrics=metrics,
     defaults={"data": {"eval_fraction": 0.2},
               "model": {"init": "kaiming_normal"},
               "trainer": {"epochs": 30, "batch_size": 32, "clip_grad_norm": 1.0, "log_every": 100},

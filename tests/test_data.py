@@ -1,6 +1,7 @@
 """Data preparation: Arrow shards keyed by a fingerprint, reused, rebuilt on change, clear errors."""
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -13,6 +14,7 @@ import datasets
 import pytest
 import torch
 from conftest import cli, common, ok, write_mnist_raw
+from torchvision.datasets import MNIST
 
 from pipeline import data
 from pipeline import recipe as recipes
@@ -134,13 +136,20 @@ def recipes_parse(argv):
     return recipe, cfg
 
 
-def test_cache_copy_is_found_by_content_location(workdir):
-    # Shards live under <cache>/<recipe>/<fingerprint>; moving the cache keeps them usable.
+def test_moved_cache_is_reused_not_rebuilt(workdir):
+    # Shards are found by content (<cache>/<recipe>/<fingerprint>), with no absolute path kept in them:
+    # a cache moved to another disk or mounted elsewhere serves the same rows without preparing again.
     recipe, cfg = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'cache'}"])
-    out = data.prepare(recipe, cfg)
-    shutil.copytree(workdir / "cache", workdir / "moved")
+    out = data.prepare(recipe, cfg, log=lambda line: None)
+    rows = data.columns(data.load(out)[0]["train"])
+    shutil.move(workdir / "cache", workdir / "moved")
     recipe, moved = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'moved'}"])
-    assert data.shards_dir(recipe, moved) == workdir / "moved" / "digits" / out.name
+    said = []
+    again = data.prepare(recipe, moved, log=said.append)
+    assert again == workdir / "moved" / "digits" / out.name and not (workdir / "cache").exists()
+    assert [line for line in said if "data:" in line] == [f"data: reusing shards in {again}"]
+    moved_rows = data.columns(data.load(again)[0]["train"])
+    assert moved_rows.keys() == rows.keys() and all(torch.equal(moved_rows[k], rows[k]) for k in rows)
 
 
 def test_loader_workers_serve_the_same_batches(workdir):
@@ -227,27 +236,48 @@ def test_shard_checks_cost(workdir, mnist_root):
 # ---------------------------------------------------------------- the fingerprint covers the code that made the shards
 
 
-def edited_recipe(tmp_path, name: str, source: str):
-    """recipes/mnist_mlp.py's text (maybe edited) loaded as another recipe module, `recipes.<name>`."""
+RECIPES = Path(recipes.__file__).parent.parent / "recipes"
+
+
+def module_copy(tmp_path, name: str, source: str):
+    """`source` (a recipe's or the helpers' text, maybe edited) loaded as another module, `recipes.<name>`."""
     path = tmp_path / f"{name}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"recipes.{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return dataclasses.replace(module.recipe, name=name)
+    return module
 
 
 def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
-    source = (Path(recipes.__file__).parent.parent / "recipes" / "mnist_mlp.py").read_text()
-    same = data.code_hash(edited_recipe(tmp_path, "copy_a", source))
-    assert data.code_hash(edited_recipe(tmp_path, "copy_b", source)) == same  # the text, not the module name
-    edited = source.replace("idx_splits(MNIST, cfg)", "idx_splits(MNIST, cfg.copy())")
-    assert edited != source and data.code_hash(edited_recipe(tmp_path, "copy_c", edited)) != same
-    # Honest limit: the hash is of source text, so a whitespace or comment edit rebuilds the shards too.
-    assert data.code_hash(edited_recipe(tmp_path, "copy_d", source + "\n")) != same
+    def recipe_hash(name, source):
+        return data.code_hash(dataclasses.replace(module_copy(tmp_path, name, source).recipe, name=name))
 
-    # The library helpers prepare() reaches are covered (so editing one rebuilds); the rest of the library is not.
-    reached = {f.__qualname__ for f in data._reached(recipes.load("mnist_mlp").prepare)}
+    source = (RECIPES / "digits.py").read_text()
+    same = recipe_hash("copy_a", source)
+    assert recipe_hash("copy_b", source) == same  # the text, not the module name
+    edited = source.replace("cfg.data.split_seed)", "cfg.data.split_seed, stratify=None)")
+    assert edited != source and recipe_hash("copy_c", edited) != same
+    # Honest limit: the hash is of source text, so a whitespace or comment edit rebuilds the shards too.
+    assert recipe_hash("copy_d", source + "\n") != same
+
+    # A shared helper that prepare() reaches (mnist_mlp's is a partial of recipes/_helpers.py's idx_splits):
+    # editing it rebuilds; editing one it does not reach (the CSV reader's) does not.
+    mnist = recipes.load("mnist_mlp")
+
+    def helpers_hash(name, source):
+        return data.code_hash(dataclasses.replace(mnist, prepare=functools.partial(
+            module_copy(tmp_path, name, source).idx_splits, MNIST)))
+
+    helpers = (RECIPES / "_helpers.py").read_text()
+    same = helpers_hash("helpers_a", helpers)
+    assert helpers_hash("helpers_b", helpers) == same
+    reached_edit = helpers.replace("shutil.copyfileobj(src, dst, 2**20)", "shutil.copyfileobj(src, dst, 2**21)")
+    unreached_edit = helpers.replace('", ".join(map(str, items[:SHOWN]))', '"; ".join(map(str, items[:SHOWN]))')
+    assert reached_edit != helpers and helpers_hash("helpers_c", reached_edit) != same
+    assert unreached_edit != helpers and helpers_hash("helpers_d", unreached_edit) == same
+
+    reached = {f.__qualname__ for f in data._reached(mnist.prepare)}
     assert {"idx_splits", "torchvision_arrays", "image_split", "split_train_eval", "read_idx"} <= reached
-    assert not {"loader", "columns", "Rows", "prepare", "check"} & reached
+    assert not {"loader", "columns", "Rows", "prepare", "check", "read"} & reached

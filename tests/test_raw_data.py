@@ -12,6 +12,7 @@ import pytest
 from conftest import cli, common, ok, write_mnist_raw
 
 from pipeline import data
+from recipes import _helpers as helpers
 
 OMNIGLOT_ZIP = Path(__file__).parent / "data" / "omniglot-small" / "images_background_small1.zip"
 
@@ -126,7 +127,7 @@ def test_download_without_network_fails_within_seconds(tmp_path):
 
     started = time.perf_counter()
     with pytest.raises(data.DataError) as e:
-        data.download([("train-images-idx3-ubyte.gz", [m + "train-images-idx3-ubyte.gz" for m in MNIST.mirrors],
+        helpers.download([("train-images-idx3-ubyte.gz", [m + "train-images-idx3-ubyte.gz" for m in MNIST.mirrors],
                         dict(MNIST.resources)["train-images-idx3-ubyte.gz"])], tmp_path / "MNIST" / "raw", "MNIST")
     assert time.perf_counter() - started < 30
     assert "could not be downloaded" in str(e.value) and "ossci-datasets" in str(e.value)

@@ -223,3 +223,43 @@ def test_omniglot_loss_weights_come_from_config():
                                       "loss.character_weight=2.0"])
     loss = recipes.loss_fn(recipe, cfg, {})(outputs, batch)
     assert torch.allclose(loss, 2.0 * ce(outputs["character"], batch["character"]))
+
+
+def test_omniglot_loss_settings_must_be_keywords_of_its_loss():
+    import dataclasses
+
+    from pipeline import recipe as recipes
+    from pipeline.config import ConfigError
+
+    recipe, cfg = pipeline_cli.parse(["recipe=omniglot_multi"])
+    without = dataclasses.replace(recipe, loss=lambda outputs, batch, character_weight: 0.0)
+    with pytest.raises(ConfigError, match="alphabet_weight"):
+        recipes.loss_fn(without, cfg, {})
+
+
+# ---------------------------------------------------------------- a recipe kept outside this repo
+
+
+def test_recipe_from_a_module_outside_the_repo_trains_by_its_dotted_path(workdir):
+    """digits.py copied into <workdir>/myrecipes/tiny.py (name "tiny"), found from the current folder."""
+    package = workdir / "myrecipes"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    source = (Path(conftest.ROOT) / "recipes" / "digits.py").read_text()
+    (package / "tiny.py").write_text(source.replace('name="digits"', 'name="tiny"'))
+    result = ok(cli(common(workdir, "recipe=myrecipes.tiny", "trainer.max_steps=2"), cwd=workdir))
+    assert "data: preparing tiny" in result.stdout
+    assert list((workdir / "cache" / "tiny").glob("*/meta.json"))  # shards under the recipe's name
+    assert summary(workdir / "runs", "tiny")["steps"] == 2  # the run folder takes the recipe's name too
+    # The shards' fingerprint covers the module's own source: an edit there makes new shards.
+    (package / "tiny.py").write_text(source.replace('name="digits"', 'name="tiny"') + "\n# edited\n")
+    ok(cli(common(workdir, "recipe=myrecipes.tiny", "trainer.max_steps=2"), cwd=workdir, script="prepare"))
+    assert len(list((workdir / "cache" / "tiny").glob("*/meta.json"))) == 2
+
+
+def test_unknown_recipe_modules_are_named_with_what_was_tried(workdir):
+    err = failed(cli(common(workdir, "recipe=nosuch.tiny"), cwd=workdir))
+    assert "unknown recipe 'nosuch.tiny': no module nosuch" in err and str(workdir) in err and "PYTHONPATH" in err
+    err = failed(cli(common(workdir, "recipe=nosuch"), cwd=workdir))
+    assert "no module recipes.nosuch" in err and "digits" in err and "recipe=mypkg.my_recipe" in err
+    assert not (workdir / "runs").exists()

@@ -1,0 +1,494 @@
+"""What several recipes share: train/eval splits, readers of raw files (torchvision's MNIST-format data sets,
+image files, CSVs), the `[0, 1]` image scaling, accuracy metrics. The library core (pipeline/) knows none of it.
+
+CSVs: nothing is dropped silently. Rows with bad cells stop the run, or are dropped with `data.drop_bad_rows=true`
+and then counted on the console and in the prepared data's meta (kept with the run).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import os
+import shutil
+import socket
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from pipeline.config import DataConfig
+from pipeline.data import DataError
+from pipeline.recipe import Recipe
+
+# ---------------------------------------------------------------- splits, torchvision's raw files
+
+def split_train_eval(ds: datasets.Dataset, fraction: float, seed: int, stratify: str | None = "label"):
+    """Holds out `fraction` of `ds` for evaluation, stratified by a ClassLabel column when given."""
+    parts = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    return parts["train"].flatten_indices(), parts["test"].flatten_indices()
+
+
+def image_split(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> datasets.Dataset:
+    """uint8 images [N, C, H, W] and int labels as a compact Arrow dataset."""
+    features = datasets.Features({
+        "image": datasets.Array3D(shape=tuple(images.shape[1:]), dtype="uint8"),
+        "label": datasets.ClassLabel(names=class_names),
+    })
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def torchvision_raw(dataset_cls, cfg: DictConfig, files: dict[str, str]) -> list[Path]:
+    """The raw files of a torchvision data set under `<data.root>/<Name>/raw/`, each plain or `.gz`.
+
+    Missing files are downloaded with `data.download=true`; otherwise, or when the download fails, a
+    DataError lists the files and where they go. Nothing here writes to the data folder except a
+    download, and that only adds whole files (see `download`).
+    """
+    raw = Path(cfg.data.root) / dataset_cls.__name__ / "raw"
+    missing = [f for f in files.values() if _raw_path(raw, f) is None]
+    if missing and cfg.data.download:
+        mirrors = getattr(dataset_cls, "mirrors", [])
+        sources = dict(dataset_cls.resources)
+        download([(f"{f}.gz", [m + f"{f}.gz" for m in mirrors], sources.get(f"{f}.gz")) for f in missing], raw,
+                 f"{dataset_cls.__name__} raw files")
+        missing = [f for f in files.values() if _raw_path(raw, f) is None]
+    if missing:
+        raise DataError(
+            f"{dataset_cls.__name__} raw files missing in {raw.resolve()}: {', '.join(missing)} "
+            f"(plain or .gz).\nFix: put {', '.join(files.values())} (or their .gz) there and point "
+            f"data.root at the folder that holds {dataset_cls.__name__}/, "
+            f"or add data.download=true on a machine with a network.")
+    paths = [_raw_path(raw, f) for f in files.values()]
+    for path in paths:
+        readable_file(path, f"the {dataset_cls.__name__} raw file {path.name}")
+    return paths
+
+
+def _raw_path(raw: Path, name: str) -> Path | None:
+    """The plain file if it exists (as torchvision reads it), else its .gz, else None."""
+    for path in (raw / name, raw / f"{name}.gz"):
+        if path.exists():
+            return path
+    return None
+
+
+def readable_file(path: Path, what: str) -> None:
+    """A DataError unless `path` is a file this process can open (a folder or unreadable file is named)."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, but {what} belongs there.\nFix: move that folder away and put the "
+                        f"file there.")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}).\nFix: make it readable (chmod a+r) or replace it "
+                        f"with a good copy.") from None
+
+
+def download(files: list[tuple[str, list[str], str | None]], folder: Path, what: str, timeout: float = 10) -> None:
+    """Fetches each (name, urls, md5) into `folder` with torchvision's `download_url`, trying its URLs in order.
+
+    Each file is downloaded into a temporary folder elsewhere, checked, then copied beside its target
+    and renamed into place, so a failed or interrupted download leaves the data folder as it was. The
+    first file that cannot be had from any URL stops with one message; `timeout` bounds each network
+    wait, so without a network this fails in seconds.
+    """
+    from http.client import HTTPException
+    from urllib.error import URLError
+
+    from torchvision.datasets.utils import download_url
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torchvision's urlopen calls take no timeout of their own
+    try:
+        for name, urls, md5 in files:
+            errors = []
+            with tempfile.TemporaryDirectory(prefix="download-") as tmp:
+                for url in urls:
+                    try:
+                        download_url(url, tmp, filename=name, md5=md5)
+                    except (URLError, HTTPException, OSError, RuntimeError) as e:  # RuntimeError: md5 mismatch
+                        errors.append(f"{url}: {getattr(e, 'reason', e)}")
+                        continue
+                    _place(Path(tmp) / name, folder / name)
+                    break
+            if len(errors) == len(urls):
+                sources = sorted({u[0].rsplit("/", 1)[0] + "/" for _, u, _ in files if u})
+                raise DataError(
+                    f"data.download is on, but {what} could not be downloaded ({'; '.join(errors) or 'no URL known'})."
+                    f"\nFix: put {', '.join(n for n, _, _ in files)} in {folder.resolve()} (from a machine with "
+                    f"a network, e.g. from {', '.join(sources)}), or check the network and proxy; "
+                    f"data.download=false stops trying.")
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _place(src: Path, target: Path) -> None:
+    """Copies a finished download into the data folder under a temporary name, then renames it into place."""
+    part = target.with_name(f".{target.name}.part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(src, part)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def read_idx(path: Path, reader) -> torch.Tensor:
+    """An IDX file read by torchvision's `reader`; a `.gz` is unpacked to a temporary file, never beside itself."""
+    if path.suffix != ".gz":
+        try:
+            return reader(str(path))
+        except Exception as e:  # any parse failure of a user's file means the file is bad
+            raise DataError(f"{path} is not a readable IDX file ({type(e).__name__}: {e}).\nFix: replace it with "
+                            f"a good copy, or delete it if its .gz is beside it (the .gz is read then).") from None
+    with tempfile.TemporaryDirectory(prefix="idx-") as tmp:
+        plain = Path(tmp) / path.stem
+        with unpacking(path, tmp), gzip.open(path) as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst, 2**20)
+        return read_idx(plain, reader)
+
+
+@contextmanager
+def unpacking(archive: Path, folder: str, source: str = ""):
+    """A failure to unpack `archive` (.gz or .zip) into the temporary `folder` as a DataError with the fix;
+    `source`: where a good copy comes from, if worth naming."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error) as e:  # before OSError: BadGzipFile is one
+        raise DataError(f"{archive} is damaged ({e}): a truncated or interrupted download?\nFix: replace it with a "
+                        f"good copy{source}, or delete it and run again with data.download=true to fetch it anew. "
+                        f"The data folder was not changed.") from None
+    except OSError as e:
+        raise DataError(f"cannot unpack {archive} into the temporary folder {folder} ({e}).\nFix: free space there "
+                        f"or point TMPDIR at a folder with room.") from None
+
+
+def torchvision_arrays(dataset_cls, cfg: DictConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-split uint8 images [N, 1, H, W] and labels, read by torchvision's IDX readers from the raw files."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    paths = dict(zip(IDX_FILES, torchvision_raw(dataset_cls, cfg, IDX_FILES), strict=True))
+    split = "train" if train else "test"
+    images_file, labels_file = paths[f"{split}_images"], paths[f"{split}_labels"]
+    images, labels = read_idx(images_file, read_image_file), read_idx(labels_file, read_label_file)
+    if len(images) != len(labels):
+        raise DataError(f"{images_file} holds {len(images):,} images but {labels_file} {len(labels):,} labels."
+                        f"\nFix: use the two files of one release (replace the one that does not belong).")
+    return images.unsqueeze(1).numpy(), labels.numpy()
+
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def idx_raw_files(dataset_cls, cfg: DictConfig) -> list[Path]:
+    """MNIST-format raw files (MNIST, FashionMNIST) under `<data.root>/<Name>/raw/`."""
+    return torchvision_raw(dataset_cls, cfg, IDX_FILES)
+
+
+def idx_splits(dataset_cls, cfg: DictConfig) -> tuple[datasets.DatasetDict, dict]:
+    """train files -> train/eval (stratified, `data.eval_fraction` held out); t10k files -> test."""
+    classes = list(dataset_cls.classes)
+    full = image_split(*torchvision_arrays(dataset_cls, cfg, train=True), classes)
+    train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed)
+    test = image_split(*torchvision_arrays(dataset_cls, cfg, train=False), classes)
+    return datasets.DatasetDict(train=train, eval=evaluation, test=test), {"class_names": classes}
+
+
+
+def idx_recipe(dataset_cls, **fields) -> Recipe:
+    """A recipe over an MNIST-format torchvision data set (MNIST, FashionMNIST): the train files split into
+    train/eval, the t10k files as test, pixels scaled to [0, 1], 10-class accuracy, and missing raw files
+    downloaded as the tutorials' `download=True` does. `fields` are the other Recipe fields and may override these.
+    """
+    defaults = fields.pop("defaults", {})
+    return Recipe(**{"prepare": partial(idx_splits, dataset_cls), "raw_files": partial(idx_raw_files, dataset_cls),
+                     "metrics": class_accuracy, "transform": scale_images,
+                     "defaults": {**defaults, "data": {"download": True, **defaults.get("data", {})}}, **fields})
+
+
+# ---------------------------------------------------------------- image files -> uint8 rows
+
+
+def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
+               cfg) -> datasets.Dataset:
+    """Image files -> a dataset of uint8 images [channels, data.image_size, data.image_size] beside their labels.
+
+    labels: {column: (one class index per file, class names)}. read(path) -> a uint8 tensor [C, H, W], raising a
+    DataError that names a file it cannot decode. Decoding runs once, here (in `data.num_proc` processes), never
+    while training. Batches of 64 files: the photos are decoded at full size before they are resized.
+    """
+    size = cfg.data.image_size
+    classes = {name: datasets.ClassLabel(names=names) for name, (_, names) in labels.items()}
+    files = datasets.Dataset.from_dict({"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
+                                       features=datasets.Features({"path": datasets.Value("string"), **classes}))
+    features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
+    return files.map(_load_images, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
+                     fn_kwargs={"size": size, "read": read}, remove_columns=["path"], features=features)
+
+
+def _load_images(batch: dict, size: int, read: Callable) -> dict:
+    # As the tutorials' Resize((size, size)): squashed, not cropped, so no part of the image is lost.
+    return {"image": np.stack([v2.functional.resize(read(path), [size, size], antialias=True).numpy()
+                               for path in batch["path"]])}
+
+
+# ---------------------------------------------------------------- per batch, metrics
+
+
+def unit_scale(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [0, 1], as ToTensor does, for a whole batch on its device."""
+    return image.float().div_(255.0)
+
+
+def scale_images(batch: dict, train: bool, meta: dict) -> dict:
+    """A Recipe.transform: the batch's uint8 `image` column as float in [0, 1]."""
+    return {**batch, "image": unit_scale(batch["image"])}
+
+
+def accuracy(classes: int) -> MetricCollection:
+    return MetricCollection({"accuracy": MulticlassAccuracy(classes, average="micro")})
+
+
+def class_accuracy(cfg, meta: dict) -> dict:
+    """A Recipe.metrics: the accuracy of the one head over meta["class_names"]."""
+    return {"": accuracy(len(meta["class_names"]))}
+
+
+# ---------------------------------------------------------------- CSV files
+
+
+SHOWN = 5  # bad cells named per problem; the count covers them all
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the shards store float32: 1e39 would become inf there
+KEPT_LINES = 100  # line numbers of dropped rows kept in meta (the count is always complete)
+
+
+@dataclass
+class CsvData(DataConfig):
+    file: str = "data.csv"  # under data.root
+    # Rows with a bad cell (text in a number column, inf, an empty cell the recipe cannot fill, a label
+    # outside its values) stop the run unless this drops them; the count is printed and kept in meta.
+    drop_bad_rows: bool = False
+
+
+class Column(NamedTuple):  # a NamedTuple: plain data, no generated methods for the code fingerprint to read
+    name: str  # the header's name; in a file read by position, the name used in messages
+    kind: str = "number"  # number | label | time
+    empty_ok: bool = False  # an empty cell is a missing value the recipe fills itself
+    values: tuple = ()  # the valid values of a label column
+
+
+def raw_file(cfg, expected: str, fix: str = "") -> Path:
+    """<data.root>/<data.file>, or a DataError saying what the file should hold and how to provide it."""
+    path = Path(cfg.data.root) / cfg.data.file
+    if not path.is_file():
+        state = "is a directory, not a file" if path.is_dir() else "not found"
+        raise DataError(f"{path.resolve()} {state}: expected {expected}.\nFix: put {cfg.data.file} there"
+                        f"{' (' + fix + ')' if fix else ''} or set data.root=<folder> data.file=<name.csv>.")
+    return path
+
+
+def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str,
+         header: bool | None = True, rename: str = "") -> tuple[pd.DataFrame, dict]:
+    """The columns of a CSV, checked cell by cell: numbers as float64 (NaN where empty and `empty_ok`),
+    labels as int64, times as datetime64. Also returns the facts to keep in meta (rows read, dropped).
+
+    enough(rows) says whether the recipe can split that many rows into train and eval; `split` says how
+    it splits, for the message. header=True: the first row names the columns; header=None: optional,
+    columns taken by position. `rename`: the keys that choose other column names, if any.
+    """
+    path = path.resolve()
+    records = _records(path)
+    positions, width = list(range(len(columns))), None  # by position, unless the header names them
+    if header or (header is None and _is_header(records[0][1], columns)):
+        line, names = records.pop(0)
+        if header:
+            positions, width = _positions(path, line, [n.strip() for n in names], columns, rename), len(names)
+        if not records:
+            raise DataError(f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
+                            f"or point data.root / data.file at the full CSV.")
+    lines = np.array([line for line, _ in records])
+    table, problems = _parse(records, columns, positions, width)
+    bad = np.zeros(len(records), dtype=bool)
+    for cells in problems.values():
+        bad[[i for i, _, _ in cells]] = True
+    report = {"rows_read": len(records), "rows_dropped": int(bad.sum())}
+    if bad.any():
+        if not cfg.data.drop_bad_rows:
+            raise DataError(_bad_rows_message(path, problems, lines, bad, columns, positions))
+        report["dropped_lines"] = lines[bad][:KEPT_LINES].tolist()
+        print(f"data: dropped {bad.sum()} of {len(records)} rows of {path} (data.drop_bad_rows=true), "
+              f"lines {_first(lines[bad].tolist())}")
+        table = table[~bad].reset_index(drop=True)
+    require_rows(path, len(table), enough, f"to split into train and eval {split}")
+    _require_values(path, table, columns)
+    return table, report
+
+
+def require_rows(path: Path, rows: int, enough: Callable[[int], bool], what: str) -> None:
+    """A DataError unless `rows` rows are enough for `what` (e.g. the train/eval split), saying how many are."""
+    if enough(rows):
+        return
+    needed = next((n for n in range(rows + 1, 10_000_000) if enough(n)), None)
+    need = f"at least {needed} are needed" if needed else "no number of rows is enough with these settings"
+    raise DataError(f"{Path(path).resolve()}: {rows} usable data row{'s' * (rows != 1)} {what}: too few, {need}."
+                    f"\nFix: add rows to the file (or change the setting named above).")
+
+
+def split_sizes(rows: int, fraction: float) -> tuple[int, int]:
+    """The train and eval sizes `datasets.train_test_split` makes of `rows` with test_size `fraction`."""
+    held = math.ceil(rows * fraction)
+    return rows - held, held
+
+
+def require_spread(path: Path, spread: dict[str, float], rows: int) -> None:
+    """Standardizing divides by each column's train std: a column with one value would become NaN."""
+    flat = [name for name, std in spread.items() if not std > 0]
+    if flat:
+        raise DataError(f"{Path(path).resolve()}: column {', '.join(flat)} has the same value in all {rows} "
+                        f"train rows, so it cannot be standardized.\nFix: use data with varying values there.")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _records(path: Path) -> list[tuple[int, list[str]]]:
+    """Non-blank rows with the 1-based line number an editor shows (csv.reader counts quoted newlines)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty (0 bytes).\nFix: copy the CSV again (an interrupted download or copy "
+                        f"leaves an empty file), or point data.root / data.file at the full CSV.")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+            reader = csv.reader(f)
+            records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}): is it a CSV?\nFix: save it as CSV, UTF-8, "
+                        f"or point data.file at the CSV.") from None
+    except OSError as e:  # e.g. no read permission
+        raise DataError(f"{path} cannot be read ({e.strerror}).\nFix: make it readable (chmod +r) or copy it "
+                        f"somewhere readable and point data.root there.") from None
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.line_num}: not readable as CSV ({e}).\nFix: repair that line.") from None
+    if not records:
+        raise DataError(f"{path} has only blank lines.\nFix: copy the CSV again or point data.file at the full CSV.")
+    return records
+
+
+def _is_header(cells: list[str], columns: list[Column]) -> bool:
+    """A first row none of whose cells reads as its column's kind names the columns."""
+    cells = [*cells, *[""] * len(columns)][:len(columns)]
+    return not any(cell.strip() and _parses(cell, column) for cell, column in zip(cells, columns))
+
+
+def _parses(cell: str, column: Column) -> bool:
+    if column.kind == "time":
+        return not pd.isna(pd.to_datetime(cell.strip(), errors="coerce"))
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _positions(path: Path, line: int, names: list[str], columns: list[Column], rename: str) -> list[int]:
+    missing = [c.name for c in columns if c.name not in names]
+    if missing:
+        other = f", or set {rename}" if rename else ""
+        raise DataError(f"{path} has no column {', '.join(repr(m) for m in missing)} in its header (line {line} has "
+                        f"{', '.join(repr(n) for n in names)}).\nFix: rename the header's columns{other}, or point "
+                        f"data.root / data.file at a CSV with columns {', '.join(c.name for c in columns)}.")
+    return [names.index(c.name) for c in columns]
+
+
+def _parse(records, columns: list[Column], positions: list[int], width: int | None):
+    """Typed columns, and per problem the bad cells as (row index, column index or None, what to show)."""
+    problems: dict[str, list] = {}
+
+    def flag(problem, row, col, text):
+        problems.setdefault(problem, []).append((row, col, text))
+
+    needed = max(positions) + 1
+    for i, (_, row) in enumerate(records):
+        if (width is not None and len(row) != width) or len(row) < needed:
+            expected = f"a different number of cells than the header's {width}" if width else \
+                f"fewer than {needed} cells"
+            flag(f"a row with {expected} (a missing or extra comma?)", i, None, f"({len(row)} cells)")
+    table = {}
+    for c, (column, pos) in enumerate(zip(columns, positions)):
+        cells = [row[pos].strip() if pos < len(row) else "" for _, row in records]
+        empty = np.array([cell == "" for cell in cells])
+        if not column.empty_ok:
+            for i in np.flatnonzero(empty):
+                flag("an empty cell, a missing value this recipe cannot fill", i, c, "")
+        if column.kind == "time":
+            values = pd.to_datetime(pd.Series(cells), errors="coerce")
+            for i in np.flatnonzero(values.isna().to_numpy() & ~empty):
+                flag("not a timestamp (expected e.g. 2016-01-01 00:15:00)", i, c, repr(cells[i]))
+            table[column.name] = values
+            continue
+        values = np.full(len(cells), np.nan)
+        for i, cell in enumerate(cells):
+            if empty[i]:
+                continue
+            try:
+                values[i] = float(cell)
+            except ValueError:
+                flag("text in a number column", i, c, repr(cell))
+                continue
+            if not abs(values[i]) <= FLOAT32_MAX:  # also false for nan
+                flag("not a finite number (inf, nan or beyond float32's 3.4e38"
+                     + ("; leave the cell empty for a missing value)" if column.empty_ok else ")"), i, c, repr(cell))
+            elif column.values and values[i] not in column.values:
+                flag(f"not one of {', '.join(map(str, column.values))}", i, c, repr(cell))
+        table[column.name] = values
+    table = pd.DataFrame(table)
+    for column in columns:
+        if column.kind == "label":  # bad label rows are refused or dropped before this cast is used
+            table[column.name] = table[column.name].fillna(-1).astype(np.int64)
+    return table, problems
+
+
+def _require_values(path: Path, table: pd.DataFrame, columns: list[Column]) -> None:
+    empty = [c.name for c in columns if c.empty_ok and table[c.name].isna().all()]
+    if empty:
+        raise DataError(f"{path}: column {', '.join(empty)} has no values at all, only empty cells.\n"
+                        f"Fix: check that data.file is the right CSV and its values are in that column.")
+
+
+def _bad_rows_message(path, problems, lines, bad, columns, positions) -> str:
+    rows = len(lines)
+    out = [f"{path}: {bad.sum()} of {rows} data rows have bad cells:"]
+    for problem, cells in problems.items():
+        shown = []
+        for i, c, text in sorted(cells, key=lambda cell: (cell[0], cell[1] or 0))[:SHOWN]:
+            where = f"line {lines[i]}" + (f" column {positions[c] + 1} ({columns[c].name})" if c is not None else "")
+            shown.append(f"{where} {text}".strip())
+        more = f", and {len(cells) - SHOWN} more" if len(cells) > SHOWN else ""
+        unit = "row" if cells[0][1] is None else "cell"
+        out.append(f"  {problem}: {len(cells)} {unit}{'s' * (len(cells) != 1)}: {'; '.join(shown)}{more}")
+    out.append(f"Fix: correct or delete those rows in the file, or add data.drop_bad_rows=true to train on "
+               f"the other {rows - bad.sum()} rows (the dropped count is printed and kept in the run's meta.json).")
+    return "\n".join(out)
+
+
+def _first(items: list) -> str:
+    return ", ".join(map(str, items[:SHOWN])) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
