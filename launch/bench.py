@@ -162,7 +162,7 @@ def bare(recipe, cfg, meta, cols, steps, device, args, per_batch: bool = False) 
     if not per_batch:
         batch = recipe.transform(batch, False, meta)  # normalize once, outside the timed loop
     model, forward, opt = make_model(recipe, cfg, meta, device, args)
-    loss_fn = recipes.loss_fn(recipe, cfg, meta)
+    loss_fn, inputs = recipes.loss_fn(recipe, cfg), recipes.model_inputs(recipe, cfg)
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     bs, n = cfg.trainer.batch_size, len(batch["label"])
     order = torch.randperm(n, device=device)
@@ -173,7 +173,7 @@ def bare(recipe, cfg, meta, cols, steps, device, args, per_batch: bool = False) 
         if per_batch:
             b = recipe.transform(b, True, meta)
         with autocast(device, args):
-            loss = loss_fn(forward(*(b[k] for k in recipe.inputs)), b)
+            loss = loss_fn(forward(*(b[k] for k in inputs)), b)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -202,7 +202,7 @@ def tutorial(recipe, cfg, steps, device, args) -> float:
     ds = cls(str(root), train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), *norm]))
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True)
     model, forward, opt = make_model(recipe, cfg, {}, device, args)
-    loss_fn = recipes.loss_fn(recipe, cfg, {})
+    loss_fn = recipes.loss_fn(recipe, cfg)
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     it = iter(loader)
 

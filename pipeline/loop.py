@@ -95,6 +95,7 @@ class Run:
     eval_loaders: dict
     metrics: dict
     loss_fn: Callable
+    inputs: tuple  # the batch columns the model takes, in order
     steps_per_epoch: int
     layer_stats: hooks.LayerStats | None
     compiled: bool
@@ -177,7 +178,7 @@ def train_step(run: Run, batch: dict, clip_grad_norm: float | None) -> torch.Ten
     """Forward, backward and optimizer step of one micro-batch; returns its detached loss."""
     accelerator, recipe = run.accelerator, run.recipe
     batch = recipe.transform(batch, True, run.meta)
-    outputs = run.model(*(batch[k] for k in recipe.inputs))
+    outputs = run.model(*(batch[k] for k in run.inputs))
     loss = run.loss_fn(outputs, batch)
     accelerator.backward(loss)
     if clip_grad_norm and accelerator.sync_gradients:
@@ -261,7 +262,7 @@ def evaluate(run: Run, split: str) -> dict:
     loss_sum, seen = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
     for batch in run.eval_loaders[split]:
         batch = recipe.transform(batch, False, run.meta)
-        outputs = run.model(*(batch[k] for k in recipe.inputs))
+        outputs = run.model(*(batch[k] for k in run.inputs))
         # gather_for_metrics drops the samples Accelerate repeated to even out the last batch.
         outputs, targets = accelerator.gather_for_metrics((outputs, {k: batch[k] for k in recipe.targets}))
         n = len(targets[recipe.targets[0]])
@@ -331,6 +332,10 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
 
     train_loader, eval_loaders, on_device, rows = make_loaders(cfg, recipe, splits, meta, accelerator)
     batch_order = train_loader.batch_sampler  # Accelerate wraps the loader below; the loop sets its epoch
+    inputs = recipes.model_inputs(recipe, cfg)
+    # The columns the model and loss read, checked on one batch as the recipe's dataset and transform make
+    # it, so a mistake is a message now and not a KeyError at the first step.
+    recipes.check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
 
     model = recipe.model(cfg, meta)
     optim.init_weights(model, cfg.model.init, recipe.activation)
@@ -357,7 +362,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, batch_order=batch_order,
                eval_loaders=dict(zip(eval_loaders, prepared)),
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
-               loss_fn=recipes.loss_fn(recipe, cfg, meta), steps_per_epoch=steps_per_epoch,
+               loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs, steps_per_epoch=steps_per_epoch,
                layer_stats=layer_stats, compiled=compiled, resume_from=resume_from)
 
 

@@ -188,9 +188,7 @@ class TwoOutputNet(nn.Module):
         self.classifier_alpha = nn.Linear(128, num_alphabets)
         self.classifier_char = nn.Linear(128, num_characters)
 
-    def forward(self, image, alphabet_onehot):
-        # Recipe.inputs is fixed for both modes, so the alphabet arrives here too; this net must predict it,
-        # so it never looks at it.
+    def forward(self, image):
         x = self.image_layer(image)
         return {"alphabet": self.classifier_alpha(x), "character": self.classifier_char(x)}
 
@@ -236,7 +234,9 @@ recipe = Recipe(
                 "character); conv16-pool-128 ELU",
     prepare=prepare, raw_files=raw_files, data_config=OmniglotData,
     model=model, model_config=OmniglotModel, activation="elu",
-    inputs=("image", "alphabet_onehot"), targets=("alphabet", "character"),
+    # multi_output predicts the alphabet, so it is not given it.
+    inputs=lambda cfg: ("image",) if cfg.model.mode == Mode.multi_output else ("image", "alphabet_onehot"),
+    targets=("alphabet", "character"),
     transform=transform, loss=loss, loss_config=OmniglotLoss, predictions=predictions, metrics=metrics,
     defaults={"data": {"download": True},  # as the tutorial's Omniglot(download=True)
               "trainer": {"epochs": 10, "batch_size": 32},
