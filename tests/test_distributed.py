@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, needs_gpus, ok, run_dirs, summary
 
 pytestmark = pytest.mark.slow
@@ -164,28 +163,6 @@ def test_sync_batchnorm_on_two_gpus_normalizes_the_global_batch(workdir):
     s1, s2 = (summary(workdir / name / "runs", "water_potability") for name in ("one", "two"))
     assert s2["num_processes"] == 2 and s2["steps"] == s1["steps"]
     assert s2["eval/loss"] == pytest.approx(s1["eval/loss"], rel=1e-2)
-
-
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_backward_gives_accelerates_gradients(accumulation):
-    # The loop's Accelerator skips Accelerate's division of the loss by 1; with accumulation it must not.
-    import accelerate
-    from accelerate.state import AcceleratorState
-
-    from pipeline.loop import Accelerator
-
-    def gradients(cls):
-        torch.manual_seed(0)
-        accelerator = cls(cpu=True, gradient_accumulation_steps=accumulation)
-        try:
-            model = accelerator.prepare(torch.nn.Linear(4, 2))
-            accelerator.backward(model(torch.randn(8, 4)).square().mean())
-            return [p.grad.clone() for p in model.parameters()]
-        finally:
-            AcceleratorState._reset_state(True)
-
-    ours, accelerates = gradients(Accelerator), gradients(accelerate.Accelerator)
-    assert all(torch.equal(a, b) for a, b in zip(ours, accelerates, strict=True))
 
 
 def test_clouds_augments_alike_on_one_or_two_processes(workdir):
