@@ -6,60 +6,28 @@ Accelerate owns devices, processes, precision, accumulation and trackers; this i
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 
-import accelerate
-import accelerate.optimizer
 import torch
 from accelerate import PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
-    DistributedType,
     TorchDynamoPlugin,
     broadcast_object_list,
     set_seed,
 )
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, data, hooks, optim, report, tracking
+from pipeline import checkpoint, data, hooks, optim, patches, report, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
-from pipeline.guards import Diverged, check_finite, check_weights, check_writable, disk_full_guard
-
-__all__ = ["Diverged", "train"]
-
-# Accelerate's optimizer step asks the file system twice per step whether the optional `lomo_optim`
-# package is installed (importlib find_spec): ~100 us a step, a third of a small model's step on a
-# CPU. The answer cannot change during a run, so it is asked once.
-accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
-# Its zero_grad likewise reads the wrapped optimizer's signature on every call (inspect.signature
-# unwraps torch's decorators: 7-25 us a step); the signature of a given optimizer's method is fixed.
-accelerate.optimizer.inspect = SimpleNamespace(
-    **{**vars(inspect), "signature": functools.lru_cache(maxsize=16)(inspect.signature)})
-
-PLAIN_BACKWARD = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-
-
-class Accelerator(accelerate.Accelerator):
-    """Accelerate's, minus one op a step on the plain path of `backward`."""
-
-    def backward(self, loss, **kwargs):
-        # Accelerate divides the loss by the accumulation steps before every backward, by 1 too: one more
-        # op and autograd node a step (3-4% of mnist_mlp's ~350-us CPU step). Without accumulation, loss
-        # scaling (fp16) or an engine of its own (DeepSpeed, Megatron, LOMO), its backward is exactly this.
-        if (self.gradient_accumulation_steps == 1 and self.scaler is None and not kwargs
-                and self.distributed_type in PLAIN_BACKWARD):
-            loss.backward()
-        else:
-            super().backward(loss, **kwargs)
+from pipeline.guards import check_finite, check_weights, check_writable, disk_full_guard
+from pipeline.patches import Accelerator
 
 
 @dataclass
@@ -291,6 +259,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     micro_batch = check_batches(cfg, state.num_processes)
     sync_batchnorm = check_sync_batchnorm(cfg, state)
     say = state.print
+    patches.apply(say)  # before the Accelerator exists: it reads which patches are on when it is built
     check_writable(cfg)  # before any work: not after the data was prepared
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
