@@ -10,10 +10,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, binary_cross_entropy, binary_metrics, binary_predictions
 from recipes._helpers import (
     Column,
     CsvData,
@@ -101,26 +99,13 @@ class WaterNet(nn.Module):
         return self.net(features).squeeze(1)
 
 
-def bce(outputs, batch):
-    return nn.functional.binary_cross_entropy_with_logits(outputs, batch["label"].float())
-
-
-def predictions(outputs, batch):
-    return {"": (outputs.sigmoid(), batch["label"])}
-
-
-def metrics(cfg, meta):
-    return {"": MetricCollection({"accuracy": BinaryAccuracy(), "precision": BinaryPrecision(),
-                                  "recall": BinaryRecall(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})}
-
-
 recipe = Recipe(
     name="water_potability",
     description="water_potability.csv, MLP 9-16-8-1 BatchNorm+ELU, He init, BCEWithLogits, Adam lr 1e-3",
     prepare=prepare, raw_files=raw_files, data_config=WaterData,
     model=lambda cfg, meta: WaterNet(), activation="elu",
     inputs=("features",), targets=("label",),
-    loss=bce, predictions=predictions, metrics=metrics,
+    loss=binary_cross_entropy, predictions=binary_predictions, metrics=binary_metrics,
     defaults={"data": {"eval_fraction": 0.2},
               "model": {"init": "kaiming_normal"},
               "trainer": {"epochs": 30, "batch_size": 32, "clip_grad_norm": 1.0, "log_every": 100},
