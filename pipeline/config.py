@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 import yaml
+from accelerate.utils import LoggerType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 from omegaconf.nodes import EnumNode
@@ -32,7 +33,9 @@ OptimizerName = choice("OptimizerName", OPTIMIZERS)
 SchedulerName = choice("SchedulerName", SCHEDULERS)
 InitName = choice("InitName", INITS)
 Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the device (see `flag`)
-Tracker = choice("Tracker", ("wandb", "none"))
+# Every tracker Accelerate's `log_with` knows, by its own names (tensorboard, mlflow, ...), and `none` for
+# the local record alone. `all` is left out: it means whichever trackers happen to be installed.
+Tracker = choice("Tracker", [*(t.value for t in LoggerType if t is not LoggerType.ALL), "none"])
 
 
 @dataclass
@@ -109,7 +112,7 @@ class Config:
     output_dir: str = "runs"  # the run's directory is <output_dir>/<recipe>/<run_name>/
     run_name: str | None = None  # default: a timestamp; reuse one to keep a job's runs together
     tracking: Tracker = Tracker.wandb
-    project: str = "pipeline"  # W&B project
+    project: str = "pipeline"  # the tracker's project (W&B, MLflow experiment; TensorBoard: <run>/<project>/)
     data: Any = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -1,6 +1,5 @@
-"""Experiment tracking behind Accelerate's tracker API: W&B, and a local record of every run.
-
-The local record (config.yaml, metrics.jsonl, summary.json) is the source of truth offline.
+"""Experiment tracking behind Accelerate's tracker API: any tracker its `log_with` knows (W&B by
+default, TensorBoard, MLflow, ...), and a local record of every run, the source of truth offline.
 """
 
 from __future__ import annotations
@@ -8,9 +7,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
-from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.tracking import GeneralTracker, get_available_trackers, on_main_process
 
 from pipeline.config import ConfigError
 
@@ -125,7 +125,7 @@ def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
     """`accelerator.init_trackers`, with W&B's failures (server gone since the login check, a run id
     it refuses) as one message that says what to do instead of a traceback."""
     try:
-        accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+        accelerator.init_trackers(project, init_kwargs=init_kwargs)
     except Exception as e:
         import wandb
 
@@ -134,16 +134,50 @@ def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
         raise ConfigError(f"W&B could not start its run: {e}. Nothing was trained. Retry, or run without "
                           f"W&B's server: WANDB_MODE=offline (upload later with `wandb sync`) or tracking=none"
                           ) from None
+    for tracker in accelerator.trackers:
+        # TensorBoard's hparams take only flat scalars (a nested dict or a None raises); the others keep
+        # the config's structure.
+        tracker.store_init_configuration(flat(config) if tracker.name == "tensorboard" else config)
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values other than numbers and text as text."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
+# The pip package behind each tracker is named as the tracker, except where Accelerate wants a version range.
+PIP_PACKAGE = {"aim": "'aim<4'"}
+
+
+def check_installed(cfg) -> None:
+    """A tracker whose package is missing stops the run here, with the install command: Accelerate
+    itself would drop it from `log_with` without a word and the run would go unrecorded there."""
+    name = cfg.tracking.name
+    if name == "none" or name in {t.value for t in get_available_trackers()}:
+        return
+    package = PIP_PACKAGE.get(name, name)
+    raise ConfigError(f"tracking={name} needs the {name} package, which is not installed for {sys.executable}. "
+                      f"Install it (pip install {package}), or choose another tracker: tracking=wandb (the default) "
+                      f"or tracking=none (only the local record in <run>/metrics.jsonl)")
 
 
 def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = True,
              mode: str | None = None) -> tuple[list, dict]:
-    """The `log_with` list for Accelerator and the matching `init_kwargs`; a run resumed from the
-    checkpoint of `resumed_step` continues its local record (and its online W&B run) from there.
-    The W&B `mode` is decided (and the login checked) here unless given."""
-    log_with: list = ["wandb"] if cfg.tracking.name == "wandb" else []
+    """The `log_with` list for Accelerator (the local record, then `cfg.tracking` by Accelerate's name
+    for it) and the matching `init_kwargs`; a run resumed from the checkpoint of `resumed_step`
+    continues its local record (and its online W&B run) from there. The W&B `mode` is decided (and
+    the login checked) here unless given."""
+    check_installed(cfg)
+    name = cfg.tracking.name
+    log_with: list = [] if name == "none" else [name]
     init_kwargs = {}
-    if log_with:
+    if name == "wandb":
         import wandb
 
         mode = mode or agreed_wandb_mode(main)  # first: a failed W&B login leaves the run directory empty
@@ -155,6 +189,9 @@ def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = T
         # only one of them, so each attempt stays a run of its own. WANDB_RUN_ID, if set, wins.
         if mode == "online" and main and not os.environ.get("WANDB_RUN_ID"):
             init_kwargs["wandb"].update(id=wandb_run_id(run_dir), resume="allow")
+    elif name == "mlflow":
+        # The experiment is `project`; the tracking server is MLflow's own (MLFLOW_TRACKING_URI, else ./mlruns).
+        init_kwargs["mlflow"] = {"run_name": run_dir.name, "tags": {"recipe": cfg.recipe}}
     return [LocalRecord(run_dir, resumed_step), *log_with], init_kwargs
 
 

@@ -40,7 +40,7 @@ def test_default_recipe_is_digits():
     (["model.init=he"], ["model.init", "he", "default", "xavier_uniform", "kaiming_normal"]),
     (["data.on_device=maybe"], ["data.on_device", "maybe", "auto, true, false"]),
     (["trainer.compile=1"], ["trainer.compile", "auto, true, false"]),
-    (["tracking=tensorboard"], ["tracking", "wandb, none"]),
+    (["tracking=tensorbored"], ["tracking", "tensorboard", "mlflow", "wandb", "none"]),
     (["trainer.epochs=0"], ["trainer.epochs", ">= 1"]),
     (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1", "no limit"]),
     (["trainer.max_steps=0"], ["trainer.max_steps=0", ">= 1"]),
@@ -78,6 +78,7 @@ def test_batch_that_does_not_split_is_refused(workdir):
     assert "trainer.batch_size=30" in result.stderr and "multiple of 4" in result.stderr
 
 
+@pytest.mark.slow
 def test_help_lists_recipes(workdir):
     result = cli(["--help"], cwd=workdir)
     assert result.returncode == 0
@@ -101,6 +102,7 @@ def test_choices_are_the_registries_keys():
     assert list(choices["model.init"].__members__) == list(optim.INITS)
 
 
+@pytest.mark.slow
 def test_a_new_registry_entry_needs_no_other_edit():
     # A fresh interpreter: the registry grows before the config is built from it, as a user's code would.
     code = """
@@ -179,6 +181,7 @@ def test_plain_run_names_pass_and_the_last_one_wins():
     assert config.build(["run_name=null"], DIGITS).run_name is None  # a timestamp is chosen
 
 
+@pytest.mark.slow
 def test_any_case_and_false_train_through_the_cli(workdir):
     args = ["optimizer.name=SGD", "scheduler.name=COSINE", "model.init=Xavier_Uniform", "data.on_device=false",
             "trainer.compile=False", "trainer.max_steps=2", "trainer.epochs=1", "run_name=cased"]

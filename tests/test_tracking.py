@@ -9,7 +9,7 @@ import time
 import pytest
 import wandb
 from accelerate.state import AcceleratorState
-from conftest import ROOT, cli, common, run_dirs
+from conftest import ROOT, cli, common, ok, run_dirs
 
 from pipeline import cli as pipeline_cli
 from pipeline import tracking
@@ -101,6 +101,7 @@ def netrc(home, host: str) -> None:
     (home / ".netrc").chmod(0o600)
 
 
+@pytest.mark.slow
 def test_mode_follows_login(tmp_path):
     from wandb.sdk.lib.urls import DEFAULT_BASE_URL  # wandb 0.31: https://api.forge.coreweave.com
 
@@ -118,6 +119,7 @@ def test_mode_follows_login(tmp_path):
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_bad_key_or_no_network_stops_before_training(workdir, processes):
     # This machine has no network: the login check fails as it would for a wrong key, within seconds.
     started = time.perf_counter()
@@ -135,9 +137,57 @@ def test_bad_key_or_no_network_stops_before_training(workdir, processes):
 
 
 def test_tracking_none_makes_no_wandb_run(workdir):
-    from conftest import cli, common, ok
-
     ok(cli(common(workdir, "trainer.epochs=1", "trainer.max_steps=2"), cwd=workdir))
     run_dir = run_dirs(workdir / "runs", "digits")[0]
     assert not (run_dir / "wandb").exists()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `folder`, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = folder.glob("events.out.tfevents.*")  # add_hparams writes its own beside, one folder down
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_tensorboard_run_writes_the_metrics_and_the_config(workdir):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extras (pip install -e '.[dev]')")
+    args = [a for a in common(workdir, "trainer.epochs=2", "trainer.log_every=5") if a != "tracking=none"]
+    ok(cli([*args, "tracking=TensorBoard", "project=tests"], cwd=workdir))
+    (run_dir,) = run_dirs(workdir / "runs", "digits")
+    scalars = tensorboard_scalars(run_dir / "tests")  # Accelerate's layout: <logging_dir = run>/<project>/
+    done = json.loads((run_dir / "summary.json").read_text())
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # The same evaluations, at the same steps, as the local record (which every run keeps).
+    evals = [(v["step"], v["eval/accuracy"]) for v in record if "eval/accuracy" in v]
+    assert len(evals) == 2 and [s for s, _ in scalars["eval/accuracy"]] == [s for s, _ in evals]
+    assert scalars["eval/accuracy"][-1][1] == pytest.approx(done["eval/accuracy"], rel=1e-6)
+    assert len(scalars["train/loss"]) == len([v for v in record if "train/loss" in v]) > 2
+    # The resolved config as TensorBoard hparams (flattened: its hparams take no nested values).
+    (hparams,) = (run_dir / "tests").glob("*/hparams.yml")
+    text = hparams.read_text()
+    assert "optimizer.name: adam" in text and "trainer.epochs: 2" in text and "recipe: digits" in text
+    assert not (run_dir / "wandb").exists()
+
+
+def test_tracker_without_its_package_stops_with_the_install_command(workdir):
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    installed = {t.value for t in get_available_trackers()}
+    missing = [t.value for t in LoggerType if t is not LoggerType.ALL and t.value not in installed]
+    if not missing:
+        pytest.skip("every tracker Accelerate knows is installed here")
+    name = "mlflow" if "mlflow" in missing else missing[0]
+    args = [a for a in common(workdir, "trainer.epochs=1") if a != "tracking=none"]
+    result = cli([*args, f"tracking={name}"], cwd=workdir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: tracking={name} needs the {name} package" in result.stderr
+    assert f"pip install {tracking.PIP_PACKAGE.get(name, name)}" in result.stderr and "tracking=none" in result.stderr
+    assert "Traceback" not in result.stderr
+    # Nothing was trained or recorded: no config, record, weights or checkpoints anywhere.
+    assert not [p for p in (workdir / "runs").rglob("*") if p.is_file()]
