@@ -5,11 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, environment, ok
 
 from pipeline.report import WARMUP_STEPS
 
 
+@pytest.mark.slow
 def test_bench_measures_every_path(tmp_path, mnist_root):
     out = tmp_path / "bench.json"
     result = ok(subprocess.run(

@@ -122,6 +122,7 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     assert checkpoint.latest(tmp_path / "nothing") is None
 
 
+@pytest.mark.slow
 def test_starting_over_a_checkpointed_run_is_refused(workdir):
     run_dir = workdir / "runs" / "digits" / "job"
     (checkpoint.folder(run_dir) / "step-00000044").mkdir(parents=True)
@@ -247,6 +248,7 @@ def test_without_an_intact_checkpoint_the_run_stops_and_can_start_over(workdir, 
     same_result(run_dir, whole)  # a fresh record, not the killed attempt's lines plus the new ones
 
 
+@pytest.mark.slow
 def test_each_damaged_file_is_named(workdir, interrupted):
     """Every file of a real checkpoint is checked against its manifest before anything is loaded."""
     run_dir = copy_of(interrupted, workdir)

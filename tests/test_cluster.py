@@ -335,6 +335,7 @@ def launched(tmp_path, processes: int, *args: str, launcher: str = "run") -> sub
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_config_error_exits_2_with_one_message(tmp_path, processes):
     result = launched(tmp_path, processes, "trainer.nope=1")
     assert result.returncode == 2, result.stderr[-3000:]

@@ -25,6 +25,7 @@ def shard_dirs(workdir, recipe):
     return sorted(p for p in base.iterdir()) if base.exists() else []
 
 
+@pytest.mark.slow
 def test_prepare_once_reuse_and_invalidate(workdir):
     root = write_mnist_raw(workdir / "data")
     args = common(workdir, "recipe=mnist_mlp", f"data.root={root}")
@@ -71,6 +72,7 @@ def test_split_is_stratified_and_disjoint(workdir):
     assert meta["class_names"][0].startswith("0")
 
 
+@pytest.mark.slow
 def test_missing_raw_files_name_the_directory_files_and_fixes(workdir):
     result = cli(common(workdir, "recipe=mnist_cnn", f"data.root={workdir / 'nothing'}", "data.download=false"),
                  cwd=workdir)
@@ -83,6 +85,7 @@ def test_missing_raw_files_name_the_directory_files_and_fixes(workdir):
     assert shard_dirs(workdir, "mnist_cnn") == []
 
 
+@pytest.mark.slow
 def test_fashion_mnist_reads_its_own_folder(workdir):
     root = write_mnist_raw(workdir / "data", name="FashionMNIST")
     result = ok(cli(common(workdir, "recipe=fashion_mnist_mlp", f"data.root={root}"), cwd=workdir, script="prepare"))
@@ -152,6 +155,7 @@ def test_moved_cache_is_reused_not_rebuilt(workdir):
     assert moved_rows.keys() == rows.keys() and all(torch.equal(moved_rows[k], rows[k]) for k in rows)
 
 
+@pytest.mark.slow
 def test_loader_workers_serve_the_same_batches(workdir):
     args = ["trainer.epochs=1", "trainer.max_steps=15"]
     ok(cli(common(workdir / "w0", *args), cwd=workdir))
@@ -174,6 +178,7 @@ def flip(path, start: int, count: int) -> None:
         f.write(bytes(b ^ 0xFF for b in old))
 
 
+@pytest.mark.slow
 def test_damaged_shards_are_named_never_trained_on_and_rebuilt(workdir, mnist_root):
     args = common(workdir, "recipe=mnist_mlp", f"data.root={mnist_root}")
     ok(cli(args, cwd=workdir, script="prepare"))

@@ -29,6 +29,7 @@ def tmpfs(path: Path, size: str, read_only: bool = False):
         subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_nonzero_without_summary(workdir):
     result = cli(common(workdir, "optimizer.lr=1e30", "trainer.log_every=5", "run_name=nan"), cwd=workdir)
     assert result.returncode == 3, result.stderr[-3000:]
@@ -42,6 +43,7 @@ def test_diverging_run_stops_nonzero_without_summary(workdir):
     assert last["step"] == 5 and last["train/loss"] != last["train/loss"]  # NaN
 
 
+@pytest.mark.slow
 def test_divergence_after_a_checkpoint_names_it(workdir):
     # The first epoch trains (lr 0.1); the resumed second epoch is given a learning rate that explodes.
     # A changed lr is refused on resume, so the explosion comes from the schedule instead: step decay with
@@ -66,6 +68,7 @@ def test_output_dir_under_a_file_stops_before_any_work(workdir):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_read_only_output_dir_stops_before_any_work(workdir):
     with tmpfs(workdir / "ro", "64k", read_only=True) as ro:
         result = cli(common(workdir, f"output_dir={ro / 'runs'}"), cwd=workdir)
@@ -74,6 +77,7 @@ def test_read_only_output_dir_stops_before_any_work(workdir):
     assert not (workdir / "cache").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_a_checkpoint(workdir):
     # Room for the run's record, not for a checkpoint (~0.6 MB).
     with tmpfs(workdir / "small", "256k") as small:

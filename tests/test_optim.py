@@ -110,6 +110,7 @@ def test_hooks_record_only_on_logged_steps():
     assert not model[0]._forward_hooks and not model[0]._backward_hooks
 
 
+@pytest.mark.slow
 def test_hooks_on_and_off_end_to_end(workdir):
     args = ["trainer.epochs=1", "trainer.max_steps=20"]
     ok(cli(common(workdir / "on", *args, "debug.hooks=true", "debug.hooks_every=10"), cwd=workdir))

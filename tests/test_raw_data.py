@@ -38,6 +38,7 @@ def nothing_made(workdir: Path) -> None:
 # ---------------------------------------------------------------- damaged and misplaced raw files
 
 
+@pytest.mark.slow
 def test_truncated_or_corrupt_mnist_gz_is_named_and_the_data_folder_is_untouched(workdir):
     root = write_mnist_raw(workdir / "data")
     gz = root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
@@ -61,6 +62,7 @@ def test_truncated_or_corrupt_mnist_gz_is_named_and_the_data_folder_is_untouched
     assert listing(root) == before
 
 
+@pytest.mark.slow
 def test_raw_path_that_is_a_folder_or_a_bad_plain_file_is_named(workdir):
     root = write_mnist_raw(workdir / "data")
     raw = root / "MNIST" / "raw"
@@ -81,6 +83,7 @@ def test_raw_path_that_is_a_folder_or_a_bad_plain_file_is_named(workdir):
     nothing_made(workdir)
 
 
+@pytest.mark.slow
 def test_gz_is_read_without_unpacking_beside_it(workdir):
     root = write_mnist_raw(workdir / "data")
     before = listing(root)
@@ -91,6 +94,7 @@ def test_gz_is_read_without_unpacking_beside_it(workdir):
 # ---------------------------------------------------------------- omniglot's zip
 
 
+@pytest.mark.slow
 def test_omniglot_zip_is_read_in_place_and_a_damaged_one_is_named(workdir):
     """Also the README's first offline try: the subset's zip copied in as images_background.zip."""
     root = workdir / "data"
@@ -176,6 +180,7 @@ def closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once the socket is closed
 
 
+@pytest.mark.slow
 def test_headline_command_downloads_by_default_and_says_where_files_go(workdir):
     # No network (every connection refused): one message listing the files, the folder and the URLs.
     env = proxy_env(f"http://127.0.0.1:{closed_port()}")
@@ -197,6 +202,7 @@ def test_headline_command_downloads_by_default_and_says_where_files_go(workdir):
     assert not (workdir / "data").exists()
 
 
+@pytest.mark.slow
 def test_failed_download_leaves_no_partial_file(workdir, proxy):
     """A download that returns wrong bytes (md5) or breaks off midway adds nothing to the data folder."""
     root = write_mnist_raw(workdir / "data")
@@ -213,6 +219,7 @@ def test_failed_download_leaves_no_partial_file(workdir, proxy):
         assert listing(root) == before
 
 
+@pytest.mark.slow
 def test_download_false_names_the_files_and_where_they_go(workdir):
     err = refused(cli(common(workdir, "recipe=fashion_mnist_mlp", f"data.root={workdir / 'nothing'}",
                              "data.download=false"), cwd=workdir))

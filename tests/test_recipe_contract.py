@@ -87,6 +87,7 @@ def test_the_good_recipe_trains_and_its_shards_are_one_datasetdict(workdir):
     assert "dataset_dict.json" in json.loads((shards / data.CHECKSUM_FILE).read_text())
 
 
+@pytest.mark.slow
 def test_missing_inputs_names_the_column_the_columns_and_the_fix(workdir):
     args = write(workdir, ('\n                inputs=("features",))', ")"))
     refused(cli(args, cwd=workdir), "recipe 'points'", "mine/points.py", "input column 'image'",

@@ -66,6 +66,7 @@ def write_clouds(root: Path, train_per_class: int = 30, test_per_class: int = 10
     return root
 
 
+@pytest.mark.slow
 def test_clouds_learns_and_reports_per_class_metrics(workdir):
     root = write_clouds(workdir / "data")
     ok(cli(common(workdir, "recipe=clouds", f"data.root={root}", "trainer.epochs=4"), cwd=workdir))
@@ -113,6 +114,7 @@ def test_clouds_augments_training_batches_only():
         assert torch.equal(out, v2.functional.rotate(img, deg))
 
 
+@pytest.mark.slow
 def test_clouds_bad_files_stop_with_their_names(workdir):
     root = write_clouds(workdir / "data", train_per_class=2, test_per_class=1)
     (root / "clouds_train" / "clear sky" / "notes.txt").write_text("not an image, and not named like one")
@@ -153,6 +155,7 @@ def omniglot_py_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_omniglot_multi_output_learns_both_heads(workdir, omniglot_root):
     ok(cli(common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_root}", "trainer.epochs=3"),
            cwd=workdir))
@@ -175,6 +178,7 @@ def test_omniglot_multi_output_learns_both_heads(workdir, omniglot_root):
                for c, a in alphabet_of.items())
 
 
+@pytest.mark.slow
 def test_omniglot_multi_input_in_torchvision_layout(workdir, omniglot_py_root):
     ok(cli(common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_py_root}", "model.mode=multi_input",
                   "trainer.epochs=3"), cwd=workdir))
@@ -185,6 +189,7 @@ def test_omniglot_multi_input_in_torchvision_layout(workdir, omniglot_py_root):
     assert "mode: multi_input" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_omniglot_mistakes_are_named(workdir, omniglot_root):
     err = failed(cli(common(workdir, "recipe=omniglot_multi", "model.mode=multi_head"), cwd=workdir))
     assert "model.mode" in err and "multi_output" in err and "multi_input" in err
@@ -240,6 +245,7 @@ def test_omniglot_loss_settings_must_be_keywords_of_its_loss():
 # ---------------------------------------------------------------- a recipe kept outside this repo
 
 
+@pytest.mark.slow
 def test_recipe_from_a_module_outside_the_repo_trains_by_its_dotted_path(workdir):
     """digits.py copied into <workdir>/myrecipes/tiny.py (name "tiny"), found from the current folder."""
     package = workdir / "myrecipes"
@@ -257,6 +263,7 @@ def test_recipe_from_a_module_outside_the_repo_trains_by_its_dotted_path(workdir
     assert len(list((workdir / "cache" / "tiny").glob("*/meta.json"))) == 2
 
 
+@pytest.mark.slow
 def test_unknown_recipe_modules_are_named_with_what_was_tried(workdir):
     err = failed(cli(common(workdir, "recipe=nosuch.tiny"), cwd=workdir))
     assert "unknown recipe 'nosuch.tiny': no module nosuch" in err and str(workdir) in err and "PYTHONPATH" in err

@@ -43,6 +43,7 @@ def write_house_prices(root: Path, n: int = 30) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_house_prices_linear_fits_with_the_tutorial_lr(workdir):
     root = write_house_prices(workdir / "data")
     result = train(workdir, "house_prices_linear", f"data.root={root}")
@@ -51,6 +52,7 @@ def test_house_prices_linear_fits_with_the_tutorial_lr(workdir):
     assert result["eval/mse"] == pytest.approx(result["eval/loss"], rel=1e-4)  # raw units throughout
 
 
+@pytest.mark.slow
 def test_house_prices_standardized_reports_original_units(workdir):
     root = write_house_prices(workdir / "data")
     result = train(workdir, "house_prices_linear", f"data.root={root}", "data.standardize=true", "optimizer.lr=0.05")
@@ -66,6 +68,7 @@ def test_house_prices_standardized_reports_original_units(workdir):
 # ---------------------------------------------------------------- water_potability
 
 
+@pytest.mark.slow
 def test_water_potability_beats_the_majority_class(workdir):
     result = train(workdir, "water_potability", f"data.root={WATER}")
     assert result["eval/samples"] == 655
@@ -109,6 +112,7 @@ def write_electricity(root: Path, n: int = 2000) -> Path:
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.slow
 def test_electricity_forecast_beats_naive(workdir, cell):
     root = write_electricity(workdir / "data")
     # The tutorial's Adam lr 1e-4 needs ~10 epochs of batch 32 here; 3e-3 with batch 64 gets there in 4.
@@ -362,6 +366,7 @@ def test_drop_bad_rows_drops_only_when_asked_and_counts(workdir, recipe, capsys)
 # ---------------------------------------------------------------- the same, as a user sees it
 
 
+@pytest.mark.slow
 def test_house_prices_text_rows_stop_the_cli_and_are_dropped_only_when_asked(workdir):
     root = write_house_prices(workdir / "data")  # the case: 3 text rows out of 30
     for line in (3, 17, 30):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from pipeline import cli as pipeline_cli
 
 
+@pytest.mark.slow
 def test_digits_through_accelerate_launch(workdir):
     result = ok(cli(common(workdir), cwd=workdir, launcher="accelerate"))
     s = summary(workdir / "runs", "digits")
