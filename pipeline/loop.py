@@ -261,6 +261,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     say = state.print
     patches.apply(say)  # before the Accelerator exists: it reads which patches are on when it is built
     check_writable(cfg)  # before any work: not after the data was prepared
+    tracking.check_installed(cfg)  # a missing tracker package too
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
