@@ -261,7 +261,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     say = state.print
     patches.apply(say)  # before the Accelerator exists: it reads which patches are on when it is built
     check_writable(cfg)  # before any work: not after the data was prepared
-    tracking.check_installed(cfg)  # a missing tracker package too
+    wandb_mode = tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
@@ -273,7 +273,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
     # a run that starts at step 0 starts a fresh record.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
-    log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, main=state.is_main_process)
+    log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, state.is_main_process, wandb_mode)
     compiled = decide_compile(cfg, state, sync_batchnorm, say)
     accelerator = Accelerator(
         cpu=cpu,

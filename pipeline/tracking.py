@@ -155,6 +155,13 @@ def flat(config: dict, prefix: str = "") -> dict:
 PIP_PACKAGE = {"aim": "'aim<4'"}
 
 
+def check(cfg, main: bool = True) -> str | None:
+    """Before any work: the tracker's package is installed and, for W&B, the login works (checked once,
+    on the main process). Returns the W&B mode for `trackers`, None for the other trackers."""
+    check_installed(cfg)
+    return agreed_wandb_mode(main) if cfg.tracking.name == "wandb" else None
+
+
 def check_installed(cfg) -> None:
     """A tracker whose package is missing stops the run here, with the install command: Accelerate
     itself would drop it from `log_with` without a word and the run would go unrecorded there."""
