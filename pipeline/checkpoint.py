@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data import NOT_CONTENT
-from pipeline.tracking import write_json
+from pipeline.tracking import flat, write_json
 
 # Where the prepared model is the module itself, at most wrapped by DDP and torch.compile (FSDP and
 # DeepSpeed shard and save their own way).
@@ -223,7 +223,7 @@ def check_config(checkpoint: Path, cfg) -> None:
     saved_file = Path(checkpoint) / CONFIG_FILE
     if not saved_file.exists():  # saved before checkpoints kept their config
         return
-    saved, now = _flat(_plain(saved_file.read_text())), _flat(_plain(to_yaml(cfg)))
+    saved, now = flat(_plain(saved_file.read_text())), flat(_plain(to_yaml(cfg)))
     absent = "(absent)"
     changed = [key for key in sorted(saved.keys() | now.keys())
                if saved.get(key, absent) != now.get(key, absent) and not _may_change(key, saved, now)]
@@ -249,16 +249,6 @@ def _may_change(key: str, saved: dict, now: dict) -> bool:
 def _plain(text: str) -> dict:
     """Both configs go through the same YAML text, so values compare alike (Enums by name, tuples as lists)."""
     return OmegaConf.to_container(OmegaConf.create(text))
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def load(accelerator, checkpoint: Path) -> dict:
