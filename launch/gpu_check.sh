@@ -4,6 +4,8 @@
 #
 #   bash launch/gpu_check.sh                          # from the repo root, on a host with 1+ GPUs
 #   GPU_CHECK_ALLOW_CPU=1 bash launch/gpu_check.sh    # the same checks, small, on the CPU (tests this script)
+#   bash launch/gpu_check.sh compile_bf16 load_weights   # only these of: compile_bf16 load_weights bench
+#                                                       # sigterm_resume pytest_gpu ddp_one_vs_two
 #
 # Checks: compile + bf16 on mnist_cnn (recompiles counted); its weights load into an uncompiled model;
 # launch/bench.py on mnist_mlp and mnist_cnn with the data on the GPU and in host memory, and --device cpu
@@ -105,7 +107,7 @@ except Exception as e:  # a missing file or key: the check failed, and says how
     passed = False
 sys.exit(0 if passed else 1)
 EOF
-figure() { PYTHONPATH=. "$PY" "$WORK/figures.py" "$@" 2>>"$WORK/figures.log" | tail -n 1; return "${PIPESTATUS[0]}"; }
+figure() { PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PY" "$WORK/figures.py" "$@" 2>>"$WORK/figures.log" | tail -n 1; return "${PIPESTATUS[0]}"; }
 
 PASSED=0 FAILED=0 SKIPPED=0
 FAILED_NAMES=()
@@ -128,97 +130,113 @@ limited() {  # limited NAME SECONDS COMMAND...: appends the command's output to 
     return $status
 }
 
+ONLY=" $* "  # check names on the command line: run only those (load_weights needs compile_bf16)
+want() { [ "$ONLY" = "  " ] || [[ $ONLY == *" $1 "* ]]; }
+
 echo "gpu_check: device=$DEVICE gpus=$GPUS python=$PY work=$WORK"
 
 # ---- 1. compile + bf16 on mnist_cnn: trains, and recompiles no more than evaluation needs
-few=(); [ "$SMALL" = 1 ] && few=(trainer.max_steps=10)
-TORCH_LOGS=recompiles ACCELERATE_MIXED_PRECISION=bf16 limited compile_bf16 600 "${TRAIN[@]}" recipe=mnist_cnn \
-    run_name=compiled trainer.compile=true trainer.epochs=1 "${few[@]}"
-status=$?
-recompiles=$(grep -c "Recompiling function" "$WORK/compile_bf16.log")
-line=$(figure compiled "$RUNS/mnist_cnn/compiled/summary.json" "$recompiles" "$MIN_ACCURACY") || status=1
-report compile_bf16 $status "$line"
+if want compile_bf16; then
+    few=(); [ "$SMALL" = 1 ] && few=(trainer.max_steps=10)
+    TORCH_LOGS=recompiles ACCELERATE_MIXED_PRECISION=bf16 limited compile_bf16 600 "${TRAIN[@]}" recipe=mnist_cnn \
+        run_name=compiled trainer.compile=true trainer.epochs=1 "${few[@]}"
+    status=$?
+    recompiles=$(grep -c "Recompiling function" "$WORK/compile_bf16.log")
+    line=$(figure compiled "$RUNS/mnist_cnn/compiled/summary.json" "$recompiles" "$MIN_ACCURACY") || status=1
+    report compile_bf16 $status "$line"
+fi
 
 # ---- 2. the compiled run's weights load into an uncompiled model and score as in its summary
-line=$(figure load_weights "$RUNS/mnist_cnn/compiled" recipe=mnist_cnn "${TRAIN[@]:2}")
-report load_weights $? "$line"
+if want load_weights; then
+    line=$(figure load_weights "$RUNS/mnist_cnn/compiled" recipe=mnist_cnn "${TRAIN[@]:2}")
+    report load_weights $? "$line"
+fi
 
 # ---- 3. bench: every path on the one device, the pipeline's data on the GPU and in host memory
-bench() {  # bench NAME DEVICE STEPS ARGS...
-    local name=$1 device=$2 steps=$3
-    shift 3
-    limited "$name" 600 "$PY" launch/bench.py --data-root "$WORK/data" --device "$device" --steps "$steps" \
-        --repeats "$REPEATS" --json "$WORK/$name.json" "$@"
-    local status=$? line
-    line=$(figure bench "$WORK/$name.json" "$device") || status=1
-    report "$name" $status "$line"
-}
-if [ "$DEVICE" = cuda ]; then
-    for recipe in mnist_mlp mnist_cnn; do
-        for on_device in true false; do
-            bench "bench_${recipe}_on_device_$on_device" cuda "$BENCH_STEPS" --recipe $recipe --on-device $on_device
+if want bench; then
+    bench() {  # bench NAME DEVICE STEPS ARGS...
+        local name=$1 device=$2 steps=$3
+        shift 3
+        limited "$name" 600 "$PY" launch/bench.py --data-root "$WORK/data" --device "$device" --steps "$steps" \
+            --repeats "$REPEATS" --json "$WORK/$name.json" "$@"
+        local status=$? line
+        line=$(figure bench "$WORK/$name.json" "$device") || status=1
+        report "$name" $status "$line"
+    }
+    if [ "$DEVICE" = cuda ]; then
+        for recipe in mnist_mlp mnist_cnn; do
+            for on_device in true false; do
+                bench "bench_${recipe}_on_device_$on_device" cuda "$BENCH_STEPS" --recipe $recipe --on-device $on_device
+            done
         done
-    done
-    # --device cpu on a GPU host: every path, the pipeline's too, on the CPU (bench stops otherwise).
-    bench bench_device_cpu_on_gpu_host cpu 20 --recipe mnist_mlp
-else
-    bench bench_mnist_mlp_host cpu "$BENCH_STEPS" --recipe mnist_mlp --on-device false
+        # --device cpu on a GPU host: every path, the pipeline's too, on the CPU (bench stops otherwise).
+        bench bench_device_cpu_on_gpu_host cpu 20 --recipe mnist_mlp
+    else
+        bench bench_mnist_mlp_host cpu "$BENCH_STEPS" --recipe mnist_mlp --on-device false
+    fi
 fi
 
 # ---- 4. fp16 from host memory: SIGTERM stops it at a log line with a checkpoint; the same command resumes
-precision=fp16
-if [ "$DEVICE" = cpu ] && ! ACCELERATE_MIXED_PRECISION=fp16 "$PY" -c "import accelerate; accelerate.Accelerator()" \
-        >/dev/null 2>&1; then
-    precision=bf16  # Accelerate refuses fp16 on a CPU
-fi
-resume=(recipe=mnist_mlp "trainer.epochs=$EPOCHS" trainer.log_every=10 checkpoint.every_steps=20 data.on_device=false)
-export ACCELERATE_MIXED_PRECISION=$precision
-limited sigterm_resume 300 "${TRAIN[@]}" "${resume[@]}" run_name=whole
-whole=$?
-"${TRAIN[@]}" "${resume[@]}" run_name=stopped >>"$WORK/sigterm_resume.log" 2>&1 &
-pid=$!
-for _ in $(seq 1200); do  # up to 60 s for the first checkpoint
-    ls "$RUNS"/mnist_mlp/stopped/checkpoints/step-*/trainer_state.json >/dev/null 2>&1 && break
-    kill -0 $pid 2>/dev/null || break
-    sleep 0.05
-done
-kill -TERM $pid 2>/dev/null
-wait $pid
-stopped=$?
-stop=$(grep -o "stopped on SIGTERM after step [0-9]*" "$WORK/sigterm_resume.log" | head -n 1)
-limited sigterm_resume 300 "${TRAIN[@]}" "${resume[@]}" run_name=stopped
-resumed=$?
-unset ACCELERATE_MIXED_PRECISION
-if [ $whole -eq 0 ] && [ $stopped -eq 143 ] && [ -n "$stop" ] && [ $resumed -eq 0 ] \
-        && grep -q "resuming from" "$WORK/sigterm_resume.log"; then
-    line=$(figure same_run "$RUNS/mnist_mlp/stopped/summary.json" "$RUNS/mnist_mlp/whole/summary.json" resumed \
-        uninterrupted)
-    report sigterm_resume $? "$precision, data in host memory, ${stop#stopped on SIGTERM }; $line"
-else
-    report sigterm_resume 1 "exit codes: whole $whole, stopped $stopped (143 expected), resumed $resumed; ${stop:-no stop}"
+if want sigterm_resume; then
+    precision=fp16
+    if [ "$DEVICE" = cpu ] && ! ACCELERATE_MIXED_PRECISION=fp16 "$PY" -c "import accelerate; accelerate.Accelerator()" \
+            >/dev/null 2>&1; then
+        precision=bf16  # Accelerate refuses fp16 on a CPU
+    fi
+    resume=(recipe=mnist_mlp "trainer.epochs=$EPOCHS" trainer.log_every=10 checkpoint.every_steps=20 data.on_device=false)
+    export ACCELERATE_MIXED_PRECISION=$precision
+    limited sigterm_resume 300 "${TRAIN[@]}" "${resume[@]}" run_name=whole
+    whole=$?
+    "${TRAIN[@]}" "${resume[@]}" run_name=stopped >>"$WORK/sigterm_resume.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1200); do  # up to 60 s for the first checkpoint
+        ls "$RUNS"/mnist_mlp/stopped/checkpoints/step-*/trainer_state.json >/dev/null 2>&1 && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -TERM $pid 2>/dev/null
+    wait $pid
+    stopped=$?
+    stop=$(grep -o "stopped on SIGTERM after step [0-9]*" "$WORK/sigterm_resume.log" | head -n 1)
+    limited sigterm_resume 300 "${TRAIN[@]}" "${resume[@]}" run_name=stopped
+    resumed=$?
+    unset ACCELERATE_MIXED_PRECISION
+    if [ $whole -eq 0 ] && [ $stopped -eq 143 ] && [ -n "$stop" ] && [ $resumed -eq 0 ] \
+            && grep -q "resuming from" "$WORK/sigterm_resume.log"; then
+        line=$(figure same_run "$RUNS/mnist_mlp/stopped/summary.json" "$RUNS/mnist_mlp/whole/summary.json" resumed \
+            uninterrupted)
+        report sigterm_resume $? "$precision, data in host memory, ${stop#stopped on SIGTERM }; $line"
+    else
+        report sigterm_resume 1 "exit codes: whole $whole, stopped $stopped (143 expected), resumed $resumed; ${stop:-no stop}"
+    fi
 fi
 
 # ---- 5. the tests marked gpu (they skip, saying why, where CUDA or a second GPU is missing)
-limited pytest_gpu 480 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-status=$?
-counts=$(tail -n 1 "$WORK/pytest_gpu.log")
-[ $status -eq 5 ] && counts="no tests marked gpu"
-# With 2+ GPUs nothing may skip: a skipped test is a path not proven.
-if [ "$GPUS" -ge 2 ] && grep -q "skipped" <<<"$counts"; then status=1; fi
-report pytest_gpu $status "$counts"
+if want pytest_gpu; then
+    # Only the files that hold gpu tests: collecting the others needs every test dependency (wandb, ...).
+    limited pytest_gpu 480 "$PY" -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py)
+    status=$?
+    counts=$(tail -n 1 "$WORK/pytest_gpu.log")
+    [ $status -eq 5 ] && counts="no tests marked gpu"
+    # With 2+ GPUs nothing may skip: a skipped test is a path not proven.
+    if [ "$GPUS" -ge 2 ] && grep -q "skipped" <<<"$counts"; then status=1; fi
+    report pytest_gpu $status "$counts"
+fi
 
 # ---- 6. two processes on two GPUs: the same optimization as one
-if [ "$GPUS" -ge 2 ]; then
-    one=(recipe=mnist_mlp trainer.epochs=1)
-    limited ddp_one_vs_two 300 "${TRAIN[@]}" "${one[@]}" run_name=one
-    limited ddp_one_vs_two 300 "$(dirname "$PY")/accelerate" launch --multi_gpu --num_processes 2 --num_machines 1 \
-        --mixed_precision no --dynamo_backend no "${TRAIN[@]:1}" "${one[@]}" run_name=two
-    status=$?
-    line=$(figure same_run "$RUNS/mnist_mlp/two/summary.json" "$RUNS/mnist_mlp/one/summary.json" "on 2 GPUs" \
-        "on 1") || status=1
-    report ddp_one_vs_two $status "$line"
-else
-    skip ddp_one_vs_two "needs 2 GPUs, found $GPUS"
+if want ddp_one_vs_two; then
+    if [ "$GPUS" -ge 2 ]; then
+        one=(recipe=mnist_mlp trainer.epochs=1)
+        limited ddp_one_vs_two 300 "${TRAIN[@]}" "${one[@]}" run_name=one
+        limited ddp_one_vs_two 300 "$(dirname "$PY")/accelerate" launch --multi_gpu --num_processes 2 --num_machines 1 \
+            --mixed_precision no --dynamo_backend no "${TRAIN[@]:1}" "${one[@]}" run_name=two
+        status=$?
+        line=$(figure same_run "$RUNS/mnist_mlp/two/summary.json" "$RUNS/mnist_mlp/one/summary.json" "on 2 GPUs" \
+            "on 1") || status=1
+        report ddp_one_vs_two $status "$line"
+    else
+        skip ddp_one_vs_two "needs 2 GPUs, found $GPUS"
+    fi
 fi
 
 echo "gpu_check: $PASSED passed, $FAILED failed, $SKIPPED skipped (device=$DEVICE gpus=$GPUS)"

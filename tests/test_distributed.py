@@ -1,5 +1,6 @@
 """Scale-out keeps the math: processes, machines, accumulation, precision and compile."""
 
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,8 @@ def bf16_run(workdir, gpu: bool) -> subprocess.CompletedProcess:
            *common(workdir, "trainer.epochs=5")]
     # A bare environment: bf16 comes from the launch flag alone.
     env = {"TQDM_DISABLE": "1", "PATH": f"{BIN}:/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:  # an install that lives on PYTHONPATH (not a venv) must still import
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     devices = environment(gpu=gpu).get("CUDA_VISIBLE_DEVICES")  # "" on the CPU; the host's own for a GPU
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
