@@ -48,6 +48,10 @@ class DataConfig:
     num_shards: int = 4  # Arrow files per split on disk
     num_proc: int = 1  # processes for `datasets.map` while preparing (changing it misses the cache)
     num_workers: int = 0  # DataLoader workers; only for data that is read from disk per batch
+    # Each split as whole tensors in memory, or read a batch at a time from its memory-mapped shards (the
+    # same batches either way). auto: in memory while the splits fit in in_memory_budget_gb.
+    in_memory: Switch = Switch.auto
+    in_memory_budget_gb: float | None = None  # per process; null: a quarter of available RAM / processes on a node
     on_device: Switch = Switch.auto  # keep the prepared tensors on the GPU (auto: if they fit)
 
 
@@ -262,6 +266,10 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.trainer.clip_grad_norm is not None and cfg.trainer.clip_grad_norm <= 0:
         raise ConfigError(f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
                           f"or null (the default) for no clipping")
+    budget = OmegaConf.select(cfg, "data.in_memory_budget_gb")
+    if budget is not None and budget < 0:
+        raise ConfigError(f"bad value data.in_memory_budget_gb={budget}: must be >= 0, or null (the default) for "
+                          f"a quarter of the available memory divided by the processes on a node")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"bad value data.eval_fraction={cfg.data.eval_fraction}: must be between 0 and 1")
     if cfg.optimizer.lr <= 0:

@@ -6,6 +6,7 @@ Accelerate owns devices, processes, precision, accumulation and trackers; this i
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -68,6 +69,7 @@ class Run:
     layer_stats: hooks.LayerStats | None
     compiled: bool
     resume_from: Path | None
+    data_paths: dict  # {split: {"rows", "path": memory|stream, "why"}}
 
 
 def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
@@ -212,7 +214,7 @@ def finish(run: Run, step: int, epochs: int, results: dict, speed, started: floa
                                safe_serialization=True)
     summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": epochs,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "compile": run.compiled, **results, "train/samples_per_s": speed.rate(),
+               "compile": run.compiled, "data": run.data_paths, **results, "train/samples_per_s": speed.rate(),
                "time/first_step_s": speed.first, "time/total_s": time.perf_counter() - started}
     if accelerator.is_main_process:
         tracking.write_json(run.run_dir / "summary.json", summary)
@@ -300,7 +302,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     say(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
         f"mixed_precision={accelerator.mixed_precision} compile={compiled} micro_batch/process={micro_batch}")
 
-    train_loader, eval_loaders, on_device, rows = make_loaders(cfg, recipe, splits, meta, accelerator)
+    train_loader, eval_loaders, on_device, splits_read = make_loaders(cfg, recipe, splits, meta, accelerator)
     batch_order = train_loader.batch_sampler  # Accelerate wraps the loader below; the loop sets its epoch
     inputs = recipes.model_inputs(recipe, cfg)
     # The columns the model and loss read, checked on one batch as the recipe's dataset and transform make
@@ -326,24 +328,38 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     tracking.init(accelerator, cfg.project, as_dict(cfg), init_kwargs)
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "meta.json", meta)
-    say(f"data: train {rows['train']:,} rows, {steps_per_epoch} steps/epoch; "
-        + ", ".join(f"{k} {rows[k]:,} rows" for k in eval_loaders))
+    say(f"data: train {splits_read['train']['rows']:,} rows, {steps_per_epoch} steps/epoch; "
+        + ", ".join(f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders) + "; "
+        + "; ".join(f"{k} {v['path']} ({v['why']})" for k, v in splits_read.items()))
     return Run(cfg=cfg, recipe=recipe, meta=meta, run_dir=run_dir, accelerator=accelerator, model=model,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, batch_order=batch_order,
                eval_loaders=dict(zip(eval_loaders, prepared)),
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
                loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs, steps_per_epoch=steps_per_epoch,
-               layer_stats=layer_stats, compiled=compiled, resume_from=resume_from)
+               layer_stats=layer_stats, compiled=compiled, resume_from=resume_from,
+               data_paths=splits_read)
 
 
 def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
-    """Whole-split tensors indexed a batch at a time, on the GPU when they fit; returns the train loader,
-    the eval/test loaders, whether the rows live on the device, and each split's row count."""
-    tensors = {name: data.columns(split) for name, split in splits.items()}
-    # Decided on each process from its own GPU's free memory; all must take the same path.
-    on_device = all_agree(accelerator, keep_on_device(cfg, accelerator, tensors))
+    """Each split as whole tensors in memory (on the GPU when they fit) or read from its shards a batch at a
+    time; the same batches either way. Returns the train loader, the eval/test loaders, whether the rows
+    live on the device, and each split's row count and path ({"path": "memory" | "stream", "why": ...})."""
+    chosen = data.choose_paths(cfg, splits, processes_on_node(accelerator), recipe.dataset is not None)
+    # Decided on each process from its node's memory; all must take the same path.
+    in_memory = {name: all_agree(accelerator, keep) for name, (keep, _) in chosen.items()}
+    paths = {name: {"path": "memory" if in_memory[name] else "stream",
+                    "why": why if in_memory[name] == keep else "another process's memory budget"}
+             for name, (keep, why) in chosen.items()}
+    tensors = {name: data.columns(split) for name, split in splits.items() if in_memory[name]}
+    streamed = [name for name in splits if not in_memory[name]]
+    if streamed and cfg.data.on_device is Switch.true and accelerator.device.type == "cuda":
+        raise ConfigError(f"data.on_device=true keeps whole splits on the GPU, but {', '.join(streamed)} "
+                          f"would be read from the shards ({paths[streamed[0]]['why']}); add data.in_memory=true, "
+                          f"or leave data.on_device=auto")
+    on_device = not streamed and all_agree(accelerator, keep_on_device(cfg, accelerator, tensors))
     make = recipe.dataset or (lambda cols, meta, split: data.Rows(cols))
-    rows = {name: make(cols, meta, name) for name, cols in tensors.items()}
+    rows = {name: make(tensors[name], meta, name) if in_memory[name] else data.stream(split)
+            for name, split in splits.items()}
     if on_device:
         rows = {name: r.to(accelerator.device) for name, r in rows.items()}
     # Data that stays in host memory goes to the GPU from pinned pages, without waiting (non_blocking).
@@ -357,7 +373,12 @@ def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
                           f"({len(rows['train'])} rows); lower it")
     eval_loaders = {name: data.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
                                       num_workers=workers, pin_memory=pin) for name in ("eval", "test") if name in rows}
-    return train_loader, eval_loaders, on_device, {name: len(r) for name, r in rows.items()}
+    return train_loader, eval_loaders, on_device, {name: {"rows": len(r), **paths[name]} for name, r in rows.items()}
+
+
+def processes_on_node(accelerator) -> int:
+    # torchrun (and so `accelerate launch`) sets LOCAL_WORLD_SIZE; a single process has none.
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
 
 
 def check_batches(cfg, num_processes: int) -> int:
