@@ -407,6 +407,11 @@ def tensor_bytes(split: datasets.Dataset) -> int:
     return row * len(split)
 
 
+def size_text(n: int) -> str:
+    unit = next((u for u in ("GiB", "MiB", "KiB") if n >= 2 ** (10 * ("KMG".index(u[0]) + 1))), "B")
+    return f"{n} B" if unit == "B" else f"{n / 2 ** (10 * ('KMG'.index(unit[0]) + 1)):,.1f} {unit}"
+
+
 def available_memory() -> int:
     """Bytes this process can still take: the kernel's MemAvailable, within a container's cgroup limit."""
     try:
@@ -443,13 +448,13 @@ def choose_paths(cfg, splits: dict, processes_on_node: int, own_dataset: bool) -
     else:
         available = available_memory()
         budget = available // 4 // processes_on_node
-        rule = f"a quarter of {available / 2**30:.1f} GiB available / {processes_on_node} process(es) on this node"
+        rule = f"a quarter of {size_text(available)} available / {processes_on_node} process(es) on this node"
     paths = {}
     for name in sorted(splits, key=lambda n: n != "train"):
         size = tensor_bytes(splits[name])
         fits = size <= budget
+        paths[name] = (fits, f"{size_text(size)} {'<=' if fits else '>'} budget {size_text(budget)}, {rule}")
         budget -= size if fits else 0
-        paths[name] = (fits, f"{size / 2**20:,.1f} MiB {'within' if fits else 'over'} the budget ({rule})")
     return {name: paths[name] for name in splits}
 
 

@@ -330,7 +330,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
         tracking.write_json(run_dir / "meta.json", meta)
     say(f"data: train {splits_read['train']['rows']:,} rows, {steps_per_epoch} steps/epoch; "
         + ", ".join(f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders) + "; "
-        + "; ".join(f"{k} {v['path']} ({v['why']})" for k, v in splits_read.items()))
+        + "; ".join(f"{k} {v['path']}: {v['why']}" for k, v in splits_read.items()))
     return Run(cfg=cfg, recipe=recipe, meta=meta, run_dir=run_dir, accelerator=accelerator, model=model,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, batch_order=batch_order,
                eval_loaders=dict(zip(eval_loaders, prepared)),
