@@ -6,6 +6,8 @@ python launch/bench.py --recipe mnist_cnn --data-root data --device cuda --compi
 Same model, optimizer, batch and data for all paths; samples/s over the steps after the same warm-up
 (pipeline.report.WARMUP_STEPS), on CUDA between syncs, every path on the one device --device names.
   pipeline  launch/train.py's loop (Accelerate, shards -> in-memory tensors, per-batch normalize)
+  pipeline_stream  the same loop reading each batch from the memory-mapped shards (data.in_memory=false,
+            as for data larger than memory; the same batches in the same order)
   bare      tensors already normalized in memory (on the device), sliced per step: the compute limit
   bare_u8   the same, but rows kept as uint8 and normalized per batch, as the pipeline stores them
             (informational: splits the pipeline's gap into the per-batch normalize and the loop)
@@ -49,6 +51,7 @@ def parse_args():
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda where there is one")
     p.add_argument("--on-device", default="auto", choices=["auto", "true", "false"],
                    help="the pipeline's data.on_device (rows on the GPU, or in host memory copied per batch)")
+    p.add_argument("--num-workers", type=int, default=0, help="data.num_workers for the streaming path")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in every path")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--repeats", type=int, default=3, help="each path runs this often; the best run counts")
@@ -99,7 +102,10 @@ def measure(args, work: Path):
           f"device {device}, compile={args.compile}, mixed_precision={args.mixed_precision}, "
           f"data.on_device={args.on_device}, threads {torch.get_num_threads()}")
 
-    runs = {"pipeline": lambda: pipeline(cfg, device),
+    in_memory, streamed = (pipeline_cli.parse([*overrides, *extra])[1] for extra in (
+        ["data.in_memory=true"], ["data.in_memory=false", f"data.num_workers={args.num_workers}"]))
+    runs = {"pipeline": lambda: pipeline(in_memory, device),
+            "pipeline_stream": lambda: pipeline(streamed, device),
             "bare": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args),
             "bare_u8": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args, per_batch=True),
             "tutorial": lambda: tutorial(recipe, cfg, steps, device, args)}
@@ -108,14 +114,16 @@ def measure(args, work: Path):
         for name, fn in runs.items():
             rate = fn()
             best[name] = max(best[name], rate)
-            print(f"  repeat {r + 1} {name:<9} {rate:>10,.0f} samples/s", flush=True)
+            print(f"  repeat {r + 1} {name:<15} {rate:>10,.0f} samples/s", flush=True)
 
     ratios = {"pipeline/bare": best["pipeline"] / best["bare"],
+              "pipeline_stream/pipeline": best["pipeline_stream"] / best["pipeline"],
               "pipeline/bare_u8": best["pipeline"] / best["bare_u8"],
               "pipeline/tutorial": best["pipeline"] / best["tutorial"]}
-    print(f"\n{'path':<10} {'samples/s':>12} {'x bare':>8} {'x tutorial':>11}")
+    print(f"\n{'path':<16} {'samples/s':>12} {'x bare':>8} {'x tutorial':>11}")
     for name, rate in best.items():
-        print(f"{name:<10} {rate:>12,.0f} {rate / best['bare']:>8.2f} {rate / best['tutorial']:>11.2f}")
+        print(f"{name:<16} {rate:>12,.0f} {rate / best['bare']:>8.2f} {rate / best['tutorial']:>11.2f}")
+    print(f"pipeline_stream / pipeline: {ratios['pipeline_stream/pipeline']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "recipe": args.recipe, "device": str(device), "compile": args.compile,

@@ -20,9 +20,10 @@ def test_bench_measures_every_path(tmp_path, mnist_root):
         cwd=tmp_path, env={**environment(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=600))
     report = json.loads(out.read_text())
     rates = report["samples_per_s"]
-    assert set(rates) == {"pipeline", "bare", "bare_u8", "tutorial"}
+    assert set(rates) == {"pipeline", "pipeline_stream", "bare", "bare_u8", "tutorial"}
     assert all(rate > 0 for rate in rates.values()), rates
     assert abs(report["ratios"]["pipeline/bare"] - rates["pipeline"] / rates["bare"]) < 1e-9
+    assert abs(report["ratios"]["pipeline_stream/pipeline"] - rates["pipeline_stream"] / rates["pipeline"]) < 1e-9
     assert report["steps"] == 20 and report["batch_size"] == 64
     # Every path, the pipeline's too, on the one device, after the loop's warm-up.
     assert report["device"] == "cpu" and report["warmup_steps"] == WARMUP_STEPS

@@ -74,9 +74,11 @@ def same_result(run_dir, reference_dir) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes):
-    args = ["trainer.epochs=4", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=2"]
+# Both data paths: whole tensors in memory, and batches read from the memory-mapped shards.
+@pytest.mark.parametrize("processes, in_memory", [(1, "true"), (2, "true"), (2, "false")])
+def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes, in_memory):
+    args = ["trainer.epochs=4", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=2",
+            f"data.in_memory={in_memory}"]
     ok(cli(common(workdir, *args, "run_name=whole"), cwd=workdir, processes=processes))
     whole_dir = workdir / "runs" / "digits" / "whole"
     assert json.loads((whole_dir / "summary.json").read_text())["steps"] == 4 * 44  # digits: 44 steps an epoch
