@@ -413,21 +413,35 @@ def size_text(n: int) -> str:
 
 
 def available_memory() -> int:
-    """Bytes this process can still take: the kernel's MemAvailable, within a container's cgroup limit."""
+    """Bytes this process can still take: the kernel's MemAvailable, within its cgroup's memory limit (a
+    container's, a SLURM job's) and those of the cgroups above it."""
     try:
         info = Path("/proc/meminfo").read_text()
         available = int(next(line.split()[1] for line in info.splitlines() if line.startswith("MemAvailable"))) * 1024
     except (OSError, StopIteration, ValueError):  # not Linux
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2, then v1
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            cap = Path("/sys/fs/cgroup", limit).read_text().strip()
-            used = int(Path("/sys/fs/cgroup", usage).read_text())
-        except (OSError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return available
+    for line in groups:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:  # cgroup v2
+            folder, limit, usage = Path("/sys/fs/cgroup"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            folder, limit, usage = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
             continue
-        if cap.isdigit() and int(cap) < 2**60:
-            return min(available, max(int(cap) - used, 0))
+        group = folder / path.lstrip("/")
+        for level in [group, *group.parents]:  # a limit may sit on any cgroup above this one
+            if not level.is_relative_to(folder):
+                break
+            try:
+                cap, used = (level / limit).read_text().strip(), int((level / usage).read_text())
+            except (OSError, ValueError):
+                continue
+            if cap.isdigit() and int(cap) < 2**60:
+                available = min(available, max(int(cap) - used, 0))
     return available
 
 

@@ -2,7 +2,11 @@
 batches, order and results as whole tensors in memory."""
 
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -106,6 +110,36 @@ def test_auto_keeps_splits_in_memory_while_they_fit_train_first(monkeypatch):
 def test_available_memory_is_what_the_kernel_reports():
     total = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) * 1024
     assert 0 < data.available_memory() <= total
+
+
+def memory_cgroup() -> tuple[Path, str]:
+    """This process's memory cgroup folder and its limit file's name (v1 or v2)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory", path.lstrip("/")), "memory.limit_in_bytes"
+        if hierarchy == "0" and not controllers:
+            return Path("/sys/fs/cgroup", path.lstrip("/")), "memory.max"
+    pytest.skip("no memory cgroup")
+
+
+def test_available_memory_stays_within_a_cgroup_limit():
+    # A container's or a SLURM job's memory limit: what auto may keep in memory stays inside it.
+    parent, limit = memory_cgroup()
+    group = parent / f"pytest-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / limit).write_text(str(2**30))
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup here ({e})")
+    try:
+        code = "from pipeline.data import available_memory; print(available_memory())"
+        out = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "{sys.executable}" -c "{code}"'],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert 0 < int(out.stdout) <= 2**30  # the limit less what the process already uses
+    finally:
+        group.rmdir()
 
 
 @pytest.mark.parametrize("argv, message", [
