@@ -126,3 +126,30 @@ def workdir(tmp_path) -> Path:
 def common(workdir: Path, *extra: str) -> list[str]:
     """Overrides that keep a test's outputs inside its own directory."""
     return [f"output_dir={workdir / 'runs'}", f"data.cache_dir={workdir / 'cache'}", "tracking=none", *extra]
+
+
+def rss_anon(pid: int) -> int:
+    """A process's private anonymous memory in bytes (RssAnon: heap and tensors, not mapped files)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+
+
+def peak_rss_anon(proc: subprocess.Popen, every: float = 0.02) -> int:
+    """Waits for `proc` and returns the highest RssAnon seen in any one of it and its child processes
+    (those of `accelerate launch`), sampled every `every` seconds."""
+    import time
+
+    import psutil
+
+    peak = 0
+    while proc.poll() is None:
+        try:
+            pids = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            break
+        peak = max([peak, *(rss_anon(pid) for pid in pids)])
+        time.sleep(every)
+    return peak
