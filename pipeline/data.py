@@ -379,7 +379,7 @@ def _row_starts(column: pa.ChunkedArray, per_row: int, base: int) -> torch.Tenso
         size = width // 8
         first = values.buffers()[1].address + values.offset * size - base
         starts.append(first + np.arange(len(chunk), dtype=np.int64) * per_row * size)
-    return torch.from_numpy(np.concatenate(starts)) if starts else torch.zeros(0, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate(starts)) if starts else None  # no rows: nothing to address
 
 
 def _torch_dtype(arrow_type: pa.DataType) -> torch.dtype:
