@@ -18,15 +18,31 @@ FLAGS = ("--verify", "--rebuild")
 
 
 def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
-    out = data.prepare(recipe, cfg, rebuild=rebuild)
+    reused = not rebuild and (data.shards_dir(recipe, cfg) / data.META_FILE).exists()
+    started = time.perf_counter()
+    out = data.prepare(recipe, cfg, rebuild=rebuild)  # progress bars for map and save when stderr is a terminal
+    seconds = time.perf_counter() - started
     if verify:
         started = time.perf_counter()
         size = data.check(out, full=True)
-        seconds = time.perf_counter() - started
-        print(f"verified: every shard file matches its recorded sha256 ({size / 2**20:,.1f} MiB in {seconds:.2f} s, "
-              f"{size / 2**20 / max(seconds, 1e-9):,.0f} MiB/s)")
+        hashing = time.perf_counter() - started
+        print(f"verified: every shard file matches its recorded sha256 ({size / 2**20:,.1f} MiB in {hashing:.2f} s, "
+              f"{size / 2**20 / max(hashing, 1e-9):,.0f} MiB/s)")
     splits, _ = data.load(out)
     print(f"shards ready: {out} ({', '.join(f'{k} {len(v):,}' for k, v in splits.items())})")
+    print(rate(sum(len(v) for v in splits.values()), data.check(out), None if reused else seconds))
+
+
+def rate(rows: int, size: int, seconds: float | None) -> str:
+    """The preparation's speed, the figure to watch on a large set; `seconds` None: the shards were reused."""
+    if seconds is None:
+        return f"reused the shards of {rows:,} rows ({_bytes(size)}), prepared earlier: nothing was built"
+    return (f"prepared {rows:,} rows in {seconds:,.1f} s ({rows / seconds:,.0f} rows/s, {_bytes(size)} of shards, "
+            f"{size / 1e6 / seconds:,.1f} MB/s)")
+
+
+def _bytes(size: int) -> str:
+    return f"{size / 1e9:,.2f} GB" if size >= 1e9 else f"{size / 1e6:,.1f} MB"
 
 
 if __name__ == "__main__":
