@@ -259,10 +259,13 @@ def columns(split: datasets.Dataset) -> dict[str, torch.Tensor]:
 
 
 def _tensor(column: pa.ChunkedArray, rows: int, feature) -> torch.Tensor:
-    values = _values(column.combine_chunks())
+    # Chunk by chunk: Arrow's combine_chunks overflows the 32-bit list offsets of an image column past 2^31
+    # values (2 GB of uint8), and one chunk stays a zero-copy view of the mapped file.
+    parts = [_values(chunk).to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0)
     with warnings.catch_warnings():  # Arrow buffers are read-only; nothing here writes to them
         warnings.simplefilter("ignore", UserWarning)
-        values = torch.from_numpy(values.to_numpy(zero_copy_only=False))
+        values = torch.from_numpy(values)
     return values.view(rows, *_shape(feature)) if rows else values
 
 
