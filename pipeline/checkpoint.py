@@ -16,7 +16,9 @@ import sys
 import threading
 from pathlib import Path
 
-from accelerate.utils import DistributedType, broadcast_object_list
+import torch
+from accelerate.checkpointing import load_accelerator_state
+from accelerate.utils import RNG_STATE_NAME, DistributedType, broadcast_object_list
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
@@ -184,8 +186,10 @@ def _choose(run_dir: Path, cfg, num_processes: int, say) -> Path | None:
             f"are set aside), run\n  {same_command('checkpoint.resume=false')}\nor train under another "
             f"name:\n  {same_command('run_name=<new name>')}")
     if path is not None:
-        check_resumable(path, num_processes)
         check_config(path, cfg)
+        if (saved := position(path).get("num_processes", num_processes)) != num_processes:
+            say(f"resuming a checkpoint saved by {_processes(saved)} on {num_processes}: "
+                f"{rng_mapping(saved, num_processes)}")
     for bad, problem in damaged:
         say(f"warning: checkpoint {bad} is damaged ({problem}); resuming from the one before it. "
             f"The damaged one is set aside as {set_aside(bad).name}")
@@ -208,13 +212,21 @@ def same_command(extra: str) -> str:
     return shlex.join(["python", sys.argv[0], *args]) + " " + extra
 
 
-def check_resumable(checkpoint: Path, num_processes: int) -> None:
-    """Stops before any work when the checkpoint was written by another number of processes."""
-    saved = position(checkpoint).get("num_processes", num_processes)
-    if saved != num_processes:
-        raise ConfigError(
-            f"{checkpoint} was saved by {saved} processes and this run has {num_processes}; resume with "
-            f"{saved} processes (accelerate launch --num_processes {saved} ...), or start a new run_name=")
+def rng_mapping(saved: int, now: int) -> str:
+    """Whose random-number state each of `now` processes takes from a checkpoint of `saved` processes.
+
+    Weights, optimizer and schedule are saved once and the batch order depends on the seed and epoch only,
+    so only the per-process RNG states tie a checkpoint to its process count; see `load_rng_state`."""
+    if now < saved:
+        unused = f"process {now}'s is" if saved - now == 1 else f"those of processes {now}-{saved - 1} are"
+        return f"each process takes its own RNG state; {unused} unused"
+    own = "process 0 takes its own RNG state" if saved == 1 else f"processes 0-{saved - 1} take their own RNG states"
+    takers = f"process {saved} takes" if now - saved == 1 else f"processes {saved}-{now - 1} take"
+    return f"{own}; {takers} process 0's"
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
 
 
 def check_config(checkpoint: Path, cfg) -> None:
@@ -261,7 +273,34 @@ def load(accelerator, checkpoint: Path) -> dict:
             f"checkpoint {checkpoint} does not fit the model or optimizer this command builds "
             f"({type(e).__name__}: {first}); was the recipe's code changed since it was saved? Restore that "
             f"code to resume, or train under another name: {same_command('run_name=<new name>')}") from None
+    load_rng_state(accelerator, checkpoint)
     return position(checkpoint)
+
+
+def load_rng_state(accelerator, checkpoint: Path) -> None:
+    """A process the checkpoint has no RNG state for (it was saved by fewer processes) takes process 0's.
+
+    Every process is seeded alike and draws alike (a recipe draws for the whole global batch and takes its
+    slice, see recipes/clouds.py), so the saved states are equal and process 0's is the one this process
+    would hold had the run started on this many. `load_state` reads only `random_states_<own index>.pkl`;
+    when that is missing it logs at info level and keeps the seed's state. Accelerate's own loader, given
+    no objects, restores just the RNG states and the step counter from process 0's file.
+    """
+    saved = position(checkpoint).get("num_processes", accelerator.num_processes)
+    if accelerator.process_index < saved:
+        return  # its own state, loaded by load_state
+    # The file is in the manifest, so `damage` checked it before this checkpoint was chosen.
+    restored = load_accelerator_state(str(checkpoint), [], [], [], [], process_index=0)
+    if "step" in restored:
+        accelerator.step = restored["step"]
+    if accelerator.device.type == "cuda":
+        # The file holds every GPU's state that process 0 saw, but it drew on cuda:0 only; the entry for
+        # this device's index is still the seed's. Process 0's own one continues here (a checkpoint saved
+        # on CPUs has none: this GPU then starts from the seed's state).
+        saved_gpus = torch.load(Path(checkpoint) / f"{RNG_STATE_NAME}_0.pkl", weights_only=False).get(
+            "torch_cuda_manual_seed") or []
+        if saved_gpus:
+            torch.cuda.set_rng_state(saved_gpus[0], accelerator.device)
 
 
 def remove_all(run_dir: Path) -> None:

@@ -383,15 +383,27 @@ def processes_on_node(accelerator) -> int:
 
 def check_batches(cfg, num_processes: int) -> int:
     """The per-process micro-batch: batch_size / (processes x accumulation), which must divide."""
-    parts = num_processes * cfg.trainer.grad_accum_steps
-    if cfg.trainer.batch_size % parts:
+    batch, accumulate = cfg.trainer.batch_size, cfg.trainer.grad_accum_steps
+    if batch % (num_processes * accumulate):
         raise ConfigError(
-            f"trainer.batch_size={cfg.trainer.batch_size} does not split into {num_processes} processes x "
-            f"{cfg.trainer.grad_accum_steps} accumulation steps; use a multiple of {parts}")
+            f"trainer.batch_size={batch} does not split into {num_processes} processes x {accumulate} "
+            f"accumulation steps; use a multiple of {num_processes * accumulate}"
+            + nearest_process_counts(batch, accumulate, num_processes))
     if cfg.trainer.eval_batch_size % num_processes:
         raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
                           f"{num_processes} processes; use a multiple of {num_processes}")
-    return cfg.trainer.batch_size // parts
+    return batch // (num_processes * accumulate)
+
+
+def nearest_process_counts(batch: int, accumulate: int, num_processes: int) -> str:
+    """The process counts next to `num_processes` that do split the batch. A resumed run keeps its batch
+    size (checkpoint.check_config): there the process count is what can change."""
+    fits = [n for n in range(1, batch // accumulate + 1) if batch % (n * accumulate) == 0]
+    below = [n for n in fits if n < num_processes][-1:]
+    above = [n for n in fits if n > num_processes][:1]
+    if not below + above:
+        return ""
+    return f", or launch {' or '.join(map(str, below + above))} processes (a resumed run keeps its batch size)"
 
 
 def check_sync_batchnorm(cfg, state: PartialState) -> bool:

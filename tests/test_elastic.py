@@ -1,0 +1,97 @@
+"""Elastic resume: a checkpoint saved by N processes continues on M (a requeued job on other nodes).
+
+Weights, optimizer and schedule are saved once, the loaders yield global batches in an order drawn from
+the seed and the epoch, and each process takes its slice: only the float sums' order differs with M.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import cli, common, ok
+from test_checkpoint import kill_after_checkpoint
+
+from pipeline import checkpoint
+from pipeline.config import ConfigError
+from pipeline.loop import check_batches
+
+# Extra overrides for each way the training data is read; every one must resume on another count.
+DATA_PATHS = [()]  # the lead adds ("data.in_memory=false",) when streaming lands
+
+# digits: 44 steps an epoch; a checkpoint every 10 steps and at the end of epoch 1.
+ARGS = ["trainer.epochs=2", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=1"]
+
+
+def summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def logged_steps(run_dir) -> list[int]:
+    return [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rng_states(checkpoint_dir, process: int) -> dict:
+    return torch.load(checkpoint_dir / f"random_states_{process}.pkl", weights_only=False)
+
+
+def said_once(line: str, out: str) -> None:
+    assert out.count(line) == 1, out[-3000:]  # from the main process only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", DATA_PATHS)
+def test_a_job_requeued_on_2_then_1_then_2_then_1_processes_ends_as_the_uninterrupted_run(workdir, extra):
+    ok(cli(common(workdir, *ARGS, *extra, "run_name=whole"), cwd=workdir, processes=2))
+    whole_dir = workdir / "runs" / "digits" / "whole"
+    whole = summary(whole_dir)
+    assert whole["num_processes"] == 2 and whole["steps"] == 2 * 44
+
+    # Each attempt is SIGKILLed (a node lost) after a mid-epoch checkpoint; the next lands on another count.
+    run_dir = workdir / "runs" / "digits" / "job"
+    args = common(workdir, *ARGS, *extra, "run_name=job")
+    kill_after_checkpoint(args, workdir, run_dir, 2, min_step=20)
+    saved = checkpoint.latest(run_dir)
+    first = checkpoint.position(saved)
+    assert first["num_processes"] == 2 and first["batches"] > 0, first  # the next one skips batches
+
+    out = kill_after_checkpoint(args, workdir, run_dir, 1, min_step=45)
+    said_once(f"resuming from {saved}", out)
+    said_once("resuming a checkpoint saved by 2 processes on 1: each process takes its own RNG state; "
+              "process 1's is unused", out)
+    assert checkpoint.position(checkpoint.latest(run_dir))["num_processes"] == 1
+
+    out = kill_after_checkpoint(args, workdir, run_dir, 2, min_step=65)
+    said_once("resuming a checkpoint saved by 1 process on 2: process 0 takes its own RNG state; process 1 "
+              "takes process 0's", out)
+    # Both processes started from the 1-process run's state and drew alike: they saved the same state, as
+    # the processes of a fresh run do (one seed). Without the mapping process 1 continues from the seed's
+    # state and saves another (measured).
+    newest = checkpoint.latest(run_dir)
+    assert checkpoint.position(newest)["num_processes"] == 2
+    assert rng_states(newest, 0)["torch_manual_seed"].equal(rng_states(newest, 1)["torch_manual_seed"])
+
+    out = ok(cli(args, cwd=workdir, processes=1)).stdout
+    said_once("resuming a checkpoint saved by 2 processes on 1", out)
+    again = summary(run_dir)
+    assert again["num_processes"] == 1 and again["steps"] == whole["steps"]
+    # The same batches in the same order: only the order of float sums differs (all-reduce vs one sum).
+    assert again["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-4)
+    assert again["eval/accuracy"] == pytest.approx(whole["eval/accuracy"], abs=1 / 360)
+    assert logged_steps(run_dir) == logged_steps(whole_dir)  # one record, each step once
+    assert not checkpoint.folder(run_dir).exists()
+    print(f"eval/loss {again['eval/loss']!r} after 3 requeues, {whole['eval/loss']!r} uninterrupted: "
+          f"rel {abs(again['eval/loss'] / whole['eval/loss'] - 1):.1e}")
+
+
+def test_the_rng_mapping_is_said_for_any_two_counts():
+    assert checkpoint.rng_mapping(4, 2) == "each process takes its own RNG state; those of processes 2-3 are unused"
+    assert checkpoint.rng_mapping(2, 8) == "processes 0-1 take their own RNG states; processes 2-7 take process 0's"
+
+
+def test_a_batch_that_does_not_split_names_the_process_counts_that_do():
+    cfg = SimpleNamespace(trainer=SimpleNamespace(batch_size=64, grad_accum_steps=2, eval_batch_size=512))
+    with pytest.raises(ConfigError, match=r"use a multiple of 6, or launch 2 or 4 processes \(a resumed run "
+                                          r"keeps its batch size\)"):
+        check_batches(cfg, 3)
+    assert check_batches(cfg, 4) == 8
