@@ -169,3 +169,28 @@ def test_streaming_trains_exactly_as_in_memory(workdir, processes):
     assert stream["eval/loss"] == pytest.approx(memory["eval/loss"], rel=1e-6)
     a, b = load_file(runs / "memory" / "model.safetensors"), load_file(runs / "stream" / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in a)  # bitwise: the same batches, in the same order
+
+
+@pytest.mark.slow
+def test_a_streamed_split_takes_no_memory_of_its_own(workdir):
+    # The mechanism of a split larger than memory, at CI size: 16,000 64x64 RGB images (197 MB as tensors)
+    # held in memory raise a process's peak private memory by their size; streamed (auto, with a budget
+    # they do not fit) they add nothing, the pages being the OS page cache's.
+    from conftest import command, environment, peak_rss_anon
+
+    data_args = ["recipe=synthetic", "data.rows=16000", "data.image_size=64", "data.channels=3", "data.num_proc=2"]
+    ok(cli(common(workdir, *data_args), cwd=workdir, script="prepare"))
+    train = [*data_args, "trainer.epochs=1", "trainer.max_steps=5"]
+    peaks = {}
+    for name, path in (("memory", "data.in_memory=true"), ("stream", "data.in_memory_budget_gb=0.01")):
+        proc = subprocess.Popen(command(common(workdir, *train, path, f"run_name={name}")), cwd=workdir,
+                                env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peaks[name] = peak_rss_anon(proc)
+        assert proc.wait() == 0, proc.stderr.read()[-3000:]
+    runs = workdir / "runs" / "synthetic"
+    chosen = json.loads((runs / "stream" / "summary.json").read_text())["data"]
+    assert chosen["train"]["path"] == chosen["eval"]["path"] == "stream", chosen
+    size = 16000 * (3 * 64 * 64 + 8)
+    print(f"peak RssAnon: {peaks['memory'] / 2**20:,.0f} MiB in memory, {peaks['stream'] / 2**20:,.0f} MiB streamed, "
+          f"data {size / 2**20:,.0f} MiB")
+    assert peaks["memory"] - peaks["stream"] > 0.6 * size, {k: v / 2**20 for k, v in peaks.items()}
