@@ -92,7 +92,8 @@ def bench(report, device):
     r = read(report)
     x = r["samples_per_s"]
     print(f"{r['device']}: pipeline {x['pipeline']:,.0f} samples/s, x{r['ratios']['pipeline/bare']:.2f} bare, "
-          f"x{r['ratios']['pipeline/bare_u8']:.2f} bare_u8, x{r['ratios']['pipeline/tutorial']:.2f} tutorial")
+          f"x{r['ratios']['pipeline/bare_u8']:.2f} bare_u8, x{r['ratios']['pipeline/tutorial']:.2f} tutorial; "
+          f"streamed {x['pipeline_stream']:,.0f}, x{r['ratios']['pipeline_stream/pipeline']:.2f} pipeline")
     return r["device"] == device
 
 def same_run(a, b, label_a, label_b):
