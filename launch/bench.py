@@ -103,7 +103,8 @@ def measure(args, work: Path):
           f"data.on_device={args.on_device}, threads {torch.get_num_threads()}")
 
     in_memory, streamed = (pipeline_cli.parse([*overrides, *extra])[1] for extra in (
-        ["data.in_memory=true"], ["data.in_memory=false", f"data.num_workers={args.num_workers}"]))
+        ["data.in_memory=true"],
+        ["data.in_memory=false", "data.on_device=false", f"data.num_workers={args.num_workers}"]))
     runs = {"pipeline": lambda: pipeline(in_memory, device),
             "pipeline_stream": lambda: pipeline(streamed, device),
             "bare": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args),
