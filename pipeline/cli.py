@@ -43,7 +43,8 @@ def parse(argv: list[str]):
     return recipe, config.build(dotlist, recipe)
 
 
-def main(script: str, what: str, run) -> None:
+def main(script: str, what: str, run, parse_argv=parse) -> None:
+    """`parse_argv(argv)` -> (recipe, cfg, *more); `run(recipe, cfg, *more)` does the work."""
     argv = sys.argv[1:]
     if any(a in ("-h", "--help", "help") for a in argv):
         print(usage(script, what))
@@ -51,11 +52,11 @@ def main(script: str, what: str, run) -> None:
     show = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
     try:
-        recipe, cfg = parse(argv)
+        recipe, cfg, *more = parse_argv(argv)
         if show:
             print(config.to_yaml(cfg))
             return
-        run(recipe, cfg)
+        run(recipe, cfg, *more)
     except checkpoint.Preempted as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(e, file=sys.stderr)

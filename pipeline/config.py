@@ -179,6 +179,28 @@ def build(dotlist: list[str], recipe) -> DictConfig:
     return cfg
 
 
+def restore(saved: DictConfig, recipe, dotlist: list[str], source: str) -> DictConfig:
+    """A finished run's config (its config.yaml, `source`) read back through the typed schema, so choices
+    are Enums again and a key or value the code no longer accepts is named; `dotlist` applies on top."""
+    base = schema(recipe)
+    choices = enum_keys(base)
+    try:
+        cfg = OmegaConf.merge(base, normalize(saved, choices))
+        _check_values(cfg)
+    except (OmegaConfBaseException, ConfigError) as e:
+        why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+        raise ConfigError(f"{source} no longer loads with recipe {recipe.name!r} as this code defines it: {why}.\n"
+                          f"Fix: use the code the run was trained with (git checkout of that version), or "
+                          f"retrain with this one") from None
+    try:
+        cfg = OmegaConf.merge(cfg, normalize(parse(dotlist), choices))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, base)) from None
+    _check_values(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 def parse(dotlist: list[str]) -> DictConfig:
     """The command line as a config; each value is YAML (OmegaConf's dotlist), read one item at a time
     so that an unreadable one is named."""

@@ -1,0 +1,24 @@
+"""Evaluate a finished run's weights on its held-out data, or on other data prepared the same way.
+
+One process:            python launch/evaluate.py run=runs/digits/20250101-120000
+The test split, best:   python launch/evaluate.py run=runs/mnist_cnn/baseline split=test weights=best
+Other data:             python launch/evaluate.py run=runs/water_potability/baseline data.file=new_samples.csv
+Several processes:      accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py run=runs/digits/...
+The metrics go to <run>/evaluations/<split>[-best][-<data fingerprint>].json.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
+
+from pipeline import runs  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    if any(a in ("-h", "--help", "help") for a in sys.argv[1:]):
+        print(__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best "
+              "(default final),\n      data.KEY=VALUE and trainer.eval_batch_size=N on top of the run's "
+              "config.yaml.\nShow the config it evaluates with: add --print-config")
+        sys.exit(0)
+    main("evaluate", "Evaluates a finished run.", runs.evaluate, parse_argv=runs.parse_argv)

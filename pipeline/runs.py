@@ -1,0 +1,234 @@
+"""A finished run rebuilt from its folder (config.yaml, meta.json, weights) and evaluated again.
+
+The pieces are the training loop's own (shards, loaders, metrics, `loop.evaluate`), so a run's own
+data gives back the metrics it reported; other data (data.* overrides) is prepared by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import PartialState
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from pipeline import config, data, loop, patches, report, tracking
+from pipeline import recipe as recipes
+from pipeline.config import ConfigError
+from pipeline.data import DataError
+from pipeline.patches import Accelerator
+
+WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors"}
+SPLITS = ("eval", "test")
+# What a command after training may change: where the data comes from and how it is read, and the
+# evaluation batch (to split it over another number of processes). Never what was trained.
+CHANGEABLE = ("data.", "trainer.eval_batch_size")
+# data.* keys that say where or how fast, not which data: changing them keeps the run's own data.
+READING_ONLY = tuple(k for k in data.NOT_CONTENT if k != "root")
+
+
+@dataclass
+class Request:
+    """What `launch/evaluate.py` was asked: `run=`, `split=`, `weights=` and the data.* overrides."""
+
+    run_dir: Path
+    split: str = "eval"
+    weights: str = "final"
+    overrides: tuple = ()
+
+
+@dataclass
+class Evaluation:
+    """What `loop.evaluate` reads from a training `Run`, built for a finished one."""
+
+    accelerator: Accelerator
+    recipe: recipes.Recipe
+    meta: dict
+    model: torch.nn.Module
+    eval_loaders: dict
+    metrics: dict
+    loss_fn: object
+    inputs: tuple
+
+
+def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
+    """`run=DIR [split=eval|test] [weights=final|best] [data.KEY=VALUE ...]` -> the run's recipe, its config
+    with the overrides applied, and the request (for `cli.main`)."""
+    dotlist = config.split_argv(argv)
+    own = {key: config.given(dotlist, key) for key in ("run", "split", "weights")}
+    if not own["run"]:
+        raise ConfigError("which run? Give its folder: run=runs/<recipe>/<run_name>")
+    split, weights = own["split"] or "eval", own["weights"] or "final"
+    if split not in SPLITS:
+        raise ConfigError(f"bad value split={split!r}; choose one of: {', '.join(SPLITS)}")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(WEIGHTS)}")
+    overrides = [item for item in dotlist if item.partition("=")[0] not in own]
+    recipe, cfg, _ = load_run(own["run"], overrides)
+    return recipe, cfg, Request(Path(own["run"]), split, weights, tuple(overrides))
+
+
+def load_run(run_dir, overrides=()) -> tuple[recipes.Recipe, object, dict]:
+    """The recipe, config (through the typed schema, `overrides` on top) and meta of a finished run."""
+    run_dir = Path(run_dir)
+    check_finished(run_dir)
+    for item in overrides:
+        if not item.partition("=")[0].startswith(CHANGEABLE):
+            raise ConfigError(f"{item!r} cannot change after training: a finished run takes data.* overrides "
+                              f"(e.g. data.root=/other/data) and trainer.eval_batch_size, nothing that changes "
+                              f"the model. To train differently, start a run: python launch/train.py ...")
+    try:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise damaged(run_dir, "config.yaml", e) from None
+    meta = read_meta(run_dir)
+    recipe = recipes.load(saved.get("recipe") or config.Config.recipe)
+    cfg = config.restore(saved, recipe, list(overrides), f"{run_dir / 'config.yaml'}")
+    return recipe, cfg, meta
+
+
+def read_meta(run_dir) -> dict:
+    """The run's meta.json: the facts its data was prepared with (classes, train statistics)."""
+    try:
+        return json.loads((Path(run_dir) / data.META_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise damaged(Path(run_dir), data.META_FILE, e) from None
+
+
+def damaged(run_dir: Path, name: str, e: Exception) -> DataError:
+    return DataError(f"{run_dir / name} is damaged: {str(e).splitlines()[0]}. It is written when the run starts "
+                     f"and never changed after; a copy of the run folder from before has it intact")
+
+
+def check_finished(run_dir: Path) -> None:
+    """A run folder whose training ended: its config and meta, and the final weights."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"no run folder at {run_dir}; runs are in <output_dir>/<recipe>/<run_name>/ "
+                          f"(e.g. runs/digits/20250101-120000)")
+    missing = [name for name in ("config.yaml", data.META_FILE, WEIGHTS["final"]) if not (run_dir / name).exists()]
+    if missing:
+        raise ConfigError(f"{run_dir} is not a finished run: no {' or '.join(missing)}. A run writes model.safetensors "
+                          f"when its training ends; one that was stopped continues with the same train command and "
+                          f"run_name={run_dir.name}")
+
+
+def weights_file(run_dir: Path, weights: str = "final") -> Path:
+    path = Path(run_dir) / WEIGHTS[weights]
+    if not path.exists():
+        raise ConfigError(f"run {run_dir} has no {path.name}: best weights are kept when the run monitors a metric "
+                          f"(checkpoint.monitor); evaluate the final ones with weights=final")
+    return path
+
+
+def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = "final") -> torch.nn.Module:
+    """The recipe's model for this config and meta, with the run's weights loaded strictly (on the CPU)."""
+    path = weights_file(Path(run_dir), weights)
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors names what it could not read; any failure means the file is unusable
+        raise DataError(f"cannot read the weights {path}: {str(e).splitlines()[0]}. The file is damaged (cut short "
+                        f"or overwritten); a copy of the run folder from before, or training again, gives it back"
+                        ) from None
+    model = recipe.model(cfg, meta)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ConfigError(f"the weights {path} do not fit the model recipe {recipe.name!r} builds now: "
+                          f"{' '.join(line.strip() for line in lines[1:4] or lines)}.\nThe recipe's model changed "
+                          f"since this run was trained; evaluate it with the code of that run") from None
+    return model
+
+
+def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tuple[dict, Path]:
+    """The shards for `cfg` (built from the raw data if none exist), checked to hold `split` and the run's
+    classes; returns {"train", split} for `loop.make_loaders` and the shards' folder."""
+    shards = data.prepare(recipe, cfg, state, log=say)
+    splits, shard_meta = data.load(shards)
+    if split not in splits:
+        raise DataError(f"the {recipe.name} shards in {shards} have no {split!r} split (they hold "
+                        f"{', '.join(splits)}); choose split={' or split='.join(s for s in SPLITS if s in splits)}")
+    if shard_meta.get("class_names") != meta.get("class_names"):
+        raise DataError(f"the data in {shards} has the classes {shard_meta.get('class_names')}, the run was trained "
+                        f"on {meta.get('class_names')}: its scores would compare different things")
+    differ = sorted(k for k in meta if k != "class_names" and shard_meta.get(k) != meta[k])
+    if differ:
+        say(f"data: the prepared data's {', '.join(differ)} differ from the run's meta.json; the run's are used "
+            f"where the model, transform and metrics read meta")
+    return {"train": splits["train"], split: splits[split]}, shards
+
+
+def evaluate(recipe, cfg, request: Request) -> dict:
+    """Loss and metrics of a finished run's weights on one split, on 1 or N processes; written to
+    `<run>/evaluations/<name>.json` and returned."""
+    started = time.perf_counter()
+    cpu = not torch.accelerator.is_available()
+    state = PartialState(cpu=cpu)
+    say = state.print
+    if cfg.trainer.eval_batch_size % state.num_processes:
+        raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
+                          f"{state.num_processes} processes; add trainer.eval_batch_size=<a multiple of "
+                          f"{state.num_processes}>")
+    meta = read_meta(request.run_dir)  # the run's own statistics, whatever data is evaluated
+    model = load_model(request.run_dir, recipe, cfg, meta, request.weights)  # before the data: fails fast
+    splits, shards = load_split(recipe, cfg, meta, request.split, state, say)
+    patches.apply(say)
+    accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
+                              dynamo_plugin=TorchDynamoPlugin(backend="no"))
+    if accelerator.device.type == "cuda":  # the matmul precision the run evaluated with
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+    _, loaders, on_device, _ = loop.make_loaders(cfg, recipe, splits, meta, accelerator)
+    model, loader = accelerator.prepare(model, loaders[request.split],
+                                        device_placement=[True, not on_device and accelerator.device.type != "cpu"])
+    run = Evaluation(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
+                     eval_loaders={request.split: loader},
+                     metrics=loop.make_metrics(recipe, cfg, meta, accelerator.device),
+                     loss_fn=recipes.loss_fn(recipe, cfg), inputs=recipes.model_inputs(recipe, cfg))
+    results = loop.evaluate(run, request.split)
+    record = {"run_dir": str(request.run_dir), "recipe": recipe.name, "split": request.split,
+              "weights": WEIGHTS[request.weights], "data": changed_data(request.overrides),
+              "overrides": list(request.overrides), "shards": str(shards),
+              "samples": results[f"{request.split}/samples"], "num_processes": accelerator.num_processes,
+              "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,
+              "eval_batch_size": cfg.trainer.eval_batch_size, **results,
+              "time/total_s": time.perf_counter() - started}
+    path = request.run_dir / "evaluations" / f"{output_name(request, shards)}.json"
+    if accelerator.is_main_process:
+        path.parent.mkdir(exist_ok=True)
+        tracking.write_json(path, record)
+    say(result_line(record, path))
+    accelerator.end_training()
+    return record
+
+
+def changed_data(overrides) -> dict:
+    """The data.* overrides that choose other data (not where the cache is or how fast it is read)."""
+    changed = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("data.") and key.removeprefix("data.") not in READING_ONLY:
+            changed[key] = value
+    return changed
+
+
+def output_name(request: Request, shards: Path) -> str:
+    """`<split>` on the run's own data, `<split>-<first 8 of the shards' fingerprint>` on other data;
+    `-best` for the best weights. The fingerprint names the data's content, so the same data gets the same
+    file whatever path it was given by."""
+    name = request.split + ("-best" if request.weights == "best" else "")
+    return f"{name}-{shards.name[:8]}" if changed_data(request.overrides) else name
+
+
+def result_line(record: dict, path: Path) -> str:
+    split = record["split"]
+    keys = [k for k in record if k.startswith(f"{split}/") and report.scalar(record[k]) and k.count("/") <= 2
+            and not k.endswith("/samples")][:8]
+    return (f"evaluated: {record['recipe']} {record['weights']} on {split} ({record['samples']:,} samples, "
+            f"{record['num_processes']} process{'es' if record['num_processes'] > 1 else ''}) "
+            + " ".join(f"{k}={record[k]:.4f}" for k in keys) + f" -> {path}")
