@@ -71,6 +71,7 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
         raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(WEIGHTS)}")
     overrides = [item for item in dotlist if item.partition("=")[0] not in own]
     recipe, cfg, _ = load_run(own["run"], overrides)
+    weights_file(Path(own["run"]), weights)  # before any work
     return recipe, cfg, Request(Path(own["run"]), split, weights, tuple(overrides))
 
 

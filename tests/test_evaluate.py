@@ -1,0 +1,151 @@
+"""Evaluating a finished run: its own data gives back the metrics it reported, on 1 or 2 processes;
+other data gets a file of its own; a missing, unfinished or damaged run is one message."""
+
+import json
+
+import pytest
+from conftest import cli, common, ok, run_dirs
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from pipeline import cli as pipeline_cli
+from pipeline import config, runs
+from pipeline.config import ConfigError, OptimizerName
+from pipeline.data import DataError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real two-epoch digits run: (its folder, its summary, the overrides that keep outputs in the tmp dir)."""
+    workdir = tmp_path_factory.mktemp("evaluate")
+    args = common(workdir, "trainer.epochs=2")
+    ok(cli(args, cwd=workdir))
+    run = run_dirs(workdir / "runs", "digits")[0]
+    return run, json.loads((run / "summary.json").read_text()), workdir
+
+
+def evaluate(run, workdir, *args, processes=1):
+    return ok(cli([f"run={run}", *args], cwd=workdir, processes=processes, script="evaluate"))
+
+
+def same_metrics(evaluated: dict, summary: dict, split: str = "eval") -> None:
+    assert evaluated[f"{split}/samples"] == summary[f"{split}/samples"]
+    assert evaluated[f"{split}/accuracy"] == pytest.approx(summary[f"{split}/accuracy"], abs=1e-6)
+    assert evaluated[f"{split}/loss"] == pytest.approx(summary[f"{split}/loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_runs_eval_metrics(trained):
+    run, summary, workdir = trained
+    result = evaluate(run, workdir, "split=eval")
+    record = json.loads((run / "evaluations" / "eval.json").read_text())
+    same_metrics(record, summary)
+    assert record["weights"] == "model.safetensors" and record["num_processes"] == 1 and record["data"] == {}
+    assert result.stdout.count("evaluated: digits model.safetensors on eval (360 samples, 1 process)") == 1
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_processes_counts_every_sample_once(trained):
+    run, summary, workdir = trained
+    # Two global batches of 180, 90 rows a process each; the gathered outputs are what count.
+    evaluate(run, workdir, "trainer.eval_batch_size=180", processes=2)
+    record = json.loads((run / "evaluations" / "eval.json").read_text())
+    assert record["num_processes"] == 2 and record["eval_batch_size"] == 180
+    same_metrics(record, summary)
+
+
+@pytest.mark.slow
+def test_other_data_is_prepared_by_the_same_code_and_kept_apart(trained):
+    run, summary, workdir = trained
+    # A larger held-out fraction is other data: new shards, a file named by their fingerprint.
+    evaluate(run, workdir, "data.eval_fraction=0.3")
+    [other] = [p for p in (run / "evaluations").iterdir() if p.name.startswith("eval-")]
+    record = json.loads(other.read_text())
+    assert record["eval/samples"] == 540 and record["data"] == {"data.eval_fraction": "0.3"}
+    assert other.stem == f"eval-{record['shards'].rsplit('/', 1)[-1][:8]}"
+    assert record["eval/accuracy"] > 0.5  # the trained weights, not fresh ones
+
+
+# ---------------------------------------------------------------- errors, in this process
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A run folder as training leaves it (config.yaml, meta.json, model.safetensors), with untrained weights."""
+    recipe = runs.recipes.load("digits")
+    cfg = config.build([f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "tracking=none"], recipe)
+    run = tmp_path / "digits" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config.to_yaml(cfg))
+    meta = {"class_names": [str(d) for d in range(10)]}
+    (run / "meta.json").write_text(json.dumps(meta))
+    save_file(recipe.model(cfg, meta).state_dict(), run / "model.safetensors")
+    return run
+
+
+def test_a_finished_run_loads_through_the_schema(finished):
+    recipe, cfg, meta = runs.load_run(finished, ["data.cache_dir=/elsewhere"])
+    assert recipe.name == "digits" and cfg.optimizer.name is OptimizerName.adam  # an Enum again, not a string
+    assert cfg.data.cache_dir == "/elsewhere" and meta["class_names"][0] == "0"
+    runs.load_model(finished, recipe, cfg, meta)  # strict: every key fits
+
+
+def test_a_missing_or_unfinished_run_is_named(finished, tmp_path):
+    with pytest.raises(ConfigError, match="no run folder at"):
+        runs.parse_argv([f"run={tmp_path / 'nope'}"])
+    (finished / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="is not a finished run: no model.safetensors"):
+        runs.parse_argv([f"run={finished}"])
+    with pytest.raises(ConfigError, match="which run"):
+        runs.parse_argv(["split=eval"])
+
+
+def test_only_data_may_change_after_training(finished):
+    with pytest.raises(ConfigError, match="'optimizer.lr=3' cannot change after training"):
+        runs.parse_argv([f"run={finished}", "optimizer.lr=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.nope'"):
+        runs.parse_argv([f"run={finished}", "data.nope=1"])
+    with pytest.raises(ConfigError, match="bad value split='train'"):
+        runs.parse_argv([f"run={finished}", "split=train"])
+
+
+def test_damaged_or_foreign_weights_are_named(finished):
+    recipe, cfg, meta = runs.load_run(finished)
+    weights = finished / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="cannot read the weights .*model.safetensors: .*damaged"):
+        runs.load_model(finished, recipe, cfg, meta)
+    save_file({"net.0.weight": recipe.model(cfg, meta).state_dict()["net.0.weight"]}, weights)
+    with pytest.raises(ConfigError, match="do not fit the model recipe 'digits' builds now: Missing key"):
+        runs.load_model(finished, recipe, cfg, meta)
+    with pytest.raises(ConfigError, match="has no best.safetensors"):
+        runs.load_model(finished, recipe, cfg, meta, weights="best")
+
+
+def test_a_config_from_another_version_is_named(finished):
+    saved = OmegaConf.load(finished / "config.yaml")
+    saved.trainer.gone = 1  # a key this code no longer has
+    (finished / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    with pytest.raises(ConfigError, match="config.yaml no longer loads .*'trainer.gone'"):
+        runs.load_run(finished)
+    del saved.trainer["gone"]
+    saved.optimizer.name = "lion"  # a choice this code no longer offers
+    (finished / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    with pytest.raises(ConfigError, match="no longer loads .*optimizer.name='lion'; choose one of"):
+        runs.load_run(finished)
+
+
+def test_a_split_the_shards_lack_is_named(finished):
+    recipe, cfg, meta = runs.load_run(finished)
+    with pytest.raises(DataError, match="have no 'test' split .*choose split=eval"):
+        runs.load_split(recipe, cfg, meta, "test", say=lambda *_: None)
+
+
+def test_errors_exit_2_with_one_line(finished, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["evaluate.py", f"run={finished}", "weights=best"])
+    with pytest.raises(SystemExit) as exited:
+        pipeline_cli.main("evaluate", "", runs.evaluate, parse_argv=runs.parse_argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run ") and "Traceback" not in err and err.count("\n") == 1
