@@ -160,8 +160,10 @@ def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tu
                         f"on {meta.get('class_names')}: its scores would compare different things")
     differ = sorted(k for k in meta if k != "class_names" and shard_meta.get(k) != meta[k])
     if differ:
-        say(f"data: the prepared data's {', '.join(differ)} differ from the run's meta.json; the run's are used "
-            f"where the model, transform and metrics read meta")
+        # Statistics a recipe applies inside prepare() (water_potability's scaling) are this data's own.
+        say(f"data: this data's {', '.join(differ)} (computed by the recipe's prepare() on it) differ from the run's "
+            f"meta.json; the run's are used where the model, transform and metrics read meta, but what prepare() "
+            f"applied to the rows came from this data")
     return {"train": splits["train"], split: splits[split]}, shards
 
 
