@@ -1,6 +1,6 @@
 # Training image: CUDA PyTorch (the PyPI wheels bundle the CUDA 13 runtime, so the host needs
 # only an NVIDIA driver >= 580 and the NVIDIA container toolkit) + this project, non-root.
-#   docker build -t pipeline .
+#   docker build -t pipeline --build-arg GIT_SHA=$(git rev-parse HEAD) .
 #   docker run --rm --gpus all --shm-size=16g -e WANDB_API_KEY \
 #     -v "$PWD/data:/data:ro" -v pipeline-cache:/cache -v "$PWD/runs:/runs" pipeline \
 #     launch/train.py data.root=/data data.cache_dir=/cache output_dir=/runs recipe=NAME
@@ -18,6 +18,10 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /app
 COPY . .
+# .git is not in the build context: the commit comes as a build argument, and each run records it in run.json.
+# Declared after the install layers above, so a new commit does not rebuild them.
+ARG GIT_SHA=""
+ENV PIPELINE_GIT_SHA=$GIT_SHA
 RUN pip install .
 
 # uid 1000 written numerically in USER so Kubernetes' runAsNonRoot can check it. /app is
