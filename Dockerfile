@@ -18,11 +18,12 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /app
 COPY . .
+RUN pip install .
+
 # .git is not in the build context: the commit comes as a build argument, and each run records it in run.json.
-# Declared after the install layers above, so a new commit does not rebuild them.
+# Declared after the install layers, so a new commit does not rebuild them.
 ARG GIT_SHA=""
 ENV PIPELINE_GIT_SHA=$GIT_SHA
-RUN pip install .
 
 # uid 1000 written numerically in USER so Kubernetes' runAsNonRoot can check it. /app is
 # writable because the trainer and wandb may write into the working directory.

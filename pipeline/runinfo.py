@@ -81,7 +81,9 @@ def outcome(error: BaseException | None) -> tuple[str, int]:
 def git() -> dict:
     """The commit of the code that runs and whether its tracked or untracked files differ from it; from
     git where the code is a checkout, else from PIPELINE_GIT_SHA (an image's build argument)."""
-    sha = _git("rev-parse", "HEAD")
+    # Only the checkout this code is: an installed copy inside some other repository (a venv) is not its commit.
+    top = _git("rev-parse", "--show-toplevel")
+    sha = _git("rev-parse", "HEAD") if top and Path(top).resolve() == CODE else None
     if sha:
         status = _git("status", "--porcelain")
         return {"sha": sha, "dirty": None if status is None else bool(status), "source": "git"}
