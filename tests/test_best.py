@@ -15,10 +15,11 @@ from pipeline import recipe as recipes
 from pipeline.best import Best
 from pipeline.config import ConfigError
 
-# Digits with 5 optimizer steps an epoch (1,437 train rows / 256). eval/loss falls epoch after epoch, so
-# watching it with mode=max makes epoch 1 the best and every later epoch "no better": the best weights
-# are not the final ones, and patience=1 stops the run after epoch 2.
-FIRST_IS_BEST = ["checkpoint.monitor=eval/loss", "checkpoint.mode=max", "trainer.batch_size=256"]
+# Digits with 11 optimizer steps an epoch (1,437 train rows / 128). eval/loss falls epoch after epoch, so
+# watching it with mode=max makes epoch 1 the best and every later epoch "no better": the best weights are
+# not the final ones, and patience 2 stops the run after epoch 3 of 5.
+FIRST_IS_BEST = ["checkpoint.monitor=eval/loss", "checkpoint.mode=max", "trainer.batch_size=128", "trainer.epochs=5",
+                 "trainer.early_stopping_patience=2", "trainer.log_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,70 +31,75 @@ def args(workdir, cache, *extra):
     return common(workdir, f"data.cache_dir={cache}", *extra)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """The one-process run the other runs are compared with."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = ok(cli(args(workdir, cache, *FIRST_IS_BEST, "run_name=p1"), cwd=workdir))
+    return workdir / "runs" / "digits" / "p1", result
+
+
 def metrics_lines(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def read(path) -> dict:
+    return json.loads(path.read_text())
+
+
 @pytest.mark.slow
-def test_early_stopping_keeps_the_best_epoch_on_1_and_2_processes(workdir, cache):
-    summaries = {}
-    for processes in (1, 2):
-        result = ok(cli(args(workdir, cache, *FIRST_IS_BEST, "trainer.epochs=5", "trainer.early_stopping_patience=1",
-                             f"run_name=p{processes}"), cwd=workdir, processes=processes))
-        assert result.stdout.count("stopping early after epoch 2") == 1  # said once, by the main process
-        run_dir = workdir / "runs" / "digits" / f"p{processes}"
-        s = summaries[processes] = json.loads((run_dir / "summary.json").read_text())
-        assert (s["epochs"], s["steps"]) == (2, 10)  # stopped after 2 of 5 epochs
+def test_early_stopping_keeps_the_best_epoch_on_1_and_2_processes(workdir, cache, uninterrupted):
+    one_dir, one_result = uninterrupted
+    two_result = ok(cli(args(workdir, cache, *FIRST_IS_BEST, "run_name=p2"), cwd=workdir, processes=2))
+    two_dir = workdir / "runs" / "digits" / "p2"
+    for processes, run_dir, result in ((1, one_dir, one_result), (2, two_dir, two_result)):
+        assert result.stdout.count("stopping early after epoch 3") == 1  # said once, by the main process
+        s = read(run_dir / "summary.json")
+        assert (s["epochs"], s["steps"]) == (3, 33)  # stopped after 3 of 5 epochs
         assert s["stopped_early"] is True
-        assert s["stopped_early/reason"].startswith("eval/loss did not improve for 1 evaluation (best ")
-        assert (s["best/epoch"], s["best/step"], s["best/mode"]) == (1, 5, "max")
+        assert s["stopped_early/reason"].startswith("eval/loss did not improve for 2 evaluations (best ")
+        assert (s["best/epoch"], s["best/step"], s["best/mode"]) == (1, 11, "max")
         # The best value is epoch 1's evaluation as the local record logged it.
-        first_eval = next(x for x in metrics_lines(run_dir) if "eval/loss" in x)
-        assert s["best/eval/loss"] == first_eval["eval/loss"] == pytest.approx(s["best/eval/loss"])
+        assert s["best/eval/loss"] == next(x["eval/loss"] for x in metrics_lines(run_dir) if "eval/loss" in x)
         assert not checkpoint.folder(run_dir).exists()  # finished normally: final weights, no checkpoints
 
         best, final = load_file(run_dir / "best.safetensors"), load_file(run_dir / "model.safetensors")
         assert best.keys() == final.keys()
-        assert not all(best[k].equal(final[k]) for k in best)  # epoch 1's weights, not epoch 2's
+        assert not all(best[k].equal(final[k]) for k in best)  # epoch 1's weights, not epoch 3's
         # Plain module keys: they load into the recipe's own model as it is built.
-        cfg = config.build([], recipes.load("digits"))
-        recipes.load("digits").model(cfg, {}).load_state_dict(best, strict=True)
+        digits = recipes.load("digits")
+        digits.model(config.build([], digits), {}).load_state_dict(best, strict=True)
 
-        record = json.loads((run_dir / "run.json").read_text())
+        record = read(run_dir / "run.json")
         assert (record["status"], record["exit_code"], record["num_processes"]) == ("finished", 0, processes)
-        assert f"run_name=p{processes}" in record["argv"]
-    check_run_record(json.loads((workdir / "runs" / "digits" / "p1" / "run.json").read_text()))
-    one, two = summaries[1], summaries[2]
-    assert {k: v for k, v in one.items() if k.startswith(("best/", "stopped"))}.keys() == {
-        k for k in two if k.startswith(("best/", "stopped"))}
+        assert "trainer.early_stopping_patience=2" in record["argv"]
+    check_run_record(read(one_dir / "run.json"))
+    one, two = read(one_dir / "summary.json"), read(two_dir / "summary.json")
+    for key in ("best/epoch", "best/step", "stopped_early", "epochs", "steps"):
+        assert one[key] == two[key], key
     assert one["best/eval/loss"] == pytest.approx(two["best/eval/loss"], rel=1e-5)
-    assert one["stopped_early/reason"][:40] == two["stopped_early/reason"][:40]
 
 
 @pytest.mark.slow
-def test_a_resumed_run_keeps_the_best_so_far_and_the_patience_count(workdir, cache):
-    # 11 steps an epoch (batch 128), patience 2: epoch 1 is best, epochs 2 and 3 are not -> stops after 3 of 5.
-    # Killed during epoch 3, the resume must know both epoch 1's value and that epoch 2 already missed.
-    train = ["checkpoint.monitor=eval/loss", "checkpoint.mode=max", "trainer.epochs=5", "trainer.batch_size=128",
-             "trainer.early_stopping_patience=2", "trainer.log_every=2"]
-    ok(cli(args(workdir, cache, *train, "run_name=whole"), cwd=workdir))
-    whole = json.loads((workdir / "runs" / "digits" / "whole" / "summary.json").read_text())
-    assert (whole["epochs"], whole["best/epoch"], whole["stopped_early"]) == (3, 1, True)
-
+def test_a_resumed_run_keeps_the_best_so_far_and_the_patience_count(workdir, cache, uninterrupted):
+    # Killed during epoch 3, the resume must know both epoch 1's value and that epoch 2 already missed:
+    # a run that forgot either would call epoch 3 the best, or go on to epoch 4.
+    whole_dir, _ = uninterrupted
+    whole = read(whole_dir / "summary.json")
     run_dir = workdir / "runs" / "digits" / "killed"
-    killed = args(workdir, cache, *train, "run_name=killed")
+    killed = args(workdir, cache, *FIRST_IS_BEST, "run_name=killed")
     kill_after_checkpoint(killed, workdir, run_dir, 1, min_step=22)  # the checkpoint after epoch 2
     saved = checkpoint.position(checkpoint.latest(run_dir))
     assert (saved["epoch"], saved["best"]["epoch"], saved["best"]["stale"]) == (3, 1, 1)
     resumed = ok(cli(killed, cwd=workdir))
     assert "resuming from" in resumed.stdout
-    again = json.loads((run_dir / "summary.json").read_text())
+    again = read(run_dir / "summary.json")
     for key in ("epochs", "steps", "best/epoch", "best/step", "stopped_early", "stopped_early/reason"):
         assert again[key] == whole[key], key
     assert again["best/eval/loss"] == pytest.approx(whole["best/eval/loss"], rel=1e-9)
-    best, reference = load_file(run_dir / "best.safetensors"), load_file(workdir / "runs/digits/whole/best.safetensors")
+    best, reference = load_file(run_dir / "best.safetensors"), load_file(whole_dir / "best.safetensors")
     assert all(best[k].equal(reference[k]) for k in reference)
-    record = json.loads((run_dir / "run.json").read_text())
+    record = read(run_dir / "run.json")
     assert (record["status"], record["attempt"]) == ("finished", 2)
     assert record["first_started"] <= record["started"] <= record["ended"]
     assert record["resumed_from"].endswith("step-00000022")
