@@ -1,6 +1,6 @@
 # Training image: CUDA PyTorch (the PyPI wheels bundle the CUDA 13 runtime, so the host needs
 # only an NVIDIA driver >= 580 and the NVIDIA container toolkit) + this project, non-root.
-#   docker build -t pipeline .
+#   docker build -t pipeline --build-arg GIT_SHA=$(git rev-parse HEAD) .
 #   docker run --rm --gpus all --shm-size=16g -e WANDB_API_KEY \
 #     -v "$PWD/data:/data:ro" -v pipeline-cache:/cache -v "$PWD/runs:/runs" pipeline \
 #     launch/train.py data.root=/data data.cache_dir=/cache output_dir=/runs recipe=NAME
@@ -19,6 +19,11 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 WORKDIR /app
 COPY . .
 RUN pip install .
+
+# .git is not in the build context: the commit comes as a build argument, and each run records it in run.json.
+# Declared after the install layers, so a new commit does not rebuild them.
+ARG GIT_SHA=""
+ENV PIPELINE_GIT_SHA=$GIT_SHA
 
 # uid 1000 written numerically in USER so Kubernetes' runAsNonRoot can check it. /app is
 # writable because the trainer and wandb may write into the working directory.

@@ -38,7 +38,8 @@ OURS = re.compile(r"(\.tmp-|damaged-)?step-\d{8}")
 # Keys that may differ when a run resumes: where things are, what is logged, how fast data is read,
 # when to stop. Any other difference changes the training and is refused (see `check_config`).
 MAY_CHANGE = ("output_dir", "run_name", "tracking", "project", "trainer.log_every", "trainer.eval_batch_size",
-              "trainer.max_steps", "checkpoint.", "debug.", *(f"data.{key}" for key in NOT_CONTENT))
+              "trainer.max_steps", "trainer.early_stopping_patience", "checkpoint.", "debug.",
+              *(f"data.{key}" for key in NOT_CONTENT))
 # trainer.epochs may change too (a run extended or cut short), unless the LR schedule is spread over
 # all the epochs: then the lr of every step depends on their number.
 SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
@@ -67,9 +68,9 @@ def latest(run_dir: Path) -> Path | None:
     return next((p for p in reversed(complete(run_dir)) if damage(p) is None), None)
 
 
-def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
-    """Model, optimizer, scheduler, every process's RNG state, `position` and the run's config; keeps
-    the newest `keep`.
+def save(accelerator, run_dir: Path, position: dict, keep: int, loop_state: dict | None = None) -> Path:
+    """Model, optimizer, scheduler, every process's RNG state, `position` (with the loop's own `loop_state`,
+    e.g. the best evaluation so far) and the run's config; keeps the newest `keep`.
 
     Every process calls it at the same step (each writes its own RNG state); the output directory must
     be one that all processes see.
@@ -83,7 +84,7 @@ def save(accelerator, run_dir: Path, position: dict, keep: int) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(tmp / STATE_FILE, {**position, "num_processes": accelerator.num_processes})
+        write_json(tmp / STATE_FILE, {**position, **(loop_state or {}), "num_processes": accelerator.num_processes})
         if (Path(run_dir) / CONFIG_FILE).exists():  # what trained up to here, for `check_config`
             shutil.copyfile(Path(run_dir) / CONFIG_FILE, tmp / CONFIG_FILE)
         write_manifest(tmp)

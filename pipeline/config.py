@@ -33,6 +33,8 @@ OptimizerName = choice("OptimizerName", OPTIMIZERS)
 SchedulerName = choice("SchedulerName", SCHEDULERS)
 InitName = choice("InitName", INITS)
 Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the device (see `flag`)
+# Whether a larger or a smaller value of checkpoint.monitor is better (auto: by the metric's name, see best.py).
+MonitorMode = choice("MonitorMode", ("auto", "max", "min"))
 # Every tracker Accelerate's `log_with` knows, by its own names (tensorboard, mlflow, ...), and `none` for
 # the local record alone. `all` is left out: it means whichever trackers happen to be installed.
 Tracker = choice("Tracker", [*(t.value for t in LoggerType if t is not LoggerType.ALL), "none"])
@@ -67,6 +69,7 @@ class TrainerConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (several CUDA processes)
     tf32: bool = True  # fp32 matmuls/convolutions on TF32 tensor cores (Ampere+ GPUs); false: full fp32
+    early_stopping_patience: int | None = None  # stop after N evaluations without a better checkpoint.monitor
 
 
 @dataclass
@@ -101,6 +104,10 @@ class CheckpointConfig:
     every_steps: int = 0  # also save every N optimizer steps (0: only at the end of each epoch)
     keep: int = 1  # newest checkpoints kept in <run>/checkpoints/ (0: no checkpoints)
     resume: bool = True  # continue from the run directory's newest checkpoint (same run_name=)
+    # The eval metric that picks <run>/best.safetensors and drives early stopping; null: eval/accuracy where
+    # the recipe reports it, else eval/loss.
+    monitor: str | None = None
+    mode: MonitorMode = MonitorMode.auto  # auto: min for loss/mse/mae/rmse, max for the others
 
 
 @dataclass
@@ -285,6 +292,15 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
         raise ConfigError(f"bad value trainer.max_steps={cfg.trainer.max_steps}: must be >= 1, "
                           f"or null (the default) for no limit")
+    patience = cfg.trainer.early_stopping_patience
+    if patience is not None and patience < 1:
+        raise ConfigError(f"bad value trainer.early_stopping_patience={patience}: must be >= 1 (evaluations "
+                          f"without improvement), or null (the default) for no early stopping")
+    monitor = cfg.checkpoint.monitor
+    if monitor is not None and not monitor.startswith("eval/"):
+        raise ConfigError(f"bad value checkpoint.monitor={monitor!r}: the best weights are chosen by the evaluation "
+                          f"after each epoch, so name one of its metrics, e.g. checkpoint.monitor=eval/loss or "
+                          f"checkpoint.monitor=eval/accuracy (null: eval/accuracy where reported, else eval/loss)")
     if cfg.trainer.clip_grad_norm is not None and cfg.trainer.clip_grad_norm <= 0:
         raise ConfigError(f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
                           f"or null (the default) for no clipping")

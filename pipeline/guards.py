@@ -34,6 +34,8 @@ def check_finite(values: dict, step: int, run_dir: Path, accelerator) -> None:
     last = checkpoint.latest(run_dir)
     kept = (f"The last checkpoint, {last}, was saved before the loss went bad; the same command resumes from it."
             if last else "No checkpoint was saved before it.")
+    if (Path(run_dir) / "best.safetensors").exists():
+        kept += f" {Path(run_dir) / 'best.safetensors'} holds the best evaluated weights from before it."
     raise Diverged(
         f"{', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}: training diverged and was stopped "
         f"(no summary.json or weights written). {kept}\nLikely causes: a learning rate too high (lower "

@@ -24,11 +24,15 @@ from accelerate.utils import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, data, hooks, optim, patches, report, tracking
+from pipeline import checkpoint, data, hooks, optim, patches, report, runinfo, tracking
 from pipeline import recipe as recipes
+from pipeline.best import Best
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
 from pipeline.guards import check_finite, check_weights, check_writable, disk_full_guard
 from pipeline.patches import Accelerator
+
+# best.safetensors is saved as one file, renamed into place whole (Accelerate would shard it past 10 GB).
+BEST_SHARD_SIZE = "1000GB"
 
 
 @dataclass
@@ -77,10 +81,13 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     `<run>/summary.json`."""
     started = time.perf_counter()
     run = setup(cfg, recipe or recipes.load(cfg.recipe))
-    position = Position()
+    record = runinfo.start(run)  # run.json: "running" now, how it ended below
+    position, saved = Position(), None
     if run.resume_from:
-        position = Position.of(checkpoint.load(run.accelerator, run.resume_from))
+        saved = checkpoint.load(run.accelerator, run.resume_from)
+        position = Position.of(saved)
         run.accelerator.print(f"resuming from {run.resume_from}: epoch {position.epoch}, step {position.step}")
+    best = Best.of(cfg, (saved or {}).get("best"), run.accelerator.print)
     # Plain dataclasses on the hot path: an OmegaConf attribute read costs ~10 us, a step ~400 us.
     trainer = OmegaConf.to_object(cfg.trainer)
     speed = report.Speed(run.accelerator.device)
@@ -91,18 +98,24 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
         for epoch in range(position.epoch, trainer.epochs + 1):
             if epoch > position.epoch:
                 position = Position(position.step, epoch, 0)
-            at_max_steps = train_epoch(run, trainer, position, results, speed, progress, stop_signal)
-            end_epoch(run, position, results, progress, last=at_max_steps or epoch == trainer.epochs)
+            at_max_steps = train_epoch(run, trainer, position, results, best, speed, progress, stop_signal)
+            end_epoch(run, position, results, best, progress, last=at_max_steps or epoch == trainer.epochs)
             epochs_done = epoch
-            if at_max_steps:
+            if at_max_steps or best.stopped_early:
                 break
-        return finish(run, position.step, epochs_done, results, speed, started)
+        summary = finish(run, position.step, epochs_done, results, best, speed, started)
+        runinfo.end(run, record)
+        return summary
+    except BaseException as e:
+        runinfo.end(run, record, e)
+        raise
     finally:
         stop_signal.close()
         progress.close()
 
 
-def train_epoch(run: Run, trainer, position: Position, results: dict, speed, progress, stop_signal) -> bool:
+def train_epoch(run: Run, trainer, position: Position, results: dict, best: Best, speed, progress,
+                stop_signal) -> bool:
     """One pass over the training batches (the rest of one, when resumed mid-epoch). True when the run
     reached trainer.max_steps."""
     accelerator, layer_stats = run.accelerator, run.layer_stats
@@ -135,9 +148,9 @@ def train_epoch(run: Run, trainer, position: Position, results: dict, speed, pro
         stop = bool(trainer.max_steps) and position.step >= trainer.max_steps
         if (position.step % trainer.log_every == 0 or position.step == run.steps_per_epoch * position.epoch
                 or stop):
-            log_line(run, position, losses, results, speed, progress, stop_signal)
+            log_line(run, position, losses, results, best, speed, progress, stop_signal)
         if every and position.step % every == 0 and position.batches < len(run.train_loader):
-            save_checkpoint(run, position)
+            save_checkpoint(run, position, best)
         if stop:
             break
     speed.pause()
@@ -160,7 +173,8 @@ def train_step(run: Run, batch: dict, clip_grad_norm: float | None) -> torch.Ten
     return loss.detach()
 
 
-def log_line(run: Run, position: Position, losses: list, results: dict, speed, progress, stop_signal) -> None:
+def log_line(run: Run, position: Position, losses: list, results: dict, best: Best, speed, progress,
+             stop_signal) -> None:
     """The mean loss since the last line, in one cross-process reduction (none on the other steps). It
     carries the SIGTERM flag too: any process that got one makes all of them stop after this step."""
     accelerator = run.accelerator
@@ -175,32 +189,58 @@ def log_line(run: Run, position: Position, losses: list, results: dict, speed, p
     # NaN or inf on any process makes the mean so: every process stops at the same line.
     check_finite({"train/loss": train_loss}, position.step, run.run_dir, accelerator)
     if terminate > 0:
-        saved = save_checkpoint(run, position)
+        saved = save_checkpoint(run, position, best)
         accelerator.end_training()
         raise checkpoint.Preempted(f"stopped on SIGTERM after step {position.step}; saved {saved}. "
                                    f"The same command with run_name={run.run_dir.name} resumes it.")
 
 
-def end_epoch(run: Run, position: Position, results: dict, progress, last: bool) -> None:
-    """Evaluation on the held-out split, then a checkpoint to resume from (none after the last epoch:
-    the weights and summary follow at once)."""
-    results.update(evaluate(run, "eval"))
+def end_epoch(run: Run, position: Position, results: dict, best: Best, progress, last: bool) -> None:
+    """Evaluation on the held-out split, the best weights when it is the best so far, then a checkpoint to
+    resume from (none after the last epoch, or when the run stops early: the weights and summary follow)."""
+    evaluated = evaluate(run, "eval")
+    results.update(evaluated)
     check_finite({"eval/loss": results["eval/loss"]}, position.step, run.run_dir, run.accelerator)
     run.accelerator.log({k: v for k, v in results.items() if k.startswith("eval/") and report.scalar(v)},
                         step=position.step)
     progress.epoch(position.epoch, run.cfg.trainer.epochs, results)
-    if run.cfg.checkpoint.keep and not last:
-        save_checkpoint(run, Position(position.step, position.epoch + 1, 0))
+    if best.update(evaluated, position.step, position.epoch, run.accelerator):
+        save_best(run, position.step)
+    if best.stopped_early:
+        run.accelerator.print(f"stopping early after epoch {position.epoch}: {best.stopped_early}")
+    if run.cfg.checkpoint.keep and not last and not best.stopped_early:
+        save_checkpoint(run, Position(position.step, position.epoch + 1, 0), best)
 
 
-def save_checkpoint(run: Run, position: Position) -> Path:
+def save_checkpoint(run: Run, position: Position, best: Best) -> Path:
     check_weights(run.model, position.step, run.run_dir, run.accelerator)  # never a checkpoint of NaN weights
     with disk_full_guard(run.run_dir, "a checkpoint", run.accelerator):
-        return checkpoint.save(run.accelerator, run.run_dir, position.as_dict(), run.cfg.checkpoint.keep)
+        return checkpoint.save(run.accelerator, run.run_dir, position.as_dict(), run.cfg.checkpoint.keep,
+                               {"best": best.state()})
 
 
-def finish(run: Run, step: int, epochs: int, results: dict, speed, started: float) -> dict:
-    """The test split, the final weights and summary.json; a finished run keeps no checkpoints."""
+def save_best(run: Run, step: int) -> None:
+    """<run>/best.safetensors: written beside it and renamed, so a kill never leaves half a file under that name."""
+    accelerator = run.accelerator
+    check_weights(run.model, step, run.run_dir, accelerator)
+    tmp = run.run_dir / ".tmp-best"
+    with disk_full_guard(run.run_dir, "the best weights", accelerator):
+        save_weights(accelerator, run.model, tmp, max_shard_size=BEST_SHARD_SIZE)  # one file to rename
+        if accelerator.is_main_process:
+            (tmp / "model.safetensors").replace(run.run_dir / "best.safetensors")
+            tmp.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
+    # The plain module's weights: a compiled model's keys would carry `_orig_mod.` and load nowhere else.
+    accelerator.save_model(accelerator.unwrap_model(model, keep_torch_compile=False), folder,
+                           safe_serialization=True, **kwargs)
+
+
+def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, started: float) -> dict:
+    """The test split (on the final weights), the final weights and summary.json with the best evaluation;
+    a finished run keeps no checkpoints."""
     accelerator = run.accelerator
     if "test" in run.eval_loaders:
         test = evaluate(run, "test")
@@ -209,12 +249,13 @@ def finish(run: Run, step: int, epochs: int, results: dict, speed, started: floa
     accelerator.wait_for_everyone()
     check_weights(run.model, step, run.run_dir, accelerator)
     with disk_full_guard(run.run_dir, "the final weights", accelerator):
-        # The plain module's weights: a compiled model's keys would carry `_orig_mod.` and load nowhere else.
-        accelerator.save_model(accelerator.unwrap_model(run.model, keep_torch_compile=False), run.run_dir,
-                               safe_serialization=True)
+        save_weights(accelerator, run.model, run.run_dir)
+    # Also as the trackers' last values, so the W&B summary holds them (W&B's summary is each key's last value).
+    accelerator.log({k: v for k, v in best.summary().items() if report.scalar(v)}, step=step)
     summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": epochs,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "compile": run.compiled, "data": run.data_paths, **results, "train/samples_per_s": speed.rate(),
+               "compile": run.compiled, "data": run.data_paths, **results, **best.summary(),
+               "train/samples_per_s": speed.rate(),
                "time/first_step_s": speed.first, "time/total_s": time.perf_counter() - started}
     if accelerator.is_main_process:
         tracking.write_json(run.run_dir / "summary.json", summary)

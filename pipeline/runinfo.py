@@ -1,0 +1,127 @@
+"""`<run>/run.json`: what ran, where, with which code and libraries, and how it ended, with or without a tracker.
+
+Written by the main process when training starts (status "running") and again when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pipeline.tracking import write_json
+
+CODE = Path(__file__).resolve().parent.parent  # the checkout (or installed tree) holding this code
+PACKAGES = ("torch", "accelerate", "datasets")
+GIT_SHA_ENV = "PIPELINE_GIT_SHA"  # set by the Dockerfile from `--build-arg GIT_SHA=...`: images carry no .git
+
+
+def start(run) -> dict:
+    """The record of this attempt, written as status "running". A resumed run keeps its first start time."""
+    path = run.run_dir / "run.json"
+    accelerator = run.accelerator
+    earlier = read(path) if accelerator.is_main_process else {}
+    record = {
+        "status": "running", "exit_code": None, "error": None,
+        "recipe": run.recipe.name, "run_dir": str(run.run_dir),
+        "started": now(), "ended": None,
+        "first_started": earlier.get("first_started") or earlier.get("started") or None,
+        "attempt": earlier.get("attempt", 0) + 1,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
+        "git": git(),
+        "versions": {"python": platform.python_version(), **{p: package_version(p) for p in PACKAGES}},
+        "argv": sys.argv,
+        "host": socket.gethostname(),
+        "num_processes": accelerator.num_processes,
+        "device": device(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "compile": run.compiled,
+    }
+    record["first_started"] = record["first_started"] or record["started"]
+    if accelerator.is_main_process:
+        write_json(path, record)
+    return record
+
+
+def end(run, record: dict, error: BaseException | None = None) -> None:
+    """Rewrites the record with how the run ended: finished, or the error's status and exit code."""
+    status, code = outcome(error)
+    record.update(status=status, exit_code=code, ended=now(),
+                  error=(str(error).splitlines() or [type(error).__name__])[0][:500] if error else None)
+    if run.accelerator.is_main_process:
+        write_json(run.run_dir / "run.json", record)
+
+
+def outcome(error: BaseException | None) -> tuple[str, int]:
+    """The status and the exit code launch/train.py ends with (see pipeline/cli.py)."""
+    from pipeline.checkpoint import Preempted
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.guards import Diverged
+
+    if error is None:
+        return "finished", 0
+    if isinstance(error, Diverged):
+        return "diverged", error.exit_code
+    if isinstance(error, Preempted):
+        return "preempted", error.exit_code
+    if isinstance(error, (ConfigError, DataError)):
+        return "failed", 2
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", 130
+    return "failed", 1
+
+
+def git() -> dict:
+    """The commit of the code that runs and whether its tracked or untracked files differ from it; from
+    git where the code is a checkout, else from PIPELINE_GIT_SHA (an image's build argument)."""
+    # Only the checkout this code is: an installed copy inside some other repository (a venv) is not its commit.
+    top = _git("rev-parse", "--show-toplevel")
+    sha = _git("rev-parse", "HEAD") if top and Path(top).resolve() == CODE else None
+    if sha:
+        status = _git("status", "--porcelain")
+        return {"sha": sha, "dirty": None if status is None else bool(status), "source": "git"}
+    if os.environ.get(GIT_SHA_ENV):
+        return {"sha": os.environ[GIT_SHA_ENV], "dirty": None, "source": GIT_SHA_ENV}
+    return {"sha": None, "dirty": None, "source": None}
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(CODE), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):  # no git, or a hung file system
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def device(dev) -> str:
+    """`cpu`, or `cuda (NVIDIA H100 80GB HBM3)`: the kind and, for GPUs, the model."""
+    import torch
+
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return dev.type
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
