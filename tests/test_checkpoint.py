@@ -76,8 +76,9 @@ def same_result(run_dir, reference_dir) -> None:
 
 
 @pytest.mark.slow
-# Both data paths: whole tensors in memory, and batches read from the memory-mapped shards.
-@pytest.mark.parametrize("processes, in_memory", [(1, "true"), (2, "true"), (2, "false")])
+# Both data paths (whole tensors in memory; batches read from the memory-mapped shards) and process counts;
+# tests/test_elastic.py resumes each path on another count too.
+@pytest.mark.parametrize("processes, in_memory", [(1, "true"), (2, "false")])
 def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes, in_memory):
     args = ["trainer.epochs=4", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=2",
             f"data.in_memory={in_memory}"]
