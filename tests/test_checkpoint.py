@@ -46,8 +46,12 @@ def kill_after_checkpoint(args: list[str], cwd, run_dir, processes: int, min_ste
 
 def kill(proc: subprocess.Popen, run_dir) -> str:
     """SIGKILL to a run and every process it started; returns what it printed."""
-    tree = psutil.Process(proc.pid)
-    for p in tree.children(recursive=True) + [tree]:
+    try:
+        tree = psutil.Process(proc.pid)
+        processes = tree.children(recursive=True) + [tree]
+    except psutil.NoSuchProcess:  # it ended (or a child did) while the tree was read
+        processes = []
+    for p in processes:
         try:
             p.kill()
         except psutil.NoSuchProcess:

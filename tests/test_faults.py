@@ -79,9 +79,11 @@ def test_read_only_output_dir_stops_before_any_work(workdir):
 
 @pytest.mark.slow
 def test_full_disk_while_saving_a_checkpoint(workdir):
-    # Room for the run's record, not for a checkpoint (~0.6 MB).
+    # Room for the run's record, not for a checkpoint (~1.8 MB: weights and Adam's two moments), which comes
+    # at step 10, before the first evaluation could write best.safetensors (0.6 MB).
     with tmpfs(workdir / "small", "256k") as small:
-        result = cli(common(workdir, f"output_dir={small}", "trainer.epochs=2", "run_name=full"), cwd=workdir)
+        result = cli(common(workdir, f"output_dir={small}", "trainer.epochs=2", "checkpoint.every_steps=10",
+                            "run_name=full"), cwd=workdir)
         run = small / "digits" / "full"
         left = sorted(p.name for p in (run / "checkpoints").iterdir())
         files = {p.name for p in run.iterdir()}
