@@ -1,0 +1,188 @@
+"""Several runs side by side from their local records (config.yaml, summary.json, metrics.jsonl).
+
+One table (markdown or CSV) of the config keys that differ plus the results, and one metric's curves;
+offline: nothing is asked of W&B.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Keys that differ between any two runs because of where they ran, not what they trained.
+LOCATION_KEYS = ("output_dir", "run_name", "data.cache_dir")
+# With many eval/test metrics, the default columns keep the loss and these (by the name after the prefix).
+PREFERRED = ("loss", "accuracy", "acc", "f1", "f1_macro", "rmse", "mae", "r2", "mape", "auroc")
+MAX_DEFAULT_METRICS = 6
+TIMING = ("samples/s", "duration_s")  # column names for summary.json's train/samples_per_s and time/total_s
+
+
+class CompareError(ValueError):
+    """A path that is not a run folder, or a metric no run logged; the message names it."""
+
+
+@dataclass
+class Run:
+    """One run folder's records: flat config, summary (empty when unfinished) and logged lines."""
+
+    path: Path
+    config: dict
+    summary: dict
+    lines: list = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.summary)
+
+    def results(self) -> dict:
+        """The final values: summary.json, or for an unfinished run the last value of each logged key."""
+        if self.finished:
+            return self.summary
+        last = {}
+        for line in self.lines:
+            last.update(line)
+        return last
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    """Run folders from paths and globs (quoted globs too, for shells that pass them on unexpanded)."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise CompareError(f"{pattern}: matches no folder; pass run folders such as runs/digits/*")
+        paths += [Path(m) for m in matches]
+    return paths
+
+
+def load(path: Path) -> Run:
+    if not (path / "config.yaml").is_file():
+        raise CompareError(f"{path}: not a run folder (no config.yaml); a run folder is "
+                           f"<output_dir>/<recipe>/<run name>/, e.g. runs/digits/20250101-120000")
+    config = flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
+    metrics = path / "metrics.jsonl"
+    lines = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()] if metrics.is_file() else []
+    return Run(path, config, summary, lines)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose values are not the same in every run (a key missing from one run differs)."""
+    keys = sorted({k for r in runs for k in r.config})
+    return [k for k in keys if k not in LOCATION_KEYS and len({repr(r.config.get(k, "")) for r in runs}) > 1]
+
+
+def default_metrics(runs: list[Run]) -> list[str]:
+    """The final scalar eval/* and test/* metrics; when there are many, the loss and accuracy-like ones."""
+    found = [k for r in runs for k, v in r.results().items()
+             if k.split("/")[0] in ("eval", "test") and _scalar(v) and not k.endswith("/samples")]
+    found = list(dict.fromkeys(found))
+    if len(found) > MAX_DEFAULT_METRICS:
+        found = [k for k in found if k.split("/", 1)[1] in PREFERRED] or found[:MAX_DEFAULT_METRICS]
+    return found
+
+
+def table(runs: list[Run], metrics: list[str] | None = None) -> tuple[list[str], list[list]]:
+    """Header and rows (raw values; None where a run lacks one): the run, its status, the config keys that
+    differ, the final metrics, the best value and epoch where recorded, samples/s and duration."""
+    keys = differing_keys(runs)
+    metrics = metrics or default_metrics(runs)
+    best = list(dict.fromkeys(k for r in runs for k in r.summary
+                              if k.startswith("best/") and k not in ("best/step", "best/epoch", "best/mode")))
+    extra = [k for k in ("best/epoch", "stopped_early") if any(k in r.summary for r in runs)]
+    timing = ["train/samples_per_s", "time/total_s"]
+    header = ["run", "status", *keys, *metrics, *best, *extra, *TIMING]
+    names = _names(runs)
+    rows = []
+    for name, run in zip(names, runs):
+        results = run.results()
+        rows.append([name, "done" if run.finished else "unfinished", *(run.config.get(k) for k in keys),
+                     *(results.get(k) for k in metrics + best + extra),
+                     *(run.summary.get(k) for k in timing)])
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(h, v) for h, v in zip(header, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """The same table with full-precision numbers (empty where the markdown shows a dash)."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        out.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+def cell(column: str, value) -> str:
+    """A value for people: 4 significant digits, whole samples/s, seconds with one decimal."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if column == "samples/s":
+        return f"{value:,.0f}"
+    if column == "duration_s":
+        return f"{value:,.1f}"
+    return f"{value:.4g}"
+
+
+def plot(runs: list[Run], metric: str, out: Path) -> None:
+    """`metric` against the step for every run that logged it, one line each, into a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise CompareError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    curves = {name: curve(run, metric) for name, run in zip(_names(runs), runs)}
+    if not any(curves.values()):
+        logged = sorted({k for r in runs for line in r.lines for k in line if k != "step"})
+        raise CompareError(f"--metric {metric}: no run logged it in metrics.jsonl; logged: {', '.join(logged)}")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+    ax.set(xlabel="step", ylabel=metric, title=metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def curve(run: Run, metric: str) -> list[tuple[int, float]]:
+    """(step, value) pairs; a step logged twice (the final evaluation is) keeps its last value."""
+    points = {line["step"]: line[metric] for line in run.lines if metric in line and "step" in line}
+    return sorted(points.items())
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(runs: list[Run]) -> list[str]:
+    """Each run's folder name, or its path where two folders share a name (same run name, two recipes)."""
+    names = [r.path.name for r in runs]
+    return [n if names.count(n) == 1 else str(r.path) for n, r in zip(names, runs)]
