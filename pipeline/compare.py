@@ -92,7 +92,8 @@ def differing_keys(runs: list[Run]) -> list[str]:
 
 def default_metrics(runs: list[Run]) -> list[str]:
     """The final scalar eval/* and test/* metrics; when there are many, the loss and accuracy-like ones."""
-    found = [k for r in runs for k, v in r.results().items()
+    ordered = sorted(runs, key=lambda r: not r.finished)  # summary.json's order (loss first), then logged lines
+    found = [k for r in ordered for k, v in r.results().items()
              if k.split("/")[0] in ("eval", "test") and _scalar(v) and not k.endswith("/samples")]
     found = list(dict.fromkeys(found))
     if len(found) > MAX_DEFAULT_METRICS:
