@@ -411,8 +411,10 @@ def tensor_bytes(split: datasets.Dataset) -> int:
 
 
 def size_text(n: int) -> str:
-    unit = next((u for u in ("GiB", "MiB", "KiB") if n >= 2 ** (10 * ("KMG".index(u[0]) + 1))), "B")
-    return f"{n} B" if unit == "B" else f"{n / 2 ** (10 * ('KMG'.index(unit[0]) + 1)):,.1f} {unit}"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
 
 
 def available_memory() -> int:
