@@ -149,6 +149,14 @@ def split_argv(argv: list[str]) -> list[str]:
     return [arg[2:] if arg.startswith("--") else arg for arg in argv]
 
 
+def _reads_as_text(raw: str) -> bool:
+    """Whether OmegaConf reads a command-line value as text (not `true` -> bool, `1e3` -> float, ...)."""
+    try:
+        return isinstance(OmegaConf.from_dotlist([f"value={raw}"]).value, str)
+    except OmegaConfBaseException:
+        return True
+
+
 def given(dotlist: list[str], key: str) -> str | None:
     """The raw text of the last `key=` item (the one OmegaConf keeps), or None."""
     values = [item.partition("=")[2] for item in dotlist if item.partition("=")[0] == key]
@@ -180,7 +188,10 @@ def build(dotlist: list[str], recipe) -> DictConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e, base)) from None
     # `run_name=` parses as null (a timestamp); a script passing an empty variable meant a name.
-    check_run_name("" if given(dotlist, "run_name") == "" else cfg.run_name)
+    raw = given(dotlist, "run_name")
+    check_run_name("" if raw == "" else cfg.run_name)
+    if cfg.run_name is not None and raw and not _reads_as_text(raw):
+        cfg.run_name = raw  # the folder is named as typed: OmegaConf reads `true` as a bool, `1e3` as 1000.0
     _check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

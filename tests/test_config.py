@@ -179,6 +179,10 @@ def test_plain_run_names_pass_and_the_last_one_wins():
     with pytest.raises(ConfigError, match="empty"):
         config.build(["run_name=mine", "run_name="], DIGITS)
     assert config.build(["run_name=null"], DIGITS).run_name is None  # a timestamp is chosen
+    # Names YAML would read as other types keep their spelling (not the folder `True` or `1000.0`).
+    for name in ("true", "1e3", "007", "2026-11-26"):
+        assert config.build([f"run_name={name}"], DIGITS).run_name == name
+    assert config.build(["run_name='my run'"], DIGITS).run_name == "my run"  # quotes are YAML's, as before
 
 
 @pytest.mark.slow
