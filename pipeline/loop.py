@@ -331,11 +331,9 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
         project_dir=str(run_dir),
     )
     checkpoint.keep_plain_weights(accelerator)
+    use_tf32(accelerator, cfg.trainer.tf32)
     if accelerator.device.type == "cuda":
-        # TF32 keeps fp32's range with a 10-bit mantissa: several times the fp32 matmul speed on Ampere+ for
-        # a precision that SGD noise swamps. cudnn.benchmark picks the fastest convolution for the (fixed,
-        # drop_last) training shapes once.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+        # cudnn.benchmark picks the fastest convolution for the (fixed, drop_last) training shapes once.
         torch.backends.cudnn.benchmark = True
     set_seed(cfg.seed)
     if accelerator.is_main_process:
@@ -422,6 +420,13 @@ def processes_on_node(accelerator) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
 
 
+def use_tf32(accelerator, tf32: bool) -> None:
+    """TF32 on CUDA keeps fp32's range with a 10-bit mantissa: several times the fp32 matmul speed on Ampere+
+    for a precision that SGD noise swamps (`trainer.tf32`)."""
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
 def check_batches(cfg, num_processes: int) -> int:
     """The per-process micro-batch: batch_size / (processes x accumulation), which must divide."""
     batch, accumulate = cfg.trainer.batch_size, cfg.trainer.grad_accum_steps
@@ -430,10 +435,14 @@ def check_batches(cfg, num_processes: int) -> int:
             f"trainer.batch_size={batch} does not split into {num_processes} processes x {accumulate} "
             f"accumulation steps; use a multiple of {num_processes * accumulate}"
             + nearest_process_counts(batch, accumulate, num_processes))
+    check_eval_batch(cfg, num_processes)
+    return batch // (num_processes * accumulate)
+
+
+def check_eval_batch(cfg, num_processes: int) -> None:
     if cfg.trainer.eval_batch_size % num_processes:
         raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
-                          f"{num_processes} processes; use a multiple of {num_processes}")
-    return batch // (num_processes * accumulate)
+                          f"{num_processes} processes; add trainer.eval_batch_size=<a multiple of {num_processes}>")
 
 
 def nearest_process_counts(batch: int, accumulate: int, num_processes: int) -> str:

@@ -174,18 +174,14 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     cpu = not torch.accelerator.is_available()
     state = PartialState(cpu=cpu)
     say = state.print
-    if cfg.trainer.eval_batch_size % state.num_processes:
-        raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
-                          f"{state.num_processes} processes; add trainer.eval_batch_size=<a multiple of "
-                          f"{state.num_processes}>")
+    loop.check_eval_batch(cfg, state.num_processes)
     meta = read_meta(request.run_dir)  # the run's own statistics, whatever data is evaluated
     model = load_model(request.run_dir, recipe, cfg, meta, request.weights)  # before the data: fails fast
     splits, shards = load_split(recipe, cfg, meta, request.split, state, say)
     patches.apply(say)
     accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
                               dynamo_plugin=TorchDynamoPlugin(backend="no"))
-    if accelerator.device.type == "cuda":  # the matmul precision the run evaluated with
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+    loop.use_tf32(accelerator, cfg.trainer.tf32)  # the matmul precision the run evaluated with
     _, loaders, on_device, _ = loop.make_loaders(cfg, recipe, splits, meta, accelerator)
     model, loader = accelerator.prepare(model, loaders[request.split],
                                         device_placement=[True, not on_device and accelerator.device.type != "cpu"])
