@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.tracking import flat  # {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}
+
 # Keys that differ between any two runs because of where they ran, not what they trained.
 LOCATION_KEYS = ("output_dir", "run_name", "data.cache_dir")
 # With many eval/test metrics, the default columns keep the loss and these (by the name after the prefix).
@@ -65,23 +67,11 @@ def load(path: Path) -> Run:
     if not (path / "config.yaml").is_file():
         raise CompareError(f"{path}: not a run folder (no config.yaml); a run folder is "
                            f"<output_dir>/<recipe>/<run name>/, e.g. runs/digits/20250101-120000")
-    config = flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    config = flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     metrics = path / "metrics.jsonl"
     lines = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()] if metrics.is_file() else []
     return Run(path, config, summary, lines)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
