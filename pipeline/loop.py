@@ -226,6 +226,8 @@ def save_best(run: Run, step: int) -> None:
     tmp = run.run_dir / ".tmp-best"
     with disk_full_guard(run.run_dir, "the best weights", accelerator):
         save_weights(accelerator, run.model, tmp, max_shard_size=BEST_SHARD_SIZE)  # one file to rename
+        # save_model lists the folder on every process: none may still be in it when the main one removes it.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / "model.safetensors").replace(run.run_dir / "best.safetensors")
             tmp.rmdir()
