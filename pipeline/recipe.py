@@ -81,6 +81,22 @@ def no_transform(batch: dict, train: bool, meta: dict) -> dict:
     return batch
 
 
+def class_columns(outputs: torch.Tensor, meta: dict) -> dict:
+    """The default `predicted`: the class name and each class's probability, from class logits [N, classes]
+    (softmax) or from one logit per sample [N] (sigmoid; class_names[1] above 0.5, as BinaryAccuracy counts)."""
+    names = meta.get("class_names")
+    if not names:
+        raise ConfigError("this run's meta.json has no class_names, so its outputs cannot be named as classes.\n"
+                          "Fix: give the recipe a `predicted=(outputs, meta) -> {column: values}` that says what "
+                          "its outputs mean (e.g. values in the target's units)")
+    if outputs.ndim == 1 or outputs.shape[1] == 1:
+        p = _logit(outputs).float().sigmoid()
+        return {"class": [names[int(positive)] for positive in p > 0.5], f"p({names[1]})": p.numpy()}
+    p = outputs.float().softmax(1)
+    return {"class": [names[i] for i in p.argmax(1).tolist()], **{f"p({n})": p[:, i].numpy() for i, n in
+                                                                    enumerate(names)}}
+
+
 @dataclass
 class Recipe:
     """One task for the shared loop. Every field is described in README.md, "The recipe contract";
@@ -117,6 +133,14 @@ class Recipe:
     version: int = 1
     # (columns, meta, split) -> a batch-indexable dataset; default: the columns indexed by row
     dataset: Callable | None = None
+    # Prediction on new inputs (launch/predict.py); None: the recipe does not predict.
+    # (cfg, meta, path) -> (ids, columns): new inputs in the recipe's raw format, preprocessed with the run's stored
+    # statistics (meta) by the same function prepare() applies; ids: {column: one value per row} naming each row
+    # (a file, a CSV line), columns: {name: numpy array} as the shards hold them, before `transform`
+    read_inputs: Callable | None = None
+    # (outputs, meta) -> {column: one value per row} for the predictions CSV: class names and probabilities by
+    # default; a regression recipe gives values in the target's units
+    predicted: Callable = class_columns
 
 
 def loss_fn(recipe: Recipe, cfg, meta: dict | None = None) -> Callable:

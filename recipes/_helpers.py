@@ -310,7 +310,8 @@ def raw_file(cfg, expected: str, fix: str = "") -> Path:
 def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str,
          header: bool | None = True, rename: str = "") -> tuple[pd.DataFrame, dict]:
     """The columns of a CSV, checked cell by cell: numbers as float64 (NaN where empty and `empty_ok`),
-    labels as int64, times as datetime64. Also returns the facts to keep in meta (rows read, dropped).
+    labels as int64, times as datetime64. Also returns the facts to keep in meta (rows read, dropped);
+    `table.attrs["lines"]` holds each kept row's line number in the file.
 
     enough(rows) says whether the recipe can split that many rows into train and eval; `split` says how
     it splits, for the message. header=True: the first row names the columns; header=None: optional,
@@ -341,6 +342,7 @@ def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], 
         table = table[~bad].reset_index(drop=True)
     require_rows(path, len(table), enough, f"to split into train and eval {split}")
     _require_values(path, table, columns)
+    table.attrs["lines"] = lines[~bad].tolist()  # each row's line in the file, to name it (predictions)
     return table, report
 
 

@@ -68,9 +68,18 @@ def fit(train: datasets.Dataset) -> dict:
 
 
 def preprocess(batch: dict, stats: dict) -> dict:
+    """Missing values filled with the train medians, then scaled by the train means and stds: for the splits in
+    prepare() and for new inputs in read_inputs(), always with the run's stored statistics."""
     x = batch["features"]
     x = np.where(np.isnan(x), np.asarray(stats["median"]), x)
-    return {"features": (x - np.asarray(stats["mean"])) / np.asarray(stats["std"])}
+    return {"features": ((x - np.asarray(stats["mean"])) / np.asarray(stats["std"])).astype(np.float32)}
+
+
+def read_inputs(cfg, meta: dict, path: Path) -> tuple[dict, dict]:
+    """New samples: a CSV with the nine measurement columns (a Potability column, if any, is ignored)."""
+    table, _ = read(cfg, path, COLUMNS[:-1], lambda n: n >= 1, "")
+    features = table[FEATURES].to_numpy(np.float32)  # float32 as in the shards, so the same numbers go in
+    return {"line": table.attrs["lines"]}, preprocess({"features": features}, meta)
 
 
 def prepare(cfg):
@@ -102,7 +111,7 @@ class WaterNet(nn.Module):
 recipe = Recipe(
     name="water_potability",
     description="water_potability.csv, MLP 9-16-8-1 BatchNorm+ELU, He init, BCEWithLogits, Adam lr 1e-3",
-    prepare=prepare, raw_files=raw_files, data_config=WaterData,
+    prepare=prepare, raw_files=raw_files, read_inputs=read_inputs, data_config=WaterData,
     model=lambda cfg, meta: WaterNet(), activation="elu",
     inputs=("features",), targets=("label",),
     loss=binary_cross_entropy, predictions=binary_predictions, metrics=binary_metrics,

@@ -1,0 +1,24 @@
+"""Predict with a finished run's model on new inputs in the recipe's raw format; the result is a CSV.
+
+A CSV of measurements:   python launch/predict.py run=runs/water_potability/baseline input=new_samples.csv
+A folder of images:      python launch/predict.py run=runs/clouds/baseline input=photos/ output=clouds.csv
+The best weights:        python launch/predict.py run=runs/mnist_cnn/baseline input=digit.png weights=best
+Without output= the CSV goes to <run>/predictions/<input name>.csv. Inputs are preprocessed with the statistics
+stored with the run (train medians, means, stds), never with statistics of the new data.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
+
+from pipeline import predict  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    if any(a in ("-h", "--help", "help") for a in sys.argv[1:]):
+        print(__doc__.strip() + "\n\nKeys: run=DIR and input=PATH (required), output=FILE.csv, weights=final|best "
+              "(default final),\n      data.KEY=VALUE (e.g. data.drop_bad_rows=true) and trainer.eval_batch_size=N "
+              "on top of the run's config.yaml.")
+        sys.exit(0)
+    main("predict", "Predicts with a finished run.", predict.predict, parse_argv=predict.parse_argv)

@@ -1,0 +1,155 @@
+"""Predictions of a finished run's model for new inputs in the recipe's raw format, written as CSV.
+
+The inputs are read and preprocessed by the recipe's `read_inputs` with the run's stored statistics
+(meta.json), never statistics of the new data; the outputs are named by its `predicted`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from pipeline import config, runs, tracking
+from pipeline import recipe as recipes
+from pipeline.config import ConfigError
+from pipeline.data import DataError
+
+SHOWN_ROWS = 5  # rows of the predictions shown on the console
+
+
+@dataclass
+class Request:
+    """What `launch/predict.py` was asked: `run=`, `input=`, `output=`, `weights=`."""
+
+    run_dir: Path
+    input: Path
+    output: Path
+    weights: str = "final"
+
+
+def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
+    """`run=DIR input=PATH [output=FILE.csv] [weights=final|best] [data.KEY=VALUE ...]` -> recipe, config, request."""
+    dotlist = config.split_argv(argv)
+    own = {key: config.given(dotlist, key) for key in ("run", "input", "output", "weights")}
+    if not own["run"]:
+        raise ConfigError("which run? Give its folder: run=runs/<recipe>/<run_name> input=<file or folder>")
+    if not own["input"]:
+        raise ConfigError("what to predict? Give the new inputs in the recipe's raw format: input=<file or folder> "
+                          "(e.g. a CSV with the feature columns, an image file or a folder of images)")
+    weights = own["weights"] or "final"
+    if weights not in runs.WEIGHTS:
+        raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(runs.WEIGHTS)}")
+    run_dir, source = Path(own["run"]), Path(own["input"])
+    recipe, cfg, _ = runs.load_run(run_dir, [item for item in dotlist if item.partition("=")[0] not in own])
+    if recipe.read_inputs is None:
+        raise ConfigError(f"recipe {recipe.name!r} does not predict on new inputs: it has no `read_inputs`.\n"
+                          f"Fix: give its Recipe a read_inputs=(cfg, meta, path) -> (ids, columns) that reads new "
+                          f"inputs as prepare() reads raw data (see README, \"The recipe contract\"); "
+                          f"launch/evaluate.py scores the run on labelled data")
+    runs.weights_file(run_dir, weights)  # before any work
+    if not source.exists():
+        raise DataError(f"input {source} does not exist.\nFix: give the path of the new inputs, input=<file or folder>")
+    output = Path(own["output"]) if own["output"] else run_dir / "predictions" / f"{source.stem or 'input'}.csv"
+    if output.resolve() == source.resolve() or output.is_dir():
+        what = "the input itself" if output.resolve() == source.resolve() else "a folder"
+        raise ConfigError(f"output={output} is {what}; predictions never overwrite it.\nFix: give another file, "
+                          f"output=predictions.csv")
+    return recipe, cfg, Request(run_dir, source, output, weights)
+
+
+def predict(recipe: recipes.Recipe, cfg, request: Request) -> Path:
+    """Reads the inputs, runs the model on them in batches of trainer.eval_batch_size, writes the CSV."""
+    started = time.perf_counter()
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    if state.num_processes > 1:
+        raise ConfigError("predict runs as one process (it reads the inputs once and writes one file).\nFix: "
+                          "python launch/predict.py ... (not accelerate launch with several processes)")
+    meta = runs.read_meta(request.run_dir)
+    model = runs.load_model(request.run_dir, recipe, cfg, meta, request.weights).to(state.device).eval()
+    ids, columns = recipe.read_inputs(cfg, meta, request.input)
+    rows = check_rows(recipe, ids, columns, request.input)
+    outputs = run_model(recipe, cfg, model, meta, columns, state.device)
+    table = {**ids, **recipe.predicted(outputs, meta)}
+    for name, values in table.items():
+        if len(values) != rows:
+            raise ConfigError(f"recipe {recipe.name!r}: its predicted() gave {len(values)} values for column {name!r}, "
+                              f"but there are {rows} inputs.\nFix: return one value per row of outputs")
+    write_csv(request.output, table)
+    state.print(result_text(recipe, request, table, rows, time.perf_counter() - started))
+    return request.output
+
+
+def check_rows(recipe, ids: dict, columns: dict, source: Path) -> int:
+    """The number of inputs, the same in every id and input column."""
+    counts = {name: len(values) for name, values in {**ids, **columns}.items()}
+    if len(set(counts.values())) != 1:
+        raise ConfigError(f"recipe {recipe.name!r}: read_inputs gave columns of different lengths {counts}.\nFix: "
+                          f"return one value per input in every column")
+    rows = next(iter(counts.values()))
+    if rows == 0:
+        raise DataError(f"{source} holds no inputs to predict on.\nFix: point input= at a file or folder with data")
+    return rows
+
+
+def run_model(recipe, cfg, model: torch.nn.Module, meta: dict, columns: dict, device) -> torch.Tensor:
+    """The model's outputs for all rows, a batch at a time, after the recipe's evaluation `transform`."""
+    inputs = recipes.model_inputs(recipe, cfg)
+    batch_size, rows = cfg.trainer.eval_batch_size, len(next(iter(columns.values())))
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, rows, batch_size):
+            batch = {name: torch.as_tensor(np.asarray(values[start:start + batch_size])).to(device)
+                     for name, values in columns.items()}
+            batch = recipe.transform(batch, False, meta)
+            outputs.append(model(*(batch[name] for name in inputs)).float().cpu())
+    return torch.cat(outputs)
+
+
+def write_csv(path: Path, table: dict) -> None:
+    """One row per input, written whole or not at all (temporary file, then rename)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(table)
+    writer.writerows(zip(*(_plain(values) for values in table.values())))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tracking.write_atomic(path, text.getvalue())
+    except OSError as e:
+        raise DataError(f"cannot write the predictions to {path} ({e.strerror}).\nFix: choose a writable place, "
+                        f"output=<file.csv>") from None
+
+
+def _plain(values) -> list:
+    """Numbers as Python floats/ints (repr round-trips float32 exactly as float64), text as is."""
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        return np.asarray(values).tolist()
+    return list(values)
+
+
+def result_text(recipe, request: Request, table: dict, rows: int, seconds: float) -> str:
+    lines = [f"predicted: {rows:,} input{'s' * (rows != 1)} of {request.input} with {recipe.name} "
+             f"{runs.WEIGHTS[request.weights]} in {seconds:.1f} s -> {request.output}"]
+    if "class" in table:
+        counts = Counter(table["class"]).most_common()
+        lines.append("classes: " + ", ".join(f"{name} {count:,}" for name, count in counts))
+    names = list(table)
+    shown = [[_cell(values[i]) for values in table.values()] for i in range(min(rows, SHOWN_ROWS))]
+    widths = [max(len(name), *(len(row[c]) for row in shown)) for c, name in enumerate(names)]
+    lines.append("  ".join(name.ljust(w) for name, w in zip(names, widths)))
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in shown]
+    if rows > SHOWN_ROWS:
+        lines.append(f"... {rows - SHOWN_ROWS:,} more rows in {request.output}")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    value = value.item() if hasattr(value, "item") else value
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
