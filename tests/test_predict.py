@@ -1,0 +1,91 @@
+"""Predicting with a finished run: new inputs in the raw format, preprocessed with the run's stored statistics,
+give back the run's own scores on the same rows; bad inputs are named, nothing is overwritten."""
+
+import json
+from pathlib import Path
+
+import conftest
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import cli, common, ok, run_dirs
+
+WATER = Path(conftest.TEST_DATA) / "water-potability" / "water_potability.csv"
+
+
+@pytest.fixture(scope="module")
+def water_run(tmp_path_factory):
+    """A real three-epoch water_potability run on the real CSV: (its folder, its summary, the working folder)."""
+    workdir = tmp_path_factory.mktemp("predict")
+    ok(cli(common(workdir, "recipe=water_potability", f"data.root={WATER.parent}", "trainer.epochs=3"),
+           cwd=workdir, env={"OMP_NUM_THREADS": "1"}))
+    run = run_dirs(workdir / "runs", "water_potability")[0]
+    return run, json.loads((run / "summary.json").read_text()), workdir
+
+
+def predict(run: Path, workdir: Path, *args: str):
+    return cli([f"run={run}", *args], cwd=workdir, script="predict")
+
+
+def eval_rows(raw: pd.DataFrame) -> np.ndarray:
+    """The rows of the CSV the run held out: the same stratified split (seed, fraction) over the row numbers."""
+    rows = datasets.Dataset.from_dict(
+        {"row": np.arange(len(raw)), "label": raw["Potability"].to_numpy()},
+        features=datasets.Features({"row": datasets.Value("int64"), "label": datasets.ClassLabel(num_classes=2)}))
+    return np.asarray(rows.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")["test"]["row"])
+
+
+@pytest.mark.slow
+def test_water_predictions_give_the_runs_eval_accuracy(water_run):
+    run, summary, workdir = water_run
+    raw = pd.read_csv(WATER)
+    held_out = raw.iloc[eval_rows(raw)]
+    held_out.drop(columns="Potability").to_csv(workdir / "new_samples.csv", index=False)
+
+    result = ok(predict(run, workdir, f"input={workdir / 'new_samples.csv'}"))
+    out = run / "predictions" / "new_samples.csv"
+    assert f"predicted: 655 inputs of {workdir / 'new_samples.csv'} with water_potability" in result.stdout
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["line", "class", "p(potable)"] and len(table) == 655
+    assert set(table["class"]) <= {"potable", "not potable"}
+    # The same rows, the same stored statistics, the same threshold as BinaryAccuracy: the same accuracy.
+    accuracy = ((table["class"] == "potable").to_numpy() == held_out["Potability"].to_numpy()).mean()
+    assert accuracy == pytest.approx(summary["eval/accuracy"], abs=1e-6)
+    assert (table["class"] == np.where(table["p(potable)"] > 0.5, "potable", "not potable")).all()
+
+    # Five of those rows alone predict as among the 655 (to float32 rounding: other batch sizes, other kernels):
+    # nothing is fitted on the new data (five rows' own medians and stds would change every number). The label
+    # column, if present, is ignored.
+    held_out.iloc[:5].to_csv(workdir / "five.csv", index=False)
+    ok(predict(run, workdir, f"input={workdir / 'five.csv'}", f"output={workdir / 'five-out.csv'}"))
+    five = pd.read_csv(workdir / "five-out.csv")
+    assert five["p(potable)"].to_numpy() == pytest.approx(table["p(potable)"].iloc[:5].to_numpy(), rel=1e-6)
+    assert five["line"].tolist() == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_named_and_nothing_is_overwritten(water_run):
+    run, _, workdir = water_run
+    raw = pd.read_csv(WATER).drop(columns="Potability").iloc[:20]
+    bad = raw.astype(object)
+    bad.iloc[3, 2] = "n/a"
+    bad.to_csv(workdir / "bad.csv", index=False)
+    result = predict(run, workdir, f"input={workdir / 'bad.csv'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "line 5 column 3 (Solids) 'n/a'" in result.stderr and "drop_bad_rows" in result.stderr
+    assert not (run / "predictions" / "bad.csv").exists()
+
+    raw.drop(columns="Sulfate").to_csv(workdir / "no_sulfate.csv", index=False)
+    result = predict(run, workdir, f"input={workdir / 'no_sulfate.csv'}")
+    assert result.returncode == 2 and "no column 'Sulfate'" in result.stderr
+
+    before = (workdir / "bad.csv").read_bytes()
+    result = predict(run, workdir, f"input={workdir / 'bad.csv'}", f"output={workdir / 'bad.csv'}")
+    assert result.returncode == 2 and "never overwrite" in result.stderr
+    assert (workdir / "bad.csv").read_bytes() == before
+
+    result = predict(run, workdir, f"input={workdir / 'missing.csv'}")
+    assert result.returncode == 2 and "missing.csv does not exist" in result.stderr
+    result = predict(run, workdir)
+    assert result.returncode == 2 and "input=" in result.stderr
