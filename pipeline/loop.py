@@ -351,7 +351,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     recipes.check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
 
     model = recipe.model(cfg, meta)
-    optim.init_weights(model, cfg.model.init, recipe.activation)
+    optim.init_weights(model, cfg.model.init, recipes.activation(recipe, cfg))
     if sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     layer_stats = hooks.LayerStats(model) if cfg.debug.hooks else None  # no hooks at all when off

@@ -32,13 +32,16 @@ SCHEDULERS = {
 }
 
 
+# ELU's, GELU's and SiLU's positive halves are ReLU's, so they take ReLU's gain.
+RELU_LIKE = ("relu", "elu", "gelu", "silu")
+
+
 def _gain(nonlinearity: str) -> float:
-    # ELU's positive half is ReLU's, so it takes ReLU's gain.
-    return nn.init.calculate_gain("relu" if nonlinearity == "elu" else nonlinearity)
+    return nn.init.calculate_gain("relu" if nonlinearity in RELU_LIKE else nonlinearity)
 
 
 def _kaiming(nonlinearity: str) -> str:
-    return "relu" if nonlinearity in ("relu", "elu") else ("leaky_relu" if nonlinearity == "leaky_relu" else "linear")
+    return "relu" if nonlinearity in RELU_LIKE else ("leaky_relu" if nonlinearity == "leaky_relu" else "linear")
 
 
 # (weight, the model's nonlinearity) -> initialised in place; None keeps PyTorch's own init.

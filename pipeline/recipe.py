@@ -120,7 +120,7 @@ class Recipe:
     predictions: Callable = label_predictions
     # (batch, train, meta) -> batch: normalization and augmentation of a whole batch on its device
     transform: Callable = no_transform
-    activation: str = "relu"  # the model's nonlinearity, for the gain of `model.init`
+    activation: str | Callable = "relu"  # the model's nonlinearity for the gain of `model.init`; or cfg -> it
     # batch columns passed to the model, in order; or cfg -> such a tuple, where they depend on the config
     inputs: tuple | Callable = ("image",)
     targets: tuple = ("label",)  # batch columns the loss and metrics read
@@ -155,6 +155,11 @@ def loss_fn(recipe: Recipe, cfg, meta: dict | None = None) -> Callable:
                           f"cannot take the `loss.*` settings {', '.join(settings)} ({e}).\nFix: give the loss "
                           f"(outputs, batch, ...) a keyword argument per field of its loss_config.") from None
     return functools.partial(recipe.loss, **settings)
+
+
+def activation(recipe: Recipe, cfg) -> str:
+    """The model's nonlinearity under this config (for `model.init`)."""
+    return recipe.activation(cfg) if callable(recipe.activation) else recipe.activation
 
 
 def model_inputs(recipe: Recipe, cfg) -> tuple:
@@ -214,6 +219,8 @@ def check(recipe: Recipe) -> Recipe:
             comma = " (a single name needs the trailing comma)" if isinstance(value, str) else ""
             _bad(recipe, f.name, "a tuple of batch column names",
                  f"`{f.name}=('features',)`{comma}; {FIELD_USE.get(f.name, '')}")
+        elif kind == "str | Callable" and not (isinstance(value, str) or callable(value)):
+            _bad(recipe, f.name, "a str or a function cfg -> str", FIELD_USE.get(f.name, ""))
         elif kind in ("dict", "str") and not isinstance(value, {"dict": dict, "str": str}[kind]):
             _bad(recipe, f.name, f"a {kind}", FIELD_USE.get(f.name, f"give `{f.name}` a {kind}"))
         elif kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):

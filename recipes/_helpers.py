@@ -292,7 +292,7 @@ class CsvData(DataConfig):
 
 class Column(NamedTuple):  # a NamedTuple: plain data, no generated methods for the code fingerprint to read
     name: str  # the header's name; in a file read by position, the name used in messages
-    kind: str = "number"  # number | label | time
+    kind: str = "number"  # number | label | time | category (text kept as is, e.g. a color or a class name)
     empty_ok: bool = False  # an empty cell is a missing value the recipe fills itself
     values: tuple = ()  # the valid values of a label column
 
@@ -374,7 +374,10 @@ def require_spread(path: Path, spread: dict[str, float], rows: int) -> None:
 
 
 def _records(path: Path) -> list[tuple[int, list[str]]]:
-    """Non-blank rows with the 1-based line number an editor shows (csv.reader counts quoted newlines)."""
+    """Non-blank rows with the 1-based line number an editor shows (csv.reader counts quoted newlines).
+    A Parquet file's rows come as text too, numbered as the same table written as CSV would be."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return _parquet_records(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes).\nFix: copy the CSV again (an interrupted download or copy "
                         f"leaves an empty file), or point data.root / data.file at the full CSV.")
@@ -393,6 +396,21 @@ def _records(path: Path) -> list[tuple[int, list[str]]]:
     if not records:
         raise DataError(f"{path} has only blank lines.\nFix: copy the CSV again or point data.file at the full CSV.")
     return records
+
+
+def _parquet_records(path: Path) -> list[tuple[int, list[str]]]:
+    """The header and rows of a Parquet file as text cells (repr of a float reads back exactly; null -> empty),
+    so its cells are checked by the same rules as a CSV's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}).\nFix: copy it again, "
+                        f"or point data.file at the CSV or Parquet file.") from None
+    columns = [["" if v is None else str(v) for v in column.to_pylist()] for column in table.columns]
+    return [(1, table.column_names), *((i + 2, list(row)) for i, row in enumerate(zip(*columns)))]
 
 
 def _is_header(cells: list[str], columns: list[Column]) -> bool:
@@ -441,6 +459,11 @@ def _parse(records, columns: list[Column], positions: list[int], width: int | No
         if not column.empty_ok:
             for i in np.flatnonzero(empty):
                 flag("an empty cell, a missing value this recipe cannot fill", i, c, "")
+        if column.kind == "category":
+            for i in np.flatnonzero(~np.isin(cells, column.values) & ~empty) if column.values else ():
+                flag(f"not one of {', '.join(map(str, column.values))}", i, c, repr(cells[i]))
+            table[column.name] = np.array(cells, dtype=object)
+            continue
         if column.kind == "time":
             values = pd.to_datetime(pd.Series(cells), errors="coerce")
             for i in np.flatnonzero(values.isna().to_numpy() & ~empty):

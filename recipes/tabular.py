@@ -1,0 +1,381 @@
+"""tabular: any CSV or Parquet table of one's own -> an MLP (or a linear model) that predicts one column of it.
+
+python launch/train.py recipe=tabular data.file=/data/cancer.csv data.target=diagnosis
+python launch/train.py recipe=tabular data.file=houses.parquet data.target=price model.hidden=[]  # linear
+The task (binary, multiclass, regression) is inferred from the target unless data.task says it; text columns
+are categorical (one-hot, categories from the train rows); missing numbers are filled with train medians
+(data.impute) and every number is standardized with train statistics (data.standardize), kept with the run so
+that evaluate and predict use the same ones. water_potability and house_prices_linear are presets of this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics.wrappers import LambdaInputTransformer
+
+from pipeline.config import ConfigError, ModelConfig, choice
+from pipeline.data import DataError
+from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy
+from recipes._helpers import (
+    Column,
+    CsvData,
+    raw_file,
+    read,
+    require_rows,
+    require_spread,
+    split_sizes,
+    split_train_eval,
+)
+
+Task = choice("Task", ("auto", "binary", "multiclass", "regression"))
+Impute = choice("Impute", ("median", "mean", "none"))
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU,
+               "silu": nn.SiLU}
+Activation = choice("Activation", ACTIVATIONS)
+MAX_CLASSES_INFERRED = 20  # a whole-number target with at most this many values is read as classes
+
+
+@dataclass
+class TabularData(CsvData):
+    target: str = ""  # the column to predict (required)
+    features: list[str] = field(default_factory=list)  # the input columns; empty: every column but the target
+    task: Task = Task.auto  # auto: text or few whole numbers -> classes (2: binary), other numbers -> regression
+    categorical: list[str] = field(default_factory=list)  # number columns to one-hot too (text columns always are)
+    impute: Impute = Impute.median  # fills an empty number cell, fitted on the train rows; none: refuse empty cells
+    standardize: bool = True  # numbers (and a regression target) scaled by the train mean and std
+    class_names: list[str] = field(default_factory=list)  # names for the target's values, in their sorted order
+    eval_fraction: float = 0.2
+
+
+@dataclass
+class TabularModel(ModelConfig):
+    hidden: list[int] = field(default_factory=lambda: [64, 32])  # hidden layer widths; [] is a linear model
+    activation: Activation = Activation.relu
+    batchnorm: bool = False
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How a preset reads its table: which columns, which target values are valid, what renames them."""
+
+    columns: Callable = lambda cfg: (list(cfg.data.features), cfg.data.target)  # cfg -> (features or [], target)
+    target_values: tuple = ()  # the valid values of a classification target (e.g. (0, 1)); () any
+    rename: str = "data.target= data.features="  # the keys that choose other columns, for messages
+    expected: str = "a CSV or Parquet table with a header row naming its columns"
+
+
+# ---------------------------------------------------------------- raw table -> columns
+
+
+def raw_files(cfg, spec: Spec = Spec()) -> list[Path]:
+    if not spec.columns(cfg)[1]:
+        raise ConfigError("recipe=tabular needs the column to predict: data.target=<column name> (and the table: "
+                          "data.file=<path.csv or .parquet>, relative to data.root or absolute)")
+    return [raw_file(cfg, spec.expected)]
+
+
+def sniff(cfg, path: Path, spec: Spec) -> tuple[list[str], str, list[str]]:
+    """(features, target, categorical features): the named columns, or all but the target; a column is
+    categorical when named in data.categorical or when most of its cells are not numbers."""
+    features, target = spec.columns(cfg)
+    header, *rows = read_header(path)
+    features = features or [name for name in header if name != target]
+    categorical = [name for name in features if name in cfg.data.categorical or (
+        name in header and _mostly_text(rows, header.index(name)))]
+    return features, target, categorical
+
+
+def read_header(path: Path) -> list[list[str]]:
+    """The header and up to 1,000 rows as text (for `sniff`)."""
+    from recipes._helpers import _records
+
+    return [row for _, row in _records(path)[:1001]]
+
+
+def _mostly_text(rows: list[list[str]], column: int) -> bool:
+    cells = [row[column].strip() for row in rows if column < len(row) and row[column].strip()]
+    return sum(not _number(cell) for cell in cells) * 2 > len(cells)
+
+
+def _number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_table(cfg, spec: Spec, path: Path | None = None, with_target: bool = True):
+    """The table's feature (and target) columns checked cell by cell (recipes/_helpers.read), its facts."""
+    path = path or raw_files(cfg, spec)[0]
+    features, target, categorical = sniff(cfg, path, spec)
+    impute = cfg.data.impute.name != "none"
+    columns = [Column(name, "category" if name in categorical else "number", empty_ok=impute or name in categorical)
+               for name in features]
+    if with_target:
+        text_target = target in categorical or _target_is_text(path, target)
+        kind = "category" if text_target else "number"
+        values = tuple(str(v) for v in spec.target_values) if text_target else spec.target_values
+        columns.append(Column(target, kind, values=values))
+    classify = cfg.data.task.name in ("binary", "multiclass") or bool(spec.target_values)
+    fraction = cfg.data.eval_fraction
+    need = 2 if classify else 1
+    table, report = read(cfg, path, columns, lambda n: min(split_sizes(n, fraction)) >= need,
+                         f"with data.eval_fraction={fraction}" + (" (stratified: each part needs a row of each class)"
+                                                                  if classify else ""), rename=spec.rename)
+    return table, report, features, categorical, target
+
+
+def _target_is_text(path: Path, target: str) -> bool:
+    header, *rows = read_header(path)
+    return target in header and _mostly_text(rows, header.index(target))
+
+
+def infer_task(cfg, values: np.ndarray, target: str, spec: Spec) -> str:
+    """binary | multiclass | regression: data.task, or from the target's values (said in the log)."""
+    distinct = np.unique(values)
+    whole = values.dtype != object and np.all(np.mod(values, 1) == 0)
+    if cfg.data.task.name != "auto":
+        task = cfg.data.task.name
+        if task == "regression" and values.dtype == object:
+            raise DataError(f"data.task=regression, but the target column {target!r} holds text (e.g. "
+                            f"{distinct[0]!r}).\nFix: choose data.task=binary or multiclass, or another data.target")
+        if task == "binary" and len(distinct) != 2:
+            raise DataError(f"data.task=binary, but the target column {target!r} has {len(distinct)} values "
+                            f"({_few(distinct)}).\nFix: data.task=multiclass, or a target with two values")
+        return task
+    if spec.target_values:
+        task = "binary" if len(spec.target_values) == 2 else "multiclass"
+    elif values.dtype == object or (whole and len(distinct) <= MAX_CLASSES_INFERRED):
+        task = "binary" if len(distinct) == 2 else "multiclass"
+    else:
+        task = "regression"
+    print(f"data: task {task}, inferred from the target {target!r} ({len(distinct)} values: {_few(distinct)}); "
+        f"set data.task=binary|multiclass|regression to choose")
+    return task
+
+
+def _few(values: np.ndarray) -> str:
+    shown = ", ".join(str(v) for v in values[:5])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > 5 else "")
+
+
+def class_list(values: np.ndarray, spec: Spec) -> list:
+    """The classes in order: the preset's valid values, or the target's sorted values (numbers numerically)."""
+    if spec.target_values:
+        return [str(v) if values.dtype == object else v for v in spec.target_values]
+    return sorted(set(values.tolist()))
+
+
+# ---------------------------------------------------------------- statistics of the train rows, applied alike
+
+
+def fit(numbers: np.ndarray, texts: dict[str, np.ndarray], cfg) -> dict:
+    """Fill values, means and stds of the number columns and the categories of the text columns, from the train
+    rows alone (SimpleImputer, StandardScaler and OneHotEncoder, fitted on train)."""
+    fill = {"median": np.nanmedian, "mean": np.nanmean, "none": None}[cfg.data.impute.name]
+    x = numbers.astype(np.float64)
+    stats = {}
+    if fill is not None and len(x.T):
+        stats["median" if cfg.data.impute.name == "median" else "fill"] = fill(x, axis=0).tolist()
+        x = np.where(np.isnan(x), np.asarray(_fill(stats)), x)
+    standardize = cfg.data.standardize and len(x.T)
+    stats["mean"] = x.mean(axis=0).tolist() if standardize else [0.0] * x.shape[1]
+    stats["std"] = x.std(axis=0).tolist() if standardize else [1.0] * x.shape[1]
+    stats["categories"] = {name: sorted({v for v in values if v != ""}) for name, values in texts.items()}
+    return stats
+
+
+def _fill(stats: dict) -> list:
+    return stats.get("median", stats.get("fill"))
+
+
+def preprocess(batch: dict, stats: dict) -> dict:
+    """Numbers filled and scaled with the stored statistics, then each text column one-hot over its stored
+    categories (an unseen or empty category: all zeros); the splits in prepare() and new inputs in
+    read_inputs() go through this same function."""
+    x = batch["numbers"]
+    if "median" in stats or "fill" in stats:
+        x = np.where(np.isnan(x), np.asarray(_fill(stats)), x)
+    parts = [(x - np.asarray(stats["mean"])) / np.asarray(stats["std"])]
+    for name, categories in stats["categories"].items():
+        parts.append(np.asarray(batch[name])[:, None] == np.asarray(categories, dtype=object)[None, :])
+    return {"features": np.concatenate(parts, axis=1).astype(np.float32)}
+
+
+def split_columns(table, numbers: list[str], texts: list[str]) -> dict:
+    # float32 first, as the shards store numbers: statistics of exactly the values the model sees
+    numbers = table[numbers].to_numpy(np.float32).astype(np.float64).reshape(len(table), len(numbers))
+    return {"numbers": numbers,
+            **{name: table[name].to_numpy() for name in texts}}
+
+
+def prepare(cfg, spec: Spec = Spec()):
+    table, report, features, categorical, target = read_table(cfg, spec)
+    path = raw_files(cfg, spec)[0]
+    values = table[target].to_numpy()
+    task = infer_task(cfg, values, target, spec)
+    if task != "regression" and values.dtype != object and np.all(np.mod(values, 1) == 0):
+        values = values.astype(np.int64)  # classes 0 and 1, not 0.0 and 1.0
+    numbers = [name for name in features if name not in categorical]
+    meta = {"task": task, "target": target, "numbers": numbers, "categorical": categorical, **report}
+    if task == "regression":
+        y = values.astype(np.float32)
+        target_feature = datasets.Value("float32")
+    else:
+        classes = class_list(values, spec)
+        position = {value: i for i, value in enumerate(classes)}
+        y = np.array([position[v] for v in values.tolist()], dtype=np.int64)
+        names = list(cfg.data.class_names) or [str(c) for c in classes]
+        if len(names) != len(classes):
+            raise ConfigError(f"data.class_names has {len(names)} names, but the target {target!r} has "
+                              f"{len(classes)} values ({_few(np.asarray(classes, dtype=object))}).\nFix: one name "
+                              f"per value, in their sorted order, or leave data.class_names empty")
+        for i in range(len(names)):
+            require_rows(path, int((y == i).sum()), lambda n: n >= 2,
+                         f"with {target}={classes[i]} (a stratified split needs 2 of each)")
+        meta["class_names"] = names
+        target_feature = datasets.ClassLabel(names=names)
+    print(f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"
+        + (f", {len(categorical)} categorical (one-hot): {', '.join(categorical)}" if categorical else "")
+        + f" -> {target!r} ({task})")
+    full = datasets.Dataset.from_dict({"row": np.arange(len(table)), "label": y},
+                                      features=datasets.Features({"row": datasets.Value("int64"),
+                                                                  "label": target_feature}))
+    train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed,
+                                         stratify=None if task == "regression" else "label")
+    columns = split_columns(table, numbers, categorical)
+    rows = {name: np.asarray(split["row"]) for name, split in (("train", train), ("eval", evaluation))}
+    stats = fit(columns["numbers"][rows["train"]], {n: columns[n][rows["train"]] for n in categorical}, cfg)
+    if cfg.data.standardize:
+        require_spread(path, dict(zip(numbers, stats["std"])), len(rows["train"]))
+    if task == "regression":
+        y_train = y[rows["train"]].astype(np.float64)
+        scale = cfg.data.standardize
+        meta.update(y_mean=float(y_train.mean()) if scale else 0.0, y_std=float(y_train.std()) if scale else 1.0)
+        if scale:
+            require_spread(path, {target: meta["y_std"]}, len(y_train))
+    meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
+    splits = {}
+    for name, split in (("train", train), ("eval", evaluation)):
+        x = preprocess({k: v[rows[name]] for k, v in columns.items()}, stats)["features"]
+        target_values = np.asarray(split["label"])
+        if task == "regression":
+            target_values = ((target_values - meta["y_mean"]) / meta["y_std"]).astype(np.float32)
+        splits[name] = datasets.Dataset.from_dict(
+            {"features": x, "label": target_values},
+            features=datasets.Features({"features": datasets.List(datasets.Value("float32"), length=x.shape[1]),
+                                        "label": target_feature}))
+    return datasets.DatasetDict(splits), meta
+
+
+def read_inputs(cfg, meta: dict, path: Path, spec: Spec = Spec()) -> tuple[dict, dict]:
+    """New rows with the run's feature columns (the target column, if present, is ignored), preprocessed with
+    the run's stored statistics."""
+    impute = "median" in meta or "fill" in meta
+    columns = [Column(name, "category" if name in meta["categorical"] else "number",
+                      empty_ok=impute or name in meta["categorical"]) for name in meta["numbers"] + meta["categorical"]]
+    table, _ = read(cfg, path, columns, lambda n: n >= 1, "", rename="")
+    batch = split_columns(table, meta["numbers"], meta["categorical"])
+    return {"line": table.attrs["lines"]}, preprocess(batch, meta)
+
+
+def predicted(outputs: torch.Tensor, meta: dict) -> dict:
+    """Class names and probabilities, or the predicted value in the target's units."""
+    if meta["task"] != "regression":
+        return class_columns(outputs, meta)
+    return {meta["target"]: (outputs.float() * meta["y_std"] + meta["y_mean"]).numpy()}
+
+
+# ---------------------------------------------------------------- model, loss, metrics
+
+
+class TabularNet(nn.Module):
+    """Linear layers of the given widths, each followed by [BatchNorm] activation [Dropout]; the last gives one
+    logit per class (one for binary: the sigmoid lives in the loss) or the predicted value."""
+
+    def __init__(self, inputs: int, hidden: list[int], outputs: int, activation: str = "relu",
+                 batchnorm: bool = False, dropout: float = 0.0):
+        super().__init__()
+        layers, width = [], inputs
+        for size in hidden:
+            layers += [nn.Linear(width, size), *([nn.BatchNorm1d(size)] if batchnorm else []),
+                       ACTIVATIONS[activation](), *([nn.Dropout(dropout)] if dropout else [])]
+            width = size
+        self.net = nn.Sequential(*layers, nn.Linear(width, outputs))
+
+    def forward(self, features):
+        out = self.net(features)
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+
+def model(cfg, meta: dict) -> TabularNet:
+    outputs = len(meta["class_names"]) if meta["task"] == "multiclass" else 1
+    m = cfg.model
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"bad value model.dropout={m.dropout}: a probability in [0, 1)")
+    return TabularNet(len(meta["feature_names"]), list(m.hidden), outputs, m.activation.name, m.batchnorm, m.dropout)
+
+
+def loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+    """MSE for a number target, binary cross-entropy on one logit, cross-entropy on class logits."""
+    target = batch["label"]
+    if target.is_floating_point():
+        return nn.functional.mse_loss(outputs, target)
+    if outputs.ndim == 1:
+        return nn.functional.binary_cross_entropy_with_logits(outputs, target.float())
+    return cross_entropy(outputs, batch)
+
+
+def predictions(outputs: torch.Tensor, batch: dict) -> dict:
+    target = batch["label"]
+    if outputs.ndim == 1 and not target.is_floating_point():
+        return {"": (outputs.sigmoid(), target)}
+    return {"": (outputs, target)}
+
+
+def metrics(cfg, meta: dict) -> dict:
+    task = meta["task"]
+    if task == "binary":
+        return binary_metrics(cfg, meta)
+    if task == "multiclass":
+        n = len(meta["class_names"])
+        return {"": MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro"),
+                                      "f1": MulticlassF1Score(n, average="macro"),
+                                      "auroc": MulticlassAUROC(n, average="macro")})}
+    collection = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(), "r2": R2Score()})
+    mean, std = meta["y_mean"], meta["y_std"]
+    if (mean, std) == (0.0, 1.0):
+        return {"": collection}
+
+    def units(y):
+        return y * std + mean
+
+    # The loss is in standardized units; the metrics in the target's own ("label" holds the target, whatever the task).
+    return {"": LambdaInputTransformer(collection, transform_pred=units, transform_target=units)}
+
+
+def recipe_for(name: str, description: str, spec: Spec = Spec(), data_config: type = TabularData,
+               defaults: dict | None = None, **fields) -> Recipe:
+    """A tabular recipe: this module's, or a preset's with its own columns, config and defaults."""
+    return Recipe(name=name, description=description, prepare=partial(prepare, spec=spec),
+                  raw_files=partial(raw_files, spec=spec), read_inputs=partial(read_inputs, spec=spec),
+                  predicted=predicted, data_config=data_config, model_config=TabularModel, model=model,
+                  activation=lambda cfg: cfg.model.activation.name, inputs=("features",), targets=("label",),
+                  loss=loss, predictions=predictions, metrics=metrics, defaults=defaults or {}, **fields)
+
+
+recipe = recipe_for(
+    "tabular", "a CSV/Parquet table of your own: data.file=... data.target=...; MLP 64-32 (model.hidden), Adam 1e-3",
+    defaults={"trainer": {"epochs": 20, "batch_size": 64}, "optimizer": {"name": "adam", "lr": 1e-3}})
