@@ -34,10 +34,11 @@ def start(run) -> dict:
         "first_started": earlier.get("first_started") or earlier.get("started") or None,
         "attempt": earlier.get("attempt", 0) + 1,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
-        **run.runtime,  # git, num_processes, device, mixed_precision, compile
+        "git": run.runtime["git"],
         "versions": {"python": platform.python_version(), **{p: package_version(p) for p in PACKAGES}},
         "argv": sys.argv,
         "host": socket.gethostname(),
+        **{k: v for k, v in run.runtime.items() if k != "git"},  # num_processes, device, mixed_precision, compile
     }
     record["first_started"] = record["first_started"] or record["started"]
     if accelerator.is_main_process:
