@@ -37,8 +37,9 @@ OURS = re.compile(r"(\.tmp-|damaged-)?step-\d{8}")
 
 # Keys that may differ when a run resumes: where things are, what is logged, how fast data is read,
 # when to stop. Any other difference changes the training and is refused (see `check_config`).
-MAY_CHANGE = ("output_dir", "run_name", "tracking", "project", "trainer.log_every", "trainer.eval_batch_size",
-              "trainer.max_steps", "trainer.early_stopping_patience", "checkpoint.", "debug.",
+MAY_CHANGE = ("output_dir", "run_name", "tracking", "tracking.", "project", "trainer.log_every",
+              "trainer.eval_batch_size", "trainer.max_steps", "trainer.early_stopping_patience",
+              "checkpoint.", "debug.",
               *(f"data.{key}" for key in NOT_CONTENT))
 # trainer.epochs may change too (a run extended or cut short), unless the LR schedule is spread over
 # all the epochs: then the lr of every step depends on their number.

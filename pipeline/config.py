@@ -111,6 +111,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # `tracking=none` on the command line (or in a YAML file) is short for tracking.name=none.
+    name: Tracker = Tracker.wandb
+    # W&B only. A WANDB_TAGS / WANDB_RUN_GROUP / WANDB_NOTES / WANDB_JOB_TYPE variable, where set, wins over
+    # its key (a sweep or a cluster job sets them for every run it starts).
+    tags: list[str] = field(default_factory=list)  # beside the recipe's name, which every run is tagged with
+    group: str | None = None  # null: the recipe's name
+    notes: str | None = None
+    job_type: str = "train"
+    log_model: bool = False  # model.safetensors and best.safetensors (with config.yaml, meta.json) as an artifact
+
+
+@dataclass
 class DebugConfig:
     hooks: bool = False  # log per-layer activation and gradient statistics
     hooks_every: int = 100  # optimizer steps between those logs
@@ -122,7 +135,7 @@ class Config:
     seed: int = 42
     output_dir: str = "runs"  # the run's directory is <output_dir>/<recipe>/<run_name>/
     run_name: str | None = None  # default: a timestamp; reuse one to keep a job's runs together
-    tracking: Tracker = Tracker.wandb
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     project: str = "pipeline"  # the tracker's project (W&B, MLflow experiment; TensorBoard: <run>/<project>/)
     data: Any = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -224,6 +237,8 @@ def parse(dotlist: list[str]) -> DictConfig:
     so that an unreadable one is named."""
     overrides = OmegaConf.create()
     for item in dotlist:
+        if item.partition("=")[0] == "tracking":
+            item = "tracking.name=" + item.partition("=")[2]  # the tracker's name, its other keys kept
         try:
             overrides.merge_with_dotlist([item])
         except yaml.YAMLError as e:
@@ -247,6 +262,9 @@ def enum_keys(cfg: DictConfig, prefix: str = "") -> dict[str, type[Enum]]:
 def normalize(overrides: DictConfig, choices: dict[str, type[Enum]]) -> DictConfig:
     """Choices are matched case-insensitively (SGD, Xavier_Uniform), and `true`/`false`, which YAML
     reads as booleans, as the names they spell. Unknown names are refused with the valid ones."""
+    tracker = overrides.get("tracking") if "tracking" in overrides else None
+    if tracker is not None and not isinstance(tracker, DictConfig):
+        overrides.tracking = {"name": tracker}  # `tracking: wandb` (a YAML file, a run's config.yaml from before)
     for k, enum in choices.items():
         parent, _, leaf = k.rpartition(".")
         node = OmegaConf.select(overrides, parent) if parent else overrides

@@ -24,7 +24,7 @@ from accelerate.utils import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, data, hooks, optim, patches, report, runinfo, tracking
+from pipeline import checkpoint, data, hooks, optim, patches, plots, report, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.best import Best
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
@@ -72,6 +72,7 @@ class Run:
     steps_per_epoch: int
     layer_stats: hooks.LayerStats | None
     compiled: bool
+    runtime: dict  # runinfo.runtime: git commit, processes, device, precision, compile
     resume_from: Path | None
     data_paths: dict  # {split: {"rows", "path": memory|stream, "why"}}
 
@@ -183,9 +184,10 @@ def log_line(run: Run, position: Position, losses: list, results: dict, best: Be
     train_loss, terminate = accelerator.reduce(flags, reduction="mean").tolist()
     losses.clear()
     logged = {"train/loss": train_loss, "train/lr": run.optimizer.param_groups[0]["lr"], "epoch": position.epoch}
-    accelerator.log(logged, step=position.step)
+    rate = speed.rate()  # 0 until the warm-up steps are over
+    accelerator.log({**logged, **({"train/samples_per_s": rate} if rate else {})}, step=position.step)
     results.update(logged)
-    progress.update(position.step, position.epoch, train_loss, speed.rate())
+    progress.update(position.step, position.epoch, train_loss, rate)
     # NaN or inf on any process makes the mean so: every process stops at the same line.
     check_finite({"train/loss": train_loss}, position.step, run.run_dir, accelerator)
     if terminate > 0:
@@ -201,10 +203,12 @@ def end_epoch(run: Run, position: Position, results: dict, best: Best, progress,
     evaluated = evaluate(run, "eval")
     results.update(evaluated)
     check_finite({"eval/loss": results["eval/loss"]}, position.step, run.run_dir, run.accelerator)
-    run.accelerator.log({k: v for k, v in results.items() if k.startswith("eval/") and report.scalar(v)},
-                        step=position.step)
+    improved = best.update(evaluated, position.step, position.epoch, run.accelerator)
+    tracking.define_best(run.accelerator, best.monitor, best.mode)  # before the values it summarizes
+    run.accelerator.log({**{k: v for k, v in results.items() if k.startswith("eval/") and report.scalar(v)},
+                         "epoch": position.epoch}, step=position.step)
     progress.epoch(position.epoch, run.cfg.trainer.epochs, results)
-    if best.update(evaluated, position.step, position.epoch, run.accelerator):
+    if improved:
         save_best(run, position.step)
     if best.stopped_early:
         run.accelerator.print(f"stopping early after epoch {position.epoch}: {best.stopped_early}")
@@ -252,16 +256,21 @@ def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, s
     check_weights(run.model, step, run.run_dir, accelerator)
     with disk_full_guard(run.run_dir, "the final weights", accelerator):
         save_weights(accelerator, run.model, run.run_dir)
+    timings = {"train/samples_per_s": speed.rate(), "time/first_step_s": speed.first,
+               "time/total_s": time.perf_counter() - started}
     # Also as the trackers' last values, so the W&B summary holds them (W&B's summary is each key's last value).
-    accelerator.log({k: v for k, v in best.summary().items() if report.scalar(v)}, step=step)
+    accelerator.log({k: v for k, v in {**best.summary(), **timings}.items() if report.scalar(v)}, step=step)
+    class_names = run.meta.get("class_names")
+    tracking.log_classifier(accelerator, results, class_names, step)
+    if run.cfg.tracking.log_model:
+        tracking.log_model(accelerator, run.run_dir)
     summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": epochs,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "compile": run.compiled, "data": run.data_paths, **results, **best.summary(),
-               "train/samples_per_s": speed.rate(),
-               "time/first_step_s": speed.first, "time/total_s": time.perf_counter() - started}
+               "compile": run.compiled, "data": run.data_paths, **results, **best.summary(), **timings}
     if accelerator.is_main_process:
         tracking.write_json(run.run_dir / "summary.json", summary)
         checkpoint.remove_all(run.run_dir)  # only the folders it wrote: a person's files stay
+        plots.write(run.run_dir, results, class_names, say=accelerator.print)
     accelerator.print(report.summary_line(summary))
     accelerator.end_training()
     return summary
@@ -366,7 +375,8 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
         model, optimizer, *loaders, *([scheduler] if scheduler else []),
         device_placement=[True, True, *[move_batches] * len(loaders), *([True] if scheduler else [])])
 
-    tracking.init(accelerator, cfg.project, as_dict(cfg), init_kwargs)
+    runtime = runinfo.runtime(accelerator, compiled)
+    tracking.init(accelerator, cfg.project, {**as_dict(cfg), "runtime": runtime}, init_kwargs)
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "meta.json", meta)
     say(f"data: train {splits_read['train']['rows']:,} rows, {steps_per_epoch} steps/epoch; "
@@ -377,7 +387,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
                eval_loaders=dict(zip(eval_loaders, prepared)),
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
                loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs, steps_per_epoch=steps_per_epoch,
-               layer_stats=layer_stats, compiled=compiled, resume_from=resume_from,
+               layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
                data_paths=splits_read)
 
 
@@ -527,7 +537,7 @@ def all_agree(accelerator, decision: bool) -> bool:
 
 def make_metrics(recipe, cfg, meta, device) -> dict:
     """The recipe's metrics, updated with already-gathered values, so torchmetrics must not sync again."""
-    metrics = recipe.metrics(cfg, meta)
+    metrics = report.with_confusion_matrix(recipe.metrics(cfg, meta), recipe, meta)
     for metric in metrics.values():
         for m in metric.modules():
             if hasattr(m, "distributed_available_fn"):

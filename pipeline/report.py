@@ -10,6 +10,10 @@ import sys
 import time
 
 import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryConfusionMatrix, MulticlassConfusionMatrix
+
+from pipeline.recipe import binary_predictions, label_predictions
 
 # Steps before train/samples_per_s counts: the first carries compilation, the next ones the allocator's
 # and autotuning's warm-up. launch/bench.py warms its other paths up for as many steps.
@@ -36,6 +40,39 @@ def flatten(values, prefix: str, class_names=None) -> dict:
 
 def scalar(value) -> bool:
     return isinstance(value, (int, float))
+
+
+def with_confusion_matrix(metrics: dict, recipe, meta: dict) -> dict:
+    """A classifier's metrics also count a confusion matrix (`<split>/confusion_matrix`, rows the true classes,
+    columns the predicted ones), for the W&B plot, the per-class table and confusion_matrix.png.
+
+    A classifier here: meta names its classes, it has one head, and its predictions are the pipeline's own
+    classifier pieces, so their shape is known ([N, classes] logits from label_predictions, a probability
+    from binary_predictions). A recipe that counts one itself keeps its own. The cost is one bincount per
+    evaluation batch, on values the evaluation gathered anyway; training steps never see it.
+    """
+    names, head = meta.get("class_names"), metrics.get("")
+    if not names or len(metrics) != 1 or not isinstance(head, MetricCollection):
+        return metrics
+    if any(isinstance(m, (BinaryConfusionMatrix, MulticlassConfusionMatrix)) for m in head.values()):
+        return metrics
+    if recipe.predictions is label_predictions:
+        head.add_metrics({"confusion_matrix": MulticlassConfusionMatrix(len(names))})
+    elif recipe.predictions is binary_predictions and len(names) == 2:
+        head.add_metrics({"confusion_matrix": BinaryConfusionMatrix()})
+    return metrics
+
+
+def per_class(matrix: list, class_names: list) -> list[dict]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (0 where a class was never
+    predicted or never present, as torchmetrics counts it)."""
+    m = torch.tensor(matrix, dtype=torch.float64)
+    hits, support, predicted = m.diag(), m.sum(1), m.sum(0)
+    precision = torch.where(predicted > 0, hits / predicted, 0.0)
+    recall = torch.where(support > 0, hits / support, 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    columns = zip(class_names, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist())
+    return [{"class": name, "precision": p, "recall": r, "f1": f, "support": int(n)} for name, p, r, f, n in columns]
 
 
 

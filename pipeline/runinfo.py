@@ -34,19 +34,23 @@ def start(run) -> dict:
         "first_started": earlier.get("first_started") or earlier.get("started") or None,
         "attempt": earlier.get("attempt", 0) + 1,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
-        "git": git(),
+        "git": run.runtime["git"],
         "versions": {"python": platform.python_version(), **{p: package_version(p) for p in PACKAGES}},
         "argv": sys.argv,
         "host": socket.gethostname(),
-        "num_processes": accelerator.num_processes,
-        "device": device(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "compile": run.compiled,
+        **{k: v for k, v in run.runtime.items() if k != "git"},  # num_processes, device, mixed_precision, compile
     }
     record["first_started"] = record["first_started"] or record["started"]
     if accelerator.is_main_process:
         write_json(path, record)
     return record
+
+
+def runtime(accelerator, compiled: bool) -> dict:
+    """What a run resolved at start-up and people filter runs by: the code's commit, the process count,
+    the device, the precision and compile. In run.json and in the trackers' config (W&B's `runtime.*`)."""
+    return {"git": git(), "num_processes": accelerator.num_processes, "device": device(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision, "compile": compiled}
 
 
 def end(run, record: dict, error: BaseException | None = None) -> None:

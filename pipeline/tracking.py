@@ -12,7 +12,12 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, get_available_trackers, on_main_process
 
+from pipeline import report
 from pipeline.config import ConfigError
+
+# Speeds and durations go to the trackers and to summary.json, not into metrics.jsonl: the local record holds
+# what the training computed, so a resumed run's record is the same as an uninterrupted one's.
+TIMINGS = ("train/samples_per_s", "time/")
 
 
 class LocalRecord(GeneralTracker):
@@ -43,6 +48,9 @@ class LocalRecord(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
+        values = {k: v for k, v in values.items() if not k.startswith(TIMINGS)}
+        if not values:
+            return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
 
@@ -159,13 +167,13 @@ def check(cfg, main: bool = True) -> str | None:
     """Before any work: the tracker's package is installed and, for W&B, the login works (checked once,
     on the main process). Returns the W&B mode for `trackers`, None for the other trackers."""
     check_installed(cfg)
-    return agreed_wandb_mode(main) if cfg.tracking.name == "wandb" else None
+    return agreed_wandb_mode(main) if tracker_name(cfg) == "wandb" else None
 
 
 def check_installed(cfg) -> None:
     """A tracker whose package is missing stops the run here, with the install command: Accelerate
     itself would drop it from `log_with` without a word and the run would go unrecorded there."""
-    name = cfg.tracking.name
+    name = tracker_name(cfg)
     if name == "none" or name in {t.value for t in get_available_trackers()}:
         return
     package = PIP_PACKAGE.get(name, name)
@@ -181,15 +189,14 @@ def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = T
     continues its local record (and its online W&B run) from there. The W&B `mode` is decided (and
     the login checked) here unless given."""
     check_installed(cfg)
-    name = cfg.tracking.name
+    name = tracker_name(cfg)
     log_with: list = [] if name == "none" else [name]
     init_kwargs = {}
     if name == "wandb":
         import wandb
 
         mode = mode or agreed_wandb_mode(main)  # first: a failed W&B login leaves the run directory empty
-        init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name,
-                                "group": cfg.recipe, "tags": [cfg.recipe],
+        init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name, **wandb_labels(cfg),
                                 "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S)}
         # Online, every attempt of a run (a requeued job) logs into one W&B run, by an id kept in the
         # run directory. Offline runs get none: `wandb sync` of two offline parts with one id keeps
@@ -200,6 +207,82 @@ def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = T
         # The experiment is `project`; the tracking server is MLflow's own (MLFLOW_TRACKING_URI, else ./mlruns).
         init_kwargs["mlflow"] = {"run_name": run_dir.name, "tags": {"recipe": cfg.recipe}}
     return [LocalRecord(run_dir, resumed_step), *log_with], init_kwargs
+
+
+def tracker_name(cfg) -> str:
+    return cfg.tracking.name.name  # the Tracker member's name: wandb, tensorboard, ..., none
+
+
+# W&B's own variable for each label key; where one is set, wandb.init reads it (an argument would win over it).
+WANDB_ENV = {"tags": "WANDB_TAGS", "group": "WANDB_RUN_GROUP", "notes": "WANDB_NOTES", "job_type": "WANDB_JOB_TYPE"}
+
+
+def wandb_labels(cfg) -> dict:
+    """wandb.init's tags, group, notes and job_type from `tracking.*`, less those whose variable is set.
+    Every run is tagged, and by default grouped, by its recipe."""
+    t = cfg.tracking
+    labels = {"tags": list(dict.fromkeys([cfg.recipe, *t.tags])), "group": t.group or cfg.recipe,
+              "notes": t.notes, "job_type": t.job_type}
+    return {k: v for k, v in labels.items() if v is not None and not os.environ.get(WANDB_ENV[k])}
+
+
+def wandb_run(accelerator):
+    """The W&B run behind Accelerate's tracker, on the main process; None without one."""
+    if not accelerator.is_main_process or "wandb" not in {t.name for t in accelerator.trackers}:
+        return None
+    return accelerator.get_tracker("wandb", unwrap=True)
+
+
+def define_best(accelerator, monitor: str, mode: str) -> None:
+    """The W&B summary keeps the best value of the monitored metric beside its last one (W&B's summary is
+    otherwise each key's last value). Called before each evaluation is logged: a resumed run is a new W&B
+    run offline, and a repeated definition is one small message."""
+    run = wandb_run(accelerator)
+    if run is not None:
+        run.define_metric(monitor, summary=f"{mode},last")
+
+
+def log_classifier(accelerator, results: dict, class_names: list | None, step: int) -> None:
+    """W&B's confusion-matrix chart and a per-class table (precision, recall, F1, support) for each split
+    that has a confusion matrix; built from the matrix itself (W&B's own helper wants every prediction)."""
+    run = wandb_run(accelerator)
+    if run is None or not class_names:
+        return
+    import wandb
+
+    values = {}
+    for split in ("eval", "test"):
+        matrix = results.get(f"{split}/confusion_matrix")
+        if matrix is None or len(matrix) != len(class_names):
+            continue
+        cells = [[class_names[i], class_names[j], count] for i, row in enumerate(matrix) for j, count in enumerate(row)]
+        table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=cells)
+        values[f"{split}/confusion_matrix"] = wandb.plot_table(
+            "wandb/confusion_matrix/v1", table, {k: k for k in table.columns},
+            {"title": f"{split} confusion matrix (final weights)"})
+        rows = report.per_class(matrix, class_names)
+        values[f"{split}/per_class"] = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+    if values:
+        run.log(values, step=step)
+
+
+# Files of a run that make its weights usable elsewhere: the weights, and what rebuilds the model around them.
+MODEL_FILES = ("model.safetensors", "best.safetensors", "config.yaml", "meta.json")
+
+
+def log_model(accelerator, run_dir: Path) -> None:
+    """`tracking.log_model=true`: the final and best weights, with config.yaml and meta.json, as one W&B
+    artifact of type "model", named model-<W&B run id> (as Lightning's WandbLogger names it)."""
+    run = wandb_run(accelerator)
+    if run is None:
+        return
+    import wandb
+
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"run_dir": str(run_dir)})
+    for name in MODEL_FILES:
+        if (Path(run_dir) / name).is_file():
+            artifact.add_file(str(Path(run_dir) / name), name=name)
+    run.log_artifact(artifact)
 
 
 def wandb_run_id(run_dir: Path) -> str:

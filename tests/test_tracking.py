@@ -17,28 +17,42 @@ from pipeline.loop import train
 
 
 def test_wandb_offline_run_gets_resolved_config_and_metrics(workdir, monkeypatch):
-    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_TAGS", "WANDB_NOTES", "WANDB_JOB_TYPE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(workdir))  # no ~/.netrc: not logged in
     monkeypatch.setenv("NETRC", str(workdir / ".netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(workdir / "wandb-config"))
-    seen = {"logged": []}
+    monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-7")  # a sweep's group wins over tracking.group
+    seen = {"logged": [], "defined": [], "artifacts": []}
     real_init = wandb.init
 
-    def init(*args, **kwargs):  # the real wandb.init; we only keep its run to look at
+    def init(*args, **kwargs):  # the real wandb.init; we only keep what its run is given
         run = real_init(*args, **kwargs)
-        real_log = run.log
+        real_log, real_define, real_artifact, real_finish = run.log, run.define_metric, run.log_artifact, run.finish
 
         def log(values, *a, **k):
             seen["logged"].append(dict(values))
             return real_log(values, *a, **k)
 
-        run.log = log
+        def define_metric(name, *a, **k):
+            seen["defined"].append((name, k.get("summary")))
+            return real_define(name, *a, **k)
+
+        def log_artifact(artifact, *a, **k):
+            seen["artifacts"].append(artifact)
+            return real_artifact(artifact, *a, **k)
+
+        def finish(*a, **k):  # the labels as the run holds them, while it is still open
+            seen["labels"] = (list(run.tags), run.group, run.notes, run.job_type)
+            return real_finish(*a, **k)
+
+        run.log, run.define_metric, run.log_artifact, run.finish = log, define_metric, log_artifact, finish
         seen["run"] = run
         return run
 
     monkeypatch.setattr(wandb, "init", init)
-    _, cfg = pipeline_cli.parse(["trainer.epochs=2", "tracking=wandb", "project=tests",
+    _, cfg = pipeline_cli.parse(["trainer.epochs=2", "tracking=wandb", "project=tests", "tracking.tags=[baseline]",
+                                 "tracking.group=mine", "tracking.notes=first try", "tracking.log_model=true",
                                  f"output_dir={workdir / 'runs'}", f"data.cache_dir={workdir / 'cache'}"])
     try:
         summary = train(cfg)
@@ -52,15 +66,63 @@ def test_wandb_offline_run_gets_resolved_config_and_metrics(workdir, monkeypatch
     assert config["recipe"] == "digits" and config["trainer"]["epochs"] == 2
     assert config["optimizer"] == {"name": "adam", "lr": 0.001, "momentum": 0.0, "weight_decay": 0.0,
                                    "betas": [0.9, 0.999]}
+    # The runtime the run resolved, as run.json records it: what runs are filtered by.
+    run_dir = run_dirs(workdir / "runs", "digits")[0]
+    record = json.loads((run_dir / "run.json").read_text())
+    runtime = config["runtime"]
+    assert runtime["num_processes"] == 1 and runtime["device"] == "cpu" and runtime["mixed_precision"] == "no"
+    assert runtime["compile"] is False and runtime["git"] == record["git"]
+    # The labels: tags and notes from the config (beside the recipe's tag), the group from WANDB_RUN_GROUP.
+    assert seen["labels"] == (["digits", "baseline"], "sweep-7", "first try", "train")
     evals = [v for v in seen["logged"] if "eval/accuracy" in v]
     assert len(evals) == 2 and evals[-1]["eval/accuracy"] == summary["eval/accuracy"]
     assert any("train/loss" in v for v in seen["logged"])
+    # The summary keeps the best eval/accuracy (the monitored metric) beside its last value.
+    assert ("eval/accuracy", "max,last") in seen["defined"]
+    # Speed and times, as summary.json has them.
+    final = {k: v for values in seen["logged"] for k, v in values.items()}
+    assert final["train/samples_per_s"] == summary["train/samples_per_s"] > 0
+    assert final["time/total_s"] == summary["time/total_s"] and final["time/first_step_s"] > 0
+    # The confusion matrix as W&B's chart and the per-class numbers as a table, from the final evaluation.
+    chart, table = final["eval/confusion_matrix"], final["eval/per_class"]
+    cells = chart.table.data
+    assert len(cells) == 100 and sum(c[2] for c in cells) == summary["eval/samples"] == 360
+    assert table.columns == ["class", "precision", "recall", "f1", "support"]
+    assert [r[0] for r in table.data] == [str(d) for d in range(10)] and sum(r[4] for r in table.data) == 360
+    hits = sum(c[2] for c in cells if c[0] == c[1])
+    assert hits / 360 == pytest.approx(summary["eval/accuracy"], abs=1e-6)
+    # tracking.log_model=true: the final and best weights (and what rebuilds the model) as one artifact.
+    (artifact,) = [a for a in seen["artifacts"] if a.type == "model"]  # W&B keeps each table as one too
+    assert artifact.name.startswith(f"model-{run.id}")
+    assert set(artifact.manifest.entries) == {"model.safetensors", "best.safetensors", "config.yaml", "meta.json"}
     # The same values in the local record, and the offline run on disk for a later `wandb sync`.
-    run_dir = run_dirs(workdir / "runs", "digits")[0]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [v for v in lines if "eval/accuracy" in v][-1]["eval/accuracy"] == summary["eval/accuracy"]
+    assert not any(k.startswith(("time/", "train/samples_per_s")) for v in lines for k in v)  # timings: summary.json
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert not (run_dir / "wandb_id").exists()  # offline attempts are runs of their own
+
+
+def test_wandb_labels_come_from_the_config_unless_wandb_variables_are_set(monkeypatch, tmp_path):
+    for var in tracking.WANDB_ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    args = ["tracking=wandb", "tracking.tags=[a,b]", "tracking.group=g", "tracking.notes=n", "tracking.job_type=eval"]
+    _, cfg = pipeline_cli.parse(args)
+
+    def labels():
+        init = tracking.trackers(cfg, tmp_path, mode="offline")[1]["wandb"]
+        return {k: init.get(k) for k in tracking.WANDB_ENV}
+
+    assert labels() == {"tags": ["digits", "a", "b"], "group": "g", "notes": "n", "job_type": "eval"}
+    assert pipeline_cli.parse([])[1].tracking.group is None  # grouped by the recipe by default:
+    assert tracking.wandb_labels(pipeline_cli.parse([])[1]) == {"tags": ["digits"], "group": "digits",
+                                                                "job_type": "train"}
+    # wandb.init reads its variables itself, and an argument would win over them: where one is set, none is given.
+    for var in tracking.WANDB_ENV.values():
+        monkeypatch.setenv(var, "x")
+    assert labels() == {"tags": None, "group": None, "notes": None, "job_type": None}
+    # `tracking=none` stays the short form of tracking.name, beside the other tracking keys.
+    assert pipeline_cli.parse(["tracking.tags=[a]", "tracking=none"])[1].tracking.name.name == "none"
 
 
 def test_online_attempts_of_a_run_share_one_wandb_run(monkeypatch, tmp_path):
