@@ -1,0 +1,154 @@
+"""recipe=tabular: a table of one's own trains with no code; the task is inferred and said; text columns are
+one-hot; statistics come from the train rows and travel with the run (predict uses them)."""
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import cli, common, ok, run_dirs
+from sklearn.datasets import load_breast_cancer
+
+from pipeline import cli as pipeline_cli
+from pipeline import data
+from pipeline.config import ConfigError
+from pipeline.data import DataError
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def cancer_csv(folder: Path) -> Path:
+    """scikit-learn's breast cancer set (569 rows, 30 measurements) with its target as the words."""
+    frame = load_breast_cancer(as_frame=True)
+    table = frame.data.assign(diagnosis=np.asarray(frame.target_names)[frame.target])
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "cancer.csv", index=False)
+    return folder / "cancer.csv"
+
+
+def houses(folder: Path, n: int = 600, seed: int = 0) -> Path:
+    """A regression table: price linear in two numbers and a text column, plus noise (R^2 ~0.9)."""
+    rng = np.random.default_rng(seed)
+    area, rooms = rng.uniform(30, 150, n), rng.integers(1, 6, n).astype(float)
+    town = rng.choice(["north", "south", "east"], n)
+    price = 2.5 * area + 12 * rooms + np.select([town == "north", town == "south"], [40, -25], 0) \
+        + rng.normal(0, 25, n)
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"area": area.round(2), "rooms": rooms, "town": town, "price": price.round(2)}).to_csv(
+        folder / "houses.csv", index=False)
+    return folder / "houses.csv"
+
+
+def parse(workdir: Path, path: Path, *args: str):
+    return pipeline_cli.parse(["recipe=tabular", f"data.root={path.parent}", f"data.file={path.name}",
+                               f"data.cache_dir={workdir / 'cache'}", *args])
+
+
+def prepared(workdir: Path, path: Path, *args: str):
+    recipe, cfg = parse(workdir, path, *args)
+    splits, meta = data.load(data.prepare(recipe, cfg, log=lambda *a: None))
+    return {name: data.columns(split) for name, split in splits.items()}, meta
+
+
+def held_out(rows: int, stratify: np.ndarray | None = None) -> np.ndarray:
+    """The row numbers the recipe holds out (data.eval_fraction 0.2, data.split_seed 0)."""
+    columns = {"row": np.arange(rows)}
+    features = {"row": datasets.Value("int64")}
+    if stratify is not None:
+        columns["label"], features["label"] = stratify, datasets.ClassLabel(num_classes=int(stratify.max()) + 1)
+    split = datasets.Dataset.from_dict(columns, features=datasets.Features(features)).train_test_split(
+        test_size=0.2, seed=0, stratify_by_column="label" if stratify is not None else None)
+    return np.asarray(split["test"]["row"])
+
+
+@pytest.mark.slow
+def test_breast_cancer_csv_trains_with_no_code_and_predicts(workdir):
+    path = cancer_csv(workdir / "data")
+    result = ok(cli(common(workdir, "recipe=tabular", f"data.file={path}", "data.target=diagnosis"), cwd=workdir,
+                    env=ONE_THREAD))
+    assert "data: task binary, inferred from the target 'diagnosis' (2 values: benign, malignant)" in result.stdout
+    assert "30 number columns -> 'diagnosis' (binary)" in result.stdout
+    [run] = run_dirs(workdir / "runs", "tabular")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval/samples"] == 114 and summary["eval/accuracy"] >= 0.95, summary
+
+    # The same CSV, labels and all, predicted with the stored statistics: the held-out rows score as in the run.
+    ok(cli([f"run={run}", f"input={path}", f"output={workdir / 'out.csv'}"], cwd=workdir, script="predict"))
+    table, truth = pd.read_csv(workdir / "out.csv"), pd.read_csv(path)["diagnosis"]
+    assert list(table.columns) == ["line", "class", "p(malignant)"] and len(table) == 569
+    rows = held_out(569, (truth == "malignant").to_numpy().astype(int))
+    accuracy = (table["class"].to_numpy()[rows] == truth.to_numpy()[rows]).mean()
+    assert accuracy == pytest.approx(summary["eval/accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_regression_csv_reaches_the_least_squares_r2(workdir):
+    path = houses(workdir / "data")
+    result = ok(cli(common(workdir, "recipe=tabular", f"data.file={path}", "data.target=price",
+                           "trainer.epochs=40"), cwd=workdir, env=ONE_THREAD))
+    assert "task regression, inferred from the target 'price'" in result.stdout
+    assert "2 number columns, 1 categorical (one-hot): town -> 'price' (regression)" in result.stdout
+    [run] = run_dirs(workdir / "runs", "tabular")
+    summary = json.loads((run / "summary.json").read_text())
+
+    # Ordinary least squares on the same train rows (numbers + one-hot town + intercept), scored on the same
+    # held-out rows, in the same units.
+    table = pd.read_csv(path)
+    x = np.column_stack([table[["area", "rooms"]], pd.get_dummies(table["town"]).to_numpy(float)])
+    rows = held_out(len(table))
+    train = np.setdiff1d(np.arange(len(table)), rows)
+    coef, *_ = np.linalg.lstsq(x[train], table["price"].to_numpy()[train], rcond=None)
+    y = table["price"].to_numpy()[rows]
+    r2 = 1 - ((y - x[rows] @ coef) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert summary["eval/r2"] == pytest.approx(r2, abs=0.02), (summary["eval/r2"], r2)
+    assert summary["eval/mse"] > 100  # the price's units, not standardized ones
+
+    ok(cli([f"run={run}", f"input={path}", f"output={workdir / 'out.csv'}"], cwd=workdir, script="predict"))
+    predicted = pd.read_csv(workdir / "out.csv")["price"].to_numpy()[rows]
+    assert ((predicted - y) ** 2).mean() == pytest.approx(summary["eval/mse"], rel=1e-4)
+
+
+def test_task_inference_one_hot_and_train_only_statistics(workdir):
+    path = houses(workdir / "data", n=60)
+    splits, meta = prepared(workdir, path, "data.target=price")
+    assert meta["task"] == "regression" and meta["categorical"] == ["town"]
+    assert meta["feature_names"] == ["area", "rooms", "town=east", "town=north", "town=south"]
+    train = splits["train"]["features"].double().numpy()
+    assert np.allclose(train[:, :2].mean(0), 0, atol=1e-5) and set(np.unique(train[:, 2:])) == {0.0, 1.0}
+    assert np.allclose(splits["train"]["label"].double().mean(), 0, atol=1e-5)  # the target standardized too
+
+    _, meta = prepared(workdir, path, "data.target=rooms")  # 5 whole-number values: classes
+    assert meta["task"] == "multiclass" and meta["class_names"] == ["1", "2", "3", "4", "5"]
+    _, meta = prepared(workdir, path, "data.target=rooms", "data.task=regression")
+    assert meta["task"] == "regression"
+    _, meta = prepared(workdir, path, "data.target=town", "data.features=[area,price]")
+    assert meta["task"] == "multiclass" and meta["numbers"] == ["area", "price"]
+
+
+def test_parquet_reads_as_the_same_table(workdir):
+    path = houses(workdir / "data", n=60)
+    pd.read_csv(path).to_parquet(workdir / "data" / "houses.parquet")
+    from_csv, _ = prepared(workdir, path, "data.target=price")
+    from_parquet, meta = prepared(workdir, workdir / "data" / "houses.parquet", "data.target=price")
+    assert meta["categorical"] == ["town"]
+    for split in ("train", "eval"):
+        assert (from_csv[split]["features"] == from_parquet[split]["features"]).all()
+
+
+def test_mistakes_are_named(workdir):
+    path = houses(workdir / "data", n=60)
+    recipe, cfg = parse(workdir, path)
+    with pytest.raises(ConfigError, match="needs the column to predict: data.target=<column name>"):
+        recipe.raw_files(cfg)
+    with pytest.raises(DataError, match="(?s)no column 'cost'.*set data.target= data.features="):
+        prepared(workdir, path, "data.target=cost")
+    with pytest.raises(DataError, match="data.task=regression, but the target column 'town' holds text"):
+        prepared(workdir, path, "data.target=town", "data.task=regression")
+    with pytest.raises(DataError, match="data.task=binary, but the target column 'rooms' has 5 values"):
+        prepared(workdir, path, "data.target=rooms", "data.task=binary")
+    with pytest.raises(ConfigError, match="data.class_names has 2 names, but the target 'town' has 3 values"):
+        prepared(workdir, path, "data.target=town", "data.class_names=[a,b]")
+    with pytest.raises(ConfigError, match="bad value"):
+        parse(workdir, path, "data.target=price", "data.impute=mode")
