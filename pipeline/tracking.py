@@ -12,7 +12,6 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, get_available_trackers, on_main_process
 
-from pipeline import report
 from pipeline.config import ConfigError
 
 # Speeds and durations go to the trackers and to summary.json, not into metrics.jsonl: the local record holds
@@ -245,6 +244,7 @@ def define_best(accelerator, monitor: str, mode: str) -> None:
 def log_classifier(accelerator, results: dict, class_names: list | None, step: int) -> None:
     """W&B's confusion-matrix chart and a per-class table (precision, recall, F1, support) for each split
     that has a confusion matrix; built from the matrix itself (W&B's own helper wants every prediction)."""
+    from pipeline import report  # here: report imports torchmetrics, which launch/compare.py does without
     run = wandb_run(accelerator)
     if run is None or not class_names:
         return
