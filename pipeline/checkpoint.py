@@ -283,7 +283,7 @@ def load_rng_state(accelerator, checkpoint: Path) -> None:
     """A process the checkpoint has no RNG state for (it was saved by fewer processes) takes process 0's.
 
     Every process is seeded alike and draws alike (a recipe draws for the whole global batch and takes its
-    slice, see recipes/clouds.py), so the saved states are equal and process 0's is the one this process
+    slice, see recipes/image_folder.py), so the saved states are equal and process 0's is the one this process
     would hold had the run started on this many. `load_state` reads only `random_states_<own index>.pkl`;
     when that is missing it logs at info level and keeps the seed's state. Accelerate's own loader, given
     no objects, restores just the RNG states and the step counter from process 0's file.

@@ -244,7 +244,8 @@ FIELD_USE = {
 
 def where(recipe: Recipe) -> str:
     """The recipe and the file that defines it, for messages."""
-    module = sys.modules.get(getattr(recipe.prepare, "__module__", ""))
+    prepare = getattr(recipe.prepare, "func", recipe.prepare)  # a functools.partial of a shared prepare()
+    module = sys.modules.get(getattr(prepare, "__module__", ""))
     file = getattr(module, "__file__", None)
     return f"recipe {recipe.name!r}" + (f" ({file})" if file else "")
 

@@ -223,6 +223,8 @@ def idx_recipe(dataset_cls, **fields) -> Recipe:
     defaults = fields.pop("defaults", {})
     return Recipe(**{"prepare": partial(idx_splits, dataset_cls), "raw_files": partial(idx_raw_files, dataset_cls),
                      "metrics": class_accuracy, "transform": scale_images,
+                     # new images as the IDX files hold them: grayscale 28x28, uint8
+                     "read_inputs": partial(image_inputs, size=28, channels=1),
                      "defaults": {**defaults, "data": {"download": True, **defaults.get("data", {})}}, **fields})
 
 
@@ -242,14 +244,59 @@ def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]],
     files = datasets.Dataset.from_dict({"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
                                        features=datasets.Features({"path": datasets.Value("string"), **classes}))
     features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
-    return files.map(_load_images, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
+    return files.map(_load_batch, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
                      fn_kwargs={"size": size, "read": read}, remove_columns=["path"], features=features)
 
 
-def _load_images(batch: dict, size: int, read: Callable) -> dict:
-    # As the tutorials' Resize((size, size)): squashed, not cropped, so no part of the image is lost.
-    return {"image": np.stack([v2.functional.resize(read(path), [size, size], antialias=True).numpy()
-                               for path in batch["path"]])}
+def _load_batch(batch: dict, size: int, read: Callable) -> dict:
+    return {"image": load_images(batch["path"], size, read)}
+
+
+def load_images(paths: list[str], size: int, read: Callable) -> np.ndarray:
+    """uint8 images [N, C, size, size]: what prepare() stores and prediction reads, by this one function.
+
+    As the tutorials' Resize((size, size)): squashed, not cropped, so no part of the image is lost.
+    """
+    return np.stack([v2.functional.resize(read(path), [size, size], antialias=True).numpy() for path in paths])
+
+
+def read_image(path: str, channels: int = 3) -> torch.Tensor:
+    """ImageFolder's reader (PIL, converted to RGB; to grayscale L for 1 channel) as a uint8 tensor [C, H, W]."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return v2.functional.pil_to_tensor(Image.open(f).convert("L" if channels == 1 else "RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace "
+                        f"that file (a folder of images must hold only images), then run again.") from None
+
+
+def image_files(path: Path) -> tuple[Path, list[Path]]:
+    """(the folder ids are relative to, the image files): a file as given, or every file with an image extension
+    (ImageFolder's list) in a folder and its subfolders, sorted; other files are skipped, as ImageFolder does."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if path.is_file():
+        return path.parent, [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+    if not files:
+        raise DataError(f"{path} holds no image files ({', '.join(IMG_EXTENSIONS)}), in it or its subfolders.\n"
+                        f"Fix: point input= at an image file or a folder of images.")
+    return path, files
+
+
+def image_inputs(cfg, meta: dict, path, size: int | None = None, channels: int | None = None,
+                 levels: int = 255) -> tuple[dict, dict]:
+    """A Recipe.read_inputs for image recipes: an image file, or a folder of them (searched recursively), read
+    and resized by `load_images` as the shards hold them. size/channels: the shards' (default data.image_size,
+    data.channels); levels: the shards' white (255, or e.g. 16 for scikit-learn's digits)."""
+    size, channels = size or cfg.data.image_size, channels or cfg.data.channels
+    root, files = image_files(Path(path))
+    images = load_images([str(f) for f in files], size, partial(read_image, channels=channels))
+    if levels != 255:
+        images = np.rint(images * (levels / 255)).astype(np.uint8)
+    return {"file": [f.relative_to(root).as_posix() for f in files]}, {"image": images}
 
 
 # ---------------------------------------------------------------- per batch, metrics

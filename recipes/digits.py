@@ -2,8 +2,11 @@
 
 The embedded default: no download, trains to >= 0.95 eval accuracy in seconds on a CPU.
 python launch/train.py recipe=digits
+Predicts on image files (a light digit on a dark background, as the data set's), shrunk to 8x8 grayscale:
+python launch/predict.py run=runs/digits/<run> input=<image or folder>
 """
 
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from pipeline.recipe import Recipe
-from recipes._helpers import image_split, split_train_eval
+from recipes._helpers import image_inputs, image_split, split_train_eval
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -61,6 +64,8 @@ recipe = Recipe(
     prepare=prepare, raw_files=raw_files,
     model=lambda cfg, meta: DigitsCNN(),
     transform=transform, metrics=metrics,
+    # new images as the data set holds them: 8x8 grayscale in 17 levels, 0 (background) to 16
+    read_inputs=partial(image_inputs, size=8, channels=1, levels=16),
     defaults={"data": {"eval_fraction": 0.2}, "trainer": {"epochs": 10, "batch_size": 32},
               "optimizer": {"name": "adam", "lr": 1e-3}},
 )

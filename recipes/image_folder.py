@@ -1,0 +1,328 @@
+"""image_folder: your own images, one folder per class -> a classifier (the tutorial CNN or a torchvision model).
+
+Raw files: <data.train_dir>/<class name>/*.jpg (or .png, ...: ImageFolder's extensions; other files are skipped),
+optional data.eval_dir and data.test_dir with the same class folders. Relative folders are under data.root (here
+the current folder). Without data.eval_dir, data.eval_fraction of train_dir is held out, stratified by class;
+without data.test_dir there is no test split. Every image is squashed to data.image_size x data.image_size, RGB
+(data.channels=3) or grayscale (1), once, in prepare.
+python launch/train.py recipe=image_folder data.train_dir=photos/train data.test_dir=photos/test
+python launch/train.py recipe=image_folder data.train_dir=photos data.augment=[hflip,rotate:10] model.arch=resnet18
+Presets over this recipe: clouds.
+"""
+
+from dataclasses import dataclass, field
+from functools import cache, partial
+from pathlib import Path
+
+import datasets
+import torch
+import torchvision
+from accelerate import PartialState
+from omegaconf import OmegaConf
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
+from pipeline.data import DataError
+from pipeline.recipe import Recipe
+from recipes._helpers import image_inputs, image_rows, read_image, split_train_eval, unit_scale
+
+# `cnn`: the tutorial's two-block ELU CNN (below); the others: torchvision's classification models, by name.
+Arch = choice("Arch", ["cnn", *torchvision.models.list_models(module=torchvision.models)])
+FOLDERS = {"train": "train_dir", "eval": "eval_dir", "test": "test_dir"}  # split -> the data key naming its folder
+
+
+@dataclass
+class ImageFolderData(DataConfig):
+    train_dir: str = ""  # one subfolder per class; absolute, or under data.root
+    eval_dir: str | None = None  # null: data.eval_fraction of train_dir, stratified by class
+    test_dir: str | None = None  # null: no test split
+    image_size: int = 64  # every image is squashed to image_size x image_size once, in prepare
+    channels: int = 3  # 3: RGB, 1: grayscale
+    # Random changes to each training image, drawn per image (see AUGMENTATIONS), e.g. [hflip,rotate:15]
+    augment: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageFolderModel(ModelConfig):
+    arch: Arch = Arch.cnn  # cnn, or a torchvision model trained from scratch (no weights downloaded): resnet18, ...
+
+
+# ---------------------------------------------------------------- raw files -> uint8 shards
+
+
+def folder_path(cfg, split: str) -> Path | None:
+    name = cfg.data[FOLDERS[split]]
+    return Path(cfg.data.root).expanduser() / Path(name).expanduser() if name else None
+
+
+def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
+    """torchvision's ImageFolder lists the files and names the classes (sorted folder names)."""
+    path = folder_path(cfg, split)
+    key = f"data.{FOLDERS[split]}"
+    layout = f"{path}/<class name>/*.jpg (or .png, ...), one folder per class"
+    fix = hint or f"point {key} at a folder with one subfolder of images per class"
+    if not path.is_dir():
+        raise DataError(f"{key}: {path.resolve()} is missing.\nExpected layout: {layout}.\nFix: {fix}.")
+    try:
+        return ImageFolder(str(path))
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise DataError(f"{key}: the images in {path.resolve()} are incomplete: {e}\nExpected layout: {layout}.\n"
+                        f"Fix: {fix}.") from None
+
+
+def raw_files(cfg, hint: str = "") -> list[Path]:
+    check(cfg)  # the fingerprint asks for the raw files before anything else runs: a typo stops here, at once
+    return [Path(p) for split in FOLDERS if folder_path(cfg, split) for p, _ in read_folder(cfg, split, hint).samples]
+
+
+def check(cfg) -> None:
+    """The data keys no type check covers: a mistake stops the run before any image is read."""
+    if not cfg.data.train_dir:
+        raise ConfigError("no images given: data.train_dir is empty.\nFix: data.train_dir=<folder with one subfolder "
+                          "of images per class>, e.g. python launch/train.py recipe=image_folder data.train_dir=photos")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels}: images are read as RGB or grayscale.\nFix: "
+                          f"data.channels=3 (RGB) or data.channels=1 (grayscale)")
+    if cfg.data.image_size < 4:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} is too small for two 2x2 poolings.\nFix: "
+                          f"data.image_size=64 (or any size >= 4)")
+    augmentations(tuple(cfg.data.augment))
+
+
+def same_classes(folders: dict[str, ImageFolder]) -> list[str]:
+    """The class names, which every split's folder must share: a class missing from one would shift the labels."""
+    train = folders["train"]
+    for folder in folders.values():
+        if folder.classes != train.classes:
+            missing = sorted(set(train.classes) - set(folder.classes))
+            extra = sorted(set(folder.classes) - set(train.classes))
+            raise DataError(f"the class folders differ: {folder.root} lacks {missing} and has {extra}, compared "
+                            f"with {train.root} (classes {train.classes}).\nFix: give every folder the same class "
+                            f"folders, each with at least one image.")
+    return train.classes
+
+
+def decode(folder: ImageFolder, cfg) -> datasets.Dataset:
+    read = partial(read_image, channels=cfg.data.channels)
+    return image_rows([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read,
+                      cfg.data.channels, cfg)
+
+
+def hold_out(full: datasets.Dataset, cfg, folder: ImageFolder) -> tuple[datasets.Dataset, datasets.Dataset]:
+    try:
+        return split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed)
+    except ValueError as e:  # scikit-learn's stratified split: too few images in a class
+        raise DataError(f"cannot hold out data.eval_fraction={cfg.data.eval_fraction} of {folder.root} for "
+                        f"evaluation, stratified by class: {e}\nFix: put more images in each class folder, raise "
+                        f"data.eval_fraction, or give data.eval_dir=<a folder with the same class folders>.") from None
+
+
+def prepare(cfg, hint: str = ""):
+    """train_dir -> train (and eval, `data.eval_fraction` held out stratified, unless eval_dir); test_dir -> test."""
+    folders = {split: read_folder(cfg, split, hint) for split in FOLDERS if folder_path(cfg, split)}
+    classes = same_classes(folders)
+    splits = {split: decode(folder, cfg) for split, folder in folders.items()}
+    if "eval" not in splits:
+        splits["train"], splits["eval"] = hold_out(splits["train"], cfg, folders["train"])
+    # The augmentation goes in meta, where `transform` (which sees no config) reads it.
+    return datasets.DatasetDict(splits), {"class_names": classes, "augment": list(cfg.data.augment)}
+
+
+# ---------------------------------------------------------------- per batch: augmentation and scaling
+
+
+def flip(dim: int):
+    def apply(image: torch.Tensor, u: torch.Tensor, _) -> torch.Tensor:
+        return torch.where(u[:, None, None, None] < 0.5, image.flip(dim), image)
+    return apply
+
+
+def turn(image: torch.Tensor, u: torch.Tensor, degrees: float) -> torch.Tensor:
+    return rotate(image, u * (2 * degrees) - degrees)
+
+
+def autocontrast(image: torch.Tensor, u: torch.Tensor, _) -> torch.Tensor:
+    return torch.where(u[:, None, None, None] < 0.5, v2.functional.autocontrast(image), image)
+
+
+def brighten(image: torch.Tensor, u: torch.Tensor, fraction: float) -> torch.Tensor:
+    return (image * (1 + (2 * u[:, None, None, None] - 1) * fraction)).clamp_(0, 1)
+
+
+# The one registry of `data.augment` names: name -> (function(images, uniform draws, value), what the value is).
+# Each takes a float batch [N, C, H, W] in [0, 1] and one uniform number per image, as torchvision's Random*
+# transforms with p=0.5 or a uniform range would draw it for each image on its own.
+AUGMENTATIONS = {
+    "hflip": (flip(-1), None),  # mirrored left-right, half the images (RandomHorizontalFlip)
+    "vflip": (flip(-2), None),  # upside down, half the images (RandomVerticalFlip)
+    "rotate": (turn, "degrees"),  # turned by an angle in [-degrees, degrees], black corners (RandomRotation)
+    "autocontrast": (autocontrast, None),  # contrast stretched, half the images (RandomAutocontrast)
+    "brightness": (brighten, "fraction"),  # scaled by a factor in [1 - fraction, 1 + fraction] (ColorJitter)
+}
+VALID = ", ".join(f"{name}:<{value}>" if value else name for name, (_, value) in AUGMENTATIONS.items())
+
+
+@cache
+def augmentations(names: tuple[str, ...]) -> list[tuple]:
+    """`data.augment` -> [(function, value)], or a ConfigError naming the bad item and the valid ones."""
+    found = []
+    for item in names:
+        name, _, text = str(item).partition(":")
+        if name not in AUGMENTATIONS:
+            raise ConfigError(f"data.augment: unknown augmentation {item!r}; valid: {VALID}.\nFix: e.g. "
+                              f"data.augment=[hflip,rotate:15], or data.augment=[] for none")
+        apply, unit = AUGMENTATIONS[name]
+        if bool(unit) != bool(text):
+            want = f"a value, {name}:<{unit}>" if unit else f"no value: {name}"
+            raise ConfigError(f"data.augment: {item!r} needs {want}.\nFix: e.g. data.augment=[hflip,rotate:15]")
+        value = None
+        if unit:
+            try:
+                value = float(text)
+            except ValueError:
+                value = -1.0
+            limit = 180.0 if unit == "degrees" else 1.0
+            if not 0 < value <= limit:
+                raise ConfigError(f"data.augment: {item!r}: the {unit} must be a number in (0, {limit:g}].\nFix: "
+                                  f"e.g. {name}:{15 if unit == 'degrees' else 0.2}")
+        found.append((apply, value))
+    return found
+
+
+def augment(image: torch.Tensor, names) -> torch.Tensor:
+    """The named augmentations in order, each with its own draw per image: a whole batch on its device at once
+    (v2's transforms draw one set of parameters per call, one flip and one angle for the whole batch), so the
+    per-image draws are done here with masks and one affine grid, without a Python loop over images."""
+    steps = augmentations(tuple(names))
+    if not steps:
+        return image
+    for (apply, value), u in zip(steps, draws(len(steps), len(image), image.device)):
+        image = apply(image, u, value)
+    return image
+
+
+def draws(rows: int, n: int, device) -> torch.Tensor:
+    """[rows, n] uniform [0, 1) numbers for this process's n images: the draws for the whole global batch,
+    made alike on every process (set_seed gives them one generator state), sliced at this process's part.
+
+    Each process trains on its slice of the global batch (split_batches), so image i of the global batch
+    gets the same draws on 1 or N processes and the generators stay in step; drawing only n numbers would
+    give every process's slice the same flips and angles.
+    """
+    state = PartialState()  # Accelerate's process group (a singleton); one process outside a launch
+    numbers = torch.rand(rows, n * state.num_processes, device=device)
+    return numbers[:, state.process_index * n:(state.process_index + 1) * n]
+
+
+def rotate(image: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each square image turned counter-clockwise about its centre by its own angle, as v2.functional.rotate
+    does (nearest pixel, black corners)."""
+    angle = torch.deg2rad(degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # affine_grid maps output to input positions (x right, y down): the inverse of the image's turn.
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = nn.functional.affine_grid(theta, list(image.shape), align_corners=False)
+    return nn.functional.grid_sample(image, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def transform(batch, train, meta, default=()):
+    """[0, 1] scaling (ToTensor) and, for training batches, meta["augment"] (the preset's `default` where the
+    meta has none)."""
+    image = unit_scale(batch["image"])
+    return {**batch, "image": augment(image, meta.get("augment", default)) if train else image}
+
+
+# ---------------------------------------------------------------- model, metrics
+
+
+class CNN(nn.Module):
+    """The clouds tutorial's network: two conv-ELU-maxpool blocks and one linear layer, for any channel count."""
+
+    def __init__(self, num_classes: int, image_size: int = 64, channels: int = 3):
+        super().__init__()
+        self.feature_extractor = nn.Sequential(
+            nn.Conv2d(channels, 32, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(64 * (image_size // 4) ** 2, num_classes)
+
+    def forward(self, image):
+        return self.classifier(self.feature_extractor(image))
+
+
+class Torchvision(nn.Module):
+    """A torchvision classifier; grayscale images are repeated to the 3 channels it takes, and the auxiliary
+    outputs googlenet and inception_v3 add while training are dropped (their logits are kept)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image):
+        out = self.net(image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image)
+        return getattr(out, "logits", out)
+
+
+def torchvision_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    """`arch` from scratch (weights=None: nothing is downloaded), tried once on a blank image so that a size it
+    cannot take stops here, named, not at the first step."""
+    model = Torchvision(torchvision.models.get_model(arch, weights=None, num_classes=num_classes))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"model.arch={arch} cannot take {image_size}x{image_size} images ({e}).\nFix: a "
+                          f"larger data.image_size (e.g. 224), or model.arch=cnn or resnet18, which take small "
+                          f"images") from None
+    return model.train()
+
+
+def model(cfg, meta):
+    check(cfg)
+    classes, arch = len(meta["class_names"]), cfg.model.arch.name
+    if arch == "cnn":
+        return CNN(classes, cfg.data.image_size, cfg.data.channels)
+    return torchvision_model(arch, classes, cfg.data.image_size)
+
+
+def metrics(cfg, meta):
+    n = len(meta["class_names"])
+    # average=None gives one value per class, logged as eval/<metric>/<class name>.
+    per_average = {f"{name}{suffix}": cls(n, average=average)
+                   for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall),
+                                     ("f1", MulticlassF1Score))
+                   for suffix, average in (("", None), ("_micro", "micro"), ("_macro", "macro"))}
+    return {"": MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro"), **per_average,
+                                  "confusion_matrix": MulticlassConfusionMatrix(n)})}
+
+
+DEFAULTS = {"data": {"root": "."},  # relative folders are where the command runs
+            "trainer": {"epochs": 10, "batch_size": 16}, "optimizer": {"name": "adam", "lr": 1e-3}}
+
+
+def recipe_for(name: str, description: str, defaults: dict, hint: str = "") -> Recipe:
+    """This recipe under another name with its own defaults (over DEFAULTS): a preset such as clouds. `hint`: how
+    to get the preset's data, said when its folders are missing."""
+    defaults = OmegaConf.to_container(OmegaConf.merge(DEFAULTS, defaults))
+    return Recipe(
+        name=name, description=description,
+        prepare=partial(prepare, hint=hint), raw_files=partial(raw_files, hint=hint),
+        data_config=ImageFolderData, model_config=ImageFolderModel, model=model, activation="elu",
+        transform=partial(transform, default=tuple(defaults["data"].get("augment", ()))), metrics=metrics,
+        read_inputs=image_inputs, defaults=defaults,
+    )
+
+
+recipe = recipe_for(
+    "image_folder", "your image folders (one per class), the tutorial CNN or a torchvision model, Adam lr 1e-3", {})

@@ -1,0 +1,242 @@
+"""image_folder and image prediction: the real CLI on folders of real PNG/JPEG files written here, and
+launch/predict.py on image files giving back the run's eval accuracy (image_folder, digits, mnist_mlp).
+
+.venv/bin/pytest tests/test_image_folder.py                  # all, about 1.5 minutes on 2 busy cores
+.venv/bin/pytest tests/test_image_folder.py -m "not slow"
+"""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli, common, ok, run_dirs, summary
+from PIL import Image, ImageDraw
+
+from pipeline import cli as pipeline_cli
+from pipeline import data
+from pipeline.config import ConfigError
+from pipeline.data import DataError
+
+SHAPES = ["circle", "square", "triangle"]
+
+
+def write_shapes(folder: Path, per_class: int, seed: int, suffix: str = ".png") -> Path:
+    """<folder>/<shape>/*.png: one light shape on a dark noisy background, sizes and places varied."""
+    rng = np.random.default_rng(seed)
+    for shape in SHAPES:
+        (folder / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(40, 61, 2))
+            image = Image.fromarray(rng.integers(0, 50, (h, w, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(image)
+            r = int(rng.integers(min(w, h) // 5, min(w, h) // 3))
+            cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
+            colour = tuple(int(c) for c in rng.integers(150, 256, 3))
+            if shape == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            elif shape == "square":
+                draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            image.save(folder / shape / f"{i:03d}{suffix}")
+    return folder
+
+
+def predictions(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def accuracy_of(rows: list[dict], truth) -> float:
+    return sum(row["class"] == truth(row["file"]) for row in rows) / len(rows)
+
+
+def parse(*args: str):
+    return pipeline_cli.parse(["recipe=image_folder", *args])
+
+
+# ---------------------------------------------------------------- end to end: train, then predict
+
+
+@pytest.mark.slow
+def test_image_folder_trains_and_predicts_its_eval_accuracy(workdir):
+    """PNG train folder, JPEG eval and test folders; predicting on the eval folder's files gives eval/accuracy."""
+    photos = workdir / "photos"
+    write_shapes(photos / "train", 24, seed=0)
+    write_shapes(photos / "eval", 8, seed=1, suffix=".jpg")
+    write_shapes(photos / "test", 6, seed=2, suffix=".jpg")
+    ok(cli(common(workdir, "recipe=image_folder", "data.train_dir=photos/train", "data.eval_dir=photos/eval",
+                  "data.test_dir=photos/test", "data.image_size=32", "data.augment=[hflip,vflip]",
+                  "trainer.epochs=6"), cwd=workdir))
+    s = summary(workdir / "runs", "image_folder")
+    assert s["eval/samples"] == 24 and s["test/samples"] == 18
+    assert s["eval/accuracy"] >= 0.4, s  # chance 1/3; 0.5 measured
+    assert np.array(s["eval/confusion_matrix"]).shape == (3, 3)
+    assert all(f"eval/recall/{shape}" in s for shape in SHAPES)
+
+    run = run_dirs(workdir / "runs", "image_folder")[0]
+    result = ok(cli([f"run={run}", "input=photos/eval", "output=eval.csv"], cwd=workdir, script="predict"))
+    rows = predictions(workdir / "eval.csv")
+    assert list(rows[0]) == ["file", "class", *(f"p({shape})" for shape in SHAPES)]
+    assert rows[0]["file"] == "circle/000.jpg" and len(rows) == 24  # relative paths, subfolders searched
+    from_folder = accuracy_of(rows, lambda file: file.split("/")[0])
+    assert from_folder == pytest.approx(s["eval/accuracy"], abs=1e-6)  # the metric is float32
+    assert "predicted: 24 inputs" in result.stdout
+
+
+
+@pytest.mark.slow
+def test_digits_predicts_its_eval_accuracy_from_png_files(workdir):
+    """The eval split's 8x8 images (0..16) written as 8-bit PNGs read back to the same pixels."""
+    ok(cli(common(workdir, "recipe=digits", "trainer.epochs=2"), cwd=workdir))
+    s = summary(workdir / "runs", "digits")
+    truth = write_eval_split(workdir, "digits", workdir / "eval", 255 / 16)
+    run = run_dirs(workdir / "runs", "digits")[0]
+    ok(cli([f"run={run}", "input=eval", "output=eval.csv"], cwd=workdir, script="predict"))
+    rows = predictions(workdir / "eval.csv")
+    assert len(rows) == s["eval/samples"]
+    assert accuracy_of(rows, truth.get) == pytest.approx(s["eval/accuracy"], abs=1e-6)  # float32 metric
+
+
+@pytest.mark.slow
+def test_mnist_predicts_its_eval_accuracy_from_png_files(workdir, mnist_root):
+    ok(cli(common(workdir, "recipe=mnist_mlp", f"data.root={mnist_root}", "trainer.max_steps=5"), cwd=workdir))
+    s = summary(workdir / "runs", "mnist_mlp")
+    truth = write_eval_split(workdir, "mnist_mlp", workdir / "eval", 1, f"data.root={mnist_root}")
+    run = run_dirs(workdir / "runs", "mnist_mlp")[0]
+    ok(cli([f"run={run}", "input=eval", "output=eval.csv"], cwd=workdir, script="predict"))
+    rows = predictions(workdir / "eval.csv")
+    assert len(rows) == s["eval/samples"] == 1000
+    assert accuracy_of(rows, truth.get) == pytest.approx(s["eval/accuracy"], abs=1e-6)  # float32 metric
+
+
+def write_eval_split(workdir: Path, recipe: str, folder: Path, scale: float, *args: str) -> dict:
+    """A run's eval split as grayscale PNG files, pixel * scale; returns {relative file: class name}."""
+    recipe, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.cache_dir={workdir / 'cache'}", *args])
+    splits, meta = data.load(data.shards_dir(recipe, cfg))
+    columns = data.columns(splits["eval"])
+    folder.mkdir()
+    truth = {}
+    for i, (image, label) in enumerate(zip(columns["image"].numpy(), columns["label"].tolist())):
+        name = f"{i:04d}.png"
+        Image.fromarray(np.rint(image[0] * scale).astype(np.uint8), mode="L").save(folder / name)
+        truth[name] = meta["class_names"][label]
+    return truth
+
+
+# ---------------------------------------------------------------- mistakes, named before any work
+
+
+def test_image_folder_mistakes_are_named(tmp_path):
+    write_shapes(tmp_path / "train", 2, seed=0)
+    write_shapes(tmp_path / "test", 1, seed=1)
+    (tmp_path / "test" / "circle").rename(tmp_path / "test" / "oval")
+    root = f"data.root={tmp_path}"
+
+    recipe, cfg = parse(root, "data.train_dir=train", "data.test_dir=test")
+    with pytest.raises(DataError, match=r"lacks \['circle'\] and has \['oval'\]"):
+        recipe.prepare(cfg)
+    recipe, cfg = parse(root, "data.train_dir=nowhere")
+    with pytest.raises(DataError, match=r"(?s)data.train_dir: .*nowhere is missing.*nowhere/<class name>/\*.jpg"):
+        recipe.raw_files(cfg)
+    recipe, cfg = parse(root)
+    with pytest.raises(ConfigError, match="data.train_dir is empty"):
+        recipe.raw_files(cfg)
+    recipe, cfg = parse(root, "data.train_dir=train", "data.eval_fraction=0.2")  # 6 images, 3 classes
+    with pytest.raises(DataError, match="(?s)stratified by class.*data.eval_dir"):
+        recipe.prepare(cfg)
+    recipe, cfg = parse(root, "data.train_dir=train", "data.channels=2")
+    with pytest.raises(ConfigError, match="data.channels=1"):
+        recipe.raw_files(cfg)
+    with pytest.raises(ConfigError, match="model.arch='resnet_18'; choose one of: cnn, alexnet,.* resnet18"):
+        parse(root, "model.arch=resnet_18")
+
+
+@pytest.mark.parametrize("items, message", [
+    (["flip"], "unknown augmentation 'flip'; valid: hflip, vflip, rotate:<degrees>, autocontrast, "
+               "brightness:<fraction>"),
+    (["rotate"], r"needs a value, rotate:<degrees>"),
+    (["hflip:1"], "needs no value"),
+    (["rotate:ninety"], r"number in \(0, 180\]"),
+    (["brightness:2"], r"number in \(0, 1\]"),
+])
+def test_unknown_or_malformed_augmentations_list_the_valid_ones(tmp_path, items, message):
+    recipe, cfg = parse(f"data.train_dir={tmp_path}", f"data.augment=[{','.join(items)}]")
+    with pytest.raises(ConfigError, match=message):
+        recipe.raw_files(cfg)  # the first thing a run asks of the recipe: before any image is read
+
+
+# ---------------------------------------------------------------- augmentations, models, fingerprint
+
+
+def test_augmentations_each_act_per_image():
+    from recipes.image_folder import AUGMENTATIONS, transform
+
+    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(32, 1, 1, 1)
+    plain = image.float() / 255
+    for name, (_, unit) in AUGMENTATIONS.items():
+        item = f"{name}:{30 if unit == 'degrees' else 0.5}" if unit else name
+        out = transform({"image": image}, True, {"augment": [item]})["image"]
+        assert out.shape == plain.shape and 0 <= out.min() and out.max() <= 1
+        changed = [not torch.equal(x, plain[0]) for x in out]
+        assert any(changed) and (name in ("rotate", "brightness") or not all(changed)), name  # p=0.5 for the others
+        assert torch.equal(transform({"image": image}, False, {"augment": [item]})["image"], plain)  # eval: none
+    flipped = transform({"image": image}, True, {"augment": ["hflip"]})["image"]
+    assert all(torch.equal(x, plain[0]) or torch.equal(x, plain[0].flip(-1)) for x in flipped)
+    # image_folder's default: no augmentation at all.
+    assert torch.equal(transform({"image": image}, True, {"augment": []})["image"], plain)
+
+
+def test_torchvision_models_by_name_for_grayscale_and_too_small_images(tmp_path):
+    from recipes import image_folder
+
+    meta = {"class_names": SHAPES}
+    recipe, cfg = parse(f"data.train_dir={tmp_path}", "model.arch=resnet18", "data.channels=1", "data.image_size=32")
+    model = recipe.model(cfg, meta)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+    recipe, cfg = parse(f"data.train_dir={tmp_path}", "data.channels=1", "data.image_size=20")
+    assert isinstance(recipe.model(cfg, meta), image_folder.CNN) and recipe.model(cfg, meta)(
+        torch.rand(2, 1, 20, 20)).shape == (2, 3)
+    recipe, cfg = parse(f"data.train_dir={tmp_path}", "model.arch=squeezenet1_1", "data.image_size=16")
+    with pytest.raises(ConfigError, match="model.arch=squeezenet1_1 cannot take 16x16 images"):
+        recipe.model(cfg, meta)
+
+
+def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
+    """clouds is a preset: its prepare() is image_folder's, so the code that makes its shards lives there."""
+    from recipes import _helpers, image_folder
+
+    recipe, cfg = pipeline_cli.parse(["recipe=clouds"])
+    reached = data._reached(recipe.prepare)
+    for function in (image_folder.prepare, image_folder.read_folder, image_folder.decode, image_folder.hold_out,
+                     _helpers.image_rows, _helpers.load_images, _helpers.read_image, _helpers.split_train_eval):
+        assert function in reached, function.__qualname__
+    # The preset's choices reach the fingerprint through the config: its folders and augmentation.
+    assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"
+    assert data.code_hash(recipe) == data.code_hash(pipeline_cli.parse(["recipe=image_folder"])[0])
+
+
+def test_prediction_reads_a_file_or_a_folder_and_names_a_broken_image(tmp_path):
+    write_shapes(tmp_path / "new", 2, seed=3)
+    recipe, cfg = parse(f"data.train_dir={tmp_path}", "data.image_size=24", "data.channels=1")
+    ids, columns = recipe.read_inputs(cfg, {}, tmp_path / "new")  # subfolders searched, paths relative to the input
+    assert ids["file"] == [f"{shape}/{i:03d}.png" for shape in SHAPES for i in range(2)]
+    assert columns["image"].dtype == np.uint8 and columns["image"].shape == (6, 1, 24, 24)
+    ids, one = recipe.read_inputs(cfg, {}, tmp_path / "new" / "square" / "001.png")
+    assert ids["file"] == ["001.png"] and np.array_equal(one["image"][0], columns["image"][3])
+    (tmp_path / "new" / "square" / "notes.txt").write_text("skipped: no image extension, as ImageFolder skips it")
+    (tmp_path / "new" / "square" / "broken.png").write_bytes(b"no PNG here")
+    with pytest.raises(DataError, match=f"not a readable image: {tmp_path / 'new' / 'square' / 'broken.png'}"):
+        recipe.read_inputs(cfg, {}, tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no image files"):
+        recipe.read_inputs(cfg, {}, tmp_path / "empty")
+
+
+def test_image_recipes_predict():
+    from pipeline import recipe as recipes
+
+    for name in ("image_folder", "clouds", "mnist_mlp", "mnist_cnn", "fashion_mnist_mlp", "digits"):
+        assert recipes.load(name).read_inputs is not None, name
