@@ -112,7 +112,7 @@ def plan(argv: list[str], name: str) -> list[Run]:
                  f"run_name={run_name(name, index, width, values, label)}"]
         try:
             recipe, cfg = cli.parse([*head, *items])
-            if has_group_key(cfg):
+            if has_group_key(cfg) and config.given(items, "tracking.group") is None:  # a group given is kept
                 items.append(f"tracking.group={name}")
                 recipe, cfg = cli.parse([*head, *items])
         except ConfigError as e:
@@ -151,14 +151,19 @@ class Children:
     def receive(self, signum, frame) -> None:
         again = self.stopped_by is not None
         self.stopped_by = self.stopped_by or signum
+        self.pass_on(signal.SIGKILL if again else signum)
+
+    def pass_on(self, signum: int) -> None:
         if self.current is not None and self.current.poll() is None:
             try:
-                os.killpg(self.current.pid, signal.SIGKILL if again else signum)
+                os.killpg(self.current.pid, signum)
             except ProcessLookupError:
                 pass
 
     def run(self, command: list[str]) -> int:
         self.current = subprocess.Popen(command, start_new_session=True)
+        if self.stopped_by:  # the signal came while the child was being started
+            self.pass_on(self.stopped_by)
         try:
             return self.current.wait()  # a signal's handler runs inside; the wait goes on until the child ends
         finally:

@@ -55,6 +55,9 @@ def test_grid_is_every_combination_named_by_its_values(tmp_path):
     _, cfg = cli.parse(runs[-1].argv)  # each run's arguments are what launch/train.py gets
     assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.trainer.batch_size) == (3e-3, [0.8, 0.99], 128)
     assert cfg.run_name == runs[-1].run_dir.name
+    # tracking.group=<sweep name> is added where the config has that key (the W&B group).
+    assert sweep.has_group_key(OmegaConf.create({"tracking": {"group": None}})) and not sweep.has_group_key(cfg) \
+        or "tracking.group=s" in runs[-1].argv
     # Two swept keys with the same last part are named in full.
     names = [r.run_dir.name for r in sweep.plan(["optimizer.name=sgd,adam", "scheduler.name=none,cosine"], "s")]
     assert names[0] == "s-1-optimizer.name=sgd-scheduler.name=none"
