@@ -12,8 +12,8 @@ from pipeline import checkpoint, config, data
 from pipeline import recipe as recipes
 from pipeline.guards import Diverged
 
-USAGE = """usage: accelerate launch launch/{script}.py [recipe=NAME] [key.sub=value ...]
-       python launch/{script}.py [recipe=NAME] [key.sub=value ...]
+USAGE = """usage: accelerate launch launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
+       python launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
 
 {what}
 
@@ -24,6 +24,9 @@ Recipes (default: digits):
 {recipes}
 
 Show every key of a recipe with its value: python launch/train.py recipe=NAME --print-config
+A task kept as a file (`recipe:` and any keys; the command line wins over it, it over the recipe's defaults):
+  python launch/train.py recipe=NAME trainer.epochs=3 --print-config > my_task.yaml
+  python launch/train.py --config my_task.yaml optimizer.lr=3e-4
 """
 
 
@@ -38,9 +41,17 @@ def usage(script: str, what: str) -> str:
 
 
 def parse(argv: list[str]):
+    """`[--config FILE] key=value ...` -> (recipe, checked config)."""
+    argv, path = config.take_preset(argv)
+    preset = config.load_preset(path) if path else None
     dotlist = config.split_argv(argv)
-    recipe = recipes.load(config.recipe_name(dotlist))
-    return recipe, config.build(dotlist, recipe)
+    try:
+        recipe = recipes.load(config.recipe_name(dotlist, preset))
+    except config.ConfigError as e:
+        if preset is None or config.given(dotlist, "recipe") is not None:
+            raise
+        raise config.ConfigError(f"--config {preset.path}: {e}") from None  # the file's `recipe:`
+    return recipe, config.build(dotlist, recipe, preset)
 
 
 def main(script: str, what: str, run, parse_argv=parse) -> None:

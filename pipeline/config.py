@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -176,9 +177,57 @@ def given(dotlist: list[str], key: str) -> str | None:
     return values[-1] if values else None
 
 
-def recipe_name(dotlist: list[str]) -> str:
+def recipe_name(dotlist: list[str], preset: Preset | None = None) -> str:
+    """The command line's `recipe=`, else the --config file's `recipe:`, else the default."""
     name = given(dotlist, "recipe")
+    if name is None and preset is not None and preset.values.get("recipe") is not None:
+        name = str(preset.values.recipe)
     return Config.recipe if name is None else name
+
+
+@dataclass
+class Preset:
+    """A --config file: any keys of the config (and `recipe:`), between the recipe's defaults and the
+    command line. `--print-config` writes one."""
+
+    path: str
+    values: DictConfig
+
+
+PRESET_EXAMPLE = ("e.g. the output of `python launch/train.py recipe=NAME --print-config > my_task.yaml`, "
+                  "or just the keys that differ: `recipe: NAME` and `trainer: {epochs: 3}`")
+
+
+def take_preset(argv: list[str]) -> tuple[list[str], str | None]:
+    """Splits `--config FILE` (or `--config=FILE`) off the arguments: (the others, FILE or None)."""
+    rest, path, items = [], None, iter(argv)
+    for arg in items:
+        if arg != "--config" and not arg.startswith("--config="):
+            rest.append(arg)
+            continue
+        file = arg.partition("=")[2] if "=" in arg else next(items, "")
+        if not file:
+            raise ConfigError(f"--config needs a YAML file: --config my_task.yaml ({PRESET_EXAMPLE})")
+        if path is not None:
+            raise ConfigError(f"--config is given twice ({path} and {file}); give one file, and the keys that "
+                              f"differ from it as key=value arguments")
+        path = file
+    return rest, path
+
+
+def load_preset(path: str) -> Preset:
+    """Reads a --config file; what is wrong with it (missing, not YAML, not a mapping) names the file."""
+    file = Path(path)
+    if not file.is_file():
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise ConfigError(f"--config {path}: {what}; give a YAML file of config keys, {PRESET_EXAMPLE}")
+    try:
+        values = OmegaConf.load(file)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, DictConfig):
+        raise ConfigError(f"--config {path} holds a list, not keys: {PRESET_EXAMPLE}")
+    return Preset(path, values)
 
 
 def schema(recipe) -> DictConfig:
@@ -187,8 +236,9 @@ def schema(recipe) -> DictConfig:
                                        model=recipe.model_config(), loss=recipe.loss_config()))
 
 
-def build(dotlist: list[str], recipe) -> DictConfig:
-    """Merges the pipeline's defaults, the recipe's and the command line into one checked config."""
+def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfig:
+    """Merges the pipeline's defaults, the recipe's, the --config file's and the command line into one
+    checked config."""
     base = schema(recipe)
     choices = enum_keys(base)
     try:
@@ -196,6 +246,12 @@ def build(dotlist: list[str], recipe) -> DictConfig:
     except (OmegaConfBaseException, ConfigError) as e:  # a recipe's own mistake, not the user's
         why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
         raise ConfigError(f"recipe {recipe.name!r} has a bad default: {why}") from None
+    if preset is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, normalize(preset.values.copy(), choices))
+        except (OmegaConfBaseException, ConfigError) as e:
+            why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+            raise ConfigError(f"--config {preset.path}: {why}") from None
     try:
         cfg = OmegaConf.merge(cfg, normalize(parse(dotlist), choices))
     except OmegaConfBaseException as e:

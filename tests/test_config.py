@@ -196,3 +196,83 @@ def test_any_case_and_false_train_through_the_cli(workdir):
     assert (written.optimizer.name, written.scheduler.name, written.model.init) == ("sgd", "cosine", "xavier_uniform")
     assert (written.data.on_device, written.trainer.compile) == ("false", "false")
     assert OmegaConf.merge(config.schema(DIGITS), written) == config.build(common(workdir, *args), DIGITS)
+
+
+# ---- --config FILE: a task kept as YAML, between the recipe's defaults and the command line
+
+def test_print_config_is_a_config_file_that_gives_the_same_config(workdir):
+    args = ["recipe=water_potability", "trainer.epochs=2", "optimizer.name=ADAM", "run_name=true",
+            "optimizer.betas=[0.8,0.99]", "data.in_memory=false"]
+    printed = ok(cli([*args, "--print-config"], cwd=workdir)).stdout
+    (workdir / "task.yaml").write_text(printed)
+    _, from_file = pipeline_cli.parse([f"--config={workdir / 'task.yaml'}"])
+    assert from_file == pipeline_cli.parse(args)[1] and from_file.run_name == "true"
+    # The command line wins over the file; through the real CLI, whose printout is again such a file.
+    again = ok(cli(["--config", "task.yaml", "trainer.epochs=3", "--print-config"], cwd=workdir)).stdout
+    assert again == printed.replace("epochs: 2", "epochs: 3")
+
+
+def test_config_file_layers_between_recipe_defaults_and_command_line(tmp_path):
+    task = tmp_path / "task.yaml"
+    task.write_text("recipe: water_potability\ntrainer:\n  epochs: 7\noptimizer: {lr: 3e-4, name: AdamW}\n")
+    recipe, cfg = pipeline_cli.parse(["--config", str(task), "optimizer.lr=0.01"])
+    assert recipe.name == cfg.recipe == "water_potability"  # the file's recipe
+    assert cfg.trainer.epochs == 7 and cfg.optimizer.name.name == "adamw"  # the file over the recipe's defaults
+    assert cfg.optimizer.lr == 0.01  # the command line over the file
+    assert cfg.trainer.batch_size == recipes.load("water_potability").defaults["trainer"]["batch_size"]
+    _, cfg = pipeline_cli.parse(["--config", str(task), "recipe=digits"])
+    assert cfg.recipe == "digits" and cfg.trainer.epochs == 7  # the command line's recipe wins too
+
+
+@pytest.mark.parametrize("text, words", [
+    (None, ["missing.yaml", "does not exist", "--print-config"]),
+    ("trainer: {epochs: [1,\n", ["task.yaml", "not valid YAML", "line 2"]),
+    ("- recipe\n- digits\n", ["task.yaml", "a list, not keys"]),
+    ("trainer:\n  epoch: 3\n", ["task.yaml", "unknown config key 'trainer.epoch'", "epochs"]),
+    ("trainer:\n  epochs: three\n", ["task.yaml", "trainer.epochs", "three"]),
+    ("optimizer: {name: lion}\n", ["task.yaml", "optimizer.name", "adamw"]),
+    ("recipe: nope\n", ["task.yaml", "unknown recipe 'nope'", "digits"]),
+])
+def test_bad_config_file_names_the_file_and_the_key(tmp_path, text, words):
+    path = tmp_path / ("missing.yaml" if text is None else "task.yaml")
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        pipeline_cli.parse(["--config", str(path), "trainer.epochs=2"])
+    for word in words:
+        assert word in str(e.value)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--config"], ["--config needs a YAML file"]),
+    (["--config", "a.yaml", "--config=b.yaml"], ["twice", "a.yaml and b.yaml"]),
+])
+def test_config_flag_needs_one_file(argv, words):
+    with pytest.raises(ConfigError) as e:
+        pipeline_cli.parse(argv)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_bad_config_file_stops_the_cli_with_exit_2(workdir):
+    (workdir / "task.yaml").write_text("recipe: digits\ntrainer:\n  epoch: 3\n")
+    result = cli(common(workdir, "--config", "task.yaml"), cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert "error: --config task.yaml: unknown config key 'trainer.epoch'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "runs").exists() and not (workdir / "cache").exists()
+
+
+@pytest.mark.slow
+def test_prepare_reads_the_config_file(workdir):
+    (workdir / "task.yaml").write_text(f"recipe: digits\ndata:\n  cache_dir: {workdir / 'from-file'}\n")
+    out = ok(cli(["--config", "task.yaml", "tracking=none"], cwd=workdir, script="prepare")).stdout
+    assert "shards ready: " + str(workdir / "from-file" / "digits") in out
+
+
+def test_agent_style_double_dash_arguments_are_overrides():
+    # `wandb agent` runs `python launch/train.py --optimizer.lr=0.001 --trainer.batch_size=32` (its ${args}).
+    _, cfg = pipeline_cli.parse(["--recipe=water_potability", "--optimizer.lr=0.001", "--optimizer.betas=[0.8, 0.99]",
+                                 "--trainer.tf32=False"])
+    assert cfg.recipe == "water_potability" and cfg.optimizer.lr == 0.001
+    assert list(cfg.optimizer.betas) == [0.8, 0.99] and cfg.trainer.tf32 is False
