@@ -101,16 +101,16 @@ def on_grid(cfg, table: pd.DataFrame, path: Path, step: pd.Timedelta | None = No
     if twice.any() and cfg.data.duplicates.name == "refuse":
         shown = "; ".join(f"{t} (lines {', '.join(map(str, lines[times == t]))})"
                           for t in times[twice].unique()[:SHOWN])
-        raise DataError(f"{path}: {times[twice].nunique()} timestamps are given more than once: {shown}.\nFix: keep "
-                        f"one row per timestamp, or add data.duplicates=mean to average their values.")
+        raise DataError(f"{path}: {plural(times[twice].nunique(), 'timestamp')} given more than once: {shown}."
+                        f"\nFix: keep one row per timestamp, or add data.duplicates=mean to average their values.")
     series = pd.Series(values, index=times).groupby(level=0).mean()  # one row per timestamp (a no-op if unique)
     step = step if step is not None else common_step(series.index, path)
     since = series.index.to_numpy() - series.index.to_numpy()[0]  # timedelta64 in the index's own unit
     off = since % step.to_timedelta64() != np.timedelta64(0)
     if off.any():
         shown = ", ".join(f"line {lines[times == t][0]} ({t})" for t in series.index[off][:SHOWN])
-        raise DataError(f"{path}: {off.sum()} timestamps are off the series' grid of one step every {step} from "
-                        f"{series.index[0]}: {shown}.\nFix: resample the series to one step (e.g. pandas "
+        raise DataError(f"{path}: {plural(int(off.sum()), 'timestamp')} off the series' grid of one step every "
+                        f"{step} from {series.index[0]}: {shown}.\nFix: resample the series to one step (e.g. pandas "
                         f"DataFrame.resample), or remove those rows.")
     grid = pd.date_range(series.index[0], series.index[-1], freq=step)
     inserted = len(grid) - len(series)
@@ -128,6 +128,10 @@ def on_grid(cfg, table: pd.DataFrame, path: Path, step: pd.Timedelta | None = No
               f"interpolated")
     # A meter that skipped a reading: the straight line between its neighbours, not a drop to zero.
     return series.reindex(grid), {"step": str(step), "steps_missing": inserted}
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def common_step(index: pd.DatetimeIndex, path: Path) -> pd.Timedelta:
@@ -273,17 +277,23 @@ def read_inputs(cfg, meta: dict, path: Path) -> tuple[dict, dict]:
     """A series in the training CSV's format -> one forecast per window that ends in it: the last one forecasts
     past the file's end; the earlier ones can be checked against the values the file holds."""
     window, horizon = meta["window"], meta.get("horizon", 1)
-    table, _ = read_table(cfg, path, lambda n: n >= window,
-                          f"to fill one window of the run's data.window={window} steps")
+    table, _ = read_table(cfg, path, lambda n: n >= 1, "")
+    require_window(path, len(table), window)
     step = pd.Timedelta(meta["step"])
     series, _ = on_grid(cfg, table, path, step)  # gaps filled and scaled as the run's own data was
-    require_rows(path, len(series), lambda n: n >= window, f"(time steps, after merging duplicates) to fill one "
-                                                           f"window of the run's data.window={window} steps")
+    require_window(path, len(series), window)  # duplicates merged
     values = filled(series).to_numpy()
     scaled = np.lib.stride_tricks.sliding_window_view(scale(values, meta), window)
     ends = series.index[window - 1:]
     return {columns(cfg)[0].name: [str(t) for t in ends + horizon * step],
             "naive": values[window - 1:]}, {"window": np.ascontiguousarray(scaled)}
+
+
+def require_window(path: Path, steps: int, window: int) -> None:
+    if steps < window:
+        raise DataError(f"{path}: {plural(steps, 'time step')}, but the run's model reads windows of data.window="
+                        f"{window}: at least {window} are needed.\nFix: give at least the last {window} steps of the "
+                        f"series (more give one forecast per window that ends in the file).")
 
 
 def predicted(outputs, meta):
