@@ -1,11 +1,11 @@
 """time_series: forecast one value of a series `data.horizon` steps after a window of `data.window` steps, RNN|LSTM|GRU.
 
-Raw file: <data.root>/<data.file>, a CSV of timestamps and values. By default the first column is the timestamp
-and the second the value (a header row is optional); data.time_column= data.value_column= pick columns of a
-header row by name instead. horizon=1 forecasts the next step; horizon=4 the value 4 steps after the window's
-last one (the steps in between are not given to the model).
-python launch/train.py recipe=time_series data.root=data data.file=sales.csv data.window=28 model.cell=gru
-python launch/predict.py run=runs/time_series/<run> input=recent.csv
+Raw file: data.file (from the current folder, or absolute), a CSV of timestamps and values. By default the
+first column is the timestamp and the second the value (a header row is optional); data.time_column=
+data.value_column= pick columns of a header row by name instead. data.horizon=1 forecasts the next step;
+data.horizon=4 the value 4 steps after the window's last one (the steps in between are not given to the model).
+python launch/train.py recipe=time_series data.file=load.csv data.time_column=date data.value_column=load
+python launch/predict.py run=runs/time_series/<run> input=last_days.csv  # one forecast per window in the file
 
 The series is put in time order (rows may come in any order) on one regular grid: the step is the most common
 gap between timestamps. An empty value, and a missing timestamp (a whole number of steps skipped), are filled by
@@ -311,7 +311,8 @@ recipe = Recipe(
     inputs=("window",), targets=("target", "last"),
     transform=transform, loss=mse, predictions=predictions, metrics=metrics,
     read_inputs=read_inputs, predicted=predicted,
-    defaults={"data": {"eval_fraction": 0.2},
+    # data.root ".": data.file is a path from the current folder (or absolute), as for recipe=tabular
+    defaults={"data": {"root": ".", "eval_fraction": 0.2},
               "trainer": {"epochs": 10, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
               "optimizer": {"name": "adam", "lr": 1e-3}},
 )
