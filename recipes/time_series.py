@@ -279,8 +279,10 @@ def read_inputs(cfg, meta: dict, path: Path) -> tuple[dict, dict]:
     window, horizon = meta["window"], meta.get("horizon", 1)
     table, _ = read_table(cfg, path, lambda n: n >= 1, "")
     require_window(path, len(table), window)
-    step = pd.Timedelta(meta["step"])
-    series, _ = on_grid(cfg, table, path, step)  # gaps filled and scaled as the run's own data was
+    # The run's step (a run prepared before the step was kept in meta: the input's own most common gap).
+    step = pd.Timedelta(meta["step"]) if "step" in meta else None
+    series, grid = on_grid(cfg, table, path, step)  # gaps filled and scaled as the run's own data was
+    step = pd.Timedelta(grid["step"])
     require_window(path, len(series), window)  # duplicates merged
     values = filled(series).to_numpy()
     scaled = np.lib.stride_tricks.sliding_window_view(scale(values, meta), window)
