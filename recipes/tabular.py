@@ -79,10 +79,11 @@ class Spec:
 
 
 def raw_files(cfg, spec: Spec = Spec()) -> list[Path]:
+    path = raw_file(cfg, spec.expected)
     if not spec.columns(cfg)[1]:
-        raise ConfigError("recipe=tabular needs the column to predict: data.target=<column name> (and the table: "
-                          "data.file=<path.csv or .parquet>, relative to data.root or absolute)")
-    return [raw_file(cfg, spec.expected)]
+        raise ConfigError(f"recipe=tabular needs the column to predict: data.target=<column name>; {path} has the "
+                          f"columns {', '.join(read_header(path)[0])}")
+    return [path]
 
 
 def sniff(cfg, path: Path, spec: Spec) -> tuple[list[str], str, list[str]]:

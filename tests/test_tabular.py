@@ -140,7 +140,8 @@ def test_parquet_reads_as_the_same_table(workdir):
 def test_mistakes_are_named(workdir):
     path = houses(workdir / "data", n=60)
     recipe, cfg = parse(workdir, path)
-    with pytest.raises(ConfigError, match="needs the column to predict: data.target=<column name>"):
+    with pytest.raises(ConfigError, match="needs the column to predict: data.target=<column name>; .* has the "
+                                          "columns area, rooms, town, price"):
         recipe.raw_files(cfg)
     with pytest.raises(DataError, match="(?s)no column 'cost'.*set data.target= data.features="):
         prepared(workdir, path, "data.target=cost")
