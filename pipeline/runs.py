@@ -71,6 +71,11 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
         raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(WEIGHTS)}")
     overrides = [item for item in dotlist if item.partition("=")[0] not in own]
     recipe, cfg, _ = load_run(own["run"], overrides)
+    if changed_data(overrides) and "statistics" in cfg.data and not cfg.data.statistics:
+        # Other data is prepared with the statistics the model was trained with (recipes that fit some), as
+        # launch/predict.py prepares new inputs; fitting new ones on this data would score another preprocessing.
+        meta = (Path(own["run"]) / data.META_FILE).resolve()
+        recipe, cfg, _ = load_run(own["run"], [*overrides, f"data.statistics={meta}"])
     weights_file(Path(own["run"]), weights)  # before any work
     return recipe, cfg, Request(Path(own["run"]), split, weights, tuple(overrides))
 
@@ -158,6 +163,9 @@ def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tu
     if shard_meta.get("class_names") != meta.get("class_names"):
         raise DataError(f"the data in {shards} has the classes {shard_meta.get('class_names')}, the run was trained "
                         f"on {meta.get('class_names')}: its scores would compare different things")
+    if cfg.data.get("statistics"):
+        say(f"data: the run's train statistics ({cfg.data.statistics}) are applied to this data, not its own")
+        return {"train": splits["train"], split: splits[split]}, shards
     differ = sorted(k for k in meta if k != "class_names" and shard_meta.get(k) != meta[k])
     if differ:
         # Statistics a recipe applies inside prepare() (water_potability's scaling) are this data's own.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import math
 import os
 import shutil
@@ -335,6 +336,37 @@ class CsvData(DataConfig):
     # Rows with a bad cell (text in a number column, inf, an empty cell the recipe cannot fill, a label
     # outside its values) stop the run unless this drops them; the count is printed and kept in meta.
     drop_bad_rows: bool = False
+    # A run's meta.json whose train statistics (fill values, means, stds, categories) are applied to this data
+    # instead of statistics fitted on its own train rows: how launch/evaluate.py scores a run on other data.
+    statistics: str | None = None
+
+
+def with_statistics(cfg, files: list[Path]) -> list[Path]:
+    """A recipe's raw files and the meta.json data.statistics names: its size and time join the shards'
+    fingerprint, so other statistics prepare the data again."""
+    if not cfg.data.statistics:
+        return files
+    path = Path(cfg.data.statistics)
+    readable_file(path, "the meta.json data.statistics names")
+    return [*files, path]
+
+
+def stored_statistics(cfg, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict | None:
+    """The `keys` (and those of `optional` it has) of the meta.json that data.statistics names, or None when it
+    names none."""
+    if not cfg.data.statistics:
+        return None
+    path = Path(cfg.data.statistics)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.statistics={path}: cannot read it ({e}).\nFix: name a run's meta.json, or leave "
+                        f"data.statistics unset to fit the statistics on this data's train rows.") from None
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise DataError(f"data.statistics={path} holds no {', '.join(missing)}: it is not the meta.json of a run of "
+                        f"this recipe.\nFix: name the meta.json of such a run, or leave data.statistics unset.")
+    return {k: meta[k] for k in (*keys, *optional) if k in meta}
 
 
 class Column(NamedTuple):  # a NamedTuple: plain data, no generated methods for the code fingerprint to read

@@ -35,6 +35,8 @@ from recipes._helpers import (
     require_spread,
     split_sizes,
     split_train_eval,
+    stored_statistics,
+    with_statistics,
 )
 
 Task = choice("Task", ("auto", "binary", "multiclass", "regression"))
@@ -83,7 +85,7 @@ def raw_files(cfg, spec: Spec = Spec()) -> list[Path]:
     if not spec.columns(cfg)[1]:
         raise ConfigError(f"recipe=tabular needs the column to predict: data.target=<column name>; {path} has the "
                           f"columns {', '.join(read_header(path)[0])}")
-    return [path]
+    return with_statistics(cfg, [path])
 
 
 def sniff(cfg, path: Path, spec: Spec) -> tuple[list[str], str, list[str]]:
@@ -202,6 +204,21 @@ def _fill(stats: dict) -> list:
     return stats.get("median", stats.get("fill"))
 
 
+def stored(cfg, meta: dict) -> dict | None:
+    """The statistics of the run data.statistics names (evaluating that run on this data), checked to be about
+    the same columns and task; None when it names none."""
+    same = ("numbers", "categorical", "task")
+    run = stored_statistics(cfg, (*same, "mean", "std", "categories"), optional=("median", "fill", "y_mean", "y_std"))
+    if run is None:
+        return None
+    for key in same:
+        if run[key] != meta[key]:
+            raise DataError(f"data.statistics={cfg.data.statistics} is about other data: its {key} is {run[key]}, "
+                            f"this table's is {meta[key]}.\nFix: give this table the run's columns, or leave "
+                            f"data.statistics unset.")
+    return {k: v for k, v in run.items() if k not in same}
+
+
 def preprocess(batch: dict, stats: dict) -> dict:
     """Numbers filled and scaled with the stored statistics, then each text column one-hot over its stored
     categories (an unseen or empty category: all zeros); the splits in prepare() and new inputs in
@@ -258,15 +275,16 @@ def prepare(cfg, spec: Spec = Spec()):
                                          stratify=None if task == "regression" else "label")
     columns = split_columns(table, numbers, categorical)
     rows = {name: np.asarray(split["row"]) for name, split in (("train", train), ("eval", evaluation))}
-    stats = fit(columns["numbers"][rows["train"]], {n: columns[n][rows["train"]] for n in categorical}, cfg)
+    stats = stored(cfg, meta) or fit(columns["numbers"][rows["train"]],
+                                     {n: columns[n][rows["train"]] for n in categorical}, cfg)
     if cfg.data.standardize:
         require_spread(path, dict(zip(numbers, stats["std"])), len(rows["train"]))
-    if task == "regression":
+    if task == "regression" and "y_mean" not in stats:
         y_train = y[rows["train"]].astype(np.float64)
         scale = cfg.data.standardize
-        meta.update(y_mean=float(y_train.mean()) if scale else 0.0, y_std=float(y_train.std()) if scale else 1.0)
+        stats.update(y_mean=float(y_train.mean()) if scale else 0.0, y_std=float(y_train.std()) if scale else 1.0)
         if scale:
-            require_spread(path, {target: meta["y_std"]}, len(y_train))
+            require_spread(path, {target: stats["y_std"]}, len(y_train))
     meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
     splits = {}
     for name, split in (("train", train), ("eval", evaluation)):

@@ -33,7 +33,17 @@ from torchmetrics.wrappers import LambdaInputTransformer
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._helpers import SHOWN, Column, CsvData, raw_file, read, require_rows, require_spread
+from recipes._helpers import (
+    SHOWN,
+    Column,
+    CsvData,
+    raw_file,
+    read,
+    require_rows,
+    require_spread,
+    stored_statistics,
+    with_statistics,
+)
 
 Cell = Enum("Cell", "rnn lstm gru")
 Duplicates = Enum("Duplicates", "refuse mean")  # what a timestamp given twice means
@@ -78,7 +88,8 @@ def raw_files(cfg) -> list[Path]:
     else:
         expected = ("a CSV whose first column is a timestamp (2016-01-01 00:15:00) and second column the value, one "
                     "row per time step (a header row is optional)")
-    return [raw_file(cfg, expected, "or data.time_column= data.value_column= to pick columns of a header by name")]
+    return with_statistics(cfg, [raw_file(cfg, expected, "or data.time_column= data.value_column= to pick columns "
+                                                          "of a header by name")])
 
 
 def read_table(cfg, path: Path, enough, what: str) -> tuple[pd.DataFrame, dict]:
@@ -184,7 +195,7 @@ def prepare(cfg):
     cut = time_split(len(series), fraction)[0]
     train, evaluation = filled(series.iloc[:cut]), filled(series.iloc[cut:])
     # Scaled by the train part alone: the future must not leak into the past through the scaler.
-    stats = {"mean": float(train.mean()), "std": float(train.std())}
+    stats = stored_statistics(cfg, ("mean", "std")) or {"mean": float(train.mean()), "std": float(train.std())}
     require_spread(path, {columns(cfg)[1].name: stats["std"]}, len(train))
     features = datasets.Features({"value": datasets.Value("float32")})
 

@@ -183,3 +183,17 @@ def test_predictions_on_the_eval_part_give_back_the_runs_eval_metrics(workdir):
     with pytest.raises(DataError, match="5 time steps, but the run's model reads windows of data.window=12: at "
                                         "least 12 are needed"):
         recipe.read_inputs(cfg, meta, workdir / "short.csv")
+
+
+def test_stored_statistics_scale_other_data_as_the_run_did(workdir):
+    """data.statistics (what launch/evaluate.py sets for other data): the run's mean and std, not this data's."""
+    path = write_series(workdir / "data" / "load.csv")
+    run_meta = workdir / "meta.json"
+    run_meta.write_text(json.dumps({"mean": 10.0, "std": 4.0}))
+    splits, meta = prepare(workdir, path, f"data.statistics={run_meta}")
+    assert (meta["mean"], meta["std"]) == (10.0, 4.0)
+    raw = pd.read_csv(path)["load"].to_numpy()
+    assert units(splits, meta) == pytest.approx(raw, abs=1e-5)
+    run_meta.write_text(json.dumps({"mean": 10.0}))
+    with pytest.raises(DataError, match="holds no std: it is not the meta.json of a run of this recipe"):
+        prepare(workdir, path, f"data.statistics={run_meta}")
