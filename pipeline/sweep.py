@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from pipeline import cli, compare, config
 from pipeline.config import ConfigError
 
@@ -93,11 +91,6 @@ def run_name(sweep: str, index: int, width: int, values: dict[str, str], label: 
     return name if len(name.encode()) <= 255 else f"{sweep}-{index:0{width}d}"
 
 
-def has_group_key(cfg: DictConfig) -> bool:
-    """Whether the config has `tracking.group` (the W&B group of a run), for every run of a sweep to share one."""
-    return isinstance(cfg.get("tracking"), DictConfig) and "group" in cfg.tracking
-
-
 def plan(argv: list[str], name: str) -> list[Run]:
     """Every combination, each checked as launch/train.py would check it, before any run starts: a typo
     in the last combination stops the sweep now, not after hours of the first ones."""
@@ -110,11 +103,10 @@ def plan(argv: list[str], name: str) -> list[Run]:
     for index, values in enumerate(combos, 1):
         items = [*fixed, *(f"{k}={v}" for k, v in values.items()),
                  f"run_name={run_name(name, index, width, values, label)}"]
+        if config.given(items, "tracking.group") is None:  # one W&B group for the sweep; a group given is kept
+            items.append(f"tracking.group={name}")
         try:
             recipe, cfg = cli.parse([*head, *items])
-            if has_group_key(cfg) and config.given(items, "tracking.group") is None:  # a group given is kept
-                items.append(f"tracking.group={name}")
-                recipe, cfg = cli.parse([*head, *items])
         except ConfigError as e:
             raise ConfigError(f"run {index} of the sweep ({' '.join(f'{k}={v}' for k, v in values.items())}): "
                               f"{e}") from None

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import yaml
 from conftest import BIN, ROOT, environment, ok, run_dirs
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from pipeline import cli, sweep
 from pipeline.config import ConfigError
@@ -55,9 +55,10 @@ def test_grid_is_every_combination_named_by_its_values(tmp_path):
     _, cfg = cli.parse(runs[-1].argv)  # each run's arguments are what launch/train.py gets
     assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.trainer.batch_size) == (3e-3, [0.8, 0.99], 128)
     assert cfg.run_name == runs[-1].run_dir.name
-    # tracking.group=<sweep name> is added where the config has that key (the W&B group).
-    assert sweep.has_group_key(OmegaConf.create({"tracking": {"group": None}})) and not sweep.has_group_key(cfg) \
-        or "tracking.group=s" in runs[-1].argv
+    # Every run in one W&B group, named after the sweep; a group given on the command line is kept.
+    assert "tracking.group=s" in runs[-1].argv and cfg.tracking.group == "s"
+    kept = sweep.plan(["optimizer.lr=1e-3,3e-3", "tracking.group=mine"], "s")
+    assert all(cli.parse(r.argv)[1].tracking.group == "mine" for r in kept)
     # Two swept keys with the same last part are named in full.
     names = [r.run_dir.name for r in sweep.plan(["optimizer.name=sgd,adam", "scheduler.name=none,cosine"], "s")]
     assert names[0] == "s-1-optimizer.name=sgd-scheduler.name=none"
@@ -101,8 +102,7 @@ def test_sweep_runs_every_combination_reports_a_failure_and_ends_with_the_table(
     for run in finished:
         written = OmegaConf.load(workdir / "runs" / "digits" / run / "config.yaml")
         assert written.run_name == run and written.optimizer.lr == 0.01
-        if isinstance(written.tracking, DictConfig) and "group" in written.tracking:
-            assert written.tracking.group == "grid"  # one W&B group for the sweep
+        assert written.tracking.group == "grid"  # one W&B group for the sweep
 
 
 @pytest.mark.slow
