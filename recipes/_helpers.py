@@ -365,7 +365,9 @@ def stored_statistics(cfg, keys: tuple[str, ...], optional: tuple[str, ...] = ()
     missing = [k for k in keys if k not in meta]
     if missing:
         raise DataError(f"data.statistics={path} holds no {', '.join(missing)}: it is not the meta.json of a run of "
-                        f"this recipe.\nFix: name the meta.json of such a run, or leave data.statistics unset.")
+                        f"this recipe as this code trains it (another recipe's, or a run from an older version)."
+                        f"\nFix: name the meta.json of such a run (retrain an old one), or leave data.statistics "
+                        f"unset.")
     return {k: meta[k] for k in (*keys, *optional) if k in meta}
 
 
