@@ -16,9 +16,7 @@ from pipeline import runs  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    if any(a in ("-h", "--help", "help") for a in sys.argv[1:]):
-        print(__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best "
-              "(default final),\n      data.KEY=VALUE and trainer.eval_batch_size=N on top of the run's "
-              "config.yaml.\nShow the config it evaluates with: add --print-config")
-        sys.exit(0)
-    main("evaluate", "Evaluates a finished run.", runs.evaluate, parse_argv=runs.parse_argv)
+    main("evaluate", "Evaluates a finished run.", runs.evaluate, parse_argv=runs.parse_argv,
+         help_text=__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best "
+                   "(default final),\n      data.KEY=VALUE and trainer.eval_batch_size=N on top of the run's "
+                   "config.yaml.\nShow the config it evaluates with: add --print-config")

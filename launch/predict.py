@@ -16,9 +16,7 @@ from pipeline import predict  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    if any(a in ("-h", "--help", "help") for a in sys.argv[1:]):
-        print(__doc__.strip() + "\n\nKeys: run=DIR and input=PATH (required), output=FILE.csv, weights=final|best "
-              "(default final),\n      data.KEY=VALUE (e.g. data.drop_bad_rows=true) and trainer.eval_batch_size=N "
-              "on top of the run's config.yaml.")
-        sys.exit(0)
-    main("predict", "Predicts with a finished run.", predict.predict, parse_argv=predict.parse_argv)
+    main("predict", "Predicts with a finished run.", predict.predict, parse_argv=predict.parse_argv,
+         help_text=__doc__.strip() + "\n\nKeys: run=DIR and input=PATH (required), output=FILE.csv, "
+                   "weights=final|best (default final),\n      data.KEY=VALUE (e.g. data.drop_bad_rows=true) and "
+                   "trainer.eval_batch_size=N on top of the run's config.yaml.")

@@ -54,11 +54,12 @@ def parse(argv: list[str]):
     return recipe, config.build(dotlist, recipe, preset)
 
 
-def main(script: str, what: str, run, parse_argv=parse) -> None:
-    """`parse_argv(argv)` -> (recipe, cfg, *more); `run(recipe, cfg, *more)` does the work."""
+def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = None) -> None:
+    """`parse_argv(argv)` -> (recipe, cfg, *more); `run(recipe, cfg, *more)` does the work. `help_text`: what
+    --help prints (default: the usage of a script that takes a recipe)."""
     argv = sys.argv[1:]
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(usage(script, what))
+        print(help_text or usage(script, what))
         return
     show = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
