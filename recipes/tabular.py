@@ -45,6 +45,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh,
                "silu": nn.SiLU}
 Activation = choice("Activation", ACTIVATIONS)
 MAX_CLASSES_INFERRED = 20  # a whole-number target with at most this many values is read as classes
+MAX_CATEGORIES = 256  # one-hot inputs a text column may add: more is an identifier or free text, not a category
 
 
 @dataclass
@@ -197,6 +198,13 @@ def fit(numbers: np.ndarray, texts: dict[str, np.ndarray], cfg) -> dict:
     stats["mean"] = x.mean(axis=0).tolist() if standardize else [0.0] * x.shape[1]
     stats["std"] = x.std(axis=0).tolist() if standardize else [1.0] * x.shape[1]
     stats["categories"] = {name: sorted({v for v in values if v != ""}) for name, values in texts.items()}
+    many = {name: len(c) for name, c in stats["categories"].items() if len(c) > MAX_CATEGORIES}
+    if many:
+        name, count = next(iter(many.items()))
+        raise DataError(f"column {name!r} has {count:,} different texts in the train rows: one-hot encoding would "
+                        f"give it {count:,} inputs (at most {MAX_CATEGORIES} are taken). An identifier, a name or free "
+                        f"text is no category.\nFix: leave it out, data.features=[...] naming the other columns; a "
+                        f"column of numbers written with text is read as numbers once its cells are numbers")
     return stats
 
 

@@ -15,6 +15,7 @@ from pipeline import cli as pipeline_cli
 from pipeline import data
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from recipes import tabular
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -137,7 +138,7 @@ def test_parquet_reads_as_the_same_table(workdir):
         assert (from_csv[split]["features"] == from_parquet[split]["features"]).all()
 
 
-def test_mistakes_are_named(workdir):
+def test_mistakes_are_named(workdir, monkeypatch):
     path = houses(workdir / "data", n=60)
     recipe, cfg = parse(workdir, path)
     with pytest.raises(ConfigError, match="needs the column to predict: data.target=<column name>; .* has the "
@@ -153,3 +154,11 @@ def test_mistakes_are_named(workdir):
         prepared(workdir, path, "data.target=town", "data.class_names=[a,b]")
     with pytest.raises(ConfigError, match="bad value"):
         parse(workdir, path, "data.target=price", "data.impute=mode")
+    # An identifier column left in is no category: named, with the way to leave it out (the limit is 256; 20 here,
+    # for a small table).
+    monkeypatch.setattr(tabular, "MAX_CATEGORIES", 20)
+    table = pd.read_csv(path).assign(customer=[f"c{i:04d}" for i in range(60)])
+    path = workdir / "data" / "ids.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(DataError, match="'customer' has 48 different texts in the train rows"):
+        prepared(workdir, path, "data.target=price", "data.eval_fraction=0.2")
