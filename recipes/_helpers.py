@@ -388,26 +388,27 @@ def raw_file(cfg, expected: str, fix: str = "") -> Path:
     return path
 
 
-def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str,
-         header: bool | None = True, rename: str = "") -> tuple[pd.DataFrame, dict]:
+def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str, header: bool | None = True,
+         rename: str = "", source: str = "data.root / data.file") -> tuple[pd.DataFrame, dict]:
     """The columns of a CSV, checked cell by cell: numbers as float64 (NaN where empty and `empty_ok`),
     labels as int64, times as datetime64. Also returns the facts to keep in meta (rows read, dropped);
     `table.attrs["lines"]` holds each kept row's line number in the file.
 
     enough(rows) says whether the recipe can split that many rows into train and eval; `split` says how
     it splits, for the message. header=True: the first row names the columns; header=None: optional,
-    columns taken by position. `rename`: the keys that choose other column names, if any.
+    columns taken by position. `rename`: the keys that choose other column names, if any. `source`: what names
+    the file, for messages (`input=` when predicting).
     """
     path = path.resolve()
-    records = _records(path)
+    records = _records(path, source)
     positions, width = list(range(len(columns))), None  # by position, unless the header names them
     if header or (header is None and _is_header(records[0][1], columns)):
         line, names = records.pop(0)
         if header:
-            positions, width = _positions(path, line, [n.strip() for n in names], columns, rename), len(names)
+            positions, width = _positions(path, line, [n.strip() for n in names], columns, rename, source), len(names)
         if not records:
             raise DataError(f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
-                            f"or point data.root / data.file at the full CSV.")
+                            f"or point {source} at the full CSV.")
     lines = np.array([line for line, _ in records])
     table, problems = _parse(records, columns, positions, width)
     bad = np.zeros(len(records), dtype=bool)
@@ -454,32 +455,34 @@ def require_spread(path: Path, spread: dict[str, float], rows: int) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def _records(path: Path) -> list[tuple[int, list[str]]]:
+def _records(path: Path, source: str = "data.root / data.file") -> list[tuple[int, list[str]]]:
     """Non-blank rows with the 1-based line number an editor shows (csv.reader counts quoted newlines).
     A Parquet file's rows come as text too, numbered as the same table written as CSV would be."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a CSV or Parquet file.\nFix: point {source} at the file.")
     if path.suffix.lower() in (".parquet", ".pq"):
-        return _parquet_records(path)
+        return _parquet_records(path, source)
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes).\nFix: copy the CSV again (an interrupted download or copy "
-                        f"leaves an empty file), or point data.root / data.file at the full CSV.")
+                        f"leaves an empty file), or point {source} at the full CSV.")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
             reader = csv.reader(f)
             records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}): is it a CSV?\nFix: save it as CSV, UTF-8, "
-                        f"or point data.file at the CSV.") from None
+                        f"or point {source} at the CSV.") from None
     except OSError as e:  # e.g. no read permission
         raise DataError(f"{path} cannot be read ({e.strerror}).\nFix: make it readable (chmod +r) or copy it "
-                        f"somewhere readable and point data.root there.") from None
+                        f"somewhere readable and point {source} there.") from None
     except csv.Error as e:
         raise DataError(f"{path} line {reader.line_num}: not readable as CSV ({e}).\nFix: repair that line.") from None
     if not records:
-        raise DataError(f"{path} has only blank lines.\nFix: copy the CSV again or point data.file at the full CSV.")
+        raise DataError(f"{path} has only blank lines.\nFix: copy the CSV again or point {source} at the full CSV.")
     return records
 
 
-def _parquet_records(path: Path) -> list[tuple[int, list[str]]]:
+def _parquet_records(path: Path, source: str) -> list[tuple[int, list[str]]]:
     """The header and rows of a Parquet file as text cells (repr of a float reads back exactly; null -> empty),
     so its cells are checked by the same rules as a CSV's."""
     import pyarrow as pa
@@ -489,7 +492,7 @@ def _parquet_records(path: Path) -> list[tuple[int, list[str]]]:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}).\nFix: copy it again, "
-                        f"or point data.file at the CSV or Parquet file.") from None
+                        f"or point {source} at the CSV or Parquet file.") from None
     columns = [["" if v is None else str(v) for v in column.to_pylist()] for column in table.columns]
     return [(1, table.column_names), *((i + 2, list(row)) for i, row in enumerate(zip(*columns)))]
 
@@ -510,13 +513,13 @@ def _parses(cell: str, column: Column) -> bool:
     return True
 
 
-def _positions(path: Path, line: int, names: list[str], columns: list[Column], rename: str) -> list[int]:
+def _positions(path: Path, line: int, names: list[str], columns: list[Column], rename: str, source: str) -> list[int]:
     missing = [c.name for c in columns if c.name not in names]
     if missing:
         other = f", or set {rename}" if rename else ""
         raise DataError(f"{path} has no column {', '.join(repr(m) for m in missing)} in its header (line {line} has "
                         f"{', '.join(repr(n) for n in names)}).\nFix: rename the header's columns{other}, or point "
-                        f"data.root / data.file at a CSV with columns {', '.join(c.name for c in columns)}.")
+                        f"{source} at a CSV with columns {', '.join(c.name for c in columns)}.")
     return [names.index(c.name) for c in columns]
 
 

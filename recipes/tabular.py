@@ -313,7 +313,7 @@ def read_inputs(cfg, meta: dict, path: Path, spec: Spec = Spec()) -> tuple[dict,
     impute = "median" in meta or "fill" in meta
     columns = [Column(name, "category" if name in meta["categorical"] else "number",
                       empty_ok=impute or name in meta["categorical"]) for name in meta["numbers"] + meta["categorical"]]
-    table, _ = read(cfg, path, columns, lambda n: n >= 1, "", rename="")
+    table, _ = read(cfg, path, columns, lambda n: n >= 1, "", source="input=")
     batch = split_columns(table, meta["numbers"], meta["categorical"])
     return {"line": table.attrs["lines"]}, preprocess(batch, meta)
 

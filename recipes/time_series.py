@@ -92,13 +92,14 @@ def raw_files(cfg) -> list[Path]:
                                                           "of a header by name")])
 
 
-def read_table(cfg, path: Path, enough, what: str) -> tuple[pd.DataFrame, dict]:
-    """The CSV's timestamp and value columns, cell by cell checked (recipes/_helpers.read)."""
+def read_table(cfg, path: Path, enough, what: str, source: str = "data.root / data.file") -> tuple[pd.DataFrame, dict]:
+    """The CSV's timestamp and value columns, cell by cell checked (recipes/_helpers.read); `source`: what names
+    the file, for messages."""
     if by_name(cfg) and not (cfg.data.time_column and cfg.data.value_column):
         raise ConfigError("give both data.time_column= and data.value_column= (columns of the header by name), or "
                           "neither (the first column is the timestamp, the second the value)")
     return read(cfg, path, columns(cfg), enough, what, header=True if by_name(cfg) else None,
-                rename="data.time_column= data.value_column=")
+                rename="data.time_column= data.value_column=", source=source)
 
 
 def on_grid(cfg, table: pd.DataFrame, path: Path, step: pd.Timedelta | None = None) -> tuple[pd.Series, dict]:
@@ -288,7 +289,7 @@ def read_inputs(cfg, meta: dict, path: Path) -> tuple[dict, dict]:
     """A series in the training CSV's format -> one forecast per window that ends in it: the last one forecasts
     past the file's end; the earlier ones can be checked against the values the file holds."""
     window, horizon = meta["window"], meta.get("horizon", 1)
-    table, _ = read_table(cfg, path, lambda n: n >= 1, "")
+    table, _ = read_table(cfg, path, lambda n: n >= 1, "", source="input=")
     require_window(path, len(table), window)
     # The run's step (a run prepared before the step was kept in meta: the input's own most common gap).
     step = pd.Timedelta(meta["step"]) if "step" in meta else None

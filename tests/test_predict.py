@@ -115,3 +115,14 @@ def test_evaluate_on_other_data_uses_the_runs_statistics_as_predict_does(water_r
     assert evaluated["eval/accuracy"] == pytest.approx(((p > 0.5) == y).mean(), abs=1e-6)
     bce = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
     assert evaluated["eval/loss"] == pytest.approx(bce, rel=1e-6)
+
+
+def test_a_folder_or_a_wrong_file_as_input_names_input(water_run):
+    run, _, workdir = water_run
+    (workdir / "photos").mkdir(exist_ok=True)
+    result = predict(run, workdir, f"input={workdir / 'photos'}")
+    assert result.returncode == 2 and "is a folder, not a CSV or Parquet file" in result.stderr
+    assert "point input= at the file" in result.stderr
+    (workdir / "notes.txt").write_text("hello\n")
+    result = predict(run, workdir, f"input={workdir / 'notes.txt'}")
+    assert result.returncode == 2 and "no column 'ph'" in result.stderr and "point input= at a CSV" in result.stderr
