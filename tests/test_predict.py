@@ -117,6 +117,7 @@ def test_evaluate_on_other_data_uses_the_runs_statistics_as_predict_does(water_r
     assert evaluated["eval/loss"] == pytest.approx(bce, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_folder_or_a_wrong_file_as_input_names_input(water_run):
     run, _, workdir = water_run
     (workdir / "photos").mkdir(exist_ok=True)
