@@ -117,6 +117,16 @@ def mnist_root(tmp_path_factory) -> Path:
     return write_mnist_raw(tmp_path_factory.mktemp("mnist"))
 
 
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """A real two-epoch digits run through the CLI, shared by the tests that read a finished run and write only
+    beside it (evaluations/, predictions): (its folder, its summary, the working folder of runs/ and cache/)."""
+    workdir = tmp_path_factory.mktemp("digits-run")
+    ok(cli(common(workdir, "trainer.epochs=2"), cwd=workdir))
+    run = run_dirs(workdir / "runs", "digits")[0]
+    return run, json.loads((run / "summary.json").read_text()), workdir
+
+
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     """A fresh working directory with `runs/` and `cache/` inside."""

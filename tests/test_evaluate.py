@@ -4,7 +4,7 @@ other data gets a file of its own; a missing, unfinished or damaged run is one m
 import json
 
 import pytest
-from conftest import cli, common, ok, run_dirs
+from conftest import cli, ok
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -15,13 +15,9 @@ from pipeline.data import DataError
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real two-epoch digits run: (its folder, its summary, the overrides that keep outputs in the tmp dir)."""
-    workdir = tmp_path_factory.mktemp("evaluate")
-    args = common(workdir, "trainer.epochs=2")
-    ok(cli(args, cwd=workdir))
-    run = run_dirs(workdir / "runs", "digits")[0]
-    return run, json.loads((run / "summary.json").read_text()), workdir
+def trained(digits_run):
+    """A real two-epoch digits run (conftest's, shared): (its folder, its summary, its working folder)."""
+    return digits_run
 
 
 def evaluate(run, workdir, *args, processes=1):

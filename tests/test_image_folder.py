@@ -88,14 +88,13 @@ def test_image_folder_trains_and_predicts_its_eval_accuracy(workdir):
 
 
 @pytest.mark.slow
-def test_digits_predicts_its_eval_accuracy_from_png_files(workdir):
+def test_digits_predicts_its_eval_accuracy_from_png_files(digits_run, tmp_path):
     """The eval split's 8x8 images (0..16) written as 8-bit PNGs read back to the same pixels."""
-    ok(cli(common(workdir, "recipe=digits", "trainer.epochs=2"), cwd=workdir))
-    s = summary(workdir / "runs", "digits")
-    truth = write_eval_split(workdir, "digits", workdir / "eval", 255 / 16)
-    run = run_dirs(workdir / "runs", "digits")[0]
-    ok(cli([f"run={run}", "input=eval", "output=eval.csv"], cwd=workdir, script="predict"))
-    rows = predictions(workdir / "eval.csv")
+    run, s, workdir = digits_run  # a real two-epoch digits run (conftest's, shared)
+    truth = write_eval_split(workdir, "digits", tmp_path / "eval", 255 / 16)
+    ok(cli([f"run={run}", f"input={tmp_path / 'eval'}", f"output={tmp_path / 'eval.csv'}"], cwd=tmp_path,
+           script="predict"))
+    rows = predictions(tmp_path / "eval.csv")
     assert len(rows) == s["eval/samples"]
     assert accuracy_of(rows, truth.get) == pytest.approx(s["eval/accuracy"], abs=1e-6)  # float32 metric
 
