@@ -140,13 +140,16 @@ def result_text(recipe, request: Request, table: dict, rows: int, seconds: float
     if "class" in table:
         counts = Counter(table["class"]).most_common()
         lines.append("classes: " + ", ".join(f"{name} {count:,}" for name, count in counts))
+    # The first rows and the last one (a series' forecast past the end of its file is its last row).
+    picked = list(range(rows)) if rows <= SHOWN_ROWS else [*range(SHOWN_ROWS - 1), rows - 1]
     names = list(table)
-    shown = [[_cell(values[i]) for values in table.values()] for i in range(min(rows, SHOWN_ROWS))]
+    shown = [[_cell(values[i]) for values in table.values()] for i in picked]
     widths = [max(len(name), *(len(row[c]) for row in shown)) for c, name in enumerate(names)]
-    lines.append("  ".join(name.ljust(w) for name, w in zip(names, widths)))
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in shown]
-    if rows > SHOWN_ROWS:
-        lines.append(f"... {rows - SHOWN_ROWS:,} more rows in {request.output}")
+    lines.append("  ".join(name.ljust(w) for name, w in zip(names, widths)).rstrip())
+    for i, row in zip(picked, shown):
+        if i == rows - 1 and rows > SHOWN_ROWS:
+            lines.append(f"... {rows - SHOWN_ROWS:,} more rows in {request.output} ...")
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
 
 

@@ -141,7 +141,12 @@ def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = 
         raise DataError(f"cannot read the weights {path}: {str(e).splitlines()[0]}. The file is damaged (cut short "
                         f"or overwritten); a copy of the run folder from before, or training again, gives it back"
                         ) from None
-    model = recipe.model(cfg, meta)
+    try:
+        model = recipe.model(cfg, meta)
+    except KeyError as e:  # a fact the recipe reads now that an older version did not keep
+        raise ConfigError(f"{Path(run_dir) / data.META_FILE} has no {e} that recipe {recipe.name!r} reads now: the "
+                          f"run was trained by an older version of it.\nFix: evaluate it with that version's code"
+                          f"{trained_with(Path(run_dir))}, or train it again") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -150,6 +155,15 @@ def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = 
                           f"{' '.join(line.strip() for line in lines[1:4] or lines)}.\nThe recipe's model changed "
                           f"since this run was trained; evaluate it with the code of that run") from None
     return model
+
+
+def trained_with(run_dir: Path) -> str:
+    """`(git checkout <sha>, from run.json)` where the run recorded the commit it was trained with."""
+    try:
+        sha = json.loads((run_dir / "run.json").read_text())["git"]["sha"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" (git checkout {sha}, from its run.json)" if sha else ""
 
 
 def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tuple[dict, Path]:

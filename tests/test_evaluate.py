@@ -145,3 +145,20 @@ def test_errors_exit_2_with_one_line(finished, monkeypatch, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: run ") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_run_of_an_older_recipe_version_is_named_with_its_commit(tmp_path):
+    """water_potability's meta.json before it became a preset of tabular had no `task`: named, not a KeyError."""
+    recipe = runs.recipes.load("water_potability")
+    cfg = config.build([f"output_dir={tmp_path}", "tracking=none"], recipe)
+    run = tmp_path / "water_potability" / "old"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config.to_yaml(cfg))
+    meta = {"task": "binary", "class_names": ["not potable", "potable"], "feature_names": list("abcdefghi")}
+    save_file(recipe.model(cfg, meta).state_dict(), run / "model.safetensors")
+    old = {k: v for k, v in meta.items() if k != "task"}
+    (run / "meta.json").write_text(json.dumps(old))
+    (run / "run.json").write_text(json.dumps({"git": {"sha": "abc1234", "dirty": False}}))
+    with pytest.raises(ConfigError, match=r"(?s)meta.json has no 'task' that recipe 'water_potability' reads now.*"
+                                          r"git checkout abc1234, from its run.json\), or train it again"):
+        runs.load_model(run, recipe, cfg, old)
