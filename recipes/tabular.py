@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics.classification import (
+    BinaryConfusionMatrix,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
 from torchmetrics.wrappers import LambdaInputTransformer
 
 from pipeline.config import ConfigError, ModelConfig, choice
@@ -374,13 +380,18 @@ def predictions(outputs: torch.Tensor, batch: dict) -> dict:
 
 def metrics(cfg, meta: dict) -> dict:
     task = meta["task"]
+    # Classifiers count their confusion matrix (summary, W&B chart and per-class table, confusion_matrix.png):
+    # these predictions are this recipe's own, so the loop cannot add one for them.
     if task == "binary":
-        return binary_metrics(cfg, meta)
+        head = binary_metrics(cfg, meta)[""]
+        head.add_metrics({"confusion_matrix": BinaryConfusionMatrix()})
+        return {"": head}
     if task == "multiclass":
         n = len(meta["class_names"])
         return {"": MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro"),
                                       "f1": MulticlassF1Score(n, average="macro"),
-                                      "auroc": MulticlassAUROC(n, average="macro")})}
+                                      "auroc": MulticlassAUROC(n, average="macro"),
+                                      "confusion_matrix": MulticlassConfusionMatrix(n)})}
     collection = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(), "r2": R2Score()})
     mean, std = meta["y_mean"], meta["y_std"]
     if (mean, std) == (0.0, 1.0):

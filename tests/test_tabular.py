@@ -74,6 +74,10 @@ def test_breast_cancer_csv_trains_with_no_code_and_predicts(workdir):
     [run] = run_dirs(workdir / "runs", "tabular")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval/samples"] == 114 and summary["eval/accuracy"] >= 0.95, summary
+    matrix = summary["eval/confusion_matrix"]  # rows the true classes: benign, malignant
+    assert sum(map(sum, matrix)) == 114 and (matrix[0][0] + matrix[1][1]) / 114 == pytest.approx(
+        summary["eval/accuracy"], abs=1e-6)
+    assert (run / "confusion_matrix.png").exists() and (run / "curves.png").exists()
 
     # The same CSV, labels and all, predicted with the stored statistics: the held-out rows score as in the run.
     ok(cli([f"run={run}", f"input={path}", f"output={workdir / 'out.csv'}"], cwd=workdir, script="predict"))
