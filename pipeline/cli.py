@@ -82,3 +82,15 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Every exit of a multi-process command leaves its process group first: a gloo group still alive
+    when the interpreter shuts down aborts the process now and then (SIGABRT, "terminate called without
+    an active exception") instead of exiting with the code the error chose. A run that ended normally
+    has already left it (Accelerator.end_training)."""
+    distributed = sys.modules.get("torch.distributed")  # never imported (e.g. --help): nothing to leave
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()

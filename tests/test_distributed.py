@@ -182,3 +182,37 @@ def test_clouds_augments_alike_on_one_or_two_processes(workdir):
     assert s2["num_processes"] == 2 and s2["steps"] == s1["steps"] == 2 * (189 // 16)
     assert s2["eval/loss"] == pytest.approx(s1["eval/loss"], rel=1e-3)
     assert s2["test/loss"] == pytest.approx(s1["test/loss"], rel=1e-3)
+
+
+ERROR_AFTER_A_COLLECTIVE = """
+import sys
+import torch.distributed as dist
+from accelerate import PartialState
+from pipeline import cli, config
+
+def run(recipe, cfg):
+    state = PartialState(cpu=True)
+    shared = ["the main process's error" if state.is_main_process else None]
+    dist.broadcast_object_list(shared, src=0)
+    raise config.ConfigError(shared[0])
+
+try:
+    cli.main("train", "", run, parse_argv=lambda argv: (None, None))
+except SystemExit as e:
+    print(f"rank {dist.get_rank() if dist.is_initialized() else '-'} exit {e.code} "
+          f"group {'alive' if dist.is_initialized() else 'left'}", flush=True)
+    raise
+"""
+
+
+def test_an_error_exit_leaves_the_process_group(tmp_path):
+    # A gloo group alive at interpreter shutdown aborted a process now and then (SIGABRT, "terminate called
+    # without an active exception") in place of the error's exit code 2: every error exit leaves it first.
+    script = tmp_path / "error_after_a_collective.py"
+    script.write_text(ERROR_AFTER_A_COLLECTIVE)
+    out = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                          str(script)], cwd=tmp_path, env={**environment(2), "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.count("exit 2 group left") == 2, out.stdout + out.stderr[-3000:]
+    assert out.stderr.count("error: the main process's error") == 1
+    assert "terminate called" not in out.stderr
