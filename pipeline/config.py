@@ -6,6 +6,7 @@ OmegaConf owns parsing and type checks; this module adds the choices and message
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -261,9 +262,24 @@ def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfi
     check_run_name("" if raw == "" else cfg.run_name)
     if cfg.run_name is not None and raw and not _reads_as_text(raw):
         cfg.run_name = raw  # the folder is named as typed: OmegaConf reads `true` as a bool, `1e3` as 1000.0
-    _check_values(cfg)
+    try:
+        _check_values(cfg)
+    except ConfigError as e:
+        raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _naming_the_file(error: str, preset: Preset | None, dotlist: list[str]) -> str:
+    """A `bad value KEY=...` that came from the --config file (set there, not on the command line) names it."""
+    key = re.match(r"bad value ([\w.]+)=", error)
+    if preset is None or key is None or given(dotlist, key[1]) is not None:
+        return error
+    try:
+        in_file = OmegaConf.select(preset.values, key[1], throw_on_missing=False) is not None
+    except OmegaConfBaseException:
+        in_file = False
+    return f"--config {preset.path}: {error}" if in_file else error
 
 
 def restore(saved: DictConfig, recipe, dotlist: list[str], source: str) -> DictConfig:

@@ -232,6 +232,8 @@ def test_config_file_layers_between_recipe_defaults_and_command_line(tmp_path):
     ("trainer:\n  epochs: three\n", ["task.yaml", "trainer.epochs", "three"]),
     ("optimizer: {name: lion}\n", ["task.yaml", "optimizer.name", "adamw"]),
     ("recipe: nope\n", ["task.yaml", "unknown recipe 'nope'", "digits"]),
+    ("optimizer: {lr: -0.1}\n", ["task.yaml: bad value optimizer.lr=-0.1", "must be > 0"]),
+    ("data: {eval_fraction: 1.5}\n", ["task.yaml: bad value data.eval_fraction=1.5"]),
 ])
 def test_bad_config_file_names_the_file_and_the_key(tmp_path, text, words):
     path = tmp_path / ("missing.yaml" if text is None else "task.yaml")
@@ -241,6 +243,17 @@ def test_bad_config_file_names_the_file_and_the_key(tmp_path, text, words):
         pipeline_cli.parse(["--config", str(path), "trainer.epochs=2"])
     for word in words:
         assert word in str(e.value)
+
+
+def test_a_bad_value_is_named_where_it_was_given(tmp_path):
+    task = tmp_path / "task.yaml"
+    task.write_text("optimizer: {lr: -0.1}\n")
+    _, cfg = pipeline_cli.parse(["--config", str(task), "optimizer.lr=0.1"])  # the command line wins
+    assert cfg.optimizer.lr == 0.1
+    task.write_text("optimizer: {lr: 0.1}\n")
+    with pytest.raises(ConfigError) as e:
+        pipeline_cli.parse(["--config", str(task), "optimizer.lr=-0.1"])
+    assert str(e.value).startswith("bad value optimizer.lr=-0.1") and "task.yaml" not in str(e.value)
 
 
 @pytest.mark.parametrize("argv, words", [
