@@ -157,11 +157,13 @@ NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 
 def split_argv(argv: list[str]) -> list[str]:
-    """Checks that every argument is `key=value`; returns them as an OmegaConf dotlist."""
+    """Checks that every argument is `key=value`; returns them as an OmegaConf dotlist. `--key=value` is
+    the form `wandb agent` passes, each value written by Python's str(): its `None` is YAML's null."""
     for arg in argv:
         if "=" not in arg or arg.startswith("="):
             raise ConfigError(f"argument {arg!r} is not key=value (e.g. trainer.epochs=3); see --help")
-    return [arg[2:] if arg.startswith("--") else arg for arg in argv]
+    return [(arg[2:] if not arg.endswith("=None") else arg[2:-4] + "null") if arg.startswith("--") else arg
+            for arg in argv]
 
 
 def _reads_as_text(raw: str) -> bool:

@@ -185,6 +185,18 @@ def test_wandb_sweep_configs_build_the_config_their_agent_asks_for(path):
         assert str(getattr(got, "name", got)) == value or float(got) == float(value), (key, got, value)
 
 
+def test_wandb_agent_values_null_and_booleans_read_as_yaml():
+    # The agent writes each value with Python's str(): YAML's null arrives as None, true as True.
+    command = agent_command({"program": "launch/train.py", "parameters": {
+        "recipe": {"value": "digits"}, "trainer.max_steps": {"values": [None, 100]},
+        "checkpoint.monitor": {"values": [None, "eval/loss"]}, "trainer.tf32": {"values": [False, True]},
+        "optimizer.betas": {"value": [0.9, 0.99]}}})
+    assert "--trainer.max_steps=None" in command and "--trainer.tf32=False" in command
+    _, cfg = cli.parse(command[3:])
+    assert cfg.trainer.max_steps is None and cfg.checkpoint.monitor is None and cfg.trainer.tf32 is False
+    assert list(cfg.optimizer.betas) == [0.9, 0.99]
+
+
 @pytest.mark.slow
 def test_wandb_agent_command_runs(workdir):
     """The first sweep config's agent command, run as a process: its config prints and reads back."""
