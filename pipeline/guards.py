@@ -51,8 +51,9 @@ def check_weights(model, step: int, run_dir: Path, accelerator) -> None:
 
 
 @contextmanager
-def disk_full_guard(run_dir: Path, what: str, accelerator):
-    """A full disk while saving becomes one message; the incomplete checkpoint is removed."""
+def disk_full_guard(run_dir: Path, what: str, accelerator, partial: tuple[str, ...] = ()):
+    """A full disk while saving becomes one message; what was half written is removed: an incomplete
+    checkpoint, and the files of `run_dir` matching the `partial` patterns (what this save writes)."""
     try:
         yield
     except Exception as e:  # OSError, torch's zip writer (RuntimeError "unexpected pos"), SafetensorError
@@ -62,8 +63,13 @@ def disk_full_guard(run_dir: Path, what: str, accelerator):
         if not full and free >= 1 << 20:
             raise
         if accelerator.is_main_process:
-            for tmp in checkpoint.folder(run_dir).glob(".tmp-step-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            half_written = [*checkpoint.folder(run_dir).glob(".tmp-step-*"),
+                            *(p for pattern in partial for p in run_dir.glob(pattern))]
+            for path in half_written:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         last = checkpoint.latest(run_dir)
         raise DataError(
             f"disk full while writing {what} to {run_dir} ({free:,} bytes free; {type(e).__name__}: "

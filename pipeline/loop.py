@@ -228,7 +228,7 @@ def save_best(run: Run, step: int) -> None:
     accelerator = run.accelerator
     check_weights(run.model, step, run.run_dir, accelerator)
     tmp = run.run_dir / ".tmp-best"
-    with disk_full_guard(run.run_dir, "the best weights", accelerator):
+    with disk_full_guard(run.run_dir, "the best weights", accelerator, partial=(tmp.name,)):
         save_weights(accelerator, run.model, tmp, max_shard_size=BEST_SHARD_SIZE)  # one file to rename
         # save_model lists the folder on every process: none may still be in it when the main one removes it.
         accelerator.wait_for_everyone()
@@ -254,7 +254,8 @@ def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, s
         results.update(test)
     accelerator.wait_for_everyone()
     check_weights(run.model, step, run.run_dir, accelerator)
-    with disk_full_guard(run.run_dir, "the final weights", accelerator):
+    # A truncated model.safetensors would look like a finished run's weights: removed on a full disk.
+    with disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)):
         save_weights(accelerator, run.model, run.run_dir)
     timings = {"train/samples_per_s": speed.rate(), "time/first_step_s": speed.first,
                "time/total_s": time.perf_counter() - started}

@@ -96,6 +96,21 @@ def test_full_disk_while_saving_a_checkpoint(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("size, what", [("512k", "the best weights"), ("1m", "the final weights")])
+def test_full_disk_while_saving_weights_leaves_no_partial_file(workdir, size, what):
+    # No checkpoints; digits' weights are 0.6 MB: 512k has no room for best.safetensors after the first
+    # evaluation, 1m has room for it but not for model.safetensors beside it.
+    with tmpfs(workdir / "small", size) as small:
+        result = cli(common(workdir, f"output_dir={small}", "trainer.epochs=1", "checkpoint.keep=0",
+                            "run_name=full"), cwd=workdir)
+        files = sorted(p.name for p in (small / "digits" / "full").iterdir())
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: disk full while writing {what}" in result.stderr and "Traceback" not in result.stderr
+    assert not {".tmp-best", "model.safetensors", "summary.json"} & set(files), files
+    assert ("best.safetensors" in files) == (what == "the final weights")
+
+
+@pytest.mark.slow
 def test_compiled_weights_are_plain_and_compile_false_means_off(workdir):
     # compile=true: the saved weights (final and checkpoint) carry no `_orig_mod.` and load into the
     # recipe's plain model; the dynamo log proves it compiled.
