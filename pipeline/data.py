@@ -53,7 +53,8 @@ class DataError(RuntimeError):
 
 def fingerprint(recipe, cfg: DictConfig) -> str:
     """Hash of the recipe's code, every preprocessing parameter and the raw files (path, size, mtime)."""
-    params = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_CONTENT}
+    params = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+              if k not in NOT_CONTENT and k not in recipe.transform_keys}
     h = hashlib.sha256(json.dumps({"recipe": recipe.name, "version": recipe.version, "layout": LAYOUT, "data": params},
                                   sort_keys=True, default=str).encode())
     h.update(code_hash(recipe).encode())

@@ -321,6 +321,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     # before it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
     splits, meta = data.load(shards)
+    meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
     run_dir = make_run_dir(cfg, state, recipe.name)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
     # trains the same way; damaged ones are set aside with a warning.

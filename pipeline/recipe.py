@@ -120,6 +120,9 @@ class Recipe:
     predictions: Callable = label_predictions
     # (batch, train, meta) -> batch: normalization and augmentation of a whole batch on its device
     transform: Callable = no_transform
+    # `data.` keys that only `transform` reads (e.g. augmentation), not prepare(): left out of the shards'
+    # fingerprint, so changing one reuses the shards; `transform` finds each in meta, from the run's config
+    transform_keys: tuple = ()
     activation: str | Callable = "relu"  # the model's nonlinearity for the gain of `model.init`; or cfg -> it
     # batch columns passed to the model, in order; or cfg -> such a tuple, where they depend on the config
     inputs: tuple | Callable = ("image",)
@@ -160,6 +163,11 @@ def loss_fn(recipe: Recipe, cfg, meta: dict | None = None) -> Callable:
 def activation(recipe: Recipe, cfg) -> str:
     """The model's nonlinearity under this config (for `model.init`)."""
     return recipe.activation(cfg) if callable(recipe.activation) else recipe.activation
+
+
+def with_transform_keys(recipe: Recipe, cfg, meta: dict) -> dict:
+    """meta with the recipe's `transform_keys` from this config (`data.augment` -> meta["augment"])."""
+    return {**meta, **{key: OmegaConf.to_container(cfg.data, resolve=True)[key] for key in recipe.transform_keys}}
 
 
 def model_inputs(recipe: Recipe, cfg) -> tuple:
@@ -217,8 +225,9 @@ def check(recipe: Recipe) -> Recipe:
         elif kind.startswith("tuple") and not (kind.endswith("Callable") and callable(value)) and (
                 not isinstance(value, tuple) or not all(isinstance(v, str) for v in value)):
             comma = " (a single name needs the trailing comma)" if isinstance(value, str) else ""
-            _bad(recipe, f.name, "a tuple of batch column names",
-                 f"`{f.name}=('features',)`{comma}; {FIELD_USE.get(f.name, '')}")
+            what, example = (("a tuple of `data.` keys", "augment") if f.name == "transform_keys" else
+                             ("a tuple of batch column names", "features"))
+            _bad(recipe, f.name, what, f"`{f.name}=('{example}',)`{comma}; {FIELD_USE.get(f.name, '')}")
         elif kind == "str | Callable" and not (isinstance(value, str) or callable(value)):
             _bad(recipe, f.name, "a str or a function cfg -> str", FIELD_USE.get(f.name, ""))
         elif kind in ("dict", "str") and not isinstance(value, {"dict": dict, "str": str}[kind]):
@@ -229,6 +238,11 @@ def check(recipe: Recipe) -> Recipe:
             _bad(recipe, f.name, "a dataclass (the class itself)", f"`{f.name}=MyConfig`, a subclass of the default")
     if not recipe.inputs:
         _bad(recipe, "inputs", "at least one column name", FIELD_USE["inputs"])
+    data_keys = {f.name for f in fields(recipe.data_config)}
+    if unknown := [key for key in recipe.transform_keys if key not in data_keys]:
+        raise ConfigError(f"{where(recipe)}: `transform_keys` names {', '.join(map(repr, unknown))}, not a key of its "
+                          f"data_config {recipe.data_config.__name__} ({', '.join(sorted(data_keys))}).\nFix: name "
+                          f"`data.` keys that only `transform` reads, or add the key to the data_config")
     return recipe
 
 
@@ -239,6 +253,7 @@ FIELD_USE = {
     "name": "the recipe's name, as given to `recipe=`",
     "description": "one line for `--help`",
     "activation": "the model's nonlinearity for `model.init`, e.g. 'relu'",
+    "transform_keys": "the `data.` keys only `transform` reads, e.g. `transform_keys=('augment',)`",
 }
 
 

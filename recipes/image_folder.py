@@ -134,8 +134,7 @@ def prepare(cfg, hint: str = ""):
     splits = {split: decode(folder, cfg) for split, folder in folders.items()}
     if "eval" not in splits:
         splits["train"], splits["eval"] = hold_out(splits["train"], cfg, folders["train"])
-    # The augmentation goes in meta, where `transform` (which sees no config) reads it.
-    return datasets.DatasetDict(splits), {"class_names": classes, "augment": list(cfg.data.augment)}
+    return datasets.DatasetDict(splits), {"class_names": classes}
 
 
 # ---------------------------------------------------------------- per batch: augmentation and scaling
@@ -236,8 +235,8 @@ def rotate(image: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 
 
 def transform(batch, train, meta, default=()):
-    """[0, 1] scaling (ToTensor) and, for training batches, meta["augment"] (the preset's `default` where the
-    meta has none)."""
+    """[0, 1] scaling (ToTensor) and, for training batches, meta["augment"] (`data.augment`, a transform key: the
+    shards do not depend on it; the preset's `default` where the meta has none)."""
     image = unit_scale(batch["image"])
     return {**batch, "image": augment(image, meta.get("augment", default)) if train else image}
 
@@ -319,7 +318,8 @@ def recipe_for(name: str, description: str, defaults: dict, hint: str = "") -> R
         name=name, description=description,
         prepare=partial(prepare, hint=hint), raw_files=partial(raw_files, hint=hint),
         data_config=ImageFolderData, model_config=ImageFolderModel, model=model, activation="elu",
-        transform=partial(transform, default=tuple(defaults["data"].get("augment", ()))), metrics=metrics,
+        transform=partial(transform, default=tuple(defaults["data"].get("augment", ()))), transform_keys=("augment",),
+        metrics=metrics,
         read_inputs=image_inputs, defaults=defaults,
     )
 

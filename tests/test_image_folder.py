@@ -6,6 +6,8 @@ launch/predict.py on image files giving back the run's eval accuracy (image_fold
 """
 
 import csv
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import cli as pipeline_cli
 from pipeline import data
+from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
 
@@ -77,6 +80,7 @@ def test_image_folder_trains_and_predicts_its_eval_accuracy(workdir):
     assert all(f"eval/recall/{shape}" in s for shape in SHAPES)
 
     run = run_dirs(workdir / "runs", "image_folder")[0]
+    assert json.loads((run / "meta.json").read_text())["augment"] == ["hflip", "vflip"]  # from the run's config
     result = ok(cli([f"run={run}", "input=photos/eval", "output=eval.csv"], cwd=workdir, script="predict"))
     rows = predictions(workdir / "eval.csv")
     assert list(rows[0]) == ["file", "class", *(f"p({shape})" for shape in SHAPES)]
@@ -173,7 +177,9 @@ def test_unknown_or_malformed_augmentations_list_the_valid_ones(tmp_path, items,
 def test_augmentations_each_act_per_image():
     from recipes.image_folder import AUGMENTATIONS, transform
 
-    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(32, 1, 1, 1)
+    # Values in [50, 200): autocontrast changes every image (one spanning 0..255 in each channel, as a
+    # random image often does, it leaves alone: the test failed now and then).
+    image = torch.randint(50, 200, (1, 3, 16, 16), dtype=torch.uint8).repeat(32, 1, 1, 1)
     plain = image.float() / 255
     for name, (_, unit) in AUGMENTATIONS.items():
         item = f"{name}:{30 if unit == 'degrees' else 0.5}" if unit else name
@@ -215,6 +221,24 @@ def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
     # The preset's choices reach the fingerprint through the config: its folders and augmentation.
     assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"
     assert data.code_hash(recipe) == data.code_hash(pipeline_cli.parse(["recipe=image_folder"])[0])
+
+
+def test_changing_the_augmentation_reuses_the_shards(tmp_path):
+    # data.augment is a transform key: transform reads it per batch, the decoded images do not depend on it.
+    write_shapes(tmp_path / "train", 2, seed=0)
+    recipe, plain = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[]")
+    _, flipped = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[hflip,rotate:10]")
+    _, smaller = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[]", "data.image_size=16")
+    assert data.fingerprint(recipe, plain) == data.fingerprint(recipe, flipped) != data.fingerprint(recipe, smaller)
+    assert recipes.with_transform_keys(recipe, flipped, {"class_names": ["a"]}) == {
+        "class_names": ["a"], "augment": ["hflip", "rotate:10"]}
+
+
+def test_transform_keys_must_be_data_keys():
+    recipe = dataclasses.replace(pipeline_cli.recipes.load("image_folder"), transform_keys=("augmnt",))
+    with pytest.raises(ConfigError, match=r"`transform_keys` names 'augmnt', not a key of its data_config "
+                                          r"ImageFolderData \(augment, "):
+        recipes.check(recipe)
 
 
 def test_prediction_reads_a_file_or_a_folder_and_names_a_broken_image(tmp_path):
