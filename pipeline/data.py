@@ -451,14 +451,19 @@ def available_memory() -> int:
     return available
 
 
+def check_in_memory(cfg, own_dataset: bool) -> None:
+    """A recipe's own dataset builds its rows (windows of a series, ...) from whole columns: never streamed."""
+    if own_dataset and cfg.data.in_memory.name == "false":
+        raise ConfigError(f"recipe {cfg.recipe!r} builds its own dataset from whole columns, which cannot be "
+                          f"read a batch at a time; use data.in_memory=auto or true")
+
+
 def choose_paths(cfg, splits: dict, processes_on_node: int, own_dataset: bool) -> dict[str, tuple[bool, str]]:
     """{split: (in memory?, why)}: `data.in_memory`, and for auto, whether the split's tensors fit in what is
     left of the budget (train first: it is read every step; eval and test once an epoch)."""
     wanted = cfg.data.in_memory.name
-    if own_dataset:  # the recipe's dataset builds its rows (windows of a series, ...) from whole columns
-        if wanted == "false":
-            raise ConfigError(f"recipe {cfg.recipe!r} builds its own dataset from whole columns, which cannot be "
-                              f"read a batch at a time; use data.in_memory=auto or true")
+    check_in_memory(cfg, own_dataset)
+    if own_dataset:
         return {name: (True, "the recipe's dataset needs whole columns") for name in splits}
     if wanted != "auto":
         return {name: (wanted == "true", f"data.in_memory={wanted}") for name in splits}

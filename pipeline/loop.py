@@ -316,6 +316,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     say = state.print
     patches.apply(say)  # before the Accelerator exists: it reads which patches are on when it is built
     check_writable(cfg)  # before any work: not after the data was prepared
+    data.check_in_memory(cfg, recipe.dataset is not None)
     wandb_mode = tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.

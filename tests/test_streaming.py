@@ -153,6 +153,15 @@ def test_bad_streaming_settings_are_refused(argv, message):
         pipeline_cli.parse(argv)
 
 
+def test_a_recipe_with_its_own_dataset_refuses_streaming_before_any_data_is_read(workdir):
+    # The check comes before prepare: here there is not even data, and the message is about the setting.
+    result = cli(common(workdir, "recipe=electricity_forecast", f"data.root={workdir / 'none'}",
+                        "data.in_memory=false"), cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: recipe 'electricity_forecast' builds its own dataset from whole columns" in result.stderr
+    assert not (workdir / "cache").exists() and not (workdir / "runs").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_streaming_trains_exactly_as_in_memory(workdir, processes):
