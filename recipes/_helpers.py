@@ -8,6 +8,7 @@ and then counted on the console and in the prepared data's meta (kept with the r
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import json
 import math
@@ -517,10 +518,18 @@ def _positions(path: Path, line: int, names: list[str], columns: list[Column], r
     missing = [c.name for c in columns if c.name not in names]
     if missing:
         other = f", or set {rename}" if rename else ""
-        raise DataError(f"{path} has no column {', '.join(repr(m) for m in missing)} in its header (line {line} has "
+        guesses = {m: _closest(m, names) for m in missing}
+        meant = [f"{m!r} (did you mean {guess!r}?)" if guess else repr(m) for m, guess in guesses.items()]
+        raise DataError(f"{path} has no column {', '.join(meant)} in its header (line {line} has "
                         f"{', '.join(repr(n) for n in names)}).\nFix: rename the header's columns{other}, or point "
                         f"{source} at a CSV with columns {', '.join(c.name for c in columns)}.")
     return [names.index(c.name) for c in columns]
+
+
+def _closest(name: str, names: list[str]) -> str | None:
+    """The header's name that `name` was likely meant to be: the same but for case, or a near spelling."""
+    same = [n for n in names if n.casefold() == name.casefold()]
+    return same[0] if same else next(iter(difflib.get_close_matches(name, names, n=1, cutoff=0.8)), None)
 
 
 def _parse(records, columns: list[Column], positions: list[int], width: int | None):

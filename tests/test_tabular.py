@@ -148,8 +148,12 @@ def test_mistakes_are_named(workdir, monkeypatch):
     with pytest.raises(ConfigError, match="needs the column to predict: data.target=<column name>; .* has the "
                                           "columns area, rooms, town, price"):
         recipe.raw_files(cfg)
-    with pytest.raises(DataError, match="(?s)no column 'cost'.*set data.target= data.features="):
+    with pytest.raises(DataError, match="(?s)no column 'cost' in its header.*set data.target= data.features="):
         prepared(workdir, path, "data.target=cost")
+    with pytest.raises(DataError, match=r"no column 'Price' \(did you mean 'price'\?\) in its header"):
+        prepared(workdir, path, "data.target=Price")
+    with pytest.raises(DataError, match=r"no column 'twn' \(did you mean 'town'\?\) in its header"):
+        prepared(workdir, path, "data.target=price", "data.features=[area,rooms,twn]")
     with pytest.raises(DataError, match="data.task=regression, but the target column 'town' holds text"):
         prepared(workdir, path, "data.target=town", "data.task=regression")
     with pytest.raises(DataError, match="data.task=binary, but the target column 'rooms' has 5 values"):
