@@ -1,23 +1,26 @@
 """Predictions of a finished run's model for new inputs in the recipe's raw format, written as CSV.
 
 The inputs are read and preprocessed by the recipe's `read_inputs` with the run's stored statistics
-(meta.json), never statistics of the new data; the outputs are named by its `predicted`.
+(meta.json), never statistics of the new data; the outputs are named by its `predicted`. A `read_inputs`
+that yields its inputs a chunk at a time (the image recipes: a folder larger than memory) is predicted a
+chunk at a time, each written out before the next is read.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import PartialState
 
-from pipeline import config, runs, tracking
+from pipeline import config, runs
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
@@ -74,17 +77,54 @@ def predict(recipe: recipes.Recipe, cfg, request: Request) -> Path:
                           "python launch/predict.py ... (not accelerate launch with several processes)")
     meta = runs.read_meta(request.run_dir)
     model = runs.load_model(request.run_dir, recipe, cfg, meta, request.weights).to(state.device).eval()
-    ids, columns = recipe.read_inputs(cfg, meta, request.input)
-    rows = check_rows(recipe, ids, columns, request.input)
-    outputs = run_model(recipe, cfg, model, meta, columns, state.device)
-    table = {**ids, **recipe.predicted(outputs, meta)}
-    for name, values in table.items():
-        if len(values) != rows:
-            raise ConfigError(f"recipe {recipe.name!r}: its predicted() gave {len(values)} values for column {name!r}, "
-                              f"but there are {rows} inputs.\nFix: return one value per row of outputs")
-    write_csv(request.output, table)
-    state.print(result_text(recipe, request, table, rows, time.perf_counter() - started))
+    seen = Seen()
+    with csv_writer(request.output) as writer:
+        for ids, columns in chunks(recipe.read_inputs(cfg, meta, request.input)):
+            rows = check_rows(recipe, ids, columns, request.input)
+            outputs = run_model(recipe, cfg, model, meta, columns, state.device)
+            table = {**ids, **recipe.predicted(outputs, meta)}
+            for name, values in table.items():
+                if len(values) != rows:
+                    raise ConfigError(f"recipe {recipe.name!r}: its predicted() gave {len(values)} values for "
+                                      f"column {name!r}, but there are {rows} inputs.\nFix: return one value per "
+                                      f"row of outputs")
+            if not seen.rows:
+                writer.writerow(table)  # the header
+            writer.writerows(zip(*(_plain(values) for values in table.values())))
+            seen.add(table, rows)
+        if not seen.rows:
+            raise DataError(f"{request.input} holds no inputs to predict on.\nFix: point input= at a file or "
+                            f"folder with data")
+    state.print(result_text(recipe, request, seen, time.perf_counter() - started))
     return request.output
+
+
+def chunks(inputs) -> Iterator[tuple[dict, dict]]:
+    """What a recipe's read_inputs returned, as chunks: one (ids, columns) pair, or the pairs it yields."""
+    if isinstance(inputs, tuple):
+        yield inputs
+    else:
+        yield from inputs
+
+
+@dataclass
+class Seen:
+    """What the console shows of predictions written a chunk at a time: the row count, the classes'
+    counts, the first rows and the last."""
+
+    rows: int = 0
+    classes: Counter = field(default_factory=Counter)
+    names: list = field(default_factory=list)
+    first: list = field(default_factory=list)
+    last: list | None = None
+
+    def add(self, table: dict, rows: int) -> None:
+        self.names = list(table)
+        self.classes.update(table.get("class", ()))
+        wanted = min(rows, SHOWN_ROWS - len(self.first))
+        self.first += [[_cell(values[i]) for values in table.values()] for i in range(wanted)]
+        self.last = [_cell(values[rows - 1]) for values in table.values()]
+        self.rows += rows
 
 
 def check_rows(recipe, ids: dict, columns: dict, source: Path) -> int:
@@ -113,18 +153,22 @@ def run_model(recipe, cfg, model: torch.nn.Module, meta: dict, columns: dict, de
     return torch.cat(outputs)
 
 
-def write_csv(path: Path, table: dict) -> None:
-    """One row per input, written whole or not at all (temporary file, then rename)."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(table)
-    writer.writerows(zip(*(_plain(values) for values in table.values())))
+@contextmanager
+def csv_writer(path: Path):
+    """A csv writer into a temporary file beside `path`, renamed to it when the block ends without an error:
+    the predictions are there whole or not at all (an error, a kill or a full disk leaves no CSV under that
+    name)."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tracking.write_atomic(path, text.getvalue())
+        with open(tmp, "w", newline="") as f:
+            yield csv.writer(f, lineterminator="\n")
+        tmp.replace(path)
     except OSError as e:
         raise DataError(f"cannot write the predictions to {path} ({e.strerror}).\nFix: choose a writable place, "
                         f"output=<file.csv>") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _plain(values) -> list:
@@ -134,20 +178,18 @@ def _plain(values) -> list:
     return list(values)
 
 
-def result_text(recipe, request: Request, table: dict, rows: int, seconds: float) -> str:
+def result_text(recipe, request: Request, seen: Seen, seconds: float) -> str:
+    rows = seen.rows
     lines = [f"predicted: {rows:,} input{'s' * (rows != 1)} of {request.input} with {recipe.name} "
              f"{runs.WEIGHTS[request.weights]} in {seconds:.1f} s -> {request.output}"]
-    if "class" in table:
-        counts = Counter(table["class"]).most_common()
-        lines.append("classes: " + ", ".join(f"{name} {count:,}" for name, count in counts))
+    if seen.classes:
+        lines.append("classes: " + ", ".join(f"{name} {count:,}" for name, count in seen.classes.most_common()))
     # The first rows and the last one (a series' forecast past the end of its file is its last row).
-    picked = list(range(rows)) if rows <= SHOWN_ROWS else [*range(SHOWN_ROWS - 1), rows - 1]
-    names = list(table)
-    shown = [[_cell(values[i]) for values in table.values()] for i in picked]
-    widths = [max(len(name), *(len(row[c]) for row in shown)) for c, name in enumerate(names)]
-    lines.append("  ".join(name.ljust(w) for name, w in zip(names, widths)).rstrip())
-    for i, row in zip(picked, shown):
-        if i == rows - 1 and rows > SHOWN_ROWS:
+    shown = seen.first if rows <= SHOWN_ROWS else [*seen.first[:SHOWN_ROWS - 1], seen.last]
+    widths = [max(len(name), *(len(row[c]) for row in shown)) for c, name in enumerate(seen.names)]
+    lines.append("  ".join(name.ljust(w) for name, w in zip(seen.names, widths)).rstrip())
+    for i, row in enumerate(shown):
+        if i == SHOWN_ROWS - 1 and rows > SHOWN_ROWS:
             lines.append(f"... {rows - SHOWN_ROWS:,} more rows in {request.output} ...")
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return "\n".join(lines)

@@ -8,6 +8,7 @@ launch/predict.py on image files giving back the run's eval accuracy (image_fold
 import csv
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import cli as pipeline_cli
 from pipeline import data
+from pipeline import predict as predict_module
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
@@ -92,7 +94,7 @@ def test_image_folder_trains_and_predicts_its_eval_accuracy(workdir):
 
 
 @pytest.mark.slow
-def test_digits_predicts_its_eval_accuracy_from_png_files(digits_run, tmp_path):
+def test_digits_predicts_its_eval_accuracy_from_png_files(digits_run, tmp_path, capsys):
     """The eval split's 8x8 images (0..16) written as 8-bit PNGs read back to the same pixels."""
     run, s, workdir = digits_run  # a real two-epoch digits run (conftest's, shared)
     truth = write_eval_split(workdir, "digits", tmp_path / "eval", 255 / 16)
@@ -101,6 +103,26 @@ def test_digits_predicts_its_eval_accuracy_from_png_files(digits_run, tmp_path):
     rows = predictions(tmp_path / "eval.csv")
     assert len(rows) == s["eval/samples"]
     assert accuracy_of(rows, truth.get) == pytest.approx(s["eval/accuracy"], abs=1e-6)  # float32 metric
+
+    # A chunk of 64 images at a time (a folder larger than memory): the same predictions and console preview.
+    recipe, cfg, request = predict_module.parse_argv([f"run={run}", f"input={tmp_path / 'eval'}",
+                                                      f"output={tmp_path / 'chunked.csv'}"])
+    chunked = dataclasses.replace(recipe, read_inputs=partial(recipe.read_inputs, chunk=64))
+    predict_module.predict(chunked, cfg, request)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith(f"predicted: 360 inputs of {tmp_path / 'eval'} with digits")
+    assert [line.split()[0] for line in shown[3:]] == ["0000.png", "0001.png", "0002.png", "0003.png", "...",
+                                                       "0359.png"]
+    again = predictions(tmp_path / "chunked.csv")
+    assert [r["file"] for r in again] == [r["file"] for r in rows] and [r["class"] for r in again] == [
+        r["class"] for r in rows]
+    assert [float(r["p(0)"]) for r in again] == pytest.approx([float(r["p(0)"]) for r in rows], rel=1e-5)
+    # A broken image in the last chunk, after five were written: no CSV under the name, no temporary file.
+    (tmp_path / "eval" / "9999.png").write_bytes(b"no PNG here")
+    request.output = tmp_path / "broken.csv"
+    with pytest.raises(DataError, match="not a readable image: .*9999.png"):
+        predict_module.predict(chunked, cfg, request)
+    assert sorted(p.name for p in tmp_path.glob("*.csv*")) == ["chunked.csv", "eval.csv"]
 
 
 @pytest.mark.slow
@@ -241,21 +263,33 @@ def test_transform_keys_must_be_data_keys():
         recipes.check(recipe)
 
 
+def read_inputs(recipe, cfg, path: Path, **settings) -> tuple[dict, dict]:
+    """All of an image recipe's inputs (which it yields a chunk at a time), joined."""
+    parts = list(predict_module.chunks(recipe.read_inputs(cfg, {}, path, **settings)))
+    return ({"file": [f for ids, _ in parts for f in ids["file"]]},
+            {"image": np.concatenate([columns["image"] for _, columns in parts])})
+
+
 def test_prediction_reads_a_file_or_a_folder_and_names_a_broken_image(tmp_path):
     write_shapes(tmp_path / "new", 2, seed=3)
     recipe, cfg = parse(f"data.train_dir={tmp_path}", "data.image_size=24", "data.channels=1")
-    ids, columns = recipe.read_inputs(cfg, {}, tmp_path / "new")  # subfolders searched, paths relative to the input
+    ids, columns = read_inputs(recipe, cfg, tmp_path / "new")  # subfolders searched, paths relative to the input
     assert ids["file"] == [f"{shape}/{i:03d}.png" for shape in SHAPES for i in range(2)]
     assert columns["image"].dtype == np.uint8 and columns["image"].shape == (6, 1, 24, 24)
-    ids, one = recipe.read_inputs(cfg, {}, tmp_path / "new" / "square" / "001.png")
+    ids, one = read_inputs(recipe, cfg, tmp_path / "new" / "square" / "001.png")
     assert ids["file"] == ["001.png"] and np.array_equal(one["image"][0], columns["image"][3])
+    # A chunk at a time (a folder larger than memory): the same inputs, in the same order.
+    chunked = list(recipe.read_inputs(cfg, {}, tmp_path / "new", chunk=4))
+    assert [len(ids["file"]) for ids, _ in chunked] == [4, 2]
+    assert read_inputs(recipe, cfg, tmp_path / "new", chunk=4)[0] == read_inputs(recipe, cfg, tmp_path / "new")[0]
+    assert np.array_equal(read_inputs(recipe, cfg, tmp_path / "new", chunk=4)[1]["image"], columns["image"])
     (tmp_path / "new" / "square" / "notes.txt").write_text("skipped: no image extension, as ImageFolder skips it")
     (tmp_path / "new" / "square" / "broken.png").write_bytes(b"no PNG here")
     with pytest.raises(DataError, match=f"not a readable image: {tmp_path / 'new' / 'square' / 'broken.png'}"):
-        recipe.read_inputs(cfg, {}, tmp_path / "new")
+        read_inputs(recipe, cfg, tmp_path / "new")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no image files"):
-        recipe.read_inputs(cfg, {}, tmp_path / "empty")
+        recipe.read_inputs(cfg, {}, tmp_path / "empty")  # named at once, before any chunk is read
 
 
 def test_image_recipes_predict():
