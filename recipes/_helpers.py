@@ -29,6 +29,8 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
+from datasets.fingerprint import generate_random_fingerprint
+from datasets.table import InMemoryTable
 from omegaconf import DictConfig
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -41,9 +43,39 @@ from pipeline.recipe import Recipe
 # ---------------------------------------------------------------- splits, torchvision's raw files
 
 def split_train_eval(ds: datasets.Dataset, fraction: float, seed: int, stratify: str | None = "label"):
-    """Holds out `fraction` of `ds` for evaluation, stratified by a ClassLabel column when given."""
-    parts = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
-    return parts["train"].flatten_indices(), parts["test"].flatten_indices()
+    """Holds out `fraction` of `ds` for evaluation, stratified by a ClassLabel column when given: the rows
+    `Dataset.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)` holds out, the same
+    rows by the same functions and generator, but faster: datasets 5 reads the stratify labels through a Column
+    one row at a time (150 us a row) and copies the parts out row by row (flatten_indices)."""
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+    held = math.ceil(fraction * len(ds))
+    rng = np.random.default_rng(seed)
+    if stratify is None:
+        order = rng.permutation(len(ds))
+        return _take(ds, order[held:]), _take(ds, order[:held])
+    if not isinstance(ds.features[stratify], datasets.ClassLabel):
+        raise ValueError(f"stratifying needs a ClassLabel column; {stratify} is {type(ds.features[stratify]).__name__}")
+    labels = ds.with_format("numpy", columns=[stratify])[:][stratify]
+    try:
+        train, held_out = next(stratified_shuffle_split_generate_indices(labels, len(ds) - held, held, rng=rng))
+    except ValueError as e:  # worded as datasets words it
+        if str(e) == "Minimum class count error":
+            raise ValueError(f"The least populated class in {stratify} column has only 1 member, which is too few. "
+                             f"The minimum number of groups for any class cannot be less than 2.") from None
+        raise
+    return _take(ds, train), _take(ds, held_out)
+
+
+def _take(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
+    """The rows of `ds` at `indices`, stored in that order: one Arrow take for a dataset in memory (2 ms for
+    160,000 rows, against 5.7 s for select + flatten_indices); flatten_indices, which writes to the cache
+    rather than memory, for one on disk (decoded images) or one that is itself a selection."""
+    if ds.cache_files or ds._indices is not None:
+        return ds.select(indices).flatten_indices()
+    # A fresh fingerprint: without one the constructor hashes the whole table (1 s for 160,000 rows).
+    return datasets.Dataset(InMemoryTable(ds.data.table.take(indices)), info=ds.info.copy(),
+                            fingerprint=generate_random_fingerprint())
 
 
 def image_split(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> datasets.Dataset:
@@ -481,7 +513,7 @@ def _records(path: Path, source: str = "data.root / data.file") -> list[tuple[in
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
             reader = csv.reader(f)
-            records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+            records = [(reader.line_num, row) for row in reader if "".join(row).strip()]  # blank rows skipped
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}): is it a CSV?\nFix: save it as CSV, UTF-8, "
                         f"or point {source} at the CSV.") from None
@@ -575,26 +607,41 @@ def _parse(records, columns: list[Column], positions: list[int], width: int | No
                 flag("not a timestamp (expected e.g. 2016-01-01 00:15:00)", i, c, repr(cells[i]))
             table[column.name] = values
             continue
-        values = np.full(len(cells), np.nan)
-        for i, cell in enumerate(cells):
-            if empty[i]:
-                continue
-            try:
-                values[i] = float(cell)
-            except ValueError:
-                flag("text in a number column", i, c, repr(cell))
-                continue
-            if not abs(values[i]) <= FLOAT32_MAX:  # also false for nan
-                flag("not a finite number (inf, nan or beyond float32's 3.4e38"
-                     + ("; leave the cell empty for a missing value)" if column.empty_ok else ")"), i, c, repr(cell))
-            elif column.values and values[i] not in column.values:
-                flag(f"not one of {', '.join(map(str, column.values))}", i, c, repr(cell))
+        values, unreadable = _numbers(cells, empty)
+        for i in unreadable:
+            flag("text in a number column", i, c, repr(cells[i]))
+        read = ~empty
+        read[unreadable] = False
+        for i in np.flatnonzero(read & ~(np.abs(values) <= FLOAT32_MAX)):  # also true for nan
+            flag("not a finite number (inf, nan or beyond float32's 3.4e38"
+                 + ("; leave the cell empty for a missing value)" if column.empty_ok else ")"), i, c, repr(cells[i]))
+        if column.values:
+            for i in np.flatnonzero(read & (np.abs(values) <= FLOAT32_MAX) & ~np.isin(values, column.values)):
+                flag(f"not one of {', '.join(map(str, column.values))}", i, c, repr(cells[i]))
         table[column.name] = values
     table = pd.DataFrame(table)
     for column in columns:
         if column.kind == "label":  # bad label rows are refused or dropped before this cast is used
             table[column.name] = table[column.name].fillna(-1).astype(np.int64)
     return table, problems
+
+
+def _numbers(cells: list[str], empty: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The cells as float64 (NaN where empty or unreadable) and the rows whose cell is not a number. All at
+    once, by numpy's conversion (which reads as Python's float() does); cell by cell only where one fails."""
+    text = np.array(cells, dtype=object)
+    text[empty] = "nan"
+    try:
+        return text.astype(np.float64), []
+    except ValueError:
+        pass
+    values, unreadable = np.full(len(cells), np.nan), []
+    for i in np.flatnonzero(~empty):
+        try:
+            values[i] = float(cells[i])
+        except ValueError:
+            unreadable.append(i)
+    return values, unreadable
 
 
 def _require_values(path: Path, table: pd.DataFrame, columns: list[Column]) -> None:

@@ -31,7 +31,7 @@ from torchmetrics.wrappers import LambdaInputTransformer
 
 from pipeline.config import ConfigError, ModelConfig, choice
 from pipeline.data import DataError
-from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy
+from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy, dataset
 from recipes._helpers import (
     Column,
     CsvData,
@@ -282,13 +282,13 @@ def prepare(cfg, spec: Spec = Spec()):
     print(f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"
         + (f", {len(categorical)} categorical (one-hot): {', '.join(categorical)}" if categorical else "")
         + f" -> {target!r} ({task})")
-    full = datasets.Dataset.from_dict({"row": np.arange(len(table)), "label": y},
-                                      features=datasets.Features({"row": datasets.Value("int64"),
-                                                                  "label": target_feature}))
+    full = dataset({"row": np.arange(len(table)), "label": y},
+                   datasets.Features({"row": datasets.Value("int64"), "label": target_feature}))
     train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed,
                                          stratify=None if task == "regression" else "label")
     columns = split_columns(table, numbers, categorical)
-    rows = {name: np.asarray(split["row"]) for name, split in (("train", train), ("eval", evaluation))}
+    # [:] reads a whole column as one array (split["row"] is a Column that numpy would read a row at a time)
+    rows = {name: split.with_format("numpy")[:]["row"] for name, split in (("train", train), ("eval", evaluation))}
     stats = stored(cfg, meta) or fit(columns["numbers"][rows["train"]],
                                      {n: columns[n][rows["train"]] for n in categorical}, cfg)
     if cfg.data.standardize:
@@ -303,13 +303,13 @@ def prepare(cfg, spec: Spec = Spec()):
     splits = {}
     for name, split in (("train", train), ("eval", evaluation)):
         x = preprocess({k: v[rows[name]] for k, v in columns.items()}, stats)["features"]
-        target_values = np.asarray(split["label"])
+        target_values = split.with_format("numpy")[:]["label"]
         if task == "regression":
             target_values = ((target_values - meta["y_mean"]) / meta["y_std"]).astype(np.float32)
-        splits[name] = datasets.Dataset.from_dict(
-            {"features": x, "label": target_values},
-            features=datasets.Features({"features": datasets.List(datasets.Value("float32"), length=x.shape[1]),
-                                        "label": target_feature}))
+        splits[name] = dataset({"features": x, "label": target_values},
+                               datasets.Features({"features": datasets.List(datasets.Value("float32"),
+                                                                            length=x.shape[1]),
+                                                  "label": target_feature}))
     return datasets.DatasetDict(splits), meta
 
 
