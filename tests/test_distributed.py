@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, needs_gpus, ok, run_dirs, summary
+from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slow
 
@@ -124,8 +125,11 @@ def test_compile_matches_eager(workdir):
     assert comp["compile"] is True and eager["compile"] is False
     assert comp["eval/loss"] == pytest.approx(eager["eval/loss"], rel=1e-3)
     assert comp["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-3)
-    # Compilation is timed apart from steady state: the first step carries it.
-    assert comp["time/first_step_s"] > 5 * eager["time/first_step_s"]
+    # Compilation is timed apart from steady state: the first step carries it. (Against the compiled run's own
+    # steady step, not the eager first step: with inductor's on-disk cache warm from an earlier compile test it
+    # takes ~1.5 s, and an eager first step on a busy core took 0.4 s.)
+    batch = OmegaConf.load(run_dirs(workdir / "compiled" / "runs", "digits")[0] / "config.yaml").trainer.batch_size
+    assert comp["time/first_step_s"] > 10 * batch / comp["train/samples_per_s"]
     # Train graph + eval graph (no grad): nothing more, however many steps.
     assert compiled.stderr.count("Recompiling function") <= 1, compiled.stderr[-3000:]
 
