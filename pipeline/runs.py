@@ -180,7 +180,9 @@ def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tu
     if cfg.data.get("statistics"):
         say(f"data: the run's train statistics ({cfg.data.statistics}) are applied to this data, not its own")
         return {"train": splits["train"], split: splits[split]}, shards
-    differ = sorted(k for k in meta if k != "class_names" and shard_meta.get(k) != meta[k])
+    # The recipe's transform keys (data.augment) come from the run's config, not from prepare().
+    own = ("class_names", *recipe.transform_keys)
+    differ = sorted(k for k in meta if k not in own and shard_meta.get(k) != meta[k])
     if differ:
         # Statistics a recipe applies inside prepare() (water_potability's scaling) are this data's own.
         say(f"data: this data's {', '.join(differ)} (computed by the recipe's prepare() on it) differ from the run's "

@@ -83,6 +83,9 @@ def test_image_folder_trains_and_predicts_its_eval_accuracy(workdir):
 
     run = run_dirs(workdir / "runs", "image_folder")[0]
     assert json.loads((run / "meta.json").read_text())["augment"] == ["hflip", "vflip"]  # from the run's config
+    evaluated = ok(cli([f"run={run}"], cwd=workdir, script="evaluate"))  # on the same shards, quietly
+    assert "differ from the run's meta.json" not in evaluated.stdout + evaluated.stderr
+    assert json.loads((run / "evaluations" / "eval.json").read_text())["eval/accuracy"] == s["eval/accuracy"]
     result = ok(cli([f"run={run}", "input=photos/eval", "output=eval.csv"], cwd=workdir, script="predict"))
     rows = predictions(workdir / "eval.csv")
     assert list(rows[0]) == ["file", "class", *(f"p({shape})" for shape in SHAPES)]
