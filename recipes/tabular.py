@@ -110,7 +110,7 @@ def read_header(path: Path) -> list[list[str]]:
     """The header and up to 1,000 rows as text (for `sniff`)."""
     from recipes._helpers import _records
 
-    return [row for _, row in _records(path)[:1001]]
+    return [row for _, row in _records(path, limit=1001)]
 
 
 def _mostly_text(rows: list[list[str]], column: int) -> bool:

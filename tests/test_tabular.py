@@ -15,7 +15,9 @@ from pipeline import cli as pipeline_cli
 from pipeline import data
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from recipes import _helpers as helpers
 from recipes import tabular
+from recipes._helpers import Column
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -170,3 +172,56 @@ def test_mistakes_are_named(workdir, monkeypatch):
     table.to_csv(path, index=False)
     with pytest.raises(DataError, match="'customer' has 48 different texts in the train rows"):
         prepared(workdir, path, "data.target=price", "data.eval_fraction=0.2")
+
+
+# ---------------------------------------------------------------- the Arrow fast path reads what the checks read
+
+HEADER = "area,rooms,town,price\n"
+CLEAN = {  # files Arrow reads in one pass: the same table and line numbers as cell by cell
+    "plain": HEADER + "50.5,2,north,180\n70,3,south,210.25\n",
+    "empty cells where values are filled": HEADER + "50.5,,north,180\n,3,,210.25\n",
+    "quoted cells, CRLF, no last newline": HEADER.replace("\n", "\r\n") + '"50.5",2,"north",180\r\n70,3,south,1e2',
+    "a byte-order mark": "\ufeff" + HEADER + "50.5,2,north,180\n70,3,south,210.25\n",
+}
+CHECKED = {  # files that need the checks' verdict: read cell by cell (refused, or cleaned as the checks clean)
+    "a blank line": HEADER + "50.5,2,north,180\n\n70,3,south,210.25\n",
+    "a row of empty cells": HEADER + "50.5,2,north,180\n,,,\n70,3,south,210.25\n",
+    "spaces around cells": HEADER + " 50.5 ,2, north,180\n70,3,south,210.25\n",
+    "a quoted newline": HEADER + '50.5,2,"no\nrth",180\n70,3,south,210.25\n',
+    "nan and inf": HEADER + "nan,2,north,180\n70,inf,south,210.25\n",
+    "a missing target": HEADER + "50.5,2,north,\n70,3,south,210.25\n",
+    "text in a number column": HEADER + "50.5,two,north,180\n70,3,south,210.25\n",
+    "a short row": HEADER + "50.5,2,north\n70,3,south,210.25\n",
+    "spaces in the header": "area, rooms,town,price\n50.5,2,north,180\n70,3,south,210.25\n",
+}
+COLUMNS = [Column("area", "number", True), Column("rooms", "number", True), Column("town", "category", True),
+           Column("price", "number")]
+
+
+def read_both(tmp_path: Path, text: str):
+    """(Arrow's table or its refusal, the checks' table or error), for one file."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "houses.csv"
+    path.write_bytes(text.encode())
+    cfg = SimpleNamespace(data=SimpleNamespace(drop_bad_rows=False))
+    fast = helpers._read_clean(path, COLUMNS)
+    try:
+        checked = helpers._read_checked(cfg, path, COLUMNS, header=True, rename="", source="data.file")[0]
+    except DataError as e:
+        checked = e
+    return fast, checked
+
+
+@pytest.mark.parametrize("case", CLEAN)
+def test_clean_files_read_by_arrow_as_the_checks_read_them(tmp_path, case):
+    fast, checked = read_both(tmp_path, CLEAN[case])
+    assert fast is not None, "expected the fast path"
+    pd.testing.assert_frame_equal(fast, checked)
+    assert list(fast.attrs["lines"]) == list(checked.attrs["lines"]) == [2, 3]
+
+
+@pytest.mark.parametrize("case", CHECKED)
+def test_files_that_need_a_verdict_are_left_to_the_checks(tmp_path, case):
+    fast, _ = read_both(tmp_path, CHECKED[case])
+    assert fast is None
