@@ -5,6 +5,7 @@ OmegaConf owns parsing and type checks; this module adds the choices and message
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -386,6 +387,7 @@ def _describe(e: OmegaConfBaseException, schema: DictConfig) -> str:
 
 
 def _check_values(cfg: DictConfig) -> None:
+    _check_finite(cfg)  # first: `nan < 1` is False, so a NaN would pass every range check below
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 1")
@@ -422,6 +424,20 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.scheduler.name is SchedulerName.onecycle and cfg.scheduler.warmup_steps:
         raise ConfigError(f"scheduler.name=onecycle has its own warmup; leave scheduler.warmup_steps=0 "
                           f"(got {cfg.scheduler.warmup_steps})")
+
+
+def _check_finite(node, prefix: str = "") -> None:
+    """No key takes nan or inf (YAML reads `.nan`/`.inf`, OmegaConf's float parser `nan`/`inf`): every number
+    here is a rate, a size or a count, and a non-finite one gives NaN weights or a loop that never ends."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=False, throw_on_missing=False)
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, (dict, list)):
+            _check_finite(v, key)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"bad value {key}={v}: must be a finite number")
 
 
 def as_dict(cfg: DictConfig) -> dict:

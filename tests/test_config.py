@@ -54,6 +54,13 @@ def test_default_recipe_is_digits():
     (["seed=-1"], ["seed=-1", ">= 0"]),
     (["data.num_workers=-2"], ["data.num_workers", ">= 0"]),
     (["data.eval_fraction=1.5"], ["data.eval_fraction"]),
+    # Non-finite numbers, for every float key: NaN passes every `< 0` range check.
+    (["optimizer.lr=nan"], ["optimizer.lr=nan", "finite"]),
+    (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite"]),
+    (["optimizer.weight_decay=.nan"], ["optimizer.weight_decay=nan", "finite"]),
+    (["trainer.clip_grad_norm=-inf"], ["trainer.clip_grad_norm=-inf", "finite"]),
+    (["data.in_memory_budget_gb=nan"], ["data.in_memory_budget_gb=nan", "finite"]),
+    (["scheduler.gamma=nan"], ["scheduler.gamma=nan", "finite"]),
     (["epochs"], ["epochs", "key=value"]),
     (["optimizer.betas=[0.9"], ["optimizer.betas=[0.9", "YAML"]),
     (["--config"], ["--config needs a YAML file"]),  # --config takes one file
