@@ -7,6 +7,7 @@ memory-mapped shards a batch at a time (`Stream`). Both serve the same batches i
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import inspect
@@ -26,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from pipeline import files
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 
@@ -149,7 +151,7 @@ def prepare(recipe, cfg: DictConfig, state=None, log=print, rebuild: bool = Fals
                 log(f"data: preparing {recipe.name} from {cfg.data.root} -> {out}")
                 # The recipe's return value checked (and meta made JSON-able) before anything is written.
                 splits, meta = recipes.check_prepared(recipe, recipe.prepare(cfg), cfg)
-                _save(splits, meta, out, cfg.data.num_shards)
+                _save(splits, meta, out, cfg.data.num_shards, log)
                 log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
         except Exception as e:
             error = e
@@ -173,21 +175,27 @@ class _main_first:
             c.__exit__(*exc)
 
 
-def _save(splits: datasets.DatasetDict, meta: dict, out: Path, num_shards: int) -> None:
+def _save(splits: datasets.DatasetDict, meta: dict, out: Path, num_shards: int, log=print) -> None:
     # Written beside the target and renamed into place, so a crash never leaves shards that look valid.
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_dead_leftovers(out, log)  # a killed build's half-written folder (they can be large)
+    tmp = files.temporary_folder(out)
     try:
         splits.save_to_disk(str(tmp), num_shards={k: min(num_shards, max(1, len(v))) for k, v in splits.items()})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / files.OWNER_FILE).unlink()
         sums = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
-        out.parent.mkdir(parents=True, exist_ok=True)
         try:
             tmp.rename(out)
         except OSError:  # another process finished the same shards first
             if not (out / META_FILE).exists():
                 raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(f"disk full while writing the shards to {out.parent} ({e.strerror}); the partial shards "
+                        f"were removed.\nFix: free space there, or point data.cache_dir= at a larger disk") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

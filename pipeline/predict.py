@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from pipeline import config, runs
+from pipeline import config, files, runs
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
@@ -158,17 +158,15 @@ def csv_writer(path: Path):
     """A csv writer into a temporary file beside `path`, renamed to it when the block ends without an error:
     the predictions are there whole or not at all (an error, a kill or a full disk leaves no CSV under that
     name)."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", newline="") as f:
+        # A temporary file of its own: two predicts into one output never share it, and a person's own
+        # `<output>.tmp` beside it is left alone; the last rename wins, whole.
+        with files.replacing(path, newline="") as f:
             yield csv.writer(f, lineterminator="\n")
-        tmp.replace(path)
     except OSError as e:
         raise DataError(f"cannot write the predictions to {path} ({e.strerror}).\nFix: choose a writable place, "
                         f"output=<file.csv>") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _plain(values) -> list:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, get_available_trackers, on_main_process
 
+from pipeline import files
 from pipeline.config import ConfigError
 
 # Speeds and durations go to the trackers and to summary.json, not into metrics.jsonl: the local record holds
@@ -299,6 +300,4 @@ def write_json(path: Path, values: dict) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Written to a temporary file and renamed, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    files.write_text(path, text)

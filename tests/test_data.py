@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from conftest import cli, common, ok, write_mnist_raw
 from torchvision.datasets import MNIST
 
-from pipeline import data
+from pipeline import data, files
 from pipeline import recipe as recipes
 
 
@@ -292,3 +293,36 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     reached = {f.__qualname__ for f in data._reached(mnist.prepare)}
     assert {"idx_splits", "torchvision_arrays", "image_split", "split_train_eval", "read_idx"} <= reached
     assert not {"loader", "columns", "Rows", "prepare", "check", "read"} & reached
+
+
+def test_a_killed_builds_leftover_is_removed_a_live_ones_kept(workdir):
+    recipe, cfg = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'cache'}"])
+    out = data.shards_dir(recipe, cfg)
+    out.parent.mkdir(parents=True)
+    # A SIGKILLed build: a real process that is gone now, and a folder named as builds before owners were recorded.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = files.temporary_folder(out)
+    (killed / files.OWNER_FILE).write_text(json.dumps({**files.owner(), "pid": dead.pid}))
+    (killed / "data-00000-of-00001.arrow").write_bytes(b"x" * 4096)
+    old_style = out.with_name(f"{out.name}.tmp-{dead.pid}")
+    old_style.mkdir()
+    live = files.temporary_folder(out)  # this process: alive, so a build still writing
+    said = []
+    data.prepare(recipe, cfg, log=said.append)
+    assert not killed.exists() and not old_style.exists() and live.exists()
+    assert any(f"removing {killed}" in line and "killed" in line for line in said), said
+    assert (out / "meta.json").exists()
+
+
+@pytest.mark.slow
+def test_full_disk_while_preparing_is_one_message_and_leaves_nothing(workdir):
+    from test_faults import tmpfs
+
+    with tmpfs(workdir / "small", "64k") as small:
+        result = cli(common(workdir, f"data.cache_dir={small}"), cwd=workdir, script="prepare")
+        left = [p.name for p in small.rglob("*")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"disk full while writing the shards to {small / 'digits'}" in result.stderr
+    assert "data.cache_dir=" in result.stderr and "Traceback" not in result.stderr
+    assert left == ["digits"], left  # no half-written shards, no temporary folder
