@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from conftest import cli, common, ok, run_dirs
 
+from pipeline import files
 from pipeline import predict as predict_module
 from pipeline.config import ConfigError
 from pipeline.data import DataError
@@ -130,3 +131,29 @@ def test_evaluate_on_other_data_uses_the_runs_statistics_as_predict_does(water_r
     bce = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
     assert evaluated["eval/loss"] == pytest.approx(bce, rel=1e-6)
 
+
+
+def test_two_writers_of_one_output_never_mix_and_a_users_tmp_file_is_left_alone(tmp_path):
+    out = tmp_path / "preds.csv"
+    mine = tmp_path / "preds.csv.tmp"  # a person's own file, beside the output
+    mine.write_text("keep me\n")
+    with predict_module.csv_writer(out) as first:
+        first.writerow(["line", "class"])
+        with predict_module.csv_writer(out) as second:  # another predict into the same output, meanwhile
+            second.writerows([["line", "class"], [2, "b"]])
+        assert out.read_text() == "line,class\n2,b\n"
+        first.writerows([[2, "a"], [3, "a"]])
+    assert out.read_text() == "line,class\n2,a\n3,a\n"  # the last to finish wins, whole
+    assert mine.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv", "preds.csv.tmp"]
+    assert out.stat().st_mode & 0o777 == 0o666 & ~files.umask()  # as open() makes it, not mkstemp's 0600
+
+
+@pytest.mark.slow
+def test_predict_leaves_a_users_tmp_file_alone(water_run):
+    run, _, workdir = water_run
+    pd.read_csv(WATER).drop(columns="Potability").iloc[:5].to_csv(workdir / "few.csv", index=False)
+    (workdir / "few-out.csv.tmp").write_text("mine\n")
+    ok(predict(run, workdir, f"input={workdir / 'few.csv'}", f"output={workdir / 'few-out.csv'}"))
+    assert len(pd.read_csv(workdir / "few-out.csv")) == 5
+    assert (workdir / "few-out.csv.tmp").read_text() == "mine\n"
