@@ -10,11 +10,14 @@ import csv
 import glob
 import json
 import math
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from pipeline import files
 from pipeline.tracking import flat  # {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}
 
 # Keys that differ between any two runs because of where they ran, not what they trained.
@@ -63,15 +66,49 @@ def expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def load(path: Path) -> Run:
+def load(path: Path, say=None) -> Run:
+    """A run folder's records. A damaged summary.json shows the run from its logged lines, and a line of
+    metrics.jsonl that cannot be read (the last one of a run killed while writing it) is left out; `say`
+    tells which (default: standard error, away from the table on standard output)."""
+    say = say or (lambda message: print(message, file=sys.stderr))
     if not (path / "config.yaml").is_file():
         raise CompareError(f"{path}: not a run folder (no config.yaml); a run folder is "
                            f"<output_dir>/<recipe>/<run name>/, e.g. runs/digits/20250101-120000")
-    config = flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    metrics = path / "metrics.jsonl"
-    lines = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()] if metrics.is_file() else []
-    return Run(path, config, summary, lines)
+    try:
+        config = flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    except (yaml.YAMLError, OSError, AttributeError) as e:
+        raise CompareError(f"{path / 'config.yaml'} cannot be read ({str(e).splitlines()[0]}); leave {path} out "
+                           f"of the comparison, or restore the file") from None
+    summary = {}
+    if (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+            if not isinstance(summary, dict):
+                raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            say(f"note: {path / 'summary.json'} cannot be read ({e}); the run is shown from its metrics.jsonl")
+            summary = {}
+    return Run(path, config, summary, _lines(path / "metrics.jsonl", say))
+
+
+def _lines(metrics: Path, say) -> list[dict]:
+    if not metrics.is_file():
+        return []
+    lines, skipped = [], []
+    for number, text in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
+        try:
+            line = json.loads(text) if text.strip() else None
+        except ValueError:
+            line = False
+        if isinstance(line, dict):
+            lines.append(line)
+        elif line is not None:
+            skipped.append(number)
+    if skipped:
+        what = "line" if len(skipped) == 1 else "lines"
+        say(f"note: {metrics} {what} {', '.join(map(str, skipped))} cannot be read (cut short by a kill while it "
+            f"was written?); left out")
+    return lines
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -119,10 +156,24 @@ def markdown(header: list[str], rows: list[list]) -> str:
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     """The same table with full-precision numbers (empty where the markdown shows a dash)."""
-    with open(path, "w", newline="") as f:
+    with output_file(path, "--csv") as f:
         out = csv.writer(f)
         out.writerow(header)
         out.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+@contextmanager
+def output_file(path: Path, option: str, mode: str = "w"):
+    """A file to write an output into (its folder made if missing), renamed into place whole."""
+    if path.is_dir():
+        example = path / ("runs.csv" if option == "--csv" else "curves.png")
+        raise CompareError(f"{option} {path} is a folder; name a file in it, e.g. {option} {example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with files.replacing(path, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            yield f
+    except OSError as e:
+        raise CompareError(f"{option} {path}: cannot write it ({e.strerror}); choose a writable place") from None
 
 
 def cell(column: str, value) -> str:
@@ -159,8 +210,13 @@ def plot(runs: list[Run], metric: str, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        with output_file(out, "--plot", "wb") as f:
+            fig.savefig(f, dpi=120, format=out.suffix[1:].lower() or None)
+    except ValueError as e:  # a suffix matplotlib cannot write
+        raise CompareError(f"--plot {out}: {e}; name a .png (or .pdf, .svg) file") from None
+    finally:
+        plt.close(fig)
 
 
 def curve(run: Run, metric: str) -> list[tuple[int, float]]:

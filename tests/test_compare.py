@@ -107,3 +107,39 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path):
     (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib')\n")
     out = compare(tmp_path / "run", "--plot", "x.png", cwd=tmp_path, env={"PYTHONPATH": f"{hidden}:{ROOT}"})
     assert out.returncode == 2 and "pip install matplotlib" in out.stderr
+
+
+def test_damaged_records_are_named_and_the_rest_compared(tmp_path):
+    write_run(tmp_path / "done", 0.1, {"eval/loss": 0.5}, [{"step": 10, "eval/loss": 0.5}])
+    # A run killed while writing a line: the last one is cut short; another whose summary.json was cut.
+    killed = write_run(tmp_path / "killed", 0.2, None, [{"step": 5, "eval/loss": 0.9}])
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "eval/lo')
+    damaged = write_run(tmp_path / "damaged", 0.3, None, [{"step": 5, "eval/loss": 0.7}])
+    (damaged / "summary.json").write_text('{"eval/loss": 0.')
+    out = ok(compare(*(tmp_path / n for n in ("done", "killed", "damaged")), cwd=tmp_path))
+    header, rows = parse(out.stdout)
+    assert [row[:2] + [row[header.index("eval/loss")]] for row in rows] == [
+        ["done", "done", "0.5"], ["killed", "unfinished", "0.9"], ["damaged", "unfinished", "0.7"]]
+    assert f"{killed / 'metrics.jsonl'} line 2 cannot be read" in out.stderr and "left out" in out.stderr
+    assert f"{damaged / 'summary.json'} cannot be read" in out.stderr and "Traceback" not in out.stderr
+
+    (damaged / "config.yaml").write_text("optimizer: {lr: [0.3\n")
+    bad = compare(tmp_path / "done", damaged, cwd=tmp_path)
+    assert bad.returncode == 2 and f"{damaged / 'config.yaml'} cannot be read" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_outputs_into_a_folder_or_a_missing_one(tmp_path):
+    write_run(tmp_path / "run", 0.1, {"eval/loss": 0.5}, [{"step": 1, "eval/loss": 0.5}])
+    (tmp_path / "out").mkdir()
+    folder = compare(tmp_path / "run", "--csv", tmp_path / "out", cwd=tmp_path)
+    assert folder.returncode == 2 and "--csv" in folder.stderr and "is a folder; name a file in it" in folder.stderr
+    assert "Traceback" not in folder.stderr
+    ok(compare(tmp_path / "run", "--csv", tmp_path / "new" / "table.csv", cwd=tmp_path))
+    assert (tmp_path / "new" / "table.csv").read_text().startswith("run,status")
+    if importlib.util.find_spec("matplotlib") is not None:
+        ok(compare(tmp_path / "run", "--plot", tmp_path / "plots" / "loss.png", cwd=tmp_path))
+        assert (tmp_path / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+        wrong = compare(tmp_path / "run", "--plot", tmp_path / "loss.txt", cwd=tmp_path)
+        assert wrong.returncode == 2 and "--plot" in wrong.stderr and "Traceback" not in wrong.stderr
