@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 # Codes whose message the training process already printed: the launcher adds nothing.
-EXPLAINED = {0, 2, 3, 128 + signal.SIGTERM}
+EXPLAINED = {0, 2, 3, 128 + signal.SIGINT, 128 + signal.SIGTERM}
 
 
 def shell_code(returncode: int) -> int:

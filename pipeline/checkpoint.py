@@ -352,25 +352,40 @@ def skip_batches(accelerator, loader, batches: int):
 
 
 class Preempted(Exception):
-    """The processes agreed to stop on SIGTERM and saved a checkpoint; the same command resumes."""
+    """The processes agreed to stop on SIGTERM or Ctrl-C and saved a checkpoint; the same command resumes."""
 
-    exit_code = 128 + signal.SIGTERM
+    def __init__(self, message: str, exit_code: int = 128 + signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = exit_code  # 143 for SIGTERM, 130 for Ctrl-C, as a shell reports them
 
 
 class StopSignal:
-    """SIGTERM (a scheduler's preemption or time-limit warning) only raises a flag here. The loop sends
-    the flag along with its next log-line reduction, so every process stops after the same step."""
+    """SIGTERM (a scheduler's preemption or time-limit warning) and the first Ctrl-C only raise a flag here.
+    The loop sends the flag along with its next log-line reduction, so every process stops after the same
+    step and saves. A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing."""
 
-    def __init__(self, enabled: bool = True):
-        self.received, self.previous = False, None
+    def __init__(self, enabled: bool = True, say=print):
+        self.received, self.interrupted, self.previous, self.say = False, False, {}, say
         if enabled and threading.current_thread() is threading.main_thread():  # signals are set up there only
-            self.previous = signal.signal(signal.SIGTERM, self._receive)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._receive)
 
     def _receive(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.say("Ctrl-C: stopping at the next log line and saving a checkpoint (Ctrl-C again stops at "
+                     "once, unsaved)")
         self.received = True
 
+    @property
+    def name(self) -> str:
+        return "Ctrl-C (SIGINT)" if self.interrupted else "SIGTERM"
+
     def close(self):
-        """Gives SIGTERM back to whoever had it (a test runner calling train() in-process, say)."""
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        """Gives the signals back to whoever had them (a test runner calling train() in-process, say)."""
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous = {}

@@ -6,6 +6,7 @@ Errors people can fix (config, missing data) print one message and exit 2, befor
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from pipeline import checkpoint, config, data
@@ -82,6 +83,11 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # A second Ctrl-C during training, or one before it started: stopped where it was, as asked.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{script}: interrupted (Ctrl-C); nothing was saved since the last checkpoint", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         leave_process_group()
 

@@ -7,6 +7,7 @@ Accelerate owns devices, processes, precision, accumulation and trackers; this i
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -93,7 +94,8 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     trainer = OmegaConf.to_object(cfg.trainer)
     speed = report.Speed(run.accelerator.device)
     progress = report.Progress(run.accelerator.is_main_process, run.steps_per_epoch * trainer.epochs)
-    stop_signal = checkpoint.StopSignal(enabled=cfg.checkpoint.keep > 0)  # without checkpoints SIGTERM ends it
+    # Without checkpoints SIGTERM and Ctrl-C end the run at once: there is nothing to save for a resume.
+    stop_signal = checkpoint.StopSignal(enabled=cfg.checkpoint.keep > 0, say=run.accelerator.print)
     results, epochs_done = {}, position.epoch - 1
     try:
         for epoch in range(position.epoch, trainer.epochs + 1):
@@ -177,11 +179,12 @@ def train_step(run: Run, batch: dict, clip_grad_norm: float | None) -> torch.Ten
 def log_line(run: Run, position: Position, losses: list, results: dict, best: Best, speed, progress,
              stop_signal) -> None:
     """The mean loss since the last line, in one cross-process reduction (none on the other steps). It
-    carries the SIGTERM flag too: any process that got one makes all of them stop after this step."""
+    carries the stop flags too: any process that got SIGTERM or Ctrl-C makes all of them stop after this step."""
     accelerator = run.accelerator
     flags = torch.stack([torch.stack(losses).mean().float(),
-                         torch.tensor(float(stop_signal.received), device=accelerator.device)])
-    train_loss, terminate = accelerator.reduce(flags, reduction="mean").tolist()
+                         torch.tensor(float(stop_signal.received), device=accelerator.device),
+                         torch.tensor(float(stop_signal.interrupted), device=accelerator.device)])
+    train_loss, terminate, interrupted = accelerator.reduce(flags, reduction="mean").tolist()
     losses.clear()
     logged = {"train/loss": train_loss, "train/lr": run.optimizer.param_groups[0]["lr"], "epoch": position.epoch}
     rate = speed.rate()  # 0 until the warm-up steps are over
@@ -193,8 +196,10 @@ def log_line(run: Run, position: Position, losses: list, results: dict, best: Be
     if terminate > 0:
         saved = save_checkpoint(run, position, best)
         accelerator.end_training()
-        raise checkpoint.Preempted(f"stopped on SIGTERM after step {position.step}; saved {saved}. "
-                                   f"The same command with run_name={run.run_dir.name} resumes it.")
+        # Every process exits with one code: Ctrl-C's where any process had one (a terminal sends it to all).
+        name, code = ("Ctrl-C", 128 + signal.SIGINT) if interrupted > 0 else ("SIGTERM", 128 + signal.SIGTERM)
+        raise checkpoint.Preempted(f"stopped on {name} after step {position.step}; saved {saved}. "
+                                   f"The same command with run_name={run.run_dir.name} resumes it.", code)
 
 
 def end_epoch(run: Run, position: Position, results: dict, best: Best, progress, last: bool) -> None:

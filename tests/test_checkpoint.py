@@ -1,7 +1,9 @@
 """Checkpoints and resume: a run killed at any moment continues, on 1 or 2 processes, exactly where it was."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -303,3 +305,32 @@ def test_only_the_pipelines_own_folders_are_removed(tmp_path):
     (root / "step-00000010" / checkpoint.STATE_FILE).write_text("{}")
     checkpoint.remove_all(tmp_path)
     assert not root.exists()  # emptied: the folder goes too
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_like_sigterm_and_resumes_exactly(workdir, whole):
+    run_dir = workdir / "runs" / "digits" / "job"
+    args = common(workdir, *ARGS, "run_name=job")
+    proc = start_and_wait_for_checkpoint(args, workdir, run_dir, 1, min_step=10)
+    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Ctrl-C: stopping at the next log line and saving a checkpoint" in out
+    assert err.count("stopped on Ctrl-C after step") == 1 and "Traceback" not in err, err[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "preempted"
+    ok(cli(args, cwd=workdir))
+    same_result(run_dir, whole)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    stop = checkpoint.StopSignal(say=lambda message: None)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs the handler at the next instruction of the main thread
+        assert stop.received and stop.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
