@@ -13,7 +13,6 @@ import gzip
 import itertools
 import json
 import math
-import os
 import shutil
 import socket
 import tempfile
@@ -37,6 +36,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from pipeline import files
 from pipeline.config import DataConfig
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
@@ -175,14 +175,11 @@ def download(files: list[tuple[str, list[str], str | None]], folder: Path, what:
 
 
 def _place(src: Path, target: Path) -> None:
-    """Copies a finished download into the data folder under a temporary name, then renames it into place."""
-    part = target.with_name(f".{target.name}.part")
+    """Copies a finished download into the data folder under a temporary name of its own, then renames it into
+    place: two machines downloading into one shared folder never mix their bytes."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copyfile(src, part)
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
+    with open(src, "rb") as source, files.replacing(target, "wb") as out:
+        shutil.copyfileobj(source, out)
 
 
 def read_idx(path: Path, reader) -> torch.Tensor:
