@@ -227,3 +227,18 @@ def test_download_false_names_the_files_and_where_they_go(workdir):
                  "t10k-labels-idx1-ubyte", ".gz", "data.root", "data.download=true"]:
         assert word in err
     assert not (workdir / "nothing").exists()
+
+
+def test_a_download_is_placed_whole_under_a_name_of_its_own(tmp_path):
+    from recipes import _helpers
+
+    src = tmp_path / "download" / "train.gz"
+    src.parent.mkdir()
+    src.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 64)
+    folder = tmp_path / "data" / "MNIST" / "raw"
+    folder.mkdir(parents=True)
+    (folder / ".train.gz.part").write_text("a person's file, or another machine's download in progress")
+    _helpers._place(src, folder / "train.gz")
+    assert (folder / "train.gz").read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == [".train.gz.part", "train.gz"]
+    assert (folder / ".train.gz.part").read_text().startswith("a person's file")
