@@ -4,9 +4,10 @@ command on the same run folder stops with a message instead of writing into the 
 The kernel's `flock` on the file is the lock: it is atomic, and it ends with its process however that process
 ends (a SIGKILL too), so a lock left by a dead process on this host is taken over with a note. The text in the
 file names the holder for the message, and decides where `flock` cannot: a lock written by another host is
-never taken over, because this host cannot tell whether that run still writes (on a shared filesystem whose
-locks do not reach across hosts, two hosts would both get the `flock`). Its user removes the file once that
-run is gone; the message says so.
+not taken over, because this host cannot tell whether that run still writes (on a shared filesystem whose
+locks do not reach across hosts, two hosts would both get the `flock`); its user removes the file once that
+run is gone, as the message says. The one exception is a requeued Slurm job (same SLURM_JOB_ID, a higher
+SLURM_RESTART_COUNT): Slurm requeues a job only once its earlier attempt has ended, on whatever node.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def take(path: Path, what: str, say=print) -> Lock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(_held_message(what, path, _holder(path, wait=True), "it is running")) from None
+            holder = _holder(path, wait=True)
+            raise ConfigError(_held_message(what, path, holder, _alive_why(holder))) from None
         except OSError as e:
             if e.errno not in NO_LOCKS:
                 os.close(fd)
@@ -73,7 +75,14 @@ def take(path: Path, what: str, say=print) -> Lock:
 def me() -> dict:
     """What the lock file says about its holder."""
     pid, since = os.getpid(), datetime.now().astimezone().isoformat(timespec="seconds")
-    return {"host": socket.gethostname(), "pid": pid, "since": since, "process_start": process_start(pid)}
+    return {"host": socket.gethostname(), "pid": pid, "since": since, "process_start": process_start(pid),
+            **_slurm_attempt()}
+
+
+def _slurm_attempt() -> dict:
+    if not os.environ.get("SLURM_JOB_ID"):
+        return {}
+    return {"slurm_job": os.environ["SLURM_JOB_ID"], "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
 
 
 def _take_over(fd: int, path: Path, what: str, say) -> None:
@@ -92,6 +101,9 @@ def _take_over(fd: int, path: Path, what: str, say) -> None:
 
 def _gone(holder: dict) -> str | None:
     """How we know `holder` no longer runs, or None when we cannot know it (another host) or it runs."""
+    mine = _slurm_attempt()
+    if mine and holder.get("slurm_job") == mine["slurm_job"] and holder.get("slurm_restart", 0) < mine["slurm_restart"]:
+        return f"was an earlier attempt of Slurm job {mine['slurm_job']}, which Slurm requeued"
     if holder.get("host") != socket.gethostname():
         return None
     pid = holder.get("pid")

@@ -87,6 +87,21 @@ def test_a_lock_whose_holder_cannot_be_shown_gone_is_refused(tmp_path):
     assert path.exists()  # left for its user to judge
 
 
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock(tmp_path, monkeypatch):
+    path = tmp_path / lock.NAME
+    path.write_text(json.dumps({"host": "node7", "pid": 1, "since": "then", "slurm_job": "77", "slurm_restart": 0}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same attempt, on another node: not provably gone
+    with pytest.raises(ConfigError, match="pid 1 on host node7 since then: that is another host"):
+        lock.take(path, "run x")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # Slurm requeued it: the attempt on node7 has ended
+    notes = []
+    held = lock.take(path, "run x", say=notes.append)
+    assert "was an earlier attempt of Slurm job 77, which Slurm requeued" in notes[0]
+    assert json.loads(path.read_text())["slurm_restart"] == 1
+    held.release()
+
+
 def wait_for_lock(run_dir, proc: subprocess.Popen, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -146,13 +161,13 @@ def test_a_failed_start_leaves_no_run_folder_and_keeps_an_earlier_one(workdir):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "trainer.batch_size=65536 is larger than the train split" in result.stderr
     assert not (workdir / "runs" / "digits" / "big").exists()
-    # A folder that was there before (an earlier attempt, a person's notes) stays as it was.
+    # A folder that was there before (an earlier attempt's, with a person's notes) stays.
     earlier = workdir / "runs" / "digits" / "earlier"
     earlier.mkdir()
     (earlier / "notes.txt").write_text("mine")
     result = cli(common(workdir, "trainer.batch_size=65536", "run_name=earlier"), cwd=workdir)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert sorted(p.name for p in earlier.iterdir()) == ["notes.txt"]
+    assert (earlier / "notes.txt").read_text() == "mine" and not (earlier / lock.NAME).exists()
 
 
 def two_machines(workdir, args: list[str], timeout: int = 240) -> list[subprocess.CompletedProcess]:
