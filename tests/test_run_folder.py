@@ -1,5 +1,5 @@
 """The run folder: one writer at a time (pipeline/lock.py), a refusal that reaches every process, and no empty
-folder left by a start that failed."""
+folder left by a start that failed. Also two builds of the same shards at once, which need no lock."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import time
 import pytest
 from conftest import ROOT, cli, command, common, environment, free_port
 
-from pipeline import lock
+from pipeline import data, lock
 from pipeline.config import ConfigError
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from pipeline import lock
+from pipeline import data, lock
 held = lock.take(Path(sys.argv[1]), "run x")
 print("held", flush=True)
 time.sleep(600)
@@ -208,3 +208,40 @@ def test_a_refusal_on_the_main_process_stops_every_machine_with_it(workdir):
         assert machine.stderr.count(f"error: run {finished} already finished") == 1, machine.stderr[-3000:]
         assert "Traceback" not in machine.stderr
     print(f"both machines exited 2 in {took:.0f} s")
+
+
+SAVE = """
+import sys, time
+from pathlib import Path
+import datasets
+from pipeline import data
+out, go = Path(sys.argv[1]), Path(sys.argv[2])
+rows = datasets.Dataset.from_dict({"x": list(range(2_000_000))})
+splits = datasets.DatasetDict({"train": rows, "eval": rows.select(range(1000))})
+while not go.exists():
+    time.sleep(0.01)
+started = time.time()
+data._save(splits, {"n": 1}, out, 4)
+print(started, time.time(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_builds_of_the_same_shards_at_once_leave_one_intact_folder(tmp_path):
+    # Each build writes a folder of its own and renames it into place; the second rename fails on the first's
+    # complete folder, which both then use. So two prepares of one fingerprint waste work but never race.
+    out, go = tmp_path / "cache" / "fp", tmp_path / "go"
+    builds = [subprocess.Popen([sys.executable, "-c", SAVE, str(out), str(go)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+              for _ in range(2)]
+    time.sleep(1)
+    go.touch()
+    spans = []
+    for build in builds:
+        stdout, stderr = build.communicate(timeout=300)
+        assert build.returncode == 0, stderr[-3000:]
+        spans.append([float(t) for t in stdout.split()])
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, f"the builds did not overlap: {spans}"
+    assert data.check(out, full=True) > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fp"]  # no temporary folder left
