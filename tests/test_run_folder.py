@@ -149,6 +149,7 @@ def test_a_dead_runs_lock_is_taken_over_and_an_error_gives_it_back(workdir):
     assert not (run_dir / lock.NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_gives_its_lock_back(digits_run):
     run, _, _ = digits_run
     assert (run / "summary.json").exists() and not (run / lock.NAME).exists()
