@@ -7,6 +7,7 @@ Accelerate owns devices, processes, precision, accumulation and trackers; this i
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -20,16 +21,16 @@ from accelerate import PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
     TorchDynamoPlugin,
-    broadcast_object_list,
     set_seed,
 )
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint, data, hooks, optim, patches, plots, report, runinfo, tracking
+from pipeline import lock as locks
 from pipeline import recipe as recipes
 from pipeline.best import Best
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
-from pipeline.guards import check_finite, check_weights, check_writable, disk_full_guard
+from pipeline.guards import check_finite, check_weights, check_writable, disk_full_guard, shared_verdict
 from pipeline.patches import Accelerator
 
 # best.safetensors is saved as one file, renamed into place whole (Accelerate would shard it past 10 GB).
@@ -82,7 +83,12 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     """Trains and evaluates a recipe (`cfg.recipe` unless given); returns the summary also written to
     `<run>/summary.json`."""
     started = time.perf_counter()
-    run = setup(cfg, recipe or recipes.load(cfg.recipe))
+    folder = RunFolder()  # setup makes and locks it; a start that fails gives it up again
+    try:
+        run = setup(cfg, recipe or recipes.load(cfg.recipe), folder)
+    except BaseException:
+        folder.abandon()
+        raise
     record = runinfo.start(run)  # run.json: "running" now, how it ended below
     position, saved = Position(), None
     if run.resume_from:
@@ -115,6 +121,7 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     finally:
         stop_signal.close()
         progress.close()
+        folder.release()
 
 
 def train_epoch(run: Run, trainer, position: Position, results: dict, best: Best, speed, progress,
@@ -309,9 +316,9 @@ def evaluate(run: Run, split: str) -> dict:
 # ---------------------------------------------------------------- building a run
 
 
-def setup(cfg, recipe: recipes.Recipe) -> Run:
-    """Checks, shards, the run directory, the Accelerator, loaders, model, optimizer and schedule, in the
-    order that lets a mistake stop the run before it leaves anything behind."""
+def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
+    """Checks, shards, the run directory (made and locked in `folder`), the Accelerator, loaders, model,
+    optimizer and schedule, in the order that lets a mistake stop the run before it leaves anything behind."""
     # Without any accelerator, Accelerate only forms a multi-process (gloo) group when told cpu=True.
     # PartialState is Accelerate's process state before a run exists; the Accelerator below shares it.
     cpu = not torch.accelerator.is_available()
@@ -320,7 +327,8 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     sync_batchnorm = check_sync_batchnorm(cfg, state)
     say = state.print
     patches.apply(say)  # before the Accelerator exists: it reads which patches are on when it is built
-    check_writable(cfg)  # before any work: not after the data was prepared
+    # Before any work (not after the data was prepared), on every process: each one writes there.
+    shared_verdict(state, check_writable, cfg, everywhere=True)
     data.check_in_memory(cfg, recipe.dataset is not None)
     wandb_mode = tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
@@ -328,7 +336,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     shards = data.prepare(recipe, cfg, state, log=say)
     splits, meta = data.load(shards)
     meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
-    run_dir = make_run_dir(cfg, state, recipe.name)
+    run_dir = make_run_dir(cfg, state, recipe.name, folder)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
     # trains the same way; damaged ones are set aside with a warning.
     resume_from = checkpoint.resume_point(run_dir, cfg, state, say)
@@ -502,27 +510,73 @@ def decide_compile(cfg, state: PartialState, sync_batchnorm: bool, say) -> bool:
     return wanted
 
 
-def make_run_dir(cfg, state: PartialState, recipe_name: str) -> Path:
-    """`<output_dir>/<recipe>/<run_name>/`, chosen on the main process and shared with the others."""
-    name = [None]
-    if state.is_main_process:
-        base = Path(cfg.output_dir) / recipe_name
-        run_name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = base / run_name
+@dataclass
+class RunFolder:
+    """The run's folder: made by this command (`created`) or an earlier attempt's; locked by the main process
+    (`lock`), so one command at a time writes it."""
+
+    path: Path | None = None
+    created: bool = False
+    lock: locks.Lock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def abandon(self) -> None:
+        """After a failed start: a folder this command made holds only what the start wrote, and goes; an
+        earlier attempt's folder (a resumed run) stays."""
+        if self.lock is not None and self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+
+
+def make_run_dir(cfg, state: PartialState, recipe_name: str, folder: RunFolder) -> Path:
+    """`<output_dir>/<recipe>/<run_name>/`, chosen, made and locked on the main process and shared with the
+    others; a refusal there stops every process with its message."""
+
+    def choose() -> tuple[str, bool]:
+        folder.path, folder.created = open_run_dir(cfg, recipe_name)
+        folder.lock = locks.take(folder.path / locks.NAME, f"run {folder.path}", say=state.print)
+        check_run_dir(cfg, folder)
+        return str(folder.path), folder.created
+
+    path, folder.created = shared_verdict(state, choose)
+    folder.path = Path(path)
+    return folder.path
+
+
+def open_run_dir(cfg, recipe_name: str) -> tuple[Path, bool]:
+    """The run's folder, made unless it exists (a run resumed by its run_name); True when made here."""
+    base = Path(cfg.output_dir) / recipe_name
+    base.mkdir(parents=True, exist_ok=True)
+    run_name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, suffix = base / run_name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path, True
+        except FileExistsError:
+            if cfg.run_name:
+                return path, False
+        suffix += 1  # two runs started in the same second
+        path = base / f"{run_name}-{suffix}"
+
+
+def check_run_dir(cfg, folder: RunFolder) -> None:
+    """Refuses a named run that finished, or whose checkpoints this command would start over; checked under
+    the lock, so no live run is changing what is read. The lock is given back on a refusal."""
+    path = folder.path
+    try:
         if cfg.run_name and (path / "summary.json").exists():
             raise ConfigError(f"run {path} already finished; pick another run_name= or remove it")
         if cfg.run_name and not cfg.checkpoint.resume and checkpoint.latest(path):
             raise ConfigError(f"run {path} has checkpoints and checkpoint.resume=false would start it over; "
                               f"resume it (checkpoint.resume=true), pick another run_name=, or remove it")
-        suffix = 1
-        while not cfg.run_name and path.exists():  # two runs started in the same second
-            suffix += 1
-            path = base / f"{run_name}-{suffix}"
-        path.mkdir(parents=True, exist_ok=True)
-        name = [str(path)]
-    if state.num_processes > 1:
-        broadcast_object_list(name)
-    return Path(name[0])
+    except ConfigError:
+        folder.release()
+        raise
 
 
 def keep_on_device(cfg, accelerator, tensors: dict) -> bool:
