@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.files import process_start
 
 NAME = "run.lock"  # in the run folder
 # flock's answers on a filesystem without locks: the holder's text alone decides there.
@@ -173,13 +174,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def process_start(pid: int) -> int | None:
-    """When `pid` started, in clock ticks after boot (Linux /proc; None elsewhere): a pid reused by a later
-    process has another start."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command's name
