@@ -446,6 +446,8 @@ def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], 
     the file, for messages (`input=` when predicting).
     """
     path = path.resolve()
+    if header is True:
+        _require_unique_names(path, columns, source)
     # A clean file is read by Arrow in one pass, to the same table; any other is checked cell by cell.
     table = _read_clean(path, columns) if header is True else None
     if table is not None:
@@ -565,6 +567,28 @@ def _read_clean(path: Path, columns: list[Column]) -> pd.DataFrame | None:
     return table
 
 
+def _require_unique_names(path: Path, columns: list[Column], source: str) -> None:
+    """A column read by a name the header gives twice: both readers would take the first one and never read the
+    other, so the model would be fed one column twice."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # unreadable: _records names the problem with its fix
+            return
+    else:
+        names = [n.strip() for n in _records(path, source, limit=1)[0][1]]
+    wanted = {c.name for c in columns}
+    twice = {name: [i + 1 for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names) if name in wanted}
+    twice = {name: at for name, at in twice.items() if len(at) > 1}
+    if twice:
+        shown = "; ".join(f"{name!r} at columns {', '.join(map(str, at))}" for name, at in twice.items())
+        raise DataError(f"{path}: the header names {len(twice)} column{'s' * (len(twice) != 1)} more than once: "
+                        f"{shown}. Only the first of each would be read.\nFix: give every column its own name in "
+                        f"the header (rename or delete the copies), then run again.")
+
+
 def _newlines(path: Path) -> int:
     """The file's lines (a last line without a newline counts)."""
     count, last = 0, b"\n"
@@ -610,7 +634,7 @@ def _parquet_records(path: Path, source: str) -> list[tuple[int, list[str]]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read()  # read_table refuses a name given twice: `read` names it
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}).\nFix: copy it again, "
                         f"or point {source} at the CSV or Parquet file.") from None

@@ -89,9 +89,14 @@ class Spec:
 
 def raw_files(cfg, spec: Spec = Spec()) -> list[Path]:
     path = raw_file(cfg, spec.expected)
-    if not spec.columns(cfg)[1]:
+    features, target = spec.columns(cfg)
+    if not target:
         raise ConfigError(f"recipe=tabular needs the column to predict: data.target=<column name>; {path} has the "
                           f"columns {', '.join(read_header(path)[0])}")
+    if target in features:
+        raise ConfigError(f"data.target={target} is also among data.features={list(features)}: the model would be "
+                          f"given the answer as an input (a label leak).\nFix: remove {target} from data.features "
+                          f"(or leave data.features empty: every column but the target)")
     return with_statistics(cfg, [path])
 
 
@@ -176,6 +181,17 @@ def infer_task(cfg, values: np.ndarray, target: str, spec: Spec) -> str:
     return task
 
 
+def require_classes(path: Path, target: str, values: np.ndarray) -> None:
+    """A classifier needs two classes to tell apart; with one its metrics are undefined."""
+    distinct = np.unique(values)
+    if len(distinct) < 2:
+        value = distinct[0]
+        value = int(value) if isinstance(value, float) and value.is_integer() else value
+        raise DataError(f"{path.resolve()}: the target column {target!r} has one value in all {len(values)} rows "
+                        f"({target}={value}), so there is nothing to classify.\nFix: use a file with rows of at "
+                        f"least two classes, or choose another data.target (data.task=regression for a number)")
+
+
 def _few(values: np.ndarray) -> str:
     shown = ", ".join(str(v) for v in values[:5])
     return shown + (f", ... ({len(values)} in all)" if len(values) > 5 else "")
@@ -258,6 +274,8 @@ def prepare(cfg, spec: Spec = Spec()):
     path = raw_files(cfg, spec)[0]
     values = table[target].to_numpy()
     task = infer_task(cfg, values, target, spec)
+    if task != "regression":
+        require_classes(path, target, values)
     if task != "regression" and values.dtype != object and np.all(np.mod(values, 1) == 0):
         values = values.astype(np.int64)  # classes 0 and 1, not 0.0 and 1.0
     numbers = [name for name in features if name not in categorical]

@@ -225,3 +225,49 @@ def test_clean_files_read_by_arrow_as_the_checks_read_them(tmp_path, case):
 def test_files_that_need_a_verdict_are_left_to_the_checks(tmp_path, case):
     fast, _ = read_both(tmp_path, CHECKED[case])
     assert fast is None
+
+
+# ---------------------------------------------------------------- table defects that would silently change the model
+
+
+def test_a_name_the_header_gives_twice_is_refused_on_every_reader(workdir):
+    """Both CSV readers and Parquet took the first of two same-named columns and never read the second."""
+    path = houses(workdir / "data", n=60)
+    table = pd.read_csv(path)
+    doubled = "area,rooms,area,town,price\n" + "".join(
+        f"{r.area},{r.rooms},{r.area * 2},{r.town},{r.price}\n" for r in table.itertuples())
+    clean, checked = workdir / "data" / "twice.csv", workdir / "data" / "twice-checked.csv"
+    clean.write_text(doubled)
+    checked.write_text(doubled.replace("\n", "\n\n", 3))  # a blank line: read cell by cell
+    assert helpers._read_clean(checked, COLUMNS) is None
+    parquet = workdir / "data" / "twice.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([table.area, table.rooms, table.area * 2, table.town, table.price],
+                            names=["area", "rooms", "area", "town", "price"]), parquet)
+    for file in (clean, checked, parquet):
+        with pytest.raises(DataError, match=rf"(?s){file.name}: the header names 1 column more than once: 'area' at "
+                                            r"columns 1, 3\. Only the first.*Fix: give every column its own name"):
+            prepared(workdir, file, "data.target=price")
+        with pytest.raises(DataError, match="'area' at columns 1, 3"):  # named features too
+            prepared(workdir, file, "data.target=price", "data.features=[area,rooms]")
+    # A name given twice that is not read changes nothing: the table trains as before.
+    _, meta = prepared(workdir, clean, "data.target=price", "data.features=[rooms,town]")
+    assert meta["numbers"] == ["rooms"]
+
+
+def test_the_target_among_the_features_is_refused(workdir):
+    path = houses(workdir / "data", n=60)
+    with pytest.raises(ConfigError, match=r"(?s)data.target=price is also among data.features=\['area', 'price'\]: "
+                                          r"the model would be given the answer .*label leak.*Fix: remove price"):
+        prepared(workdir, path, "data.target=price", "data.features=[area,price]")
+
+
+def test_a_target_with_one_class_is_refused(workdir):
+    path = houses(workdir / "data", n=60)
+    pd.read_csv(path).assign(sold="yes", rooms=3).to_csv(path, index=False)
+    for target, task in (("sold", "auto"), ("rooms", "auto"), ("rooms", "multiclass"), ("sold", "multiclass")):
+        with pytest.raises(DataError, match=rf"houses.csv: the target column '{target}' has one value in all 60 rows "
+                                            rf"\({target}=(yes|3)\), so there is nothing to classify"):
+            prepared(workdir, path, f"data.target={target}", f"data.task={task}", "data.features=[area]")
