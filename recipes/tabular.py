@@ -51,6 +51,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh,
                "silu": nn.SiLU}
 Activation = choice("Activation", ACTIVATIONS)
 MAX_CLASSES_INFERRED = 20  # a whole-number target with at most this many values is read as classes
+# |target| a float32 squared error takes unscaled: a batch of 64 such squares stays below float32's 3.4e38.
+UNSCALED_LIMIT = 1e18
 MAX_CATEGORIES = 256  # one-hot inputs a text column may add: more is an identifier or free text, not a category
 
 
@@ -192,6 +194,16 @@ def require_classes(path: Path, target: str, values: np.ndarray) -> None:
                         f"least two classes, or choose another data.target (data.task=regression for a number)")
 
 
+def require_squares_fit(path: Path, target: str, y: np.ndarray) -> None:
+    """An unscaled target is learned by a float32 squared error: values beyond UNSCALED_LIMIT overflow it (inf loss)."""
+    largest = float(np.abs(y).max())
+    if largest > UNSCALED_LIMIT:
+        raise DataError(f"{path.resolve()}: the target column {target!r} reaches {largest:.3g}, and with "
+                        f"data.standardize=false the training loss squares such values in float32, beyond its 3.4e38."
+                        f"\nFix: leave data.standardize=true (the default: the loss sees the standardized target, the "
+                        f"metrics and predictions stay in the target's units), or divide the column by a power of 10")
+
+
 def _few(values: np.ndarray) -> str:
     shown = ", ".join(str(v) for v in values[:5])
     return shown + (f", ... ({len(values)} in all)" if len(values) > 5 else "")
@@ -317,6 +329,8 @@ def prepare(cfg, spec: Spec = Spec()):
         stats.update(y_mean=float(y_train.mean()) if scale else 0.0, y_std=float(y_train.std()) if scale else 1.0)
         if scale:
             require_spread(path, {target: stats["y_std"]}, len(y_train))
+        else:
+            require_squares_fit(path, target, y)
     meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
     splits = {}
     for name, split in (("train", train), ("eval", evaluation)):

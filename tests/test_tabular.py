@@ -271,3 +271,38 @@ def test_a_target_with_one_class_is_refused(workdir):
         with pytest.raises(DataError, match=rf"houses.csv: the target column '{target}' has one value in all 60 rows "
                                             rf"\({target}=(yes|3)\), so there is nothing to classify"):
             prepared(workdir, path, f"data.target={target}", f"data.task={task}", "data.features=[area]")
+
+
+def big_target(folder: Path, n: int = 200, scale: float = 1e20) -> Path:
+    """A regression table whose target is near 1e20: its squared errors are beyond float32's 3.4e38."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=n)
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"x": x, "y": scale * (3 * x + rng.normal(size=n))}).to_csv(folder / "big.csv", index=False)
+    return folder / "big.csv"
+
+
+@pytest.mark.slow
+def test_metrics_of_a_target_near_float32s_limit_are_finite_json(workdir):
+    from test_tracking import strict_json
+
+    path = big_target(workdir / "data")
+    ok(cli(common(workdir, "recipe=tabular", f"data.file={path}", "data.target=y", "trainer.epochs=1"), cwd=workdir,
+           env=ONE_THREAD))
+    run = run_dirs(workdir / "runs", "tabular")[0]
+    summary = strict_json((run / "summary.json").read_text())
+    lines = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/mse" in line for line in lines)
+    # The errors are ~1e20, so the mse is ~1e40: finite in float64, inf (and r2 nan) in float32.
+    assert 1e39 < summary["eval/mse"] < 1e43, summary
+    assert -10 < summary["eval/r2"] < 1 and 1e19 < summary["eval/mae"] < 1e21, summary
+
+
+def test_an_unscaled_target_whose_squares_overflow_float32_is_refused(workdir):
+    path = big_target(workdir / "data", n=60)
+    with pytest.raises(DataError, match=r"(?s)big.csv: the target column 'y' reaches .*e\+20, and with "
+                                        r"data.standardize=false .*Fix: leave data.standardize=true"):
+        prepared(workdir, path, "data.target=y", "data.standardize=false")
+    _, meta = prepared(workdir, big_target(workdir / "small", n=60, scale=1e6), "data.target=y",
+                       "data.standardize=false")
+    assert meta["y_std"] == 1.0
