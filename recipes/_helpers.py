@@ -472,7 +472,7 @@ def _read_checked(cfg, path: Path, columns: list[Column], header: bool | None, r
             raise DataError(f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
                             f"or point {source} at the full CSV.")
     lines = np.array([line for line, _ in records])
-    table, problems = _parse(records, columns, positions, width)
+    table, problems = _parse(path, records, columns, positions, width)
     bad = np.zeros(len(records), dtype=bool)
     for cells in problems.values():
         bad[[i for i, _, _ in cells]] = True
@@ -676,7 +676,7 @@ def _closest(name: str, names: list[str]) -> str | None:
     return same[0] if same else next(iter(difflib.get_close_matches(name, names, n=1, cutoff=0.8)), None)
 
 
-def _parse(records, columns: list[Column], positions: list[int], width: int | None):
+def _parse(path: Path, records, columns: list[Column], positions: list[int], width: int | None):
     """Typed columns, and per problem the bad cells as (row index, column index or None, what to show)."""
     problems: dict[str, list] = {}
 
@@ -702,7 +702,7 @@ def _parse(records, columns: list[Column], positions: list[int], width: int | No
             table[column.name] = np.array(cells, dtype=object)
             continue
         if column.kind == "time":
-            values = pd.to_datetime(pd.Series(cells), errors="coerce")
+            values = _times(path, column.name, cells, [line for line, _ in records])
             for i in np.flatnonzero(values.isna().to_numpy() & ~empty):
                 flag("not a timestamp (expected e.g. 2016-01-01 00:15:00)", i, c, repr(cells[i]))
             table[column.name] = values
@@ -724,6 +724,51 @@ def _parse(records, columns: list[Column], positions: list[int], width: int | No
         if column.kind == "label":  # bad label rows are refused or dropped before this cast is used
             table[column.name] = table[column.name].fillna(-1).astype(np.int64)
     return table, problems
+
+
+def _times(path: Path, name: str, cells: list[str], lines: list[int]) -> pd.Series:
+    """The cells as timestamps (NaT where unreadable). Timestamps with different UTC offsets (a summer and a winter
+    time, or some with an offset and some without) are refused: they are no one series on one clock."""
+    try:
+        values = pd.to_datetime(pd.Series(cells), errors="coerce")
+    except ValueError:  # pandas refuses mixed offsets outright, or reads the cells that differ as NaT
+        values = None
+    if values is None or values.isna().any():
+        _require_one_offset(path, name, cells, lines)
+    if values is None:
+        raise DataError(f"{path}: column {name!r} holds timestamps pandas cannot read as one series.\nFix: write "
+                        f"them all in one format and one UTC offset (e.g. 2016-01-01 00:15:00+00:00).")
+    if values.dt.tz is not None:  # one offset throughout: its wall clock is as regular as UTC, and reads as written
+        values = values.dt.tz_localize(None)
+    return values
+
+
+def _require_one_offset(path: Path, name: str, cells: list[str], lines: list[int]) -> None:
+    if not pd.Series(cells).str.contains(r"(?:Z|UTC|[+-]\d\d:?\d\d)\s*$").any():
+        return  # no cell names an offset: nothing can differ
+    first = None
+    for i, cell in enumerate(cells):
+        try:
+            time = pd.Timestamp(cell)
+        except (ValueError, TypeError):
+            continue  # not a timestamp: named with the other bad cells
+        if time is pd.NaT:
+            continue
+        offset = time.utcoffset()
+        if first is None:
+            first = (i, offset)
+        elif offset != first[1]:
+            shown = [f"line {lines[j]} {cells[j]!r} ({_utc(o)})" for j, o in (first, (i, offset))]
+            raise DataError(f"{path}: column {name!r} mixes UTC offsets: {shown[0]}, then {shown[1]}; one series "
+                            f"needs one clock.\nFix: convert the column to one offset, e.g. UTC (pandas: "
+                            f"pd.to_datetime(column, utc=True)), and write it back; then run again.")
+
+
+def _utc(offset) -> str:
+    if offset is None:
+        return "no offset"
+    minutes = round(offset.total_seconds() / 60)
+    return f"UTC{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 def _numbers(cells: list[str], empty: np.ndarray) -> tuple[np.ndarray, list[int]]:
