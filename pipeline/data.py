@@ -213,6 +213,10 @@ def check(out: Path, full: bool = False) -> int:
         sums = json.loads((out / CHECKSUM_FILE).read_text())
     except (OSError, ValueError) as e:
         raise damaged(out, out / CHECKSUM_FILE, f"the list of checksums cannot be read ({e})") from None
+    if not isinstance(sums, dict) or not all(isinstance(w, dict) and {"size", "sha256"} <= w.keys()
+                                             for w in sums.values()):
+        raise damaged(out, out / CHECKSUM_FILE, "the list of checksums parses, but not as the {file: {size, sha256}} "
+                                                "that prepare writes")
     for name, want in sums.items():
         path = out / name
         if not path.is_file():
@@ -239,7 +243,11 @@ def load(out: Path) -> tuple[dict[str, datasets.Dataset], dict]:
     check(out)
     try:
         splits = dict(datasets.load_from_disk(str(out)))  # the DatasetDict that _save wrote
-        return splits, json.loads((out / META_FILE).read_text())
+        meta = json.loads((out / META_FILE).read_text())
+        if not isinstance(meta, dict):
+            raise damaged(out, out / META_FILE, f"it holds a JSON {type(meta).__name__}, not the object of facts "
+                                                f"(classes, statistics) that prepare writes")
+        return splits, meta
     except Exception:
         check(out, full=True)  # raises a DataError if a file was damaged
         raise  # the files are as written: not corruption, a real error

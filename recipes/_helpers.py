@@ -417,6 +417,24 @@ def stored_statistics(cfg, keys: tuple[str, ...], optional: tuple[str, ...] = ()
     return {k: meta[k] for k in (*keys, *optional) if k in meta}
 
 
+NUMBER = (int, float)
+
+
+def check_meta(meta: dict, kinds: dict, optional: dict | None = None) -> None:
+    """The facts a recipe reads from a run's meta.json, each of the JSON type it is read as (`kinds`; `optional`
+    where present): a KeyError names a missing one, a TypeError one of another type, so that the reader of the run
+    folder (pipeline/runs.py) names the damaged file instead of the recipe failing deep inside."""
+    for key, kind in {**kinds, **(optional or {})}.items():
+        if key not in meta:
+            if key in kinds:
+                raise KeyError(key)
+            continue
+        value = meta[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise TypeError(f"its {key!r} is {json.dumps(value)[:60]}, where a JSON {wanted} belongs")
+
+
 class Column(NamedTuple):  # a NamedTuple: plain data, no generated methods for the code fingerprint to read
     name: str  # the header's name; in a file read by position, the name used in messages
     kind: str = "number"  # number | label | time | category (text kept as is, e.g. a color or a class name)

@@ -33,8 +33,10 @@ from pipeline.config import ConfigError, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy, dataset
 from recipes._helpers import (
+    NUMBER,
     Column,
     CsvData,
+    check_meta,
     raw_file,
     read,
     require_rows,
@@ -385,7 +387,14 @@ class TabularNet(nn.Module):
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 
+# What model, read_inputs, predicted and metrics read from a run's meta.json.
+META = {"task": str, "target": str, "numbers": list, "categorical": list, "mean": list, "std": list,
+        "categories": dict, "feature_names": list}
+META_OPTIONAL = {"class_names": list, "y_mean": NUMBER, "y_std": NUMBER, "median": list, "fill": list}
+
+
 def model(cfg, meta: dict) -> TabularNet:
+    check_meta(meta, META, META_OPTIONAL)  # first: evaluate and predict build the model before anything else
     outputs = len(meta["class_names"]) if meta["task"] == "multiclass" else 1
     m = cfg.model
     if not 0 <= m.dropout < 1:

@@ -306,3 +306,23 @@ def test_an_unscaled_target_whose_squares_overflow_float32_is_refused(workdir):
     _, meta = prepared(workdir, big_target(workdir / "small", n=60, scale=1e6), "data.target=y",
                        "data.standardize=false")
     assert meta["y_std"] == 1.0
+
+
+def test_shards_whose_meta_or_checksums_parse_but_have_the_wrong_shape_are_named(workdir):
+    import hashlib
+
+    path = houses(workdir / "data", n=60)
+    recipe, cfg = parse(workdir, path, "data.target=price")
+    shards = data.prepare(recipe, cfg, log=lambda *a: None)
+    sums_file = shards / data.CHECKSUM_FILE
+    sums = json.loads(sums_file.read_text())
+    # meta.json rewritten as a list, its checksum with it: it passes the size and hash checks.
+    meta = shards / data.META_FILE
+    meta.write_text(json.dumps([json.loads(meta.read_text())]))
+    sums[data.META_FILE] = {"size": meta.stat().st_size, "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
+    sums_file.write_text(json.dumps(sums))
+    with pytest.raises(DataError, match=rf"(?s)damaged shard file {meta}: it holds a JSON list.*Fix: rm -r"):
+        data.load(shards)
+    sums_file.write_text(json.dumps(list(sums)))
+    with pytest.raises(DataError, match=rf"damaged shard file {sums_file}: the list of checksums parses, but not"):
+        data.load(shards)
