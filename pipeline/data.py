@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from pipeline import recipe as recipes
+from pipeline import tracking
 from pipeline.config import ConfigError
 
 # Keys under `data.` that say where things are or how fast to work, not what the shards contain.
@@ -179,7 +180,7 @@ def _save(splits: datasets.DatasetDict, meta: dict, out: Path, num_shards: int) 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         splits.save_to_disk(str(tmp), num_shards={k: min(num_shards, max(1, len(v))) for k, v in splits.items()})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / META_FILE).write_text(tracking.dumps(meta, indent=2))  # null for a non-finite number, as every JSON
         sums = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
         out.parent.mkdir(parents=True, exist_ok=True)
