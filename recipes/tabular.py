@@ -350,6 +350,12 @@ def prepare(cfg, spec: Spec = Spec()):
 def read_inputs(cfg, meta: dict, path: Path, spec: Spec = Spec()) -> tuple[dict, dict]:
     """New rows with the run's feature columns (the target column, if present, is ignored), preprocessed with
     the run's stored statistics."""
+    try:
+        check_meta(meta, META_INPUTS)
+    except KeyError as e:
+        raise DataError(f"the run's meta.json has no {e}: the train statistics that new rows are preprocessed with. "
+                        f"The file is damaged or from an older version of this recipe.\nFix: restore meta.json "
+                        f"from a copy of the run folder, or train the run again") from None
     impute = "median" in meta or "fill" in meta
     columns = [Column(name, "category" if name in meta["categorical"] else "number",
                       empty_ok=impute or name in meta["categorical"]) for name in meta["numbers"] + meta["categorical"]]
@@ -387,14 +393,15 @@ class TabularNet(nn.Module):
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 
-# What model, read_inputs, predicted and metrics read from a run's meta.json.
-META = {"task": str, "target": str, "numbers": list, "categorical": list, "mean": list, "std": list,
-        "categories": dict, "feature_names": list}
+# What model() reads from a run's meta.json, and what read_inputs, predicted and metrics read.
+META_MODEL = {"task": str, "feature_names": list}
+META_INPUTS = {"target": str, "numbers": list, "categorical": list, "mean": list, "std": list, "categories": dict}
 META_OPTIONAL = {"class_names": list, "y_mean": NUMBER, "y_std": NUMBER, "median": list, "fill": list}
 
 
 def model(cfg, meta: dict) -> TabularNet:
-    check_meta(meta, META, META_OPTIONAL)  # first: evaluate and predict build the model before anything else
+    # Every fact typed here: evaluate and predict build the model first, and name the run's meta.json if one is off.
+    check_meta(meta, META_MODEL, {**META_INPUTS, **META_OPTIONAL})
     outputs = len(meta["class_names"]) if meta["task"] == "multiclass" else 1
     m = cfg.model
     if not 0 <= m.dropout < 1:

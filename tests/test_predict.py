@@ -155,8 +155,8 @@ def test_a_run_meta_json_of_the_wrong_shape_is_named_with_the_fix(water_run, tmp
                            ) as error:
             runs.load_model(copy, recipe, cfg, runs.read_meta(copy))
         assert said in str(error.value), case
-    (copy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "numbers"}))
-    with pytest.raises(ConfigError, match=f"{copy / 'meta.json'} has no 'numbers' that recipe 'water_potability'"):
+    (copy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "feature_names"}))
+    with pytest.raises(ConfigError, match=f"{copy / 'meta.json'} has no 'feature_names' that recipe 'water_potab"):
         runs.load_model(copy, recipe, cfg, runs.read_meta(copy))
     # Through the commands: exit 2 and the file named, no traceback.
     (copy / "meta.json").write_text(json.dumps({**meta, "feature_names": 5}))
@@ -164,3 +164,6 @@ def test_a_run_meta_json_of_the_wrong_shape_is_named_with_the_fix(water_run, tmp
         result = cli([f"run={copy}", *args], cwd=workdir, script=script)
         assert result.returncode == 2 and f"{copy / 'meta.json'} is damaged" in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+    (copy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "numbers"}))
+    result = predict(copy, workdir, f"input={WATER}", f"output={tmp_path / 'out.csv'}")
+    assert result.returncode == 2 and "the run's meta.json has no 'numbers'" in result.stderr, result.stderr[-2000:]
