@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from pipeline import files
+from pipeline import files, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 
@@ -182,7 +182,7 @@ def _save(splits: datasets.DatasetDict, meta: dict, out: Path, num_shards: int, 
     tmp = files.temporary_folder(out)
     try:
         splits.save_to_disk(str(tmp), num_shards={k: min(num_shards, max(1, len(v))) for k, v in splits.items()})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / META_FILE).write_text(tracking.dumps(meta, indent=2))  # null for a non-finite number, as every JSON
         (tmp / files.OWNER_FILE).unlink()
         sums = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
@@ -221,6 +221,10 @@ def check(out: Path, full: bool = False) -> int:
         sums = json.loads((out / CHECKSUM_FILE).read_text())
     except (OSError, ValueError) as e:
         raise damaged(out, out / CHECKSUM_FILE, f"the list of checksums cannot be read ({e})") from None
+    if not isinstance(sums, dict) or not all(isinstance(w, dict) and {"size", "sha256"} <= w.keys()
+                                             for w in sums.values()):
+        raise damaged(out, out / CHECKSUM_FILE, "the list of checksums parses, but not as the {file: {size, sha256}} "
+                                                "that prepare writes")
     for name, want in sums.items():
         path = out / name
         if not path.is_file():
@@ -247,7 +251,11 @@ def load(out: Path) -> tuple[dict[str, datasets.Dataset], dict]:
     check(out)
     try:
         splits = dict(datasets.load_from_disk(str(out)))  # the DatasetDict that _save wrote
-        return splits, json.loads((out / META_FILE).read_text())
+        meta = json.loads((out / META_FILE).read_text())
+        if not isinstance(meta, dict):
+            raise damaged(out, out / META_FILE, f"it holds a JSON {type(meta).__name__}, not the object of facts "
+                                                f"(classes, statistics) that prepare writes")
+        return splits, meta
     except Exception:
         check(out, full=True)  # raises a DataError if a file was damaged
         raise  # the files are as written: not corruption, a real error

@@ -304,7 +304,7 @@ def evaluate(run: Run, split: str) -> dict:
         loss_sum += run.loss_fn(outputs, targets).double() * n
         seen += n
         for head, (preds, target) in recipe.predictions(outputs, targets).items():
-            metrics[head].update(preds, target)
+            metrics[head].update(report.wide(preds), report.wide(target))
     results = {f"{split}/loss": (loss_sum / max(seen, 1)).item(), f"{split}/samples": seen}
     for head, metric in metrics.items():
         name = f"{split}/{head}/" if head else f"{split}/"
@@ -604,7 +604,7 @@ def make_metrics(recipe, cfg, meta, device) -> dict:
         for m in metric.modules():
             if hasattr(m, "distributed_available_fn"):
                 m.distributed_available_fn = _never
-    return {head: m.to(device) for head, m in metrics.items()}
+    return {head: m.to(device, report.reporting_dtype(device)) for head, m in metrics.items()}
 
 
 def _never() -> bool:

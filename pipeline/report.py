@@ -38,6 +38,19 @@ def flatten(values, prefix: str, class_names=None) -> dict:
     return out
 
 
+def reporting_dtype(device: torch.device) -> torch.dtype:
+    """The dtype evaluation metrics count in: float64 where the device has it, so a target of 1e20 (squared: beyond
+    float32's 3.4e38) still gives a finite mse. Only their floating states change (counts stay integers)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def wide(value):
+    """A floating tensor in `reporting_dtype`, for the metrics' update; anything else as it is."""
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(reporting_dtype(value.device))
+    return value
+
+
 def scalar(value) -> bool:
     return isinstance(value, (int, float))
 

@@ -102,14 +102,23 @@ def load_run(run_dir, overrides=()) -> tuple[recipes.Recipe, object, dict]:
 def read_meta(run_dir) -> dict:
     """The run's meta.json: the facts its data was prepared with (classes, train statistics)."""
     try:
-        return json.loads((Path(run_dir) / data.META_FILE).read_text())
+        meta = json.loads((Path(run_dir) / data.META_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise damaged(Path(run_dir), data.META_FILE, e) from None
+    if not isinstance(meta, dict):
+        raise damaged(Path(run_dir), data.META_FILE, f"it holds a JSON {type(meta).__name__}, not the object of "
+                                                      f"facts (classes, statistics) a run keeps")
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise damaged(Path(run_dir), data.META_FILE, f"its class_names is {json.dumps(names)[:60]}, not a list of "
+                                                      f"names")
+    return meta
 
 
 def damaged(run_dir: Path, name: str, e: Exception) -> DataError:
     return DataError(f"{run_dir / name} is damaged: {str(e).splitlines()[0]}. It is written when the run starts "
-                     f"and never changed after; a copy of the run folder from before has it intact")
+                     f"and never changed after; a copy of the run folder from before has it intact.\nFix: restore "
+                     f"{name} from such a copy, or train the run again")
 
 
 def check_finished(run_dir: Path) -> None:
@@ -147,6 +156,10 @@ def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = 
         raise ConfigError(f"{Path(run_dir) / data.META_FILE} has no {e} that recipe {recipe.name!r} reads now: the "
                           f"run was trained by an older version of it.\nFix: evaluate it with that version's code"
                           f"{trained_with(Path(run_dir))}, or train it again") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a fact of the wrong type (a recipe's own check, or where it failed)
+        raise damaged(Path(run_dir), data.META_FILE, f"recipe {recipe.name!r} cannot use it: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

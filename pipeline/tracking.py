@@ -5,6 +5,7 @@ default, TensorBoard, MLflow, ...), and a local record of every run, the source 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sys
@@ -51,7 +52,7 @@ class LocalRecord(GeneralTracker):
         values = {k: v for k, v in values.items() if not k.startswith(TIMINGS)}
         if not values:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.write(dumps({"step": step, **values}) + "\n")
         self.file.flush()
 
     @on_main_process
@@ -295,7 +296,22 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def write_json(path: Path, values: dict) -> None:
-    write_atomic(path, json.dumps(values, indent=2) + "\n")
+    write_atomic(path, dumps(values, indent=2) + "\n")
+
+
+def dumps(values, **kwargs) -> str:
+    """JSON that every reader parses: JSON has no NaN or Infinity, so a non-finite number is written as null."""
+    return json.dumps(finite(values), allow_nan=False, **kwargs)
+
+
+def finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -414,6 +414,24 @@ def stored_statistics(cfg, keys: tuple[str, ...], optional: tuple[str, ...] = ()
     return {k: meta[k] for k in (*keys, *optional) if k in meta}
 
 
+NUMBER = (int, float)
+
+
+def check_meta(meta: dict, kinds: dict, optional: dict | None = None) -> None:
+    """The facts a recipe reads from a run's meta.json, each of the JSON type it is read as (`kinds`; `optional`
+    where present): a KeyError names a missing one, a TypeError one of another type, so that the reader of the run
+    folder (pipeline/runs.py) names the damaged file instead of the recipe failing deep inside."""
+    for key, kind in {**kinds, **(optional or {})}.items():
+        if key not in meta:
+            if key in kinds:
+                raise KeyError(key)
+            continue
+        value = meta[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise TypeError(f"its {key!r} is {json.dumps(value)[:60]}, where a JSON {wanted} belongs")
+
+
 class Column(NamedTuple):  # a NamedTuple: plain data, no generated methods for the code fingerprint to read
     name: str  # the header's name; in a file read by position, the name used in messages
     kind: str = "number"  # number | label | time | category (text kept as is, e.g. a color or a class name)
@@ -443,6 +461,8 @@ def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], 
     the file, for messages (`input=` when predicting).
     """
     path = path.resolve()
+    if header is True:
+        _require_unique_names(path, columns, source)
     # A clean file is read by Arrow in one pass, to the same table; any other is checked cell by cell.
     table = _read_clean(path, columns) if header is True else None
     if table is not None:
@@ -467,7 +487,7 @@ def _read_checked(cfg, path: Path, columns: list[Column], header: bool | None, r
             raise DataError(f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
                             f"or point {source} at the full CSV.")
     lines = np.array([line for line, _ in records])
-    table, problems = _parse(records, columns, positions, width)
+    table, problems = _parse(path, records, columns, positions, width)
     bad = np.zeros(len(records), dtype=bool)
     for cells in problems.values():
         bad[[i for i, _, _ in cells]] = True
@@ -562,6 +582,28 @@ def _read_clean(path: Path, columns: list[Column]) -> pd.DataFrame | None:
     return table
 
 
+def _require_unique_names(path: Path, columns: list[Column], source: str) -> None:
+    """A column read by a name the header gives twice: both readers would take the first one and never read the
+    other, so the model would be fed one column twice."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # unreadable: _records names the problem with its fix
+            return
+    else:
+        names = [n.strip() for n in _records(path, source, limit=1)[0][1]]
+    wanted = {c.name for c in columns}
+    twice = {name: [i + 1 for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names) if name in wanted}
+    twice = {name: at for name, at in twice.items() if len(at) > 1}
+    if twice:
+        shown = "; ".join(f"{name!r} at columns {', '.join(map(str, at))}" for name, at in twice.items())
+        raise DataError(f"{path}: the header names {len(twice)} column{'s' * (len(twice) != 1)} more than once: "
+                        f"{shown}. Only the first of each would be read.\nFix: give every column its own name in "
+                        f"the header (rename or delete the copies), then run again.")
+
+
 def _newlines(path: Path) -> int:
     """The file's lines (a last line without a newline counts)."""
     count, last = 0, b"\n"
@@ -607,7 +649,7 @@ def _parquet_records(path: Path, source: str) -> list[tuple[int, list[str]]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read()  # read_table refuses a name given twice: `read` names it
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}).\nFix: copy it again, "
                         f"or point {source} at the CSV or Parquet file.") from None
@@ -649,7 +691,7 @@ def _closest(name: str, names: list[str]) -> str | None:
     return same[0] if same else next(iter(difflib.get_close_matches(name, names, n=1, cutoff=0.8)), None)
 
 
-def _parse(records, columns: list[Column], positions: list[int], width: int | None):
+def _parse(path: Path, records, columns: list[Column], positions: list[int], width: int | None):
     """Typed columns, and per problem the bad cells as (row index, column index or None, what to show)."""
     problems: dict[str, list] = {}
 
@@ -675,7 +717,7 @@ def _parse(records, columns: list[Column], positions: list[int], width: int | No
             table[column.name] = np.array(cells, dtype=object)
             continue
         if column.kind == "time":
-            values = pd.to_datetime(pd.Series(cells), errors="coerce")
+            values = _times(path, column.name, cells, [line for line, _ in records])
             for i in np.flatnonzero(values.isna().to_numpy() & ~empty):
                 flag("not a timestamp (expected e.g. 2016-01-01 00:15:00)", i, c, repr(cells[i]))
             table[column.name] = values
@@ -697,6 +739,51 @@ def _parse(records, columns: list[Column], positions: list[int], width: int | No
         if column.kind == "label":  # bad label rows are refused or dropped before this cast is used
             table[column.name] = table[column.name].fillna(-1).astype(np.int64)
     return table, problems
+
+
+def _times(path: Path, name: str, cells: list[str], lines: list[int]) -> pd.Series:
+    """The cells as timestamps (NaT where unreadable). Timestamps with different UTC offsets (a summer and a winter
+    time, or some with an offset and some without) are refused: they are no one series on one clock."""
+    try:
+        values = pd.to_datetime(pd.Series(cells), errors="coerce")
+    except ValueError:  # pandas refuses mixed offsets outright, or reads the cells that differ as NaT
+        values = None
+    if values is None or values.isna().any():
+        _require_one_offset(path, name, cells, lines)
+    if values is None:
+        raise DataError(f"{path}: column {name!r} holds timestamps pandas cannot read as one series.\nFix: write "
+                        f"them all in one format and one UTC offset (e.g. 2016-01-01 00:15:00+00:00).")
+    if values.dt.tz is not None:  # one offset throughout: its wall clock is as regular as UTC, and reads as written
+        values = values.dt.tz_localize(None)
+    return values
+
+
+def _require_one_offset(path: Path, name: str, cells: list[str], lines: list[int]) -> None:
+    if not pd.Series(cells).str.contains(r"(?:Z|UTC|[+-]\d\d:?\d\d)\s*$").any():
+        return  # no cell names an offset: nothing can differ
+    first = None
+    for i, cell in enumerate(cells):
+        try:
+            time = pd.Timestamp(cell)
+        except (ValueError, TypeError):
+            continue  # not a timestamp: named with the other bad cells
+        if time is pd.NaT:
+            continue
+        offset = time.utcoffset()
+        if first is None:
+            first = (i, offset)
+        elif offset != first[1]:
+            shown = [f"line {lines[j]} {cells[j]!r} ({_utc(o)})" for j, o in (first, (i, offset))]
+            raise DataError(f"{path}: column {name!r} mixes UTC offsets: {shown[0]}, then {shown[1]}; one series "
+                            f"needs one clock.\nFix: convert the column to one offset, e.g. UTC (pandas: "
+                            f"pd.to_datetime(column, utc=True)), and write it back; then run again.")
+
+
+def _utc(offset) -> str:
+    if offset is None:
+        return "no offset"
+    minutes = round(offset.total_seconds() / 60)
+    return f"UTC{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 def _numbers(cells: list[str], empty: np.ndarray) -> tuple[np.ndarray, list[int]]:

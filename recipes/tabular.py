@@ -33,8 +33,10 @@ from pipeline.config import ConfigError, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy, dataset
 from recipes._helpers import (
+    NUMBER,
     Column,
     CsvData,
+    check_meta,
     raw_file,
     read,
     require_rows,
@@ -51,6 +53,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh,
                "silu": nn.SiLU}
 Activation = choice("Activation", ACTIVATIONS)
 MAX_CLASSES_INFERRED = 20  # a whole-number target with at most this many values is read as classes
+# |target| a float32 squared error takes unscaled: a batch of 64 such squares stays below float32's 3.4e38.
+UNSCALED_LIMIT = 1e18
 MAX_CATEGORIES = 256  # one-hot inputs a text column may add: more is an identifier or free text, not a category
 
 
@@ -89,9 +93,14 @@ class Spec:
 
 def raw_files(cfg, spec: Spec = Spec()) -> list[Path]:
     path = raw_file(cfg, spec.expected)
-    if not spec.columns(cfg)[1]:
+    features, target = spec.columns(cfg)
+    if not target:
         raise ConfigError(f"recipe=tabular needs the column to predict: data.target=<column name>; {path} has the "
                           f"columns {', '.join(read_header(path)[0])}")
+    if target in features:
+        raise ConfigError(f"data.target={target} is also among data.features={list(features)}: the model would be "
+                          f"given the answer as an input (a label leak).\nFix: remove {target} from data.features "
+                          f"(or leave data.features empty: every column but the target)")
     return with_statistics(cfg, [path])
 
 
@@ -176,6 +185,27 @@ def infer_task(cfg, values: np.ndarray, target: str, spec: Spec) -> str:
     return task
 
 
+def require_classes(path: Path, target: str, values: np.ndarray) -> None:
+    """A classifier needs two classes to tell apart; with one its metrics are undefined."""
+    distinct = np.unique(values)
+    if len(distinct) < 2:
+        value = distinct[0]
+        value = int(value) if isinstance(value, float) and value.is_integer() else value
+        raise DataError(f"{path.resolve()}: the target column {target!r} has one value in all {len(values)} rows "
+                        f"({target}={value}), so there is nothing to classify.\nFix: use a file with rows of at "
+                        f"least two classes, or choose another data.target (data.task=regression for a number)")
+
+
+def require_squares_fit(path: Path, target: str, y: np.ndarray) -> None:
+    """An unscaled target is learned by a float32 squared error: values beyond UNSCALED_LIMIT overflow it (inf loss)."""
+    largest = float(np.abs(y).max())
+    if largest > UNSCALED_LIMIT:
+        raise DataError(f"{path.resolve()}: the target column {target!r} reaches {largest:.3g}, and with "
+                        f"data.standardize=false the training loss squares such values in float32, beyond its 3.4e38."
+                        f"\nFix: leave data.standardize=true (the default: the loss sees the standardized target, the "
+                        f"metrics and predictions stay in the target's units), or divide the column by a power of 10")
+
+
 def _few(values: np.ndarray) -> str:
     shown = ", ".join(str(v) for v in values[:5])
     return shown + (f", ... ({len(values)} in all)" if len(values) > 5 else "")
@@ -258,6 +288,8 @@ def prepare(cfg, spec: Spec = Spec()):
     path = raw_files(cfg, spec)[0]
     values = table[target].to_numpy()
     task = infer_task(cfg, values, target, spec)
+    if task != "regression":
+        require_classes(path, target, values)
     if task != "regression" and values.dtype != object and np.all(np.mod(values, 1) == 0):
         values = values.astype(np.int64)  # classes 0 and 1, not 0.0 and 1.0
     numbers = [name for name in features if name not in categorical]
@@ -299,6 +331,8 @@ def prepare(cfg, spec: Spec = Spec()):
         stats.update(y_mean=float(y_train.mean()) if scale else 0.0, y_std=float(y_train.std()) if scale else 1.0)
         if scale:
             require_spread(path, {target: stats["y_std"]}, len(y_train))
+        else:
+            require_squares_fit(path, target, y)
     meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
     splits = {}
     for name, split in (("train", train), ("eval", evaluation)):
@@ -316,6 +350,12 @@ def prepare(cfg, spec: Spec = Spec()):
 def read_inputs(cfg, meta: dict, path: Path, spec: Spec = Spec()) -> tuple[dict, dict]:
     """New rows with the run's feature columns (the target column, if present, is ignored), preprocessed with
     the run's stored statistics."""
+    try:
+        check_meta(meta, META_INPUTS)
+    except KeyError as e:
+        raise DataError(f"the run's meta.json has no {e}: the train statistics that new rows are preprocessed with. "
+                        f"The file is damaged or from an older version of this recipe.\nFix: restore meta.json "
+                        f"from a copy of the run folder, or train the run again") from None
     impute = "median" in meta or "fill" in meta
     columns = [Column(name, "category" if name in meta["categorical"] else "number",
                       empty_ok=impute or name in meta["categorical"]) for name in meta["numbers"] + meta["categorical"]]
@@ -353,7 +393,15 @@ class TabularNet(nn.Module):
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 
+# What model() reads from a run's meta.json, and what read_inputs, predicted and metrics read.
+META_MODEL = {"task": str, "feature_names": list}
+META_INPUTS = {"target": str, "numbers": list, "categorical": list, "mean": list, "std": list, "categories": dict}
+META_OPTIONAL = {"class_names": list, "y_mean": NUMBER, "y_std": NUMBER, "median": list, "fill": list}
+
+
 def model(cfg, meta: dict) -> TabularNet:
+    # Every fact typed here: evaluate and predict build the model first, and name the run's meta.json if one is off.
+    check_meta(meta, META_MODEL, {**META_INPUTS, **META_OPTIONAL})
     outputs = len(meta["class_names"]) if meta["task"] == "multiclass" else 1
     m = cfg.model
     if not 0 <= m.dropout < 1:

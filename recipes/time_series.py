@@ -34,9 +34,11 @@ from pipeline.config import ConfigError, ModelConfig
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
 from recipes._helpers import (
+    NUMBER,
     SHOWN,
     Column,
     CsvData,
+    check_meta,
     raw_file,
     read,
     require_rows,
@@ -258,6 +260,13 @@ class Forecaster(nn.Module):
         return self.head(out[:, -1]).squeeze(1)
 
 
+def model(cfg, meta: dict) -> Forecaster:
+    # What the dataset, read_inputs, predicted and metrics read from a run's meta.json; checked first, as evaluate
+    # and predict build the model before anything else.
+    check_meta(meta, {"mean": NUMBER, "std": NUMBER, "window": int}, {"horizon": int, "step": str})
+    return Forecaster(cfg.model.cell.name, cfg.model.hidden_size, cfg.model.num_layers)
+
+
 def mse(outputs, batch):
     return nn.functional.mse_loss(outputs, batch["target"])
 
@@ -320,7 +329,7 @@ recipe = Recipe(
     description="a CSV of timestamps and values, data.window steps -> the value data.horizon steps later, "
                 "RNN|LSTM|GRU, MSE, Adam 1e-3; naive last-value forecast alongside",
     prepare=prepare, raw_files=raw_files, data_config=SeriesData, dataset=windows,
-    model=lambda cfg, meta: Forecaster(cfg.model.cell.name, cfg.model.hidden_size, cfg.model.num_layers),
+    model=model,
     model_config=ForecasterConfig, activation="tanh",
     inputs=("window",), targets=("target", "last"),
     transform=transform, loss=mse, predictions=predictions, metrics=metrics,

@@ -157,3 +157,40 @@ def test_predict_leaves_a_users_tmp_file_alone(water_run):
     ok(predict(run, workdir, f"input={workdir / 'few.csv'}", f"output={workdir / 'few-out.csv'}"))
     assert len(pd.read_csv(workdir / "few-out.csv")) == 5
     assert (workdir / "few-out.csv.tmp").read_text() == "mine\n"
+
+
+@pytest.mark.slow
+def test_a_run_meta_json_of_the_wrong_shape_is_named_with_the_fix(water_run, tmp_path):
+    import shutil
+
+    from pipeline import runs
+
+    run, _, workdir = water_run
+    copy = tmp_path / "water_potability" / "copy"
+    shutil.copytree(run, copy)
+    meta = json.loads((run / "meta.json").read_text())
+    recipe, cfg, _ = runs.load_run(copy)
+    damaged = {
+        "a list": ([meta], "it holds a JSON list, not the object of facts"),
+        "class names of the wrong type": ({**meta, "class_names": "potable"}, "its class_names is \"potable\""),
+        "a statistic of the wrong type": ({**meta, "y_std": "abc", "task": "regression"}, "its 'y_std' is \"abc\""),
+        "a list where a dict belongs": ({**meta, "categories": []}, "its 'categories' is [], where a JSON dict"),
+    }
+    for case, (content, said) in damaged.items():
+        (copy / "meta.json").write_text(json.dumps(content))
+        with pytest.raises(DataError, match=rf"(?s){copy / 'meta.json'} is damaged: .*Fix: restore meta.json"
+                           ) as error:
+            runs.load_model(copy, recipe, cfg, runs.read_meta(copy))
+        assert said in str(error.value), case
+    (copy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "feature_names"}))
+    with pytest.raises(ConfigError, match=f"{copy / 'meta.json'} has no 'feature_names' that recipe 'water_potab"):
+        runs.load_model(copy, recipe, cfg, runs.read_meta(copy))
+    # Through the commands: exit 2 and the file named, no traceback.
+    (copy / "meta.json").write_text(json.dumps({**meta, "feature_names": 5}))
+    for script, args in (("predict", [f"input={WATER}", f"output={tmp_path / 'out.csv'}"]), ("evaluate", [])):
+        result = cli([f"run={copy}", *args], cwd=workdir, script=script)
+        assert result.returncode == 2 and f"{copy / 'meta.json'} is damaged" in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    (copy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "numbers"}))
+    result = predict(copy, workdir, f"input={WATER}", f"output={tmp_path / 'out.csv'}")
+    assert result.returncode == 2 and "the run's meta.json has no 'numbers'" in result.stderr, result.stderr[-2000:]

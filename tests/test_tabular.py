@@ -225,3 +225,104 @@ def test_clean_files_read_by_arrow_as_the_checks_read_them(tmp_path, case):
 def test_files_that_need_a_verdict_are_left_to_the_checks(tmp_path, case):
     fast, _ = read_both(tmp_path, CHECKED[case])
     assert fast is None
+
+
+# ---------------------------------------------------------------- table defects that would silently change the model
+
+
+def test_a_name_the_header_gives_twice_is_refused_on_every_reader(workdir):
+    """Both CSV readers and Parquet took the first of two same-named columns and never read the second."""
+    path = houses(workdir / "data", n=60)
+    table = pd.read_csv(path)
+    doubled = "area,rooms,area,town,price\n" + "".join(
+        f"{r.area},{r.rooms},{r.area * 2},{r.town},{r.price}\n" for r in table.itertuples())
+    clean, checked = workdir / "data" / "twice.csv", workdir / "data" / "twice-checked.csv"
+    clean.write_text(doubled)
+    checked.write_text(doubled.replace("\n", "\n\n", 3))  # a blank line: read cell by cell
+    assert helpers._read_clean(checked, COLUMNS) is None
+    parquet = workdir / "data" / "twice.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([table.area, table.rooms, table.area * 2, table.town, table.price],
+                            names=["area", "rooms", "area", "town", "price"]), parquet)
+    for file in (clean, checked, parquet):
+        with pytest.raises(DataError, match=rf"(?s){file.name}: the header names 1 column more than once: 'area' at "
+                                            r"columns 1, 3\. Only the first.*Fix: give every column its own name"):
+            prepared(workdir, file, "data.target=price")
+        with pytest.raises(DataError, match="'area' at columns 1, 3"):  # named features too
+            prepared(workdir, file, "data.target=price", "data.features=[area,rooms]")
+    # A name given twice that is not read changes nothing: the table trains as before.
+    _, meta = prepared(workdir, clean, "data.target=price", "data.features=[rooms,town]")
+    assert meta["numbers"] == ["rooms"]
+
+
+def test_the_target_among_the_features_is_refused(workdir):
+    path = houses(workdir / "data", n=60)
+    with pytest.raises(ConfigError, match=r"(?s)data.target=price is also among data.features=\['area', 'price'\]: "
+                                          r"the model would be given the answer .*label leak.*Fix: remove price"):
+        prepared(workdir, path, "data.target=price", "data.features=[area,price]")
+
+
+def test_a_target_with_one_class_is_refused(workdir):
+    path = houses(workdir / "data", n=60)
+    pd.read_csv(path).assign(sold="yes", rooms=3).to_csv(path, index=False)
+    for target, task in (("sold", "auto"), ("rooms", "auto"), ("rooms", "multiclass"), ("sold", "multiclass")):
+        with pytest.raises(DataError, match=rf"houses.csv: the target column '{target}' has one value in all 60 rows "
+                                            rf"\({target}=(yes|3)\), so there is nothing to classify"):
+            prepared(workdir, path, f"data.target={target}", f"data.task={task}", "data.features=[area]")
+
+
+def big_target(folder: Path, n: int = 200, scale: float = 1e20) -> Path:
+    """A regression table whose target is near 1e20: its squared errors are beyond float32's 3.4e38."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=n)
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"x": x, "y": scale * (3 * x + rng.normal(size=n))}).to_csv(folder / "big.csv", index=False)
+    return folder / "big.csv"
+
+
+@pytest.mark.slow
+def test_metrics_of_a_target_near_float32s_limit_are_finite_json(workdir):
+    from test_tracking import strict_json
+
+    path = big_target(workdir / "data")
+    ok(cli(common(workdir, "recipe=tabular", f"data.file={path}", "data.target=y", "trainer.epochs=1"), cwd=workdir,
+           env=ONE_THREAD))
+    run = run_dirs(workdir / "runs", "tabular")[0]
+    summary = strict_json((run / "summary.json").read_text())
+    lines = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/mse" in line for line in lines)
+    # The errors are ~1e20, so the mse is ~1e40: finite in float64, inf (and r2 nan) in float32.
+    assert 1e39 < summary["eval/mse"] < 1e43, summary
+    assert -10 < summary["eval/r2"] < 1 and 1e19 < summary["eval/mae"] < 1e21, summary
+
+
+def test_an_unscaled_target_whose_squares_overflow_float32_is_refused(workdir):
+    path = big_target(workdir / "data", n=60)
+    with pytest.raises(DataError, match=r"(?s)big.csv: the target column 'y' reaches .*e\+20, and with "
+                                        r"data.standardize=false .*Fix: leave data.standardize=true"):
+        prepared(workdir, path, "data.target=y", "data.standardize=false")
+    _, meta = prepared(workdir, big_target(workdir / "small", n=60, scale=1e6), "data.target=y",
+                       "data.standardize=false")
+    assert meta["y_std"] == 1.0
+
+
+def test_shards_whose_meta_or_checksums_parse_but_have_the_wrong_shape_are_named(workdir):
+    import hashlib
+
+    path = houses(workdir / "data", n=60)
+    recipe, cfg = parse(workdir, path, "data.target=price")
+    shards = data.prepare(recipe, cfg, log=lambda *a: None)
+    sums_file = shards / data.CHECKSUM_FILE
+    sums = json.loads(sums_file.read_text())
+    # meta.json rewritten as a list, its checksum with it: it passes the size and hash checks.
+    meta = shards / data.META_FILE
+    meta.write_text(json.dumps([json.loads(meta.read_text())]))
+    sums[data.META_FILE] = {"size": meta.stat().st_size, "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
+    sums_file.write_text(json.dumps(sums))
+    with pytest.raises(DataError, match=rf"(?s)damaged shard file {meta}: it holds a JSON list.*Fix: rm -r"):
+        data.load(shards)
+    sums_file.write_text(json.dumps(list(sums)))
+    with pytest.raises(DataError, match=rf"damaged shard file {sums_file}: the list of checksums parses, but not"):
+        data.load(shards)

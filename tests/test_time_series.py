@@ -119,6 +119,25 @@ def test_timestamps_off_the_grid_and_long_gaps_are_refused(workdir):
     assert "more than half of the series" in refused(workdir, path)
 
 
+def test_mixed_utc_offsets_are_refused_naming_the_first_rows_that_differ(workdir):
+    path = write_series(workdir / "d" / "load.csv", start="2024-03-30 00:00")
+    # Central European time: +01:00 until 2024-03-31 02:00, +02:00 after (rows 0-49 / 50-).
+    local = pd.date_range("2024-03-30 00:00", periods=600, freq="h", tz="UTC").tz_convert("Europe/Berlin")
+    edit_rows(path, lambda t: t.assign(date=local.strftime("%Y-%m-%d %H:%M%z")))
+    message = refused(workdir, path)
+    assert ("column 'date' mixes UTC offsets: line 2 '2024-03-30 01:00+0100' (UTC+01:00), then line 27 "
+            "'2024-03-31 03:00+0200' (UTC+02:00)") in message
+    assert "convert the column to one offset, e.g. UTC" in message
+    # Some with an offset, some without (pandas reads those as NaT: they were "not a timestamp").
+    edit_rows(path, lambda t: t.assign(date=t["date"].where(t.index < 20, t["date"].str[:16])))
+    assert "line 2 '2024-03-30 01:00+0100' (UTC+01:00), then line 22 '2024-03-30 21:00' (no offset)" in refused(
+        workdir, path)
+    # One offset throughout is one clock: prepared as before.
+    edit_rows(path, lambda t: t.assign(date=local.tz_convert("UTC").strftime("%Y-%m-%d %H:%M+00:00")))
+    splits, meta = prepare(workdir, path)
+    assert meta["step"] == "0 days 01:00:00" and len(splits["train"]) + len(splits["eval"]) == 600
+
+
 def test_named_columns_and_sizes_are_checked(workdir):
     path = write_series(workdir / "d" / "load.csv")
     message = refused(workdir, path, "data.value_column=kwh")

@@ -253,3 +253,30 @@ def test_tracker_without_its_package_stops_with_the_install_command(workdir):
     assert "Traceback" not in result.stderr
     # Nothing was trained or recorded: no config, record, weights or checkpoints anywhere.
     assert not [p for p in (workdir / "runs").rglob("*") if p.is_file()]
+
+
+def strict_json(text: str):
+    """json.loads refusing the NaN/Infinity tokens Python writes by default (they are not JSON)."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_written_as_null_and_read_by_compare(tmp_path):
+    from pipeline import compare
+
+    run = tmp_path / "runs" / "tabular" / "a"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: tabular\n")
+    record = tracking.LocalRecord(run)
+    record.log({"eval/mse": float("inf"), "eval/r2": float("nan"), "eval/mae": 2.5, "epoch": 1}, step=3)
+    record.finish()
+    tracking.write_json(run / "summary.json", {"eval/mse": float("inf"), "eval/r2": float("nan"),
+                                               "eval/per": [1.0, float("-inf")], "best": {"v": float("nan")}})
+    line = strict_json((run / "metrics.jsonl").read_text())
+    assert line == {"step": 3, "eval/mse": None, "eval/r2": None, "eval/mae": 2.5, "epoch": 1}
+    assert strict_json((run / "summary.json").read_text()) == {"eval/mse": None, "eval/r2": None,
+                                                                "eval/per": [1.0, None], "best": {"v": None}}
+    header, rows = compare.table([compare.load(run)], ["eval/mse", "eval/r2"])
+    assert compare.markdown(header, rows).splitlines()[-1].startswith("| a | done | - | - |")
