@@ -126,8 +126,9 @@ def _names(code) -> set[str]:
     return names
 
 
-def shards_dir(recipe, cfg: DictConfig) -> Path:
-    return Path(cfg.data.cache_dir) / recipe.name / fingerprint(recipe, cfg)
+def shards_dir(recipe, cfg: DictConfig, fingerprinted: str | None = None) -> Path:
+    """<data.cache_dir>/<recipe>/<fingerprint>; `fingerprinted`: the fingerprint, computed before."""
+    return Path(cfg.data.cache_dir) / recipe.name / (fingerprinted or fingerprint(recipe, cfg))
 
 
 def prepare(recipe, cfg: DictConfig, state=None, log=print, rebuild: bool = False) -> Path:
@@ -164,7 +165,7 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False) -> Pa
 def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Path:
     """The main process fingerprints the raw files and builds (or checks) the shards while the others wait;
     then the main process of every other node does the same in its own cache (which may be node-local),
-    with the folder the main process chose. The raw files are walked once, and read once per node at most.
+    under the fingerprint the main process computed. The raw files are walked once, and read once per node at most.
 
     The waits are on a gloo group of their own with no practical time limit: a prepare may take longer than
     any collective timeout (trainer.dist_timeout_s). An error on any preparing process is raised on every
@@ -179,7 +180,8 @@ def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Pat
         with _waiting(f"process {state.process_index} waiting for process 0 to prepare the shards",
                       speak=first_on_node and not state.is_main_process):
             dist.broadcast_object_list(first, src=0, group=group)
-        out = _outcome(first[0], "process 0", own=state.is_main_process)
+        # The folder's name, not its path: a node-local cache_dir may be given differently on each node.
+        out = shards_dir(recipe, cfg, _outcome(first[0], "process 0", own=state.is_main_process).name)
         node = (_attempt(lambda: _build(recipe, cfg, out, log))
                 if state.is_local_main_process and not state.is_main_process else None)
         nodes = [None] * state.num_processes

@@ -40,7 +40,9 @@ recipe = dataclasses.replace(digits.recipe, name="slow_digits", prepare=prepare,
 
 @pytest.fixture
 def slow_digits(workdir):
-    (workdir / "slow_digits.py").write_text(SLOW_DIGITS)
+    """A working folder with the recipe above as `recipe=local.slow_digits`."""
+    (workdir / "local").mkdir()
+    (workdir / "local" / "slow_digits.py").write_text(SLOW_DIGITS)
     return workdir
 
 
@@ -71,7 +73,8 @@ def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -
 def test_a_prepare_longer_than_the_collective_timeout_still_trains(slow_digits):
     # The waiting process sits in no collective: a 20 s prepare outlasts trainer.dist_timeout_s=8.
     workdir = slow_digits
-    result = ok(cli(common(workdir, "recipe=slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=8"),
+    result = ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
+                           "trainer.dist_timeout_s=8"),
                     cwd=workdir, processes=2,
                     env={"PREPARE_SLEEP_S": "20", "RAW_FILES_LOG": str(workdir / "raw_files.log")}))
     s = summary(workdir / "runs", "slow_digits")
@@ -86,8 +89,8 @@ def test_node_local_caches_build_once_per_node_from_one_fingerprint(slow_digits)
     # that process 0 computed; only process 0 walks the raw files.
     workdir = slow_digits
     env = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
-    args = [common(workdir, "recipe=slow_digits", "trainer.epochs=1", f"data.cache_dir={workdir / f'cache{m}'}")
-            for m in (0, 1)]
+    args = [common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
+                   f"data.cache_dir={workdir / f'cache{m}'}") for m in (0, 1)]
     results = machines(workdir, args, env)
     assert [code for code, _, _ in results] == [0, 0], "\n".join(out[-3000:] for _, out, _ in results)
     assert ranks_that_fingerprinted(workdir) == ["0"]
@@ -102,7 +105,7 @@ def test_a_prepare_error_on_the_main_process_stops_every_process_with_its_messag
     # Only process 0 fails: the other would otherwise go on to build the shards itself and wait for it.
     workdir = slow_digits
     env = {"RAW_FILES_LOG": str(workdir / "raw_files.log"), "PREPARE_FAILS_ON_RANK": "0"}
-    args = common(workdir, "recipe=slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=600")
+    args = common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=600")
     results = machines(workdir, [args, args], env, timeout=180)
     for code, out, _ in results:
         assert code == 2, out[-3000:]
