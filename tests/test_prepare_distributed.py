@@ -115,6 +115,21 @@ def test_a_prepare_error_on_the_main_process_stops_every_process_with_its_messag
     assert run_dirs(workdir / "runs", "slow_digits") == []
 
 
+@pytest.mark.slow
+def test_evaluate_on_other_data_waits_for_a_long_prepare_on_two_processes(slow_digits):
+    # launch/evaluate.py with data.* overrides prepares new shards the same way as training.
+    workdir = slow_digits
+    log = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
+    ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5"), cwd=workdir,
+           env=log))
+    run = run_dirs(workdir / "runs", "slow_digits")[0]
+    result = ok(cli([f"run={run}", "data.eval_fraction=0.3", "trainer.eval_batch_size=64", "trainer.dist_timeout_s=8"],
+                    cwd=workdir, processes=2, script="evaluate", env={**log, "PREPARE_SLEEP_S": "20"}))
+    assert "540 samples, 2 processes" in result.stdout
+    assert ranks_that_fingerprinted(workdir) == ["0", "0"]  # the training run's, then process 0's alone
+    assert len(list((workdir / "cache" / "slow_digits").iterdir())) == 2
+
+
 def test_the_waiting_process_says_whom_it_waits_for(capsys):
     with data._waiting("process 1 waiting for process 0 to prepare the shards", speak=True, every=0.05):
         time.sleep(0.3)
