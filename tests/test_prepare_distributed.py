@@ -34,7 +34,13 @@ def prepare(cfg):
     return digits.prepare(cfg)
 
 
-recipe = dataclasses.replace(digits.recipe, name="slow_digits", prepare=prepare, raw_files=raw_files)
+def model(cfg, meta):
+    if os.environ.get("MODEL_SLOW_ON_RANK") == os.environ.get("RANK", "0"):
+        time.sleep(30)
+    return digits.recipe.model(cfg, meta)
+
+
+recipe = dataclasses.replace(digits.recipe, name="slow_digits", prepare=prepare, raw_files=raw_files, model=model)
 '''
 
 
@@ -81,6 +87,16 @@ def test_a_prepare_longer_than_the_collective_timeout_still_trains(slow_digits):
     assert s["num_processes"] == 2 and s["eval/samples"] == 360
     assert result.stdout.count("data: preparing slow_digits") == 1
     assert ranks_that_fingerprinted(workdir) == ["0"]  # the other process was sent the shards' folder
+
+
+@pytest.mark.slow
+def test_training_collectives_time_out_after_dist_timeout_s(slow_digits):
+    # Process 1 builds its model late: process 0 waits for it in DDP's first broadcast, for 8 s, not 30 min.
+    workdir = slow_digits
+    result = cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=8"),
+                 cwd=workdir, processes=2, launcher="run",
+                 env={"MODEL_SLOW_ON_RANK": "1", "RAW_FILES_LOG": str(workdir / "raw_files.log")})
+    assert result.returncode != 0 and "Timed out waiting 8000ms" in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.slow
