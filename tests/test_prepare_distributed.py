@@ -8,7 +8,8 @@ import time
 import pytest
 from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs, summary
 
-from pipeline import data
+from pipeline import data, loop
+from pipeline.config import ConfigError
 
 # digits, with a prepare that can be slowed or made to fail on one process, and a raw_files that records
 # which process called it (raw_files is what fingerprinting walks and stats).
@@ -156,10 +157,19 @@ def test_the_waiting_process_says_whom_it_waits_for(capsys):
     assert capsys.readouterr().out == ""
 
 
-@pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharding_distributed_types_are_refused_before_any_work(workdir, variable, name):
-    result = cli(common(workdir, "trainer.epochs=1"), cwd=workdir, env={variable: "true"})
+def test_fsdp_is_refused_before_any_work(workdir):
+    # What `accelerate launch --use_fsdp` (or an `accelerate config` with FSDP) sets for the training process.
+    result = cli(common(workdir, "trainer.epochs=1"), cwd=workdir, env={"ACCELERATE_USE_FSDP": "true"})
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"error: accelerate config chose {name}; this pipeline supports one process, DDP" in result.stderr
-    assert "accelerate launch --multi_gpu" in result.stderr
+    assert "error: accelerate config chose FSDP; this pipeline supports one process, DDP" in result.stderr
+    assert "accelerate launch --multi_gpu" in result.stderr and "Traceback" not in result.stderr
     assert not (workdir / "cache").exists() and not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
+                                           ("ACCELERATE_USE_PARALLELISM_CONFIG", "a parallelism config")])
+def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):
+        loop.check_distributed()
