@@ -60,20 +60,27 @@ def ranks_that_fingerprinted(workdir) -> list[str]:
 
 def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -> list[tuple[int, str, float]]:
     """One `launch/run.py` "machine" of one process per item of `args_of`, on this host; each launcher's exit
-    code is its process's. Returns (exit code, output, seconds) per machine."""
-    port, procs = str(free_port()), []
+    code is its process's. Returns (exit code, output, seconds until it ended) per machine."""
+    port, procs, started = str(free_port()), [], time.monotonic()
     for rank, args in enumerate(args_of):
         cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--num_machines", str(len(args_of)),
                "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                "--multi_gpu", "--num_processes", str(len(args_of)), "--mixed_precision", "no",
                "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"), *args]
-        procs.append((subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env=environment(1, env)), time.monotonic()))
-    results = []
-    for proc, started in procs:
-        out = proc.communicate(timeout=timeout)[0]
-        results.append((proc.returncode, out, time.monotonic() - started))
-    return results
+        log = workdir / f"machine{rank}.log"
+        with open(log, "w") as out:
+            procs.append((subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                           env=environment(1, env)), log))
+    ended = {}
+    while len(ended) < len(procs) and time.monotonic() - started < timeout:
+        ended.update({i: time.monotonic() - started for i, (p, _) in enumerate(procs)
+                      if i not in ended and p.poll() is not None})
+        time.sleep(0.1)
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return [(proc.returncode, log.read_text(), ended.get(i, float("inf"))) for i, (proc, log) in enumerate(procs)]
 
 
 @pytest.mark.slow
