@@ -73,6 +73,9 @@ class TrainerConfig:
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (several CUDA processes)
     tf32: bool = True  # fp32 matmuls/convolutions on TF32 tensor cores (Ampere+ GPUs); false: full fp32
     early_stopping_patience: int | None = None  # stop after N evaluations without a better checkpoint.monitor
+    # Seconds a collective between processes (gradient all-reduce, broadcast) may wait before the run fails;
+    # waiting for another process to prepare the data has no such limit (see data.prepare).
+    dist_timeout_s: int = 1800
 
 
 @dataclass
@@ -151,7 +154,8 @@ class Config:
 
 
 POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.grad_accum_steps",
-            "trainer.log_every", "scheduler.step_size", "data.num_shards", "data.num_proc", "debug.hooks_every")
+            "trainer.log_every", "trainer.dist_timeout_s", "scheduler.step_size", "data.num_shards", "data.num_proc",
+            "debug.hooks_every")
 NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup_steps", "checkpoint.every_steps",
                 "checkpoint.keep", "optimizer.momentum", "optimizer.weight_decay")
 NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"

@@ -14,16 +14,21 @@ import inspect
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
+import threading
+import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
@@ -43,6 +48,10 @@ CHECKSUM_FILE = "checksums.json"  # {file: {size, sha256}} of every shard file, 
 # MNIST shards on 2 busy cores, so at most ~0.3 s); larger ones get their sizes checked on every load,
 # a full hash with `launch/prepare.py --verify`, and one whenever a file fails to load.
 FULL_CHECK_BYTES = 128 * 2**20
+# Waiting for another process's prepare: no practical limit (a process that dies closes its connections,
+# which ends the wait with an error), and a line in the log every REPORT_EVERY_S.
+WAIT_LIMIT = timedelta(days=7)
+REPORT_EVERY_S = 60
 PROJECT = ("pipeline", "recipes")  # packages whose code can change what prepare() makes (see _reached)
 
 
@@ -119,60 +128,120 @@ def _names(code) -> set[str]:
     return names
 
 
-def shards_dir(recipe, cfg: DictConfig) -> Path:
-    return Path(cfg.data.cache_dir) / recipe.name / fingerprint(recipe, cfg)
+def shards_dir(recipe, cfg: DictConfig, fingerprinted: str | None = None) -> Path:
+    """<data.cache_dir>/<recipe>/<fingerprint>; `fingerprinted`: the fingerprint, computed before."""
+    return Path(cfg.data.cache_dir) / recipe.name / (fingerprinted or fingerprint(recipe, cfg))
 
 
 def prepare(recipe, cfg: DictConfig, state=None, log=print, rebuild: bool = False) -> Path:
     """Builds the recipe's shards unless they exist (or `rebuild`); returns their directory.
 
     Reused shards are checked against the checksums written with them (see `check`), so a damaged
-    cache stops here, before any run directory exists. Under several processes the main process of
-    each node builds while the others wait (the cache may be node-local), so the raw data is read
-    once per node at most.
+    cache stops here, before any run directory exists. Under several processes (`state`: an accelerate
+    PartialState or Accelerator) see `_prepare_together`.
     """
-    wait = nullcontext()
-    if state is not None and state.num_processes > 1:  # an accelerate PartialState or Accelerator
-        wait = _main_first(state)
-    error = None
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # per-shard bars are noise in a job's log
-    with wait:
-        # A failure must still leave the context normally: the other processes wait at its barrier.
-        try:
-            out = shards_dir(recipe, cfg)
-            if rebuild and out.exists():
-                log(f"data: removing {out} to rebuild it")
-                shutil.rmtree(out)
-            if (out / META_FILE).exists():
-                check(out, full=_size(out) <= FULL_CHECK_BYTES)
-                log(f"data: reusing shards in {out}")
-            else:
-                log(f"data: preparing {recipe.name} from {cfg.data.root} -> {out}")
-                # The recipe's return value checked (and meta made JSON-able) before anything is written.
-                splits, meta = recipes.check_prepared(recipe, recipe.prepare(cfg), cfg)
-                _save(splits, meta, out, cfg.data.num_shards, log)
-                log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
-        except Exception as e:
-            error = e
-    if error is not None:
-        raise error
+    if state is None or state.num_processes == 1:
+        return _build(recipe, cfg, shards_dir(recipe, cfg), log, rebuild)
+    return _prepare_together(recipe, cfg, state, log, rebuild)
+
+
+def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False) -> Path:
+    """The shards in `out`: checked and reused if they exist, else prepared from the raw files and saved."""
+    if rebuild and out.exists():
+        log(f"data: removing {out} to rebuild it")
+        shutil.rmtree(out)
+    if (out / META_FILE).exists():
+        check(out, full=_size(out) <= FULL_CHECK_BYTES)
+        log(f"data: reusing shards in {out}")
+        return out
+    log(f"data: preparing {recipe.name} from {cfg.data.root} -> {out}")
+    # The recipe's return value checked (and meta made JSON-able) before anything is written.
+    splits, meta = recipes.check_prepared(recipe, recipe.prepare(cfg), cfg)
+    _save(splits, meta, out, cfg.data.num_shards, log)
+    log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
     return out
 
 
-class _main_first:
-    """Global main process first, then each node's main, then the rest (all ranks see one barrier each)."""
+def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Path:
+    """The main process fingerprints the raw files and builds (or checks) the shards while the others wait;
+    then the main process of every other node does the same in its own cache (which may be node-local),
+    under the fingerprint the main process computed. The raw files are walked once, and read once per node at most.
 
-    def __init__(self, state):
-        self.contexts = [state.main_process_first(), state.local_main_process_first()]
+    The waits are on a gloo group of their own with no practical time limit: a prepare may take longer than
+    any collective timeout (trainer.dist_timeout_s). An error on any preparing process is raised on every
+    process, so all of them stop with its message instead of waiting.
+    """
+    # torch.distributed directly: Accelerate's collectives run on the default group and inherit its timeout.
+    group = dist.new_group(backend="gloo", timeout=WAIT_LIMIT)
+    try:
+        first = [_attempt(lambda: _build(recipe, cfg, shards_dir(recipe, cfg), log, rebuild))
+                 if state.is_main_process else None]
+        first_on_node = state.local_process_index == (1 if state.process_index == state.local_process_index else 0)
+        with _waiting(f"process {state.process_index} waiting for process 0 to prepare the shards",
+                      speak=first_on_node and not state.is_main_process):
+            dist.broadcast_object_list(first, src=0, group=group)
+        # The folder's name, not its path: a node-local cache_dir may be given differently on each node.
+        out = shards_dir(recipe, cfg, _outcome(first[0], "process 0", own=state.is_main_process).name)
+        node = (_attempt(lambda: _build(recipe, cfg, out, log))
+                if state.is_local_main_process and not state.is_main_process else None)
+        nodes = [None] * state.num_processes
+        with _waiting("process 0 waiting for the other nodes' main processes to check or prepare their shards",
+                      speak=state.is_main_process):
+            dist.all_gather_object(nodes, node, group=group)
+        for index, outcome in enumerate(nodes):
+            if outcome is not None:
+                _outcome(outcome, f"process {index}", own=index == state.process_index)
+        return out
+    finally:
+        dist.destroy_process_group(group)
 
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
 
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
+def _attempt(build) -> tuple[str, object]:
+    """("ok", result) or ("error", the exception), to be sent to the other processes."""
+    try:
+        return "ok", build()
+    except Exception as e:
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # an exception that does not survive pickling reaches the others as its text
+            return "error", RuntimeError(f"{type(e).__name__}: {e}")
+        return "error", e
+
+
+def _outcome(outcome: tuple[str, object], who: str, own: bool):
+    """The result a process sent, or its error raised here: this process's own as it is, ConfigError and
+    DataError as they are (every process exits 2 with the message), anything else named as `who`'s failure."""
+    kind, value = outcome
+    if kind == "ok":
+        return value
+    if own or isinstance(value, (ConfigError, DataError)):
+        raise value
+    raise RuntimeError(f"{who} failed while preparing the shards ({type(value).__name__}: {value}); its "
+                       f"output above has the traceback") from value
+
+
+@contextmanager
+def _waiting(what: str, speak: bool, every: float = REPORT_EVERY_S):
+    """While the body blocks, prints `data: <what> (N min)` every `every` seconds (if `speak`), so a job's
+    log says why it is quiet."""
+    if not speak:
+        yield
+        return
+    done, started = threading.Event(), time.monotonic()
+
+    def report():
+        while not done.wait(every):
+            print(f"data: {what} ({(time.monotonic() - started) / 60:.0f} min)", flush=True)
+
+    thread = threading.Thread(target=report, name="data-wait-report", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _save(splits: datasets.DatasetDict, meta: dict, out: Path, num_shards: int, log=print) -> None:

@@ -13,14 +13,16 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedType,
     TorchDynamoPlugin,
+    parse_flag_from_env,
     set_seed,
 )
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +35,12 @@ from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
 from pipeline.guards import check_finite, check_weights, check_writable, disk_full_guard, shared_verdict
 from pipeline.patches import Accelerator
 
+# The distributed types the loop supports; `accelerate launch` chooses the others by these variables (Accelerate
+# itself only settles on them when the Accelerator is built, after the data is prepared).
+SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+LAUNCH_CHOICES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+                  "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded parallel)"}
 # best.safetensors is saved as one file, renamed into place whole (Accelerate would shard it past 10 GB).
 BEST_SHARD_SIZE = "1000GB"
 
@@ -319,10 +327,8 @@ def evaluate(run: Run, split: str) -> dict:
 def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
     """Checks, shards, the run directory (made and locked in `folder`), the Accelerator, loaders, model,
     optimizer and schedule, in the order that lets a mistake stop the run before it leaves anything behind."""
-    # Without any accelerator, Accelerate only forms a multi-process (gloo) group when told cpu=True.
-    # PartialState is Accelerate's process state before a run exists; the Accelerator below shares it.
     cpu = not torch.accelerator.is_available()
-    state = PartialState(cpu=cpu)
+    state = start_processes(cfg, cpu)
     micro_batch = check_batches(cfg, state.num_processes)
     sync_batchnorm = check_sync_batchnorm(cfg, state)
     say = state.print
@@ -405,6 +411,32 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
                loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs, steps_per_epoch=steps_per_epoch,
                layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
                data_paths=splits_read)
+
+
+def start_processes(cfg, cpu: bool) -> PartialState:
+    """Accelerate's process state (its process group, under a launcher), whose collectives fail after
+    trainer.dist_timeout_s; the Accelerator built later shares it. A distributed type this pipeline does not
+    support stops here, before any data is prepared or run folder made."""
+    check_distributed()  # before the group: Accelerate's DeepSpeed setup would import deepspeed first
+    # Without any accelerator, Accelerate only forms a multi-process (gloo) group when told cpu=True.
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.trainer.dist_timeout_s))
+    check_distributed(state)
+    return state
+
+
+def check_distributed(state: PartialState | None = None) -> None:
+    """One process, or DDP over CPUs or GPUs on one or several machines. FSDP, DeepSpeed and the like shard
+    the model and optimizer: the weights saved would be one process's shard, and the checkpoints would not
+    resume on another number of processes."""
+    chosen = [name for var, name in LAUNCH_CHOICES.items() if parse_flag_from_env(var)]
+    if state is not None and state.distributed_type not in SUPPORTED:
+        chosen.append(state.distributed_type.value)
+    if chosen:
+        raise ConfigError(
+            f"accelerate config chose {chosen[0]}; this pipeline supports one process, DDP on CPUs or GPUs and "
+            f"multi-node DDP, and {chosen[0]} would save one process's shard of the model as its weights.\nFix: "
+            f"run `accelerate config` again without it, or launch with `accelerate launch --multi_gpu "
+            f"--num_processes N ...` (or --config_file launch/accelerate/multi_gpu.yaml)")
 
 
 def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):

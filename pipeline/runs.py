@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import PartialState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -26,9 +25,10 @@ from pipeline.patches import Accelerator
 
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors"}
 SPLITS = ("eval", "test")
-# What a command after training may change: where the data comes from and how it is read, and the
-# evaluation batch (to split it over another number of processes). Never what was trained.
-CHANGEABLE = ("data.", "trainer.eval_batch_size")
+# What a command after training may change: where the data comes from and how it is read, the evaluation
+# batch (to split it over another number of processes) and how long processes wait for each other. Never
+# what was trained.
+CHANGEABLE = ("data.", "trainer.eval_batch_size", "trainer.dist_timeout_s")
 # data.* keys that say where or how fast, not which data: changing them keeps the run's own data.
 READING_ONLY = tuple(k for k in data.NOT_CONTENT if k != "root")
 
@@ -87,8 +87,9 @@ def load_run(run_dir, overrides=()) -> tuple[recipes.Recipe, object, dict]:
     for item in overrides:
         if not item.partition("=")[0].startswith(CHANGEABLE):
             raise ConfigError(f"{item!r} cannot change after training: a finished run takes data.* overrides "
-                              f"(e.g. data.root=/other/data) and trainer.eval_batch_size, nothing that changes "
-                              f"the model. To train differently, start a run: python launch/train.py ...")
+                              f"(e.g. data.root=/other/data), trainer.eval_batch_size and trainer.dist_timeout_s, "
+                              f"nothing that changes the model. To train differently, start a run: "
+                              f"python launch/train.py ...")
     try:
         saved = OmegaConf.load(run_dir / "config.yaml")
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -209,7 +210,7 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     `<run>/evaluations/<name>.json` and returned."""
     started = time.perf_counter()
     cpu = not torch.accelerator.is_available()
-    state = PartialState(cpu=cpu)
+    state = loop.start_processes(cfg, cpu)
     say = state.print
     loop.check_eval_batch(cfg, state.num_processes)
     meta = read_meta(request.run_dir)  # the run's own statistics, whatever data is evaluated

@@ -1,0 +1,182 @@
+"""Preparing shards under several processes: no collective timeout on the wait, one fingerprint, errors reach
+every process; and the distributed types the loop refuses."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs, summary
+
+from pipeline import data, loop
+from pipeline.config import ConfigError
+
+# digits, with a prepare that can be slowed or made to fail on one process, and a raw_files that records
+# which process called it (raw_files is what fingerprinting walks and stats).
+SLOW_DIGITS = '''
+import dataclasses
+import os
+import time
+
+from pipeline.data import DataError
+from recipes import digits
+
+
+def raw_files(cfg):
+    with open(os.environ["RAW_FILES_LOG"], "a") as f:
+        f.write(os.environ.get("RANK", "0") + "\\n")
+    return digits.raw_files(cfg)
+
+
+def prepare(cfg):
+    time.sleep(float(os.environ.get("PREPARE_SLEEP_S", "0")))
+    if os.environ.get("PREPARE_FAILS_ON_RANK") == os.environ.get("RANK", "0"):
+        raise DataError("the raw files of slow_digits are unreadable (a test)")
+    return digits.prepare(cfg)
+
+
+def model(cfg, meta):
+    if os.environ.get("MODEL_SLOW_ON_RANK") == os.environ.get("RANK", "0"):
+        time.sleep(30)
+    return digits.recipe.model(cfg, meta)
+
+
+recipe = dataclasses.replace(digits.recipe, name="slow_digits", prepare=prepare, raw_files=raw_files, model=model)
+'''
+
+
+@pytest.fixture
+def slow_digits(workdir):
+    """A working folder with the recipe above as `recipe=local.slow_digits`."""
+    (workdir / "local").mkdir()
+    (workdir / "local" / "slow_digits.py").write_text(SLOW_DIGITS)
+    return workdir
+
+
+def ranks_that_fingerprinted(workdir) -> list[str]:
+    log = workdir / "raw_files.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -> list[tuple[int, str, float]]:
+    """One `launch/run.py` "machine" of one process per item of `args_of`, on this host; each launcher's exit
+    code is its process's. Returns (exit code, output, seconds until it ended) per machine."""
+    port, procs, started = str(free_port()), [], time.monotonic()
+    for rank, args in enumerate(args_of):
+        cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--num_machines", str(len(args_of)),
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               "--multi_gpu", "--num_processes", str(len(args_of)), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"), *args]
+        log = workdir / f"machine{rank}.log"
+        with open(log, "w") as out:
+            procs.append((subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                           env=environment(1, env)), log))
+    ended = {}
+    while len(ended) < len(procs) and time.monotonic() - started < timeout:
+        ended.update({i: time.monotonic() - started for i, (p, _) in enumerate(procs)
+                      if i not in ended and p.poll() is not None})
+        time.sleep(0.1)
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return [(proc.returncode, log.read_text(), ended.get(i, float("inf"))) for i, (proc, log) in enumerate(procs)]
+
+
+@pytest.mark.slow
+def test_a_prepare_longer_than_the_collective_timeout_still_trains(slow_digits):
+    # The waiting process sits in no collective: a 20 s prepare outlasts trainer.dist_timeout_s=8.
+    workdir = slow_digits
+    result = ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
+                           "trainer.dist_timeout_s=8"),
+                    cwd=workdir, processes=2,
+                    env={"PREPARE_SLEEP_S": "20", "RAW_FILES_LOG": str(workdir / "raw_files.log")}))
+    s = summary(workdir / "runs", "slow_digits")
+    assert s["num_processes"] == 2 and s["eval/samples"] == 360
+    assert result.stdout.count("data: preparing slow_digits") == 1
+    assert ranks_that_fingerprinted(workdir) == ["0"]  # the other process was sent the shards' folder
+
+
+@pytest.mark.slow
+def test_training_collectives_time_out_after_dist_timeout_s(slow_digits):
+    # Process 1 builds its model late: process 0 waits for it in DDP's first broadcast, for 8 s, not 30 min.
+    workdir = slow_digits
+    result = cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=8"),
+                 cwd=workdir, processes=2, launcher="run",
+                 env={"MODEL_SLOW_ON_RANK": "1", "RAW_FILES_LOG": str(workdir / "raw_files.log")})
+    assert result.returncode != 0 and "Timed out waiting 8000ms" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_node_local_caches_build_once_per_node_from_one_fingerprint(slow_digits):
+    # Two "machines" with a cache each (node-local): each node's main builds its own, from the folder name
+    # that process 0 computed; only process 0 walks the raw files.
+    workdir = slow_digits
+    env = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
+    args = [common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
+                   f"data.cache_dir={workdir / f'cache{m}'}") for m in (0, 1)]
+    results = machines(workdir, args, env)
+    assert [code for code, _, _ in results] == [0, 0], "\n".join(out[-3000:] for _, out, _ in results)
+    assert ranks_that_fingerprinted(workdir) == ["0"]
+    built = [sorted(p.name for p in (workdir / f"cache{m}" / "slow_digits").iterdir()) for m in (0, 1)]
+    assert built[0] == built[1] and len(built[0]) == 1
+    assert all((workdir / f"cache{m}" / "slow_digits" / built[0][0] / data.META_FILE).exists() for m in (0, 1))
+    assert summary(workdir / "runs", "slow_digits")["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_a_prepare_error_on_the_main_process_stops_every_process_with_its_message(slow_digits):
+    # Only process 0 fails: the other would otherwise go on to build the shards itself and wait for it.
+    workdir = slow_digits
+    env = {"RAW_FILES_LOG": str(workdir / "raw_files.log"), "PREPARE_FAILS_ON_RANK": "0"}
+    args = common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=600")
+    results = machines(workdir, [args, args], env, timeout=180)
+    for code, out, _ in results:
+        assert code == 2, out[-3000:]
+        assert "error: the raw files of slow_digits are unreadable (a test)" in out, out[-3000:]
+        assert "Traceback" not in out
+    assert abs(results[0][2] - results[1][2]) < 30  # the second one did not wait for a timeout
+    assert run_dirs(workdir / "runs", "slow_digits") == []
+
+
+@pytest.mark.slow
+def test_evaluate_on_other_data_waits_for_a_long_prepare_on_two_processes(slow_digits):
+    # launch/evaluate.py with data.* overrides prepares new shards the same way as training.
+    workdir = slow_digits
+    log = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
+    ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5"), cwd=workdir,
+           env=log))
+    run = run_dirs(workdir / "runs", "slow_digits")[0]
+    result = ok(cli([f"run={run}", "data.eval_fraction=0.3", "trainer.eval_batch_size=64", "trainer.dist_timeout_s=8"],
+                    cwd=workdir, processes=2, script="evaluate", env={**log, "PREPARE_SLEEP_S": "20"}))
+    assert "540 samples, 2 processes" in result.stdout
+    assert ranks_that_fingerprinted(workdir) == ["0", "0"]  # the training run's, then process 0's alone
+    assert len(list((workdir / "cache" / "slow_digits").iterdir())) == 2
+
+
+def test_the_waiting_process_says_whom_it_waits_for(capsys):
+    with data._waiting("process 1 waiting for process 0 to prepare the shards", speak=True, every=0.05):
+        time.sleep(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2 and lines[0] == "data: process 1 waiting for process 0 to prepare the shards (0 min)"
+    with data._waiting("process 2 waiting", speak=False, every=0.05):
+        time.sleep(0.2)
+    assert capsys.readouterr().out == ""
+
+
+def test_fsdp_is_refused_before_any_work(workdir):
+    # What `accelerate launch --use_fsdp` (or an `accelerate config` with FSDP) sets for the training process.
+    result = cli(common(workdir, "trainer.epochs=1"), cwd=workdir, env={"ACCELERATE_USE_FSDP": "true"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: accelerate config chose FSDP; this pipeline supports one process, DDP" in result.stderr
+    assert "accelerate launch --multi_gpu" in result.stderr and "Traceback" not in result.stderr
+    assert not (workdir / "cache").exists() and not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
+                                           ("ACCELERATE_USE_PARALLELISM_CONFIG", "a parallelism config")])
+def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):
+        loop.check_distributed()
