@@ -112,6 +112,47 @@ def masks(log):
           f"one stream: 1.0), {dropped:.3f} dropped")
     return words[1] == "2" and 0.4 < agreement < 0.6 and 0.4 < dropped < 0.6
 
+def descendants(pid):
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+def interrupt(log, run, min_step, *command):
+    """Runs `command` and SIGKILLs it and every process it started (torchrun starts its workers in sessions of
+    their own), as a lost node, once `run` has a checkpoint of `min_step` or later."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "a") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    saved, deadline = [], time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        saved = sorted(Path(run).glob("checkpoints/step-*/trainer_state.json"))
+        if saved and int(saved[-1].parent.name.removeprefix("step-")) >= int(min_step):
+            break
+        time.sleep(0.005)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    saved = sorted(Path(run).glob("checkpoints/step-*/trainer_state.json"))
+    print(f"killed after {saved[-1].parent.name}" if saved else "killed before any checkpoint")
+    return bool(saved) and not (Path(run) / "summary.json").exists()
+
 def same_weights(a, b, label_a, label_b):
     from safetensors.torch import load_file
 
@@ -307,40 +348,27 @@ fi
 # cuda:0) with the uninterrupted run's weights: each process continued its own device's random stream
 if want resume_layout; then
     if [ "$GPUS" -ge 2 ] || [ "$DEVICE" = cpu ]; then
-        layout=("${TRAIN[@]:1}" "${WATER[@]}" trainer.epochs=2 trainer.batch_size=128 trainer.log_every=5
-                checkpoint.every_steps=5 checkpoint.keep=1)
+        layout=("${TRAIN[@]:1}" "${WATER[@]}" "trainer.epochs=$EPOCHS" checkpoint.every_steps=10 checkpoint.keep=1)
         PORT=$(free_port); two 1 0 "$BOTH"
-        limited resume_layout 300 "${TWO[@]}" "${layout[@]}" run_name=whole
+        limited resume_layout 600 "${TWO[@]}" "${layout[@]}" run_name=whole
         whole=$?
-        # In a process group of its own: one signal kills the launcher and both processes, as a lost node.
-        PORT=$(free_port); two 1 0 "$BOTH"
-        setsid "${TWO[@]}" "${layout[@]}" run_name=job >>"$WORK/resume_layout.log" 2>&1 &
-        pid=$!
         job=$RUNS/water_potability/job
-        for _ in $(seq 2400); do  # up to 120 s for a checkpoint mid-epoch 1 and a step logged after it
-            ls "$job"/checkpoints/step-*/trainer_state.json >/dev/null 2>&1 \
-                && grep -q '"step": 1[0-9]' "$job/metrics.jsonl" 2>/dev/null && break
-            kill -0 $pid 2>/dev/null || break
-            sleep 0.05
-        done
-        kill -KILL -- -$pid 2>/dev/null
-        wait $pid
-        killed=$?
-        saved=$(ls -d "$job"/checkpoints/step-* 2>/dev/null | tail -n 1)
+        PORT=$(free_port); two 1 0 "$BOTH"
+        killed=$(figure interrupt "$WORK/resume_layout.log" "$job" 25 "${TWO[@]}" "${layout[@]}" run_name=job)
+        interrupted=$?
         PORT=$(free_port); two 2 1 "${PAIR[1]}"
-        timeout --kill-after=15 300 "${TWO[@]}" "${layout[@]}" run_name=job >>"$WORK/resume_layout.log" 2>&1 &
+        timeout --kill-after=15 600 "${TWO[@]}" "${layout[@]}" run_name=job >>"$WORK/resume_layout.log" 2>&1 &
         other=$!
         two 2 0 "${PAIR[0]}"
-        limited resume_layout 300 "${TWO[@]}" "${layout[@]}" run_name=job
+        limited resume_layout 600 "${TWO[@]}" "${layout[@]}" run_name=job
         resumed=$?
         wait $other || resumed=1
-        if [ $whole -eq 0 ] && [ $killed -eq 137 ] && [ -n "$saved" ] && [ $resumed -eq 0 ] \
+        if [ $whole -eq 0 ] && [ $interrupted -eq 0 ] && [ $resumed -eq 0 ] \
                 && grep -q "resuming from" "$WORK/resume_layout.log"; then
             line=$(figure same_weights "$job" "$RUNS/water_potability/whole" "resumed on 2x1" "uninterrupted on 1x2")
-            report resume_layout $? "killed after ${saved##*/}; $line"
+            report resume_layout $? "$killed; $line"
         else
-            report resume_layout 1 \
-                "exit codes: whole $whole, killed $killed (137 expected), resumed $resumed; ${saved:-no checkpoint}"
+            report resume_layout 1 "exit codes: whole $whole, resumed $resumed; $killed"
         fi
     else
         skip resume_layout "needs 2 GPUs, found $GPUS"
