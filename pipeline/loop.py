@@ -356,7 +356,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
         # cudnn.benchmark picks the fastest convolution for the (fixed, drop_last) training shapes once.
         torch.backends.cudnn.benchmark = True
     # One seed on every process: the model's initial weights are the same everywhere (the data's draws have
-    # generators of their own); `train` then gives each process its own stream for dropout.
+    # generators of their own). Once the model is built and wrapped, each process gets its own stream.
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
