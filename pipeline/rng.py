@@ -30,25 +30,26 @@ def seed_model(seed: int, process: int, step: int) -> None:
 
 class Draws:
     """The data side's random numbers (augmentation), drawn for the whole global batch alike on every process,
-    from a generator that depends on (seed, epoch, micro-batch into the epoch) alone. The loop says where it
-    is (`at`); a recipe asks for the generator of its batch's device."""
+    from a generator that depends on (seed, epoch, micro-batch into the epoch) alone. The loop says which
+    micro-batch comes (`at`); a recipe asks for the generator of its batch's device, seeded afresh for it."""
 
     def __init__(self):
         self.key = (0, 0, 0)
-        self.generators = {}  # device -> (the key it was seeded for, generator)
+        self.generators = {}  # device -> generator
+        self.seeded = set()  # the devices whose generator was seeded for this micro-batch
 
     def at(self, seed: int, epoch: int, batch: int) -> None:
         self.key = (seed, epoch, batch)
+        self.seeded.clear()
 
     def generator(self, device) -> torch.Generator:
         device = torch.device(device)
-        seeded, generator = self.generators.get(device, (None, None))
-        if generator is None:
-            generator = torch.Generator(device)
-        if seeded != self.key:
-            generator.manual_seed(derive(*self.key))
-            self.generators[device] = (self.key, generator)
-        return generator
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device)
+        if device not in self.seeded:
+            self.generators[device].manual_seed(derive(*self.key))
+            self.seeded.add(device)
+        return self.generators[device]
 
 
 DRAWS = Draws()

@@ -8,13 +8,12 @@ import subprocess
 import time
 
 import pytest
+import torch
 from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, needs_gpus, ok
 from safetensors.torch import load_file
 from test_checkpoint import kill, kill_after_checkpoint
 
-from pipeline import checkpoint
-
-pytestmark = pytest.mark.slow
+from pipeline import checkpoint, data, rng
 
 # water_potability: 2,620 train rows, 81 steps an epoch; the hidden layers get dropout.
 WATER = ["recipe=water_potability", f"data.root={TEST_DATA / 'water-potability'}", "model.dropout=0.5"]
@@ -56,6 +55,28 @@ def mask_agreement(tmp_path, gpu: bool = False) -> tuple[float, float, str]:
     return float(words[5]), float(words[7]), words[3]
 
 
+def test_the_data_side_never_draws_from_the_model_stream():
+    # Reseeding torch's global stream per process (the model's dropout) must change no batch and no
+    # augmentation: both depend on the seed and the position in the epoch alone.
+    from recipes.image_folder import transform
+
+    image = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    batches = data.loader(data.Rows({"image": image}), 4, train=True, seed=7)
+    state = torch.get_rng_state()
+    list(batches)  # a pass over the loader (its workers' seed is drawn at the start of each)
+    assert torch.get_rng_state().equal(state)
+    augment = ["hflip", "rotate:30", "brightness:0.5"]
+    rng.DRAWS.at(7, 1, 3)
+    torch.manual_seed(1)
+    first = transform({"image": image}, True, {"augment": augment})["image"]
+    rng.DRAWS.at(7, 1, 3)  # the same micro-batch again, under another model stream: the same draws
+    torch.manual_seed(2)
+    assert transform({"image": image}, True, {"augment": augment})["image"].equal(first)
+    rng.DRAWS.at(7, 1, 4)  # the next micro-batch: other draws
+    assert not transform({"image": image}, True, {"augment": augment})["image"].equal(first)
+
+
+@pytest.mark.slow
 def test_two_processes_draw_their_own_dropout_masks(tmp_path):
     agreement, dropped, device = mask_agreement(tmp_path)
     assert device == "cpu"
@@ -68,6 +89,7 @@ def final_weights(run_dir) -> dict:
     return load_file(run_dir / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_run_with_dropout_resumed_mid_epoch_ends_as_the_uninterrupted_run(workdir):
     # 20 steps an epoch; killed after the checkpoint of step 25, past the one at epoch 1's end.
     args = [*RESUMED, "trainer.log_every=5", "checkpoint.every_steps=5", "checkpoint.keep=1"]
@@ -82,6 +104,7 @@ def test_a_run_with_dropout_resumed_mid_epoch_ends_as_the_uninterrupted_run(work
     assert [k for k in b if not a[k].equal(b[k])] == []
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_two_gpus_draw_their_own_dropout_masks(tmp_path):
     needs_gpus(2)
@@ -114,6 +137,7 @@ def finish(procs: list[subprocess.Popen]) -> list[str]:
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_a_resume_on_another_gpus_per_node_layout_ends_as_the_uninterrupted_run(workdir):
     # 1 machine x 2 GPUs -> 2 machines x 1 GPU: process 1 now sees its GPU as cuda:0, and Accelerate restores
