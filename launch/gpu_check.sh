@@ -6,12 +6,15 @@
 #   GPU_CHECK_ALLOW_CPU=1 bash launch/gpu_check.sh    # the same checks, small, on the CPU (tests this script)
 #   bash launch/gpu_check.sh compile_bf16 load_weights   # only these of: compile_bf16 load_weights bench
 #                                                       # sigterm_resume pytest_gpu ddp_one_vs_two
+#                                                       # dropout_ranks resume_layout
 #
 # Checks: compile + bf16 on mnist_cnn (recompiles counted); its weights load into an uncompiled model;
 # launch/bench.py on mnist_mlp and mnist_cnn with the data on the GPU and in host memory, and --device cpu
 # on the GPU host; fp16 from host memory stopped by SIGTERM and resumed; `pytest -m gpu`; with 2+ GPUs,
-# mnist_mlp on 1 and 2 processes. Data: MNIST's test set from tests/data/mnist-test (or ../shared/data),
-# written as both the train and the test files. PYTHON= picks the interpreter (default .venv/bin/python).
+# mnist_mlp on 1 and 2 processes, each process's own dropout masks, and a dropout run killed on 1 machine x
+# 2 GPUs and resumed on 2 machines x 1 GPU. Data: MNIST's test set from tests/data/mnist-test (or
+# ../shared/data), written as both the train and the test files, and tests/data/water-potability.
+# PYTHON= picks the interpreter (default .venv/bin/python).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -100,6 +103,63 @@ def same_run(a, b, label_a, label_b):
     a, b = read(a), read(b)
     print(f"steps {a['steps']}/{b['steps']}, eval/loss {a['eval/loss']:.5f} {label_a} vs {b['eval/loss']:.5f} {label_b}")
     return a["steps"] == b["steps"] and abs(a["eval/loss"] - b["eval/loss"]) <= 1e-3 * b["eval/loss"]
+
+def masks(log):
+    line = next(x for x in Path(log).read_text().splitlines() if x.startswith("processes "))
+    words = line.split()
+    agreement, dropped = float(words[5]), float(words[7])
+    print(f"{words[1]} processes on {words[3]}: masks agree at {agreement:.3f} of positions (independent: ~0.5, "
+          f"one stream: 1.0), {dropped:.3f} dropped")
+    return words[1] == "2" and 0.4 < agreement < 0.6 and 0.4 < dropped < 0.6
+
+def descendants(pid):
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+def interrupt(log, run, min_step, *command):
+    """Runs `command` and SIGKILLs it and every process it started (torchrun starts its workers in sessions of
+    their own), as a lost node, once `run` has a checkpoint of `min_step` or later."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "a") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    saved, deadline = [], time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        saved = sorted(Path(run).glob("checkpoints/step-*/trainer_state.json"))
+        if saved and int(saved[-1].parent.name.removeprefix("step-")) >= int(min_step):
+            break
+        time.sleep(0.005)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    saved = sorted(Path(run).glob("checkpoints/step-*/trainer_state.json"))
+    print(f"killed after {saved[-1].parent.name}" if saved else "killed before any checkpoint")
+    return bool(saved) and not (Path(run) / "summary.json").exists()
+
+def same_weights(a, b, label_a, label_b):
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in b)
+    print(f"{len(b)} tensors, weights {label_a} vs {label_b} differ by up to {worst:.2e}")
+    return sorted(a) == sorted(b) and worst < 1e-4
 
 try:
     passed = globals()[sys.argv[1]](*sys.argv[2:])
@@ -237,6 +297,81 @@ if want ddp_one_vs_two; then
         report ddp_one_vs_two $status "$line"
     else
         skip ddp_one_vs_two "needs 2 GPUs, found $GPUS"
+    fi
+fi
+
+# Two processes with dropout (water_potability, model.dropout=0.5): on the CPU (small) or 2 GPUs.
+WATER=(recipe=water_potability data.root=tests/data/water-potability model.dropout=0.5)
+two() {  # two MACHINES RANK DEVICES: TWO, the command start of one machine's share of a 2-process run
+    TWO=(env "CUDA_VISIBLE_DEVICES=$3" "PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}" "$(dirname "$PY")/accelerate" launch
+         --multi_gpu --num_processes 2 --num_machines "$1" --machine_rank "$2" --main_process_ip 127.0.0.1
+         --main_process_port "$PORT" --mixed_precision no --dynamo_backend no)
+}
+free_port() { "$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+PAIR=("" "")  # the devices of the 2 processes: none on the CPU; the first 2 visible GPUs
+if [ "$DEVICE" = cuda ]; then
+    IFS=, read -r -a PAIR <<<"${CUDA_VISIBLE_DEVICES:-0,1}"
+fi
+BOTH=${PAIR[0]}${PAIR[1]:+,${PAIR[1]}}
+
+# ---- 7. dropout on 2 processes: each draws its own masks (from one stream every slice got the same ones)
+if want dropout_ranks; then
+    if [ "$GPUS" -ge 2 ] || [ "$DEVICE" = cpu ]; then
+        cat >"$WORK/masks.py" <<'EOF'
+import torch
+from pipeline import cli, loop
+
+def run(recipe, cfg):
+    run = loop.setup(cfg, recipe)
+    dropout = next(m for m in run.model.modules() if isinstance(m, torch.nn.Dropout))
+    masks = []
+    dropout.register_forward_hook(lambda module, args, out: masks.append((out == 0).float()))
+    loop.train_step(run, next(iter(run.train_loader)), None)
+    both = run.accelerator.gather(masks[0][None])
+    run.accelerator.print(f"processes {run.accelerator.num_processes} device {both.device.type} "
+                          f"agreement {(both[0] == both[1]).float().mean().item():.3f} "
+                          f"dropped {both.mean().item():.3f}")
+
+cli.main("train", "", run)
+EOF
+        PORT=$(free_port); two 1 0 "$BOTH"
+        limited dropout_ranks 300 "${TWO[@]}" "$WORK/masks.py" "${TRAIN[@]:2}" "${WATER[@]}" run_name=masks
+        status=$?
+        line=$(figure masks "$WORK/dropout_ranks.log") || status=1
+        report dropout_ranks $status "$line"
+    else
+        skip dropout_ranks "needs 2 GPUs, found $GPUS"
+    fi
+fi
+
+# ---- 8. a dropout run killed on 1 machine x 2 GPUs resumes on 2 machines x 1 GPU (process 1's GPU is then its
+# cuda:0) with the uninterrupted run's weights: each process continued its own device's random stream
+if want resume_layout; then
+    if [ "$GPUS" -ge 2 ] || [ "$DEVICE" = cpu ]; then
+        layout=("${TRAIN[@]:1}" "${WATER[@]}" "trainer.epochs=$EPOCHS" checkpoint.every_steps=10 checkpoint.keep=1)
+        PORT=$(free_port); two 1 0 "$BOTH"
+        limited resume_layout 600 "${TWO[@]}" "${layout[@]}" run_name=whole
+        whole=$?
+        job=$RUNS/water_potability/job
+        PORT=$(free_port); two 1 0 "$BOTH"
+        killed=$(figure interrupt "$WORK/resume_layout.log" "$job" 25 "${TWO[@]}" "${layout[@]}" run_name=job)
+        interrupted=$?
+        PORT=$(free_port); two 2 1 "${PAIR[1]}"
+        timeout --kill-after=15 600 "${TWO[@]}" "${layout[@]}" run_name=job >>"$WORK/resume_layout.log" 2>&1 &
+        other=$!
+        two 2 0 "${PAIR[0]}"
+        limited resume_layout 600 "${TWO[@]}" "${layout[@]}" run_name=job
+        resumed=$?
+        wait $other || resumed=1
+        if [ $whole -eq 0 ] && [ $interrupted -eq 0 ] && [ $resumed -eq 0 ] \
+                && grep -q "resuming from" "$WORK/resume_layout.log"; then
+            line=$(figure same_weights "$job" "$RUNS/water_potability/whole" "resumed on 2x1" "uninterrupted on 1x2")
+            report resume_layout $? "$killed; $line"
+        else
+            report resume_layout 1 "exit codes: whole $whole, resumed $resumed; $killed"
+        fi
+    else
+        skip resume_layout "needs 2 GPUs, found $GPUS"
     fi
 fi
 

@@ -16,9 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
 from accelerate.checkpointing import load_accelerator_state
-from accelerate.utils import RNG_STATE_NAME, DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
@@ -282,11 +281,11 @@ def load(accelerator, checkpoint: Path) -> dict:
 def load_rng_state(accelerator, checkpoint: Path) -> None:
     """A process the checkpoint has no RNG state for (it was saved by fewer processes) takes process 0's.
 
-    Every process is seeded alike and draws alike (a recipe draws for the whole global batch and takes its
-    slice, see recipes/image_folder.py), so the saved states are equal and process 0's is the one this process
-    would hold had the run started on this many. `load_state` reads only `random_states_<own index>.pkl`;
-    when that is missing it logs at info level and keeps the seed's state. Accelerate's own loader, given
-    no objects, restores just the RNG states and the step counter from process 0's file.
+    `load_state` reads only `random_states_<own index>.pkl`; when that is missing it logs at info level and
+    keeps the seed's state. What matters in it after a resume is Accelerate's step counter (it times the
+    gradient sync of accumulated micro-batches), alike on every process: torch's CPU and CUDA streams are
+    seeded again by the loop (rng.seed_model, from seed, process index and step) on any process count or
+    device layout. Accelerate's own loader, given no objects, restores the states and the step counter.
     """
     saved = position(checkpoint).get("num_processes", accelerator.num_processes)
     if accelerator.process_index < saved:
@@ -295,14 +294,6 @@ def load_rng_state(accelerator, checkpoint: Path) -> None:
     restored = load_accelerator_state(str(checkpoint), [], [], [], [], process_index=0)
     if "step" in restored:
         accelerator.step = restored["step"]
-    if accelerator.device.type == "cuda":
-        # The file holds every GPU's state that process 0 saw, but it drew on cuda:0 only; the entry for
-        # this device's index is still the seed's. Process 0's own one continues here (a checkpoint saved
-        # on CPUs has none: this GPU then starts from the seed's state).
-        saved_gpus = torch.load(Path(checkpoint) / f"{RNG_STATE_NAME}_0.pkl", weights_only=False).get(
-            "torch_cuda_manual_seed") or []
-        if saved_gpus:
-            torch.cuda.set_rng_state(saved_gpus[0], accelerator.device)
 
 
 def remove_all(run_dir: Path) -> None:

@@ -592,8 +592,11 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
         batches = ShuffledBatches(sampler, batch_size, seed, device=getattr(dataset, "device", None))
     else:
         batches = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
+    # Each pass draws its workers' base seed from `generator`, by default torch's global stream: that is the
+    # model's dropout stream, one per process (rng.seed_model), which the data side must not draw from.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=pin_memory)
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 class ShuffledBatches(BatchSampler):

@@ -27,7 +27,7 @@ from accelerate.utils import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, data, hooks, optim, patches, plots, report, runinfo, tracking
+from pipeline import checkpoint, data, hooks, optim, patches, plots, report, rng, runinfo, tracking
 from pipeline import lock as locks
 from pipeline import recipe as recipes
 from pipeline.best import Best
@@ -103,6 +103,9 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
         saved = checkpoint.load(run.accelerator, run.resume_from)
         position = Position.of(saved)
         run.accelerator.print(f"resuming from {run.resume_from}: epoch {position.epoch}, step {position.step}")
+        # Seeded as the checkpoint was saved, on any process count and device layout (Accelerate restores
+        # only a saved process's own file, and CUDA states by device index).
+        rng.seed_model(cfg.seed, run.accelerator.process_index, position.step)
     best = Best.of(cfg, (saved or {}).get("best"), run.accelerator.print)
     # Plain dataclasses on the hot path: an OmegaConf attribute read costs ~10 us, a step ~400 us.
     trainer = OmegaConf.to_object(cfg.trainer)
@@ -137,7 +140,7 @@ def train_epoch(run: Run, trainer, position: Position, results: dict, best: Best
     """One pass over the training batches (the rest of one, when resumed mid-epoch). True when the run
     reached trainer.max_steps."""
     accelerator, layer_stats = run.accelerator, run.layer_stats
-    hooks_every = run.cfg.debug.hooks_every
+    hooks_every, seed = run.cfg.debug.hooks_every, run.cfg.seed
     every = run.cfg.checkpoint.every_steps if run.cfg.checkpoint.keep else 0
     # Accelerate's accumulate() skips the gradient sync of micro-batches between optimizer steps;
     # with one micro-batch a step it has nothing to skip, and its bookkeeping stays off the step.
@@ -152,6 +155,7 @@ def train_epoch(run: Run, trainer, position: Position, results: dict, best: Best
     stop = False
     speed.resume()
     for batch in loader:
+        rng.DRAWS.at(seed, position.epoch, position.batches)  # this global micro-batch's augmentation
         if layer_stats:
             layer_stats.active = (position.step + 1) % hooks_every == 0
         with accelerator.accumulate(run.model) if accumulating else nullcontext():
@@ -238,6 +242,8 @@ def end_epoch(run: Run, position: Position, results: dict, best: Best, progress,
 
 def save_checkpoint(run: Run, position: Position, best: Best) -> Path:
     check_weights(run.model, position.step, run.run_dir, run.accelerator)  # never a checkpoint of NaN weights
+    # Seeded as a resume from this checkpoint seeds it, so that the resumed run continues as this one does.
+    rng.seed_model(run.cfg.seed, run.accelerator.process_index, position.step)
     with disk_full_guard(run.run_dir, "a checkpoint", run.accelerator):
         return checkpoint.save(run.accelerator, run.run_dir, position.as_dict(), run.cfg.checkpoint.keep,
                                {"best": best.state()})
@@ -368,6 +374,8 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
     if accelerator.device.type == "cuda":
         # cudnn.benchmark picks the fastest convolution for the (fixed, drop_last) training shapes once.
         torch.backends.cudnn.benchmark = True
+    # One seed on every process: the model's initial weights are the same everywhere (the data's draws have
+    # generators of their own). Once the model is built and wrapped, each process gets its own stream.
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -397,6 +405,8 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
         model, optimizer, *loaders, *([scheduler] if scheduler else []),
         device_placement=[True, True, *[move_batches] * len(loaders), *([True] if scheduler else [])])
 
+    # From here on each process has its own stream for the model's randomness (dropout): see rng.seed_model.
+    rng.seed_model(cfg.seed, accelerator.process_index, 0)
     runtime = runinfo.runtime(accelerator, compiled)
     tracking.init(accelerator, cfg.project, {**as_dict(cfg), "runtime": runtime}, init_kwargs)
     if accelerator.is_main_process:

@@ -31,6 +31,7 @@ from torchmetrics.classification import (
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from pipeline import rng
 from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
@@ -212,14 +213,15 @@ def augment(image: torch.Tensor, names) -> torch.Tensor:
 
 def draws(rows: int, n: int, device) -> torch.Tensor:
     """[rows, n] uniform [0, 1) numbers for this process's n images: the draws for the whole global batch,
-    made alike on every process (set_seed gives them one generator state), sliced at this process's part.
+    made alike on every process (from the data's generator, rng.DRAWS, not the model's per-process stream),
+    sliced at this process's part.
 
     Each process trains on its slice of the global batch (split_batches), so image i of the global batch
     gets the same draws on 1 or N processes and the generators stay in step; drawing only n numbers would
     give every process's slice the same flips and angles.
     """
     state = PartialState()  # Accelerate's process group (a singleton); one process outside a launch
-    numbers = torch.rand(rows, n * state.num_processes, device=device)
+    numbers = torch.rand(rows, n * state.num_processes, device=device, generator=rng.DRAWS.generator(device))
     return numbers[:, state.process_index * n:(state.process_index + 1) * n]
 
 

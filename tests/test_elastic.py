@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import cli, common, ok
+from omegaconf import OmegaConf
 from test_checkpoint import kill_after_checkpoint
 
-from pipeline import checkpoint
+from pipeline import checkpoint, rng
 from pipeline.config import ConfigError
 from pipeline.loop import check_batches
 
@@ -62,12 +63,15 @@ def test_a_job_requeued_on_2_then_1_then_2_then_1_processes_ends_as_the_uninterr
     out = kill_after_checkpoint(memory, workdir, run_dir, 2, min_step=65)
     said_once("resuming a checkpoint saved by 1 process on 2: process 0 takes its own RNG state; process 1 "
               "takes process 0's", out)
-    # Both processes started from the 1-process run's state and drew alike: they saved the same state, as
-    # the processes of a fresh run do (one seed). Without the mapping process 1 continues from the seed's
-    # state and saves another (measured).
+    # Each process saved its own stream for the model's randomness, seeded from (seed, process, step): the
+    # state that a resume on any process count seeds again.
     newest = checkpoint.latest(run_dir)
-    assert checkpoint.position(newest)["num_processes"] == 2
-    assert rng_states(newest, 0)["torch_manual_seed"].equal(rng_states(newest, 1)["torch_manual_seed"])
+    saved = checkpoint.position(newest)
+    assert saved["num_processes"] == 2
+    seed = OmegaConf.load(newest / "config.yaml").seed
+    for process in (0, 1):
+        own = torch.Generator().manual_seed(rng.derive(seed, process, saved["step"])).get_state()
+        assert rng_states(newest, process)["torch_manual_seed"].equal(own), process
 
     out = ok(cli(stream, cwd=workdir, processes=1)).stdout
     assert "train stream: " in out
