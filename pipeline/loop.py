@@ -75,6 +75,7 @@ class Run:
     runtime: dict  # runinfo.runtime: git commit, processes, device, precision, compile
     resume_from: Path | None
     data_paths: dict  # {split: {"rows", "path": memory|stream, "why"}}
+    data_identity: dict | None  # runinfo.data_identity on the main process (None on the others)
 
 
 def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
@@ -220,7 +221,7 @@ def save_checkpoint(run: Run, position: Position, best: Best) -> Path:
     check_weights(run.model, position.step, run.run_dir, run.accelerator)  # never a checkpoint of NaN weights
     with disk_full_guard(run.run_dir, "a checkpoint", run.accelerator):
         return checkpoint.save(run.accelerator, run.run_dir, position.as_dict(), run.cfg.checkpoint.keep,
-                               {"best": best.state()})
+                               {"best": best.state(), "data": run.data_identity})
 
 
 def save_best(run: Run, step: int) -> None:
@@ -321,12 +322,13 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
+    identity = runinfo.data_identity(recipe, cfg, shards) if state.is_main_process else None
     splits, meta = data.load(shards)
     meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
     run_dir = make_run_dir(cfg, state, recipe.name)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
     # trains the same way; damaged ones are set aside with a warning.
-    resume_from = checkpoint.resume_point(run_dir, cfg, state, say)
+    resume_from = checkpoint.resume_point(run_dir, cfg, state, say, identity)  # on the same data, too
     # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
     # a run that starts at step 0 starts a fresh record.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
@@ -391,7 +393,7 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
                loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs, steps_per_epoch=steps_per_epoch,
                layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
-               data_paths=splits_read)
+               data_paths=splits_read, data_identity=identity)
 
 
 def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
