@@ -76,6 +76,7 @@ class Run:
     resume_from: Path | None
     data_paths: dict  # {split: {"rows", "path": memory|stream, "why"}}
     data_identity: dict | None  # runinfo.data_identity on the main process (None on the others)
+    record: dict | None = None  # run.json's contents (runinfo.start), kept up to date by the main process
 
 
 def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
@@ -83,7 +84,7 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     `<run>/summary.json`."""
     started = time.perf_counter()
     run = setup(cfg, recipe or recipes.load(cfg.recipe))
-    record = runinfo.start(run)  # run.json: "running" now, how it ended below
+    record = run.record = runinfo.start(run)  # run.json: "running" now, how it ended below
     position, saved = Position(), None
     if run.resume_from:
         saved = checkpoint.load(run.accelerator, run.resume_from)
@@ -236,6 +237,7 @@ def save_best(run: Run, step: int) -> None:
         if accelerator.is_main_process:
             (tmp / "model.safetensors").replace(run.run_dir / "best.safetensors")
             tmp.rmdir()
+            runinfo.weights_saved(run, "best.safetensors")
     accelerator.wait_for_everyone()
 
 
@@ -258,6 +260,7 @@ def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, s
     # A truncated model.safetensors would look like a finished run's weights: removed on a full disk.
     with disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)):
         save_weights(accelerator, run.model, run.run_dir)
+    runinfo.weights_saved(run, "model.safetensors")
     timings = {"train/samples_per_s": speed.rate(), "time/first_step_s": speed.first,
                "time/total_s": time.perf_counter() - started}
     # Also as the trackers' last values, so the W&B summary holds them (W&B's summary is each key's last value).

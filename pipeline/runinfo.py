@@ -45,11 +45,27 @@ def start(run) -> dict:
         **{k: v for k, v in run.runtime.items() if k != "git"},  # num_processes, device, mixed_precision, compile
         "data": {k: v for k, v in (run.data_identity or {}).items() if k != "raw"},
         "data_changes": earlier.get("data_changes", []) + data_changes(run),
+        "weights": earlier.get("weights", {}),  # best.safetensors may be an earlier attempt's
     }
     record["first_started"] = record["first_started"] or record["started"]
     if accelerator.is_main_process:
         write_json(path, record)
     return record
+
+
+def weights_saved(run, name: str) -> None:
+    """Records the sha256 of the weights file `<run>/<name>` this run just wrote, so that evaluate and predict
+    can tell the run's own weights from a file put there later."""
+    path = run.run_dir / name
+    if not run.accelerator.is_main_process or run.record is None or not path.is_file():
+        return
+    run.record["weights"][name] = sha256(path)
+    write_json(run.run_dir / "run.json", run.record)
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def data_identity(recipe, cfg, shards: Path) -> dict:
