@@ -260,9 +260,9 @@ def check_data(checkpoint: Path, cfg, now: dict | None, say) -> None:
     """Stops when the shards this command trains on are not those `checkpoint` was trained on (their
     fingerprint differs): resuming would train one model on two data sets. `checkpoint.allow_data_change=true`
     lets it go on, said here and recorded in run.json."""
-    saved = position(checkpoint).get("data")
-    if now is None:
+    if now is None:  # not the main process
         return
+    saved = position(checkpoint).get("data")
     if saved is None:
         say(f"note: checkpoint {checkpoint} was saved before checkpoints recorded their data: it resumes "
             f"without a check that its data is the same")
