@@ -4,7 +4,8 @@ One process:            python launch/evaluate.py run=runs/digits/20250101-12000
 The test split, best:   python launch/evaluate.py run=runs/mnist_cnn/baseline split=test weights=best
 Other data:             python launch/evaluate.py run=runs/water_potability/baseline data.file=new_samples.csv
 Several processes:      accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py run=runs/digits/...
-The metrics go to <run>/evaluations/<split>[-best][-<data fingerprint>].json.
+The metrics go to <run>/evaluations/<split>[-best].json on the run's own data (its fingerprint), else
+<split>[-best]-<data fingerprint>.json.
 """
 
 import sys
@@ -17,6 +18,6 @@ from pipeline.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main("evaluate", "Evaluates a finished run.", runs.evaluate, parse_argv=runs.parse_argv,
-         help_text=__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best "
-                   "(default final),\n      data.KEY=VALUE and trainer.eval_batch_size=N on top of the run's "
+         help_text=__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best"
+                   "|FILE (default final),\n      data.KEY=VALUE and trainer.eval_batch_size=N on top of the run's "
                    "config.yaml.\nShow the config it evaluates with: add --print-config")

@@ -18,5 +18,5 @@ from pipeline.cli import main  # noqa: E402
 if __name__ == "__main__":
     main("predict", "Predicts with a finished run.", predict.predict, parse_argv=predict.parse_argv,
          help_text=__doc__.strip() + "\n\nKeys: run=DIR and input=PATH (required), output=FILE.csv, "
-                   "weights=final|best (default final),\n      data.KEY=VALUE (e.g. data.drop_bad_rows=true) and "
+                   "weights=final|best|FILE (default final),\n      data.KEY=VALUE (e.g. data.drop_bad_rows=true) and "
                    "trainer.eval_batch_size=N on top of the run's config.yaml.")

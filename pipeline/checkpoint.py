@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data import NOT_CONTENT
+from pipeline.runinfo import data_change
 from pipeline.tracking import flat, write_json
 
 # Where the prepared model is the module itself, at most wrapped by DDP and torch.compile (FSDP and
@@ -146,13 +147,14 @@ def position(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def resume_point(run_dir: Path, cfg, state, say=print) -> Path | None:
+def resume_point(run_dir: Path, cfg, state, say=print, data: dict | None = None) -> Path | None:
     """The checkpoint this run continues from, or None to start at step 0. Chosen on the main process
-    (which sets damaged checkpoints aside) and shared with the others; a refusal is raised on all."""
+    (which sets damaged checkpoints aside) and shared with the others; a refusal is raised on all.
+    `data`: the main process's `runinfo.data_identity` of the shards this command trains on."""
     answer = ["", ""]  # checkpoint, error
     if state.is_main_process:
         try:
-            answer[0] = str(_choose(Path(run_dir), cfg, state.num_processes, say) or "")
+            answer[0] = str(_choose(Path(run_dir), cfg, state.num_processes, say, data) or "")
         except ConfigError as e:
             answer[1] = str(e)
     if state.num_processes > 1:
@@ -162,7 +164,7 @@ def resume_point(run_dir: Path, cfg, state, say=print) -> Path | None:
     return Path(answer[0]) if answer[0] else None
 
 
-def _choose(run_dir: Path, cfg, num_processes: int, say) -> Path | None:
+def _choose(run_dir: Path, cfg, num_processes: int, say, data: dict | None) -> Path | None:
     found = complete(run_dir)
     if not cfg.checkpoint.resume:
         # The run starts over (a run with an intact checkpoint is refused before this). Its damaged
@@ -188,6 +190,7 @@ def _choose(run_dir: Path, cfg, num_processes: int, say) -> Path | None:
             f"name:\n  {same_command('run_name=<new name>')}")
     if path is not None:
         check_config(path, cfg)
+        check_data(path, cfg, data, say)
         if (saved := position(path).get("num_processes", num_processes)) != num_processes:
             say(f"resuming a checkpoint saved by {_processes(saved)} on {num_processes}: "
                 f"{rng_mapping(saved, num_processes)}")
@@ -250,6 +253,31 @@ def check_config(checkpoint: Path, cfg) -> None:
             f"train the new values as a new run:\n  {same_command('run_name=<new name>')}\nor start this "
             f"run over with them: remove its checkpoints (rm -r {folder(Path(checkpoint).parent.parent)}/step-*) "
             f"and run the command again")
+
+
+def check_data(checkpoint: Path, cfg, now: dict | None, say) -> None:
+    """Stops when the shards this command trains on are not those `checkpoint` was trained on (their
+    fingerprint differs): resuming would train one model on two data sets. `checkpoint.allow_data_change=true`
+    lets it go on, said here and recorded in run.json."""
+    if now is None:  # not the main process
+        return
+    saved = position(checkpoint).get("data")
+    if saved is None:
+        say(f"note: checkpoint {checkpoint} was saved before checkpoints recorded their data: it resumes "
+            f"without a check that its data is the same")
+        return
+    if saved["fingerprint"] == now["fingerprint"]:
+        return
+    change = data_change(saved, now)
+    if cfg.checkpoint.allow_data_change:
+        say(f"warning: resuming {checkpoint} on other data (checkpoint.allow_data_change=true): {change}. "
+            f"The model continues on the new data; run.json records the change under data_changes")
+        return
+    raise ConfigError(
+        f"the data changed since checkpoint {checkpoint} was saved: {change}.\nResuming would train one model "
+        f"on two data sets. Train on this data as a new run:\n  {same_command('run_name=<new name>')}\nor "
+        f"continue this run on it knowingly (run.json records it):\n  "
+        f"{same_command('checkpoint.allow_data_change=true')}\nor put back the data it was trained on")
 
 
 def _may_change(key: str, saved: dict, now: dict) -> bool:

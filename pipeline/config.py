@@ -110,6 +110,9 @@ class CheckpointConfig:
     every_steps: int = 0  # also save every N optimizer steps (0: only at the end of each epoch)
     keep: int = 1  # newest checkpoints kept in <run>/checkpoints/ (0: no checkpoints)
     resume: bool = True  # continue from the run directory's newest checkpoint (same run_name=)
+    # Resume although the shards' fingerprint differs from the checkpoint's (the raw files or their
+    # preprocessing changed): the model then trains on two data sets, which run.json records.
+    allow_data_change: bool = False
     # The eval metric that picks <run>/best.safetensors and drives early stopping; null: eval/accuracy where
     # the recipe reports it, else eval/loss.
     monitor: str | None = None

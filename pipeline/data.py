@@ -69,12 +69,19 @@ def fingerprint(recipe, cfg: DictConfig) -> str:
     h = hashlib.sha256(json.dumps({"recipe": recipe.name, "version": recipe.version, "layout": LAYOUT, "data": params},
                                   sort_keys=True, default=str).encode())
     h.update(code_hash(recipe).encode())
-    root = Path(cfg.data.root)
+    for rel, size, mtime_ns in raw_stats(recipe, cfg):
+        h.update(f"{rel}\0{size}\0{mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
+    """(path relative to data.root, size, mtime in ns) of each raw file the recipe reads, sorted by path."""
+    root, stats = Path(cfg.data.root), []
     for path in sorted(Path(p) for p in recipe.raw_files(cfg)):
         stat = path.stat()
         rel = path.relative_to(root) if path.is_relative_to(root) else path
-        h.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+        stats.append((str(rel), stat.st_size, stat.st_mtime_ns))
+    return stats
 
 
 def code_hash(recipe) -> str:

@@ -85,6 +85,8 @@ class Run:
     runtime: dict  # runinfo.runtime: git commit, processes, device, precision, compile
     resume_from: Path | None
     data_paths: dict  # {split: {"rows", "path": memory|stream, "why"}}
+    data_identity: dict | None  # runinfo.data_identity on the main process (None on the others)
+    record: dict | None = None  # run.json's contents (runinfo.start), kept up to date by the main process
 
 
 def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
@@ -97,7 +99,7 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     except BaseException:
         folder.abandon()
         raise
-    record = runinfo.start(run)  # run.json: "running" now, how it ended below
+    record = run.record = runinfo.start(run)  # run.json: "running" now, how it ended below
     position, saved = Position(), None
     if run.resume_from:
         saved = checkpoint.load(run.accelerator, run.resume_from)
@@ -246,7 +248,7 @@ def save_checkpoint(run: Run, position: Position, best: Best) -> Path:
     rng.seed_model(run.cfg.seed, run.accelerator.process_index, position.step)
     with disk_full_guard(run.run_dir, "a checkpoint", run.accelerator):
         return checkpoint.save(run.accelerator, run.run_dir, position.as_dict(), run.cfg.checkpoint.keep,
-                               {"best": best.state()})
+                               {"best": best.state(), "data": run.data_identity})
 
 
 def save_best(run: Run, step: int) -> None:
@@ -261,6 +263,7 @@ def save_best(run: Run, step: int) -> None:
         if accelerator.is_main_process:
             (tmp / "model.safetensors").replace(run.run_dir / "best.safetensors")
             tmp.rmdir()
+            runinfo.weights_saved(run, "best.safetensors")
     accelerator.wait_for_everyone()
 
 
@@ -283,6 +286,7 @@ def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, s
     # A truncated model.safetensors would look like a finished run's weights: removed on a full disk.
     with disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)):
         save_weights(accelerator, run.model, run.run_dir)
+    runinfo.weights_saved(run, "model.safetensors")
     timings = {"train/samples_per_s": speed.rate(), "time/first_step_s": speed.first,
                "time/total_s": time.perf_counter() - started}
     # Also as the trackers' last values, so the W&B summary holds them (W&B's summary is each key's last value).
@@ -346,12 +350,13 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
     shards = data.prepare(recipe, cfg, state, log=say)
+    identity = runinfo.data_identity(recipe, cfg, shards) if state.is_main_process else None
     splits, meta = data.load(shards)
     meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
     run_dir = make_run_dir(cfg, state, recipe.name, folder)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
     # trains the same way; damaged ones are set aside with a warning.
-    resume_from = checkpoint.resume_point(run_dir, cfg, state, say)
+    resume_from = checkpoint.resume_point(run_dir, cfg, state, say, identity)  # on the same data, too
     # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
     # a run that starts at step 0 starts a fresh record.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
@@ -420,7 +425,7 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
                loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs, steps_per_epoch=steps_per_epoch,
                layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
-               data_paths=splits_read)
+               data_paths=splits_read, data_identity=identity)
 
 
 def start_processes(cfg, cpu: bool) -> PartialState:

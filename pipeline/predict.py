@@ -39,7 +39,8 @@ class Request:
 
 
 def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
-    """`run=DIR input=PATH [output=FILE.csv] [weights=final|best] [data.KEY=VALUE ...]` -> recipe, config, request."""
+    """`run=DIR input=PATH [output=FILE.csv] [weights=final|best|FILE] [data.KEY=VALUE ...]` -> recipe, config,
+    request."""
     dotlist = config.split_argv(argv)
     own = {key: config.given(dotlist, key) for key in ("run", "input", "output", "weights")}
     if not own["run"]:
@@ -47,9 +48,7 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     if not own["input"]:
         raise ConfigError("what to predict? Give the new inputs in the recipe's raw format: input=<file or folder> "
                           "(e.g. a CSV with the feature columns, an image file or a folder of images)")
-    weights = own["weights"] or "final"
-    if weights not in runs.WEIGHTS:
-        raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(runs.WEIGHTS)}")
+    weights = own["weights"] or "final"  # or a file's path: checked by runs.weights_file below
     run_dir, source = Path(own["run"]), Path(own["input"])
     recipe, cfg, _ = runs.load_run(run_dir, [item for item in dotlist if item.partition("=")[0] not in own])
     if recipe.read_inputs is None:
@@ -179,7 +178,7 @@ def _plain(values) -> list:
 def result_text(recipe, request: Request, seen: Seen, seconds: float) -> str:
     rows = seen.rows
     lines = [f"predicted: {rows:,} input{'s' * (rows != 1)} of {request.input} with {recipe.name} "
-             f"{runs.WEIGHTS[request.weights]} in {seconds:.1f} s -> {request.output}"]
+             f"{runs.WEIGHTS.get(request.weights, request.weights)} in {seconds:.1f} s -> {request.output}"]
     if seen.classes:
         lines.append("classes: " + ", ".join(f"{name} {count:,}" for name, count in seen.classes.most_common()))
     # The first rows and the last one (a series' forecast past the end of its file is its last row).

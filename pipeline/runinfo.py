@@ -5,6 +5,7 @@ Written by the main process when training starts (status "running") and again wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -15,10 +16,13 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from pipeline import data
 from pipeline.tracking import write_json
 
 CODE = Path(__file__).resolve().parent.parent  # the checkout (or installed tree) holding this code
 PACKAGES = ("torch", "accelerate", "datasets")
+# Raw files a run's checkpoints name one by one (so a change names the file); above this, a count and a digest.
+RAW_LISTED = 1000
 GIT_SHA_ENV = "PIPELINE_GIT_SHA"  # set by the Dockerfile from `--build-arg GIT_SHA=...`: images carry no .git
 
 
@@ -39,11 +43,75 @@ def start(run) -> dict:
         "argv": sys.argv,
         "host": socket.gethostname(),
         **{k: v for k, v in run.runtime.items() if k != "git"},  # num_processes, device, mixed_precision, compile
+        "data": {k: v for k, v in (run.data_identity or {}).items() if k != "raw"},
+        "data_changes": earlier.get("data_changes", []) + data_changes(run),
+        "weights": earlier.get("weights", {}),  # best.safetensors may be an earlier attempt's
     }
     record["first_started"] = record["first_started"] or record["started"]
     if accelerator.is_main_process:
         write_json(path, record)
     return record
+
+
+def weights_saved(run, name: str) -> None:
+    """Records the sha256 of the weights file `<run>/<name>` this run just wrote, so that evaluate and predict
+    can tell the run's own weights from a file put there later."""
+    path = run.run_dir / name
+    if not run.accelerator.is_main_process or run.record is None or not path.is_file():
+        return
+    run.record["weights"][name] = sha256(path)
+    write_json(run.run_dir / "run.json", run.record)
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def data_identity(recipe, cfg, shards: Path) -> dict:
+    """What a run trains on: the shards' fingerprint (their folder's name) and the raw files it was computed
+    from, as a count and a digest, with each file (path: [size, mtime_ns]) up to RAW_LISTED of them."""
+    stats = data.raw_stats(recipe, cfg)
+    digest = hashlib.sha256("".join(f"{r}\0{s}\0{m}\n" for r, s, m in stats).encode()).hexdigest()[:16]
+    record = {"fingerprint": Path(shards).name, "shards": str(shards), "raw_files": len(stats), "raw_digest": digest}
+    if len(stats) <= RAW_LISTED:
+        record["raw"] = {rel: [size, mtime_ns] for rel, size, mtime_ns in stats}
+    return record
+
+
+def data_change(saved: dict, now: dict) -> str:
+    """What differs between two `data_identity` records: the raw files by name where both list them."""
+    moved = f"the shards' fingerprint changed from {saved['fingerprint']} to {now['fingerprint']}"
+    if saved.get("raw_digest") == now.get("raw_digest"):
+        return (f"{moved}; the raw files are the same (paths, sizes, times), so the code that prepares them "
+                f"changed (the recipe's prepare() or a helper it calls)")
+    if "raw" not in saved or "raw" not in now:
+        return f"{moved}; the raw files differ ({saved['raw_files']:,} files then, {now['raw_files']:,} now)"
+    before, after = saved["raw"], now["raw"]
+    kinds = {"changed": [f for f in before if f in after and before[f] != after[f]],
+             "added": [f for f in after if f not in before],
+             "removed": [f for f in before if f not in after]}
+    named = "; ".join(f"{kind}: {_named(files)}" for kind, files in kinds.items() if files)
+    return f"raw files {named} ({moved})"
+
+
+def _named(files: list[str], shown: int = 5) -> str:
+    more = f" and {len(files) - shown:,} more" if len(files) > shown else ""
+    return ", ".join(files[:shown]) + more
+
+
+def data_changes(run) -> list[dict]:
+    """This attempt's resume onto other data than its checkpoint's (allowed by checkpoint.allow_data_change)."""
+    from pipeline import checkpoint
+
+    if not run.resume_from or not run.data_identity:
+        return []
+    saved = checkpoint.position(run.resume_from).get("data")
+    if not saved or saved["fingerprint"] == run.data_identity["fingerprint"]:
+        return []
+    return [{"checkpoint": str(run.resume_from), "from": saved["fingerprint"], "to": run.data_identity["fingerprint"],
+             "change": data_change(saved, run.data_identity), "allowed_by": "checkpoint.allow_data_change=true",
+             "at": now()}]
 
 
 def runtime(accelerator, compiled: bool) -> dict:

@@ -17,7 +17,7 @@ from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import config, data, loop, patches, report, tracking
+from pipeline import config, data, loop, patches, report, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
@@ -58,7 +58,7 @@ class Evaluation:
 
 
 def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
-    """`run=DIR [split=eval|test] [weights=final|best] [data.KEY=VALUE ...]` -> the run's recipe, its config
+    """`run=DIR [split=eval|test] [weights=final|best|FILE] [data.KEY=VALUE ...]` -> the run's recipe, its config
     with the overrides applied, and the request (for `cli.main`)."""
     dotlist = config.split_argv(argv)
     own = {key: config.given(dotlist, key) for key in ("run", "split", "weights")}
@@ -67,11 +67,9 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     split, weights = own["split"] or "eval", own["weights"] or "final"
     if split not in SPLITS:
         raise ConfigError(f"bad value split={split!r}; choose one of: {', '.join(SPLITS)}")
-    if weights not in WEIGHTS:
-        raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(WEIGHTS)}")
     overrides = [item for item in dotlist if item.partition("=")[0] not in own]
     recipe, cfg, _ = load_run(own["run"], overrides)
-    if changed_data(overrides) and "statistics" in cfg.data and not cfg.data.statistics:
+    if other_data(recipe, cfg, overrides, own["run"]) and "statistics" in cfg.data and not cfg.data.statistics:
         # Other data is prepared with the statistics the model was trained with (recipes that fit some), as
         # launch/predict.py prepares new inputs; fitting new ones on this data would score another preprocessing.
         meta = (Path(own["run"]) / data.META_FILE).resolve()
@@ -135,6 +133,12 @@ def check_finished(run_dir: Path) -> None:
 
 
 def weights_file(run_dir: Path, weights: str = "final") -> Path:
+    """`final` or `best` of the run, or a weights file given by its path."""
+    if weights not in WEIGHTS:
+        if not weights.endswith(".safetensors") or not Path(weights).is_file():
+            raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(WEIGHTS)}, or the path of "
+                              f"an existing .safetensors file")
+        return Path(weights)
     path = Path(run_dir) / WEIGHTS[weights]
     if not path.exists():
         raise ConfigError(f"run {run_dir} has no {path.name}: best weights are kept when the run monitors a metric "
@@ -142,9 +146,11 @@ def weights_file(run_dir: Path, weights: str = "final") -> Path:
     return path
 
 
-def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = "final") -> torch.nn.Module:
+def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = "final",
+               say=print) -> torch.nn.Module:
     """The recipe's model for this config and meta, with the run's weights loaded strictly (on the CPU)."""
     path = weights_file(Path(run_dir), weights)
+    check_own_weights(Path(run_dir), path, weights not in WEIGHTS, say)
     try:
         state = load_file(path)
     except Exception as e:  # safetensors names what it could not read; any failure means the file is unusable
@@ -169,6 +175,27 @@ def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = 
                           f"{' '.join(line.strip() for line in lines[1:4] or lines)}.\nThe recipe's model changed "
                           f"since this run was trained; evaluate it with the code of that run") from None
     return model
+
+
+def check_own_weights(run_dir: Path, path: Path, explicit: bool, say) -> None:
+    """The weights are the ones the run saved (their sha256 is in its run.json), or the user named the file
+    (`weights=<path>`: said loudly when it is none of the run's). Runs recorded before run.json kept the
+    hashes load unchecked."""
+    recorded = runinfo.read(run_dir / "run.json").get("weights") or {}
+    if not recorded:
+        return
+    actual = runinfo.sha256(path)
+    if explicit:
+        if actual not in recorded.values():
+            saved = ", ".join(f"{name} {sha}" for name, sha in recorded.items())
+            say(f"WARNING: {path} is not one of run {run_dir}'s weights: its sha256 is {actual}, the run saved "
+                f"{saved}. The results are this file's, with the run's config and statistics")
+        return
+    expected = recorded.get(path.name)
+    if expected and actual != expected:
+        raise DataError(f"{path} is not the file this run saved: its sha256 is {actual}, run.json records {expected} "
+                        f"for {path.name}. It was replaced (copied from another run?).\nFix: put the run's own file "
+                        f"back, or name this one explicitly: weights={path} (evaluated with a warning)")
 
 
 def trained_with(run_dir: Path) -> str:
@@ -214,8 +241,9 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     say = state.print
     loop.check_eval_batch(cfg, state.num_processes)
     meta = read_meta(request.run_dir)  # the run's own statistics, whatever data is evaluated
-    model = load_model(request.run_dir, recipe, cfg, meta, request.weights)  # before the data: fails fast
+    model = load_model(request.run_dir, recipe, cfg, meta, request.weights, say)  # before the data: fails fast
     splits, shards = load_split(recipe, cfg, meta, request.split, state, say)
+    own = own_data(recipe, cfg, request, shards, say)
     patches.apply(say)
     accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
                               dynamo_plugin=TorchDynamoPlugin(backend="no"))
@@ -229,13 +257,14 @@ def evaluate(recipe, cfg, request: Request) -> dict:
                      loss_fn=recipes.loss_fn(recipe, cfg), inputs=recipes.model_inputs(recipe, cfg))
     results = loop.evaluate(run, request.split)
     record = {"run_dir": str(request.run_dir), "recipe": recipe.name, "split": request.split,
-              "weights": WEIGHTS[request.weights], "data": changed_data(request.overrides),
-              "overrides": list(request.overrides), "shards": str(shards),
+              "weights": WEIGHTS.get(request.weights, request.weights), "data": changed_data(request.overrides),
+              "overrides": list(request.overrides), "shards": str(shards), "fingerprint": shards.name,
+              "run_fingerprint": trained_on(request.run_dir), "own_data": own,
               "samples": results[f"{request.split}/samples"], "num_processes": accelerator.num_processes,
               "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,
               "eval_batch_size": cfg.trainer.eval_batch_size, **results,
               "time/total_s": time.perf_counter() - started}
-    path = request.run_dir / "evaluations" / f"{output_name(request, shards)}.json"
+    path = request.run_dir / "evaluations" / f"{output_name(request, shards, own)}.json"
     if accelerator.is_main_process:
         path.parent.mkdir(exist_ok=True)
         tracking.write_json(path, record)
@@ -254,18 +283,51 @@ def changed_data(overrides) -> dict:
     return changed
 
 
-def output_name(request: Request, shards: Path) -> str:
-    """`<split>` on the run's own data, `<split>-<first 8 of the shards' fingerprint>` on other data;
-    `-best` for the best weights. The fingerprint names the data's content, so the same data gets the same
-    file whatever path it was given by."""
+def trained_on(run_dir) -> str | None:
+    """The fingerprint of the shards the run trained on, from its run.json (None: recorded before it kept one)."""
+    return (runinfo.read(Path(run_dir) / "run.json").get("data") or {}).get("fingerprint")
+
+
+def other_data(recipe, cfg, overrides, run_dir) -> bool:
+    """Data other than the run's: chosen by data.* overrides, or the run's raw files (or the code that prepares
+    them) changed since it trained. Either is prepared with the run's statistics, not statistics of its own."""
+    trained = trained_on(run_dir)
+    return bool(changed_data(overrides)) or (trained is not None and data.fingerprint(recipe, cfg) != trained)
+
+
+def own_data(recipe, cfg, request: Request, shards: Path, say) -> bool | None:
+    """Whether `shards` are those the run trained on (None: the run recorded no fingerprint); says so when not."""
+    trained = trained_on(request.run_dir)
+    if trained is None or shards.name == trained:
+        return None if trained is None else True
+    if changed_data(request.overrides):
+        why = f"data.* overrides: {' '.join(request.overrides)}"
+    else:
+        saved = runinfo.read(request.run_dir / "run.json")["data"]
+        now = runinfo.data_identity(recipe, cfg, shards)
+        why = ("its raw files changed since it trained" if saved.get("raw_digest") != now["raw_digest"]
+               else "the code that prepares its raw files changed since it trained")
+    say(f"data: not the run's own data ({why}): fingerprint {shards.name}, the run trained on {trained}")
+    return False
+
+
+def output_name(request: Request, shards: Path, own: bool | None = None) -> str:
+    """`<split>` on the run's own data (the shards' fingerprint is the one its run.json records), else
+    `<split>-<first 8 of the shards' fingerprint>`; `-best` for the best weights, `-weights-<first 8 of its
+    sha256>` for a file given by path. The fingerprint names the data's content, so the same data gets the
+    same file whatever path it was given by."""
     name = request.split + ("-best" if request.weights == "best" else "")
-    return f"{name}-{shards.name[:8]}" if changed_data(request.overrides) else name
+    if request.weights not in WEIGHTS:
+        name += f"-weights-{runinfo.sha256(Path(request.weights))[:8]}"
+    return name if own else f"{name}-{shards.name[:8]}"
 
 
 def result_line(record: dict, path: Path) -> str:
     split = record["split"]
     keys = [k for k in record if k.startswith(f"{split}/") and report.scalar(record[k]) and k.count("/") <= 2
             and not k.endswith("/samples")][:8]
-    return (f"evaluated: {record['recipe']} {record['weights']} on {split} ({record['samples']:,} samples, "
+    which = "" if record["own_data"] else f" of data {record['fingerprint'][:8]}, " + (
+        "not the run's own" if record["own_data"] is False else "the run recorded none to compare")
+    return (f"evaluated: {record['recipe']} {record['weights']} on {split}{which} ({record['samples']:,} samples, "
             f"{record['num_processes']} process{'es' if record['num_processes'] > 1 else ''}) "
             + " ".join(f"{k}={record[k]:.4f}" for k in keys) + f" -> {path}")

@@ -7,13 +7,15 @@ import signal
 import subprocess
 import time
 
+import numpy as np
+import pandas as pd
 import psutil
 import pytest
 from conftest import cli, command, common, environment, ok, run_dirs
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import checkpoint
+from pipeline import checkpoint, data, runinfo
 
 
 def start_and_wait_for_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int,
@@ -334,3 +336,104 @@ def test_a_second_ctrl_c_stops_at_once():
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------- resume on the same data only
+
+def prices_csv(folder, rows: int = 300):
+    """A small regression table for recipe=tabular: price linear in area, plus noise."""
+    rng = np.random.default_rng(0)
+    area = rng.uniform(30, 150, rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"area": area.round(2), "price": (2.5 * area + rng.normal(0, 25, rows)).round(2)}).to_csv(
+        folder / "prices.csv", index=False)
+    return folder / "prices.csv"
+
+
+def tabular_args(workdir, *extra: str) -> list[str]:
+    # data.root + a relative data.file: the raw file is named relative to the root, so a copy of the
+    # working folder has the same fingerprint. 8 steps an epoch; enough epochs that the kill comes first.
+    return common(workdir, "recipe=tabular", f"data.root={workdir / 'data'}", "data.file=prices.csv",
+                  "data.target=price", "trainer.batch_size=30", "trainer.epochs=40", "trainer.log_every=1",
+                  "checkpoint.every_steps=4", "run_name=job", *extra)
+
+
+@pytest.fixture(scope="module")
+def killed_tabular(tmp_path_factory):
+    """A working folder (data/, runs/, cache/) whose tabular run `job` was killed after a checkpoint."""
+    workdir = tmp_path_factory.mktemp("killed-tabular")
+    prices_csv(workdir / "data")
+    run_dir = workdir / "runs" / "tabular" / "job"
+    kill_after_checkpoint(tabular_args(workdir), workdir, run_dir, 1, min_step=4)
+    assert checkpoint.latest(run_dir)
+    return workdir
+
+
+def copy_of_tabular(killed, workdir):
+    shutil.copytree(killed, workdir, dirs_exist_ok=True)  # copy2: the raw file keeps its time
+    return workdir / "runs" / "tabular" / "job"
+
+
+def files_of(folder) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_on_a_changed_csv_is_refused_unless_allowed(workdir, killed_tabular):
+    run_dir = copy_of_tabular(killed_tabular, workdir)
+    saved = checkpoint.position(checkpoint.latest(run_dir))["data"]
+    assert saved["raw"].keys() == {"prices.csv"} and saved["raw_files"] == 1
+    csv = workdir / "data" / "prices.csv"
+    table = pd.read_csv(csv)
+    table.loc[0, "price"] += 1  # one label
+    table.to_csv(csv, index=False)
+    before = files_of(run_dir)
+    refused = cli(tabular_args(workdir), cwd=workdir)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "the data changed since checkpoint" in refused.stderr
+    assert f"raw files changed: prices.csv (the shards' fingerprint changed from {saved['fingerprint']} to " \
+        in refused.stderr
+    assert "run_name=<new name>" in refused.stderr and "checkpoint.allow_data_change=true" in refused.stderr
+    assert files_of(run_dir) == before  # nothing resumed, nothing rewritten
+
+    allowed = ok(cli(tabular_args(workdir, "checkpoint.allow_data_change=true", "trainer.max_steps=10"),
+                     cwd=workdir))
+    assert "on other data (checkpoint.allow_data_change=true): raw files changed: prices.csv" in allowed.stdout
+    record = json.loads((run_dir / "run.json").read_text())
+    [change] = record["data_changes"]
+    assert change["from"] == saved["fingerprint"] and change["to"] == record["data"]["fingerprint"] != change["from"]
+    assert change["allowed_by"] == "checkpoint.allow_data_change=true" and "prices.csv" in change["change"]
+    assert record["status"] == "finished" and "raw" not in record["data"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_before_data_records_resumes_with_a_note(workdir, killed_tabular):
+    run_dir = copy_of_tabular(killed_tabular, workdir)
+    newest = checkpoint.latest(run_dir)
+    state = checkpoint.position(newest)
+    del state["data"]  # as an older version saved it, with its manifest
+    (newest / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    (newest / checkpoint.MANIFEST).unlink()
+    checkpoint.write_manifest(newest)
+    out = ok(cli(tabular_args(workdir, "trainer.max_steps=10"), cwd=workdir))
+    assert f"note: checkpoint {newest} was saved before checkpoints recorded their data" in out.stdout
+    assert f"resuming from {newest}" in out.stdout
+
+
+def test_a_data_change_is_named_by_file_and_by_count_past_the_listed_files(tmp_path, monkeypatch):
+    from test_tabular import parse
+
+    csv = prices_csv(tmp_path / "data")
+    recipe, cfg = parse(tmp_path, csv, "data.target=price")
+    before = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / data.fingerprint(recipe, cfg))
+    assert before["fingerprint"] == data.fingerprint(recipe, cfg) and before["raw"].keys() == {"prices.csv"}
+    csv.write_text(csv.read_text() + "50.0,125.0\n")
+    after = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / data.fingerprint(recipe, cfg))
+    assert runinfo.data_change(before, after).startswith("raw files changed: prices.csv (the shards' fingerprint")
+    monkeypatch.setattr(runinfo, "RAW_LISTED", 0)  # a folder of more raw files than a checkpoint lists
+    unlisted = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / "x")
+    assert "raw" not in unlisted
+    assert runinfo.data_change({**before, "raw_digest": "0"}, unlisted).endswith(
+        "the raw files differ (1 files then, 1 now)")
+    same = {**after, "fingerprint": "y"}
+    assert "the raw files are the same" in runinfo.data_change(after, same)

@@ -3,13 +3,16 @@ other data gets a file of its own; a missing, unfinished or damaged run is one m
 
 import json
 
+import pandas as pd
 import pytest
-from conftest import cli, ok
+import torch
+from conftest import cli, common, ok
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from test_checkpoint import prices_csv
 
 from pipeline import cli as pipeline_cli
-from pipeline import config, runs
+from pipeline import config, runinfo, runs
 from pipeline.config import ConfigError, OptimizerName
 from pipeline.data import DataError
 
@@ -162,3 +165,69 @@ def test_a_run_of_an_older_recipe_version_is_named_with_its_commit(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)meta.json has no 'task' that recipe 'water_potability' reads now.*"
                                           r"git checkout abc1234, from its run.json\), or train it again"):
         runs.load_model(run, recipe, cfg, old)
+
+
+def test_weights_that_are_not_the_runs_are_refused_or_named_loudly(finished, tmp_path):
+    recipe, cfg, meta = runs.load_run(finished)
+    own = finished / "model.safetensors"
+    runs.load_model(finished, recipe, cfg, meta)  # a run recorded before run.json kept hashes: unchecked
+    (finished / "run.json").write_text(json.dumps({"weights": {"model.safetensors": runinfo.sha256(own)}}))
+    runs.load_model(finished, recipe, cfg, meta)  # its own file
+    kept, recorded = own.read_bytes(), runinfo.sha256(own)
+    torch.manual_seed(1)
+    save_file(recipe.model(cfg, meta).state_dict(), own)  # another run's weights, same shape
+    with pytest.raises(DataError, match=f"model.safetensors is not the file this run saved: its sha256 is "
+                                        f"{runinfo.sha256(own)}, run.json records {recorded}"):
+        runs.load_model(finished, recipe, cfg, meta)
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(own.read_bytes())
+    own.write_bytes(kept)
+    said = []
+    runs.load_model(finished, recipe, cfg, meta, weights=str(foreign), say=said.append)  # named by the user
+    assert len(said) == 1 and said[0].startswith(f"WARNING: {foreign} is not one of run {finished}'s weights")
+    said.clear()
+    runs.load_model(finished, recipe, cfg, meta, weights=str(own), say=said.append)
+    assert said == []  # the run's own file, given by its path
+    with pytest.raises(ConfigError, match="bad value weights='nope'; choose one of: final, best, or the path"):
+        runs.load_model(finished, recipe, cfg, meta, weights="nope")
+
+
+@pytest.mark.slow
+def test_a_csv_edited_after_training_is_other_data_and_foreign_weights_stop_evaluate(workdir):
+    csv = prices_csv(workdir / "data")
+    ok(cli(common(workdir, "recipe=tabular", f"data.root={csv.parent}", "data.file=prices.csv", "data.target=price",
+                  "trainer.epochs=2", "run_name=job"), cwd=workdir))
+    run = workdir / "runs" / "tabular" / "job"
+    record = json.loads((run / "run.json").read_text())
+    assert record["weights"] == {name: runinfo.sha256(run / name) for name in ("best.safetensors", "model.safetensors")}
+    trained = record["data"]["fingerprint"]
+    evaluate(run, workdir)
+    first = json.loads((run / "evaluations" / "eval.json").read_text())
+    assert first["own_data"] is True and first["fingerprint"] == first["run_fingerprint"] == trained
+
+    table = pd.read_csv(csv)
+    table.loc[0, "price"] += 1  # one label, in place
+    table.to_csv(csv, index=False)
+    edited = evaluate(run, workdir)
+    assert "not the run's own data (its raw files changed since it trained): fingerprint " in edited.stdout
+    assert "the run's train statistics" in edited.stdout  # not statistics refitted on the edited rows
+    [other] = (run / "evaluations").glob("eval-*.json")
+    again = json.loads(other.read_text())
+    assert again["own_data"] is False and again["run_fingerprint"] == trained != again["fingerprint"]
+    assert other.stem == f"eval-{again['fingerprint'][:8]}" and "not the run's own" in edited.stdout
+    assert json.loads((run / "evaluations" / "eval.json").read_text()) == first  # the own-data result stays
+
+    recipe, cfg, meta = runs.load_run(run)
+    foreign = workdir / "other-run.safetensors"
+    torch.manual_seed(1)
+    save_file(recipe.model(cfg, meta).state_dict(), foreign)
+    (run / "model.safetensors").write_bytes(foreign.read_bytes())  # copied over the run's own
+    for script, args in (("evaluate", []), ("predict", [f"input={csv}"])):
+        refused = cli([f"run={run}", *args], cwd=workdir, script=script)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert (f"model.safetensors is not the file this run saved: its sha256 is {runinfo.sha256(foreign)}, "
+                f"run.json records {record['weights']['model.safetensors']}") in refused.stderr
+    warned = evaluate(run, workdir, f"weights={foreign}")
+    assert f"WARNING: {foreign} is not one of run {run}'s weights" in warned.stdout
+    [named] = (run / "evaluations").glob("eval-weights-*.json")
+    assert json.loads(named.read_text())["weights"] == str(foreign)
