@@ -1,0 +1,79 @@
+"""What a container or a cluster pod does to a run: `launch/run.py` as PID 1, file modes on a shared
+filesystem, a small /dev/shm, the launcher's process count, and a HOME that is not writable."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import command, common, environment
+
+from pipeline import checkpoint
+
+
+def unshare_or_skip(*flags: str) -> list[str]:
+    """`unshare FLAGS` as a command prefix, or a skip saying why this host does not allow it."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare")
+    probe = subprocess.run(["unshare", *flags, "true"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"unshare {' '.join(flags)} is not permitted here (needs root or user namespaces): "
+                    f"{probe.stderr.strip()}")
+    return ["unshare", *flags]
+
+
+# ---------------------------------------------------------------- launch/run.py as PID 1 (the image's entrypoint)
+
+def as_pid_1(workdir: Path, processes: int, args: list[str]) -> list[str]:
+    # A new PID namespace makes run.py PID 1, as a container's entrypoint is: the kernel drops every signal
+    # PID 1 has no handler for.
+    return [*unshare_or_skip("--pid", "--fork", "--mount-proc"), *command(args, processes, launcher="run")]
+
+
+def signal_pid_1_after_first_log_line(workdir: Path, processes: int, args: list[str], sig: int):
+    cmd = as_pid_1(workdir, processes, args)
+    proc = subprocess.Popen(cmd, cwd=workdir, env=environment(processes), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "runs" / "digits" / "job" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    pid_1 = psutil.Process(proc.pid).children()[0].pid  # unshare --fork's child: PID 1 inside
+    # From outside the namespace, as `docker stop` / the kubelet send it.
+    psutil.Process(pid_1).send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return cmd, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_to_run_py_as_pid_1_saves_exits_143_and_resumes(workdir, processes):
+    args = common(workdir, "trainer.epochs=2", "trainer.log_every=5", "run_name=job")
+    cmd, stopped = signal_pid_1_after_first_log_line(workdir, processes, args, signal.SIGTERM)
+    run_dir = workdir / "runs" / "digits" / "job"
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.count("stopped on SIGTERM after step") == 1, stopped.stderr[-3000:]
+    assert checkpoint.latest(run_dir) and not (run_dir / "summary.json").exists()
+    resumed = subprocess.run(cmd, cwd=workdir, env=environment(processes), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoint.folder(run_dir)}" in resumed.stdout
+    assert (run_dir / "summary.json").exists() and (run_dir / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigint_to_run_py_as_pid_1_reaches_the_training(workdir, processes):
+    # run.py passes SIGINT on and waits; the training decides what it means (save and exit 130, or
+    # Python's KeyboardInterrupt). Before, run.py died of it first and took the training down unsaved.
+    args = common(workdir, "trainer.epochs=2", "trainer.log_every=5", "run_name=job")
+    _, stopped = signal_pid_1_after_first_log_line(workdir, processes, args, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert 'launch/run.py", line' not in stopped.stderr, stopped.stderr[-3000:]  # the launcher did not die of it
+    saved = checkpoint.latest(workdir / "runs" / "digits" / "job") is not None
+    assert saved or 'pipeline/loop.py", line' in stopped.stderr, stopped.stderr[-3000:]  # the training got it
