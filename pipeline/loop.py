@@ -242,6 +242,8 @@ def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
     # The plain module's weights: a compiled model's keys would carry `_orig_mod.` and load nowhere else.
     accelerator.save_model(accelerator.unwrap_model(model, keep_torch_compile=False), folder,
                            safe_serialization=True, **kwargs)
+    if accelerator.is_main_process:
+        checkpoint.as_umask_allows(Path(folder).glob("model*.safetensors"))
 
 
 def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, started: float) -> dict:

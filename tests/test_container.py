@@ -77,3 +77,54 @@ def test_sigint_to_run_py_as_pid_1_reaches_the_training(workdir, processes):
     assert 'launch/run.py", line' not in stopped.stderr, stopped.stderr[-3000:]  # the launcher did not die of it
     saved = checkpoint.latest(workdir / "runs" / "digits" / "job") is not None
     assert saved or 'pipeline/loop.py", line' in stopped.stderr, stopped.stderr[-3000:]  # the training got it
+
+
+# ---------------------------------------------------------------- file modes on a shared filesystem
+
+def unreadable_by_others(folder: Path) -> list[str]:
+    """Files under `folder` whose mode is not what umask 022 gives a new file (0644)."""
+    return [f"{oct(p.stat().st_mode & 0o777)} {p.relative_to(folder)}" for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.stat().st_mode & 0o777 != 0o644]
+
+
+@pytest.mark.slow
+def test_weights_checkpoints_and_shards_are_as_readable_as_the_other_files(workdir):
+    # safetensors writes through a temporary file of mode 0600 and renames it: teammates on a shared
+    # filesystem could read a run's metrics but not its weights.
+    import os
+
+    args = common(workdir, "trainer.epochs=1", "trainer.log_every=5", "run_name=job")
+    run_dir = workdir / "runs" / "digits" / "job"
+    proc = subprocess.Popen(command(args), cwd=workdir, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.umask(0o022))
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    proc.terminate()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert unreadable_by_others(checkpoint.latest(run_dir)) == []
+    finished = subprocess.run(command(args), cwd=workdir, env=environment(), capture_output=True, text=True,
+                              timeout=600, preexec_fn=lambda: os.umask(0o022))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (run_dir / "model.safetensors").exists() and (run_dir / "best.safetensors").exists()
+    assert unreadable_by_others(run_dir) == []
+    assert unreadable_by_others(workdir / "cache") == []
+
+
+def test_weights_take_the_mode_the_umask_gives_any_file(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(0o027)
+    try:
+        save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+        (tmp_path / "config.yaml").write_text("x: 1\n")
+        checkpoint.as_umask_allows([tmp_path / "model.safetensors"])
+    finally:
+        os.umask(previous)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
+        "model.safetensors": "0o640", "config.yaml": "0o640"}
