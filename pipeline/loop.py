@@ -429,6 +429,7 @@ def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
                           f"({len(rows['train'])} rows); lower it")
     eval_loaders = {name: data.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
                                       num_workers=workers, pin_memory=pin) for name in ("eval", "test") if name in rows}
+    data.check_shared_memory([train_loader, *eval_loaders.values()])
     return train_loader, eval_loaders, on_device, {name: {"rows": len(r), **paths[name]} for name, r in rows.items()}
 
 

@@ -128,3 +128,34 @@ def test_weights_take_the_mode_the_umask_gives_any_file(tmp_path):
         os.umask(previous)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
         "model.safetensors": "0o640", "config.yaml": "0o640"}
+
+
+# ---------------------------------------------------------------- a small /dev/shm (Docker's default is 64 MB)
+
+def test_shared_memory_need_counts_workers_prefetch_and_batch_bytes(tmp_path):
+    import torch
+
+    from pipeline import data
+
+    rows = data.Rows({"image": torch.zeros(100, 3, 10, 10, dtype=torch.uint8),
+                      "label": torch.zeros(100, dtype=torch.int64)})
+    per_batch = 16 * (300 + 8)
+    workers = data.loader(rows, 16, train=True, seed=0, num_workers=2)
+    assert data.shared_memory_need(workers) == data.SHM_MARGIN * 2 * 2 * per_batch
+    assert data.shared_memory_need(data.loader(rows, 16, train=False, seed=0)) == 0
+    data.check_shared_memory([workers])  # /dev/shm of this host holds that much
+    data.check_shared_memory([workers], shm=tmp_path / "absent")  # no /dev/shm (macOS): nothing to check
+
+
+@pytest.mark.slow
+def test_a_small_dev_shm_with_workers_stops_with_a_message_not_a_hang(workdir):
+    # A tmpfs of 256 KB on /dev/shm in a mount namespace of its own; digits batches of 1,024 rows are
+    # 72 KB, which 2 workers prefetching 2 each (and the eval loader's) do not fit.
+    mount = "mount -t tmpfs -o size=256k tmpfs /dev/shm && exec \"$@\""
+    args = common(workdir, "trainer.epochs=1", "trainer.batch_size=1024", "data.num_workers=2",
+                  "data.in_memory=false")
+    cmd = [*unshare_or_skip("--mount"), "sh", "-c", mount, "sh", *command(args)]
+    result = subprocess.run(cmd, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--shm-size" in result.stderr and "data.num_workers=0" in result.stderr
+    assert "Traceback" not in result.stderr
