@@ -64,6 +64,22 @@ def terminal_sent_it_to_all() -> bool:
         os.close(fd)
 
 
+def cpu_processes(args) -> None:
+    """`--cpu` (or a config with use_cpu: true) and more than one process: Accelerate 1.15 hands that to its
+    one-process launcher, which starts ONE and says nothing. torchrun's launcher starts them all (gloo
+    without CUDA); the GPUs are hidden so that they stay on the CPU."""
+    from accelerate.commands.config import default_config_file, load_config_from_file
+
+    path = args.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    config = load_config_from_file(path) if path else None
+    cpu = args.cpu or bool(config and config.use_cpu)
+    processes = args.num_processes or (config.num_processes if config else 1)
+    machines = args.num_machines or (config.num_machines if config else 1)
+    if cpu and (processes > 1 or machines > 1):
+        args.cpu, args.multi_gpu, args.num_processes = False, True, processes
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def quiet_torch_elastic() -> None:
     """torch's launcher logs every worker's failure and shutdown; the workers' own messages (and the
     summary line below) say it once. LOGLEVEL=INFO/WARNING, when set, keeps torch's log as it is."""
@@ -83,6 +99,7 @@ def main(argv: list[str]) -> int:
 
     args = launch_command_parser().parse_args(argv)
     args.quiet = False  # with -q the one-process launcher turns every exit code into 1
+    cpu_processes(args)
     quiet_torch_elastic()
     for sig in (signal.SIGTERM, signal.SIGINT):  # torch's launcher installs its own for several processes
         signal.signal(sig, forward)

@@ -149,9 +149,9 @@ def test_shared_memory_need_counts_workers_prefetch_and_batch_bytes(tmp_path):
 
 @pytest.mark.slow
 def test_a_small_dev_shm_with_workers_stops_with_a_message_not_a_hang(workdir):
-    # A tmpfs of 256 KB on /dev/shm in a mount namespace of its own; digits batches of 1,024 rows are
-    # 72 KB, which 2 workers prefetching 2 each (and the eval loader's) do not fit.
-    mount = "mount -t tmpfs -o size=256k tmpfs /dev/shm && exec \"$@\""
+    # A tmpfs of 64 KB on /dev/shm in a mount namespace of its own; digits batches of 1,024 rows are
+    # 72 KB: not one fits.
+    mount = "mount -t tmpfs -o size=64k tmpfs /dev/shm && exec \"$@\""
     args = common(workdir, "trainer.epochs=1", "trainer.batch_size=1024", "data.num_workers=2",
                   "data.in_memory=false")
     cmd = [*unshare_or_skip("--mount"), "sh", "-c", mount, "sh", *command(args)]
@@ -159,3 +159,53 @@ def test_a_small_dev_shm_with_workers_stops_with_a_message_not_a_hang(workdir):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "--shm-size" in result.stderr and "data.num_workers=0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- the launcher's process count on the CPU
+
+def launch_on_cpu(workdir: Path, launcher: list[str], *options: str) -> subprocess.CompletedProcess:
+    from conftest import ROOT, free_port
+
+    args = common(workdir, "trainer.epochs=1", "trainer.max_steps=2")
+    cmd = [*launcher, *options, "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", str(ROOT / "launch" / "train.py"), *args]
+    return subprocess.run(cmd, cwd=workdir, env=environment(2), capture_output=True, text=True, timeout=600)
+
+
+def accelerate_launch() -> list[str]:
+    from conftest import BIN
+
+    return [str(BIN / "accelerate"), "launch"]
+
+
+def run_py() -> list[str]:
+    import sys
+
+    from conftest import ROOT
+
+    return [sys.executable, str(ROOT / "launch" / "run.py")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, options", [
+    (accelerate_launch, ("--config_file", "launch/accelerate/cpu.yaml", "--num_processes", "2")),
+    (run_py, ("--config_file", "launch/accelerate/cpu.yaml", "--num_processes", "2")),
+    (run_py, ("--cpu", "--num_processes", "2")),
+], ids=["accelerate-cpu.yaml", "run.py-cpu.yaml", "run.py-cpu"])
+def test_asking_for_two_cpu_processes_starts_two(workdir, launcher, options):
+    from conftest import ROOT
+
+    options = tuple(str(ROOT / o) if o.endswith(".yaml") else o for o in options)
+    result = launch_on_cpu(workdir, launcher(), *options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes=2 device=cpu" in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_one_process_started_for_two_asked_is_a_warning(workdir):
+    # Plain `accelerate launch --cpu --num_processes 2`: Accelerate's one-process launcher; it still
+    # trains, on one process, and says so.
+    result = launch_on_cpu(workdir, accelerate_launch(), "--cpu", "--num_processes", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes=1 device=cpu" in result.stdout
+    assert "was asked for more than one process" in result.stdout and "processes=1." in result.stdout
