@@ -209,3 +209,41 @@ def test_one_process_started_for_two_asked_is_a_warning(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes=1 device=cpu" in result.stdout
     assert "was asked for more than one process" in result.stdout and "processes=1." in result.stdout
+
+
+# ---------------------------------------------------------------- any uid: a HOME this user cannot write
+
+def with_read_only_home(workdir: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    # A read-only tmpfs over HOME, as an image's HOME is to a uid it was not built for (root would write
+    # into a 0555 folder anyway).
+    home = workdir / "home"
+    home.mkdir()
+    mount = 'mount -t tmpfs -o ro,size=64k tmpfs "$HOME" && exec "$@"'
+    cmd = [*unshare_or_skip("--mount"), "sh", "-c", mount, "sh", *command(args)]
+    unset = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "MPLCONFIGDIR", "HF_HOME", "TORCH_HOME",
+             "WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
+    environ = {k: v for k, v in environment().items() if k not in unset}
+    return subprocess.run(cmd, cwd=workdir, env={**environ, **env, "HOME": str(home)}, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_home_nobody_can_write_stops_wandb_before_any_work(workdir):
+    # W&B would stage the model artifact under ~/.local/share/wandb and fail after the whole training.
+    args = [a for a in common(workdir, "trainer.epochs=1") if a != "tracking=none"]
+    result = with_read_only_home(workdir, args, {})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "WANDB_DATA_DIR" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_home_nobody_can_write_trains_to_the_end_with_the_image_variables(workdir):
+    # What launch/CLUSTER.md tells an image to set (writable folders outside HOME); datasets and torch
+    # need nothing there, matplotlib only warns without MPLCONFIGDIR.
+    args = [a for a in common(workdir, "trainer.epochs=1") if a != "tracking=none"]
+    writable = {name: str(workdir / "state" / name.lower()) for name in
+                ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "MPLCONFIGDIR")}
+    result = with_read_only_home(workdir, args, writable)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: digits" in result.stdout and "Matplotlib created a temporary" not in result.stderr
