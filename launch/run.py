@@ -67,17 +67,19 @@ def terminal_sent_it_to_all() -> bool:
 def cpu_processes(args) -> None:
     """`--cpu` (or a config with use_cpu: true) and more than one process: Accelerate 1.15 hands that to its
     one-process launcher, which starts ONE and says nothing. torchrun's launcher starts them all (gloo
-    without CUDA); the GPUs are hidden so that they stay on the CPU."""
+    without CUDA). The GPUs are hidden so that a CPU launch stays on the CPU: torchrun's launcher does not
+    pass use_cpu on."""
     from accelerate.commands.config import default_config_file, load_config_from_file
 
     path = args.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
     config = load_config_from_file(path) if path else None
-    cpu = args.cpu or bool(config and config.use_cpu)
-    processes = args.num_processes or (config.num_processes if config else 1)
-    machines = args.num_machines or (config.num_machines if config else 1)
+    cpu = args.cpu or bool(getattr(config, "use_cpu", False))
+    processes = args.num_processes or getattr(config, "num_processes", None) or 1
+    machines = args.num_machines or getattr(config, "num_machines", None) or 1
+    if cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if cpu and (processes > 1 or machines > 1):
         args.cpu, args.multi_gpu, args.num_processes = False, True, processes
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def quiet_torch_elastic() -> None:
