@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data import NOT_CONTENT
+from pipeline.files import as_umask_allows
 from pipeline.runinfo import data_change
 from pipeline.tracking import flat, write_json
 
@@ -85,6 +86,7 @@ def save(accelerator, run_dir: Path, position: dict, keep: int, loop_state: dict
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        as_umask_allows(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / STATE_FILE, {**position, **(loop_state or {}), "num_processes": accelerator.num_processes})
         if (Path(run_dir) / CONFIG_FILE).exists():  # what trained up to here, for `check_config`
             shutil.copyfile(Path(run_dir) / CONFIG_FILE, tmp / CONFIG_FILE)

@@ -30,6 +30,15 @@ def umask() -> int:
     return current
 
 
+def as_umask_allows(paths) -> None:
+    """Gives files the mode a plain new file gets (0666 less the umask). safetensors writes its files as
+    temporary files of mode 0600 and renames them (safetensors#782): weights that teammates on a shared
+    filesystem could not read while they read everything else of the run."""
+    mode = 0o666 & ~umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
 @contextmanager
 def replacing(path: Path, mode: str = "w", **open_kwargs) -> Iterator:
     """An open temporary file beside `path` that becomes `path` when the block ends without an error.
