@@ -261,22 +261,33 @@ class CNN(nn.Module):
 
 
 class Torchvision(nn.Module):
-    """A torchvision classifier; grayscale images are repeated to the 3 channels it takes, and the auxiliary
-    outputs googlenet and inception_v3 add while training are dropped (their logits are kept)."""
+    """A torchvision classifier; grayscale images are repeated to the 3 channels it takes."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, image):
-        out = self.net(image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image)
-        return getattr(out, "logits", out)
+        return self.net(image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image)
+
+
+# Builder options by arch. googlenet's and inception_v3's auxiliary heads would run while training without a loss,
+# so they would get no gradient (DDP stops at the second step) and inception_v3's fails below ~300 px; their
+# init_weights=True is torchvision's own initialisation, said explicitly (left unset, it warns).
+BUILD_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                 "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+def build(arch: str, num_classes: int) -> Torchvision:
+    """torchvision's `arch` from scratch (weights=None: nothing is downloaded), one output per class."""
+    return Torchvision(torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                                    **BUILD_OPTIONS.get(arch, {})))
 
 
 def torchvision_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
-    """`arch` from scratch (weights=None: nothing is downloaded), tried once on a blank image so that a size it
-    cannot take stops here, named, not at the first step."""
-    model = Torchvision(torchvision.models.get_model(arch, weights=None, num_classes=num_classes))
+    """`build(arch)` tried once on a blank image, so that a size it cannot take stops here, named, not at the
+    first step."""
+    model = build(arch, num_classes)
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, image_size, image_size))

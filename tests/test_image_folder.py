@@ -23,6 +23,7 @@ from pipeline import predict as predict_module
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from recipes.image_folder import Arch
 
 SHAPES = ["circle", "square", "triangle"]
 
@@ -232,6 +233,66 @@ def test_torchvision_models_by_name_for_grayscale_and_too_small_images(tmp_path)
     recipe, cfg = parse(f"data.train_dir={tmp_path}", "model.arch=squeezenet1_1", "data.image_size=16")
     with pytest.raises(ConfigError, match="model.arch=squeezenet1_1 cannot take 16x16 images"):
         recipe.model(cfg, meta)
+
+
+def empty_model(arch: str) -> torch.nn.Module:
+    """image_folder's model for `arch` with 3 classes, its parameters made without torchvision's initialisation
+    (accelerate's init_empty_weights: the largest have 600M parameters, and which parameters a backward pass
+    reaches does not depend on their values)."""
+    from accelerate import init_empty_weights
+
+    from recipes import image_folder
+
+    with init_empty_weights():
+        return image_folder.CNN(3, 32) if arch == "cnn" else image_folder.build(arch, 3)
+
+
+def backward_once(model: torch.nn.Module) -> torch.nn.Module:
+    """One training-mode forward and backward pass: on the CPU with zeros at 32 px where the model is small enough
+    and takes that size, else on the meta device (shapes only) at 224 px. Zeros: no denormal numbers to slow it."""
+    model.train()
+    if sum(p.numel() for p in model.parameters()) < 100_000_000:
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.zero_()
+        try:
+            model(torch.zeros(2, 3, 32, 32)).sum().backward()
+            return model
+        except (RuntimeError, AssertionError):  # too small for it (inception_v3, alexnet, vit_*, ...)
+            model.zero_grad(set_to_none=True)
+    model.to_empty(device="meta")
+    model(torch.zeros(2, 3, 224, 224, device="meta")).sum().backward()
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny passes on shared cores: a second thread only spins waiting for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", [arch.name for arch in Arch])
+def test_every_arch_trains_every_parameter(arch, one_thread):
+    """DDP stops at the second step when a parameter gets no gradient (googlenet's and inception_v3's auxiliary
+    heads did): every name model.arch accepts, one backward pass, every parameter reached."""
+    model = backward_once(empty_model(arch))
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.slow
+def test_googlenet_trains_under_ddp(workdir):
+    """Its auxiliary heads got no gradient: DDP stopped at the second step ("Expected to have finished
+    reduction in the prior iteration")."""
+    write_shapes(workdir / "photos", 8, seed=0)
+    ok(cli(common(workdir, "recipe=image_folder", "data.train_dir=photos", "data.eval_fraction=0.25",
+                  "data.image_size=32", "model.arch=googlenet", "trainer.epochs=1", "trainer.batch_size=4"),
+           cwd=workdir, processes=2))
+    s = summary(workdir / "runs", "image_folder")
+    assert s["num_processes"] == 2 and s["steps"] == 18 // 4 and s["eval/samples"] == 6
 
 
 def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
