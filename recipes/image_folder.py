@@ -10,6 +10,7 @@ python launch/train.py recipe=image_folder data.train_dir=photos data.augment=[h
 Presets over this recipe: clouds.
 """
 
+import os
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
@@ -29,12 +30,13 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._helpers import image_inputs, image_rows, read_image, split_train_eval, unit_scale
+from recipes._helpers import image_inputs, image_rows, image_tree, read_image, split_train_eval, unit_scale
 
 # `cnn`: the tutorial's two-block ELU CNN (below); the others: torchvision's classification models, by name.
 Arch = choice("Arch", ["cnn", *torchvision.models.list_models(module=torchvision.models)])
@@ -50,6 +52,8 @@ class ImageFolderData(DataConfig):
     channels: int = 3  # 3: RGB, 1: grayscale
     # Random changes to each training image, drawn per image (see AUGMENTATIONS), e.g. [hflip,rotate:15]
     augment: list[str] = field(default_factory=list)
+    # Images with more pixels are refused (PIL's decompression-bomb guard); null: PIL's limit, 178,956,970
+    max_image_pixels: int | None = None
 
 
 @dataclass
@@ -65,6 +69,29 @@ def folder_path(cfg, split: str) -> Path | None:
     return Path(cfg.data.root).expanduser() / Path(name).expanduser() if name else None
 
 
+class ImageTree(ImageFolder):
+    """ImageFolder, its class folders listed by `image_tree`: no symlinked folder that leads back into the tree is
+    followed, and one file under two classes (the same real path) is refused, naming both."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples, owner = [], {}
+        for name, index in sorted(class_to_idx.items()):
+            for path, real in image_tree(os.path.join(directory, name), top=directory):
+                first = owner.setdefault(real, (path, name))
+                if first[1] != name:
+                    raise DataError(f"{first[0]} (class {first[1]}) and {path} (class {name}) are one file, "
+                                    f"{real}: an image cannot belong to two classes.\nFix: keep it in one class "
+                                    f"folder (remove the other link or copy).")
+                samples.append((path, index))
+        found = {index for _, index in samples}
+        empty = sorted(name for name, index in class_to_idx.items() if index not in found)
+        if empty and not allow_empty:  # worded as ImageFolder words it
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. Supported extensions "
+                                    f"are: {', '.join(extensions or IMG_EXTENSIONS)}")
+        return samples
+
+
 def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
     """torchvision's ImageFolder lists the files and names the classes (sorted folder names)."""
     path = folder_path(cfg, split)
@@ -74,7 +101,7 @@ def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
     if not path.is_dir():
         raise DataError(f"{key}: {path.resolve()} is missing.\nExpected layout: {layout}.\nFix: {fix}.")
     try:
-        return ImageFolder(str(path))
+        return ImageTree(str(path))
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise DataError(f"{key}: the images in {path.resolve()} are incomplete: {e}\nExpected layout: {layout}.\n"
                         f"Fix: {fix}.") from None
@@ -96,6 +123,9 @@ def check(cfg) -> None:
     if cfg.data.image_size < 4:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small for two 2x2 poolings.\nFix: "
                           f"data.image_size=64 (or any size >= 4)")
+    if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels}: a number of pixels must be >= 1.\n"
+                          f"Fix: e.g. data.max_image_pixels=400000000, or null for PIL's limit")
     augmentations(tuple(cfg.data.augment))
 
 
@@ -113,7 +143,7 @@ def same_classes(folders: dict[str, ImageFolder]) -> list[str]:
 
 
 def decode(folder: ImageFolder, cfg) -> datasets.Dataset:
-    read = partial(read_image, channels=cfg.data.channels)
+    read = partial(read_image, channels=cfg.data.channels, max_pixels=cfg.data.max_image_pixels)
     return image_rows([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read,
                       cfg.data.channels, cfg)
 

@@ -361,3 +361,70 @@ def test_image_recipes_predict():
 
     for name in ("image_folder", "clouds", "mnist_mlp", "mnist_cnn", "fashion_mnist_mlp", "digits"):
         assert recipes.load(name).read_inputs is not None, name
+
+
+# ---------------------------------------------------------------- folders that are not trees, oversized images
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A 1x1 PNG whose header claims width x height: PIL reads the size from the header, before any pixel."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # b"IHDR" + width, height, depth, colour, compression, filter, interlace
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29], data[29:33] = ihdr, struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_symlinked_folders_back_into_the_tree_are_not_followed(tmp_path):
+    """`circle/loop -> ..` turned 6 images into thousands of rows, square and triangle images labelled circle."""
+    write_shapes(tmp_path / "train", 2, seed=0)
+    write_shapes(tmp_path / "elsewhere", 2, seed=1)
+    (tmp_path / "train" / "circle" / "loop").symlink_to("..")
+    (tmp_path / "train" / "square" / "again").symlink_to("../square")
+    (tmp_path / "train" / "triangle" / "more").symlink_to(tmp_path / "elsewhere" / "triangle")  # outside: followed
+    (tmp_path / "elsewhere" / "triangle" / "up").symlink_to("..")  # a loop outside the tree
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8")
+    assert len(recipe.raw_files(cfg)) == 8
+    splits, meta = recipe.prepare(cfg)
+    labels = [meta["class_names"][i] for split in ("train", "eval") for i in splits[split]["label"]]
+    assert sorted(labels) == ["circle"] * 2 + ["square"] * 2 + ["triangle"] * 4
+    ids, _ = read_inputs(recipe, cfg, tmp_path / "train")  # prediction lists folders the same way
+    assert len(ids["file"]) == 8 and "triangle/more/000.png" in ids["file"]
+
+
+def test_one_image_under_two_classes_is_refused(tmp_path):
+    write_shapes(tmp_path / "train", 2, seed=0)
+    (tmp_path / "train" / "square" / "also.png").symlink_to("../circle/001.png")
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}")
+    with pytest.raises(DataError, match=r"circle/001.png \(class circle\) and .*square/also.png \(class square\) "
+                                        r"are one file"):
+        recipe.raw_files(cfg)
+
+
+def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
+    write_shapes(tmp_path / "train", 2, seed=0)
+    bomb = png_claiming(tmp_path / "train" / "circle" / "huge.png", 20_000, 10_000)  # PIL's limit: 178,956,970
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8")
+    message = f"(?s){bomb} is 20000x10000 = 200,000,000 pixels.*Fix: .* data.max_image_pixels=200000000"
+    with pytest.raises(DataError, match=message):
+        recipe.prepare(cfg)
+    with pytest.raises(DataError, match=message):  # predicting decodes by the same reader
+        read_inputs(recipe, cfg, tmp_path / "train" / "circle")
+    bomb.unlink()
+    # The setting is the limit: the 40-60 px shapes are refused under 1,000 pixels, read under 3,600.
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
+                        "data.max_image_pixels=1000")
+    with pytest.raises(DataError, match="more than the 1,000 allowed"):
+        recipe.prepare(cfg)
+    with pytest.raises(DataError, match="more than the 1,000 allowed"):
+        read_inputs(recipe, cfg, tmp_path / "train")
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
+                        "data.max_image_pixels=3600")
+    assert len(recipe.prepare(cfg)[0]["train"]) == 3
+    with pytest.raises(ConfigError, match="data.max_image_pixels=0"):
+        recipe.raw_files(parse(f"data.train_dir={tmp_path / 'train'}", "data.max_image_pixels=0")[1])
