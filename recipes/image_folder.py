@@ -73,8 +73,7 @@ class ImageTree(ImageFolder):
     """ImageFolder, its class folders listed by `image_tree`: no symlinked folder that leads back into the tree is
     followed, and one file under two classes (the same real path) is refused, naming both."""
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         samples, owner = [], {}
         for name, index in sorted(class_to_idx.items()):
             for path, real in image_tree(os.path.join(directory, name), top=directory):

@@ -302,7 +302,8 @@ def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
     recipe, cfg = pipeline_cli.parse(["recipe=clouds"])
     reached = data._reached(recipe.prepare)
     for function in (image_folder.prepare, image_folder.read_folder, image_folder.decode, image_folder.hold_out,
-                     _helpers.image_rows, _helpers.load_images, _helpers.read_image, _helpers.split_train_eval):
+                     image_folder.ImageTree.make_dataset, _helpers.image_tree, _helpers.image_rows,
+                     _helpers.load_images, _helpers.read_image, _helpers.split_train_eval):
         assert function in reached, function.__qualname__
     # The preset's choices reach the fingerprint through the config: its folders and augmentation.
     assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"
