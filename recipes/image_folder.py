@@ -100,10 +100,15 @@ def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
     if not path.is_dir():
         raise DataError(f"{key}: {path.resolve()} is missing.\nExpected layout: {layout}.\nFix: {fix}.")
     try:
-        return ImageTree(str(path))
+        folder = ImageTree(str(path))
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise DataError(f"{key}: the images in {path.resolve()} are incomplete: {e}\nExpected layout: {layout}.\n"
                         f"Fix: {fix}.") from None
+    if split == "train" and len(folder.classes) < 2:  # the other splits must have the train classes
+        raise DataError(f"{key}: {path.resolve()} has one class folder, {folder.classes[0]!r}: a classifier needs "
+                        f"two classes or more.\nExpected layout: {layout}.\nFix: add a folder of images for each "
+                        f"other class, or point {key} at the folder whose subfolders are the classes.")
+    return folder
 
 
 def raw_files(cfg, hint: str = "") -> list[Path]:

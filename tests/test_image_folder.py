@@ -429,3 +429,18 @@ def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
     assert len(recipe.prepare(cfg)[0]["train"]) == 3
     with pytest.raises(ConfigError, match="data.max_image_pixels=0"):
         recipe.raw_files(parse(f"data.train_dir={tmp_path / 'train'}", "data.max_image_pixels=0")[1])
+
+
+def test_one_class_folder_is_refused_naming_the_folder(tmp_path):
+    """One class reached torchmetrics, which stopped with a traceback about num_classes."""
+    write_shapes(tmp_path / "photos" / "train", 6, seed=0)
+    for shape in SHAPES[1:]:
+        for file in (tmp_path / "photos" / "train" / shape).iterdir():
+            file.unlink()
+        (tmp_path / "photos" / "train" / shape).rmdir()
+    result = cli(common(tmp_path, "recipe=image_folder", "data.train_dir=photos/train", "data.image_size=8",
+                        "trainer.batch_size=2"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "photos/train has one class folder, 'circle'" in result.stderr and "Traceback" not in result.stderr
+    assert "Fix: add a folder of images for each other class" in result.stderr
+    assert run_dirs(tmp_path / "runs", "image_folder") == []
