@@ -321,33 +321,35 @@ def read_image(path: str, channels: int = 3, max_pixels: int | None = None) -> t
                     f"yours, allow it: data.max_image_pixels={pixels}; or shrink or remove it.")
 
 
-def image_tree(folder: str | Path, top: str | Path | None = None) -> list[tuple[str, str]]:
+def image_tree(folder: str | Path, top: str | Path | None = None) -> list[tuple[str, str | None]]:
     """(path, real path) of every file with an image extension in `folder` and its subfolders, in ImageFolder's
-    order. A symlinked folder is followed unless it leads back into `top` (default `folder`) or above it, or
-    up the folders walked to reach it: its files are listed already, or it is a loop that would list them
-    again and again (`red/loop -> ..` labelled every image red, many times)."""
+    order; the real path only for a file reached through a symlink (any other is where its path says). A symlinked
+    folder is followed unless it leads back into `top` (default `folder`) or above it, or up the folders walked
+    to reach it: its files are listed already, or it is a loop that would list them again and again
+    (`red/loop -> ..` labelled every image red, many times)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     top = os.path.realpath(top or folder)
     walked = []
 
-    def walk(path: str, real: str, chain: tuple[str, ...]) -> None:
+    def walk(path: str, real: str, chain: tuple[str, ...], linked: bool) -> None:
         files = []
         with os.scandir(path) as entries:
             for entry in entries:
                 if entry.is_symlink():
                     target = os.path.realpath(entry.path)
                     if entry.is_dir() and not any(_within(target, d) or _within(d, target) for d in (top, *chain)):
-                        walk(entry.path, target, (*chain, target))
+                        walk(entry.path, target, (*chain, target), True)
                     elif not entry.is_dir() and entry.name.lower().endswith(IMG_EXTENSIONS):  # broken: named
                         files.append((entry.path, target))
                 elif entry.is_dir():
-                    walk(entry.path, os.path.join(real, entry.name), chain)
+                    walk(entry.path, os.path.join(real, entry.name), chain, linked)
                 elif entry.name.lower().endswith(IMG_EXTENSIONS):
-                    files.append((entry.path, os.path.join(real, entry.name)))
+                    files.append((entry.path, os.path.join(real, entry.name) if linked else None))
         walked.append((path, sorted(files)))
 
-    walk(str(folder), os.path.realpath(folder), (os.path.realpath(folder),))
+    real = os.path.realpath(folder)
+    walk(str(folder), real, (real,), real not in (top, os.path.join(top, os.path.basename(folder))))
     return [file for _, files in sorted(walked) for file in files]
 
 

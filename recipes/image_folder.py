@@ -74,14 +74,15 @@ class ImageTree(ImageFolder):
     followed, and one file under two classes (the same real path) is refused, naming both."""
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples, owner = [], {}
+        samples, linked, top = [], {}, os.path.realpath(directory)
         for name, index in sorted(class_to_idx.items()):
             for path, real in image_tree(os.path.join(directory, name), top=directory):
-                first = owner.setdefault(real, (path, name))
-                if first[1] != name:
-                    raise DataError(f"{first[0]} (class {first[1]}) and {path} (class {name}) are one file, "
-                                    f"{real}: an image cannot belong to two classes.\nFix: keep it in one class "
-                                    f"folder (remove the other link or copy).")
+                # A file reached through a link; any other is only where its path says.
+                first, owner = listed_first(real, path, name, top, class_to_idx, linked) if real else (path, name)
+                if owner != name:
+                    raise DataError(f"{first} (class {owner}) and {path} (class {name}) are one file, {real}: an "
+                                    f"image cannot belong to two classes.\nFix: keep it in one class folder "
+                                    f"(remove the other link or copy).")
                 samples.append((path, index))
         found = {index for _, index in samples}
         empty = sorted(name for name, index in class_to_idx.items() if index not in found)
@@ -89,6 +90,15 @@ class ImageTree(ImageFolder):
             raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. Supported extensions "
                                     f"are: {', '.join(extensions or IMG_EXTENSIONS)}")
         return samples
+
+
+def listed_first(real: str, path: str, name: str, top: str, classes: dict, linked: dict) -> tuple[str, str]:
+    """(path, class) where the file at `real`, linked from `path` in class `name`, is listed first: the class
+    folder it is in, inside the tree; else the first class that links it (`linked` remembers)."""
+    inside = os.path.relpath(real, top).split(os.sep)[0]
+    if real.startswith(top + os.sep) and inside in classes:
+        return real, inside
+    return linked.setdefault(real, (path, name))
 
 
 def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:

@@ -405,6 +405,13 @@ def test_one_image_under_two_classes_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"circle/001.png \(class circle\) and .*square/also.png \(class square\) "
                                         r"are one file"):
         recipe.raw_files(cfg)
+    (tmp_path / "train" / "square" / "also.png").unlink()
+    write_shapes(tmp_path / "shared", 1, seed=1)  # outside the tree, linked from two classes
+    (tmp_path / "train" / "circle" / "shared").symlink_to(tmp_path / "shared")
+    (tmp_path / "train" / "triangle" / "shared.png").symlink_to(tmp_path / "shared" / "square" / "000.png")
+    with pytest.raises(DataError, match=r"circle/shared/square/000.png \(class circle\) and .*triangle/shared.png "
+                                        r"\(class triangle\) are one file"):
+        recipe.raw_files(cfg)
 
 
 def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
