@@ -102,7 +102,7 @@ def listed_first(real: str, path: str, name: str, top: str, classes: dict, linke
 
 
 def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
-    """torchvision's ImageFolder lists the files and names the classes (sorted folder names)."""
+    """ImageFolder (as ImageTree) lists the files and names the classes (sorted folder names)."""
     path = folder_path(cfg, split)
     key = f"data.{FOLDERS[split]}"
     layout = f"{path}/<class name>/*.jpg (or .png, ...), one folder per class"
