@@ -13,6 +13,7 @@ import gzip
 import itertools
 import json
 import math
+import os
 import shutil
 import socket
 import tempfile
@@ -292,16 +293,66 @@ def load_images(paths: list[str], size: int, read: Callable) -> np.ndarray:
     return np.stack([v2.functional.resize(read(path), [size, size], antialias=True).numpy() for path in paths])
 
 
-def read_image(path: str, channels: int = 3) -> torch.Tensor:
-    """ImageFolder's reader (PIL, converted to RGB; to grayscale L for 1 channel) as a uint8 tensor [C, H, W]."""
+# PIL refuses more pixels than this as a possible decompression bomb (and warns above half of it): the default
+# of data.max_image_pixels, checked here instead, so that the message names the file and the setting.
+PIL_MAX_PIXELS = 2 * 89_478_485
+
+
+def read_image(path: str, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
+    """ImageFolder's reader (PIL, converted to RGB; to grayscale L for 1 channel) as a uint8 tensor [C, H, W];
+    an image of more than `max_pixels` pixels (default PIL's limit) is a DataError naming data.max_image_pixels."""
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = None  # the size is checked below, against the run's own limit
+    limit = max_pixels or PIL_MAX_PIXELS
     try:
         with open(path, "rb") as f:
-            return v2.functional.pil_to_tensor(Image.open(f).convert("L" if channels == 1 else "RGB"))
+            image = Image.open(f)  # reads the header only
+            pixels = image.width * image.height
+            if pixels <= limit:
+                return v2.functional.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace "
                         f"that file (a folder of images must hold only images), then run again.") from None
+    raise DataError(f"{path} is {image.width}x{image.height} = {pixels:,} pixels, more than the {limit:,} allowed "
+                    f"(data.max_image_pixels; PIL's guard against decompression bombs).\nFix: if the image is "
+                    f"yours, allow it: data.max_image_pixels={pixels}; or shrink or remove it.")
+
+
+def image_tree(folder: str | Path, top: str | Path | None = None) -> list[tuple[str, str | None]]:
+    """(path, real path) of every file with an image extension in `folder` and its subfolders, in ImageFolder's
+    order; the real path only for a file reached through a symlink (any other is where its path says). A symlinked
+    folder is followed unless it leads back into `top` (default `folder`) or above it, or up the folders walked
+    to reach it: its files are listed already, or it is a loop that would list them again and again
+    (`red/loop -> ..` labelled every image red, many times)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    top = os.path.realpath(top or folder)
+    walked = []
+
+    def walk(path: str, real: str, chain: tuple[str, ...], linked: bool) -> None:
+        files = []
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if entry.is_dir() and not any(_within(target, d) or _within(d, target) for d in (top, *chain)):
+                        walk(entry.path, target, (*chain, target), True)
+                    elif not entry.is_dir() and entry.name.lower().endswith(IMG_EXTENSIONS):  # broken: named
+                        files.append((entry.path, target))
+                elif entry.is_dir():
+                    walk(entry.path, os.path.join(real, entry.name), chain, linked)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    files.append((entry.path, os.path.join(real, entry.name) if linked else None))
+        walked.append((path, sorted(files)))
+
+    real = os.path.realpath(folder)
+    walk(str(folder), real, (real,), real not in (top, os.path.join(top, os.path.basename(folder))))
+    return [file for _, files in sorted(walked) for file in files]
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def image_files(path: Path) -> tuple[Path, list[Path]]:
@@ -311,7 +362,7 @@ def image_files(path: Path) -> tuple[Path, list[Path]]:
 
     if path.is_file():
         return path.parent, [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+    files = sorted(Path(p) for p, _ in image_tree(path))
     if not files:
         raise DataError(f"{path} holds no image files ({', '.join(IMG_EXTENSIONS)}), in it or its subfolders.\n"
                         f"Fix: point input= at an image file or a folder of images.")
@@ -331,7 +382,8 @@ def image_inputs(cfg, meta: dict, path, size: int | None = None, channels: int |
     digits). The files are listed here (a missing or empty folder is named at once), read as the chunks are."""
     size, channels = size or cfg.data.image_size, channels or cfg.data.channels
     root, files = image_files(Path(path))
-    return _image_chunks(root, files, size, partial(read_image, channels=channels), levels, chunk)
+    read = partial(read_image, channels=channels, max_pixels=cfg.data.get("max_image_pixels"))
+    return _image_chunks(root, files, size, read, levels, chunk)
 
 
 def _image_chunks(root: Path, files: list[Path], size: int, read: Callable, levels: int, chunk: int):

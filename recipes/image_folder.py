@@ -10,6 +10,7 @@ python launch/train.py recipe=image_folder data.train_dir=photos data.augment=[h
 Presets over this recipe: clouds.
 """
 
+import os
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
@@ -29,13 +30,14 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from pipeline import rng
 from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._helpers import image_inputs, image_rows, read_image, split_train_eval, unit_scale
+from recipes._helpers import image_inputs, image_rows, image_tree, read_image, split_train_eval, unit_scale
 
 # `cnn`: the tutorial's two-block ELU CNN (below); the others: torchvision's classification models, by name.
 Arch = choice("Arch", ["cnn", *torchvision.models.list_models(module=torchvision.models)])
@@ -51,6 +53,8 @@ class ImageFolderData(DataConfig):
     channels: int = 3  # 3: RGB, 1: grayscale
     # Random changes to each training image, drawn per image (see AUGMENTATIONS), e.g. [hflip,rotate:15]
     augment: list[str] = field(default_factory=list)
+    # Images with more pixels are refused (PIL's decompression-bomb guard); null: PIL's limit, 178,956,970
+    max_image_pixels: int | None = None
 
 
 @dataclass
@@ -66,8 +70,40 @@ def folder_path(cfg, split: str) -> Path | None:
     return Path(cfg.data.root).expanduser() / Path(name).expanduser() if name else None
 
 
+class ImageTree(ImageFolder):
+    """ImageFolder, its class folders listed by `image_tree`: no symlinked folder that leads back into the tree is
+    followed, and one file under two classes (the same real path) is refused, naming both."""
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples, linked, top = [], {}, os.path.realpath(directory)
+        for name, index in sorted(class_to_idx.items()):
+            for path, real in image_tree(os.path.join(directory, name), top=directory):
+                # A file reached through a link; any other is only where its path says.
+                first, owner = listed_first(real, path, name, top, class_to_idx, linked) if real else (path, name)
+                if owner != name:
+                    raise DataError(f"{first} (class {owner}) and {path} (class {name}) are one file, {real}: an "
+                                    f"image cannot belong to two classes.\nFix: keep it in one class folder "
+                                    f"(remove the other link or copy).")
+                samples.append((path, index))
+        found = {index for _, index in samples}
+        empty = sorted(name for name, index in class_to_idx.items() if index not in found)
+        if empty and not allow_empty:  # worded as ImageFolder words it
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. Supported extensions "
+                                    f"are: {', '.join(extensions or IMG_EXTENSIONS)}")
+        return samples
+
+
+def listed_first(real: str, path: str, name: str, top: str, classes: dict, linked: dict) -> tuple[str, str]:
+    """(path, class) where the file at `real`, linked from `path` in class `name`, is listed first: the class
+    folder it is in, inside the tree; else the first class that links it (`linked` remembers)."""
+    inside = os.path.relpath(real, top).split(os.sep)[0]
+    if real.startswith(top + os.sep) and inside in classes:
+        return real, inside
+    return linked.setdefault(real, (path, name))
+
+
 def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
-    """torchvision's ImageFolder lists the files and names the classes (sorted folder names)."""
+    """ImageFolder (as ImageTree) lists the files and names the classes (sorted folder names)."""
     path = folder_path(cfg, split)
     key = f"data.{FOLDERS[split]}"
     layout = f"{path}/<class name>/*.jpg (or .png, ...), one folder per class"
@@ -75,10 +111,15 @@ def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
     if not path.is_dir():
         raise DataError(f"{key}: {path.resolve()} is missing.\nExpected layout: {layout}.\nFix: {fix}.")
     try:
-        return ImageFolder(str(path))
+        folder = ImageTree(str(path))
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise DataError(f"{key}: the images in {path.resolve()} are incomplete: {e}\nExpected layout: {layout}.\n"
                         f"Fix: {fix}.") from None
+    if split == "train" and len(folder.classes) < 2:  # the other splits must have the train classes
+        raise DataError(f"{key}: {path.resolve()} has one class folder, {folder.classes[0]!r}: a classifier needs "
+                        f"two classes or more.\nExpected layout: {layout}.\nFix: add a folder of images for each "
+                        f"other class, or point {key} at the folder whose subfolders are the classes.")
+    return folder
 
 
 def raw_files(cfg, hint: str = "") -> list[Path]:
@@ -97,6 +138,9 @@ def check(cfg) -> None:
     if cfg.data.image_size < 4:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small for two 2x2 poolings.\nFix: "
                           f"data.image_size=64 (or any size >= 4)")
+    if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels}: a number of pixels must be >= 1.\n"
+                          f"Fix: e.g. data.max_image_pixels=400000000, or null for PIL's limit")
     augmentations(tuple(cfg.data.augment))
 
 
@@ -114,7 +158,7 @@ def same_classes(folders: dict[str, ImageFolder]) -> list[str]:
 
 
 def decode(folder: ImageFolder, cfg) -> datasets.Dataset:
-    read = partial(read_image, channels=cfg.data.channels)
+    read = partial(read_image, channels=cfg.data.channels, max_pixels=cfg.data.max_image_pixels)
     return image_rows([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read,
                       cfg.data.channels, cfg)
 
@@ -263,22 +307,33 @@ class CNN(nn.Module):
 
 
 class Torchvision(nn.Module):
-    """A torchvision classifier; grayscale images are repeated to the 3 channels it takes, and the auxiliary
-    outputs googlenet and inception_v3 add while training are dropped (their logits are kept)."""
+    """A torchvision classifier; grayscale images are repeated to the 3 channels it takes."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, image):
-        out = self.net(image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image)
-        return getattr(out, "logits", out)
+        return self.net(image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image)
+
+
+# Builder options by arch. googlenet's and inception_v3's auxiliary heads would run while training without a loss,
+# so they would get no gradient (DDP stops at the second step) and inception_v3's fails below ~300 px; their
+# init_weights=True is torchvision's own initialisation, said explicitly (left unset, it warns).
+BUILD_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                 "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+def build(arch: str, num_classes: int) -> Torchvision:
+    """torchvision's `arch` from scratch (weights=None: nothing is downloaded), one output per class."""
+    return Torchvision(torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                                    **BUILD_OPTIONS.get(arch, {})))
 
 
 def torchvision_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
-    """`arch` from scratch (weights=None: nothing is downloaded), tried once on a blank image so that a size it
-    cannot take stops here, named, not at the first step."""
-    model = Torchvision(torchvision.models.get_model(arch, weights=None, num_classes=num_classes))
+    """`build(arch)` tried once on a blank image, so that a size it cannot take stops here, named, not at the
+    first step."""
+    model = build(arch, num_classes)
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, image_size, image_size))

@@ -23,7 +23,7 @@ EXPECTED_PIP = ["pip install torch==2.14.1 torchvision==0.29.1", "pip install ."
 
 # A fake 2-node Slurm job, seen from node 1.
 SLURM_ENV = {"SLURM_JOB_ID": "123", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
-             "SLURM_JOB_NODELIST": "node7,node8", "SLURM_GPUS_ON_NODE": "4"}
+             "SLURM_JOB_NODELIST": "node7,node8", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "16"}
 # What the Kubeflow operator sets in the second pod of a 2-pod job.
 K8S_ENV = {"MASTER_ADDR": "train-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "1",
            "GPUS_PER_NODE": "4", "RUN_NAME": "train"}
@@ -53,11 +53,15 @@ def accelerate_cmd(rank: int, addr: str, port: int, processes: int, args: list[s
 def test_sbatch_dry_run_prints_prepare_srun_and_this_nodes_accelerate_launch():
     lines = dry_run(SBATCH, OVERRIDES, SLURM_ENV)
     train_args = ["run_name=slurm-123", *OVERRIDES]
+    # --cpus-per-task passed on: srun in Slurm 22.05-23.02 does not inherit it from the job.
     assert lines == [
-        f"srun --nodes=1 --ntasks=1 python launch/prepare.py {' '.join(OVERRIDES)}",
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash {SBATCH} --node {' '.join(train_args)}",
+        f"srun --nodes=1 --ntasks=1 --cpus-per-task=16 python launch/prepare.py {' '.join(OVERRIDES)}",
+        f"srun --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 bash {SBATCH} --node {' '.join(train_args)}",
         accelerate_cmd(1, "node7", 20123, 8, train_args),  # port: 20000 + job id % 10000
     ]
+    # A job submitted without --cpus-per-task has none to pass on: srun's own default.
+    env = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_CPUS_PER_TASK"}
+    assert "--cpus-per-task" not in " ".join(dry_run(SBATCH, OVERRIDES, env))
 
 
 @pytest.mark.parametrize("script, env", [(SBATCH, SLURM_ENV), (K8S, K8S_ENV)])
@@ -108,9 +112,9 @@ def test_sbatch_runs_prepare_once_then_accelerate_on_every_node(tmp_path):
     assert result.returncode == 0, result.stderr
     train = "run_name=slurm-123 recipe=digits"
     assert log == [
-        "srun --nodes=1 --ntasks=1 python launch/prepare.py recipe=digits",
+        "srun --nodes=1 --ntasks=1 --cpus-per-task=16 python launch/prepare.py recipe=digits",
         "python launch/prepare.py recipe=digits",
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash {SBATCH} --node {train}",
+        f"srun --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 bash {SBATCH} --node {train}",
         accelerate_cmd(0, "node7", 20123, 8, train.split()),
         accelerate_cmd(1, "node7", 20123, 8, train.split()),
     ]

@@ -23,6 +23,7 @@ from pipeline import predict as predict_module
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from recipes.image_folder import Arch
 
 SHAPES = ["circle", "square", "triangle"]
 
@@ -234,6 +235,66 @@ def test_torchvision_models_by_name_for_grayscale_and_too_small_images(tmp_path)
         recipe.model(cfg, meta)
 
 
+def empty_model(arch: str) -> torch.nn.Module:
+    """image_folder's model for `arch` with 3 classes, its parameters made without torchvision's initialisation
+    (accelerate's init_empty_weights: the largest have 600M parameters, and which parameters a backward pass
+    reaches does not depend on their values)."""
+    from accelerate import init_empty_weights
+
+    from recipes import image_folder
+
+    with init_empty_weights():
+        return image_folder.CNN(3, 32) if arch == "cnn" else image_folder.build(arch, 3)
+
+
+def backward_once(model: torch.nn.Module) -> torch.nn.Module:
+    """One training-mode forward and backward pass: on the CPU with zeros at 32 px where the model is small enough
+    and takes that size, else on the meta device (shapes only) at 224 px. Zeros: no denormal numbers to slow it."""
+    model.train()
+    if sum(p.numel() for p in model.parameters()) < 100_000_000:
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.zero_()
+        try:
+            model(torch.zeros(2, 3, 32, 32)).sum().backward()
+            return model
+        except (RuntimeError, AssertionError):  # too small for it (inception_v3, alexnet, vit_*, ...)
+            model.zero_grad(set_to_none=True)
+    model.to_empty(device="meta")
+    model(torch.zeros(2, 3, 224, 224, device="meta")).sum().backward()
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny passes on shared cores: a second thread only spins waiting for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", [arch.name for arch in Arch])
+def test_every_arch_trains_every_parameter(arch, one_thread):
+    """DDP stops at the second step when a parameter gets no gradient (googlenet's and inception_v3's auxiliary
+    heads did): every name model.arch accepts, one backward pass, every parameter reached."""
+    model = backward_once(empty_model(arch))
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.slow
+def test_googlenet_trains_under_ddp(workdir):
+    """Its auxiliary heads got no gradient: DDP stopped at the second step ("Expected to have finished
+    reduction in the prior iteration")."""
+    write_shapes(workdir / "photos", 8, seed=0)
+    ok(cli(common(workdir, "recipe=image_folder", "data.train_dir=photos", "data.eval_fraction=0.25",
+                  "data.image_size=32", "model.arch=googlenet", "trainer.epochs=1", "trainer.batch_size=4"),
+           cwd=workdir, processes=2))
+    s = summary(workdir / "runs", "image_folder")
+    assert s["num_processes"] == 2 and s["steps"] == 18 // 4 and s["eval/samples"] == 6
+
+
 def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
     """clouds is a preset: its prepare() is image_folder's, so the code that makes its shards lives there."""
     from recipes import _helpers, image_folder
@@ -241,7 +302,8 @@ def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
     recipe, cfg = pipeline_cli.parse(["recipe=clouds"])
     reached = data._reached(recipe.prepare)
     for function in (image_folder.prepare, image_folder.read_folder, image_folder.decode, image_folder.hold_out,
-                     _helpers.image_rows, _helpers.load_images, _helpers.read_image, _helpers.split_train_eval):
+                     image_folder.ImageTree.make_dataset, _helpers.image_tree, _helpers.image_rows,
+                     _helpers.load_images, _helpers.read_image, _helpers.split_train_eval):
         assert function in reached, function.__qualname__
     # The preset's choices reach the fingerprint through the config: its folders and augmentation.
     assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"
@@ -300,3 +362,92 @@ def test_image_recipes_predict():
 
     for name in ("image_folder", "clouds", "mnist_mlp", "mnist_cnn", "fashion_mnist_mlp", "digits"):
         assert recipes.load(name).read_inputs is not None, name
+
+
+# ---------------------------------------------------------------- folders that are not trees, oversized images
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A 1x1 PNG whose header claims width x height: PIL reads the size from the header, before any pixel."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # b"IHDR" + width, height, depth, colour, compression, filter, interlace
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29], data[29:33] = ihdr, struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_symlinked_folders_back_into_the_tree_are_not_followed(tmp_path):
+    """`circle/loop -> ..` turned 6 images into thousands of rows, square and triangle images labelled circle."""
+    write_shapes(tmp_path / "train", 2, seed=0)
+    write_shapes(tmp_path / "elsewhere", 2, seed=1)
+    (tmp_path / "train" / "circle" / "loop").symlink_to("..")
+    (tmp_path / "train" / "square" / "again").symlink_to("../square")
+    (tmp_path / "train" / "triangle" / "more").symlink_to(tmp_path / "elsewhere" / "triangle")  # outside: followed
+    (tmp_path / "elsewhere" / "triangle" / "up").symlink_to("..")  # a loop outside the tree
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8")
+    assert len(recipe.raw_files(cfg)) == 8
+    splits, meta = recipe.prepare(cfg)
+    labels = [meta["class_names"][i] for split in ("train", "eval") for i in splits[split]["label"]]
+    assert sorted(labels) == ["circle"] * 2 + ["square"] * 2 + ["triangle"] * 4
+    ids, _ = read_inputs(recipe, cfg, tmp_path / "train")  # prediction lists folders the same way
+    assert len(ids["file"]) == 8 and "triangle/more/000.png" in ids["file"]
+
+
+def test_one_image_under_two_classes_is_refused(tmp_path):
+    write_shapes(tmp_path / "train", 2, seed=0)
+    (tmp_path / "train" / "square" / "also.png").symlink_to("../circle/001.png")
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}")
+    with pytest.raises(DataError, match=r"circle/001.png \(class circle\) and .*square/also.png \(class square\) "
+                                        r"are one file"):
+        recipe.raw_files(cfg)
+    (tmp_path / "train" / "square" / "also.png").unlink()
+    write_shapes(tmp_path / "shared", 1, seed=1)  # outside the tree, linked from two classes
+    (tmp_path / "train" / "circle" / "shared").symlink_to(tmp_path / "shared")
+    (tmp_path / "train" / "triangle" / "shared.png").symlink_to(tmp_path / "shared" / "square" / "000.png")
+    with pytest.raises(DataError, match=r"circle/shared/square/000.png \(class circle\) and .*triangle/shared.png "
+                                        r"\(class triangle\) are one file"):
+        recipe.raw_files(cfg)
+
+
+def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
+    write_shapes(tmp_path / "train", 2, seed=0)
+    bomb = png_claiming(tmp_path / "train" / "circle" / "huge.png", 20_000, 10_000)  # PIL's limit: 178,956,970
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8")
+    message = f"(?s){bomb} is 20000x10000 = 200,000,000 pixels.*Fix: .* data.max_image_pixels=200000000"
+    with pytest.raises(DataError, match=message):
+        recipe.prepare(cfg)
+    with pytest.raises(DataError, match=message):  # predicting decodes by the same reader
+        read_inputs(recipe, cfg, tmp_path / "train" / "circle")
+    bomb.unlink()
+    # The setting is the limit: the 40-60 px shapes are refused under 1,000 pixels, read under 3,600.
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
+                        "data.max_image_pixels=1000")
+    with pytest.raises(DataError, match="more than the 1,000 allowed"):
+        recipe.prepare(cfg)
+    with pytest.raises(DataError, match="more than the 1,000 allowed"):
+        read_inputs(recipe, cfg, tmp_path / "train")
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
+                        "data.max_image_pixels=3600")
+    assert len(recipe.prepare(cfg)[0]["train"]) == 3
+    with pytest.raises(ConfigError, match="data.max_image_pixels=0"):
+        recipe.raw_files(parse(f"data.train_dir={tmp_path / 'train'}", "data.max_image_pixels=0")[1])
+
+
+def test_one_class_folder_is_refused_naming_the_folder(tmp_path):
+    """One class reached torchmetrics, which stopped with a traceback about num_classes."""
+    write_shapes(tmp_path / "photos" / "train", 6, seed=0)
+    for shape in SHAPES[1:]:
+        for file in (tmp_path / "photos" / "train" / shape).iterdir():
+            file.unlink()
+        (tmp_path / "photos" / "train" / shape).rmdir()
+    result = cli(common(tmp_path, "recipe=image_folder", "data.train_dir=photos/train", "data.image_size=8",
+                        "trainer.batch_size=2"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "photos/train has one class folder, 'circle'" in result.stderr and "Traceback" not in result.stderr
+    assert "Fix: add a folder of images for each other class" in result.stderr
+    assert run_dirs(tmp_path / "runs", "image_folder") == []
