@@ -199,7 +199,7 @@ def test_pytorchjob_manifest():
 # ---- accelerate configs
 
 CONFIGS = {  # file: (distributed_type, num_machines, num_processes, mixed_precision, use_cpu)
-    "cpu": ("NO", 1, 1, "no", True),
+    "cpu": ("MULTI_GPU", 1, 1, "no", True),  # MULTI_GPU: the launcher that starts N processes (gloo on CPUs)
     "single_gpu": ("NO", 1, 1, "no", False),
     "bf16": ("NO", 1, 1, "bf16", False),
     "multi_gpu": ("MULTI_GPU", 1, 8, "no", False),
@@ -247,7 +247,7 @@ def test_accelerate_reads_the_launchers_commands():
 
 
 @pytest.mark.parametrize("name, multi_gpu, processes, precision", [
-    ("cpu", False, 1, "no"), ("bf16", False, 1, "bf16"), ("multi_gpu", True, 8, "no"),
+    ("cpu", True, 1, "no"), ("bf16", False, 1, "bf16"), ("multi_gpu", True, 8, "no"),
 ])
 def test_accelerate_launch_with_each_config(name, multi_gpu, processes, precision):
     args = launch_args(f"accelerate launch --config_file launch/accelerate/{name}.yaml launch/train.py")
