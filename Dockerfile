@@ -31,8 +31,8 @@ COPY . .
 RUN pip install .
 
 # Kubernetes and OpenShift run images under any uid, in group 0: HOME, every cache and the
-# working directory belong to group 0 with the owner's rights. HOME and the volumes are also
-# sticky and world-writable, like /tmp, for `--user "$(id -u):$(id -g)"` with a host group.
+# working directory belong to group 0 with the owner's rights. These folders are also sticky and
+# world-writable, like /tmp, for `--user "$(id -u):$(id -g)"` with a host group.
 ENV HOME=/home/app
 ENV XDG_CACHE_HOME=$HOME/.cache
 ENV MPLCONFIGDIR=$XDG_CACHE_HOME/matplotlib \
@@ -47,7 +47,7 @@ RUN useradd --uid 1000 --gid 0 --home-dir "$HOME" --no-create-home app \
     && mkdir -p "$HOME" /data /cache /runs \
     && chown -R 1000:0 /app "$HOME" /data /cache /runs \
     && chmod -R g=u /app "$HOME" /data /cache /runs \
-    && chmod 1777 "$HOME" /cache /runs
+    && chmod 1777 /app "$HOME" /cache /runs
 USER 1000
 
 # .git is not in the build context: the commit comes as a build argument, and each run records it in run.json.
