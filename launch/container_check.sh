@@ -21,7 +21,7 @@ die() { say "$*"; exit 2; }
 WORK=$(mktemp -d /tmp/container-check.XXXXXX)
 NAME=pcheck-$$
 cleanup() {
-    "${ENGINE[@]}" rm -f "$NAME" "$NAME-m0" "$NAME-m1" >/dev/null 2>&1
+    "${ENGINE[@]}" rm -f -v "$NAME" "$NAME-m0" "$NAME-m1" >/dev/null 2>&1
     "${ENGINE[@]}" network rm "$NAME-net" >/dev/null 2>&1
     "${ENGINE[@]}" volume rm "$NAME-cache" >/dev/null 2>&1
     if [ "${KEEP:-0}" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
@@ -167,7 +167,7 @@ stop_and_resume() {
     local code
     code=$("${ENGINE[@]}" wait "$NAME")
     "${ENGINE[@]}" logs "$NAME" >"$OUT" 2>&1
-    "${ENGINE[@]}" rm -f "$NAME" >/dev/null
+    "${ENGINE[@]}" rm -f -v "$NAME" >/dev/null
     [ "$code" = 143 ] || { WHY="stop exited $code, not 143"; return 1; }
     grep -q "stopped on SIGTERM" "$OUT" || { WHY="no 'stopped on SIGTERM' message"; return 1; }
     compgen -G "$runs/digits/stopped/checkpoints/*" >/dev/null || { WHY="no checkpoint after the stop"; return 1; }
@@ -186,11 +186,12 @@ check_compile() {  # inductor builds C++ kernels: the image's compiler
 }
 
 check_small_shm() {  # a /dev/shm too small for the loader workers' batches: a message and exit 2, never a hang
-    timeout "$SHM_TIMEOUT_S" "${ENGINE[@]}" run --rm --name "$NAME" "${RUN[@]}" --shm-size 256k "$IMAGE" \
-        launch/train.py output_dir=/runs "${TINY[@]}" data.in_memory=false data.num_workers=2 >"$OUT" 2>&1
+    timeout "$SHM_TIMEOUT_S" "${ENGINE[@]}" run --rm --name "$NAME" "${RUN[@]}" --shm-size 64k "$IMAGE" \
+        launch/train.py output_dir=/runs "${TINY[@]}" data.in_memory=false data.num_workers=2 trainer.batch_size=512 \
+        >"$OUT" 2>&1
     local code=$?
     if [ $code = 124 ]; then
-        "${ENGINE[@]}" rm -f "$NAME" >/dev/null 2>&1
+        "${ENGINE[@]}" rm -f -v "$NAME" >/dev/null 2>&1
         WHY="still running after $SHM_TIMEOUT_S s (hangs)"
         return 1
     fi
@@ -211,7 +212,7 @@ check_two_machines() {
         "${ENGINE[@]}" run -d --name "$NAME-m$rank" --hostname "$NAME-m$rank" --network "$NAME-net" "${RUN[@]}" \
             -v "$two:/runs" "$IMAGE" --config_file launch/accelerate/multi_node.yaml --num_machines 2 \
             --machine_rank $rank --main_process_ip "$NAME-m0" --main_process_port 29500 --num_processes 2 \
-            "${args[@]}" >/dev/null || { WHY="machine $rank did not start: network not usable?"; return 3; }
+            "${args[@]}" >/dev/null 2>>"$OUT" || { WHY="machine $rank did not start: $(tail -n 1 "$OUT")"; return 3; }
     done
     local codes
     codes="$("${ENGINE[@]}" wait "$NAME-m0") $("${ENGINE[@]}" wait "$NAME-m1")"
