@@ -7,8 +7,11 @@ Takes exactly the options of `accelerate launch` (it runs Accelerate's own launc
 torch's ChildFailedError or SignalException for several), this exits with the code the training
 chose, after the training's one message:
   0 finished | 2 config or data error | 3 loss became NaN/inf | 143 stopped on SIGTERM (checkpoint
-  saved: the same command resumes; requeue it) | 1 anything else (the process's traceback above).
-A process killed by signal N counts as 128+N, as in a shell.
+  saved: the same command resumes; requeue it) | 130 stopped on SIGINT | 1 anything else (the process's
+  traceback above). A process killed by signal N counts as 128+N, as in a shell.
+
+It is the container image's entrypoint: as PID 1 it must pass SIGTERM and SIGINT on itself (the kernel
+drops signals PID 1 has no handler for), and wait for the training to save and exit.
 """
 
 import logging
@@ -19,7 +22,7 @@ import sys
 from pathlib import Path
 
 # Codes whose message the training process already printed: the launcher adds nothing.
-EXPLAINED = {0, 2, 3, 128 + signal.SIGTERM}
+EXPLAINED = {0, 2, 3, 128 + signal.SIGTERM, 128 + signal.SIGINT}
 
 
 def shell_code(returncode: int) -> int:
@@ -38,11 +41,43 @@ def children() -> list[int]:
     return pids
 
 
-def forward_sigterm(signum, frame) -> None:
-    # Accelerate's one-process launcher would die on SIGTERM and leave the training running
-    # unwarned; the training saves and exits 143, which the launcher then reports.
+def forward(signum, frame) -> None:
+    # Accelerate's one-process launcher would die on the signal and leave the training running unwarned
+    # (or, as PID 1, take it down unsaved); the training saves and exits 128+N, which is then reported.
+    if signum == signal.SIGINT and terminal_sent_it_to_all():
+        return  # Ctrl-C in a terminal reached the training too: a second one would mean "stop at once"
     for pid in children():
         os.kill(pid, signum)
+
+
+def terminal_sent_it_to_all() -> bool:
+    """Whether this process runs in its terminal's foreground group, which Ctrl-C signals as a whole."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:  # no controlling terminal: a container, a scheduler, `kill -INT`
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def cpu_processes(args) -> None:
+    """`--cpu` (or a config with use_cpu: true) and more than one process: Accelerate 1.15 hands that to its
+    one-process launcher, which starts ONE and says nothing. torchrun's launcher starts them all (gloo
+    without CUDA); the GPUs are hidden so that they stay on the CPU."""
+    from accelerate.commands.config import default_config_file, load_config_from_file
+
+    path = args.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    config = load_config_from_file(path) if path else None
+    cpu = args.cpu or bool(config and config.use_cpu)
+    processes = args.num_processes or (config.num_processes if config else 1)
+    machines = args.num_machines or (config.num_machines if config else 1)
+    if cpu and (processes > 1 or machines > 1):
+        args.cpu, args.multi_gpu, args.num_processes = False, True, processes
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def quiet_torch_elastic() -> None:
@@ -64,8 +99,10 @@ def main(argv: list[str]) -> int:
 
     args = launch_command_parser().parse_args(argv)
     args.quiet = False  # with -q the one-process launcher turns every exit code into 1
+    cpu_processes(args)
     quiet_torch_elastic()
-    signal.signal(signal.SIGTERM, forward_sigterm)  # torch's launcher installs its own for several processes
+    for sig in (signal.SIGTERM, signal.SIGINT):  # torch's launcher installs its own for several processes
+        signal.signal(sig, forward)
     try:
         launch_command(args)
         return 0

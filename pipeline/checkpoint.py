@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -85,6 +86,7 @@ def save(accelerator, run_dir: Path, position: dict, keep: int, loop_state: dict
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        as_umask_allows(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / STATE_FILE, {**position, **(loop_state or {}), "num_processes": accelerator.num_processes})
         if (Path(run_dir) / CONFIG_FILE).exists():  # what trained up to here, for `check_config`
             shutil.copyfile(Path(run_dir) / CONFIG_FILE, tmp / CONFIG_FILE)
@@ -96,6 +98,25 @@ def save(accelerator, run_dir: Path, position: dict, keep: int, loop_state: dict
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def as_umask_allows(paths) -> None:
+    """Gives files the mode a plain new file gets (0666 less the umask). safetensors writes its files as
+    temporary files of mode 0600 and renames them (safetensors#782): weights that teammates on a shared
+    filesystem could not read while they read everything else of the run."""
+    mode = 0o666 & ~umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def umask() -> int:
+    try:  # read without setting it: another thread may be creating a file meanwhile
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        current = os.umask(0o022)
+        os.umask(current)
+        return current
 
 
 def write_manifest(checkpoint: Path) -> None:

@@ -511,6 +511,41 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
                       persistent_workers=num_workers > 0, pin_memory=pin_memory)
 
 
+# DataLoader workers hand each batch over in shared memory (/dev/shm), `prefetch_factor` batches ahead each.
+SHARED_MEMORY = Path("/dev/shm")
+SHM_MARGIN = 2  # batches of one size in the estimate; the allocator and the pickled rest are not counted
+SHM_FIXED = 2**16  # the workers' queues and semaphores, a page each
+
+
+def check_shared_memory(loaders: list[DataLoader], shm: Path = SHARED_MEMORY) -> None:
+    """Stops before any worker starts when /dev/shm cannot hold what the workers hand over: there they die
+    with "unable to allocate shared memory" and the training waits for their batches forever. Docker gives a
+    container 64 MB. The batches are global ones, so the need is the node's whatever the process count."""
+    need = sum(shared_memory_need(loader) for loader in loaders)
+    if not need or not shm.is_dir():
+        return
+    need += SHM_FIXED
+    stats = os.statvfs(shm)
+    free = stats.f_bavail * stats.f_frsize
+    if need > free:
+        workers = max(loader.num_workers for loader in loaders)
+        raise ConfigError(
+            f"{shm} has {free / 2**20:,.1f} MB free, but data.num_workers={workers} DataLoader workers need about "
+            f"{need / 2**20:,.1f} MB there to hand their batches over (workers x prefetch x batch bytes, with a "
+            f"margin); they would fail and the run would hang. Give the container more: `docker run "
+            f"--shm-size=<size>` (podman the same; Kubernetes: an emptyDir with medium: Memory at {shm}), or "
+            f"read the data in the training process: data.num_workers=0")
+
+
+def shared_memory_need(loader: DataLoader) -> int:
+    if loader.num_workers == 0:
+        return 0
+    rows = min(loader.batch_sampler.batch_size, len(loader.dataset))
+    batch = loader.dataset.__getitems__(list(range(rows)))
+    per_batch = sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor))
+    return SHM_MARGIN * loader.num_workers * (loader.prefetch_factor or 2) * per_batch
+
+
 class ShuffledBatches(BatchSampler):
     """Epoch `e` is the permutation drawn from `seed + e`, served as index tensors.
 

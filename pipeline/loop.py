@@ -242,6 +242,8 @@ def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
     # The plain module's weights: a compiled model's keys would carry `_orig_mod.` and load nowhere else.
     accelerator.save_model(accelerator.unwrap_model(model, keep_torch_compile=False), folder,
                            safe_serialization=True, **kwargs)
+    if accelerator.is_main_process:
+        checkpoint.as_umask_allows(Path(folder).glob("model*.safetensors"))
 
 
 def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, started: float) -> dict:
@@ -354,6 +356,8 @@ def setup(cfg, recipe: recipes.Recipe) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     say(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
         f"mixed_precision={accelerator.mixed_precision} compile={compiled} micro_batch/process={micro_batch}")
+    if warning := fewer_processes_than_asked(accelerator.num_processes):
+        say(warning)
 
     train_loader, eval_loaders, on_device, splits_read = make_loaders(cfg, recipe, splits, meta, accelerator)
     batch_order = train_loader.batch_sampler  # Accelerate wraps the loader below; the loop sets its epoch
@@ -427,7 +431,21 @@ def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
                           f"({len(rows['train'])} rows); lower it")
     eval_loaders = {name: data.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
                                       num_workers=workers, pin_memory=pin) for name in ("eval", "test") if name in rows}
+    data.check_shared_memory([train_loader, *eval_loaders.values()])
     return train_loader, eval_loaders, on_device, {name: {"rows": len(r), **paths[name]} for name, r in rows.items()}
+
+
+def fewer_processes_than_asked(num_processes: int) -> str | None:
+    """Accelerate's one-process launcher (`--cpu`, or a config whose distributed_type is NO or MULTI_CPU)
+    starts one process whatever --num_processes says; asked for more, it sets MASTER_PORT, and torchrun's
+    launcher (which starts them all) sets WORLD_SIZE. No variable carries the number asked for."""
+    env = os.environ
+    if num_processes == 1 and "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env:
+        return ("warning: `accelerate launch` was asked for more than one process (--num_processes/--num_machines), "
+                "but its one-process launcher (--cpu, or a config with distributed_type NO or MULTI_CPU) started "
+                "this one alone: processes=1. For N processes on the CPU: python launch/run.py --cpu "
+                "--num_processes N ..., or --config_file launch/accelerate/cpu.yaml --num_processes N")
+    return None
 
 
 def processes_on_node(accelerator) -> int:

@@ -83,6 +83,7 @@ def wandb_mode(verify: bool = True) -> str:
     network): a bad key or no network stops the run here, with the fix, instead of failing in
     wandb.init after 90 s. Never prompts.
     """
+    check_wandb_dirs()
     mode = os.environ.get("WANDB_MODE", "")
     if mode in ("offline", "disabled", "dryrun"):
         return mode
@@ -99,6 +100,28 @@ def wandb_mode(verify: bool = True) -> str:
                           f"Log in with `wandb login`, or log offline: unset WANDB_MODE or set WANDB_MODE=offline, "
                           f"or tracking=none")
     return mode or ("online" if logged_in else "offline")
+
+
+def check_wandb_dirs() -> None:
+    """W&B stages the model artifact under ~/.local/share/wandb and caches under ~/.cache/wandb unless told
+    otherwise; where HOME is not writable (a container under any uid: Kubernetes runAsUser, OpenShift) it
+    fails at the end of the run, after all the training. Checked here instead, before any work."""
+    from wandb import env
+
+    home = os.environ.get("HOME", "~")
+    for variable, path in (("WANDB_DATA_DIR", env.get_data_dir()), ("WANDB_CACHE_DIR", env.get_cache_dir())):
+        if not writable(Path(path)):
+            raise ConfigError(
+                f"W&B writes into {path} ({variable}), which this user (uid {os.getuid()}) cannot write "
+                f"(HOME={home}). Point it at a writable folder, e.g. {variable}=/tmp/wandb, or HOME at a "
+                f"writable one (in a container image: see launch/CLUSTER.md, \"Any uid\"); or run with tracking=none")
+
+
+def writable(path: Path) -> bool:
+    """Whether `path` is, or could be made as, a folder this process can write into."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def agreed_wandb_mode(main: bool) -> str:
