@@ -34,13 +34,16 @@ RUN pip install .
 # working directory belong to group 0 with the owner's rights. These folders are also sticky and
 # world-writable, like /tmp, for `--user "$(id -u):$(id -g)"` with a host group.
 ENV HOME=/home/app
-ENV XDG_CACHE_HOME=$HOME/.cache
-ENV MPLCONFIGDIR=$XDG_CACHE_HOME/matplotlib \
+ENV XDG_CACHE_HOME=$HOME/.cache \
+    XDG_CONFIG_HOME=$HOME/.config \
+    XDG_DATA_HOME=$HOME/.local/share
+ENV MPLCONFIGDIR=$XDG_CONFIG_HOME/matplotlib \
     TORCHINDUCTOR_CACHE_DIR=$XDG_CACHE_HOME/torchinductor \
     TRITON_CACHE_DIR=$XDG_CACHE_HOME/triton \
     HF_HOME=$XDG_CACHE_HOME/huggingface \
+    WANDB_DATA_DIR=$XDG_DATA_HOME/wandb \
     WANDB_CACHE_DIR=$XDG_CACHE_HOME/wandb \
-    WANDB_CONFIG_DIR=$HOME/.config/wandb \
+    WANDB_CONFIG_DIR=$XDG_CONFIG_HOME/wandb \
     WANDB_DIR=/runs
 # uid 1000 written numerically in USER so Kubernetes' runAsNonRoot can check it.
 RUN useradd --uid 1000 --gid 0 --home-dir "$HOME" --no-create-home app \

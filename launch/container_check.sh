@@ -178,7 +178,7 @@ stop_and_resume() {
 }
 
 check_stop_1() { stop_and_resume "$(runs_dir stop_1)"; }
-check_stop_2() { stop_and_resume "$(runs_dir stop_2)" --multi_gpu --num_processes 2; }
+check_stop_2() { stop_and_resume "$(runs_dir stop_2)" --config_file launch/accelerate/cpu.yaml --num_processes 2; }
 
 check_compile() {  # inductor builds C++ kernels: the image's compiler
     run -- launch/train.py output_dir=/runs "${TINY[@]}" trainer.compile=true trainer.max_steps=5 \
@@ -206,7 +206,8 @@ check_two_machines() {
     fi
     local one two rank args=(launch/train.py output_dir=/runs run_name=same "${TINY[@]}")
     one=$(runs_dir two_one)
-    run -v "$one:/runs" -- --multi_gpu --num_processes 2 "${args[@]}" || { WHY="2 processes exited $?"; return 1; }
+    run -v "$one:/runs" -- --config_file launch/accelerate/cpu.yaml --num_processes 2 "${args[@]}" \
+        || { WHY="2 processes exited $?"; return 1; }
     for rank in 0 1; do
         two=$(runs_dir "two_m$rank")
         "${ENGINE[@]}" run -d --name "$NAME-m$rank" --hostname "$NAME-m$rank" --network "$NAME-net" "${RUN[@]}" \

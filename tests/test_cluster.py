@@ -291,7 +291,7 @@ def test_dockerfile():
     # Any uid in group 0 (OpenShift, Kubernetes runAsUser) writes HOME, the caches and the working directory.
     env = " ".join(args for op, args in steps if op == "ENV")
     for var in ("HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME",
-                "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+                "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         assert re.search(rf"\b{var}=", env), f"{var} is not set in the image"
     assert re.search(r"chown -R 1000:0 /app \"\$HOME\"", runs) and re.search(r"chmod -R g=u /app \"\$HOME\"", runs)
 
