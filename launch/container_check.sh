@@ -21,7 +21,10 @@ die() { say "$*"; exit 2; }
 WORK=$(mktemp -d /tmp/container-check.XXXXXX)
 NAME=pcheck-$$
 cleanup() {
-    "${ENGINE[@]}" rm -f -v "$NAME" "$NAME-m0" "$NAME-m1" >/dev/null 2>&1
+    local name
+    for name in "$NAME" "$NAME-m0" "$NAME-m1"; do  # one at a time: podman stops at a name it does not know
+        "${ENGINE[@]}" rm -f -v "$name" >/dev/null 2>&1
+    done
     "${ENGINE[@]}" network rm "$NAME-net" >/dev/null 2>&1
     "${ENGINE[@]}" volume rm "$NAME-cache" >/dev/null 2>&1
     if [ "${KEEP:-0}" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
