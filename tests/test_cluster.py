@@ -284,10 +284,20 @@ def test_dockerfile():
         assert not (op in ("ARG", "ENV") and "WANDB_API_KEY" in args), "the W&B key must come from the run's env"
     volumes = [args for op, args in steps if op == "VOLUME"]
     assert volumes and {"/data", "/cache", "/runs"} <= set(re.findall(r"/\w+", " ".join(volumes)))
-    assert [args for op, args in steps if op == "ENTRYPOINT"] == ['["accelerate", "launch"]']
+    # launch/run.py as PID 1: it passes SIGTERM on (accelerate's launcher as PID 1 drops it) and keeps exit codes.
+    assert [args for op, args in steps if op == "ENTRYPOINT"] == ['["python", "launch/run.py"]']
     (cmd,) = [yaml.safe_load(args) for op, args in steps if op == "CMD"]
     assert cmd[0] == "launch/train.py"
     assert {"data.root=/data", "data.cache_dir=/cache", "output_dir=/runs"} <= set(cmd[1:])
+    assert steps[0] == ("ARG", "BASE_IMAGE=python:3.11-slim") and steps[1] == ("FROM", "${BASE_IMAGE}")
+    runs = " ".join(args for op, args in steps if op == "RUN")
+    assert re.search(r"apt-get install .*\bgcc\b.*\bg\+\+", runs), "torch.compile needs a C/C++ compiler"
+    # Any uid in group 0 (OpenShift, Kubernetes runAsUser) writes HOME, the caches and the working directory.
+    env = " ".join(args for op, args in steps if op == "ENV")
+    for var in ("HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME",
+                "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        assert re.search(rf"\b{var}=", env), f"{var} is not set in the image"
+    assert re.search(r"chown -R 1000:0 /app \"\$HOME\"", runs) and re.search(r"chmod -R g=u /app \"\$HOME\"", runs)
 
 
 def test_dockerfile_installs_like_the_readme():
@@ -308,6 +318,18 @@ def test_dockerignore_keeps_the_context_small_but_complete():
                if line.strip() and not line.startswith("#")}
     assert {".venv", ".git", "runs", "data", "wandb", "**/__pycache__"} <= ignored
     assert not ignored & {"launch", "pipeline", "recipes", "pyproject.toml", "README.md", "*.py", "*.md"}
+    assert {"build", "**/*.egg-info", "tests"} <= ignored  # a stale build/ would be installed instead of the sources
+
+
+def test_container_check_is_valid_bash_and_runs_every_check_it_defines():
+    script = ROOT / "launch" / "container_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    (listed,) = re.findall(r"^CHECKS=\((.*)\)$", text, re.M)
+    defined = re.findall(r"^check_(\w+)\(\)", text, re.M)
+    assert sorted(listed.split()) == sorted(defined)
+    assert {"default", "readonly_data", "bind_runs", "other_uid", "stop_1", "stop_2", "compile", "small_shm",
+            "two_machines"} <= set(defined)
 
 
 # ---- all of the files
