@@ -124,6 +124,13 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
+def test_readme_is_a_front_door():
+    """Short enough to read; the rest lives in docs/ pages, each of which the README's map links."""
+    readme = ROOT / "README.md"
+    assert len(readme.read_bytes()) < 15000
+    assert {f"docs/{p.name}" for p in DOCS[1:]} <= set(links(readme))
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_links_and_anchors_resolve(path):
     broken = []
