@@ -54,7 +54,7 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     if recipe.read_inputs is None:
         raise ConfigError(f"recipe {recipe.name!r} does not predict on new inputs: it has no `read_inputs`.\n"
                           f"Fix: give its Recipe a read_inputs=(cfg, meta, path) -> (ids, columns) that reads new "
-                          f"inputs as prepare() reads raw data (see README, \"The recipe contract\"); "
+                          f"inputs as prepare() reads raw data (see docs/writing-a-recipe.md); "
                           f"launch/evaluate.py scores the run on labelled data")
     runs.weights_file(run_dir, weights)  # before any work
     if not source.exists():

@@ -102,7 +102,7 @@ def class_columns(outputs: torch.Tensor, meta: dict) -> dict:
 
 @dataclass
 class Recipe:
-    """One task for the shared loop. Every field is described in README.md, "The recipe contract";
+    """One task for the shared loop. Every field is described in docs/writing-a-recipe.md;
     `check` tests the fields when a recipe loads, `check_prepared` what `prepare` returns."""
 
     name: str
