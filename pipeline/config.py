@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from accelerate.utils import LoggerType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 from omegaconf.nodes import EnumNode
@@ -38,9 +37,12 @@ InitName = choice("InitName", INITS)
 Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the device (see `flag`)
 # Whether a larger or a smaller value of checkpoint.monitor is better (auto: by the metric's name, see best.py).
 MonitorMode = choice("MonitorMode", ("auto", "max", "min"))
-# Every tracker Accelerate's `log_with` knows, by its own names (tensorboard, mlflow, ...), and `none` for
-# the local record alone. `all` is left out: it means whichever trackers happen to be installed.
-Tracker = choice("Tracker", [*(t.value for t in LoggerType if t is not LoggerType.ALL), "none"])
+# Every tracker Accelerate's `log_with` knows, by its own names, and `none` for the local record alone. Spelled
+# out because accelerate.utils.LoggerType imports torch, and the config must check a command line without it;
+# tests/test_config.py holds this list to LoggerType's values. `all` is left out: it means whichever
+# trackers happen to be installed.
+TRACKERS = ("aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+Tracker = choice("Tracker", [*TRACKERS, "none"])
 
 
 @dataclass
@@ -245,6 +247,28 @@ def schema(recipe) -> DictConfig:
     """The typed defaults of a run of `recipe`, before its own defaults and the command line."""
     return OmegaConf.structured(Config(recipe=recipe.name, data=recipe.data_config(),
                                        model=recipe.model_config(), loss=recipe.loss_config()))
+
+
+RECIPE_SECTIONS = ("data", "model", "loss")  # a recipe may add keys under these (its data_config, ...)
+
+
+def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
+    """Names an unknown key or a value of the wrong type outside the sections a recipe extends, before the
+    recipe (and with it torch) is imported: a typo answers at once. `build` checks everything again."""
+    base = OmegaConf.structured(Config)
+    choices = enum_keys(base)
+    if preset is not None:
+        values = OmegaConf.masked_copy(preset.values, [k for k in preset.values if k not in RECIPE_SECTIONS])
+        try:
+            base = OmegaConf.merge(base, normalize(values, choices))
+        except (OmegaConfBaseException, ConfigError) as e:
+            why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+            raise ConfigError(f"--config {preset.path}: {why}") from None
+    outside = [item for item in dotlist if item.partition("=")[0].partition(".")[0] not in RECIPE_SECTIONS]
+    try:
+        OmegaConf.merge(base, normalize(parse(outside), choices))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, base)) from None
 
 
 def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfig:
