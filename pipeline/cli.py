@@ -55,12 +55,18 @@ def description(file: Path) -> str:
     return (ast.get_docstring(tree) or "").partition("\n")[0].partition(": ")[2]
 
 
-def parse(argv: list[str]):
-    """`[--config FILE] key=value ...` -> (recipe, checked config)."""
+def read(argv: list[str]):
+    """`[--config FILE] key=value ...` -> (dotlist, preset), checked as far as it can be without the recipe."""
     argv, path = config.take_preset(argv)
     preset = config.load_preset(path) if path else None
     dotlist = config.split_argv(argv)
     config.check_early(dotlist, preset)
+    return dotlist, preset
+
+
+def parse(argv: list[str]):
+    """`[--config FILE] key=value ...` -> (recipe, checked config)."""
+    dotlist, preset = read(argv)
     from pipeline import recipe as recipes
 
     try:

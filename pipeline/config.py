@@ -166,6 +166,17 @@ NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup
 NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 
+def flat(config: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values other than numbers and text as text."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
 def split_argv(argv: list[str]) -> list[str]:
     """Checks that every argument is `key=value`; returns them as an OmegaConf dotlist. `--key=value` is
     the form `wandb agent` passes, each value written by Python's str(): its `None` is YAML's null."""
