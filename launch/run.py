@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "accelerate" / "default.yaml"
 # Codes whose message the training process already printed: the launcher adds nothing.
 EXPLAINED = {0, 2, 3, 128 + signal.SIGINT, 128 + signal.SIGTERM}
 
@@ -58,11 +59,15 @@ def quiet_torch_elastic() -> None:
 
 
 def main(argv: list[str]) -> int:
+    from accelerate.commands.config import default_config_file
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    if args.config_file is None and not os.path.isfile(default_config_file):
+        # Without a config Accelerate warns that it guessed each value (`--num_processes` ... `0`): say them.
+        args.config_file = str(DEFAULT_CONFIG)
     args.quiet = False  # with -q the one-process launcher turns every exit code into 1
     quiet_torch_elastic()
     signal.signal(signal.SIGTERM, forward_sigterm)  # torch's launcher installs its own for several processes

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, environment, free_port
 from test_compare import write_run
 
 HEAVY = ("torch", "datasets", "accelerate", "torchmetrics", "wandb")
@@ -56,3 +56,15 @@ def test_sweep_dry_run_and_compare_import_no_torch(tmp_path):
     out, heavy = run("compare", tmp_path / "a", tmp_path / "b", cwd=tmp_path)
     assert out.returncode == 0 and "0.4" in out.stdout and not heavy, (out.stderr[-2000:], heavy)
 
+
+
+@pytest.mark.parametrize("options", [[], ["--multi_gpu", "--num_processes", "2"]], ids=["one", "two"])
+def test_run_passes_accelerate_what_it_would_warn_about(tmp_path, options):
+    # No `accelerate config` file (HF_HOME is empty): launch/run.py passes launch/accelerate/default.yaml.
+    processes = 2 if options else 1
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *options, "--main_process_port",
+                          str(free_port()), str(ROOT / "launch" / "train.py"), "trainer.epoch=3"], cwd=tmp_path,
+                         env=environment(processes, {"HF_HOME": str(tmp_path / "hf")}), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "unknown config key 'trainer.epoch'" in out.stderr, out.stderr[-2000:]
+    assert "defaults used instead" not in out.stderr and "--num_processes" not in out.stderr, out.stderr
