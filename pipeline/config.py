@@ -277,9 +277,13 @@ def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
             raise ConfigError(f"--config {preset.path}: {why}") from None
     outside = [item for item in dotlist if item.partition("=")[0].partition(".")[0] not in RECIPE_SECTIONS]
     try:
-        OmegaConf.merge(base, normalize(parse(outside), choices))
+        cfg = OmegaConf.merge(base, normalize(parse(outside), choices))
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e, base)) from None
+    try:  # every value here is a valid default or one given, so what fails here fails with the recipe's too
+        _check_values(cfg)
+    except ConfigError as e:
+        raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
 
 
 def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfig:

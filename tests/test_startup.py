@@ -34,6 +34,8 @@ def test_help_imports_no_torch(script):
     (["trainer.epochs=abc"], "trainer.epochs"),
     (["optimizer.name=adamx"], "choose one of: sgd, adam"),
     (["tracking=wandbx"], "choose one of:"),
+    (["trainer.epochs=0"], "bad value trainer.epochs=0: must be >= 1"),
+    (["scheduler.name=onecycle", "scheduler.warmup_steps=5"], "onecycle has its own warmup"),
     (["--config", "missing.yaml"], "--config missing.yaml: does not exist"),
     (["--config", "bad.yaml"], "--config bad.yaml: unknown config key 'trainer.epoch'"),
 ])
