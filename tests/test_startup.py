@@ -22,7 +22,7 @@ def run(script: str, *args, cwd=ROOT) -> tuple[subprocess.CompletedProcess, set[
     return out, {name for name in imported if name in HEAVY}
 
 
-@pytest.mark.parametrize("script", ["train", "prepare", "evaluate", "predict", "compare", "sweep"])
+@pytest.mark.parametrize("script", ["train", "prepare", "evaluate", "predict", "compare", "sweep", "bench"])
 def test_help_imports_no_torch(script):
     out, heavy = run(script, "--help")
     assert out.returncode == 0 and f"launch/{script}.py" in out.stdout
