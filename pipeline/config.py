@@ -39,7 +39,7 @@ Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the dev
 MonitorMode = choice("MonitorMode", ("auto", "max", "min"))
 # Every tracker Accelerate's `log_with` knows, by its own names, and `none` for the local record alone. Spelled
 # out because accelerate.utils.LoggerType imports torch, and the config must check a command line without it;
-# tests/test_config.py holds this list to LoggerType's values. `all` is left out: it means whichever
+# tests/test_startup.py holds this list to LoggerType's values. `all` is left out: it means whichever
 # trackers happen to be installed.
 TRACKERS = ("aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 Tracker = choice("Tracker", [*TRACKERS, "none"])
@@ -264,8 +264,8 @@ RECIPE_SECTIONS = ("data", "model", "loss")  # a recipe may add keys under these
 
 
 def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
-    """Names an unknown key or a value of the wrong type outside the sections a recipe extends, before the
-    recipe (and with it torch) is imported: a typo answers at once. `build` checks everything again."""
+    """Names an unknown key or a bad value outside the sections a recipe extends (data, model, loss), before
+    the recipe (and with it torch) is imported: a typo answers at once. `build` checks everything again."""
     base = OmegaConf.structured(Config)
     choices = enum_keys(base)
     if preset is not None:

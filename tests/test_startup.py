@@ -70,3 +70,11 @@ def test_run_passes_accelerate_what_it_would_warn_about(tmp_path, options):
                          timeout=300)
     assert out.returncode == 2 and "unknown config key 'trainer.epoch'" in out.stderr, out.stderr[-2000:]
     assert "defaults used instead" not in out.stderr and "--num_processes" not in out.stderr, out.stderr
+
+
+def test_tracker_choices_are_accelerates():
+    from accelerate.utils import LoggerType
+
+    from pipeline import config
+
+    assert list(config.TRACKERS) == [t.value for t in LoggerType if t is not LoggerType.ALL]
