@@ -8,7 +8,9 @@ torch's ChildFailedError or SignalException for several), this exits with the co
 chose, after the training's one message:
   0 finished | 2 config or data error | 3 loss became NaN/inf | 143 stopped on SIGTERM (checkpoint
   saved: the same command resumes; requeue it) | 1 anything else (the process's traceback above).
-A process killed by signal N counts as 128+N, as in a shell.
+A process killed by signal N counts as 128+N, as in a shell. Without --config_file (and without an
+`accelerate config` file) it passes launch/accelerate/default.yaml: one process unless the options say more,
+and none of Accelerate's warnings about values it guessed.
 """
 
 import logging
