@@ -32,14 +32,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-import torch  # noqa: E402
-
 from pipeline import cli as pipeline_cli  # noqa: E402
 from pipeline import optim  # noqa: E402
-from pipeline import recipe as recipes  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.data import DataError  # noqa: E402
-from pipeline.report import WARMUP_STEPS  # noqa: E402
+
+torch = recipes = DataError = WARMUP_STEPS = None  # imported once the arguments are read: --help needs no torch
+
+
+def import_libraries() -> None:
+    global torch, recipes, DataError, WARMUP_STEPS
+    import torch
+
+    from pipeline import recipe as recipes
+    from pipeline.data import DataError
+    from pipeline.report import WARMUP_STEPS
 
 
 def parse_args():
@@ -61,6 +67,7 @@ def parse_args():
 
 def main():
     args = parse_args()
+    import_libraries()
     # The pipeline path picks its device by itself: --device cpu hides the GPUs from it, before anything
     # asks CUDA about them (CUDA fixes the devices a process sees at its first query).
     if args.device == "cpu":

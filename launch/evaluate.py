@@ -13,11 +13,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from pipeline import runs  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
+
+def parse_argv(argv: list[str]):
+    from pipeline import runs  # imported once --help is ruled out: it needs no torch
+
+    return runs.parse_argv(argv)
+
+
+def run(*args) -> None:
+    from pipeline import runs
+
+    runs.evaluate(*args)
+
 if __name__ == "__main__":
-    main("evaluate", "Evaluates a finished run.", runs.evaluate, parse_argv=runs.parse_argv,
+    main("evaluate", "Evaluates a finished run.", run, parse_argv=parse_argv,
          help_text=__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best"
                    "|FILE (default final),\n      data.KEY=VALUE and trainer.eval_batch_size=N on top of the run's "
                    "config.yaml.\nShow the config it evaluates with: add --print-config")

@@ -12,11 +12,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from pipeline import predict  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
+
+def parse_argv(argv: list[str]):
+    from pipeline import predict  # imported once --help is ruled out: it needs no torch
+
+    return predict.parse_argv(argv)
+
+
+def run(*args) -> None:
+    from pipeline import predict
+
+    predict.predict(*args)
+
 if __name__ == "__main__":
-    main("predict", "Predicts with a finished run.", predict.predict, parse_argv=predict.parse_argv,
+    main("predict", "Predicts with a finished run.", run, parse_argv=parse_argv,
          help_text=__doc__.strip() + "\n\nKeys: run=DIR and input=PATH (required), output=FILE.csv, "
                    "weights=final|best|FILE (default final),\n      data.KEY=VALUE (e.g. data.drop_bad_rows=true) and "
                    "trainer.eval_batch_size=N on top of the run's config.yaml.")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from pipeline import data  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
 FLAGS = ("--verify", "--rebuild")
 
 
 def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
+    from pipeline import data  # imported once the command line is checked: --help needs no torch
+
     reused = not rebuild and (data.shards_dir(recipe, cfg) / data.META_FILE).exists()
     started = time.perf_counter()
     out = data.prepare(recipe, cfg, rebuild=rebuild)  # progress bars for map and save when stderr is a terminal

@@ -12,6 +12,9 @@ chose, after the training's one message:
 
 It is the container image's entrypoint: as PID 1 it must pass SIGTERM and SIGINT on itself (the kernel
 drops signals PID 1 has no handler for), and wait for the training to save and exit.
+Without --config_file (and without an `accelerate config` file), on a host with at most one GPU, it passes
+launch/accelerate/default.yaml: one process unless the options say more, and none of Accelerate's warnings
+about values it guessed. With several GPUs and no config, Accelerate's own default stays: one process a GPU.
 """
 
 import logging
@@ -21,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "accelerate" / "default.yaml"
 # Codes whose message the training process already printed: the launcher adds nothing.
 EXPLAINED = {0, 2, 3, 128 + signal.SIGTERM, 128 + signal.SIGINT}
 
@@ -95,11 +99,16 @@ def quiet_torch_elastic() -> None:
 
 
 def main(argv: list[str]) -> int:
+    import torch
+    from accelerate.commands.config import default_config_file
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    if args.config_file is None and not os.path.isfile(default_config_file) and torch.cuda.device_count() <= 1:
+        # Without a config Accelerate warns that it guessed each value (`--num_processes` ... `0`): say them.
+        args.config_file = str(DEFAULT_CONFIG)
     args.quiet = False  # with -q the one-process launcher turns every exit code into 1
     cpu_processes(args)
     quiet_torch_elastic()

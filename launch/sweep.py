@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
         name = args.name or sweep.default_name()
         check_run_name(name)  # the runs' folder names start with it
         command = sweep.launcher_command(args.launcher)
-        runs = sweep.plan([*(["--config", args.config] if args.config else []), *overrides], name)
+        runs = sweep.plan([*(["--config", args.config] if args.config else []), *overrides], name,
+                          recipe=not args.dry_run)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

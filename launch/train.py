@@ -13,8 +13,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
 from pipeline.cli import main  # noqa: E402
-from pipeline.loop import train  # noqa: E402
+
+
+def train(recipe, cfg) -> None:
+    from pipeline.loop import train  # imported once the command line is checked: --help needs no torch
+
+    train(cfg, recipe)
+
 
 if __name__ == "__main__":
-    main("train", "Trains and evaluates a recipe; the run goes to <output_dir>/<recipe>/<run_name>/.",
-         lambda recipe, cfg: train(cfg, recipe))
+    main("train", "Trains and evaluates a recipe; the run goes to <output_dir>/<recipe>/<run_name>/.", train)

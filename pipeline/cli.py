@@ -1,17 +1,19 @@
 """Command-line entry points: argv `key=value` overrides -> checked config -> train or prepare.
 
-Errors people can fix (config, missing data) print one message and exit 2, before any work.
+Errors people can fix (config, missing data) print one message and exit 2, before any work. --help and a
+config error answer before torch, datasets or accelerate are imported: the recipe (which needs them) is
+imported only once the command line has passed the checks that do not depend on it.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import sys
+from pathlib import Path
 
-from pipeline import checkpoint, config, data
-from pipeline import recipe as recipes
-from pipeline.guards import Diverged
+from pipeline import config
 
 USAGE = """usage: accelerate launch launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
        python launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
@@ -32,20 +34,41 @@ A task kept as a file (`recipe:` and any keys; the command line wins over it, it
 
 
 def usage(script: str, what: str) -> str:
-    lines = []
-    for name in recipes.names():
-        try:
-            lines.append(f"  {name:<22} {recipes.load(name).description}")
-        except Exception as e:  # a broken recipe must not hide the others
-            lines.append(f"  {name:<22} (fails to load: {e})")
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+    lines = [f"  {file.stem:<22} {description(file)}" for file in sorted(folder.glob("[!_]*.py"))]
     return USAGE.format(script=script, what=what, recipes="\n".join(lines))
+
+
+def description(file: Path) -> str:
+    """A recipe's `description=` read from its source, not imported (that would import torch): the string
+    given to the call that makes `recipe`, else the first line of the module's docstring."""
+    try:
+        tree = ast.parse(file.read_text())
+    except (OSError, SyntaxError, ValueError) as e:  # a broken recipe must not hide the others
+        return f"(fails to load: {e})"
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "recipe" for t in node.targets) and \
+                isinstance(node.value, ast.Call):
+            for keyword in node.value.keywords:
+                if keyword.arg == "description" and isinstance(keyword.value, ast.Constant):
+                    return str(keyword.value.value)
+    return (ast.get_docstring(tree) or "").partition("\n")[0].partition(": ")[2]
+
+
+def read(argv: list[str]):
+    """`[--config FILE] key=value ...` -> (dotlist, preset), checked as far as it can be without the recipe."""
+    argv, path = config.take_preset(argv)
+    preset = config.load_preset(path) if path else None
+    dotlist = config.split_argv(argv)
+    config.check_early(dotlist, preset)
+    return dotlist, preset
 
 
 def parse(argv: list[str]):
     """`[--config FILE] key=value ...` -> (recipe, checked config)."""
-    argv, path = config.take_preset(argv)
-    preset = config.load_preset(path) if path else None
-    dotlist = config.split_argv(argv)
+    dotlist, preset = read(argv)
+    from pipeline import recipe as recipes
+
     try:
         recipe = recipes.load(config.recipe_name(dotlist, preset))
     except config.ConfigError as e:
@@ -70,15 +93,15 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
             print(config.to_yaml(cfg))
             return
         run(recipe, cfg, *more)
-    except checkpoint.Preempted as e:
+    except loaded("pipeline.checkpoint", "Preempted") as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(e, file=sys.stderr)
         sys.exit(e.exit_code)
-    except Diverged as e:
+    except loaded("pipeline.guards", "Diverged") as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (config.ConfigError, data.DataError) as e:
+    except (config.ConfigError, *loaded("pipeline.data", "DataError")) as e:
         # Every process of a launch meets the same error: one message per machine is enough.
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
@@ -90,6 +113,12 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
         sys.exit(128 + signal.SIGINT)
     finally:
         leave_process_group()
+
+
+def loaded(module: str, name: str) -> tuple:
+    """(the exception class `module.name`,) if that module was imported, else () (matches nothing): a module
+    never imported raised nothing, and importing it only to name its error would import torch."""
+    return (getattr(sys.modules[module], name),) if module in sys.modules else ()
 
 
 def leave_process_group() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import files
-from pipeline.tracking import flat  # {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}
+from pipeline.config import flat  # {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}
 
 # Keys that differ between any two runs because of where they ran, not what they trained.
 LOCATION_KEYS = ("output_dir", "run_name", "data.cache_dir")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from accelerate.utils import LoggerType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 from omegaconf.nodes import EnumNode
@@ -38,9 +37,12 @@ InitName = choice("InitName", INITS)
 Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the device (see `flag`)
 # Whether a larger or a smaller value of checkpoint.monitor is better (auto: by the metric's name, see best.py).
 MonitorMode = choice("MonitorMode", ("auto", "max", "min"))
-# Every tracker Accelerate's `log_with` knows, by its own names (tensorboard, mlflow, ...), and `none` for
-# the local record alone. `all` is left out: it means whichever trackers happen to be installed.
-Tracker = choice("Tracker", [*(t.value for t in LoggerType if t is not LoggerType.ALL), "none"])
+# Every tracker Accelerate's `log_with` knows, by its own names, and `none` for the local record alone. Spelled
+# out because accelerate.utils.LoggerType imports torch, and the config must check a command line without it;
+# tests/test_startup.py holds this list to LoggerType's values. `all` is left out: it means whichever
+# trackers happen to be installed.
+TRACKERS = ("aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+Tracker = choice("Tracker", [*TRACKERS, "none"])
 
 
 @dataclass
@@ -164,6 +166,17 @@ NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup
 NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 
+def flat(config: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values other than numbers and text as text."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
 def split_argv(argv: list[str]) -> list[str]:
     """Checks that every argument is `key=value`; returns them as an OmegaConf dotlist. `--key=value` is
     the form `wandb agent` passes, each value written by Python's str(): its `None` is YAML's null."""
@@ -245,6 +258,32 @@ def schema(recipe) -> DictConfig:
     """The typed defaults of a run of `recipe`, before its own defaults and the command line."""
     return OmegaConf.structured(Config(recipe=recipe.name, data=recipe.data_config(),
                                        model=recipe.model_config(), loss=recipe.loss_config()))
+
+
+RECIPE_SECTIONS = ("data", "model", "loss")  # a recipe may add keys under these (its data_config, ...)
+
+
+def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
+    """Names an unknown key or a bad value outside the sections a recipe extends (data, model, loss), before
+    the recipe (and with it torch) is imported: a typo answers at once. `build` checks everything again."""
+    base = OmegaConf.structured(Config)
+    choices = enum_keys(base)
+    if preset is not None:
+        values = OmegaConf.masked_copy(preset.values, [k for k in preset.values if k not in RECIPE_SECTIONS])
+        try:
+            base = OmegaConf.merge(base, normalize(values, choices))
+        except (OmegaConfBaseException, ConfigError) as e:
+            why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+            raise ConfigError(f"--config {preset.path}: {why}") from None
+    outside = [item for item in dotlist if item.partition("=")[0].partition(".")[0] not in RECIPE_SECTIONS]
+    try:
+        cfg = OmegaConf.merge(base, normalize(parse(outside), choices))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, base)) from None
+    try:  # every value here is a valid default or one given, so what fails here fails with the recipe's too
+        _check_values(cfg)
+    except ConfigError as e:
+        raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
 
 
 def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfig:

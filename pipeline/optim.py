@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
-from torch.optim import lr_scheduler
+torch = nn = lr_scheduler = None  # imported on first use: the config reads these registries' names without torch
+
+
+def _import_torch() -> None:
+    global torch, nn, lr_scheduler
+    import torch
+    from torch import nn
+    from torch.optim import lr_scheduler
 
 OPTIMIZERS = {
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
@@ -60,11 +65,13 @@ def key_of(choice) -> str:
 
 
 def optimizer(cfg, params) -> torch.optim.Optimizer:
+    _import_torch()
     return OPTIMIZERS[key_of(cfg.name)](params, cfg)
 
 
 def scheduler(cfg, opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
     """A per-optimizer-step schedule after an optional linear warmup; None for `none` without warmup."""
+    _import_torch()
     total = steps_per_epoch * epochs
     warmup = min(cfg.warmup_steps, total)
     main = SCHEDULERS[key_of(cfg.name)](opt, cfg, steps_per_epoch, total - warmup)
@@ -78,6 +85,7 @@ def scheduler(cfg, opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
 
 def init_weights(model: nn.Module, name, nonlinearity: str = "relu") -> None:
     """Re-initialises every Linear and Conv layer; biases to zero. `default` keeps PyTorch's init."""
+    _import_torch()
     init = INITS[key_of(name)]
     if init is None:
         return

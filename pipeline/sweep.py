@@ -33,7 +33,7 @@ class Run:
     index: int
     values: dict[str, str]
     argv: list[str]
-    run_dir: Path
+    run_dir: Path | None  # None in a dry run
     outcome: str = "not run"  # ok | failed (exit N) | finished earlier | stopped | not run
     code: int | None = None
 
@@ -91,9 +91,10 @@ def run_name(sweep: str, index: int, width: int, values: dict[str, str], label: 
     return name if len(name.encode()) <= 255 else f"{sweep}-{index:0{width}d}"
 
 
-def plan(argv: list[str], name: str) -> list[Run]:
+def plan(argv: list[str], name: str, recipe: bool = True) -> list[Run]:
     """Every combination, each checked as launch/train.py would check it, before any run starts: a typo
-    in the last combination stops the sweep now, not after hours of the first ones."""
+    in the last combination stops the sweep now, not after hours of the first ones. `recipe=False` (a dry
+    run): only the checks that need no recipe, which would import torch; no run_dir."""
     argv, preset = config.take_preset(argv)
     head = ["--config", preset] if preset else []
     fixed, swept = grid(config.split_argv(argv))
@@ -106,11 +107,12 @@ def plan(argv: list[str], name: str) -> list[Run]:
         if config.given(items, "tracking.group") is None:  # one W&B group for the sweep; a group given is kept
             items.append(f"tracking.group={name}")
         try:
-            recipe, cfg = cli.parse([*head, *items])
+            checked = cli.parse([*head, *items]) if recipe else cli.read([*head, *items])
         except ConfigError as e:
             raise ConfigError(f"run {index} of the sweep ({' '.join(f'{k}={v}' for k, v in values.items())}): "
                               f"{e}") from None
-        runs.append(Run(index, values, [*head, *items], Path(cfg.output_dir) / recipe.name / cfg.run_name))
+        run_dir = Path(checked[1].output_dir) / checked[0].name / checked[1].run_name if recipe else None
+        runs.append(Run(index, values, [*head, *items], run_dir))
     return runs
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker, get_available_trackers, on_main_process
 
 from pipeline import files
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, flat
 
 # Speeds and durations go to the trackers and to summary.json, not into metrics.jsonl: the local record holds
 # what the training computed, so a resumed run's record is the same as an uninterrupted one's.
@@ -170,17 +170,6 @@ def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
         # TensorBoard's hparams take only flat scalars (a nested dict or a None raises); the others keep
         # the config's structure.
         tracker.store_init_configuration(flat(config) if tracker.name == "tensorboard" else config)
-
-
-def flat(config: dict, prefix: str = "") -> dict:
-    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values other than numbers and text as text."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return out
 
 
 # The pip package behind each tracker is named as the tracker, except where Accelerate wants a version range.
