@@ -20,7 +20,7 @@ from accelerate.utils import (
     parse_flag_from_env,
     set_seed,
 )
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint, data, hooks, optim, patches, report, rng, runinfo, tracking
 from pipeline import lock as locks
@@ -38,23 +38,31 @@ LAUNCH_CHOICES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "De
 
 
 @dataclass
-class Run:
-    """What `setup` builds for one run and the loop's functions share."""
+class Evaluation:
+    """What `loop.evaluate` reads: a model and its eval loaders under one Accelerator, with the recipe's loss
+    and metrics. A training `Run` is one; `runs` builds one for a finished run."""
 
-    cfg: DictConfig
+    accelerator: Accelerator
     recipe: recipes.Recipe
     meta: dict
-    run_dir: Path
-    accelerator: Accelerator
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object | None
-    train_loader: torch.utils.data.DataLoader
-    batch_order: data.ShuffledBatches  # the loop tells it the epoch
     eval_loaders: dict
     metrics: dict
     loss_fn: Callable
     inputs: tuple  # the batch columns the model takes, in order
+
+
+@dataclass
+class Run(Evaluation):
+    """What `setup` builds for one run and the loop's functions share."""
+
+    cfg: DictConfig
+    trainer: object  # cfg.trainer as a plain dataclass: the loop reads it on every step, OmegaConf is slow there
+    run_dir: Path
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    train_loader: torch.utils.data.DataLoader
+    batch_order: data.ShuffledBatches  # the loop tells it the epoch
     steps_per_epoch: int
     layer_stats: hooks.LayerStats | None
     compiled: bool
@@ -65,61 +73,28 @@ class Run:
     record: dict | None = None  # run.json's contents (runinfo.start), kept up to date by the main process
 
 
-
-def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
+def setup(cfg, recipe: recipes.Recipe, folder: RunFolder | None = None) -> Run:
     """Checks, shards, the run directory (made and locked in `folder`), the Accelerator, loaders, model,
     optimizer and schedule, in the order that lets a mistake stop the run before it leaves anything behind."""
+    folder = folder if folder is not None else RunFolder()
     cpu = not torch.accelerator.is_available()
     state = start_processes(cfg, cpu)
     micro_batch = check_batches(cfg, state.num_processes)
     sync_batchnorm = check_sync_batchnorm(cfg, state)
-    say = state.print
-    patches.apply(say)  # before the Accelerator exists: it reads which patches are on when it is built
-    # Before any work (not after the data was prepared), on every process: each one writes there.
-    shared_verdict(state, check_writable, cfg, everywhere=True)
-    data.check_in_memory(cfg, recipe.dataset is not None)
-    wandb_mode = tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
+    wandb_mode = check_before_work(cfg, recipe, state)
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
-    shards = data.prepare(recipe, cfg, state, log=say)
-    identity = runinfo.data_identity(recipe, cfg, shards) if state.is_main_process else None
-    splits, meta = data.load(shards)
-    meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
+    splits, meta, identity = load_data(cfg, recipe, state)
     run_dir = make_run_dir(cfg, state, recipe.name, folder)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
-    # trains the same way; damaged ones are set aside with a warning.
-    resume_from = checkpoint.resume_point(run_dir, cfg, state, say, identity)  # on the same data, too
-    # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
-    # a run that starts at step 0 starts a fresh record.
-    resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
-    log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, state.is_main_process, wandb_mode)
-    compiled = decide_compile(cfg, state, sync_batchnorm, say)
-    accelerator = Accelerator(
-        cpu=cpu,
-        gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
-        # The loaders yield GLOBAL batches; each process takes its slice, so the optimisation is
-        # the same on 1 or N processes.
-        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
-        # "no" spelled out: without a plugin Accelerate reads ACCELERATE_DYNAMO_BACKEND / `accelerate
-        # config` and compiles anyway, while this run's record would say compile=False.
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if compiled else "no"),
-        log_with=log_with,
-        project_dir=str(run_dir),
-    )
-    checkpoint.keep_plain_weights(accelerator)
-    use_tf32(accelerator, cfg.trainer.tf32)
-    if accelerator.device.type == "cuda":
-        # cudnn.benchmark picks the fastest convolution for the (fixed, drop_last) training shapes once.
-        torch.backends.cudnn.benchmark = True
+    # trains the same way (on the same data, too); damaged ones are set aside with a warning.
+    resume_from = checkpoint.resume_point(run_dir, cfg, state, state.print, identity)
+    compiled = decide_compile(cfg, state, sync_batchnorm, state.print)
+    accelerator, init_kwargs = training_accelerator(cfg, state, compiled, run_dir, resume_from, wandb_mode)
     # One seed on every process: the model's initial weights are the same everywhere (the data's draws have
     # generators of their own). Once the model is built and wrapped, each process gets its own stream.
     set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    say(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
-        f"mixed_precision={accelerator.mixed_precision} compile={compiled} micro_batch/process={micro_batch}")
-    if warning := fewer_processes_than_asked(accelerator.num_processes):
-        say(warning)
+    start_run_dir(cfg, accelerator, run_dir, compiled, micro_batch)
 
     train_loader, eval_loaders, on_device, splits_read = make_loaders(cfg, recipe, splits, meta, accelerator)
     batch_order = train_loader.batch_sampler  # Accelerate wraps the loader below; the loop sets its epoch
@@ -127,39 +102,120 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder) -> Run:
     # The columns the model and loss read, checked on one batch as the recipe's dataset and transform make
     # it, so a mistake is a message now and not a KeyError at the first step.
     recipes.check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
-
-    model = recipe.model(cfg, meta)
-    optim.init_weights(model, cfg.model.init, recipes.activation(recipe, cfg))
-    if sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    layer_stats = hooks.LayerStats(model) if cfg.debug.hooks else None  # no hooks at all when off
+    model, layer_stats = make_model(cfg, recipe, meta, sync_batchnorm)
     optimizer = optim.optimizer(cfg.optimizer, model.parameters())
     steps_per_epoch = optim.steps(len(train_loader), cfg.trainer.grad_accum_steps)
     scheduler = optim.scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.epochs)
-    # Batches of rows that already live on the training device need no per-step move (Accelerate's
-    # device placement walks every batch); rows in host memory for a GPU are moved as they come.
-    move_batches = not on_device and accelerator.device.type != "cpu"
     loaders = [train_loader, *eval_loaders.values()]
     model, optimizer, train_loader, *prepared = accelerator.prepare(
         model, optimizer, *loaders, *([scheduler] if scheduler else []),
-        device_placement=[True, True, *[move_batches] * len(loaders), *([True] if scheduler else [])])
+        device_placement=[True, True, *[batches_move(accelerator, on_device)] * len(loaders),
+                          *([True] if scheduler else [])])
 
     # From here on each process has its own stream for the model's randomness (dropout): see rng.seed_model.
     rng.seed_model(cfg.seed, accelerator.process_index, 0)
     runtime = runinfo.runtime(accelerator, compiled)
+    start_trackers(cfg, accelerator, runtime, init_kwargs, run_dir, meta)
+    say_data(accelerator.print, splits_read, steps_per_epoch, eval_loaders)
+    return Run(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
+               eval_loaders=dict(zip(eval_loaders, prepared)),
+               metrics=make_metrics(recipe, cfg, meta, accelerator.device),
+               loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs,
+               cfg=cfg, trainer=OmegaConf.to_object(cfg.trainer), run_dir=run_dir, optimizer=optimizer,
+               scheduler=scheduler, train_loader=train_loader, batch_order=batch_order, steps_per_epoch=steps_per_epoch,
+               layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
+               data_paths=splits_read, data_identity=identity)
+
+
+def check_before_work(cfg, recipe: recipes.Recipe, state: PartialState) -> str | None:
+    """What can stop the run before any data is prepared; returns the W&B mode (tracking.check)."""
+    patches.apply(state.print)  # before the Accelerator exists: it reads which patches are on when it is built
+    # Before any work (not after the data was prepared), on every process: each one writes there.
+    shared_verdict(state, check_writable, cfg, everywhere=True)
+    data.check_in_memory(cfg, recipe.dataset is not None)
+    return tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
+
+
+def load_data(cfg, recipe: recipes.Recipe, state: PartialState) -> tuple[dict, dict, dict | None]:
+    """The recipe's shards (prepared once, the other processes waiting), their splits and meta, and their
+    identity for run.json and checkpoints (on the main process)."""
+    shards = data.prepare(recipe, cfg, state, log=state.print)
+    identity = runinfo.data_identity(recipe, cfg, shards) if state.is_main_process else None
+    splits, meta = data.load(shards)
+    meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
+    return splits, meta, identity
+
+
+def make_accelerator(cfg, cpu: bool, compiled: bool = False, **training) -> Accelerator:
+    """The Accelerator for training (`training`: its accumulation and trackers) or evaluating, at the run's
+    matmul precision."""
+    accelerator = Accelerator(
+        cpu=cpu,
+        # The loaders yield GLOBAL batches; each process takes its slice, so the optimisation is
+        # the same on 1 or N processes.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
+        # "no" spelled out: without a plugin Accelerate reads ACCELERATE_DYNAMO_BACKEND / `accelerate
+        # config` and compiles anyway, while this run's record would say compile=False.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if compiled else "no"),
+        **training,
+    )
+    use_tf32(accelerator, cfg.trainer.tf32)
+    return accelerator
+
+
+def training_accelerator(cfg, state: PartialState, compiled: bool, run_dir: Path, resume_from: Path | None,
+                         wandb_mode) -> tuple[Accelerator, dict]:
+    """The training Accelerator with the run's trackers; returns it and the trackers' init arguments."""
+    # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
+    # a run that starts at step 0 starts a fresh record.
+    resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
+    log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, state.is_main_process, wandb_mode)
+    accelerator = make_accelerator(cfg, not torch.accelerator.is_available(), compiled,
+                                   gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
+                                   log_with=log_with, project_dir=str(run_dir))
+    checkpoint.keep_plain_weights(accelerator)
+    if accelerator.device.type == "cuda":
+        # cudnn.benchmark picks the fastest convolution for the (fixed, drop_last) training shapes once.
+        torch.backends.cudnn.benchmark = True
+    return accelerator, init_kwargs
+
+
+def start_run_dir(cfg, accelerator, run_dir: Path, compiled: bool, micro_batch: int) -> None:
+    """config.yaml in the run folder, and the run's line: where, how many processes, on what."""
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    accelerator.print(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
+                      f"mixed_precision={accelerator.mixed_precision} compile={compiled} "
+                      f"micro_batch/process={micro_batch}")
+    if warning := fewer_processes_than_asked(accelerator.num_processes):
+        accelerator.print(warning)
+
+
+def make_model(cfg, recipe: recipes.Recipe, meta: dict, sync_batchnorm: bool):
+    """The recipe's model with its initial weights; returns it and its debug hooks (None when off)."""
+    model = recipe.model(cfg, meta)
+    optim.init_weights(model, cfg.model.init, recipes.activation(recipe, cfg))
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, hooks.LayerStats(model) if cfg.debug.hooks else None  # no hooks at all when off
+
+
+def batches_move(accelerator, on_device: bool) -> bool:
+    """Batches of rows that already live on the device need no per-step move (Accelerate's device placement
+    walks every batch); rows in host memory for a GPU are moved as they come."""
+    return not on_device and accelerator.device.type != "cpu"
+
+
+def start_trackers(cfg, accelerator, runtime: dict, init_kwargs: dict, run_dir: Path, meta: dict) -> None:
     tracking.init(accelerator, cfg.project, {**as_dict(cfg), "runtime": runtime}, init_kwargs)
     if accelerator.is_main_process:
         tracking.write_json(run_dir / "meta.json", meta)
+
+
+def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -> None:
     say(f"data: train {splits_read['train']['rows']:,} rows, {steps_per_epoch} steps/epoch; "
         + ", ".join(f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders) + "; "
         + "; ".join(f"{k} {v['path']}: {v['why']}" for k, v in splits_read.items()))
-    return Run(cfg=cfg, recipe=recipe, meta=meta, run_dir=run_dir, accelerator=accelerator, model=model,
-               optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, batch_order=batch_order,
-               eval_loaders=dict(zip(eval_loaders, prepared)),
-               metrics=make_metrics(recipe, cfg, meta, accelerator.device),
-               loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs, steps_per_epoch=steps_per_epoch,
-               layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
-               data_paths=splits_read, data_identity=identity)
 
 
 def start_processes(cfg, cpu: bool) -> PartialState:

@@ -9,16 +9,15 @@ from __future__ import annotations
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from pipeline import checkpoint, plots, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.best import Best
-from pipeline.build import Run, RunFolder, setup
+from pipeline.build import Evaluation, Run, RunFolder, setup
 from pipeline.guards import check_finite, check_weights, disk_full_guard
 
 # best.safetensors is saved as one file, renamed into place whole (Accelerate would shard it past 10 GB).
@@ -41,6 +40,24 @@ class Position:
         return {"step": self.step, "epoch": self.epoch, "batches": self.batches}
 
 
+@dataclass
+class LoopState:
+    """What the loop carries from step to step: where the run stands, the latest results, the best evaluation
+    so far, speed and progress lines, and the stop signal (SIGTERM, Ctrl-C)."""
+
+    position: Position
+    best: Best
+    speed: report.Speed
+    progress: report.Progress
+    stop_signal: checkpoint.StopSignal
+    started: float  # time.perf_counter() when the command started
+    results: dict = field(default_factory=dict)
+    epochs_done: int = 0
+
+    def close(self) -> None:
+        self.stop_signal.close()
+        self.progress.close()
+
 
 def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     """Trains and evaluates a recipe (`cfg.recipe` unless given); returns the summary also written to
@@ -53,48 +70,51 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
         folder.abandon()
         raise
     record = run.record = runinfo.start(run)  # run.json: "running" now, how it ended below
-    position, saved = Position(), None
-    if run.resume_from:
-        saved = checkpoint.load(run.accelerator, run.resume_from)
-        position = Position.of(saved)
-        run.accelerator.print(f"resuming from {run.resume_from}: epoch {position.epoch}, step {position.step}")
-        # Seeded as the checkpoint was saved, on any process count and device layout (Accelerate restores
-        # only a saved process's own file, and CUDA states by device index).
-        rng.seed_model(cfg.seed, run.accelerator.process_index, position.step)
-    best = Best.of(cfg, (saved or {}).get("best"), run.accelerator.print)
-    # Plain dataclasses on the hot path: an OmegaConf attribute read costs ~10 us, a step ~400 us.
-    trainer = OmegaConf.to_object(cfg.trainer)
-    speed = report.Speed(run.accelerator.device)
-    progress = report.Progress(run.accelerator.is_main_process, run.steps_per_epoch * trainer.epochs)
-    # Without checkpoints SIGTERM and Ctrl-C end the run at once: there is nothing to save for a resume.
-    stop_signal = checkpoint.StopSignal(enabled=cfg.checkpoint.keep > 0, say=run.accelerator.print)
-    results, epochs_done = {}, position.epoch - 1
+    state = start_state(run, started)
     try:
-        for epoch in range(position.epoch, trainer.epochs + 1):
-            if epoch > position.epoch:
-                position = Position(position.step, epoch, 0)
-            at_max_steps = train_epoch(run, trainer, position, results, best, speed, progress, stop_signal)
-            end_epoch(run, position, results, best, progress, last=at_max_steps or epoch == trainer.epochs)
-            epochs_done = epoch
-            if at_max_steps or best.stopped_early:
+        for epoch in range(state.position.epoch, run.trainer.epochs + 1):
+            if epoch > state.position.epoch:
+                state.position = Position(state.position.step, epoch, 0)
+            at_max_steps = train_epoch(run, state)
+            end_epoch(run, state, last=at_max_steps or epoch == run.trainer.epochs)
+            state.epochs_done = epoch
+            if at_max_steps or state.best.stopped_early:
                 break
-        summary = finish(run, position.step, epochs_done, results, best, speed, started)
+        summary = finish(run, state)
         runinfo.end(run, record)
         return summary
     except BaseException as e:
         runinfo.end(run, record, e)
         raise
     finally:
-        stop_signal.close()
-        progress.close()
+        state.close()
         folder.release()
 
 
-def train_epoch(run: Run, trainer, position: Position, results: dict, best: Best, speed, progress,
-                stop_signal) -> bool:
+def start_state(run: Run, started: float) -> LoopState:
+    """The loop's state at its first step: from the checkpoint `setup` chose to resume from, or fresh."""
+    accelerator, cfg = run.accelerator, run.cfg
+    position, saved = Position(), None
+    if run.resume_from:
+        saved = checkpoint.load(accelerator, run.resume_from)
+        position = Position.of(saved)
+        accelerator.print(f"resuming from {run.resume_from}: epoch {position.epoch}, step {position.step}")
+        # Seeded as the checkpoint was saved, on any process count and device layout (Accelerate restores
+        # only a saved process's own file, and CUDA states by device index).
+        rng.seed_model(cfg.seed, accelerator.process_index, position.step)
+    best = Best.of(cfg, (saved or {}).get("best"), accelerator.print)
+    speed = report.Speed(accelerator.device)
+    progress = report.Progress(accelerator.is_main_process, run.steps_per_epoch * run.trainer.epochs)
+    # Without checkpoints SIGTERM and Ctrl-C end the run at once: there is nothing to save for a resume.
+    stop_signal = checkpoint.StopSignal(enabled=cfg.checkpoint.keep > 0, say=accelerator.print)
+    return LoopState(position, best, speed, progress, stop_signal, started, epochs_done=position.epoch - 1)
+
+
+def train_epoch(run: Run, state: LoopState) -> bool:
     """One pass over the training batches (the rest of one, when resumed mid-epoch). True when the run
     reached trainer.max_steps."""
-    accelerator, layer_stats = run.accelerator, run.layer_stats
+    accelerator, layer_stats, trainer = run.accelerator, run.layer_stats, run.trainer
+    position, speed = state.position, state.speed
     hooks_every, seed = run.cfg.debug.hooks_every, run.cfg.seed
     every = run.cfg.checkpoint.every_steps if run.cfg.checkpoint.keep else 0
     # Accelerate's accumulate() skips the gradient sync of micro-batches between optimizer steps;
@@ -125,9 +145,9 @@ def train_epoch(run: Run, trainer, position: Position, results: dict, best: Best
         stop = bool(trainer.max_steps) and position.step >= trainer.max_steps
         if (position.step % trainer.log_every == 0 or position.step == run.steps_per_epoch * position.epoch
                 or stop):
-            log_line(run, position, losses, results, best, speed, progress, stop_signal)
+            log_line(run, state, losses)
         if every and position.step % every == 0 and position.batches < len(run.train_loader):
-            save_checkpoint(run, position, best)
+            save_checkpoint(run, position, state.best)
         if stop:
             break
     speed.pause()
@@ -150,25 +170,24 @@ def train_step(run: Run, batch: dict, clip_grad_norm: float | None) -> torch.Ten
     return loss.detach()
 
 
-def log_line(run: Run, position: Position, losses: list, results: dict, best: Best, speed, progress,
-             stop_signal) -> None:
+def log_line(run: Run, state: LoopState, losses: list) -> None:
     """The mean loss since the last line, in one cross-process reduction (none on the other steps). It
     carries the stop flags too: any process that got SIGTERM or Ctrl-C makes all of them stop after this step."""
-    accelerator = run.accelerator
+    accelerator, position, stop_signal = run.accelerator, state.position, state.stop_signal
     flags = torch.stack([torch.stack(losses).mean().float(),
                          torch.tensor(float(stop_signal.received), device=accelerator.device),
                          torch.tensor(float(stop_signal.interrupted), device=accelerator.device)])
     train_loss, terminate, interrupted = accelerator.reduce(flags, reduction="mean").tolist()
     losses.clear()
     logged = {"train/loss": train_loss, "train/lr": run.optimizer.param_groups[0]["lr"], "epoch": position.epoch}
-    rate = speed.rate()  # 0 until the warm-up steps are over
+    rate = state.speed.rate()  # 0 until the warm-up steps are over
     accelerator.log({**logged, **({"train/samples_per_s": rate} if rate else {})}, step=position.step)
-    results.update(logged)
-    progress.update(position.step, position.epoch, train_loss, rate)
+    state.results.update(logged)
+    state.progress.update(position.step, position.epoch, train_loss, rate)
     # NaN or inf on any process makes the mean so: every process stops at the same line.
     check_finite({"train/loss": train_loss}, position.step, run.run_dir, accelerator)
     if terminate > 0:
-        saved = save_checkpoint(run, position, best)
+        saved = save_checkpoint(run, position, state.best)
         accelerator.end_training()
         # Every process exits with one code: Ctrl-C's where any process had one (a terminal sends it to all).
         name, code = ("Ctrl-C", 128 + signal.SIGINT) if interrupted > 0 else ("SIGTERM", 128 + signal.SIGTERM)
@@ -176,9 +195,10 @@ def log_line(run: Run, position: Position, losses: list, results: dict, best: Be
                                    f"The same command with run_name={run.run_dir.name} resumes it.", code)
 
 
-def end_epoch(run: Run, position: Position, results: dict, best: Best, progress, last: bool) -> None:
+def end_epoch(run: Run, state: LoopState, last: bool) -> None:
     """Evaluation on the held-out split, the best weights when it is the best so far, then a checkpoint to
     resume from (none after the last epoch, or when the run stops early: the weights and summary follow)."""
+    position, results, best = state.position, state.results, state.best
     evaluated = evaluate(run, "eval")
     results.update(evaluated)
     check_finite({"eval/loss": results["eval/loss"]}, position.step, run.run_dir, run.accelerator)
@@ -186,7 +206,7 @@ def end_epoch(run: Run, position: Position, results: dict, best: Best, progress,
     tracking.define_best(run.accelerator, best.monitor, best.mode)  # before the values it summarizes
     run.accelerator.log({**{k: v for k, v in results.items() if k.startswith("eval/") and report.scalar(v)},
                          "epoch": position.epoch}, step=position.step)
-    progress.epoch(position.epoch, run.cfg.trainer.epochs, results)
+    state.progress.epoch(position.epoch, run.trainer.epochs, results)
     if improved:
         save_best(run, position.step)
     if best.stopped_early:
@@ -228,10 +248,10 @@ def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
         checkpoint.as_umask_allows(Path(folder).glob("model*.safetensors"))
 
 
-def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, started: float) -> dict:
+def finish(run: Run, state: LoopState) -> dict:
     """The test split (on the final weights), the final weights and summary.json with the best evaluation;
     a finished run keeps no checkpoints."""
-    accelerator = run.accelerator
+    accelerator, step, results, best = run.accelerator, state.position.step, state.results, state.best
     if "test" in run.eval_loaders:
         test = evaluate(run, "test")
         accelerator.log({k: v for k, v in test.items() if report.scalar(v)}, step=step)
@@ -242,15 +262,15 @@ def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, s
     with disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)):
         save_weights(accelerator, run.model, run.run_dir)
     runinfo.weights_saved(run, "model.safetensors")
-    timings = {"train/samples_per_s": speed.rate(), "time/first_step_s": speed.first,
-               "time/total_s": time.perf_counter() - started}
+    timings = {"train/samples_per_s": state.speed.rate(), "time/first_step_s": state.speed.first,
+               "time/total_s": time.perf_counter() - state.started}
     # Also as the trackers' last values, so the W&B summary holds them (W&B's summary is each key's last value).
     accelerator.log({k: v for k, v in {**best.summary(), **timings}.items() if report.scalar(v)}, step=step)
     class_names = run.meta.get("class_names")
     tracking.log_classifier(accelerator, results, class_names, step)
     if run.cfg.tracking.log_model:
         tracking.log_model(accelerator, run.run_dir)
-    summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": epochs,
+    summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": state.epochs_done,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                "compile": run.compiled, "data": run.data_paths, **results, **best.summary(), **timings}
     if accelerator.is_main_process:
@@ -263,7 +283,7 @@ def finish(run: Run, step: int, epochs: int, results: dict, best: Best, speed, s
 
 
 @torch.no_grad()
-def evaluate(run: Run, split: str) -> dict:
+def evaluate(run: Evaluation, split: str) -> dict:
     """Loss and metrics over a whole split; every sample counts exactly once on any number of processes."""
     accelerator, recipe, metrics = run.accelerator, run.recipe, run.metrics
     run.model.eval()
