@@ -5,10 +5,9 @@ optimizer and schedule under Accelerate, the trackers. Training (`loop`) and `ru
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,11 +22,11 @@ from accelerate.utils import (
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint, data, hooks, optim, patches, report, rng, runinfo, tracking
-from pipeline import lock as locks
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
 from pipeline.guards import check_writable, shared_verdict
 from pipeline.patches import Accelerator
+from pipeline.run_folder import RunFolder, make_run_dir
 
 # The distributed types the loop supports; `accelerate launch` chooses the others by these variables (Accelerate
 # itself only settles on them when the Accelerator is built, after the data is prepared).
@@ -359,75 +358,6 @@ def decide_compile(cfg, state: PartialState, sync_batchnorm: bool, say) -> bool:
         say("compile: off because trainer.sync_batchnorm=true (SyncBatchNorm breaks the compiled graph)")
         return False
     return wanted
-
-
-@dataclass
-class RunFolder:
-    """The run's folder: made by this command (`created`) or an earlier attempt's; locked by the main process
-    (`lock`), so one command at a time writes it."""
-
-    path: Path | None = None
-    created: bool = False
-    lock: locks.Lock | None = None
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-    def abandon(self) -> None:
-        """After a failed start: a folder this command made holds only what the start wrote, and goes; an
-        earlier attempt's folder (a resumed run) stays."""
-        if self.lock is not None and self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
-        self.release()
-
-
-def make_run_dir(cfg, state: PartialState, recipe_name: str, folder: RunFolder) -> Path:
-    """`<output_dir>/<recipe>/<run_name>/`, chosen, made and locked on the main process and shared with the
-    others; a refusal there stops every process with its message."""
-
-    def choose() -> tuple[str, bool]:
-        folder.path, folder.created = open_run_dir(cfg, recipe_name)
-        folder.lock = locks.take(folder.path / locks.NAME, f"run {folder.path}", say=state.print)
-        check_run_dir(cfg, folder)
-        return str(folder.path), folder.created
-
-    path, folder.created = shared_verdict(state, choose)
-    folder.path = Path(path)
-    return folder.path
-
-
-def open_run_dir(cfg, recipe_name: str) -> tuple[Path, bool]:
-    """The run's folder, made unless it exists (a run resumed by its run_name); True when made here."""
-    base = Path(cfg.output_dir) / recipe_name
-    base.mkdir(parents=True, exist_ok=True)
-    run_name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, suffix = base / run_name, 1
-    while True:
-        try:
-            path.mkdir()
-            return path, True
-        except FileExistsError:
-            if cfg.run_name:
-                return path, False
-        suffix += 1  # two runs started in the same second
-        path = base / f"{run_name}-{suffix}"
-
-
-def check_run_dir(cfg, folder: RunFolder) -> None:
-    """Refuses a named run that finished, or whose checkpoints this command would start over; checked under
-    the lock, so no live run is changing what is read. The lock is given back on a refusal."""
-    path = folder.path
-    try:
-        if cfg.run_name and (path / "summary.json").exists():
-            raise ConfigError(f"run {path} already finished; pick another run_name= or remove it")
-        if cfg.run_name and not cfg.checkpoint.resume and checkpoint.latest(path):
-            raise ConfigError(f"run {path} has checkpoints and checkpoint.resume=false would start it over; "
-                              f"resume it (checkpoint.resume=true), pick another run_name=, or remove it")
-    except ConfigError:
-        folder.release()
-        raise
 
 
 def keep_on_device(cfg, accelerator, tensors: dict) -> bool:

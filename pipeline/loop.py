@@ -17,8 +17,9 @@ import torch
 from pipeline import checkpoint, plots, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.best import Best
-from pipeline.build import Evaluation, Run, RunFolder, setup
+from pipeline.build import Evaluation, Run, setup
 from pipeline.guards import check_finite, check_weights, disk_full_guard
+from pipeline.run_folder import RunFolder
 
 # best.safetensors is saved as one file, renamed into place whole (Accelerate would shard it past 10 GB).
 BEST_SHARD_SIZE = "1000GB"
