@@ -13,15 +13,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import config, data, loop, patches, report, runinfo, tracking
+from pipeline import build, config, data, loop, patches, report, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
-from pipeline.patches import Accelerator
 
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors"}
 SPLITS = ("eval", "test")
@@ -41,20 +39,6 @@ class Request:
     split: str = "eval"
     weights: str = "final"
     overrides: tuple = ()
-
-
-@dataclass
-class Evaluation:
-    """What `loop.evaluate` reads from a training `Run`, built for a finished one."""
-
-    accelerator: Accelerator
-    recipe: recipes.Recipe
-    meta: dict
-    model: torch.nn.Module
-    eval_loaders: dict
-    metrics: dict
-    loss_fn: object
-    inputs: tuple
 
 
 def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
@@ -209,7 +193,7 @@ def trained_with(run_dir: Path) -> str:
 
 def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tuple[dict, Path]:
     """The shards for `cfg` (built from the raw data if none exist), checked to hold `split` and the run's
-    classes; returns {"train", split} for `loop.make_loaders` and the shards' folder."""
+    classes; returns {"train", split} for `build.make_loaders` and the shards' folder."""
     shards = data.prepare(recipe, cfg, state, log=say)
     splits, shard_meta = data.load(shards)
     if split not in splits:
@@ -237,24 +221,22 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     `<run>/evaluations/<name>.json` and returned."""
     started = time.perf_counter()
     cpu = not torch.accelerator.is_available()
-    state = loop.start_processes(cfg, cpu)
+    state = build.start_processes(cfg, cpu)
     say = state.print
-    loop.check_eval_batch(cfg, state.num_processes)
+    build.check_eval_batch(cfg, state.num_processes)
     meta = read_meta(request.run_dir)  # the run's own statistics, whatever data is evaluated
     model = load_model(request.run_dir, recipe, cfg, meta, request.weights, say)  # before the data: fails fast
     splits, shards = load_split(recipe, cfg, meta, request.split, state, say)
     own = own_data(recipe, cfg, request, shards, say)
     patches.apply(say)
-    accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
-                              dynamo_plugin=TorchDynamoPlugin(backend="no"))
-    loop.use_tf32(accelerator, cfg.trainer.tf32)  # the matmul precision the run evaluated with
-    _, loaders, on_device, _ = loop.make_loaders(cfg, recipe, splits, meta, accelerator)
+    accelerator = build.make_accelerator(cfg, cpu)  # at the matmul precision the run evaluated with
+    _, loaders, on_device, _ = build.make_loaders(cfg, recipe, splits, meta, accelerator)
     model, loader = accelerator.prepare(model, loaders[request.split],
-                                        device_placement=[True, not on_device and accelerator.device.type != "cpu"])
-    run = Evaluation(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
-                     eval_loaders={request.split: loader},
-                     metrics=loop.make_metrics(recipe, cfg, meta, accelerator.device),
-                     loss_fn=recipes.loss_fn(recipe, cfg), inputs=recipes.model_inputs(recipe, cfg))
+                                        device_placement=[True, build.batches_move(accelerator, on_device)])
+    run = build.Evaluation(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
+                           eval_loaders={request.split: loader},
+                           metrics=build.make_metrics(recipe, cfg, meta, accelerator.device),
+                           loss_fn=recipes.loss_fn(recipe, cfg), inputs=recipes.model_inputs(recipe, cfg))
     results = loop.evaluate(run, request.split)
     record = {"run_dir": str(request.run_dir), "recipe": recipe.name, "split": request.split,
               "weights": WEIGHTS.get(request.weights, request.weights), "data": changed_data(request.overrides),

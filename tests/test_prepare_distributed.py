@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs, summary
 
-from pipeline import data, loop
+from pipeline import build, data
 from pipeline.config import ConfigError
 
 # digits, with a prepare that can be slowed or made to fail on one process, and a raw_files that records
@@ -179,4 +179,4 @@ def test_fsdp_is_refused_before_any_work(workdir):
 def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):
-        loop.check_distributed()
+        build.check_distributed()

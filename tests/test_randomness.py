@@ -24,10 +24,10 @@ RESUMED = [*WATER, "trainer.epochs=2", "trainer.batch_size=128"]
 MASKS = """
 import sys
 import torch
-from pipeline import cli, loop
+from pipeline import build, cli, loop
 
 def run(recipe, cfg):
-    run = loop.setup(cfg, recipe)
+    run = build.setup(cfg, recipe)
     dropout = next(m for m in run.model.modules() if isinstance(m, torch.nn.Dropout))
     masks = []
     dropout.register_forward_hook(lambda module, args, out: masks.append((out == 0).float()))
