@@ -322,7 +322,7 @@ def test_changing_the_augmentation_reuses_the_shards(tmp_path):
 
 
 def test_transform_keys_must_be_data_keys():
-    recipe = dataclasses.replace(pipeline_cli.recipes.load("image_folder"), transform_keys=("augmnt",))
+    recipe = dataclasses.replace(recipes.load("image_folder"), transform_keys=("augmnt",))
     with pytest.raises(ConfigError, match=r"`transform_keys` names 'augmnt', not a key of its data_config "
                                           r"ImageFolderData \(augment, "):
         recipes.check(recipe)
