@@ -32,17 +32,16 @@ from torchmetrics.wrappers import LambdaInputTransformer
 from pipeline.config import ConfigError, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy, dataset
-from recipes._helpers import (
+from recipes._splits import split_sizes, split_train_eval
+from recipes._table_cells import Column, table_records
+from recipes._tables import (
     NUMBER,
-    Column,
     CsvData,
     check_meta,
     raw_file,
     read,
     require_rows,
     require_spread,
-    split_sizes,
-    split_train_eval,
     stored_statistics,
     with_statistics,
 )
@@ -117,9 +116,7 @@ def sniff(cfg, path: Path, spec: Spec) -> tuple[list[str], str, list[str]]:
 
 def read_header(path: Path) -> list[list[str]]:
     """The header and up to 1,000 rows as text (for `sniff`)."""
-    from recipes._helpers import _records
-
-    return [row for _, row in _records(path, limit=1001)]
+    return [row for _, row in table_records(path, limit=1001)]
 
 
 def _mostly_text(rows: list[list[str]], column: int) -> bool:
@@ -136,7 +133,7 @@ def _number(cell: str) -> bool:
 
 
 def read_table(cfg, spec: Spec, path: Path | None = None, with_target: bool = True):
-    """The table's feature (and target) columns checked cell by cell (recipes/_helpers.read), its facts."""
+    """The table's feature (and target) columns checked cell by cell (recipes/_tables.read), its facts."""
     path = path or raw_files(cfg, spec)[0]
     features, target, categorical = sniff(cfg, path, spec)
     impute = cfg.data.impute.name != "none"

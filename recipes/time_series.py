@@ -33,10 +33,10 @@ from torchmetrics.wrappers import LambdaInputTransformer
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._helpers import (
+from recipes._table_cells import Column
+from recipes._tables import (
     NUMBER,
     SHOWN,
-    Column,
     CsvData,
     check_meta,
     raw_file,
@@ -95,7 +95,7 @@ def raw_files(cfg) -> list[Path]:
 
 
 def read_table(cfg, path: Path, enough, what: str, source: str = "data.root / data.file") -> tuple[pd.DataFrame, dict]:
-    """The CSV's timestamp and value columns, cell by cell checked (recipes/_helpers.read); `source`: what names
+    """The CSV's timestamp and value columns, cell by cell checked (recipes/_tables.read); `source`: what names
     the file, for messages."""
     if by_name(cfg) and not (cfg.data.time_column and cfg.data.value_column):
         raise ConfigError("give both data.time_column= and data.value_column= (columns of the header by name), or "
