@@ -155,7 +155,7 @@ def _read_checked(cfg, path: Path, columns: list[Column], header: bool | None, r
               f"lines {_first(lines[bad].tolist())}")
         table = table[~bad].reset_index(drop=True)
     # Each row's line in the file, to name it (predictions). An array: pandas deep-copies attrs into every
-    # column it hands out, and a list of a million ints took seconds a copy.
+    # column it hands out, and a list would cost a Python object per row in each copy.
     table.attrs["lines"] = lines[~bad]
     return table, report
 
