@@ -15,7 +15,7 @@ from pipeline import cli as pipeline_cli
 from pipeline import data
 from pipeline.config import ConfigError
 from pipeline.data import DataError
-from recipes import _table_cells, _tables, tabular
+from recipes import _table_cells, _table_statistics, _tables
 from recipes._table_cells import Column
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -165,7 +165,7 @@ def test_mistakes_are_named(workdir, monkeypatch):
         parse(workdir, path, "data.target=price", "data.impute=mode")
     # An identifier column left in is no category: named, with the way to leave it out (the limit is 256; 20 here,
     # for a small table).
-    monkeypatch.setattr(tabular, "MAX_CATEGORIES", 20)
+    monkeypatch.setattr(_table_statistics, "MAX_CATEGORIES", 20)
     table = pd.read_csv(path).assign(customer=[f"c{i:04d}" for i in range(60)])
     path = workdir / "data" / "ids.csv"
     table.to_csv(path, index=False)
