@@ -1,4 +1,5 @@
-"""Tabular and time-series recipes end to end: the real CLI on real or exactly-formatted CSV files."""
+"""The CSV presets end to end (house_prices_linear, water_potability, electricity_forecast) and the CSV reader's
+refusals as they meet them: the real CLI on real or exactly-formatted CSV files."""
 
 import json
 from pathlib import Path
