@@ -87,7 +87,7 @@ def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
 def code_hash(recipe) -> str:
     """Hash of the source that makes the shards: the whole module that defines prepare() (the recipe's, unless
     prepare() is a `functools.partial` of a shared helper), and every project function or class it reaches
-    (e.g. those in recipes/_helpers.py), so editing any of them rebuilds the shards.
+    (e.g. the shared helpers in recipes/_*.py), so editing any of them rebuilds the shards.
 
     Source text, not behaviour: a comment or whitespace edit in those places rebuilds them too.
     """

@@ -143,7 +143,7 @@ class Recipe:
     # (cfg, meta, path) -> (ids, columns): new inputs in the recipe's raw format, preprocessed with the run's stored
     # statistics (meta) by the same function prepare() applies; ids: {column: one value per row} naming each row
     # (a file, a CSV line), columns: {name: numpy array} as the shards hold them, before `transform`; or an
-    # iterator of such pairs, a chunk at a time (inputs larger than memory: see recipes._helpers.image_inputs)
+    # iterator of such pairs, a chunk at a time (inputs larger than memory: see recipes._images.image_inputs)
     read_inputs: Callable | None = None
     # (outputs, meta) -> {column: one value per row} for the predictions CSV: class names and probabilities by
     # default; a regression recipe gives values in the target's units

@@ -10,7 +10,7 @@ python launch/train.py recipe=clouds data.root=data
 from recipes import image_folder
 from recipes.image_folder import rotate
 
-__all__ = ["recipe", "rotate", "transform"]  # rotate and transform: as before the preset, for tests and users
+__all__ = ["recipe", "rotate", "transform"]  # rotate and transform: image_folder's, importable from here
 
 GET_DATA = ("get the clouds image folders of DataCamp's 'Intermediate Deep Learning with PyTorch' (7 classes; "
             "no download here), unpack them so that clouds_train/ and clouds_test/ sit side by side, and pass "

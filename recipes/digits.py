@@ -17,7 +17,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from pipeline.recipe import Recipe
-from recipes._helpers import image_inputs, image_split, split_train_eval
+from recipes._images import image_inputs
+from recipes._splits import image_split, split_train_eval
 
 CLASSES = [str(d) for d in range(10)]
 

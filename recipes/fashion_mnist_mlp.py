@@ -8,7 +8,7 @@ python launch/train.py recipe=fashion_mnist_mlp data.root=data
 from torch import nn
 from torchvision.datasets import FashionMNIST
 
-from recipes._helpers import idx_recipe
+from recipes._torchvision import idx_recipe
 
 
 def model(cfg, meta):
@@ -20,7 +20,7 @@ def model(cfg, meta):
     )
 
 
-# The data, ToTensor's [0, 1] scaling and accuracy: recipes/_helpers.py's idx_recipe.
+# The data, ToTensor's [0, 1] scaling and accuracy: recipes/_torchvision.py's idx_recipe.
 recipe = idx_recipe(
     FashionMNIST, name="fashion_mnist_mlp", model=model,
     description="FashionMNIST, MLP 784-512-512-10, CrossEntropyLoss, SGD lr 1e-3",

@@ -37,7 +37,8 @@ from pipeline import rng
 from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._helpers import image_inputs, image_rows, image_tree, read_image, split_train_eval, unit_scale
+from recipes._images import image_inputs, image_rows, image_tree, read_image, unit_scale
+from recipes._splits import split_train_eval
 
 # `cnn`: the tutorial's two-block ELU CNN (below); the others: torchvision's classification models, by name.
 Arch = choice("Arch", ["cnn", *torchvision.models.list_models(module=torchvision.models)])

@@ -8,7 +8,7 @@ python launch/train.py recipe=mnist_cnn data.root=data
 from torch import nn
 from torchvision.datasets import MNIST
 
-from recipes._helpers import idx_recipe
+from recipes._torchvision import idx_recipe
 
 
 def model(cfg, meta):
@@ -21,7 +21,7 @@ def model(cfg, meta):
     )
 
 
-# The data, ToTensor's [0, 1] scaling and accuracy: recipes/_helpers.py's idx_recipe.
+# The data, ToTensor's [0, 1] scaling and accuracy: recipes/_torchvision.py's idx_recipe.
 recipe = idx_recipe(
     MNIST, name="mnist_cnn", model=model,
     description="MNIST, CNN conv32-conv32-pool-128-10, CrossEntropyLoss, Adam lr 1e-3",

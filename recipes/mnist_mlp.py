@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.datasets import MNIST
 
-from recipes._helpers import idx_recipe
+from recipes._torchvision import idx_recipe
 
 MINUS_ONE = torch.tensor(-1.0)
 
@@ -33,7 +33,7 @@ def nll(outputs, batch):
     return nn.functional.nll_loss(outputs, batch["label"])
 
 
-# The data and accuracy: recipes/_helpers.py's idx_recipe.
+# The data and accuracy: recipes/_torchvision.py's idx_recipe.
 recipe = idx_recipe(
     MNIST, name="mnist_mlp", model=model,
     description="MNIST, MLP 784-128-64-10, LogSoftmax + NLLLoss, SGD lr 0.003",

@@ -25,7 +25,8 @@ from torchvision.io import ImageReadMode, decode_image
 from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._helpers import accuracy, download, image_rows, readable_file, unit_scale, unpacking
+from recipes._images import accuracy, image_rows, unit_scale
+from recipes._raw_files import download, readable_file, unpacking
 
 LAYOUT = ("<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png, or the zip images_background.zip "
           "holding that folder, in <data.root>/ or in <data.root>/omniglot-py/ (where torchvision downloads it)")

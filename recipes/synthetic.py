@@ -22,7 +22,8 @@ from torch import nn
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.recipe import Recipe
-from recipes._helpers import class_accuracy, scale_images, split_sizes
+from recipes._images import class_accuracy, scale_images
+from recipes._splits import split_sizes
 
 GRID = 4  # a template is GRID x GRID blocks of colour: the class shows at any image_size and survives pooling
 BATCH_BYTES = 2**24  # image bytes generated per map batch (a batch is built in memory, then written to Arrow)

@@ -32,18 +32,17 @@ from torchmetrics.wrappers import LambdaInputTransformer
 from pipeline.config import ConfigError, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy, dataset
-from recipes._helpers import (
+from recipes._splits import split_sizes, split_train_eval
+from recipes._table_cells import Column, table_records
+from recipes._table_statistics import fit, preprocess, split_columns, stored
+from recipes._tables import (
     NUMBER,
-    Column,
     CsvData,
     check_meta,
     raw_file,
     read,
     require_rows,
     require_spread,
-    split_sizes,
-    split_train_eval,
-    stored_statistics,
     with_statistics,
 )
 
@@ -55,7 +54,6 @@ Activation = choice("Activation", ACTIVATIONS)
 MAX_CLASSES_INFERRED = 20  # a whole-number target with at most this many values is read as classes
 # |target| a float32 squared error takes unscaled: a batch of 64 such squares stays below float32's 3.4e38.
 UNSCALED_LIMIT = 1e18
-MAX_CATEGORIES = 256  # one-hot inputs a text column may add: more is an identifier or free text, not a category
 
 
 @dataclass
@@ -117,9 +115,7 @@ def sniff(cfg, path: Path, spec: Spec) -> tuple[list[str], str, list[str]]:
 
 def read_header(path: Path) -> list[list[str]]:
     """The header and up to 1,000 rows as text (for `sniff`)."""
-    from recipes._helpers import _records
-
-    return [row for _, row in _records(path, limit=1001)]
+    return [row for _, row in table_records(path, limit=1001)]
 
 
 def _mostly_text(rows: list[list[str]], column: int) -> bool:
@@ -136,7 +132,7 @@ def _number(cell: str) -> bool:
 
 
 def read_table(cfg, spec: Spec, path: Path | None = None, with_target: bool = True):
-    """The table's feature (and target) columns checked cell by cell (recipes/_helpers.read), its facts."""
+    """The table's feature (and target) columns checked cell by cell (recipes/_tables.read), its facts."""
     path = path or raw_files(cfg, spec)[0]
     features, target, categorical = sniff(cfg, path, spec)
     impute = cfg.data.impute.name != "none"
@@ -218,71 +214,6 @@ def class_list(values: np.ndarray, spec: Spec) -> list:
     return sorted(set(values.tolist()))
 
 
-# ---------------------------------------------------------------- statistics of the train rows, applied alike
-
-
-def fit(numbers: np.ndarray, texts: dict[str, np.ndarray], cfg) -> dict:
-    """Fill values, means and stds of the number columns and the categories of the text columns, from the train
-    rows alone (SimpleImputer, StandardScaler and OneHotEncoder, fitted on train)."""
-    fill = {"median": np.nanmedian, "mean": np.nanmean, "none": None}[cfg.data.impute.name]
-    x = numbers.astype(np.float64)
-    stats = {}
-    if fill is not None and len(x.T):
-        stats["median" if cfg.data.impute.name == "median" else "fill"] = fill(x, axis=0).tolist()
-        x = np.where(np.isnan(x), np.asarray(_fill(stats)), x)
-    standardize = cfg.data.standardize and len(x.T)
-    stats["mean"] = x.mean(axis=0).tolist() if standardize else [0.0] * x.shape[1]
-    stats["std"] = x.std(axis=0).tolist() if standardize else [1.0] * x.shape[1]
-    stats["categories"] = {name: sorted({v for v in values if v != ""}) for name, values in texts.items()}
-    many = {name: len(c) for name, c in stats["categories"].items() if len(c) > MAX_CATEGORIES}
-    if many:
-        name, count = next(iter(many.items()))
-        raise DataError(f"column {name!r} has {count:,} different texts in the train rows: one-hot encoding would "
-                        f"give it {count:,} inputs (at most {MAX_CATEGORIES} are taken). An identifier, a name or free "
-                        f"text is no category.\nFix: leave it out, data.features=[...] naming the other columns; a "
-                        f"column of numbers written with text is read as numbers once its cells are numbers")
-    return stats
-
-
-def _fill(stats: dict) -> list:
-    return stats.get("median", stats.get("fill"))
-
-
-def stored(cfg, meta: dict) -> dict | None:
-    """The statistics of the run data.statistics names (evaluating that run on this data), checked to be about
-    the same columns and task; None when it names none."""
-    same = ("numbers", "categorical", "task")
-    run = stored_statistics(cfg, (*same, "mean", "std", "categories"), optional=("median", "fill", "y_mean", "y_std"))
-    if run is None:
-        return None
-    for key in same:
-        if run[key] != meta[key]:
-            raise DataError(f"data.statistics={cfg.data.statistics} is about other data: its {key} is {run[key]}, "
-                            f"this table's is {meta[key]}.\nFix: give this table the run's columns, or leave "
-                            f"data.statistics unset.")
-    return {k: v for k, v in run.items() if k not in same}
-
-
-def preprocess(batch: dict, stats: dict) -> dict:
-    """Numbers filled and scaled with the stored statistics, then each text column one-hot over its stored
-    categories (an unseen or empty category: all zeros); the splits in prepare() and new inputs in
-    read_inputs() go through this same function."""
-    x = batch["numbers"]
-    if "median" in stats or "fill" in stats:
-        x = np.where(np.isnan(x), np.asarray(_fill(stats)), x)
-    parts = [(x - np.asarray(stats["mean"])) / np.asarray(stats["std"])]
-    for name, categories in stats["categories"].items():
-        parts.append(np.asarray(batch[name])[:, None] == np.asarray(categories, dtype=object)[None, :])
-    return {"features": np.concatenate(parts, axis=1).astype(np.float32)}
-
-
-def split_columns(table, numbers: list[str], texts: list[str]) -> dict:
-    # float32 first, as the shards store numbers: statistics of exactly the values the model sees
-    numbers = table[numbers].to_numpy(np.float32).astype(np.float64).reshape(len(table), len(numbers))
-    return {"numbers": numbers,
-            **{name: table[name].to_numpy() for name in texts}}
-
-
 def prepare(cfg, spec: Spec = Spec()):
     table, report, features, categorical, target = read_table(cfg, spec)
     path = raw_files(cfg, spec)[0]
@@ -298,17 +229,7 @@ def prepare(cfg, spec: Spec = Spec()):
         y = values.astype(np.float32)
         target_feature = datasets.Value("float32")
     else:
-        classes = class_list(values, spec)
-        position = {value: i for i, value in enumerate(classes)}
-        y = np.array([position[v] for v in values.tolist()], dtype=np.int64)
-        names = list(cfg.data.class_names) or [str(c) for c in classes]
-        if len(names) != len(classes):
-            raise ConfigError(f"data.class_names has {len(names)} names, but the target {target!r} has "
-                              f"{len(classes)} values ({_few(np.asarray(classes, dtype=object))}).\nFix: one name "
-                              f"per value, in their sorted order, or leave data.class_names empty")
-        for i in range(len(names)):
-            require_rows(path, int((y == i).sum()), lambda n: n >= 2,
-                         f"with {target}={classes[i]} (a stratified split needs 2 of each)")
+        y, names = class_targets(cfg, path, target, values, spec)
         meta["class_names"] = names
         target_feature = datasets.ClassLabel(names=names)
     print(f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"
@@ -345,6 +266,23 @@ def prepare(cfg, spec: Spec = Spec()):
                                                                             length=x.shape[1]),
                                                   "label": target_feature}))
     return datasets.DatasetDict(splits), meta
+
+
+def class_targets(cfg, path: Path, target: str, values: np.ndarray, spec: Spec) -> tuple[np.ndarray, list[str]]:
+    """The target's values as class indices (in the classes' sorted order) and the class names, data.class_names
+    or the values themselves; a stratified split needs 2 rows of each class."""
+    classes = class_list(values, spec)
+    position = {value: i for i, value in enumerate(classes)}
+    y = np.array([position[v] for v in values.tolist()], dtype=np.int64)
+    names = list(cfg.data.class_names) or [str(c) for c in classes]
+    if len(names) != len(classes):
+        raise ConfigError(f"data.class_names has {len(names)} names, but the target {target!r} has "
+                          f"{len(classes)} values ({_few(np.asarray(classes, dtype=object))}).\nFix: one name "
+                          f"per value, in their sorted order, or leave data.class_names empty")
+    for i in range(len(names)):
+        require_rows(path, int((y == i).sum()), lambda n: n >= 2,
+                     f"with {target}={classes[i]} (a stratified split needs 2 of each)")
+    return y, names
 
 
 def read_inputs(cfg, meta: dict, path: Path, spec: Spec = Spec()) -> tuple[dict, dict]:

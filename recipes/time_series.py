@@ -33,19 +33,8 @@ from torchmetrics.wrappers import LambdaInputTransformer
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._helpers import (
-    NUMBER,
-    SHOWN,
-    Column,
-    CsvData,
-    check_meta,
-    raw_file,
-    read,
-    require_rows,
-    require_spread,
-    stored_statistics,
-    with_statistics,
-)
+from recipes import _tables as tables
+from recipes._table_cells import Column
 
 Cell = Enum("Cell", "rnn lstm gru")
 Duplicates = Enum("Duplicates", "refuse mean")  # what a timestamp given twice means
@@ -53,7 +42,7 @@ MissingSteps = Enum("MissingSteps", "interpolate skip")  # what a timestamp left
 
 
 @dataclass
-class SeriesData(CsvData):
+class SeriesData(tables.CsvData):
     # Columns of a header row by name; empty: the first column is the timestamp, the second the value.
     time_column: str = ""
     value_column: str = ""
@@ -90,17 +79,17 @@ def raw_files(cfg) -> list[Path]:
     else:
         expected = ("a CSV whose first column is a timestamp (2016-01-01 00:15:00) and second column the value, one "
                     "row per time step (a header row is optional)")
-    return with_statistics(cfg, [raw_file(cfg, expected, "or data.time_column= data.value_column= to pick columns "
-                                                          "of a header by name")])
+    fix = "or data.time_column= data.value_column= to pick columns of a header by name"
+    return tables.with_statistics(cfg, [tables.raw_file(cfg, expected, fix)])
 
 
 def read_table(cfg, path: Path, enough, what: str, source: str = "data.root / data.file") -> tuple[pd.DataFrame, dict]:
-    """The CSV's timestamp and value columns, cell by cell checked (recipes/_helpers.read); `source`: what names
+    """The CSV's timestamp and value columns, cell by cell checked (recipes/_tables.read); `source`: what names
     the file, for messages."""
     if by_name(cfg) and not (cfg.data.time_column and cfg.data.value_column):
         raise ConfigError("give both data.time_column= and data.value_column= (columns of the header by name), or "
                           "neither (the first column is the timestamp, the second the value)")
-    return read(cfg, path, columns(cfg), enough, what, header=True if by_name(cfg) else None,
+    return tables.read(cfg, path, columns(cfg), enough, what, header=True if by_name(cfg) else None,
                 rename="data.time_column= data.value_column=", source=source)
 
 
@@ -114,7 +103,7 @@ def on_grid(cfg, table: pd.DataFrame, path: Path, step: pd.Timedelta | None = No
     twice = times.duplicated(keep=False)
     if twice.any() and cfg.data.duplicates.name == "refuse":
         shown = "; ".join(f"{t} (lines {', '.join(map(str, lines[times == t]))})"
-                          for t in times[twice].unique()[:SHOWN])
+                          for t in times[twice].unique()[:tables.SHOWN])
         raise DataError(f"{path}: {plural(times[twice].nunique(), 'timestamp')} given more than once: {shown}."
                         f"\nFix: keep one row per timestamp, or add data.duplicates=mean to average their values.")
     series = pd.Series(values, index=times).groupby(level=0).mean()  # one row per timestamp (a no-op if unique)
@@ -122,7 +111,7 @@ def on_grid(cfg, table: pd.DataFrame, path: Path, step: pd.Timedelta | None = No
     since = series.index.to_numpy() - series.index.to_numpy()[0]  # timedelta64 in the index's own unit
     off = since % step.to_timedelta64() != np.timedelta64(0)
     if off.any():
-        shown = ", ".join(f"line {lines[times == t][0]} ({t})" for t in series.index[off][:SHOWN])
+        shown = ", ".join(f"line {lines[times == t][0]} ({t})" for t in series.index[off][:tables.SHOWN])
         raise DataError(f"{path}: {plural(int(off.sum()), 'timestamp')} off the series' grid of one step every "
                         f"{step} from {series.index[0]}: {shown}.\nFix: resample the series to one step (e.g. pandas "
                         f"DataFrame.resample), or remove those rows.")
@@ -193,13 +182,13 @@ def prepare(cfg):
             f"(or use a smaller data.window)")
     table, report = read_table(cfg, path, enough, what)
     series, grid = on_grid(cfg, table, path)
-    require_rows(path, len(series), enough, f"(time steps, after merging duplicates) to split into train and eval "
-                                            f"{what}")
+    tables.require_rows(path, len(series), enough,
+                        f"(time steps, after merging duplicates) to split into train and eval {what}")
     cut = time_split(len(series), fraction)[0]
     train, evaluation = filled(series.iloc[:cut]), filled(series.iloc[cut:])
     # Scaled by the train part alone: the future must not leak into the past through the scaler.
-    stats = stored_statistics(cfg, ("mean", "std")) or {"mean": float(train.mean()), "std": float(train.std())}
-    require_spread(path, {columns(cfg)[1].name: stats["std"]}, len(train))
+    stats = tables.stored_statistics(cfg, ("mean", "std")) or {"mean": float(train.mean()), "std": float(train.std())}
+    tables.require_spread(path, {columns(cfg)[1].name: stats["std"]}, len(train))
     features = datasets.Features({"value": datasets.Value("float32")})
 
     def split(part: pd.Series) -> datasets.Dataset:
@@ -263,7 +252,7 @@ class Forecaster(nn.Module):
 def model(cfg, meta: dict) -> Forecaster:
     # What the dataset, read_inputs, predicted and metrics read from a run's meta.json; checked first, as evaluate
     # and predict build the model before anything else.
-    check_meta(meta, {"mean": NUMBER, "std": NUMBER, "window": int}, {"horizon": int, "step": str})
+    tables.check_meta(meta, {"mean": tables.NUMBER, "std": tables.NUMBER, "window": int}, {"horizon": int, "step": str})
     return Forecaster(cfg.model.cell.name, cfg.model.hidden_size, cfg.model.num_layers)
 
 

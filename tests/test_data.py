@@ -274,19 +274,19 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     # Honest limit: the hash is of source text, so a whitespace or comment edit rebuilds the shards too.
     assert recipe_hash("copy_d", source + "\n") != same
 
-    # A shared helper that prepare() reaches (mnist_mlp's is a partial of recipes/_helpers.py's idx_splits):
-    # editing it rebuilds; editing one it does not reach (the CSV reader's) does not.
+    # A shared helper that prepare() reaches (mnist_mlp's is a partial of recipes/_torchvision.py's idx_splits):
+    # editing it rebuilds; editing one it does not reach (idx_recipe, which builds the Recipe) does not.
     mnist = recipes.load("mnist_mlp")
 
     def helpers_hash(name, source):
         return data.code_hash(dataclasses.replace(mnist, prepare=functools.partial(
             module_copy(tmp_path, name, source).idx_splits, MNIST)))
 
-    helpers = (RECIPES / "_helpers.py").read_text()
+    helpers = (RECIPES / "_torchvision.py").read_text()
     same = helpers_hash("helpers_a", helpers)
     assert helpers_hash("helpers_b", helpers) == same
     reached_edit = helpers.replace("shutil.copyfileobj(src, dst, 2**20)", "shutil.copyfileobj(src, dst, 2**21)")
-    unreached_edit = helpers.replace('", ".join(map(str, items[:SHOWN]))', '"; ".join(map(str, items[:SHOWN]))')
+    unreached_edit = helpers.replace("image_inputs, size=28, channels=1", "image_inputs, size=29, channels=1")
     assert reached_edit != helpers and helpers_hash("helpers_c", reached_edit) != same
     assert unreached_edit != helpers and helpers_hash("helpers_d", unreached_edit) == same
 

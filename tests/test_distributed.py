@@ -176,7 +176,7 @@ def test_clouds_augments_alike_on_one_or_two_processes(workdir):
     # Per-image flips, angles and contrast are drawn for the whole global batch, alike on every process,
     # and each process takes its slice: augmented training is the same on 1 or 2 processes (drawn per
     # process, every slice got the same draws and the runs drift apart).
-    from test_recipes_images import write_clouds
+    from test_clouds_and_omniglot import write_clouds
 
     root = write_clouds(workdir / "data")
     args = ["recipe=clouds", f"data.root={root}", "trainer.epochs=2"]

@@ -297,13 +297,13 @@ def test_googlenet_trains_under_ddp(workdir):
 
 def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
     """clouds is a preset: its prepare() is image_folder's, so the code that makes its shards lives there."""
-    from recipes import _helpers, image_folder
+    from recipes import _images, _splits, image_folder
 
     recipe, cfg = pipeline_cli.parse(["recipe=clouds"])
     reached = data._reached(recipe.prepare)
     for function in (image_folder.prepare, image_folder.read_folder, image_folder.decode, image_folder.hold_out,
-                     image_folder.ImageTree.make_dataset, _helpers.image_tree, _helpers.image_rows,
-                     _helpers.load_images, _helpers.read_image, _helpers.split_train_eval):
+                     image_folder.ImageTree.make_dataset, _images.image_tree, _images.image_rows,
+                     _images.load_images, _images.read_image, _splits.split_train_eval):
         assert function in reached, function.__qualname__
     # The preset's choices reach the fingerprint through the config: its folders and augmentation.
     assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"

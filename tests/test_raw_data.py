@@ -12,7 +12,7 @@ import pytest
 from conftest import cli, common, ok, write_mnist_raw
 
 from pipeline import data
-from recipes import _helpers as helpers
+from recipes import _raw_files
 
 OMNIGLOT_ZIP = Path(__file__).parent / "data" / "omniglot-small" / "images_background_small1.zip"
 
@@ -131,7 +131,7 @@ def test_download_without_network_fails_within_seconds(tmp_path):
 
     started = time.perf_counter()
     with pytest.raises(data.DataError) as e:
-        helpers.download([("train-images-idx3-ubyte.gz", [m + "train-images-idx3-ubyte.gz" for m in MNIST.mirrors],
+        _raw_files.download([("train-images-idx3-ubyte.gz", [m + "train-images-idx3-ubyte.gz" for m in MNIST.mirrors],
                         dict(MNIST.resources)["train-images-idx3-ubyte.gz"])], tmp_path / "MNIST" / "raw", "MNIST")
     assert time.perf_counter() - started < 30
     assert "could not be downloaded" in str(e.value) and "ossci-datasets" in str(e.value)
@@ -230,15 +230,13 @@ def test_download_false_names_the_files_and_where_they_go(workdir):
 
 
 def test_a_download_is_placed_whole_under_a_name_of_its_own(tmp_path):
-    from recipes import _helpers
-
     src = tmp_path / "download" / "train.gz"
     src.parent.mkdir()
     src.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 64)
     folder = tmp_path / "data" / "MNIST" / "raw"
     folder.mkdir(parents=True)
     (folder / ".train.gz.part").write_text("a person's file, or another machine's download in progress")
-    _helpers._place(src, folder / "train.gz")
+    _raw_files._place(src, folder / "train.gz")
     assert (folder / "train.gz").read_bytes() == src.read_bytes()
     assert sorted(p.name for p in folder.iterdir()) == [".train.gz.part", "train.gz"]
     assert (folder / ".train.gz.part").read_text().startswith("a person's file")

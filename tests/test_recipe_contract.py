@@ -188,7 +188,7 @@ def test_dataset_builds_what_from_dict_builds():
 
 @pytest.mark.parametrize("stratify", ["label", None])
 def test_split_train_eval_holds_out_what_train_test_split_holds_out(tmp_path, stratify):
-    from recipes._helpers import split_train_eval
+    from recipes._splits import split_train_eval
 
     rng = np.random.default_rng(1)
     for rows, classes, fraction, seed in [(50, 2, 0.2, 42), (1797, 10, 0.2, 7), (3276, 2, 0.25, 0), (200, 7, 0.3, 5)]:

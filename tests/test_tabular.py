@@ -15,9 +15,8 @@ from pipeline import cli as pipeline_cli
 from pipeline import data
 from pipeline.config import ConfigError
 from pipeline.data import DataError
-from recipes import _helpers as helpers
-from recipes import tabular
-from recipes._helpers import Column
+from recipes import _table_cells, _table_statistics, _tables
+from recipes._table_cells import Column
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -166,7 +165,7 @@ def test_mistakes_are_named(workdir, monkeypatch):
         parse(workdir, path, "data.target=price", "data.impute=mode")
     # An identifier column left in is no category: named, with the way to leave it out (the limit is 256; 20 here,
     # for a small table).
-    monkeypatch.setattr(tabular, "MAX_CATEGORIES", 20)
+    monkeypatch.setattr(_table_statistics, "MAX_CATEGORIES", 20)
     table = pd.read_csv(path).assign(customer=[f"c{i:04d}" for i in range(60)])
     path = workdir / "data" / "ids.csv"
     table.to_csv(path, index=False)
@@ -205,9 +204,9 @@ def read_both(tmp_path: Path, text: str):
     path = tmp_path / "houses.csv"
     path.write_bytes(text.encode())
     cfg = SimpleNamespace(data=SimpleNamespace(drop_bad_rows=False))
-    fast = helpers._read_clean(path, COLUMNS)
+    fast = _table_cells.read_clean(path, COLUMNS)
     try:
-        checked = helpers._read_checked(cfg, path, COLUMNS, header=True, rename="", source="data.file")[0]
+        checked = _tables._read_checked(cfg, path, COLUMNS, header=True, rename="", source="data.file")[0]
     except DataError as e:
         checked = e
     return fast, checked
@@ -239,7 +238,7 @@ def test_a_name_the_header_gives_twice_is_refused_on_every_reader(workdir):
     clean, checked = workdir / "data" / "twice.csv", workdir / "data" / "twice-checked.csv"
     clean.write_text(doubled)
     checked.write_text(doubled.replace("\n", "\n\n", 3))  # a blank line: read cell by cell
-    assert helpers._read_clean(checked, COLUMNS) is None
+    assert _table_cells.read_clean(checked, COLUMNS) is None
     parquet = workdir / "data" / "twice.parquet"
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -1,4 +1,5 @@
-"""Tabular and time-series recipes end to end: the real CLI on real or exactly-formatted CSV files."""
+"""The CSV presets end to end (house_prices_linear, water_potability, electricity_forecast) and the CSV reader's
+refusals as they meet them: the real CLI on real or exactly-formatted CSV files."""
 
 import json
 from pathlib import Path
@@ -164,7 +165,7 @@ def test_missing_file_stops_the_cli_before_a_run(workdir):
     assert run_dirs(workdir / "runs", "water_potability") == []
 
 
-# ---------------------------------------------------------------- bad CSV input (recipes/_helpers.py)
+# ---------------------------------------------------------------- bad CSV input (recipes/_tables.py)
 # Most checks happen in prepare, before any training: they run in this process through data.prepare
 # (the cache included); one CLI test per recipe shows what a user sees (exit 2, no run, no shards).
 

@@ -1,8 +1,8 @@
 """Image recipes end to end: the real CLI on ImageFolder trees of real JPEG files (clouds) and on the real
 Omniglot subset in torchvision's layout (omniglot_multi).
 
-.venv/bin/pytest tests/test_recipes_images.py            # all, about 3 minutes on 2 cores
-.venv/bin/pytest tests/test_recipes_images.py -m "not slow"
+.venv/bin/pytest tests/test_clouds_and_omniglot.py       # all, about 3 minutes on 2 cores
+.venv/bin/pytest tests/test_clouds_and_omniglot.py -m "not slow"
 """
 
 import json

@@ -1,0 +1,168 @@
+"""Image files -> uint8 rows (prepare) and chunks (predict) by one reader; the [0, 1] scaling of a batch and the
+accuracy metrics of image classifiers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from pipeline.data import DataError
+
+
+def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
+               cfg) -> datasets.Dataset:
+    """Image files -> a dataset of uint8 images [channels, data.image_size, data.image_size] beside their labels.
+
+    labels: {column: (one class index per file, class names)}. read(path) -> a uint8 tensor [C, H, W], raising a
+    DataError that names a file it cannot decode. Decoding runs once, here (in `data.num_proc` processes), never
+    while training. Batches of 64 files: the photos are decoded at full size before they are resized.
+    """
+    size = cfg.data.image_size
+    classes = {name: datasets.ClassLabel(names=names) for name, (_, names) in labels.items()}
+    files = datasets.Dataset.from_dict({"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
+                                       features=datasets.Features({"path": datasets.Value("string"), **classes}))
+    features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
+    return files.map(_load_batch, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
+                     fn_kwargs={"size": size, "read": read}, remove_columns=["path"], features=features)
+
+
+def _load_batch(batch: dict, size: int, read: Callable) -> dict:
+    return {"image": load_images(batch["path"], size, read)}
+
+
+def load_images(paths: list[str], size: int, read: Callable) -> np.ndarray:
+    """uint8 images [N, C, size, size]: what prepare() stores and prediction reads, by this one function.
+
+    As the tutorials' Resize((size, size)): squashed, not cropped, so no part of the image is lost.
+    """
+    return np.stack([v2.functional.resize(read(path), [size, size], antialias=True).numpy() for path in paths])
+
+
+# PIL refuses more pixels than this as a possible decompression bomb (and warns above half of it): the default
+# of data.max_image_pixels, checked here instead, so that the message names the file and the setting.
+PIL_MAX_PIXELS = 2 * 89_478_485
+
+
+def read_image(path: str, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
+    """ImageFolder's reader (PIL, converted to RGB; to grayscale L for 1 channel) as a uint8 tensor [C, H, W];
+    an image of more than `max_pixels` pixels (default PIL's limit) is a DataError naming data.max_image_pixels."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # the size is checked below, against the run's own limit
+    limit = max_pixels or PIL_MAX_PIXELS
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)  # reads the header only
+            pixels = image.width * image.height
+            if pixels <= limit:
+                return v2.functional.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace "
+                        f"that file (a folder of images must hold only images), then run again.") from None
+    raise DataError(f"{path} is {image.width}x{image.height} = {pixels:,} pixels, more than the {limit:,} allowed "
+                    f"(data.max_image_pixels; PIL's guard against decompression bombs).\nFix: if the image is "
+                    f"yours, allow it: data.max_image_pixels={pixels}; or shrink or remove it.")
+
+
+def image_tree(folder: str | Path, top: str | Path | None = None) -> list[tuple[str, str | None]]:
+    """(path, real path) of every file with an image extension in `folder` and its subfolders, in ImageFolder's
+    order; the real path only for a file reached through a symlink (any other is where its path says). A symlinked
+    folder is followed unless it leads back into `top` (default `folder`) or above it, or up the folders walked
+    to reach it: its files are listed already, or it is a loop that would list them again and again
+    (`red/loop -> ..` labelled every image red, many times)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    top = os.path.realpath(top or folder)
+    walked = []
+
+    def walk(path: str, real: str, chain: tuple[str, ...], linked: bool) -> None:
+        files = []
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if entry.is_dir() and not any(_within(target, d) or _within(d, target) for d in (top, *chain)):
+                        walk(entry.path, target, (*chain, target), True)
+                    elif not entry.is_dir() and entry.name.lower().endswith(IMG_EXTENSIONS):  # broken: named
+                        files.append((entry.path, target))
+                elif entry.is_dir():
+                    walk(entry.path, os.path.join(real, entry.name), chain, linked)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    files.append((entry.path, os.path.join(real, entry.name) if linked else None))
+        walked.append((path, sorted(files)))
+
+    real = os.path.realpath(folder)
+    walk(str(folder), real, (real,), real not in (top, os.path.join(top, os.path.basename(folder))))
+    return [file for _, files in sorted(walked) for file in files]
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def image_files(path: Path) -> tuple[Path, list[Path]]:
+    """(the folder ids are relative to, the image files): a file as given, or every file with an image extension
+    (ImageFolder's list) in a folder and its subfolders, sorted; other files are skipped, as ImageFolder does."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if path.is_file():
+        return path.parent, [path]
+    files = sorted(Path(p) for p, _ in image_tree(path))
+    if not files:
+        raise DataError(f"{path} holds no image files ({', '.join(IMG_EXTENSIONS)}), in it or its subfolders.\n"
+                        f"Fix: point input= at an image file or a folder of images.")
+    return path, files
+
+
+# Images decoded at a time when predicting: a folder of any size takes the memory of this many
+# (1024 x 3 x 128 x 128 bytes: 48 MiB).
+PREDICT_CHUNK = 1024
+
+
+def image_inputs(cfg, meta: dict, path, size: int | None = None, channels: int | None = None,
+                 levels: int = 255, chunk: int = PREDICT_CHUNK) -> Iterator[tuple[dict, dict]]:
+    """A Recipe.read_inputs for image recipes: an image file, or a folder of them (searched recursively), read
+    and resized by `load_images` as the shards hold them, `chunk` files at a time. size/channels: the shards'
+    (default data.image_size, data.channels); levels: the shards' white (255, or e.g. 16 for scikit-learn's
+    digits). The files are listed here (a missing or empty folder is named at once), read as the chunks are."""
+    size, channels = size or cfg.data.image_size, channels or cfg.data.channels
+    root, files = image_files(Path(path))
+    read = partial(read_image, channels=channels, max_pixels=cfg.data.get("max_image_pixels"))
+    return _image_chunks(root, files, size, read, levels, chunk)
+
+
+def _image_chunks(root: Path, files: list[Path], size: int, read: Callable, levels: int, chunk: int):
+    for start in range(0, len(files), chunk):
+        part = files[start:start + chunk]
+        images = load_images([str(f) for f in part], size, read)
+        if levels != 255:
+            images = np.rint(images * (levels / 255)).astype(np.uint8)
+        yield {"file": [f.relative_to(root).as_posix() for f in part]}, {"image": images}
+
+
+def unit_scale(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [0, 1], as ToTensor does, for a whole batch on its device."""
+    return image.float().div_(255.0)
+
+
+def scale_images(batch: dict, train: bool, meta: dict) -> dict:
+    """A Recipe.transform: the batch's uint8 `image` column as float in [0, 1]."""
+    return {**batch, "image": unit_scale(batch["image"])}
+
+
+def accuracy(classes: int) -> MetricCollection:
+    return MetricCollection({"accuracy": MulticlassAccuracy(classes, average="micro")})
+
+
+def class_accuracy(cfg, meta: dict) -> dict:
+    """A Recipe.metrics: the accuracy of the one head over meta["class_names"]."""
+    return {"": accuracy(len(meta["class_names"]))}
