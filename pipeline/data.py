@@ -69,9 +69,25 @@ def fingerprint(recipe, cfg: DictConfig) -> str:
     h = hashlib.sha256(json.dumps({"recipe": recipe.name, "version": recipe.version, "layout": LAYOUT, "data": params},
                                   sort_keys=True, default=str).encode())
     h.update(code_hash(recipe).encode())
-    for rel, size, mtime_ns in raw_stats(recipe, cfg):
+    stats = raw_stats(recipe, cfg)
+    for rel, size, mtime_ns in stats:
         h.update(f"{rel}\0{size}\0{mtime_ns}\n".encode())
+    _FINGERPRINTED[_key(recipe, cfg)] = stats
     return h.hexdigest()[:16]
+
+
+# The raw files' stats each fingerprint was computed from, so the run's data record (runinfo.data_identity)
+# names the very files the shards were made from without walking a million of them a second time.
+_FINGERPRINTED: dict[tuple, list] = {}
+
+
+def _key(recipe, cfg: DictConfig) -> tuple:
+    return recipe.name, json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
+
+
+def fingerprinted_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
+    """`raw_stats` as the last fingerprint of this recipe and data config saw them (walked now if none was)."""
+    return _FINGERPRINTED.get(_key(recipe, cfg)) or raw_stats(recipe, cfg)
 
 
 def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:

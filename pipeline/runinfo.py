@@ -71,7 +71,7 @@ def sha256(path: Path) -> str:
 def data_identity(recipe, cfg, shards: Path) -> dict:
     """What a run trains on: the shards' fingerprint (their folder's name) and the raw files it was computed
     from, as a count and a digest, with each file (path: [size, mtime_ns]) up to RAW_LISTED of them."""
-    stats = data.raw_stats(recipe, cfg)
+    stats = data.fingerprinted_stats(recipe, cfg)
     digest = hashlib.sha256("".join(f"{r}\0{s}\0{m}\n" for r, s, m in stats).encode()).hexdigest()[:16]
     record = {"fingerprint": Path(shards).name, "shards": str(shards), "raw_files": len(stats), "raw_digest": digest}
     if len(stats) <= RAW_LISTED:

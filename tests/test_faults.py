@@ -41,7 +41,7 @@ def test_diverging_run_stops_nonzero_without_summary(workdir):
     assert not (run / "summary.json").exists() and not (run / "model.safetensors").exists()
     # The record shows the bad line, so the user sees where it went wrong.
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 5 and last["train/loss"] != last["train/loss"]  # NaN
+    assert last["step"] == 5 and last["train/loss"] is None  # NaN, written as JSON null
 
 
 @pytest.mark.slow
