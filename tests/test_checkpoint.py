@@ -375,7 +375,8 @@ def copy_of_tabular(killed, workdir):
 
 
 def files_of(folder) -> dict:
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """The run's files, not run.lock (a killed run leaves it; the next command takes it over and gives it back)."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "run.lock"}
 
 
 @pytest.mark.slow
