@@ -212,13 +212,14 @@ def test_a_refusal_on_the_main_process_stops_every_machine_with_it(workdir):
 
 
 SAVE = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import datasets
 from pipeline import data
 out, go = Path(sys.argv[1]), Path(sys.argv[2])
 rows = datasets.Dataset.from_dict({"x": list(range(2_000_000))})
 splits = datasets.DatasetDict({"train": rows, "eval": rows.select(range(1000))})
+go.with_name(f"ready-{os.getpid()}").touch()  # imports done: the test starts both builds at once
 while not go.exists():
     time.sleep(0.01)
 started = time.time()
@@ -235,7 +236,9 @@ def test_two_builds_of_the_same_shards_at_once_leave_one_intact_folder(tmp_path)
     builds = [subprocess.Popen([sys.executable, "-c", SAVE, str(out), str(go)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
               for _ in range(2)]
-    time.sleep(1)
+    deadline = time.time() + 240
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
     go.touch()
     spans = []
     for build in builds:
