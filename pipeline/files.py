@@ -111,11 +111,17 @@ def owner_alive(recorded: dict | None) -> bool:
     if not recorded or recorded.get("host") != socket.gethostname() or not isinstance(recorded.get("pid"), int):
         return True
     pid = recorded["pid"]
+    if not pid_alive(pid):
+        return False
+    started = recorded.get("started")
+    return started is None or process_start(pid) in (None, started)
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass  # another user's live process
-    started = recorded.get("started")
-    return started is None or process_start(pid) in (None, started)
+    except PermissionError:  # another user's live process
+        return True
+    return True

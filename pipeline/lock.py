@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.files import process_start
+from pipeline.files import pid_alive, process_start
 
 NAME = "run.lock"  # in the run folder
 # flock's answers on a filesystem without locks: the holder's text alone decides there.
@@ -112,7 +112,7 @@ def _gone(holder: dict) -> str | None:
         return "left no pid"
     if pid == os.getpid():
         return "is this process (a lock it did not release)"
-    if not _alive(pid):
+    if not pid_alive(pid):
         return "no longer runs"
     started = holder.get("process_start")
     if started is not None and process_start(pid) not in (None, started):
@@ -164,13 +164,3 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
