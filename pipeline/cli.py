@@ -11,6 +11,7 @@ import ast
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from pipeline import config
@@ -94,25 +95,32 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
             return
         run(recipe, cfg, *more)
     except loaded("pipeline.checkpoint", "Preempted") as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_once(str(e), e.exit_code)
     except loaded("pipeline.guards", "Diverged") as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_once(f"error: {e}", e.exit_code)
     except (config.ConfigError, *loaded("pipeline.data", "DataError")) as e:
-        # Every process of a launch meets the same error: one message per machine is enough.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_once(f"error: {e}", 2)
     except KeyboardInterrupt:
         # A second Ctrl-C during training, or one before it started: stopped where it was, as asked.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"{script}: interrupted (Ctrl-C); nothing was saved since the last checkpoint", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        exit_once(f"{script}: interrupted (Ctrl-C); nothing was saved since the last checkpoint", 128 + signal.SIGINT)
     finally:
         leave_process_group()
+
+
+# How long the other processes of a machine wait for its first one to print the shared message.
+SAY_GRACE_S = 10.0
+
+
+def exit_once(message: str, code: int) -> None:
+    """Exit with `code` after an error every process of a launch meets alike: the first process of each
+    machine prints the message, once. The others wait for it (torch's launcher stops all processes as soon
+    as one has exited, and would stop the first one before it printed) and are stopped by the launcher, or
+    exit on their own after SAY_GRACE_S where no launcher stops them."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+    else:
+        time.sleep(SAY_GRACE_S)
+    sys.exit(code)
 
 
 def loaded(module: str, name: str) -> tuple:
