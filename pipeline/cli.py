@@ -115,7 +115,9 @@ def exit_once(message: str, code: int) -> None:
     """Exit with `code` after an error every process of a launch meets alike: the first process of each
     machine prints the message, once. The others wait for it (torch's launcher stops all processes as soon
     as one has exited, and would stop the first one before it printed) and are stopped by the launcher, or
-    exit on their own after SAY_GRACE_S where no launcher stops them."""
+    exit on their own after SAY_GRACE_S where no launcher stops them. The process group is left first, so
+    a process stopped while it waits holds no group."""
+    leave_process_group()
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
     else:

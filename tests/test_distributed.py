@@ -217,6 +217,9 @@ def test_an_error_exit_leaves_the_process_group(tmp_path):
     out = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                           str(script)], cwd=tmp_path, env={**environment(2), "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=120)
-    assert out.stdout.count("exit 2 group left") == 2, out.stdout + out.stderr[-3000:]
+    # The first process prints the message and exits 2; the other one waits for it to print and is then
+    # stopped by torchrun (cli.exit_once), or exits 2 itself: whichever exits, exits having left the group.
+    exits = [line for line in out.stdout.splitlines() if " exit " in line]
+    assert exits and all(line.endswith("exit 2 group left") for line in exits), out.stdout + out.stderr[-3000:]
     assert out.stderr.count("error: the main process's error") == 1
     assert "terminate called" not in out.stderr
