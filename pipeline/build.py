@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import checkpoint, data, hooks, optim, patches, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
-from pipeline.guards import check_writable, shared_verdict
+from pipeline.guards import check_writable
 from pipeline.patches import Accelerator
 from pipeline.run_folder import RunFolder, make_run_dir
+from pipeline.together import all_or_none, shared_verdict
 
 # The distributed types the loop supports; `accelerate launch` chooses the others by these variables (Accelerate
 # itself only settles on them when the Accelerator is built, after the data is prepared).
@@ -181,8 +182,9 @@ def training_accelerator(cfg, state: PartialState, compiled: bool, run_dir: Path
 
 def start_run_dir(cfg, accelerator, run_dir: Path, compiled: bool, micro_batch: int) -> None:
     """config.yaml in the run folder, and the run's line: where, how many processes, on what."""
-    if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    with all_or_none(accelerator):
+        if accelerator.is_main_process:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
     accelerator.print(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
                       f"mixed_precision={accelerator.mixed_precision} compile={compiled} "
                       f"micro_batch/process={micro_batch}")
@@ -206,9 +208,10 @@ def batches_move(accelerator, on_device: bool) -> bool:
 
 
 def start_trackers(cfg, accelerator, runtime: dict, init_kwargs: dict, run_dir: Path, meta: dict) -> None:
-    tracking.init(accelerator, cfg.project, {**as_dict(cfg), "runtime": runtime}, init_kwargs)
-    if accelerator.is_main_process:
-        tracking.write_json(run_dir / "meta.json", meta)
+    with all_or_none(accelerator):  # W&B starts on the main process alone: its refusal stops every process
+        tracking.init(accelerator, cfg.project, {**as_dict(cfg), "runtime": runtime}, init_kwargs)
+        if accelerator.is_main_process:
+            tracking.write_json(run_dir / "meta.json", meta)
 
 
 def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -> None:

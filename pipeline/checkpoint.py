@@ -21,9 +21,10 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
-from pipeline.data import NOT_CONTENT
+from pipeline.data import NOT_CONTENT, DataError
 from pipeline.files import as_umask_allows
 from pipeline.runinfo import data_change
+from pipeline.together import all_or_none
 from pipeline.tracking import flat, write_json
 
 # Where the prepared model is the module itself, at most wrapped by DDP and torch.compile (FSDP and
@@ -80,24 +81,34 @@ def save(accelerator, run_dir: Path, position: dict, keep: int, loop_state: dict
     root = folder(run_dir)
     final = root / f"step-{position['step']:08d}"
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash during an earlier save
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        as_umask_allows(p for p in tmp.rglob("*") if p.is_file())
-        write_json(tmp / STATE_FILE, {**position, **(loop_state or {}), "num_processes": accelerator.num_processes})
-        if (Path(run_dir) / CONFIG_FILE).exists():  # what trained up to here, for `check_config`
-            shutil.copyfile(Path(run_dir) / CONFIG_FILE, tmp / CONFIG_FILE)
-        write_manifest(tmp)
-        if ours(final):
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete(run_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    # Each step ends on every process together, an error on one raised on all (pipeline/together.py).
+    with all_or_none(accelerator):
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash during an earlier save
+    with all_or_none(accelerator):
+        accelerator.save_state(str(tmp))
+    with all_or_none(accelerator):
+        if accelerator.is_main_process:
+            as_umask_allows(p for p in tmp.rglob("*") if p.is_file())
+            write_json(tmp / STATE_FILE, {**position, **(loop_state or {}), "num_processes": accelerator.num_processes})
+            if (Path(run_dir) / CONFIG_FILE).exists():  # what trained up to here, for `check_config`
+                shutil.copyfile(Path(run_dir) / CONFIG_FILE, tmp / CONFIG_FILE)
+            write_manifest(tmp)
+            publish(tmp, final)
+            for old in complete(run_dir)[:-keep]:
+                shutil.rmtree(old)
     return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """The finished `tmp` renamed to `final`, replacing a checkpoint of ours at that step (never a folder a
+    person put there)."""
+    if ours(final):
+        shutil.rmtree(final)
+    elif final.exists():
+        raise DataError(f"{final} is in the way of the checkpoint of that step: it is not a checkpoint this "
+                        f"pipeline wrote.\nFix: move it out of {final.parent}, or use another output_dir=.")
+    tmp.rename(final)
 
 
 def write_manifest(checkpoint: Path) -> None:

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint
@@ -83,36 +82,6 @@ def _chain(e: BaseException):
     while e is not None:
         yield e
         e = e.__cause__ or e.__context__
-
-
-PEOPLES_ERRORS = {e.__name__: e for e in (ConfigError, DataError)}  # exit 2: see pipeline/cli.py
-
-
-def shared_verdict(state, check, *args, everywhere: bool = False):
-    """`check(*args)` on the main process (on every process with `everywhere`), its error raised on every
-    process: a refusal on one would otherwise leave the others waiting in the next collective until its
-    timeout, and exit with an abort code instead of the refusal's. Returns the main process's result."""
-    result, error, verdict = None, None, None
-    if everywhere or state.is_main_process:
-        try:
-            result = check(*args)
-        except Exception as e:
-            # Errors for people keep their class (and so their exit code) on every process.
-            error, verdict = e, (type(e).__name__, str(e))
-    if state.num_processes == 1:
-        if error is not None:
-            raise error
-        return result
-    answers = gather_object([(result if state.is_main_process else None, verdict)])
-    if error is not None:
-        raise error
-    for _, reason in answers:
-        if reason:
-            kind, message = reason
-            if kind in PEOPLES_ERRORS:
-                raise PEOPLES_ERRORS[kind](message)
-            raise RuntimeError(f"another process stopped: {kind}: {message}")
-    return result if state.is_main_process else answers[0][0]
 
 
 def check_writable(cfg) -> None:

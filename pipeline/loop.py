@@ -20,6 +20,7 @@ from pipeline.best import Best
 from pipeline.build import Evaluation, Run, setup
 from pipeline.guards import check_finite, check_weights, disk_full_guard
 from pipeline.run_folder import RunFolder
+from pipeline.together import all_or_none
 
 # best.safetensors is saved as one file, renamed into place whole (Accelerate would shard it past 10 GB).
 BEST_SHARD_SIZE = "1000GB"
@@ -231,14 +232,14 @@ def save_best(run: Run, step: int) -> None:
     check_weights(run.model, step, run.run_dir, accelerator)
     tmp = run.run_dir / ".tmp-best"
     with disk_full_guard(run.run_dir, "the best weights", accelerator, partial=(tmp.name,)):
-        save_weights(accelerator, run.model, tmp, max_shard_size=BEST_SHARD_SIZE)  # one file to rename
         # save_model lists the folder on every process: none may still be in it when the main one removes it.
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / "model.safetensors").replace(run.run_dir / "best.safetensors")
-            tmp.rmdir()
-            runinfo.weights_saved(run, "best.safetensors")
-    accelerator.wait_for_everyone()
+        with all_or_none(accelerator):
+            save_weights(accelerator, run.model, tmp, max_shard_size=BEST_SHARD_SIZE)  # one file to rename
+        with all_or_none(accelerator):
+            if accelerator.is_main_process:
+                (tmp / "model.safetensors").replace(run.run_dir / "best.safetensors")
+                tmp.rmdir()
+                runinfo.weights_saved(run, "best.safetensors")
 
 
 def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
@@ -260,7 +261,8 @@ def finish(run: Run, state: LoopState) -> dict:
     accelerator.wait_for_everyone()
     check_weights(run.model, step, run.run_dir, accelerator)
     # A truncated model.safetensors would look like a finished run's weights: removed on a full disk.
-    with disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)):
+    with disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)), \
+            all_or_none(accelerator):
         save_weights(accelerator, run.model, run.run_dir)
     runinfo.weights_saved(run, "model.safetensors")
     timings = {"train/samples_per_s": state.speed.rate(), "time/first_step_s": state.speed.first,
@@ -274,10 +276,11 @@ def finish(run: Run, state: LoopState) -> dict:
     summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": state.epochs_done,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                "compile": run.compiled, "data": run.data_paths, **results, **best.summary(), **timings}
-    if accelerator.is_main_process:
-        tracking.write_json(run.run_dir / "summary.json", summary)
-        checkpoint.remove_all(run.run_dir)  # only the folders it wrote: a person's files stay
-        plots.write(run.run_dir, results, class_names, say=accelerator.print)
+    with all_or_none(accelerator):
+        if accelerator.is_main_process:
+            tracking.write_json(run.run_dir / "summary.json", summary)
+            checkpoint.remove_all(run.run_dir)  # only the folders it wrote: a person's files stay
+            plots.write(run.run_dir, results, class_names, say=accelerator.print)
     accelerator.print(report.summary_line(summary))
     accelerator.end_training()
     return summary

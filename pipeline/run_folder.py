@@ -13,7 +13,7 @@ from accelerate import PartialState
 from pipeline import checkpoint
 from pipeline import lock as locks
 from pipeline.config import ConfigError
-from pipeline.guards import shared_verdict
+from pipeline.together import shared_verdict
 
 
 @dataclass

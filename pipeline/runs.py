@@ -20,6 +20,7 @@ from pipeline import build, config, data, loop, patches, report, runinfo, tracki
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from pipeline.together import all_or_none
 
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors"}
 SPLITS = ("eval", "test")
@@ -247,9 +248,10 @@ def evaluate(recipe, cfg, request: Request) -> dict:
               "eval_batch_size": cfg.trainer.eval_batch_size, **results,
               "time/total_s": time.perf_counter() - started}
     path = request.run_dir / "evaluations" / f"{output_name(request, shards, own)}.json"
-    if accelerator.is_main_process:
-        path.parent.mkdir(exist_ok=True)
-        tracking.write_json(path, record)
+    with all_or_none(accelerator):
+        if accelerator.is_main_process:
+            path.parent.mkdir(exist_ok=True)
+            tracking.write_json(path, record)
     say(result_line(record, path))
     accelerator.end_training()
     return record

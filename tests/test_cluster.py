@@ -371,6 +371,25 @@ def test_config_error_exits_2_with_one_message(tmp_path, processes):
 
 
 @pytest.mark.slow
+def test_an_error_in_a_main_process_step_stops_every_process(tmp_path):
+    # Publishing a checkpoint is the main process's alone; its refusal (a person's folder where the
+    # checkpoint goes) reaches the other process, which would otherwise wait in the next collective until
+    # the distributed timeout (trainer.dist_timeout_s, 30 minutes by default) and exit with an abort code.
+    import time
+
+    in_the_way = tmp_path / "runs" / "digits" / "job" / "checkpoints" / "step-00000001"
+    in_the_way.mkdir(parents=True)
+    (in_the_way / "notes.txt").write_text("mine")
+    started = time.time()
+    result = launched(tmp_path, 2, "run_name=job", "trainer.epochs=1", "checkpoint.every_steps=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("is in the way of the checkpoint of that step") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert time.time() - started < 120
+    assert (in_the_way / "notes.txt").read_text() == "mine"  # a person's files stay
+
+
+@pytest.mark.slow
 def test_plain_accelerate_launch_hides_the_exit_code(tmp_path):
     # What run.py is for: Accelerate 1.15 turns every failure into exit 1, with torch's ChildFailedError
     # traceback after our message (several processes) or CalledProcessError (one process, without -q).

@@ -209,6 +209,45 @@ except SystemExit as e:
 """
 
 
+ONE_PROCESS_FAILS = """
+import errno
+from accelerate import PartialState
+from pipeline import together
+from pipeline.config import ConfigError
+
+state = PartialState(cpu=True)
+def fail(error):
+    try:
+        with together.all_or_none(state):
+            if state.process_index == 0:
+                raise error
+    except Exception as e:
+        return f"{type(e).__name__}:{getattr(e, 'errno', None)}:{e}"
+    return "no error"
+full = fail(OSError(errno.ENOSPC, "No space left on device"))
+refused = fail(ConfigError("refused"))
+with together.all_or_none(state):
+    pass
+said = together.shared_verdict(state, lambda: 'main says')
+open(f"rank{state.process_index}.txt", "w").write(f"{full} | {refused} | {said}")
+state.destroy_process_group()
+"""
+
+
+def test_an_error_on_one_process_is_raised_on_every_process(tmp_path):
+    script = tmp_path / "one_process_fails.py"
+    script.write_text(ONE_PROCESS_FAILS)
+    out = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                          str(script)], cwd=tmp_path, env={**environment(2), "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, other = ((tmp_path / f"rank{n}.txt").read_text() for n in (0, 1))
+    assert first == "OSError:28:[Errno 28] No space left on device | ConfigError:None:refused | main says"
+    # The other process reads the same errno (a full disk is a full disk there too) and the same error class.
+    assert other.startswith("OSError:28:[Errno 28] another process stopped: ")
+    assert other.endswith(" | ConfigError:None:refused | main says")
+
+
 def test_an_error_exit_leaves_the_process_group(tmp_path):
     # A gloo group alive at interpreter shutdown aborted a process now and then (SIGABRT, "terminate called
     # without an active exception") in place of the error's exit code 2: every error exit leaves it first.
