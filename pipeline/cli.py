@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import config
+from pipeline import config, overrides
 
 USAGE = """usage: accelerate launch launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
        python launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
@@ -58,10 +58,10 @@ def description(file: Path) -> str:
 
 def read(argv: list[str]):
     """`[--config FILE] key=value ...` -> (dotlist, preset), checked as far as it can be without the recipe."""
-    argv, path = config.take_preset(argv)
-    preset = config.load_preset(path) if path else None
-    dotlist = config.split_argv(argv)
-    config.check_early(dotlist, preset)
+    argv, path = overrides.take_preset(argv)
+    preset = overrides.load_preset(path) if path else None
+    dotlist = overrides.split_argv(argv)
+    overrides.check_early(dotlist, preset)
     return dotlist, preset
 
 
@@ -71,7 +71,7 @@ def parse(argv: list[str]):
     from pipeline import recipe as recipes
 
     try:
-        recipe = recipes.load(config.recipe_name(dotlist, preset))
+        recipe = recipes.load(overrides.recipe_name(dotlist, preset))
     except config.ConfigError as e:
         if preset is None or config.given(dotlist, "recipe") is not None:
             raise

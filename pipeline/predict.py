@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from pipeline import config, files, runs
+from pipeline import config, files, overrides, runs
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
@@ -41,7 +41,7 @@ class Request:
 def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     """`run=DIR input=PATH [output=FILE.csv] [weights=final|best|FILE] [data.KEY=VALUE ...]` -> recipe, config,
     request."""
-    dotlist = config.split_argv(argv)
+    dotlist = overrides.split_argv(argv)
     own = {key: config.given(dotlist, key) for key in ("run", "input", "output", "weights")}
     if not own["run"]:
         raise ConfigError("which run? Give its folder: run=runs/<recipe>/<run_name> input=<file or folder>")

@@ -20,6 +20,7 @@ from pipeline import build, config, data, loop, patches, report, runinfo, tracki
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from pipeline.overrides import split_argv
 from pipeline.together import all_or_none
 
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors"}
@@ -45,7 +46,7 @@ class Request:
 def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     """`run=DIR [split=eval|test] [weights=final|best|FILE] [data.KEY=VALUE ...]` -> the run's recipe, its config
     with the overrides applied, and the request (for `cli.main`)."""
-    dotlist = config.split_argv(argv)
+    dotlist = split_argv(argv)
     own = {key: config.given(dotlist, key) for key in ("run", "split", "weights")}
     if not own["run"]:
         raise ConfigError("which run? Give its folder: run=runs/<recipe>/<run_name>")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pipeline import cli, compare, config
+from pipeline import cli, compare, config, overrides
 from pipeline.config import ConfigError
 
 TRAIN = Path(__file__).resolve().parent.parent / "launch" / "train.py"
@@ -95,9 +95,9 @@ def plan(argv: list[str], name: str, recipe: bool = True) -> list[Run]:
     """Every combination, each checked as launch/train.py would check it, before any run starts: a typo
     in the last combination stops the sweep now, not after hours of the first ones. `recipe=False` (a dry
     run): only the checks that need no recipe, which would import torch; no run_dir."""
-    argv, preset = config.take_preset(argv)
+    argv, preset = overrides.take_preset(argv)
     head = ["--config", preset] if preset else []
-    fixed, swept = grid(config.split_argv(argv))
+    fixed, swept = grid(overrides.split_argv(argv))
     combos = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
     width, label = len(str(len(combos))), labels(list(swept))
     runs = []

@@ -1,0 +1,117 @@
+"""The command line and --config files read into overrides: `key=value` arguments, the preset file, the
+recipe's name, and the checks that need no recipe (so a typo answers before torch is imported).
+
+The schema they are checked against, and the merge with a recipe's defaults, live in pipeline/config.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.config import (
+    Config,
+    ConfigError,
+    _check_values,
+    _describe,
+    _naming_the_file,
+    enum_keys,
+    given,
+    normalize,
+    parse,
+)
+
+
+def split_argv(argv: list[str]) -> list[str]:
+    """Checks that every argument is `key=value`; returns them as an OmegaConf dotlist. `--key=value` is
+    the form `wandb agent` passes, each value written by Python's str(): its `None` is YAML's null."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"argument {arg!r} is not key=value (e.g. trainer.epochs=3); see --help")
+    return [(arg[2:] if not arg.endswith("=None") else arg[2:-4] + "null") if arg.startswith("--") else arg
+            for arg in argv]
+
+
+def recipe_name(dotlist: list[str], preset: Preset | None = None) -> str:
+    """The command line's `recipe=`, else the --config file's `recipe:`, else the default."""
+    name = given(dotlist, "recipe")
+    if name is None and preset is not None and preset.values.get("recipe") is not None:
+        name = str(preset.values.recipe)
+    return Config.recipe if name is None else name
+
+
+@dataclass
+class Preset:
+    """A --config file: any keys of the config (and `recipe:`), between the recipe's defaults and the
+    command line. `--print-config` writes one."""
+
+    path: str
+    values: DictConfig
+
+
+PRESET_EXAMPLE = ("e.g. the output of `python launch/train.py recipe=NAME --print-config > my_task.yaml`, "
+                  "or just the keys that differ: `recipe: NAME` and `trainer: {epochs: 3}`")
+
+
+def take_preset(argv: list[str]) -> tuple[list[str], str | None]:
+    """Splits `--config FILE` (or `--config=FILE`) off the arguments: (the others, FILE or None)."""
+    rest, path, items = [], None, iter(argv)
+    for arg in items:
+        if arg != "--config" and not arg.startswith("--config="):
+            rest.append(arg)
+            continue
+        file = arg.partition("=")[2] if "=" in arg else next(items, "")
+        if not file:
+            raise ConfigError(f"--config needs a YAML file: --config my_task.yaml ({PRESET_EXAMPLE})")
+        if path is not None:
+            raise ConfigError(f"--config is given twice ({path} and {file}); give one file, and the keys that "
+                              f"differ from it as key=value arguments")
+        path = file
+    return rest, path
+
+
+def load_preset(path: str) -> Preset:
+    """Reads a --config file; what is wrong with it (missing, not YAML, not a mapping) names the file."""
+    file = Path(path)
+    if not file.is_file():
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise ConfigError(f"--config {path}: {what}; give a YAML file of config keys, {PRESET_EXAMPLE}")
+    try:
+        values = OmegaConf.load(file)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, DictConfig):
+        raise ConfigError(f"--config {path} holds a list, not keys: {PRESET_EXAMPLE}")
+    return Preset(path, values)
+
+
+RECIPE_SECTIONS = ("data", "model", "loss")  # a recipe may add keys under these (its data_config, ...)
+
+
+def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
+    """Names an unknown key or a bad value outside the sections a recipe extends (data, model, loss), before
+    the recipe (and with it torch) is imported: a typo answers at once. `build` checks everything again."""
+    base = OmegaConf.structured(Config)
+    choices = enum_keys(base)
+    if preset is not None:
+        values = OmegaConf.masked_copy(preset.values, [k for k in preset.values if k not in RECIPE_SECTIONS])
+        try:
+            base = OmegaConf.merge(base, normalize(values, choices))
+        except (OmegaConfBaseException, ConfigError) as e:
+            why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+            raise ConfigError(f"--config {preset.path}: {why}") from None
+    outside = [item for item in dotlist if item.partition("=")[0].partition(".")[0] not in RECIPE_SECTIONS]
+    try:
+        cfg = OmegaConf.merge(base, normalize(parse(outside), choices))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, base)) from None
+    try:  # every value here is a valid default or one given, so what fails here fails with the recipe's too
+        _check_values(cfg)
+    except ConfigError as e:
+        raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
+
+
