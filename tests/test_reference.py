@@ -1,0 +1,43 @@
+"""launch/reference.py: the generic recipes on public data written as files, beside baselines fitted on the
+same split read back from the run's own shards; its runs and data stay in --work, outside the repository."""
+
+import json
+import subprocess
+import sys
+
+import datasets
+import pytest
+from conftest import ROOT, environment, ok
+
+SCRIPT = str(ROOT / "launch" / "reference.py")
+
+
+@pytest.mark.slow
+def test_quick_tables_row_beside_its_baselines(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "reference.md"
+    result = ok(subprocess.run([sys.executable, SCRIPT, "--quick", "--only", "tables", "--work", str(work),
+                                "--out", str(out)], cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                               timeout=300))
+    (row,) = json.loads((work / "reference.json").read_text())
+    assert row["name"] == "iris" and row["metric"] == "eval/accuracy"
+    # Both runs finished and scored; scikit-learn's baselines beat chance (1/3) by far on the same 30 rows.
+    for run in row["runs"].values():
+        assert "error" not in run and 0 <= run["value"] <= 1 and run["rows"] == [120, 30], run
+    assert set(row["baselines"]) == {"logistic", "gradient boosting"}
+    assert all(b["value"] >= 0.8 for b in row["baselines"].values()), row["baselines"]
+    # The baselines read the default run's shards: its eval split, the rows the run's metric counted.
+    shards = datasets.load_from_disk(row["runs"]["default"]["shards"])
+    assert (shards["train"].num_rows, shards["eval"].num_rows) == (120, 30)
+    table = out.read_text()
+    assert table in result.stdout
+    assert "| iris | 120/30 | accuracy | " in table and "| logistic | gradient boosting |" in table
+    assert (work / "data" / "iris" / "iris.csv").read_text().startswith("sepal length (cm),")
+
+
+def test_work_inside_the_repository_is_refused(tmp_path):
+    inside = ROOT / "reference-work-test"
+    result = subprocess.run([sys.executable, SCRIPT, "--work", str(inside)], cwd=tmp_path, env=environment(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "inside the repository" in result.stderr and "Fix: --work /tmp/reference" in result.stderr
+    assert not inside.exists()
