@@ -180,9 +180,10 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False) -> Pa
         log(f"data: reusing shards in {out}")
         return out
     log(f"data: preparing {recipe.name} from {cfg.data.root} -> {out}")
-    # The recipe's return value checked (and meta made JSON-able) before anything is written.
-    splits, meta = recipes.check_prepared(recipe, recipe.prepare(cfg), cfg)
-    _save(splits, meta, out, cfg.data.num_shards, log)
+    with files.scratch(out):  # where the recipe's datasets.map writes what it decodes
+        # The recipe's return value checked (and meta made JSON-able) before anything is written.
+        splits, meta = recipes.check_prepared(recipe, recipe.prepare(cfg), cfg)
+        _save(splits, meta, out, cfg.data.num_shards, log)
     log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
     return out
 

@@ -14,6 +14,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 
 OWNER_FILE = ".owner.json"  # inside a temporary folder: which process writes it
@@ -125,3 +126,27 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+_SCRATCH: ContextVar[Path | None] = ContextVar("scratch", default=None)
+
+
+def scratch_folder() -> Path | None:
+    """The folder for the intermediate files of the shard build under way (decoded rows that `datasets.map`'s
+    workers write straight to disk, instead of returning them through this process's memory); None outside
+    a build. It lies beside the shards, on the cache's disk, and is removed when the build ends."""
+    return _SCRATCH.get()
+
+
+@contextmanager
+def scratch(target: Path):
+    """A scratch folder for building `target` (see `scratch_folder`): a temporary folder, so that a killed
+    build's is removed by the next build (`remove_dead_leftovers`)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = temporary_folder(target.parent / f"{target.name}.scratch")
+    token = _SCRATCH.set(folder)
+    try:
+        yield folder
+    finally:
+        _SCRATCH.reset(token)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -4,6 +4,7 @@ accuracy metrics of image classifiers."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from pipeline.data import DataError
+from pipeline.files import scratch_folder
 
 
 def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
@@ -32,7 +34,16 @@ def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]],
                                        features=datasets.Features({"path": datasets.Value("string"), **classes}))
     features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
     return files.map(_load_batch, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
-                     fn_kwargs={"size": size, "read": read}, remove_columns=["path"], features=features)
+                     fn_kwargs={"size": size, "read": read}, remove_columns=["path"], features=features,
+                     **on_disk())
+
+
+def on_disk() -> dict:
+    """`datasets.map`'s arguments that make its workers write the decoded rows to the build's scratch folder
+    (memory-mapped afterwards), so a prepare's memory does not grow with the number of images: without a
+    file, map keeps an in-memory dataset's results in memory."""
+    folder = scratch_folder()
+    return {} if folder is None else {"cache_file_name": str(folder / f"{uuid.uuid4().hex}.arrow")}
 
 
 def _load_batch(batch: dict, size: int, read: Callable) -> dict:
