@@ -26,16 +26,17 @@ def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]],
 
     labels: {column: (one class index per file, class names)}. read(path) -> a uint8 tensor [C, H, W], raising a
     DataError that names a file it cannot decode. Decoding runs once, here (in `data.num_proc` processes), never
-    while training. Batches of 64 files: the photos are decoded at full size before they are resized.
+    while training. Batches of 64 files: the photos are decoded at full size before they are resized. Each image
+    is fitted to the square by data.resize where the recipe has it (see `fit`), else stretched.
     """
-    size = cfg.data.image_size
+    size, resize = cfg.data.image_size, resize_mode(cfg)
     classes = {name: datasets.ClassLabel(names=names) for name, (_, names) in labels.items()}
     files = datasets.Dataset.from_dict({"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
                                        features=datasets.Features({"path": datasets.Value("string"), **classes}))
     features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
     return files.map(_load_batch, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
-                     fn_kwargs={"size": size, "read": read}, remove_columns=["path"], features=features,
-                     **on_disk())
+                     fn_kwargs={"size": size, "read": read, "resize": resize}, remove_columns=["path"],
+                     features=features, **on_disk())
 
 
 def on_disk() -> dict:
@@ -46,16 +47,36 @@ def on_disk() -> dict:
     return {} if folder is None else {"cache_file_name": str(folder / f"{uuid.uuid4().hex}.arrow")}
 
 
-def _load_batch(batch: dict, size: int, read: Callable) -> dict:
-    return {"image": load_images(batch["path"], size, read)}
+def _load_batch(batch: dict, size: int, read: Callable, resize: str) -> dict:
+    return {"image": load_images(batch["path"], size, read, resize)}
 
 
-def load_images(paths: list[str], size: int, read: Callable) -> np.ndarray:
-    """uint8 images [N, C, size, size]: what prepare() stores and prediction reads, by this one function.
+def load_images(paths: list[str], size: int, read: Callable, resize: str = "stretch") -> np.ndarray:
+    """uint8 images [N, C, size, size]: what prepare() stores and prediction reads, by this one function."""
+    return np.stack([fit(read(path), size, resize).numpy() for path in paths])
 
-    As the tutorials' Resize((size, size)): squashed, not cropped, so no part of the image is lost.
-    """
-    return np.stack([v2.functional.resize(read(path), [size, size], antialias=True).numpy() for path in paths])
+
+def resize_mode(cfg) -> str:
+    """data.resize by name; `stretch` for recipes without the key (their images are square already)."""
+    mode = cfg.data.get("resize") or "stretch"
+    return getattr(mode, "name", mode)
+
+
+def fit(image: torch.Tensor, size: int, resize: str) -> torch.Tensor:
+    """A uint8 image [C, H, W] made size x size, antialiased: `crop` scales its shorter side to `size` and cuts
+    the middle square (torchvision's Resize(size) + CenterCrop: nothing is distorted, the edges of the longer side
+    are lost); `pad` scales its longer side to `size` and centres it on black (nothing is lost or distorted);
+    `stretch` squashes it to the square (the tutorials' Resize((size, size)): nothing is lost, shapes distort)."""
+    functional = v2.functional
+    if resize == "stretch":
+        return functional.resize(image, [size, size], antialias=True)
+    if resize == "crop":
+        image = functional.resize(image, size, antialias=True)
+    elif resize == "pad":
+        image = functional.resize(image, None, max_size=size, antialias=True)
+    else:
+        raise ValueError(f"unknown resize mode {resize!r}: crop, pad or stretch")
+    return functional.center_crop(image, [size, size])  # pads with zeros where the image is smaller
 
 
 # PIL refuses more pixels than this as a possible decompression bomb (and warns above half of it): the default
@@ -77,11 +98,41 @@ def read_image(path: str, channels: int = 3, max_pixels: int | None = None) -> t
             if pixels <= limit:
                 return v2.functional.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace "
-                        f"that file (a folder of images must hold only images), then run again.") from None
+        raise unreadable(path, e) from None
     raise DataError(f"{path} is {image.width}x{image.height} = {pixels:,} pixels, more than the {limit:,} allowed "
                     f"(data.max_image_pixels; PIL's guard against decompression bombs).\nFix: if the image is "
                     f"yours, allow it: data.max_image_pixels={pixels}; or shrink or remove it.")
+
+
+def unreadable(path: str, e: Exception) -> DataError:
+    return DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace that file "
+                     f"(a folder of images must hold only images), then run again.")
+
+
+# PIL modes without colour: one grey (or black/white) channel, with or without alpha.
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# At most this many headers are read, evenly spread over the files: enough for a median, a second at most.
+HEADERS_READ = 10_000
+
+
+def image_headers(paths: list[str]) -> dict:
+    """What the images' headers say (PIL reads no pixels for it): the files' count, the median, smallest and
+    largest width x height, the median shorter side and whether every image is grayscale. Of more than
+    HEADERS_READ files, an even sample is read (`headers_read` says how many)."""
+    from PIL import Image
+
+    sample = paths[::max(1, -(-len(paths) // HEADERS_READ))]
+    sizes, grey = np.zeros((len(sample), 2), dtype=np.int64), True
+    for i, path in enumerate(sample):
+        try:
+            with Image.open(path) as image:
+                sizes[i], grey = image.size, grey and image.mode in GREY_MODES
+        except (OSError, SyntaxError, ValueError) as e:
+            raise unreadable(path, e) from None
+    areas = sizes.prod(1)
+    return {"files": len(paths), "headers_read": len(sample), "median_size": np.median(sizes, 0).astype(int).tolist(),
+            "smallest": sizes[areas.argmin()].tolist(), "largest": sizes[areas.argmax()].tolist(),
+            "median_shorter_side": int(np.median(sizes.min(1))), "grayscale": grey}
 
 
 def image_tree(folder: str | Path, top: str | Path | None = None) -> list[tuple[str, str | None]]:
@@ -143,18 +194,21 @@ def image_inputs(cfg, meta: dict, path, size: int | None = None, channels: int |
                  levels: int = 255, chunk: int = PREDICT_CHUNK) -> Iterator[tuple[dict, dict]]:
     """A Recipe.read_inputs for image recipes: an image file, or a folder of them (searched recursively), read
     and resized by `load_images` as the shards hold them, `chunk` files at a time. size/channels: the shards'
-    (default data.image_size, data.channels); levels: the shards' white (255, or e.g. 16 for scikit-learn's
-    digits). The files are listed here (a missing or empty folder is named at once), read as the chunks are."""
-    size, channels = size or cfg.data.image_size, channels or cfg.data.channels
+    (default the run's meta, where prepare() recorded them, else data.image_size, data.channels); levels: the
+    shards' white (255, or e.g. 16 for scikit-learn's digits). The files are listed here (a missing or empty
+    folder is named at once), read as the chunks are."""
+    size = size or meta.get("image_size") or cfg.data.image_size
+    channels = channels or meta.get("channels") or cfg.data.channels
     root, files = image_files(Path(path))
     read = partial(read_image, channels=channels, max_pixels=cfg.data.get("max_image_pixels"))
-    return _image_chunks(root, files, size, read, levels, chunk)
+    return _image_chunks(root, files, partial(load_images, size=size, read=read, resize=resize_mode(cfg)), levels,
+                         chunk)
 
 
-def _image_chunks(root: Path, files: list[Path], size: int, read: Callable, levels: int, chunk: int):
+def _image_chunks(root: Path, files: list[Path], load: Callable, levels: int, chunk: int):
     for start in range(0, len(files), chunk):
         part = files[start:start + chunk]
-        images = load_images([str(f) for f in part], size, read)
+        images = load([str(f) for f in part])
         if levels != 255:
             images = np.rint(images * (levels / 255)).astype(np.uint8)
         yield {"file": [f.relative_to(root).as_posix() for f in part]}, {"image": images}

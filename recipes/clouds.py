@@ -19,9 +19,10 @@ GET_DATA = ("get the clouds image folders of DataCamp's 'Intermediate Deep Learn
 recipe = image_folder.recipe_for(
     name="clouds",
     description="clouds image folders (7 classes), CNN conv32-conv64-linear with ELU, Adam lr 1e-3, batch 16",
-    # The tutorial's RandomHorizontalFlip, RandomRotation(45), RandomAutocontrast, each drawn per image.
-    defaults={"data": {"root": "data", "train_dir": "clouds_train", "test_dir": "clouds_test",
-                       "augment": ["hflip", "rotate:45", "autocontrast"]}},
+    # The tutorial's Resize((64, 64)) of RGB photos, and its RandomHorizontalFlip, RandomRotation(45),
+    # RandomAutocontrast, each drawn per image.
+    defaults={"data": {"root": "data", "train_dir": "clouds_train", "test_dir": "clouds_test", "image_size": 64,
+                       "channels": 3, "resize": "stretch", "augment": ["hflip", "rotate:45", "autocontrast"]}},
     hint=GET_DATA,
 )
 transform = recipe.transform

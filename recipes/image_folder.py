@@ -3,13 +3,15 @@
 Raw files: <data.train_dir>/<class name>/*.jpg (or .png, ...: ImageFolder's extensions; other files are skipped),
 optional data.eval_dir and data.test_dir with the same class folders. Relative folders are under data.root (here
 the current folder). Without data.eval_dir, data.eval_fraction of train_dir is held out, stratified by class;
-without data.test_dir there is no test split. Every image is squashed to data.image_size x data.image_size, RGB
-(data.channels=3) or grayscale (1), once, in prepare.
+without data.test_dir there is no test split. Every image is fitted to data.image_size x data.image_size (center crop,
+pad or stretch: data.resize), RGB (data.channels=3) or grayscale (1), once, in prepare; size and channels unset are
+taken from the train images' headers (their median shorter side, at most 64 px; grayscale if every image is).
 python launch/train.py recipe=image_folder data.train_dir=photos/train data.test_dir=photos/test
 python launch/train.py recipe=image_folder data.train_dir=photos data.augment=[hflip,rotate:10] model.arch=resnet18
 Presets over this recipe: clouds.
 """
 
+import copy
 import os
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -37,11 +39,15 @@ from pipeline import rng
 from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
 from pipeline.data import DataError
 from pipeline.recipe import Recipe
-from recipes._images import image_inputs, image_rows, image_tree, read_image, unit_scale
+from recipes._images import image_headers, image_inputs, image_rows, image_tree, read_image, resize_mode, unit_scale
 from recipes._splits import split_train_eval
+from recipes._tables import stored_statistics, with_statistics
 
 # `cnn`: the tutorial's two-block ELU CNN (below); the others: torchvision's classification models, by name.
 Arch = choice("Arch", ["cnn", *torchvision.models.list_models(module=torchvision.models)])
+Resize = choice("Resize", ["crop", "pad", "stretch"])  # the modes of recipes._images.fit
+MAX_INFERRED_SIZE = 64  # images larger than this are shrunk to it unless data.image_size says otherwise
+ENLARGED = 4  # a data.image_size this many times the images' median side is warned about
 FOLDERS = {"train": "train_dir", "eval": "eval_dir", "test": "test_dir"}  # split -> the data key naming its folder
 
 
@@ -50,12 +56,20 @@ class ImageFolderData(DataConfig):
     train_dir: str = ""  # one subfolder per class; absolute, or under data.root
     eval_dir: str | None = None  # null: data.eval_fraction of train_dir, stratified by class
     test_dir: str | None = None  # null: no test split
-    image_size: int = 64  # every image is squashed to image_size x image_size once, in prepare
-    channels: int = 3  # 3: RGB, 1: grayscale
+    # Every image is fitted to image_size x image_size once, in prepare. null: the train images' median shorter
+    # side, at most MAX_INFERRED_SIZE (said in the log and kept in meta.json)
+    image_size: int | None = None
+    channels: int | None = None  # 3: RGB, 1: grayscale; null: 1 if every train image is grayscale, else 3
+    # crop: shorter side to image_size, the middle kept; pad: longer side to image_size, black borders; stretch:
+    # squashed to the square (see recipes._images.fit)
+    resize: Resize = Resize.crop
     # Random changes to each training image, drawn per image (see AUGMENTATIONS), e.g. [hflip,rotate:15]
     augment: list[str] = field(default_factory=list)
     # Images with more pixels are refused (PIL's decompression-bomb guard); null: PIL's limit, 178,956,970
     max_image_pixels: int | None = None
+    # A run's meta.json whose image_size and channels this data takes where they are unset: how launch/evaluate.py
+    # prepares other data for a run (set by it)
+    statistics: str | None = None
 
 
 @dataclass
@@ -125,7 +139,8 @@ def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
 
 def raw_files(cfg, hint: str = "") -> list[Path]:
     check(cfg)  # the fingerprint asks for the raw files before anything else runs: a typo stops here, at once
-    return [Path(p) for split in FOLDERS if folder_path(cfg, split) for p, _ in read_folder(cfg, split, hint).samples]
+    files = [Path(p) for split in FOLDERS if folder_path(cfg, split) for p, _ in read_folder(cfg, split, hint).samples]
+    return with_statistics(cfg, files)
 
 
 def check(cfg) -> None:
@@ -133,12 +148,12 @@ def check(cfg) -> None:
     if not cfg.data.train_dir:
         raise ConfigError("no images given: data.train_dir is empty.\nFix: data.train_dir=<folder with one subfolder "
                           "of images per class>, e.g. python launch/train.py recipe=image_folder data.train_dir=photos")
-    if cfg.data.channels not in (1, 3):
+    if cfg.data.channels not in (None, 1, 3):
         raise ConfigError(f"data.channels={cfg.data.channels}: images are read as RGB or grayscale.\nFix: "
                           f"data.channels=3 (RGB) or data.channels=1 (grayscale)")
-    if cfg.data.image_size < 4:
+    if cfg.data.image_size is not None and cfg.data.image_size < 4:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small for two 2x2 poolings.\nFix: "
-                          f"data.image_size=64 (or any size >= 4)")
+                          f"data.image_size=64 (or any size >= 4), or leave it unset to take it from the images")
     if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels}: a number of pixels must be >= 1.\n"
                           f"Fix: e.g. data.max_image_pixels=400000000, or null for PIL's limit")
@@ -177,10 +192,42 @@ def prepare(cfg, hint: str = ""):
     """train_dir -> train (and eval, `data.eval_fraction` held out stratified, unless eval_dir); test_dir -> test."""
     folders = {split: read_folder(cfg, split, hint) for split in FOLDERS if folder_path(cfg, split)}
     classes = same_classes(folders)
+    cfg, shape = image_shape(cfg, folders["train"])
     splits = {split: decode(folder, cfg) for split, folder in folders.items()}
     if "eval" not in splits:
         splits["train"], splits["eval"] = hold_out(splits["train"], cfg, folders["train"])
-    return datasets.DatasetDict(splits), {"class_names": classes}
+    return datasets.DatasetDict(splits), {"class_names": classes, **shape}
+
+
+def image_shape(cfg, train: ImageFolder) -> tuple[object, dict]:
+    """`cfg` with data.image_size and data.channels set (unset ones from the train images' headers, or from the
+    run's meta.json that data.statistics names), and the facts for meta.json; the choice is said in the log, with
+    a warning where a given size enlarges the images many times."""
+    source = image_headers([path for path, _ in train.samples])
+    run = stored_statistics(cfg, (), optional=("image_size", "channels")) or {}
+    found = {"image_size": min(source["median_shorter_side"], MAX_INFERRED_SIZE),
+             "channels": 1 if source["grayscale"] else 3}
+    chosen = {key: cfg.data[key] or run.get(key) or found[key] for key in found}
+    said = ", ".join(f"data.{key}={value} ({'given' if cfg.data[key] else 'the run' if key in run else 'the images'})"
+                     for key, value in chosen.items())
+    width, height = source["median_size"]
+    print(f"data: train images {width}x{height} px (median; {_side(source['smallest'])} to "
+          f"{_side(source['largest'])}), {'grayscale' if source['grayscale'] else 'colour'} (headers of "
+          f"{source['headers_read']:,} of {source['files']:,} files) -> {said}, data.resize={resize_mode(cfg)}")
+    size, shorter = chosen["image_size"], max(source["median_shorter_side"], 1)
+    if cfg.data.image_size and size >= ENLARGED * shorter:
+        print(f"WARNING: data.image_size={size} enlarges the images (median shorter side {shorter} px) "
+              f"{size / shorter:.0f}x: no detail is gained and each step costs {(size / shorter) ** 2:.0f}x the "
+              f"pixels.\nFix: leave data.image_size unset to take {found['image_size']} from the images")
+    resolved = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(resolved, False)
+    resolved.data.image_size, resolved.data.channels = size, chosen["channels"]
+    OmegaConf.set_readonly(resolved, True)
+    return resolved, {**chosen, "source_images": source}
+
+
+def _side(size: list[int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 # ---------------------------------------------------------------- per batch: augmentation and scaling
@@ -348,9 +395,11 @@ def torchvision_model(arch: str, num_classes: int, image_size: int) -> nn.Module
 def model(cfg, meta):
     check(cfg)
     classes, arch = len(meta["class_names"]), cfg.model.arch.name
+    # The shards' size and channels (prepare() chose them where the config leaves them unset)
+    size, channels = meta.get("image_size") or cfg.data.image_size, meta.get("channels") or cfg.data.channels
     if arch == "cnn":
-        return CNN(classes, cfg.data.image_size, cfg.data.channels)
-    return torchvision_model(arch, classes, cfg.data.image_size)
+        return CNN(classes, size, channels)
+    return torchvision_model(arch, classes, size)
 
 
 def metrics(cfg, meta):

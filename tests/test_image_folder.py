@@ -474,3 +474,95 @@ def test_decoded_images_go_to_the_builds_scratch_folder_on_disk(tmp_path):
     assert files.scratch_folder() is None
     # Outside a build (e.g. a recipe's prepare called directly), the rows stay in memory as before.
     assert not image_folder.prepare(cfg)[0]["train"].cache_files
+
+
+# ---------------------------------------------------------------- size and channels from the data; resize modes
+
+
+def write_grey_digits(folder: Path, per_class: int, width: int = 8, height: int = 8) -> Path:
+    """<folder>/<0|1>/*.png: grayscale (mode L) images as scikit-learn's 8x8 digits are written."""
+    rng = np.random.default_rng(0)
+    for label in ("0", "1"):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), mode="L").save(
+                folder / label / f"{i:03d}.png")
+    return folder
+
+
+def test_size_and_channels_come_from_the_images_headers(tmp_path, capsys):
+    write_grey_digits(tmp_path / "digits", 6, width=10)
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'digits'}", "data.eval_fraction=0.5")
+    assert cfg.data.image_size is None and cfg.data.channels is None
+    splits, meta = recipe.prepare(cfg)
+    assert (meta["image_size"], meta["channels"]) == (8, 1)  # the shorter side; every image grayscale
+    assert meta["source_images"] == {"files": 12, "headers_read": 12, "median_size": [10, 8], "smallest": [10, 8],
+                                     "largest": [10, 8], "median_shorter_side": 8, "grayscale": True}
+    assert np.array(splits["train"][0]["image"]).shape == (1, 8, 8)
+    said = capsys.readouterr().out
+    assert ("train images 10x8 px (median; 10x8 to 10x8), grayscale (headers of 12 of 12 files) -> data.image_size=8 "
+            "(the images), data.channels=1 (the images), data.resize=crop") in said and "WARNING" not in said
+    assert recipe.model(cfg, meta)(torch.rand(2, 1, 8, 8)).shape == (2, 2)  # the model takes the shards' shape
+
+    # Colour photos larger than the cap: RGB at 64 px, as the tutorial's Resize((64, 64)).
+    write_shapes(tmp_path / "photos", 2, seed=0)
+    for image in (tmp_path / "photos").rglob("*.png"):
+        Image.open(image).resize((120, 90)).save(image)
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'photos'}", "data.eval_fraction=0.5")
+    splits, meta = recipe.prepare(cfg)
+    assert (meta["image_size"], meta["channels"], meta["source_images"]["grayscale"]) == (64, 3, False)
+
+    # A size given far above the images' is warned about, with the size the images would give.
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'digits'}", "data.eval_fraction=0.5", "data.image_size=64",
+                        "data.channels=3")
+    splits, meta = recipe.prepare(cfg)
+    assert (meta["image_size"], meta["channels"]) == (64, 3)
+    assert np.array(splits["train"][0]["image"]).shape == (3, 64, 64)
+    said = capsys.readouterr().out
+    assert "data.image_size=64 (given), data.channels=3 (given)" in said
+    assert "WARNING: data.image_size=64 enlarges the images (median shorter side 8 px) 8x" in said
+    assert "leave data.image_size unset to take 8 from the images" in said
+
+    # Other data evaluated for a run takes the run's size and channels (data.statistics names its meta.json).
+    run_meta = tmp_path / "meta.json"
+    run_meta.write_text(json.dumps({"class_names": ["0", "1"], "image_size": 12, "channels": 3}))
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'digits'}", "data.eval_fraction=0.5",
+                        f"data.statistics={run_meta}")
+    assert run_meta in recipe.raw_files(cfg)  # its content joins the fingerprint
+    assert (recipe.prepare(cfg)[1]["image_size"], recipe.prepare(cfg)[1]["channels"]) == (12, 3)
+
+
+def stripes(height: int, width: int) -> torch.Tensor:
+    """A white RGB image [3, height, width] whose outer eighths of columns are black."""
+    image = torch.full((3, height, width), 255, dtype=torch.uint8)
+    image[..., :width // 8], image[..., width - width // 8:] = 0, 0
+    return image
+
+
+def test_resize_modes_fit_a_wide_image_to_the_square():
+    from recipes._images import fit
+
+    wide = stripes(20, 40)  # 40 px wide, 20 high
+    crop, pad, stretch = (fit(wide, 10, mode).int() for mode in ("crop", "pad", "stretch"))
+    assert crop.shape == pad.shape == stretch.shape == (3, 10, 10)
+    assert (crop == 255).all()  # the middle half of the width: the black edges are cut off
+    assert (stretch[..., 0] < 64).all() and (stretch[..., 9] < 64).all()  # squashed: the black edges kept
+    assert (stretch[..., 5] == 255).all() and (stretch[:, 0] == stretch[:, 9]).all()  # the full height
+    # pad: the whole image, 10 wide x 5 high, centred between black rows; its own black edges kept
+    assert (pad[:, :2] == 0).all() and (pad[:, 7:] == 0).all()
+    assert (pad[:, 2:7, 5] == 255).all() and (pad[:, 2:7, 0] < 64).all()
+    tall = wide.transpose(1, 2)  # 20 wide, 40 high: its black eighths at the top and bottom
+    assert (fit(tall, 10, "crop") == 255).all()
+    assert (fit(torch.zeros(3, 4, 4, dtype=torch.uint8), 8, "pad") == 0).all()  # small images grow to fill it
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])
+def test_every_resize_mode_prepares_and_predicts_the_same_pixels(tmp_path, mode):
+    write_shapes(tmp_path / "photos", 2, seed=0)
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'photos'}", "data.eval_fraction=0.5", "data.image_size=16",
+                        f"data.resize={mode}")
+    splits, meta = recipe.prepare(cfg)
+    _, columns = read_inputs(recipe, cfg, tmp_path / "photos")  # prediction fits new images as prepare() did
+    assert columns["image"].shape == (6, 3, 16, 16)
+    stored = [np.array(image) for split in ("train", "eval") for image in splits[split]["image"]]
+    assert all(any(np.array_equal(image, new) for new in columns["image"]) for image in stored)
