@@ -4,6 +4,7 @@ optimizer and schedule under Accelerate, the trackers. Training (`loop`) and `ru
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from accelerate.utils import (
     parse_flag_from_env,
     set_seed,
 )
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from pipeline import checkpoint, data, hooks, optim, patches, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
@@ -79,12 +80,14 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder | None = None) -> Run:
     folder = folder if folder is not None else RunFolder()
     cpu = not torch.accelerator.is_available()
     state = start_processes(cfg, cpu)
-    micro_batch = check_batches(cfg, state.num_processes)
+    check_batches(cfg, state.num_processes)  # before any work
     sync_batchnorm = check_sync_batchnorm(cfg, state)
     wandb_mode = check_before_work(cfg, recipe, state)
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
     splits, meta, identity = load_data(cfg, recipe, state)
+    cfg = fit_batch(cfg, len(splits["train"]), state.num_processes, state.print)  # before config.yaml is written
+    micro_batch = check_batches(cfg, state.num_processes)
     run_dir = make_run_dir(cfg, state, recipe.name, folder)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
     # trains the same way (on the same data, too); damaged ones are set aside with a warning.
@@ -273,7 +276,7 @@ def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
     pin = accelerator.device.type == "cuda" and not on_device
     train_loader = data.loader(rows["train"], cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
                                train=True, seed=cfg.seed, num_workers=workers, step_batch=cfg.trainer.batch_size,
-                               pin_memory=pin)
+                               pin_memory=pin, complete=cfg.trainer.last_batch.name == "complete")
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
                           f"({len(rows['train'])} rows); lower it")
@@ -318,6 +321,30 @@ def check_batches(cfg, num_processes: int) -> int:
             + nearest_process_counts(batch, accumulate, num_processes))
     check_eval_batch(cfg, num_processes)
     return batch // (num_processes * accumulate)
+
+
+def fit_batch(cfg, train_rows: int, num_processes: int, say) -> DictConfig:
+    """`cfg` with trainer.batch_size halved until the train split makes trainer.min_steps_per_epoch optimizer steps
+    an epoch (a small table would otherwise train one step an epoch), as far as the batch still splits into
+    processes x accumulation steps. The run's config.yaml then holds the batch it trained with."""
+    wanted, asked, batch = cfg.trainer.min_steps_per_epoch, cfg.trainer.batch_size, cfg.trainer.batch_size
+    unit, complete = num_processes * cfg.trainer.grad_accum_steps, cfg.trainer.last_batch.name == "complete"
+
+    def steps(b):
+        return data.train_samples(train_rows, b, complete) // b
+
+    while steps(batch) < wanted and batch % 2 == 0 and (batch // 2) % unit == 0:
+        batch //= 2
+    if batch == asked:
+        return cfg
+    short = (f"; fewer than {wanted}: a smaller batch would not split into {num_processes} process(es) x "
+             f"{cfg.trainer.grad_accum_steps} accumulation step(s)") if steps(batch) < wanted else ""
+    say(f"data: trainer.batch_size {asked} -> {batch}: the {train_rows:,} train rows make {steps(batch)} steps an "
+        f"epoch (trainer.min_steps_per_epoch={wanted}){short}")
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg):
+        cfg.trainer.batch_size = batch
+    return cfg
 
 
 def check_eval_batch(cfg, num_processes: int) -> None:

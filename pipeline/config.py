@@ -40,6 +40,8 @@ InitName = choice("InitName", INITS)
 Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the device (see `flag`)
 # Whether a larger or a smaller value of checkpoint.monitor is better (auto: by the metric's name, see best.py).
 MonitorMode = choice("MonitorMode", ("auto", "max", "min"))
+# The ragged end of a training epoch: dropped, or completed from the start of the epoch's own order (see data.loader).
+LastBatch = choice("LastBatch", ("drop", "complete"))
 # Every tracker Accelerate's `log_with` knows, by its own names, and `none` for the local record alone. Spelled
 # out because accelerate.utils.LoggerType imports torch, and the config must check a command line without it;
 # tests/test_startup.py holds this list to LoggerType's values. `all` is left out: it means whichever
@@ -69,6 +71,9 @@ class DataConfig:
 class TrainerConfig:
     epochs: int = 5
     batch_size: int = 64  # GLOBAL samples per optimizer step, split across processes
+    # Halve batch_size until the train split makes this many optimizer steps an epoch (0: never); said in the log.
+    min_steps_per_epoch: int = 0
+    last_batch: LastBatch = LastBatch.drop  # complete: every train row trains each epoch, some twice
     eval_batch_size: int = 512  # global samples per evaluation step
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = None
@@ -165,7 +170,8 @@ POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "
             "trainer.log_every", "trainer.dist_timeout_s", "scheduler.step_size", "data.num_shards", "data.num_proc",
             "debug.hooks_every")
 NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup_steps", "checkpoint.every_steps",
-                "checkpoint.keep", "optimizer.momentum", "optimizer.weight_decay")
+                "checkpoint.keep", "optimizer.momentum", "optimizer.weight_decay",
+                "trainer.min_steps_per_epoch")
 NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 

@@ -597,17 +597,18 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 0,
-           step_batch: int | None = None, pin_memory: bool = False) -> DataLoader:
+           step_batch: int | None = None, pin_memory: bool = False, complete: bool = False) -> DataLoader:
     """A DataLoader that fetches whole batches: the dataset's `__getitems__` slices all indices at once.
 
-    Training drops the ragged last optimizer step's samples (`step_batch`, the global batch of an
-    optimizer step, when micro-batches are accumulated): equal steps on every process, the same
-    optimization with or without accumulation, no recompiles under torch.compile. Evaluation keeps
-    every sample.
+    Training serves whole optimizer steps only (`step_batch`, the global batch of an optimizer step, when
+    micro-batches are accumulated): equal steps on every process, the same optimization with or without
+    accumulation, no recompiles under torch.compile. The ragged last step's samples are dropped, or with
+    `complete` (trainer.last_batch=complete) the step is filled up from the start of the epoch's own order, so
+    every row trains each epoch. Evaluation keeps every sample.
     """
     if train:
         step_batch = step_batch or batch_size
-        used = len(dataset) - len(dataset) % step_batch
+        used = train_samples(len(dataset), step_batch, complete)
         # A generator of its own (ShuffledBatches draws the order; this one is never used): on more than one
         # process Accelerate seeds a sampler without one from the global stream, which then runs one draw
         # ahead of a single process's, and per-batch augmentation would differ between the two.
@@ -621,6 +622,14 @@ def loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int = 
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def train_samples(rows: int, step_batch: int, complete: bool) -> int:
+    """Samples a training epoch serves: whole optimizer steps, the ragged last one dropped or completed (none when
+    the batch is larger than the split)."""
+    if complete and rows >= step_batch:
+        return -(-rows // step_batch) * step_batch
+    return rows - rows % step_batch
 
 
 # DataLoader workers hand each batch over in shared memory (/dev/shm), `prefetch_factor` batches ahead each.
@@ -664,7 +673,8 @@ class ShuffledBatches(BatchSampler):
     `BatchSampler(RandomSampler(...))` builds every batch in a Python loop over sample indices, a
     fifth of a small model's step; this draws the epoch in one call. The order depends on the seed
     and the epoch alone (the loop sets `epoch`), so every process draws the same batches and a
-    resumed run continues the order it left. Full batches only.
+    resumed run continues the order it left. Full batches only: as many samples as the sampler's
+    `num_samples`, the permutation's start served again where that is more than the rows.
     """
 
     def __init__(self, sampler: RandomSampler, batch_size: int, seed: int, device=None):
@@ -678,6 +688,8 @@ class ShuffledBatches(BatchSampler):
         if self.device is not None:
             order = order.to(self.device)
         usable = self.sampler.num_samples - self.sampler.num_samples % self.batch_size
+        if usable > len(order):  # the ragged last step completed by the epoch's first rows
+            order = torch.cat([order, order[:usable - len(order)]])
         yield from order[:usable].split(self.batch_size)
         self.epoch += 1  # the next pass is the next epoch, unless the loop says otherwise
 

@@ -403,5 +403,7 @@ def recipe_for(name: str, description: str, spec: Spec = Spec(), data_config: ty
 recipe = recipe_for(
     "tabular", "a CSV/Parquet table of your own: data.file=... data.target=...; MLP 64-32 (model.hidden), Adam 1e-3",
     # data.root ".": data.file is a path from the current folder (or absolute), as a user types it.
-    defaults={"data": {"root": "."}, "trainer": {"epochs": 20, "batch_size": 64},
+    # A small table still trains 16 steps an epoch, on every row: the batch halves to fit (trainer.min_steps_per_epoch).
+    defaults={"data": {"root": "."}, "trainer": {"epochs": 20, "batch_size": 64, "min_steps_per_epoch": 16,
+                                                 "last_batch": "complete"},
               "optimizer": {"name": "adam", "lr": 1e-3}})

@@ -352,7 +352,8 @@ def prices_csv(folder, rows: int = 300):
 
 def tabular_args(workdir, *extra: str) -> list[str]:
     # data.root + a relative data.file: the raw file is named relative to the root, so a copy of the
-    # working folder has the same fingerprint. 8 steps an epoch; enough epochs that the kill comes first.
+    # working folder has the same fingerprint. 16 steps an epoch (trainer.min_steps_per_epoch halves the batch to
+    # 15); enough epochs that the kill comes first.
     return common(workdir, "recipe=tabular", f"data.root={workdir / 'data'}", "data.file=prices.csv",
                   "data.target=price", "trainer.batch_size=30", "trainer.epochs=40", "trainer.log_every=1",
                   "checkpoint.every_steps=4", "run_name=job", *extra)

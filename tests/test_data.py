@@ -114,6 +114,19 @@ def test_interrupted_build_leaves_no_valid_looking_shards(workdir, monkeypatch):
     assert not [p for p in leftovers if ".tmp-" in p.name]
 
 
+def test_the_ragged_last_step_is_completed_from_the_epochs_own_order():
+    rows = data.Rows({"y": torch.arange(10)})
+    batches = [b["y"] for b in data.loader(rows, batch_size=4, train=True, seed=0, complete=True)]
+    order = torch.cat(batches).tolist()
+    assert [len(b) for b in batches] == [4, 4, 4] and sorted(set(order)) == list(range(10))
+    assert order[10:] == order[:2]  # every row once, then the epoch's first two again
+    assert order[:8] == torch.cat([b["y"] for b in data.loader(rows, 4, train=True, seed=0)]).tolist()
+    # Accumulation: micro-batches of 3 for optimizer steps of 6 -> two whole steps, 12 samples, every row.
+    micro = [b["y"] for b in data.loader(rows, batch_size=3, train=True, seed=0, step_batch=6, complete=True)]
+    assert [len(b) for b in micro] == [3, 3, 3, 3] and set(torch.cat(micro).tolist()) == set(range(10))
+    assert len(data.loader(rows, batch_size=16, train=True, seed=0, complete=True)) == 0  # more than the rows
+
+
 def test_rows_serve_whole_batches():
     rows = data.Rows({"x": torch.arange(10).view(10, 1), "y": torch.arange(10)})
     batch = rows.__getitems__([3, 1, 4])

@@ -2,14 +2,16 @@
 one-hot; statistics come from the train rows and travel with the run (predict uses them)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli, common, ok, run_dirs
-from sklearn.datasets import load_breast_cancer
+from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs
+from sklearn.datasets import load_breast_cancer, load_iris
 
 from pipeline import cli as pipeline_cli
 from pipeline import data
@@ -28,6 +30,15 @@ def cancer_csv(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(folder / "cancer.csv", index=False)
     return folder / "cancer.csv"
+
+
+def iris_csv(folder: Path) -> Path:
+    """scikit-learn's iris set as a user writes it: 150 rows, 4 measurements and the species by name."""
+    frame = load_iris(as_frame=True)
+    table = frame.data.assign(species=np.asarray(frame.target_names)[frame.target])
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "iris.csv", index=False)
+    return folder / "iris.csv"
 
 
 def houses(folder: Path, n: int = 600, seed: int = 0) -> Path:
@@ -325,3 +336,74 @@ def test_shards_whose_meta_or_checksums_parse_but_have_the_wrong_shape_are_named
     sums_file.write_text(json.dumps(list(sums)))
     with pytest.raises(DataError, match=rf"damaged shard file {sums_file}: the list of checksums parses, but not"):
         data.load(shards)
+
+
+# Two epochs of the training loader of a real run's setup, each global batch gathered from every process, checked
+# against the train split's rows: printed as one line of JSON.
+EPOCHS = """
+import json
+import torch
+from pipeline import build, cli, data
+
+def run(recipe, cfg):
+    run = build.setup(cfg, recipe)
+    splits, _ = data.load(data.prepare(recipe, cfg, log=lambda *a: None))
+    train = torch.unique(data.columns(splits["train"])["features"], dim=0)
+    epochs = []
+    for epoch in (1, 2):
+        run.batch_order.epoch = epoch
+        rows = torch.cat([run.accelerator.gather(b["features"]) for b in run.train_loader])
+        epochs.append({"rows": rows.tolist(), "distinct": len(torch.unique(rows, dim=0)),
+                       "all": torch.equal(torch.unique(rows, dim=0), train)})
+    run.accelerator.print(json.dumps({"batch": cfg.trainer.batch_size, "run_batch": run.cfg.trainer.batch_size,
+                                      "steps": run.steps_per_epoch, "train": len(train), "epochs": epochs}))
+
+cli.main("train", "", run)
+"""
+
+
+def loader_epochs(workdir: Path, processes: int, *args: str) -> tuple[dict, str]:
+    script = workdir / "epochs.py"
+    script.write_text(EPOCHS)
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())] if processes > 1 else [sys.executable]
+    result = ok(subprocess.run([*launch, str(script), *common(workdir / f"p{processes}", *args)], cwd=workdir,
+                               env=environment(processes, {"PYTHONPATH": str(ROOT)}), capture_output=True,
+                               text=True, timeout=300))
+    return json.loads(result.stdout.splitlines()[-1]), result.stdout
+
+
+@pytest.mark.slow
+def test_a_150_row_table_trains_on_every_row_each_epoch_on_1_or_2_processes(workdir):
+    path = iris_csv(workdir / "data")
+    # 120 train rows: a batch of 64 would make one step and leave 56 rows out of every epoch. Halved to 16, the
+    # ragged last step of 8 is completed by the epoch's first 8 rows, so all 120 train.
+    args = ("recipe=tabular", f"data.file={path}", "data.target=species", "trainer.min_steps_per_epoch=8")
+    one, log = loader_epochs(workdir, 1, *args)
+    assert "data: trainer.batch_size 64 -> 16: the 120 train rows make 8 steps an epoch " \
+           "(trainer.min_steps_per_epoch=8)" in log
+    assert (one["run_batch"], one["steps"]) == (16, 8)
+    for epoch in one["epochs"]:
+        assert len(epoch["rows"]) == 128 and epoch["all"] and epoch["rows"][120:] == epoch["rows"][:8]
+    assert one["epochs"][0]["rows"] != one["epochs"][1]["rows"]  # a new order each epoch
+    # Two processes serve the same global batches in the same order: each trains half of every one.
+    two, _ = loader_epochs(workdir, 2, *args)
+    assert (two["run_batch"], two["steps"]) == (16, 8) and two["epochs"] == one["epochs"]
+
+
+def test_the_batch_halves_to_the_steps_asked_as_far_as_the_processes_allow(workdir):
+    from pipeline import build
+
+    _, cfg = parse(workdir, workdir / "t.csv", "data.target=y")
+    said = []
+    assert build.fit_batch(cfg, 120, 1, said.append).trainer.batch_size == 4
+    assert cfg.trainer.batch_size == 64  # the config given is left as it was
+    assert build.fit_batch(cfg, 5000, 1, said.append) is cfg and len(said) == 1  # 79 steps: nothing to do
+    # 8 processes cannot split a batch below 8: 15 steps, and the log says why not 16.
+    assert build.fit_batch(cfg, 120, 8, said.append).trainer.batch_size == 8
+    assert said[-1] == ("data: trainer.batch_size 64 -> 8: the 120 train rows make 15 steps an epoch "
+                        "(trainer.min_steps_per_epoch=16); fewer than 16: a smaller batch would not split into "
+                        "8 process(es) x 1 accumulation step(s)")
+    _, off = parse(workdir, workdir / "t.csv", "data.target=y", "trainer.min_steps_per_epoch=0")
+    assert build.fit_batch(off, 120, 1, said.append) is off
