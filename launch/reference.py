@@ -141,7 +141,7 @@ def quarters(frame):
                                       freq="Q").to_timestamp()
 
 
-TABLES_TUNED = ("trainer.batch_size=16", "trainer.epochs=100")
+TABLES_TUNED = ("trainer.epochs=50",)
 SERIES_TUNED = ("model.cell=gru", "trainer.epochs=30")
 ENTRIES = [
     Entry("tables", "iris", sklearn_table("load_iris", "species", True), TABLES_TUNED, quick=True),
