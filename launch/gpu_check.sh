@@ -6,13 +6,14 @@
 #   GPU_CHECK_ALLOW_CPU=1 bash launch/gpu_check.sh    # the same checks, small, on the CPU (tests this script)
 #   bash launch/gpu_check.sh compile_bf16 load_weights   # only these of: compile_bf16 load_weights bench
 #                                                       # sigterm_resume pytest_gpu ddp_one_vs_two
-#                                                       # dropout_ranks resume_layout
+#                                                       # dropout_ranks resume_layout resnet50_224
 #
 # Checks: compile + bf16 on mnist_cnn (recompiles counted); its weights load into an uncompiled model;
 # launch/bench.py on mnist_mlp and mnist_cnn with the data on the GPU and in host memory, and --device cpu
 # on the GPU host; fp16 from host memory stopped by SIGTERM and resumed; `pytest -m gpu`; with 2+ GPUs,
 # mnist_mlp on 1 and 2 processes, each process's own dropout masks, and a dropout run killed on 1 machine x
-# 2 GPUs and resumed on 2 machines x 1 GPU. Data: MNIST's test set from tests/data/mnist-test (or
+# 2 GPUs and resumed on 2 machines x 1 GPU; resnet50 on 224 px photos (image_folder, center crop, random_resized_crop
+# on the device). Data: MNIST's test set from tests/data/mnist-test (or
 # ../shared/data), written as both the train and the test files, and tests/data/water-potability.
 # PYTHON= picks the interpreter (default .venv/bin/python).
 set -u
@@ -152,6 +153,29 @@ def interrupt(log, run, min_step, *command):
     saved = sorted(Path(run).glob("checkpoints/step-*/trainer_state.json"))
     print(f"killed after {saved[-1].parent.name}" if saved else "killed before any checkpoint")
     return bool(saved) and not (Path(run) / "summary.json").exists()
+
+def photos(folder, per_class):
+    """<folder>/<circle|square>/*.jpg: 320x256 noisy photos of one light shape, placed at random."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    for shape in ("circle", "square"):
+        (Path(folder) / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(int(per_class)):
+            image = Image.fromarray(rng.integers(0, 60, (256, 320, 3), dtype=np.uint8))
+            r, x, y = (int(v) for v in rng.integers((40, 60, 60), (80, 260, 196)))
+            box = [x - r, y - r, x + r, y + r]
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=(220, 220, 220))
+            image.save(Path(folder) / shape / f"{i:04d}.jpg")
+    return True
+
+def large_images(summary, min_accuracy):
+    s = read(summary)
+    print(f"resnet50 224 px: {s['steps']} steps, {s['train/samples_per_s']:,.0f} samples/s, eval/accuracy "
+          f"{s['eval/accuracy']:.3f}, compile={s['compile']}, {s['mixed_precision']}")
+    return s["steps"] > 0 and s["eval/accuracy"] >= float(min_accuracy)
 
 def same_weights(a, b, label_a, label_b):
     from safetensors.torch import load_file
@@ -373,6 +397,18 @@ if want resume_layout; then
     else
         skip resume_layout "needs 2 GPUs, found $GPUS"
     fi
+fi
+
+# ---- 9. resnet50 on 224 px photos: center-cropped once in prepare, random_resized_crop drawn on the device
+if want resnet50_224; then
+    per_class=400 size=(trainer.epochs=8 trainer.batch_size=64) accuracy=0.7
+    [ "$SMALL" = 1 ] && per_class=6 size=(trainer.max_steps=2 trainer.batch_size=4) accuracy=0
+    figure photos "$WORK/photos" "$per_class" >>"$WORK/resnet50_224.log"
+    limited resnet50_224 600 "${TRAIN[@]}" recipe=image_folder "data.train_dir=$WORK/photos" data.image_size=224 \
+        "data.augment=[random_resized_crop:0.35,hflip]" model.arch=resnet50 run_name=resnet50 "${size[@]}"
+    status=$?
+    line=$(figure large_images "$RUNS/image_folder/resnet50/summary.json" "$accuracy") || status=1
+    report resnet50_224 $status "$line"
 fi
 
 echo "gpu_check: $PASSED passed, $FAILED failed, $SKIPPED skipped (device=$DEVICE gpus=$GPUS)"

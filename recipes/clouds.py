@@ -8,7 +8,7 @@ python launch/train.py recipe=clouds data.root=data
 """
 
 from recipes import image_folder
-from recipes.image_folder import rotate
+from recipes._augment import rotate
 
 __all__ = ["recipe", "rotate", "transform"]  # rotate and transform: image_folder's, importable from here
 

@@ -18,7 +18,7 @@ from conftest import cli, common, ok, run_dirs, summary
 from PIL import Image, ImageDraw
 
 from pipeline import cli as pipeline_cli
-from pipeline import data
+from pipeline import data, rng
 from pipeline import predict as predict_module
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
@@ -201,7 +201,8 @@ def test_unknown_or_malformed_augmentations_list_the_valid_ones(tmp_path, items,
 
 
 def test_augmentations_each_act_per_image():
-    from recipes.image_folder import AUGMENTATIONS, transform
+    from recipes._augment import AUGMENTATIONS
+    from recipes.image_folder import transform
 
     # Values in [50, 200): autocontrast changes every image (one spanning 0..255 in each channel, as a
     # random image often does, it leaves alone: the test failed now and then).
@@ -212,7 +213,7 @@ def test_augmentations_each_act_per_image():
         out = transform({"image": image}, True, {"augment": [item]})["image"]
         assert out.shape == plain.shape and 0 <= out.min() and out.max() <= 1
         changed = [not torch.equal(x, plain[0]) for x in out]
-        assert any(changed) and (name in ("rotate", "brightness") or not all(changed)), name  # p=0.5 for the others
+        assert any(changed) and (name in ("rotate", "brightness", "random_resized_crop") or not all(changed)), name
         assert torch.equal(transform({"image": image}, False, {"augment": [item]})["image"], plain)  # eval: none
     flipped = transform({"image": image}, True, {"augment": ["hflip"]})["image"]
     assert all(torch.equal(x, plain[0]) or torch.equal(x, plain[0].flip(-1)) for x in flipped)
@@ -566,3 +567,83 @@ def test_every_resize_mode_prepares_and_predicts_the_same_pixels(tmp_path, mode)
     assert columns["image"].shape == (6, 3, 16, 16)
     stored = [np.array(image) for split in ("train", "eval") for image in splits[split]["image"]]
     assert all(any(np.array_equal(image, new) for new in columns["image"]) for image in stored)
+
+
+# ---------------------------------------------------------------- random_resized_crop; large images, resnet50
+
+
+def test_random_resized_crop_zooms_each_image_into_a_part_of_it():
+    from recipes._augment import augment
+
+    # Channel 0 rises left to right, channel 1 top to bottom: a crop's span of each is its width and height.
+    n, side = 64, 32
+    ramp = torch.linspace(0, 1, side)
+    image = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side), torch.zeros(side, side)])
+    rng.DRAWS.at(0, 0, 0)
+    out = augment(image[None].repeat(n, 1, 1, 1), ["random_resized_crop:0.25"])
+    assert out.shape == (n, 3, side, side)
+    assert (out[:, 0] - out[:, 0, :1]).abs().max() < 1e-5  # no turn or shear: every row alike
+    width, height = out[:, 0, 0, -1] - out[:, 0, 0, 0], out[:, 1, -1, 0] - out[:, 1, 0, 0]
+    assert (width <= 1 + 1e-5).all() and (height <= 1 + 1e-5).all() and (width * height >= 0.25 - 1e-4).all()
+    assert ((width / height >= 3 / 4 - 1e-3) & (width / height <= 4 / 3 + 1e-3)).all()
+    assert len(set(width.round(decimals=3).tolist())) > n // 2  # drawn per image
+    rng.DRAWS.at(0, 0, 0)  # the same draws again: the same crops
+    assert augment(image[None].repeat(n, 1, 1, 1), ["random_resized_crop:0.25"]).equal(out)
+
+
+# Augments one global batch of 8 images on however many processes it is launched with: each process its slice,
+# gathered; process 0 saves the whole batch.
+AUGMENT_SLICES = """
+import sys
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather
+from pipeline import rng
+from recipes._augment import augment
+
+state = PartialState(cpu=True)
+image = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+part = 8 // state.num_processes
+rng.DRAWS.at(3, 1, 2)
+mine = augment(image[state.process_index * part:(state.process_index + 1) * part],
+               ["random_resized_crop:0.3", "hflip", "rotate:10"])
+every = gather(mine)
+if state.is_main_process:
+    torch.save(every, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_random_resized_crop_is_the_same_for_the_global_batch_on_one_or_two_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import BIN, ROOT, environment, free_port
+
+    script = tmp_path / "augment.py"
+    script.write_text(AUGMENT_SLICES)
+    env = {"PYTHONPATH": str(ROOT)}
+    ok(subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=tmp_path,
+                      env=environment(1, env), capture_output=True, text=True, timeout=300))
+    ok(subprocess.run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                       str(script), str(tmp_path / "two.pt")], cwd=tmp_path, env=environment(2, env),
+                      capture_output=True, text=True, timeout=300))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.shape == two.shape == (8, 3, 16, 16) and torch.equal(one, two)
+
+
+@pytest.mark.slow
+def test_resnet50_trains_on_224_px_photos(workdir):
+    """Photos larger than the inferred cap, at a torchvision model's training size: a center crop to 224 px,
+    random_resized_crop on the batch, one step of resnet50 and an evaluation."""
+    write_shapes(workdir / "photos", 3, seed=0)
+    for image in (workdir / "photos").rglob("*.png"):
+        Image.open(image).resize((300, 240)).save(image)
+    ok(cli(common(workdir, "recipe=image_folder", "data.train_dir=photos", "data.eval_fraction=0.3",
+                  "data.image_size=224", "data.augment=[random_resized_crop:0.35,hflip]", "model.arch=resnet50",
+                  "trainer.batch_size=2", "trainer.max_steps=1"), cwd=workdir))
+    s = summary(workdir / "runs", "image_folder")
+    assert s["steps"] == 1 and s["eval/samples"] == 3 and np.isfinite(s["eval/loss"])
+    meta = json.loads((run_dirs(workdir / "runs", "image_folder")[0] / "meta.json").read_text())
+    assert (meta["image_size"], meta["channels"], meta["source_images"]["median_size"]) == (224, 3, [300, 240])
