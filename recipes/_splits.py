@@ -13,27 +13,49 @@ from datasets.table import InMemoryTable
 
 def split_train_eval(ds: datasets.Dataset, fraction: float, seed: int, stratify: str | None = "label"):
     """Holds out `fraction` of `ds` for evaluation, stratified by a ClassLabel column when given: the rows
-    `Dataset.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)` holds out, the same
-    rows by the same functions and generator, taken out whole: datasets reads the stratify labels through a Column
-    one row at a time and copies the parts out row by row (flatten_indices)."""
-    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
-
-    held = math.ceil(fraction * len(ds))
-    rng = np.random.default_rng(seed)
-    if stratify is None:
-        order = rng.permutation(len(ds))
-        return _take(ds, order[held:]), _take(ds, order[:held])
-    if not isinstance(ds.features[stratify], datasets.ClassLabel):
+    `Dataset.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)` holds out (see
+    `split_indices`), taken out whole: datasets copies the parts out row by row (flatten_indices)."""
+    if stratify is not None and not isinstance(ds.features[stratify], datasets.ClassLabel):
         raise ValueError(f"stratifying needs a ClassLabel column; {stratify} is {type(ds.features[stratify]).__name__}")
-    labels = ds.with_format("numpy", columns=[stratify])[:][stratify]
-    try:
-        train, held_out = next(stratified_shuffle_split_generate_indices(labels, len(ds) - held, held, rng=rng))
-    except ValueError as e:  # worded as datasets words it
-        if str(e) == "Minimum class count error":
-            raise ValueError(f"The least populated class in {stratify} column has only 1 member, which is too few. "
-                             f"The minimum number of groups for any class cannot be less than 2.") from None
-        raise
+    labels = None if stratify is None else ds.with_format("numpy", columns=[stratify])[:][stratify]
+    train, held_out = split_indices(len(ds), fraction, seed, labels)
     return _take(ds, train), _take(ds, held_out)
+
+
+def split_indices(rows: int, fraction: float, seed: int, labels: np.ndarray | None = None):
+    """The (train, eval) row indices `Dataset.train_test_split(test_size=fraction, seed=seed)` makes, stratified
+    by the class indices `labels` when given: the same generator drawn in the same order as datasets' stratified
+    split, with arrays where datasets extends Python lists one row at a time (tens of bytes a row)."""
+    from datasets.utils.stratify import approximate_mode
+
+    held = math.ceil(fraction * rows)
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        order = rng.permutation(rows)
+        return order[held:], order[:held]
+    classes, at = np.unique(labels, return_inverse=True)
+    counts = np.bincount(at)
+    if counts.min() < 2:  # worded as datasets words it
+        raise ValueError("The least populated class in label column has only 1 member, which is too few. "
+                         "The minimum number of groups for any class cannot be less than 2.")
+    for part, size in (("train_size", rows - held), ("test_size", held)):
+        if size < len(classes):
+            raise ValueError(f"The {part} = {size} should be greater or equal to the number of classes = "
+                             f"{len(classes)}")
+    by_class = np.split(np.argsort(at, kind="mergesort"), np.cumsum(counts)[:-1])
+    del at
+    n_train = approximate_mode(counts, rows - held, rng)
+    n_test = approximate_mode(counts - n_train, held, rng)
+    train, test = [], []
+    for i in range(len(classes)):
+        mine = by_class[i].take(rng.permutation(counts[i]), mode="clip")
+        train.append(mine[:n_train[i]])
+        test.append(mine[n_train[i]:n_train[i] + n_test[i]])
+    # In place: rng.permutation of an array is a shuffled copy, by the same draws.
+    train, test = np.concatenate(train), np.concatenate(test)
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
 
 
 def _take(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:

@@ -31,25 +31,46 @@ def read_clean(path: Path, columns: list[Column]) -> pd.DataFrame | None:
     surrounding spaces, and line i + 2 holds row i (no blank lines, no quoted newlines). Anything else, and
     every file the checks would refuse, returns None: `read` then checks cell by cell and names the problem."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     from pyarrow import csv as pa_csv
 
     if path.suffix.lower() in (".parquet", ".pq") or not path.is_file() or any(c.kind == "time" for c in columns):
         return None
-    kinds = {c.name: pa.string() if c.kind == "category" else pa.float64() for c in columns}
+    parse_options, convert_options = clean_options(columns)
     try:
-        arrow = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=False),
-                                convert_options=pa_csv.ConvertOptions(
-                                    column_types=kinds, include_columns=list(kinds), null_values=[""],
-                                    strings_can_be_null=True, quoted_strings_can_be_null=True))
+        arrow = pa_csv.read_csv(path, parse_options=parse_options, convert_options=convert_options)
     except (pa.ArrowException, OSError, UnicodeError):
         return None
-    if arrow.num_rows == 0 or _newlines(path) != arrow.num_rows + 1:  # blank lines or quoted newlines
+    if arrow.num_rows == 0 or line_count(path) != arrow.num_rows + 1:  # blank lines or quoted newlines
         return None
+    checked = clean_columns(arrow, columns)
+    if checked is None:
+        return None
+    table = pd.DataFrame({name: values.to_numpy(zero_copy_only=False) for name, values in checked.items()})
+    table.attrs["lines"] = np.arange(2, len(table) + 2)
+    return table
+
+
+def clean_options(columns: list[Column]):
+    """pyarrow's CSV parse and convert options of `read_clean` (each row one line; a cell not of its kind fails)."""
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    kinds = {c.name: pa.string() if c.kind == "category" else pa.float64() for c in columns}
+    return (pa_csv.ParseOptions(newlines_in_values=False),
+            pa_csv.ConvertOptions(column_types=kinds, include_columns=list(kinds), null_values=[""],
+                                  strings_can_be_null=True, quoted_strings_can_be_null=True))
+
+
+def clean_columns(arrow, columns: list[Column]) -> dict | None:
+    """The columns of an Arrow table or record batch as the checks would type them (numbers float64 with NaN where
+    empty, labels int64, texts with "" where empty), or None when any cell needs the checks' verdict."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     empty = {c.name: arrow.column(c.name).is_null().to_numpy(zero_copy_only=False) for c in columns}
     if np.logical_and.reduce(list(empty.values())).any():  # a row empty in every column read: maybe a blank one
         return None
-    table = {}
+    checked = {}
     for column in columns:
         values, given = arrow.column(column.name), ~empty[column.name]
         if not given.all() and (not column.empty_ok or column.kind == "label"):
@@ -57,21 +78,17 @@ def read_clean(path: Path, columns: list[Column]) -> pd.DataFrame | None:
         if column.kind == "category":
             if pc.any(pc.not_equal(values, pc.utf8_trim_whitespace(values))).as_py():
                 return None
-            text = values.to_numpy(zero_copy_only=False)
-            if column.values and not np.isin(text[given], column.values).all():
+            if column.values and not pc.all(pc.is_in(values.drop_null(), pa.array(column.values))).as_py():
                 return None
-            text[~given] = ""
-            table[column.name] = text
+            checked[column.name] = values.fill_null("")
             continue
         numbers = values.to_numpy(zero_copy_only=False).astype(np.float64)  # NaN where empty
         if not (np.abs(numbers[given]) <= FLOAT32_MAX).all():  # a cell of inf, nan or beyond float32
             return None
         if column.values and not np.isin(numbers[given], column.values).all():
             return None
-        table[column.name] = numbers.astype(np.int64) if column.kind == "label" else numbers
-    table = pd.DataFrame(table)
-    table.attrs["lines"] = np.arange(2, len(table) + 2)
-    return table
+        checked[column.name] = pa.array(numbers.astype(np.int64) if column.kind == "label" else numbers)
+    return checked
 
 
 def require_unique_names(path: Path, columns: list[Column], source: str) -> None:
@@ -96,7 +113,7 @@ def require_unique_names(path: Path, columns: list[Column], source: str) -> None
                         f"the header (rename or delete the copies), then run again.")
 
 
-def _newlines(path: Path) -> int:
+def line_count(path: Path) -> int:
     """The file's lines (a last line without a newline counts)."""
     count, last = 0, b"\n"
     with open(path, "rb") as f:
@@ -106,21 +123,30 @@ def _newlines(path: Path) -> int:
 
 
 def table_records(path: Path, source: str = "data.root / data.file",
-             limit: int | None = None) -> list[tuple[int, list[str]]]:
+                  limit: int | None = None) -> list[tuple[int, list[str]]]:
     """Non-blank rows (the first `limit` of them) with the 1-based line number an editor shows (csv.reader counts
     quoted newlines). A Parquet file's rows come as text too, numbered as the same table written as CSV would be."""
+    records = list(itertools.islice(rows_of(path, source), limit))
+    if not records:
+        raise DataError(f"{path} has only blank lines.\nFix: copy the CSV again or point {source} at the full CSV.")
+    return records
+
+
+def rows_of(path: Path, source: str = "data.root / data.file", batch_rows: int = 65536):
+    """`table_records`' rows one at a time, read as they are needed (a Parquet file `batch_rows` rows at a time)."""
     if path.is_dir():
         raise DataError(f"{path} is a folder, not a CSV or Parquet file.\nFix: point {source} at the file.")
     if path.suffix.lower() in (".parquet", ".pq"):
-        return _parquet_records(path, source)[:limit]
+        yield from _parquet_records(path, source, batch_rows)
+        return
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes).\nFix: copy the CSV again (an interrupted download or copy "
                         f"leaves an empty file), or point {source} at the full CSV.")
+    reader = None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
             reader = csv.reader(f)
-            rows = ((reader.line_num, row) for row in reader if "".join(row).strip())  # blank rows skipped
-            records = list(itertools.islice(rows, limit))
+            yield from ((reader.line_num, row) for row in reader if "".join(row).strip())  # blank rows skipped
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}): is it a CSV?\nFix: save it as CSV, UTF-8, "
                         f"or point {source} at the CSV.") from None
@@ -129,24 +155,25 @@ def table_records(path: Path, source: str = "data.root / data.file",
                         f"somewhere readable and point {source} there.") from None
     except csv.Error as e:
         raise DataError(f"{path} line {reader.line_num}: not readable as CSV ({e}).\nFix: repair that line.") from None
-    if not records:
-        raise DataError(f"{path} has only blank lines.\nFix: copy the CSV again or point {source} at the full CSV.")
-    return records
 
 
-def _parquet_records(path: Path, source: str) -> list[tuple[int, list[str]]]:
+def _parquet_records(path: Path, source: str, batch_rows: int):
     """The header and rows of a Parquet file as text cells (repr of a float reads back exactly; null -> empty),
     so its cells are checked by the same rules as a CSV's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path).read()  # read_table refuses a name given twice: `read` names it
+        file = pq.ParquetFile(path)  # read_table refuses a name given twice: `read` names it
+        yield 1, file.schema_arrow.names
+        line = 2
+        for batch in file.iter_batches(batch_size=batch_rows):
+            columns = [["" if v is None else str(v) for v in column.to_pylist()] for column in batch.columns]
+            yield from ((line + i, list(row)) for i, row in enumerate(zip(*columns)))
+            line += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}).\nFix: copy it again, "
                         f"or point {source} at the CSV or Parquet file.") from None
-    columns = [["" if v is None else str(v) for v in column.to_pylist()] for column in table.columns]
-    return [(1, table.column_names), *((i + 2, list(row)) for i, row in enumerate(zip(*columns)))]
 
 
 def is_header(cells: list[str], columns: list[Column]) -> bool:

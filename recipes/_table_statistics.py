@@ -3,35 +3,94 @@ applied alike to every split and to new inputs; kept in the run's meta.json."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.data import DataError
+from recipes._table_stream import batches, numbers_of
 from recipes._tables import stored_statistics
 
 MAX_CATEGORIES = 256  # one-hot inputs a text column may add: more is an identifier or free text, not a category
 
 
-def fit(numbers: np.ndarray, texts: dict[str, np.ndarray], cfg) -> dict:
+def merge(a: tuple, b: tuple) -> tuple:
+    """Chan et al.'s parallel update: (count, mean, sum of squared deviations) of two parts -> of both."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = mb - ma
+        mean = np.where(nb == 0, ma, np.where(na == 0, mb, ma + delta * nb / n))
+        m2 = np.where(nb == 0, sa, np.where(na == 0, sb, sa + sb + delta ** 2 * na * nb / n))
+    return n, mean, m2
+
+
+def moments(x: np.ndarray) -> tuple:
+    """(count, mean, sum of squared deviations) of each column's non-NaN values."""
+    given = ~np.isnan(x)
+    n = given.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(given, x, 0).sum(axis=0) / n
+        m2 = np.where(given, (x - mean) ** 2, 0).sum(axis=0)
+    return n, mean, m2
+
+
+def median(arrow_file: Path, name: str, train: np.ndarray) -> float:
+    """The exact median of a number column's non-empty train values (np.nanmedian), one column in memory."""
+    with pa.memory_map(str(arrow_file)) as f:
+        column = pa.ipc.open_file(f).read_all().column(name)
+        parts, start = [], 0
+        for chunk in column.chunks:
+            values = chunk.to_numpy().astype(np.float32)[train[start:start + len(chunk)]]
+            parts.append(values[~np.isnan(values)])
+            start += len(chunk)
+    values = np.concatenate(parts) if parts else np.empty(0, np.float32)
+    if not len(values):
+        return float("nan")
+    half = len(values) // 2
+    values.partition([half - 1, half] if len(values) % 2 == 0 else [half])
+    return float(values[half]) if len(values) % 2 else (float(values[half - 1]) + float(values[half])) / 2
+
+
+def fit(arrow_file: Path, numbers: list[str], texts: list[str], train: np.ndarray, cfg) -> dict:
     """Fill values, means and stds of the number columns and the categories of the text columns, from the train
-    rows alone (SimpleImputer, StandardScaler and OneHotEncoder, fitted on train)."""
-    fill = {"median": np.nanmedian, "mean": np.nanmean, "none": None}[cfg.data.impute.name]
-    x = numbers.astype(np.float64)
+    rows alone (`train`: a mask over the rows of the checked Arrow file), as SimpleImputer, StandardScaler and
+    OneHotEncoder fit them, read a batch at a time: means and stds merge the batches' moments."""
+    k, impute = len(numbers), cfg.data.impute.name
+    given, empty = (np.zeros(k), np.zeros(k), np.zeros(k)), np.zeros(k)
+    categories: dict[str, set] = {name: set() for name in texts}
+    for start, batch in batches(arrow_file):
+        mine = train[start:start + batch.num_rows]
+        x = numbers_of(batch, numbers)[mine]
+        given = merge(given, moments(x))
+        empty += np.isnan(x).sum(axis=0)
+        for name in texts:
+            categories[name].update(pc.unique(batch.column(name).filter(pa.array(mine))).to_pylist())
     stats = {}
-    if fill is not None and len(x.T):
-        stats["median" if cfg.data.impute.name == "median" else "fill"] = fill(x, axis=0).tolist()
-        x = np.where(np.isnan(x), np.asarray(_fill(stats)), x)
-    standardize = cfg.data.standardize and len(x.T)
-    stats["mean"] = x.mean(axis=0).tolist() if standardize else [0.0] * x.shape[1]
-    stats["std"] = x.std(axis=0).tolist() if standardize else [1.0] * x.shape[1]
-    stats["categories"] = {name: sorted({v for v in values if v != ""}) for name, values in texts.items()}
-    many = {name: len(c) for name, c in stats["categories"].items() if len(c) > MAX_CATEGORIES}
+    if impute != "none" and k:
+        fill = [median(arrow_file, n, train) for n in numbers] if impute == "median" else given[1].tolist()
+        stats["median" if impute == "median" else "fill"] = fill
+        given = merge(given, (empty, np.asarray(fill, dtype=np.float64), np.zeros(k)))
+    n, mean, m2 = given
+    standardize = cfg.data.standardize and k
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats["mean"] = mean.tolist() if standardize else [0.0] * k
+        stats["std"] = np.sqrt(m2 / n).tolist() if standardize else [1.0] * k
+    stats["categories"] = {name: sorted(values - {""}) for name, values in categories.items()}
+    require_few_categories(stats["categories"])
+    return stats
+
+
+def require_few_categories(categories: dict[str, list]) -> None:
+    many = {name: len(c) for name, c in categories.items() if len(c) > MAX_CATEGORIES}
     if many:
         name, count = next(iter(many.items()))
         raise DataError(f"column {name!r} has {count:,} different texts in the train rows: one-hot encoding would "
                         f"give it {count:,} inputs (at most {MAX_CATEGORIES} are taken). An identifier, a name or free "
                         f"text is no category.\nFix: leave it out, data.features=[...] naming the other columns; a "
                         f"column of numbers written with text is read as numbers once its cells are numbers")
-    return stats
 
 
 def _fill(stats: dict) -> list:
@@ -62,7 +121,10 @@ def preprocess(batch: dict, stats: dict) -> dict:
         x = np.where(np.isnan(x), np.asarray(_fill(stats)), x)
     parts = [(x - np.asarray(stats["mean"])) / np.asarray(stats["std"])]
     for name, categories in stats["categories"].items():
-        parts.append(np.asarray(batch[name])[:, None] == np.asarray(categories, dtype=object)[None, :])
+        # by Arrow's hash lookup, not a Python comparison per cell
+        values = batch[name] if isinstance(batch[name], pa.Array) else pa.array(batch[name], pa.string())
+        at = pc.index_in(values, value_set=pa.array(categories, pa.string()))
+        parts.append(at.fill_null(-1).to_numpy()[:, None] == np.arange(len(categories))[None, :])
     return {"features": np.concatenate(parts, axis=1).astype(np.float32)}
 
 
@@ -71,3 +133,17 @@ def split_columns(table, numbers: list[str], texts: list[str]) -> dict:
     numbers = table[numbers].to_numpy(np.float32).astype(np.float64).reshape(len(table), len(numbers))
     return {"numbers": numbers,
             **{name: table[name].to_numpy() for name in texts}}
+
+
+def features_file(checked: Path, rows: int, columns: tuple[list[str], list[str]], stats: dict, out: Path):
+    """Every row's features (`columns`: the number and text columns), preprocessed batch by batch into the float32
+    file `out`, mapped as [rows, width]."""
+    numbers, texts = columns
+    x = None
+    for start, batch in batches(checked):
+        part = preprocess({"numbers": numbers_of(batch, numbers), **{name: batch.column(name) for name in texts}},
+                          stats)["features"]
+        if x is None:
+            x = np.memmap(out, dtype=np.float32, mode="w+", shape=(rows, part.shape[1]))
+        x[start:start + len(part)] = part
+    return x

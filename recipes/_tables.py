@@ -146,10 +146,13 @@ def _read_checked(cfg, path: Path, columns: list[Column], header: bool | None, r
     bad = np.zeros(len(records), dtype=bool)
     for cells in problems.values():
         bad[[i for i, _, _ in cells]] = True
+    problems = {problem: (len(cells), sorted(((lines[i], c, text) for i, c, text in cells),
+                                             key=lambda cell: (cell[0], cell[1] or 0))[:SHOWN])
+                for problem, cells in problems.items()}
     report = {"rows_read": len(records), "rows_dropped": int(bad.sum())}
     if bad.any():
         if not cfg.data.drop_bad_rows:
-            raise DataError(_bad_rows_message(path, problems, lines, bad, columns, positions))
+            raise DataError(bad_rows_message(path, problems, len(lines), int(bad.sum()), columns, positions))
         report["dropped_lines"] = lines[bad][:KEPT_LINES].tolist()
         print(f"data: dropped {bad.sum()} of {len(records)} rows of {path} (data.drop_bad_rows=true), "
               f"lines {_first(lines[bad].tolist())}")
@@ -185,19 +188,20 @@ def _require_values(path: Path, table: pd.DataFrame, columns: list[Column]) -> N
                         f"Fix: check that data.file is the right CSV and its values are in that column.")
 
 
-def _bad_rows_message(path, problems, lines, bad, columns, positions) -> str:
-    rows = len(lines)
-    out = [f"{path}: {bad.sum()} of {rows} data rows have bad cells:"]
-    for problem, cells in problems.items():
+def bad_rows_message(path, problems: dict[str, tuple[int, list]], rows: int, bad: int, columns, positions) -> str:
+    """The refusal of a file with `bad` of its `rows` data rows bad; `problems`: per problem its count of bad cells
+    (or rows) and the first SHOWN of them as (line, column index or None, what to show)."""
+    out = [f"{path}: {bad} of {rows} data rows have bad cells:"]
+    for problem, (count, cells) in problems.items():
         shown = []
-        for i, c, text in sorted(cells, key=lambda cell: (cell[0], cell[1] or 0))[:SHOWN]:
-            where = f"line {lines[i]}" + (f" column {positions[c] + 1} ({columns[c].name})" if c is not None else "")
+        for line, c, text in cells[:SHOWN]:
+            where = f"line {line}" + (f" column {positions[c] + 1} ({columns[c].name})" if c is not None else "")
             shown.append(f"{where} {text}".strip())
-        more = f", and {len(cells) - SHOWN} more" if len(cells) > SHOWN else ""
+        more = f", and {count - SHOWN} more" if count > SHOWN else ""
         unit = "row" if cells[0][1] is None else "cell"
-        out.append(f"  {problem}: {len(cells)} {unit}{'s' * (len(cells) != 1)}: {'; '.join(shown)}{more}")
+        out.append(f"  {problem}: {count} {unit}{'s' * (count != 1)}: {'; '.join(shown)}{more}")
     out.append(f"Fix: correct or delete those rows in the file, or add data.drop_bad_rows=true to train on "
-               f"the other {rows - bad.sum()} rows (the dropped count is printed and kept in the run's meta.json).")
+               f"the other {rows - bad} rows (the dropped count is printed and kept in the run's meta.json).")
     return "\n".join(out)
 
 

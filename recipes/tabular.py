@@ -10,6 +10,7 @@ that evaluate and predict use the same ones. water_potability and house_prices_l
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,6 +19,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from datasets.fingerprint import get_temporary_cache_files_directory
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 from torchmetrics.classification import (
@@ -31,10 +33,11 @@ from torchmetrics.wrappers import LambdaInputTransformer
 
 from pipeline.config import ConfigError, ModelConfig, choice
 from pipeline.data import DataError
-from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy, dataset
-from recipes._splits import split_sizes, split_train_eval
+from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy
+from recipes import _table_stream as stream
+from recipes._splits import split_indices, split_sizes
 from recipes._table_cells import Column, table_records
-from recipes._table_statistics import fit, preprocess, split_columns, stored
+from recipes._table_statistics import features_file, fit, merge, moments, preprocess, split_columns, stored
 from recipes._tables import (
     NUMBER,
     CsvData,
@@ -131,25 +134,21 @@ def _number(cell: str) -> bool:
     return True
 
 
-def read_table(cfg, spec: Spec, path: Path | None = None, with_target: bool = True):
-    """The table's feature (and target) columns checked cell by cell (recipes/_tables.read), its facts."""
-    path = path or raw_files(cfg, spec)[0]
+def table_columns(cfg, spec: Spec, path: Path):
+    """The table's feature and target columns to read and check, the features, categorical ones and target, and
+    what the train/eval split needs: enough(rows) and how it splits, for the message."""
     features, target, categorical = sniff(cfg, path, spec)
     impute = cfg.data.impute.name != "none"
     columns = [Column(name, "category" if name in categorical else "number", empty_ok=impute or name in categorical)
                for name in features]
-    if with_target:
-        text_target = target in categorical or _target_is_text(path, target)
-        kind = "category" if text_target else "number"
-        values = tuple(str(v) for v in spec.target_values) if text_target else spec.target_values
-        columns.append(Column(target, kind, values=values))
+    text_target = target in categorical or _target_is_text(path, target)
+    values = tuple(str(v) for v in spec.target_values) if text_target else spec.target_values
+    columns.append(Column(target, "category" if text_target else "number", values=values))
     classify = cfg.data.task.name in ("binary", "multiclass") or bool(spec.target_values)
-    fraction = cfg.data.eval_fraction
-    need = 2 if classify else 1
-    table, report = read(cfg, path, columns, lambda n: min(split_sizes(n, fraction)) >= need,
-                         f"with data.eval_fraction={fraction}" + (" (stratified: each part needs a row of each class)"
-                                                                  if classify else ""), rename=spec.rename)
-    return table, report, features, categorical, target
+    fraction, need = cfg.data.eval_fraction, 2 if classify else 1
+    how = f"with data.eval_fraction={fraction}" + (" (stratified: each part needs a row of each class)"
+                                                   if classify else "")
+    return columns, (features, categorical, target), lambda n: min(split_sizes(n, fraction)) >= need, how
 
 
 def _target_is_text(path: Path, target: str) -> bool:
@@ -181,13 +180,12 @@ def infer_task(cfg, values: np.ndarray, target: str, spec: Spec) -> str:
     return task
 
 
-def require_classes(path: Path, target: str, values: np.ndarray) -> None:
+def require_classes(path: Path, target: str, distinct: np.ndarray, rows: int) -> None:
     """A classifier needs two classes to tell apart; with one its metrics are undefined."""
-    distinct = np.unique(values)
     if len(distinct) < 2:
         value = distinct[0]
         value = int(value) if isinstance(value, float) and value.is_integer() else value
-        raise DataError(f"{path.resolve()}: the target column {target!r} has one value in all {len(values)} rows "
+        raise DataError(f"{path.resolve()}: the target column {target!r} has one value in all {rows} rows "
                         f"({target}={value}), so there is nothing to classify.\nFix: use a file with rows of at "
                         f"least two classes, or choose another data.target (data.task=regression for a number)")
 
@@ -215,72 +213,81 @@ def class_list(values: np.ndarray, spec: Spec) -> list:
 
 
 def prepare(cfg, spec: Spec = Spec()):
-    table, report, features, categorical, target = read_table(cfg, spec)
+    """The table read and checked in record batches into a temporary Arrow file, its train statistics fitted and
+    the splits written from there: memory holds a batch and a few numbers a row, not the table."""
     path = raw_files(cfg, spec)[0]
-    values = table[target].to_numpy()
-    task = infer_task(cfg, values, target, spec)
-    if task != "regression":
-        require_classes(path, target, values)
-    if task != "regression" and values.dtype != object and np.all(np.mod(values, 1) == 0):
-        values = values.astype(np.int64)  # classes 0 and 1, not 0.0 and 1.0
+    columns, (features, categorical, target), enough, how = table_columns(cfg, spec, path)
     numbers = [name for name in features if name not in categorical]
-    meta = {"task": task, "target": target, "numbers": numbers, "categorical": categorical, **report}
-    if task == "regression":
-        y = values.astype(np.float32)
-        target_feature = datasets.Value("float32")
-    else:
-        y, names = class_targets(cfg, path, target, values, spec)
-        meta["class_names"] = names
-        target_feature = datasets.ClassLabel(names=names)
-    print(f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"
-        + (f", {len(categorical)} categorical (one-hot): {', '.join(categorical)}" if categorical else "")
-        + f" -> {target!r} ({task})")
-    full = dataset({"row": np.arange(len(table)), "label": y},
-                   datasets.Features({"row": datasets.Value("int64"), "label": target_feature}))
-    train, evaluation = split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed,
-                                         stratify=None if task == "regression" else "label")
-    columns = split_columns(table, numbers, categorical)
-    # [:] reads a whole column as one array (split["row"] is a Column that numpy would read a row at a time)
-    rows = {name: split.with_format("numpy")[:]["row"] for name, split in (("train", train), ("eval", evaluation))}
-    stats = stored(cfg, meta) or fit(columns["numbers"][rows["train"]],
-                                     {n: columns[n][rows["train"]] for n in categorical}, cfg)
-    if cfg.data.standardize:
-        require_spread(path, dict(zip(numbers, stats["std"])), len(rows["train"]))
-    if task == "regression" and "y_mean" not in stats:
-        y_train = y[rows["train"]].astype(np.float64)
-        scale = cfg.data.standardize
-        stats.update(y_mean=float(y_train.mean()) if scale else 0.0, y_std=float(y_train.std()) if scale else 1.0)
-        if scale:
-            require_spread(path, {target: stats["y_std"]}, len(y_train))
-        else:
-            require_squares_fit(path, target, y)
-    meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
-    splits = {}
-    for name, split in (("train", train), ("eval", evaluation)):
-        x = preprocess({k: v[rows[name]] for k, v in columns.items()}, stats)["features"]
-        target_values = split.with_format("numpy")[:]["label"]
+    scratch = get_temporary_cache_files_directory()
+    with tempfile.TemporaryDirectory(prefix="tabular-", dir=scratch) as work:
+        checked = Path(work) / "checked.arrow"
+        rows, report = stream.check_into(cfg, path, columns, checked, (enough, how), spec.rename)
+        values, _ = stream.distinct(checked, target)
+        task = infer_task(cfg, values, target, spec)
+        meta = {"task": task, "target": target, "numbers": numbers, "categorical": categorical, **report}
         if task == "regression":
-            target_values = ((target_values - meta["y_mean"]) / meta["y_std"]).astype(np.float32)
-        splits[name] = dataset({"features": x, "label": target_values},
-                               datasets.Features({"features": datasets.List(datasets.Value("float32"),
-                                                                            length=x.shape[1]),
-                                                  "label": target_feature}))
+            y, target_feature = None, datasets.Value("float32")
+        else:
+            require_classes(path, target, values, rows)
+            if values.dtype != object and np.all(np.mod(values, 1) == 0):
+                values = values.astype(np.int64)  # classes 0 and 1, not 0.0 and 1.0
+            y, meta["class_names"] = class_targets(cfg, path, target, values, spec, checked)
+            target_feature = datasets.ClassLabel(names=meta["class_names"])
+        print(f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"
+              + (f", {len(categorical)} categorical (one-hot): {', '.join(categorical)}" if categorical else "")
+              + f" -> {target!r} ({task})")
+        parts = dict(zip(("train", "eval"), split_indices(rows, cfg.data.eval_fraction, cfg.data.split_seed, y)))
+        train = np.zeros(rows, dtype=bool)
+        train[parts["train"]] = True
+        stats = stored(cfg, meta) or fit(checked, numbers, categorical, train, cfg)
+        if cfg.data.standardize:
+            require_spread(path, dict(zip(numbers, stats["std"])), len(parts["train"]))
+        if task == "regression":
+            y = target_scale(cfg, path, target, checked, train, stats)
+        meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
+        x = features_file(checked, rows, (numbers, categorical), stats, Path(work) / "features.f32")
+        kinds = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=x.shape[1]),
+                                   "label": target_feature})
+        splits = {name: stream.write_split(x, y, at, kinds, Path(tempfile.mkdtemp(prefix=f"tabular-{name}-",
+                                                                                    dir=scratch)))
+                  for name, at in parts.items()}
+        del x
     return datasets.DatasetDict(splits), meta
 
 
-def class_targets(cfg, path: Path, target: str, values: np.ndarray, spec: Spec) -> tuple[np.ndarray, list[str]]:
-    """The target's values as class indices (in the classes' sorted order) and the class names, data.class_names
-    or the values themselves; a stratified split needs 2 rows of each class."""
+def target_scale(cfg, path: Path, target: str, checked: Path, train: np.ndarray, stats: dict) -> np.ndarray:
+    """A regression target's train mean and std (into `stats`, unless stored) and each row's standardized value."""
+    seen, largest = (0, 0.0, 0.0), 0.0
+    for start, batch in stream.batches(checked):
+        y = batch.column(target).to_numpy().astype(np.float32)
+        seen = merge(seen, moments(y[train[start:start + len(y)], None].astype(np.float64)))
+        largest = max(largest, float(np.abs(y).max()))
+    if "y_mean" not in stats:
+        scale = cfg.data.standardize
+        n, mean, m2 = seen
+        stats.update(y_mean=float(mean[0]) if scale else 0.0, y_std=float(np.sqrt(m2[0] / n[0])) if scale else 1.0)
+        if scale:
+            require_spread(path, {target: stats["y_std"]}, int(n[0]))
+        else:
+            require_squares_fit(path, target, np.array([largest]))
+    parts = [((batch.column(target).to_numpy().astype(np.float32) - stats["y_mean"]) / stats["y_std"]).astype(
+        np.float32) for _, batch in stream.batches(checked)]
+    return np.concatenate(parts)
+
+
+def class_targets(cfg, path: Path, target: str, values: np.ndarray, spec: Spec, checked: Path):
+    """Each row's class index (in the classes' sorted order) and the class names, data.class_names or the values
+    themselves; a stratified split needs 2 rows of each class."""
     classes = class_list(values, spec)
-    position = {value: i for i, value in enumerate(classes)}
-    y = np.array([position[v] for v in values.tolist()], dtype=np.int64)
+    y = stream.codes(checked, target, classes)
     names = list(cfg.data.class_names) or [str(c) for c in classes]
     if len(names) != len(classes):
         raise ConfigError(f"data.class_names has {len(names)} names, but the target {target!r} has "
                           f"{len(classes)} values ({_few(np.asarray(classes, dtype=object))}).\nFix: one name "
                           f"per value, in their sorted order, or leave data.class_names empty")
+    counts = np.bincount(y, minlength=len(classes))
     for i in range(len(names)):
-        require_rows(path, int((y == i).sum()), lambda n: n >= 2,
+        require_rows(path, int(counts[i]), lambda n: n >= 2,
                      f"with {target}={classes[i]} (a stratified split needs 2 of each)")
     return y, names
 
