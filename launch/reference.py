@@ -341,12 +341,13 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def header(started: float, quick: bool) -> str:
+def header(started: float, quick: bool, partial: bool = False) -> str:
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip() or "unknown"
     return (f"Measured at commit {sha}, {time.strftime('%Y-%m-%d', time.gmtime(started))}"
-            f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all. Each cell: the eval "
-            f"metric (wall time of the run or fit).")
+            f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all"
+            f"{' so far (still running)' if partial else ''}, load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores when written. Each cell: the eval metric (wall time of the run or fit).")
 
 
 def parse_args():
@@ -377,12 +378,14 @@ def main() -> None:
     started = time.time()
     entries = [e for e in ENTRIES if (not args.only or e.family == args.only) and (e.quick or not args.quick)]
     try:
-        rows = [measure(entry, work) for entry in entries]
-        table = markdown(rows, header(started, args.quick))
-        write_text(work / "reference.json", json.dumps(rows, indent=1))
+        rows = []
+        for entry in entries:  # the table so far is written after each data set: a long run stopped keeps them
+            rows.append(measure(entry, work))
+            table = markdown(rows, header(started, args.quick, len(rows) < len(entries)))
+            write_text(work / "reference.json", json.dumps(rows, indent=1))
+            if args.out:
+                write_text(Path(args.out), table)
         print(table)
-        if args.out:
-            write_text(Path(args.out), table)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
