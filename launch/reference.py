@@ -341,9 +341,16 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def header(started: float, quick: bool, partial: bool = False) -> str:
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip() or "unknown"
+def commit() -> str:
+    """The checkout's commit as the run starts (and whether tracked files differ from it)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    changed = git("status", "--short", "--untracked-files=no")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" with local changes" if changed else "")
+
+
+def header(sha: str, started: float, quick: bool, partial: bool = False) -> str:
     return (f"Measured at commit {sha}, {time.strftime('%Y-%m-%d', time.gmtime(started))}"
             f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all"
             f"{' so far (still running)' if partial else ''}, load average {os.getloadavg()[0]:.1f} on "
@@ -375,13 +382,13 @@ def work_folder(given: str | None) -> Path:
 def main() -> None:
     args = parse_args()
     work = work_folder(args.work)
-    started = time.time()
+    started, sha = time.time(), commit()
     entries = [e for e in ENTRIES if (not args.only or e.family == args.only) and (e.quick or not args.quick)]
     try:
         rows = []
         for entry in entries:  # the table so far is written after each data set: a long run stopped keeps them
             rows.append(measure(entry, work))
-            table = markdown(rows, header(started, args.quick, len(rows) < len(entries)))
+            table = markdown(rows, header(sha, started, args.quick, len(rows) < len(entries)))
             write_text(work / "reference.json", json.dumps(rows, indent=1))
             if args.out:
                 write_text(Path(args.out), table)
