@@ -42,6 +42,8 @@ Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the dev
 MonitorMode = choice("MonitorMode", ("auto", "max", "min"))
 # The ragged end of a training epoch: dropped, or completed from the start of the epoch's own order (see data.loader).
 LastBatch = choice("LastBatch", ("drop", "complete"))
+# The weights a finished run reports and evaluate/predict use by default: the best evaluation's, or the last step's.
+Weights = choice("Weights", ("best", "final"))
 # Every tracker Accelerate's `log_with` knows, by its own names, and `none` for the local record alone. Spelled
 # out because accelerate.utils.LoggerType imports torch, and the config must check a command line without it;
 # tests/test_startup.py holds this list to LoggerType's values. `all` is left out: it means whichever
@@ -127,6 +129,8 @@ class CheckpointConfig:
     # the recipe reports it, else eval/loss.
     monitor: str | None = None
     mode: MonitorMode = MonitorMode.auto  # auto: min for loss/mse/mae/rmse, max for the others
+    # best: the summary, the test split, evaluate and predict use best.safetensors (the best checkpoint.monitor)
+    weights: Weights = Weights.best
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from pipeline import checkpoint, plots, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
@@ -251,13 +252,9 @@ def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
 
 
 def finish(run: Run, state: LoopState) -> dict:
-    """The test split (on the final weights), the final weights and summary.json with the best evaluation;
-    a finished run keeps no checkpoints."""
+    """The final weights, then the weights the run reports (checkpoint.weights: the best evaluation's by default)
+    scored on the test split, and summary.json with both; a finished run keeps no checkpoints."""
     accelerator, step, results, best = run.accelerator, state.position.step, state.results, state.best
-    if "test" in run.eval_loaders:
-        test = evaluate(run, "test")
-        accelerator.log({k: v for k, v in test.items() if report.scalar(v)}, step=step)
-        results.update(test)
     accelerator.wait_for_everyone()
     check_weights(run.model, step, run.run_dir, accelerator)
     # A truncated model.safetensors would look like a finished run's weights: removed on a full disk.
@@ -265,6 +262,11 @@ def finish(run: Run, state: LoopState) -> dict:
             all_or_none(accelerator):
         save_weights(accelerator, run.model, run.run_dir)
     runinfo.weights_saved(run, "model.safetensors")
+    weights = reported_weights(run, state)
+    if "test" in run.eval_loaders:
+        test = evaluate(run, "test")
+        accelerator.log({k: v for k, v in test.items() if report.scalar(v)}, step=step)
+        results.update(test)
     timings = {"train/samples_per_s": state.speed.rate(), "time/first_step_s": state.speed.first,
                "time/total_s": time.perf_counter() - state.started}
     # Also as the trackers' last values, so the W&B summary holds them (W&B's summary is each key's last value).
@@ -275,7 +277,7 @@ def finish(run: Run, state: LoopState) -> dict:
         tracking.log_model(accelerator, run.run_dir)
     summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": state.epochs_done,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "compile": run.compiled, "data": run.data_paths, **results, **best.summary(), **timings}
+               "compile": run.compiled, "data": run.data_paths, **weights, **results, **best.summary(), **timings}
     with all_or_none(accelerator):
         if accelerator.is_main_process:
             tracking.write_json(run.run_dir / "summary.json", summary)
@@ -284,6 +286,19 @@ def finish(run: Run, state: LoopState) -> dict:
     accelerator.print(report.summary_line(summary))
     accelerator.end_training()
     return summary
+
+
+def reported_weights(run: Run, state: LoopState) -> dict:
+    """checkpoint.weights=best: the model takes best.safetensors for the test split and the summary, whose eval
+    scores are evaluated again when those are not the weights it ended with; final (or no evaluation): as trained."""
+    best = state.best
+    if run.cfg.checkpoint.weights.name == "final" or best.step is None:
+        return {"weights": "final"}
+    if best.step != state.position.step:
+        weights = load_file(run.run_dir / "best.safetensors", device=str(run.accelerator.device))
+        run.accelerator.unwrap_model(run.model, keep_torch_compile=False).load_state_dict(weights)
+        state.results.update(evaluate(run, "eval"))
+    return {"weights": "best"}
 
 
 @torch.no_grad()

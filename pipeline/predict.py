@@ -48,8 +48,8 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     if not own["input"]:
         raise ConfigError("what to predict? Give the new inputs in the recipe's raw format: input=<file or folder> "
                           "(e.g. a CSV with the feature columns, an image file or a folder of images)")
-    weights = own["weights"] or "final"  # or a file's path: checked by runs.weights_file below
     run_dir, source = Path(own["run"]), Path(own["input"])
+    weights = own["weights"] or runs.reported_weights(run_dir)  # or a file's path: checked by runs.weights_file below
     recipe, cfg, _ = runs.load_run(run_dir, [item for item in dotlist if item.partition("=")[0] not in own])
     if recipe.read_inputs is None:
         raise ConfigError(f"recipe {recipe.name!r} does not predict on new inputs: it has no `read_inputs`.\n"

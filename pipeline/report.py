@@ -163,9 +163,28 @@ class Progress:
             self.bar.close()
 
 
+SHOWN_SCORES = 8  # numbers on the `done:` line; summary.json has them all
+
+
 def summary_line(summary: dict) -> str:
-    keys = [k for k in summary if k.split("/")[0] in ("eval", "test") and scalar(summary[k])
-            and k.count("/") <= 2 and not k.endswith("/samples")][:8]
+    """`done:` with the weights the scores are of, then the test scores, the eval ones, the losses, and per-class
+    numbers last (a classifier of many classes would fill the line with them)."""
+    def rank(key: str) -> tuple:
+        depth, name = key.count("/"), key.rsplit("/", 1)[-1]
+        kind = 3 if depth > 1 else 2 if name.endswith("_micro") else 1 if name == "loss" else 0
+        return kind, key.split("/")[0] != "test"
+
+    keys = sorted((k for k in summary if k.split("/")[0] in ("eval", "test") and scalar(summary[k])
+                   and not k.endswith("/samples")), key=rank)[:SHOWN_SCORES]
     shown = " ".join(f"{k}={summary[k]:.4f}" for k in keys)
     return (f"done: {summary['recipe']} {summary['epochs']} epochs {summary['steps']} steps "
-            f"{summary['train/samples_per_s']:,.0f} samples/s {shown} -> {summary['run_dir']}")
+            f"{summary['train/samples_per_s']:,.0f} samples/s {weights_text(summary)}{shown} -> {summary['run_dir']}")
+
+
+def weights_text(summary: dict) -> str:
+    """`weights: best (epoch 9 of 11, eval/accuracy 0.97) ` or `weights: final `: which weights the scores are of."""
+    if summary.get("weights") != "best":
+        return "weights: final " if summary.get("weights") else ""
+    monitor = next(k.removeprefix("best/") for k in summary if k.startswith("best/eval/"))
+    return (f"weights: best (epoch {summary['best/epoch']} of {summary['epochs']}, {monitor} "
+            f"{summary['best/' + monitor]:.4g}) ")

@@ -41,6 +41,7 @@ class Request:
     split: str = "eval"
     weights: str = "final"
     overrides: tuple = ()
+    reported: str = "final"  # the weights the run's summary reports (see `reported_weights`)
 
 
 def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
@@ -50,7 +51,8 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     own = {key: config.given(dotlist, key) for key in ("run", "split", "weights")}
     if not own["run"]:
         raise ConfigError("which run? Give its folder: run=runs/<recipe>/<run_name>")
-    split, weights = own["split"] or "eval", own["weights"] or "final"
+    split, reported = own["split"] or "eval", reported_weights(Path(own["run"]))
+    weights = own["weights"] or reported
     if split not in SPLITS:
         raise ConfigError(f"bad value split={split!r}; choose one of: {', '.join(SPLITS)}")
     overrides = [item for item in dotlist if item.partition("=")[0] not in own]
@@ -61,7 +63,17 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
         meta = (Path(own["run"]) / data.META_FILE).resolve()
         recipe, cfg, _ = load_run(own["run"], [*overrides, f"data.statistics={meta}"])
     weights_file(Path(own["run"]), weights)  # before any work
-    return recipe, cfg, Request(Path(own["run"]), split, weights, tuple(overrides))
+    return recipe, cfg, Request(Path(own["run"]), split, weights, tuple(overrides), reported)
+
+
+def reported_weights(run_dir: Path) -> str:
+    """`best` or `final`: the weights whose scores the run's summary.json reports, which evaluate and predict
+    use unless told `weights=`; final for a run whose summary does not say (trained before it did)."""
+    try:
+        reported = json.loads((Path(run_dir) / "summary.json").read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return "final"
+    return reported if reported in WEIGHTS else "final"
 
 
 def load_run(run_dir, overrides=()) -> tuple[recipes.Recipe, object, dict]:
@@ -298,10 +310,11 @@ def own_data(recipe, cfg, request: Request, shards: Path, say) -> bool | None:
 
 def output_name(request: Request, shards: Path, own: bool | None = None) -> str:
     """`<split>` on the run's own data (the shards' fingerprint is the one its run.json records), else
-    `<split>-<first 8 of the shards' fingerprint>`; `-best` for the best weights, `-weights-<first 8 of its
-    sha256>` for a file given by path. The fingerprint names the data's content, so the same data gets the
-    same file whatever path it was given by."""
-    name = request.split + ("-best" if request.weights == "best" else "")
+    `<split>-<first 8 of the shards' fingerprint>`; `-best` or `-final` for the weights the run does not report,
+    `-weights-<first 8 of its sha256>` for a file given by path. The fingerprint names the data's content, so the
+    same data gets the same file whatever path it was given by."""
+    other = request.weights in WEIGHTS and request.weights != request.reported
+    name = request.split + (f"-{request.weights}" if other else "")
     if request.weights not in WEIGHTS:
         name += f"-weights-{runinfo.sha256(Path(request.weights))[:8]}"
     return name if own else f"{name}-{shards.name[:8]}"

@@ -105,6 +105,43 @@ def test_a_resumed_run_keeps_the_best_so_far_and_the_patience_count(workdir, cac
     assert record["resumed_from"].endswith("step-00000022")
 
 
+@pytest.mark.slow
+def test_the_summary_evaluate_and_predict_use_the_best_weights_unless_told_final(uninterrupted):
+    run_dir, result = uninterrupted
+    s = read(run_dir / "summary.json")
+    first, last = [x for x in metrics_lines(run_dir) if "eval/loss" in x][::2]  # epochs 1 and 3
+    # Scored on epoch 1's weights (the best), evaluated again at the end: epoch 1's numbers, not epoch 3's.
+    assert s["weights"] == "best" and s["eval/loss"] == pytest.approx(first["eval/loss"], rel=1e-6)
+    assert s["eval/accuracy"] == pytest.approx(first["eval/accuracy"], abs=1e-6) and s["eval/loss"] != last["eval/loss"]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("done: "))
+    assert f"weights: best (epoch 1 of 3, eval/loss {s['best/eval/loss']:.4g}) eval/accuracy=" in line
+    workdir = run_dir.parent.parent.parent
+    ok(cli([f"run={run_dir}"], cwd=workdir, script="evaluate"))
+    ok(cli([f"run={run_dir}", "weights=final"], cwd=workdir, script="evaluate"))
+    reported, final = read(run_dir / "evaluations" / "eval.json"), read(run_dir / "evaluations" / "eval-final.json")
+    assert reported["weights"] == "best.safetensors"
+    assert reported["eval/loss"] == pytest.approx(s["eval/loss"], rel=1e-6)
+    assert final["weights"] == "model.safetensors" and final["eval/loss"] == pytest.approx(last["eval/loss"], rel=1e-6)
+    from pipeline import predict
+
+    assert predict.parse_argv([f"run={run_dir}", f"input={run_dir}"])[2].weights == "best"
+
+
+def test_the_done_line_says_the_weights_then_test_then_averages_before_classes():
+    from pipeline.report import summary_line
+
+    per_class = {f"{split}/f1/{c}": 0.5 for split in ("eval", "test") for c in ("cat", "dog", "owl")}
+    summary = {"recipe": "image_folder", "epochs": 11, "steps": 99, "train/samples_per_s": 10.0, "run_dir": "r",
+               "weights": "best", "eval/loss": 0.3, "eval/samples": 30, "eval/accuracy": 0.97, **per_class,
+               "eval/f1_micro": 0.97, "eval/f1_macro": 0.96, "test/loss": 0.4, "test/accuracy": 0.9,
+               "test/f1_macro": 0.89, "best/eval/accuracy": 0.97, "best/epoch": 9}
+    assert summary_line(summary) == (
+        "done: image_folder 11 epochs 99 steps 10 samples/s weights: best (epoch 9 of 11, eval/accuracy 0.97) "
+        "test/accuracy=0.9000 test/f1_macro=0.8900 eval/accuracy=0.9700 eval/f1_macro=0.9600 test/loss=0.4000 "
+        "eval/loss=0.3000 eval/f1_micro=0.9700 test/f1/cat=0.5000 -> r")
+    assert "samples/s weights: final test/accuracy=0.9000" in summary_line({**summary, "weights": "final"})
+
+
 def check_run_record(record: dict) -> None:
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert record["git"]["sha"] == head and record["git"]["source"] == "git"

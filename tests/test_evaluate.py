@@ -39,8 +39,10 @@ def test_evaluate_reproduces_the_runs_eval_metrics(trained):
     result = evaluate(run, workdir, "split=eval")
     record = json.loads((run / "evaluations" / "eval.json").read_text())
     same_metrics(record, summary)
-    assert record["weights"] == "model.safetensors" and record["num_processes"] == 1 and record["data"] == {}
-    assert result.stdout.count("evaluated: digits model.safetensors on eval (360 samples, 1 process)") == 1
+    # The weights the run reports (summary.json "weights": best by default), so the numbers are its own.
+    assert summary["weights"] == "best"
+    assert record["weights"] == "best.safetensors" and record["num_processes"] == 1 and record["data"] == {}
+    assert result.stdout.count("evaluated: digits best.safetensors on eval (360 samples, 1 process)") == 1
 
 
 @pytest.mark.slow
@@ -221,12 +223,13 @@ def test_a_csv_edited_after_training_is_other_data_and_foreign_weights_stop_eval
     foreign = workdir / "other-run.safetensors"
     torch.manual_seed(1)
     save_file(recipe.model(cfg, meta).state_dict(), foreign)
-    (run / "model.safetensors").write_bytes(foreign.read_bytes())  # copied over the run's own
+    # Copied over the run's own: best.safetensors, the weights it reports, which evaluate and predict use.
+    (run / "best.safetensors").write_bytes(foreign.read_bytes())
     for script, args in (("evaluate", []), ("predict", [f"input={csv}"])):
         refused = cli([f"run={run}", *args], cwd=workdir, script=script)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-        assert (f"model.safetensors is not the file this run saved: its sha256 is {runinfo.sha256(foreign)}, "
-                f"run.json records {record['weights']['model.safetensors']}") in refused.stderr
+        assert (f"best.safetensors is not the file this run saved: its sha256 is {runinfo.sha256(foreign)}, "
+                f"run.json records {record['weights']['best.safetensors']}") in refused.stderr
     warned = evaluate(run, workdir, f"weights={foreign}")
     assert f"WARNING: {foreign} is not one of run {run}'s weights" in warned.stdout
     [named] = (run / "evaluations").glob("eval-weights-*.json")
