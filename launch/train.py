@@ -12,13 +12,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
+from pipeline import console  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
 
 def train(recipe, cfg) -> None:
     from pipeline.loop import train  # imported once the command line is checked: --help needs no torch
 
-    train(cfg, recipe)
+    with console.quiet():  # other tools' output to <run>/console.log (--verbose: to the terminal too)
+        train(cfg, recipe)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from accelerate.utils import (
 )
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pipeline import checkpoint, data, hooks, optim, patches, report, rng, runinfo, tracking
+from pipeline import checkpoint, console, data, hooks, optim, patches, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
 from pipeline.guards import check_writable
@@ -218,9 +218,19 @@ def start_trackers(cfg, accelerator, runtime: dict, init_kwargs: dict, run_dir: 
 
 
 def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -> None:
-    say(f"data: train {splits_read['train']['rows']:,} rows, {steps_per_epoch} steps/epoch; "
-        + ", ".join(f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders) + "; "
-        + "; ".join(f"{k} {v['path']}: {v['why']}" for k, v in splits_read.items()))
+    """The splits' sizes and, in plain words, which are held in memory and which are read from the shards; why
+    (the memory budget's arithmetic) is in summary.json's "data", and on the terminal with --verbose."""
+    where = {"memory": "in memory", "stream": "streamed from the shards"}
+    sizes = {"train": f"train {splits_read['train']['rows']:,} rows ({steps_per_epoch} steps/epoch)",
+             **{k: f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders}}
+    paths = {splits_read[k]["path"] for k in sizes}
+    if len(paths) == 1:
+        say(f"data: {', '.join(sizes.values())}; {'all ' if len(sizes) > 1 else ''}{where[paths.pop()]}")
+    else:
+        say("data: " + ", ".join(f"{text} {where[splits_read[k]['path']]}" for k, text in sizes.items()))
+    if console.verbose():
+        for k, v in splits_read.items():
+            say(f"data: {k} {where[v['path']]}: {v['why']}")
 
 
 def start_processes(cfg, cpu: bool) -> PartialState:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import config, overrides
+from pipeline import config, console, overrides
 
 USAGE = """usage: accelerate launch launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
        python launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
@@ -28,6 +28,8 @@ Recipes (default: digits):
 {recipes}
 
 Show every key of a recipe with its value: python launch/train.py recipe=NAME --print-config
+Other tools' output (W&B, Accelerate, warnings) goes to <run>/console.log; --verbose (or PIPELINE_VERBOSE=1)
+shows it on the terminal too, with the run's extra details.
 A task kept as a file (`recipe:` and any keys; the command line wins over it, it over the recipe's defaults):
   python launch/train.py recipe=NAME trainer.epochs=3 --print-config > my_task.yaml
   python launch/train.py --config my_task.yaml optimizer.lr=3e-4
@@ -87,7 +89,9 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
         print(help_text or usage(script, what))
         return
     show = "--print-config" in argv
-    argv = [a for a in argv if a != "--print-config"]
+    if "--verbose" in argv:
+        os.environ[console.VERBOSE_ENV] = "1"  # read where the run decides what the terminal shows
+    argv = [a for a in argv if a not in ("--print-config", "--verbose")]
     try:
         recipe, cfg, *more = parse_argv(argv)
         if show:

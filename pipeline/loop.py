@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, plots, report, rng, runinfo, tracking
+from pipeline import checkpoint, console, plots, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.best import Best
 from pipeline.build import Evaluation, Run, setup
@@ -72,6 +72,7 @@ def train(cfg, recipe: recipes.Recipe | None = None) -> dict:
     except BaseException:
         folder.abandon()
         raise
+    console.attach(run.run_dir)  # other tools' output from here on (and held till now) into <run>/console.log
     record = run.record = runinfo.start(run)  # run.json: "running" now, how it ended below
     state = start_state(run, started)
     try:
@@ -107,7 +108,8 @@ def start_state(run: Run, started: float) -> LoopState:
         rng.seed_model(cfg.seed, accelerator.process_index, position.step)
     best = Best.of(cfg, (saved or {}).get("best"), accelerator.print)
     speed = report.Speed(accelerator.device)
-    progress = report.Progress(accelerator.is_main_process, run.steps_per_epoch * run.trainer.epochs)
+    progress = report.Progress(accelerator.is_main_process, run.steps_per_epoch, run.trainer.epochs,
+                               run.trainer.batch_size)
     # Without checkpoints SIGTERM and Ctrl-C end the run at once: there is nothing to save for a resume.
     stop_signal = checkpoint.StopSignal(enabled=cfg.checkpoint.keep > 0, say=accelerator.print)
     return LoopState(position, best, speed, progress, stop_signal, started, epochs_done=position.epoch - 1)
@@ -143,6 +145,7 @@ def train_epoch(run: Run, state: LoopState) -> bool:
             continue
         position.step += 1
         speed.step(trainer.batch_size)
+        state.progress.step(position.step, position.epoch)
         if layer_stats and layer_stats.active:
             accelerator.log(layer_stats.collect(), step=position.step)
         stop = bool(trainer.max_steps) and position.step >= trainer.max_steps

@@ -6,6 +6,9 @@ The schema they are checked against, and the merge with a recipe's defaults, liv
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,34 @@ from pipeline.config import (
     normalize,
     parse,
 )
+
+RECIPES = "recipes"  # where a recipe name without a dot is found: recipes/<name>.py in this repo
+
+
+def recipe_names() -> list[str]:
+    """The recipes in this repo's `recipes/` (one kept elsewhere is named by its module path instead)."""
+    package = importlib.import_module(RECIPES)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def unknown_recipe(name: str) -> str:
+    return (f"unknown recipe {name!r} (no module {RECIPES}.{name}); available recipes: {', '.join(recipe_names())}."
+            f"\nA recipe kept elsewhere is given by its module path: recipe=mypkg.my_recipe (mypkg's folder on "
+            f"PYTHONPATH or the current folder).")
+
+
+def check_recipe(dotlist: list[str], preset: Preset | None) -> None:
+    """A recipe of this repo's that does not exist is named before any recipe module (and torch) is imported."""
+    name = recipe_name(dotlist, preset)
+    if "." in name:
+        return  # a module path: only importing it tells
+    try:
+        found = importlib.util.find_spec(f"{RECIPES}.{name}") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        from_file = preset is not None and given(dotlist, "recipe") is None
+        raise ConfigError((f"--config {preset.path}: " if from_file else "") + unknown_recipe(name))
 
 
 def split_argv(argv: list[str]) -> list[str]:
@@ -113,5 +144,6 @@ def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
         _check_values(cfg)
     except ConfigError as e:
         raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
+    check_recipe(dotlist, preset)
 
 

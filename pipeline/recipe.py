@@ -9,7 +9,6 @@ import functools
 import importlib
 import inspect
 import os
-import pkgutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -26,6 +25,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
+from pipeline.overrides import RECIPES as PACKAGE
+from pipeline.overrides import recipe_names, unknown_recipe
 
 
 def cross_entropy(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -179,13 +180,7 @@ def model_inputs(recipe: Recipe, cfg) -> tuple:
     return tuple(recipe.inputs(cfg) if callable(recipe.inputs) else recipe.inputs)
 
 
-PACKAGE = "recipes"  # where a recipe name without a dot is found: recipes/<name>.py in this repo
-
-
-def names() -> list[str]:
-    """The recipes in this repo's `recipes/` (one kept elsewhere is named by its module path instead)."""
-    package = importlib.import_module(PACKAGE)
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+names = recipe_names  # the recipes in this repo's `recipes/`
 
 
 def load(name: str) -> Recipe:
@@ -201,9 +196,7 @@ def load(name: str) -> Recipe:
             raise ConfigError(f"recipe {name!r}: importing {path} failed: {e}.\nFix: install that module "
                               f"(pip install ...) or remove the import from the recipe.") from None
         if "." not in name:
-            raise ConfigError(f"unknown recipe {name!r} (no module {path}); available recipes: "
-                              f"{', '.join(names())}.\nA recipe kept elsewhere is given by its module path: "
-                              f"recipe=mypkg.my_recipe (mypkg's folder on PYTHONPATH or the current folder).") from None
+            raise ConfigError(unknown_recipe(name)) from None
         raise ConfigError(f"unknown recipe {name!r}: no module {e.name} (tried {path} from the current folder "
                           f"{os.getcwd()}, PYTHONPATH and the installed packages).\nFix: run from the folder that "
                           f"holds {path.split('.')[0]}/ or add it to PYTHONPATH; this repo's recipes: "

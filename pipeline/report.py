@@ -6,13 +6,13 @@ Nothing here touches the model or the data; the loop calls it at steps, log line
 from __future__ import annotations
 
 import functools
-import sys
 import time
 
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryConfusionMatrix, MulticlassConfusionMatrix
 
+from pipeline import console
 from pipeline.recipe import binary_predictions, label_predictions
 
 # Steps before train/samples_per_s counts: the first carries compilation, the next ones the allocator's
@@ -131,36 +131,49 @@ class Speed:
 
 
 class Progress:
-    """A bar on a terminal, plain lines in logs; main process only."""
+    """On a terminal, a bar per epoch (percentage, samples/s, time left) that gives way to the epoch's
+    evaluation line; elsewhere (CI, SLURM logs) a plain line per log line. Main process only."""
 
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.tty = enabled, sys.stderr.isatty()
+    def __init__(self, enabled: bool, steps_per_epoch: int, epochs: int, batch_size: int):
+        self.enabled, self.tty = enabled, enabled and console.terminal().isatty()
+        self.steps_per_epoch, self.epochs, self.batch_size = steps_per_epoch, epochs, batch_size
         self.bar = None
-        if enabled and self.tty:
-            from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+    def step(self, step: int, epoch: int):
+        """An optimizer step done (every step: the bar's rate and time left count them)."""
+        if not self.tty:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            done = step - 1 - (epoch - 1) * self.steps_per_epoch  # a run resumed mid-epoch starts there
+            self.bar = tqdm(total=self.steps_per_epoch * self.batch_size, initial=done * self.batch_size,
+                            desc=f"epoch {epoch}/{self.epochs}", unit=" samples", leave=False,
+                            dynamic_ncols=True, file=console.terminal())
+        self.bar.update(self.batch_size)
 
     def update(self, step: int, epoch: int, loss: float, rate: float):
+        """A log line: the mean loss since the last one; `rate` is 0 until the warm-up steps are over."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         else:
-            print(f"epoch {epoch} step {step} train/loss {loss:.4f} {rate:,.0f} samples/s", flush=True)
+            speed = f" {rate:,.0f} samples/s" if rate else ""
+            print(f"epoch {epoch} step {step} train/loss {loss:.4f}{speed}", flush=True)
 
     def epoch(self, epoch: int, epochs: int, results: dict):
         if not self.enabled:
             return
+        self.close()
         shown = {k: v for k, v in results.items()
                  if k.startswith("eval/") and scalar(v) and k.count("/") <= 2 and not k.endswith("/samples")}
-        line = f"epoch {epoch}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in list(shown.items())[:8])
-        (self.bar.write if self.bar is not None else print)(line)
+        print(f"epoch {epoch}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in list(shown.items())[:8]), flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 SHOWN_SCORES = 8  # numbers on the `done:` line; summary.json has them all

@@ -85,6 +85,7 @@ def wandb_mode(verify: bool = True) -> str:
     network): a bad key or no network stops the run here, with the fix, instead of failing in
     wandb.init after 90 s. Never prompts.
     """
+    check_wandb_env()
     check_wandb_dirs()
     mode = os.environ.get("WANDB_MODE", "")
     if mode in ("offline", "disabled", "dryrun"):
@@ -102,6 +103,36 @@ def wandb_mode(verify: bool = True) -> str:
                           f"Log in with `wandb login`, or log offline: unset WANDB_MODE or set WANDB_MODE=offline, "
                           f"or tracking=none")
     return mode or ("online" if logged_in else "offline")
+
+
+# What W&B's settings read as a yes/no from a variable such as WANDB_SILENT; anything else stops wandb.Settings().
+WANDB_BOOLS = ("true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n")
+WANDB_SWITCHES = ("WANDB_SILENT", "WANDB_QUIET", "WANDB_SHOW_INFO", "WANDB_SHOW_WARNINGS", "WANDB_SHOW_ERRORS")
+
+
+def check_wandb_env() -> None:
+    """An empty WANDB_SILENT (`WANDB_SILENT= python ...`, a scheduler's blank variable) means unset; W&B itself
+    would refuse it with a validation traceback. A value it cannot read is named here, with the fix."""
+    for variable in WANDB_SWITCHES:
+        value = os.environ.get(variable)
+        if value is not None and not value.strip():
+            del os.environ[variable]
+        elif value is not None and value.strip().lower() not in WANDB_BOOLS:
+            raise ConfigError(f"{variable}={value!r} is not a yes/no value W&B reads; set it to true or false, "
+                              f"or unset it")
+
+
+def say_where(accelerator, say) -> None:
+    """One line at the start: where the W&B run is, and for an offline run the command that uploads it."""
+    run = wandb_run(accelerator)
+    if run is None:
+        return
+    if run.offline:
+        folder = Path(run.settings.sync_dir).resolve()
+        folder = folder.relative_to(Path.cwd()) if folder.is_relative_to(Path.cwd()) else folder
+        say(f"W&B: offline; upload with: wandb sync {folder}")
+    else:
+        say(f"W&B: {run.url}")
 
 
 def check_wandb_dirs() -> None:
@@ -170,6 +201,7 @@ def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
         # TensorBoard's hparams take only flat scalars (a nested dict or a None raises); the others keep
         # the config's structure.
         tracker.store_init_configuration(flat(config) if tracker.name == "tensorboard" else config)
+    say_where(accelerator, accelerator.print)
 
 
 # The pip package behind each tracker is named as the tracker, except where Accelerate wants a version range.
@@ -203,14 +235,18 @@ def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = T
     the login checked) here unless given."""
     check_installed(cfg)
     name = tracker_name(cfg)
+    if name == "wandb":
+        check_wandb_env()
     log_with: list = [] if name == "none" else [name]
     init_kwargs = {}
     if name == "wandb":
         import wandb
 
         mode = mode or agreed_wandb_mode(main)  # first: a failed W&B login leaves the run directory empty
+        # console="off": W&B leaves sys.stdout/stderr alone (its own lines go where the run's console
+        # sends them: <run>/console.log, see pipeline/console.py).
         init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name, **wandb_labels(cfg),
-                                "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S)}
+                                "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off")}
         # Online, every attempt of a run (a requeued job) logs into one W&B run, by an id kept in the
         # run directory. Offline runs get none: `wandb sync` of two offline parts with one id keeps
         # only one of them, so each attempt stays a run of its own. WANDB_RUN_ID, if set, wins.

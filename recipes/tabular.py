@@ -223,14 +223,14 @@ def prepare(cfg, spec: Spec = Spec()):
         checked = Path(work) / "checked.arrow"
         rows, report = stream.check_into(cfg, path, columns, checked, (enough, how), spec.rename)
         values, _ = stream.distinct(checked, target)
+        if values.dtype != object and np.all(np.mod(values, 1) == 0) and np.all(np.abs(values) <= 2**53):
+            values = values.astype(np.int64)  # classes "0", "1" as written (in messages, meta), not 0.0 and 1.0
         task = infer_task(cfg, values, target, spec)
         meta = {"task": task, "target": target, "numbers": numbers, "categorical": categorical, **report}
         if task == "regression":
             y, target_feature = None, datasets.Value("float32")
         else:
             require_classes(path, target, values, rows)
-            if values.dtype != object and np.all(np.mod(values, 1) == 0):
-                values = values.astype(np.int64)  # classes 0 and 1, not 0.0 and 1.0
             y, meta["class_names"] = class_targets(cfg, path, target, values, spec, checked)
             target_feature = datasets.ClassLabel(names=meta["class_names"])
         print(f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"

@@ -170,11 +170,12 @@ def test_streaming_trains_exactly_as_in_memory(workdir, processes):
     ok(cli(common(workdir, *args, "data.in_memory=true", "run_name=memory"), cwd=workdir, processes=processes))
     streamed = ok(cli(common(workdir, *args, "data.in_memory_budget_gb=0", "run_name=stream"), cwd=workdir,
                       processes=processes))
-    assert "train stream: 101.0 KiB > budget 0 B, data.in_memory_budget_gb=0" in streamed.stdout
+    assert "data: train 1,437 rows (44 steps/epoch), eval 360 rows; all streamed from the shards" in streamed.stdout
     runs = workdir / "runs" / "digits"
     memory, stream = (json.loads((runs / name / "summary.json").read_text()) for name in ("memory", "stream"))
     assert memory["data"]["train"] == {"rows": 1437, "path": "memory", "why": "data.in_memory=true"}
     assert stream["data"]["eval"]["path"] == "stream" and stream["num_processes"] == processes
+    assert stream["data"]["train"]["why"] == "101.0 KiB > budget 0 B, data.in_memory_budget_gb=0"
     assert stream["eval/loss"] == pytest.approx(memory["eval/loss"], rel=1e-6)
     a, b = load_file(runs / "memory" / "model.safetensors"), load_file(runs / "stream" / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in a)  # bitwise: the same batches, in the same order

@@ -407,3 +407,16 @@ def test_the_batch_halves_to_the_steps_asked_as_far_as_the_processes_allow(workd
                         "8 process(es) x 1 accumulation step(s)")
     _, off = parse(workdir, workdir / "t.csv", "data.target=y", "trainer.min_steps_per_epoch=0")
     assert build.fit_batch(off, 120, 1, said.append) is off
+
+
+def test_number_like_classes_read_as_written(workdir, capsys):
+    # A target written 0, 1, 2 (read as numbers, with room for empty cells) names its classes "0", "1", "2".
+    rng = np.random.default_rng(0)
+    folder = workdir / "data"
+    folder.mkdir()
+    pd.DataFrame({"a": rng.normal(size=90).round(3), "b": rng.normal(size=90).round(3),
+                  "kind": np.arange(90) % 3}).to_csv(folder / "kinds.csv", index=False)
+    _, meta = prepared(workdir, folder / "kinds.csv", "data.target=kind")
+    assert meta["class_names"] == ["0", "1", "2"]
+    said = capsys.readouterr().out
+    assert "(3 values: 0, 1, 2)" in said and "0.0" not in said, said
