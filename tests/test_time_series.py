@@ -85,7 +85,7 @@ def test_missing_timestamps_and_empty_values_are_interpolated_within_each_part(w
                                                                                            "")))
     splits, meta = prepare(workdir, path)
     values = units(splits, meta)
-    assert len(values) == 600 and meta["steps_missing"] == 2
+    assert len(values) == 600 and meta["steps_missing"] == 2 and meta["values_filled"] == 2
     assert values[100] == pytest.approx(raw[99] + (raw[102] - raw[99]) / 3, rel=1e-5)
     assert values[300] == pytest.approx((raw[299] + raw[301]) / 2, rel=1e-5)
     # The last train hour takes the last train value, not a blend with the first eval value (the future).
@@ -161,6 +161,94 @@ def test_horizon_picks_the_value_that_many_steps_after_the_window():
     batch = transform(windows.__getitems__([0, 36]), False, {})
     assert batch["window"][1, :, 0].tolist() == list(range(36, 46))
     assert batch["target"].tolist() == [13, 49] and batch["last"].tolist() == [9, 45]
+
+
+# ---------------------------------------------------------------- calendar frequencies
+
+
+def write_calendar(path: Path, freq: str, n: int, drop: tuple[int, ...] = (), empty: tuple[int, ...] = ()) -> Path:
+    """A trend plus a yearly season at calendar dates (`freq`: a pandas alias), as written by hand: `2020-01-01`;
+    rows `drop` left out, values `empty` left empty."""
+    t = np.arange(n)
+    value = 100 + 0.5 * t + 10 * np.sin(2 * np.pi * t / 12) + np.random.default_rng(3).normal(0, 1, n)
+    table = pd.DataFrame({"date": pd.date_range("1990-01-01", periods=n, freq=freq).strftime("%Y-%m-%d"),
+                          "load": value.round(3).astype(str)})
+    table.loc[list(empty), "load"] = ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.drop(index=list(drop)).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("freq, gap_steps", [("MS", 1), ("ME", 1), ("QS-JAN", 1), ("YS-JAN", 1), ("B", 1),
+                                             ("W-SUN", 1)])
+def test_calendar_frequencies_are_inferred_and_a_missing_step_is_one_step(workdir, freq, gap_steps):
+    path = write_calendar(workdir / "d" / "load.csv", freq, 120, drop=(50,), empty=(7, 90))
+    splits, meta = prepare(workdir, path)
+    assert meta["freq"] == freq and meta["steps_missing"] == gap_steps and meta["values_filled"] == 2
+    assert len(splits["train"]) + len(splits["eval"]) == 120
+    raw = pd.to_numeric(pd.read_csv(workdir / "d" / "load.csv")["load"])  # row 50 left out: the file's row 49 is 49
+    assert units(splits, meta)[50] == pytest.approx((raw[49] + raw[50]) / 2, rel=1e-4)
+
+
+def test_data_freq_sets_the_grid_and_a_date_off_it_is_refused(workdir):
+    path = write_calendar(workdir / "d" / "load.csv", "MS", 120)
+    # Month starts are also days: data.freq=D puts them on a daily grid, with the days between missing.
+    assert "more than half of the series" in refused(workdir, path, "data.freq=D")
+    with pytest.raises(ConfigError, match="data.freq=monthly: not a frequency pandas knows"):
+        prepare(workdir, path, "data.freq=monthly")
+    edit_rows(path, lambda t: t.assign(date=t["date"].where(t.index != 30, "1992-07-15")))
+    message = refused(workdir, path)
+    assert "1 timestamp off the series' grid of one step every month start (MS)" in message
+    assert "line 32 (1992-07-15" in message and "data.freq=" in message
+
+
+def test_an_untrained_change_model_is_the_naive_forecast(workdir):
+    from recipes.time_series import Windows, transform
+
+    path = write_series(workdir / "d" / "load.csv")
+    recipe, cfg = pipeline_cli.parse(["recipe=time_series", f"data.root={path.parent}", "data.file=load.csv", *NAMES,
+                                      f"data.cache_dir={workdir / 'cache'}", "data.horizon=3"])
+    splits, meta = data.load(data.prepare(recipe, cfg, log=lambda *a: None))
+    assert cfg.model.target.name == "change" and meta["window"] == 24 and meta["change_std"] > 0
+    batch = transform(Windows(data.columns(splits["eval"])["value"], meta["window"], 3).__getitems__(range(94)),
+                      False, meta)
+    metrics = recipe.metrics(cfg, meta)[""]
+    with torch.no_grad():
+        outputs = recipe.model(cfg, meta)(batch["window"])
+    assert torch.equal(outputs, batch["last"])
+    metrics.update(*recipe.predictions(outputs, batch)[""])
+    scores = metrics.compute()
+    assert scores["mse"] == scores["naive_mse"] and scores["mse"] > 0
+    # model.target=level forecasts the value itself: untrained, it is not the naive forecast.
+    _, level = pipeline_cli.parse(["recipe=time_series", "model.target=level"])
+    with torch.no_grad():
+        assert not torch.allclose(recipe.model(level, meta)(batch["window"]), batch["last"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freq, n, last, past", [("MS", 96, "1997-12-01", "1998-01-01"),
+                                                  ("YE-DEC", 60, "2049-12-31", "2050-12-31")])
+def test_monthly_and_yearly_files_train_and_predict_at_calendar_dates(workdir, freq, n, last, past):
+    """Real dates, one left out; a short series: the default window is half its eval part (96 months: 20 held
+    out, window 10; 60 years: 12, window 6)."""
+    path = write_calendar(workdir / "d" / "load.csv", freq, n, drop=(20,))
+    result = ok(cli(common(workdir, "recipe=time_series", f"data.root={path.parent}", "data.file=load.csv", *NAMES,
+                           "trainer.epochs=2"), cwd=workdir, env=ONE_THREAD))
+    assert f"one step every {'month start' if freq == 'MS' else 'year end'} ({freq}) (inferred" in result.stdout
+    [run] = run_dirs(workdir / "runs", "time_series")
+    meta = runs.read_meta(run)
+    assert meta["freq"] == freq and meta["steps_missing"] == 1 and meta["eval_end"].startswith(last)
+    summary = json.loads((run / "summary.json").read_text())
+    held_out = n - int(n * 0.8)
+    assert meta["window"] == held_out // 2 and summary["eval/samples"] == held_out - meta["window"]
+
+    result = ok(cli([f"run={run}", f"input={path}", f"output={workdir / 'out.csv'}"], cwd=workdir, script="predict",
+                    env=ONE_THREAD))
+    out = pd.read_csv(workdir / "out.csv")
+    # One forecast per window ending in the file (the left-out row filled in), each at the calendar date it is for.
+    assert len(out) == n - meta["window"] + 1 and out["date"].iloc[-1].startswith(past)
+    expected = pd.date_range("1990-01-01", periods=n + 1, freq=freq)[meta["window"]:].strftime("%Y-%m-%d")
+    assert [d[:10] for d in out["date"]] == list(expected)
 
 
 # ---------------------------------------------------------------- predictions
