@@ -127,6 +127,19 @@ def test_the_summary_evaluate_and_predict_use_the_best_weights_unless_told_final
     assert predict.parse_argv([f"run={run_dir}", f"input={run_dir}"])[2].weights == "best"
 
 
+@pytest.mark.slow
+def test_checkpoint_weights_final_reports_and_evaluates_the_last_steps_weights(workdir, cache):
+    from pipeline import runs
+
+    result = ok(cli(args(workdir, cache, "checkpoint.monitor=eval/loss", "checkpoint.mode=max", "trainer.epochs=2",
+                         "trainer.batch_size=256", "checkpoint.weights=final", "run_name=final"), cwd=workdir))
+    run_dir = workdir / "runs" / "digits" / "final"
+    s, last = read(run_dir / "summary.json"), [x for x in metrics_lines(run_dir) if "eval/loss" in x][-1]
+    assert (s["weights"], s["best/epoch"]) == ("final", 1) and s["eval/loss"] == last["eval/loss"]
+    assert "samples/s weights: final eval/accuracy=" in result.stdout
+    assert runs.parse_argv([f"run={run_dir}"])[2].weights == "final"
+
+
 def test_the_done_line_says_the_weights_then_test_then_averages_before_classes():
     from pipeline.report import summary_line
 
