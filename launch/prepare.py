@@ -1,10 +1,12 @@
-"""Build a recipe's Arrow shards without training (a cluster job's first step, on one process).
+"""Build a recipe's Arrow shards without training (a cluster job's first step); several processes share it.
 
 python launch/prepare.py recipe=mnist_cnn data.root=/data data.cache_dir=/cache
 python launch/prepare.py recipe=mnist_cnn data.root=/data data.cache_dir=/cache --verify    # hash every shard file
 python launch/prepare.py recipe=mnist_cnn data.root=/data data.cache_dir=/cache --rebuild   # remove and rebuild
+accelerate launch --multi_gpu --num_processes 8 launch/prepare.py recipe=image_folder data.train_dir=/data/photos
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +21,14 @@ FLAGS = ("--verify", "--rebuild")
 def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
     from pipeline import data  # imported once the command line is checked: --help needs no torch
 
+    # Started by `accelerate launch` or torchrun with several processes: they share the build (see docs/data.md).
+    state = together() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if state is not None and not state.is_main_process:
+        data.prepare(recipe, cfg, state, log=lambda *_: None, rebuild=rebuild)
+        return
     reused = not rebuild and (data.shards_dir(recipe, cfg) / data.META_FILE).exists()
     started = time.perf_counter()
-    out = data.prepare(recipe, cfg, rebuild=rebuild)  # progress bars for map and save when stderr is a terminal
+    out = data.prepare(recipe, cfg, state, rebuild=rebuild)  # progress bars for map and save on a terminal
     seconds = time.perf_counter() - started
     if verify:
         started = time.perf_counter()
@@ -32,6 +39,13 @@ def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
     splits, _ = data.load(out)
     print(f"shards ready: {out} ({', '.join(f'{k} {len(v):,}' for k, v in splits.items())})")
     print(rate(sum(len(v) for v in splits.values()), data.check(out), None if reused else seconds))
+
+
+def together():
+    """The processes of the launch, on the CPU's gloo backend: a prepare needs no accelerator."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=True)
 
 
 def rate(rows: int, size: int, seconds: float | None) -> str:

@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from pipeline import files, tracking
+from pipeline import decoded_shards, files, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 
@@ -129,7 +130,9 @@ def _reached(start) -> list:
             continue
         if inspect.isclass(obj):
             found[id(obj)] = obj
-            todo += [v for v in vars(obj).values() if inspect.isfunction(v)]
+            # The methods written in the class's file (a dataclass's generated __init__ or __repr__ has no source).
+            where = inspect.getsourcefile(obj)
+            todo += [v for v in vars(obj).values() if inspect.isfunction(v) and v.__code__.co_filename == where]
         elif inspect.isfunction(obj):
             found[id(obj)] = obj
             names = _names(obj.__code__)
@@ -170,8 +173,9 @@ def prepare(recipe, cfg: DictConfig, state=None, log=print, rebuild: bool = Fals
     return _prepare_together(recipe, cfg, state, log, rebuild)
 
 
-def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False) -> Path:
-    """The shards in `out`: checked and reused if they exist, else prepared from the raw files and saved."""
+def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share=None) -> Path:
+    """The shards in `out`: checked and reused if they exist, else prepared from the raw files and saved.
+    `share(folder, splits, jobs)`: has the other processes write their part of the splits to decode."""
     if rebuild and out.exists():
         log(f"data: removing {out} to rebuild it")
         shutil.rmtree(out)
@@ -183,7 +187,7 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False) -> Pa
     with files.scratch(out):  # where the recipe's datasets.map writes what it decodes
         # The recipe's return value checked (and meta made JSON-able) before anything is written.
         splits, meta = recipes.check_prepared(recipe, recipe.prepare(cfg), cfg)
-        _save(splits, meta, out, cfg.data.num_shards, log)
+        _save(splits, meta, out, Saving(cfg.data.num_shards, cfg.data.num_proc, share), log)
     log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
     return out
 
@@ -200,12 +204,12 @@ def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Pat
     # torch.distributed directly: Accelerate's collectives run on the default group and inherit its timeout.
     group = dist.new_group(backend="gloo", timeout=WAIT_LIMIT)
     try:
-        first = [_attempt(lambda: _build(recipe, cfg, shards_dir(recipe, cfg), log, rebuild))
-                 if state.is_main_process else None]
-        first_on_node = state.local_process_index == (1 if state.process_index == state.local_process_index else 0)
-        with _waiting(f"process {state.process_index} waiting for process 0 to prepare the shards",
-                      speak=first_on_node and not state.is_main_process):
+        if state.is_main_process:
+            share = functools.partial(_share, state=state, group=group, log=log, workers=cfg.data.num_proc)
+            first = [_attempt(lambda: _build(recipe, cfg, shards_dir(recipe, cfg), log, rebuild, share))]
             dist.broadcast_object_list(first, src=0, group=group)
+        else:  # a part of the shard files to write, if process 0 hands them out, then its outcome
+            first = _take_part(state, group, cfg.data.num_proc)
         # The folder's name, not its path: a node-local cache_dir may be given differently on each node.
         out = shards_dir(recipe, cfg, _outcome(first[0], "process 0", own=state.is_main_process).name)
         node = (_attempt(lambda: _build(recipe, cfg, out, log))
@@ -220,6 +224,59 @@ def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Pat
         return out
     finally:
         dist.destroy_process_group(group)
+
+
+# The splits to decode, as process 0 hands them to the others (beside the shards they write).
+PLAN_FILE = ".plan.pickle"
+
+
+def _share(folder: Path, splits: dict, todo: list, state, group, log, workers) -> list:
+    """Process 0's side of a shared build: the splits to decode go to every process (through `folder`, which
+    they all see on a shared filesystem), each writes its share of the shard files, and process 0 is left
+    the shares of processes that cannot see `folder` (another node's cache, where the cache is node-local)."""
+    undecoded = {k: v for k, v in splits.items() if isinstance(v, decoded_shards.Undecoded)}
+    (folder / PLAN_FILE).write_bytes(pickle.dumps((undecoded, todo)))
+    dist.broadcast_object_list([("plan", str(folder))], src=0, group=group)
+    log(f"data: {state.num_processes} processes decode {len(todo)} shard files")
+    mine = decoded_shards.mine(todo, 0, state.num_processes)
+    outcome = _attempt(lambda: decoded_shards.write_shards(splits, mine, folder, workers))
+    outcomes = [None] * state.num_processes
+    with _waiting("process 0 waiting for the other processes to write their shard files", speak=True):
+        dist.all_gather_object(outcomes, outcome, group=group)
+    (folder / PLAN_FILE).unlink()
+    left = []
+    for index, result in enumerate(outcomes):
+        if result == ("unseen", None):
+            left += decoded_shards.mine(todo, index, state.num_processes)
+        else:
+            _outcome(result, f"process {index}", own=index == 0)
+    if left:
+        log(f"data: {len(left)} shard files left by processes that cannot see {folder} (a node-local cache): "
+            f"written here")
+    return left
+
+
+def _take_part(state, group, workers) -> list:
+    """The other processes' side of a build: the shard files process 0 hands them, until it sends its outcome."""
+    while True:
+        message = [None]
+        first_on_node = state.local_process_index == (1 if state.process_index == state.local_process_index else 0)
+        with _waiting(f"process {state.process_index} waiting for process 0 to prepare the shards",
+                      speak=first_on_node):
+            dist.broadcast_object_list(message, src=0, group=group)
+        if message[0][0] != "plan":
+            return message
+        folder = Path(message[0][1])
+        outcome = ("unseen", None)
+        if (folder / PLAN_FILE).exists():
+            outcome = _attempt(functools.partial(_write_part, folder, state, workers))
+        dist.all_gather_object([None] * state.num_processes, outcome, group=group)
+
+
+def _write_part(folder: Path, state, workers) -> None:
+    splits, todo = pickle.loads((folder / PLAN_FILE).read_bytes())
+    decoded_shards.write_shards(splits, decoded_shards.mine(todo, state.process_index, state.num_processes),
+                                folder, workers)
 
 
 def _attempt(build) -> tuple[str, object]:
@@ -268,13 +325,39 @@ def _waiting(what: str, speak: bool, every: float = REPORT_EVERY_S):
         thread.join()
 
 
-def _save(splits: datasets.DatasetDict, meta: dict, out: Path, num_shards: int, log=print) -> None:
+@dataclass(frozen=True)
+class Saving:
+    """How a build writes its shards: `num_shards` files per split at most, splits to decode written by
+    `workers` processes (data.num_proc) and, with `share`, by every process of the job."""
+
+    num_shards: int
+    workers: int | None = None
+    share: object = None  # share(folder, splits, jobs) -> the jobs left to this process
+
+
+def _write_splits(splits: dict, folder: Path, saving: Saving, fingerprint: str) -> None:
+    """DatasetDict.save_to_disk's layout: the rows a recipe made written by this process; the splits to
+    decode shard by shard, by this process's workers or shared with the other processes."""
+    for name, split in splits.items():
+        if isinstance(split, datasets.Dataset):
+            split.save_to_disk(str(folder / name), num_shards=decoded_shards.shard_count(split, saving.num_shards))
+    todo = decoded_shards.jobs(splits, saving.num_shards)
+    if todo and saving.share is not None:
+        todo = saving.share(folder, splits, todo)
+    decoded_shards.write_shards(splits, todo, folder, saving.workers)
+    for name, split in splits.items():
+        if isinstance(split, decoded_shards.Undecoded):
+            decoded_shards.finish_split(split, name, saving.num_shards, folder, fingerprint)
+    (folder / datasets.config.DATASETDICT_JSON_FILENAME).write_text(json.dumps({"splits": list(splits)}))
+
+
+def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> None:
     # Written beside the target and renamed into place, so a crash never leaves shards that look valid.
     out.parent.mkdir(parents=True, exist_ok=True)
     files.remove_dead_leftovers(out, log)  # a killed build's half-written folder (they can be large)
     tmp = files.temporary_folder(out)
     try:
-        splits.save_to_disk(str(tmp), num_shards={k: min(num_shards, max(1, len(v))) for k, v in splits.items()})
+        _write_splits(splits, tmp, saving, out.name)
         (tmp / META_FILE).write_text(tracking.dumps(meta, indent=2))  # null for a non-finite number, as every JSON
         (tmp / files.OWNER_FILE).unlink()
         sums = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}

@@ -25,8 +25,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
+from pipeline.decoded_shards import Undecoded
 from pipeline.overrides import RECIPES as PACKAGE
 from pipeline.overrides import recipe_names, unknown_recipe
+
+# What prepare() may return for a split: its rows, or rows to decode while the shards are written.
+SPLIT_TYPES = (datasets.Dataset, Undecoded)
 
 
 def cross_entropy(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -276,14 +280,14 @@ def _short(value) -> str:
 def check_prepared(recipe: Recipe, result, cfg) -> tuple[datasets.DatasetDict, dict]:
     """What `prepare(cfg)` returned -> (DatasetDict, JSON-able meta), or a ConfigError naming the mistake."""
     expected = "`return datasets.DatasetDict(train=..., eval=...), meta` (meta: a dict of facts, {} if none)"
-    if isinstance(result, dict) and all(isinstance(v, datasets.Dataset) for v in result.values()):
+    if isinstance(result, dict) and all(isinstance(v, SPLIT_TYPES) for v in result.values()):
         raise ConfigError(f"{where(recipe)}: prepare(cfg) returned only the splits ({', '.join(result)}); it must "
                           f"return two things, (DatasetDict, meta).\nFix: end prepare() with {expected}.")
     if not isinstance(result, tuple) or len(result) != 2:
         raise ConfigError(f"{where(recipe)}: prepare(cfg) returned {type(result).__name__} {_short(result)}; it "
                           f"must return (DatasetDict, meta).\nFix: end prepare() with {expected}.")
     splits, meta = result
-    if not isinstance(splits, dict) or not all(isinstance(v, datasets.Dataset) for v in splits.values()):
+    if not isinstance(splits, dict) or not all(isinstance(v, SPLIT_TYPES) for v in splits.values()):
         raise ConfigError(f"{where(recipe)}: the first thing prepare(cfg) returns must be a datasets.DatasetDict, "
                           f"but it is {type(splits).__name__} {_short(splits)}.\nFix: {expected}.")
     if not isinstance(meta, dict):
@@ -294,7 +298,8 @@ def check_prepared(recipe: Recipe, result, cfg) -> tuple[datasets.DatasetDict, d
         raise ConfigError(f"{where(recipe)}: prepare(cfg) returned the splits {', '.join(splits) or '(none)'}; "
                           f"{' and '.join(map(repr, missing))} missing. The loop trains on 'train', evaluates on "
                           f"'eval' and, if present, 'test'.\nFix: {expected}.")
-    splits = datasets.DatasetDict(splits)
+    # A split to decode while its shards are written (decoded_shards.Undecoded) is not a Dataset yet.
+    splits = datasets.DatasetDict(splits) if all(isinstance(v, datasets.Dataset) for v in splits.values()) else splits
     check_splits(recipe, splits, cfg)
     return splits, jsonable(meta)
 

@@ -17,26 +17,40 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from pipeline.data import DataError
+from pipeline.decoded_shards import Undecoded
 from pipeline.files import scratch_folder
 
 
-def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
-               cfg) -> datasets.Dataset:
-    """Image files -> a dataset of uint8 images [channels, data.image_size, data.image_size] beside their labels.
+def undecoded_images(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
+                     cfg) -> Undecoded:
+    """Image files -> a split of uint8 images [channels, data.image_size, data.image_size] beside their labels,
+    decoded while its shards are written (each shard by the process or worker that writes it), never while
+    training.
 
     labels: {column: (one class index per file, class names)}. read(path) -> a uint8 tensor [C, H, W], raising a
-    DataError that names a file it cannot decode. Decoding runs once, here (in `data.num_proc` processes), never
-    while training. Batches of 64 files: the photos are decoded at full size before they are resized. Each image
-    is fitted to the square by data.resize where the recipe has it (see `fit`), else stretched.
+    DataError that names a file it cannot decode. Batches of 64 files: the photos are decoded at full size
+    before they are resized. Each image is fitted to the square by data.resize where the recipe has it (see
+    `fit`), else stretched.
     """
     size, resize = cfg.data.image_size, resize_mode(cfg)
     classes = {name: datasets.ClassLabel(names=names) for name, (_, names) in labels.items()}
     files = datasets.Dataset.from_dict({"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
                                        features=datasets.Features({"path": datasets.Value("string"), **classes}))
     features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
-    return files.map(_load_batch, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
-                     fn_kwargs={"size": size, "read": read, "resize": resize}, remove_columns=["path"],
-                     features=features, **on_disk())
+    return Undecoded(files, partial(_decoded, size=size, read=read, resize=resize), features)
+
+
+def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
+               cfg) -> datasets.Dataset:
+    """`undecoded_images` decoded now, in `data.num_proc` processes, for a recipe that needs the decoded rows
+    before it returns them (e.g. its raw files live in a temporary folder)."""
+    split = undecoded_images(paths, labels, read, channels, cfg)
+    return split.rows.map(split.decode, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
+                          remove_columns=["path"], features=split.features, **on_disk())
+
+
+def _decoded(batch: dict, size: int, read: Callable, resize: str) -> dict:
+    return {**{k: v for k, v in batch.items() if k != "path"}, "image": load_images(batch["path"], size, read, resize)}
 
 
 def on_disk() -> dict:
@@ -45,10 +59,6 @@ def on_disk() -> dict:
     file, map keeps an in-memory dataset's results in memory."""
     folder = scratch_folder()
     return {} if folder is None else {"cache_file_name": str(folder / f"{uuid.uuid4().hex}.arrow")}
-
-
-def _load_batch(batch: dict, size: int, read: Callable, resize: str) -> dict:
-    return {"image": load_images(batch["path"], size, read, resize)}
 
 
 def load_images(paths: list[str], size: int, read: Callable, resize: str = "stretch") -> np.ndarray:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import datasets
 import torch
 import torchvision
 from omegaconf import OmegaConf
@@ -35,9 +34,18 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
 from pipeline.data import DataError
+from pipeline.decoded_shards import Undecoded
 from pipeline.recipe import Recipe
 from recipes._augment import augment, augmentations
-from recipes._images import image_headers, image_inputs, image_rows, image_tree, read_image, resize_mode, unit_scale
+from recipes._images import (
+    image_headers,
+    image_inputs,
+    image_tree,
+    read_image,
+    resize_mode,
+    undecoded_images,
+    unit_scale,
+)
 from recipes._splits import split_train_eval
 from recipes._tables import stored_statistics, with_statistics
 
@@ -171,15 +179,17 @@ def same_classes(folders: dict[str, ImageFolder]) -> list[str]:
     return train.classes
 
 
-def decode(folder: ImageFolder, cfg) -> datasets.Dataset:
+def decode(folder: ImageFolder, cfg) -> Undecoded:
     read = partial(read_image, channels=cfg.data.channels, max_pixels=cfg.data.max_image_pixels)
-    return image_rows([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read,
-                      cfg.data.channels, cfg)
+    return undecoded_images([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read,
+                            cfg.data.channels, cfg)
 
 
-def hold_out(full: datasets.Dataset, cfg, folder: ImageFolder) -> tuple[datasets.Dataset, datasets.Dataset]:
+def hold_out(full: Undecoded, cfg, folder: ImageFolder) -> tuple[Undecoded, Undecoded]:
+    """The held-out rows chosen by their labels alone, before any image is decoded."""
     try:
-        return split_train_eval(full, cfg.data.eval_fraction, cfg.data.split_seed)
+        return tuple(full.with_rows(rows) for rows in split_train_eval(full.rows, cfg.data.eval_fraction,
+                                                                        cfg.data.split_seed))
     except ValueError as e:  # scikit-learn's stratified split: too few images in a class
         raise DataError(f"cannot hold out data.eval_fraction={cfg.data.eval_fraction} of {folder.root} for "
                         f"evaluation, stratified by class: {e}\nFix: put more images in each class folder, raise "
@@ -194,7 +204,7 @@ def prepare(cfg, hint: str = ""):
     splits = {split: decode(folder, cfg) for split, folder in folders.items()}
     if "eval" not in splits:
         splits["train"], splits["eval"] = hold_out(splits["train"], cfg, folders["train"])
-    return datasets.DatasetDict(splits), {"class_names": classes, **shape}
+    return splits, {"class_names": classes, **shape}
 
 
 def image_shape(cfg, train: ImageFolder) -> tuple[object, dict]:

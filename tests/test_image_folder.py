@@ -23,6 +23,7 @@ from pipeline import predict as predict_module
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from recipes._images import read_image as _read
 from recipes.image_folder import Arch
 
 SHAPES = ["circle", "square", "triangle"]
@@ -303,8 +304,8 @@ def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
     recipe, cfg = pipeline_cli.parse(["recipe=clouds"])
     reached = data._reached(recipe.prepare)
     for function in (image_folder.prepare, image_folder.read_folder, image_folder.decode, image_folder.hold_out,
-                     image_folder.ImageTree.make_dataset, _images.image_tree, _images.image_rows,
-                     _images.load_images, _images.read_image, _splits.split_train_eval):
+                     image_folder.ImageTree.make_dataset, _images.image_tree, _images.undecoded_images,
+                     _images._decoded, _images.load_images, _images.read_image, _splits.split_train_eval):
         assert function in reached, function.__qualname__
     # The preset's choices reach the fingerprint through the config: its folders and augmentation.
     assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"
@@ -393,7 +394,7 @@ def test_symlinked_folders_back_into_the_tree_are_not_followed(tmp_path):
     recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8")
     assert len(recipe.raw_files(cfg)) == 8
     splits, meta = recipe.prepare(cfg)
-    labels = [meta["class_names"][i] for split in ("train", "eval") for i in splits[split]["label"]]
+    labels = [meta["class_names"][i] for split in ("train", "eval") for i in splits[split].rows["label"]]
     assert sorted(labels) == ["circle"] * 2 + ["square"] * 2 + ["triangle"] * 4
     ids, _ = read_inputs(recipe, cfg, tmp_path / "train")  # prediction lists folders the same way
     assert len(ids["file"]) == 8 and "triangle/more/000.png" in ids["file"]
@@ -418,23 +419,25 @@ def test_one_image_under_two_classes_is_refused(tmp_path):
 def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
     write_shapes(tmp_path / "train", 2, seed=0)
     bomb = png_claiming(tmp_path / "train" / "circle" / "huge.png", 20_000, 10_000)  # PIL's limit: 178,956,970
-    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8")
+    # Images are decoded as the shards are written (data.prepare), and when predicting.
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8", cache)
     message = f"(?s){bomb} is 20000x10000 = 200,000,000 pixels.*Fix: .* data.max_image_pixels=200000000"
     with pytest.raises(DataError, match=message):
-        recipe.prepare(cfg)
+        data.prepare(recipe, cfg)
     with pytest.raises(DataError, match=message):  # predicting decodes by the same reader
         read_inputs(recipe, cfg, tmp_path / "train" / "circle")
     bomb.unlink()
     # The setting is the limit: the 40-60 px shapes are refused under 1,000 pixels, read under 3,600.
     recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
-                        "data.max_image_pixels=1000")
+                        "data.max_image_pixels=1000", cache)
     with pytest.raises(DataError, match="more than the 1,000 allowed"):
-        recipe.prepare(cfg)
+        data.prepare(recipe, cfg)
     with pytest.raises(DataError, match="more than the 1,000 allowed"):
         read_inputs(recipe, cfg, tmp_path / "train")
     recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
-                        "data.max_image_pixels=3600")
-    assert len(recipe.prepare(cfg)[0]["train"]) == 3
+                        "data.max_image_pixels=3600", cache)
+    assert len(data.load(data.prepare(recipe, cfg))[0]["train"]) == 3
     with pytest.raises(ConfigError, match="data.max_image_pixels=0"):
         recipe.raw_files(parse(f"data.train_dir={tmp_path / 'train'}", "data.max_image_pixels=0")[1])
 
@@ -456,25 +459,26 @@ def test_one_class_folder_is_refused_naming_the_folder(tmp_path):
 
 def test_decoded_images_go_to_the_builds_scratch_folder_on_disk(tmp_path):
     # datasets.map keeps an in-memory dataset's results in memory: a prepare's memory grew with the number of
-    # images (40,000 JPEGs of 96 px: 9.7 GB at its peak). Inside a build, the decoded rows are written to
-    # the build's scratch folder and memory-mapped; the folder goes when the build ends, and a killed
-    # build's is a temporary folder that the next build removes (files.remove_dead_leftovers).
+    # images. Inside a build, a recipe that decodes before it returns (image_rows: Omniglot's, whose files
+    # live in a temporary folder) has map's workers write the rows to the build's scratch folder; the folder
+    # goes when the build ends, and a killed build's is a temporary folder the next build removes.
     from pipeline import files
-    from recipes import image_folder
+    from recipes._images import image_rows
 
-    write_shapes(tmp_path / "train", 10, seed=0)
-    _, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.image_size=16", "data.eval_fraction=0.3")
+    write_shapes(tmp_path / "train", 4, seed=0)
+    _, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.image_size=16")
+    paths = sorted(str(p) for p in (tmp_path / "train").rglob("*.png"))
+    labels = {"label": ([i % 3 for i in range(len(paths))], SHAPES)}
     target = tmp_path / "cache" / "shards"
     with files.scratch(target) as scratch:
         assert scratch.parent == target.parent and ".tmp-" in scratch.name
-        splits, _ = image_folder.prepare(cfg)
-        for split in splits.values():
-            assert split.cache_files and all(Path(f["filename"]).parent == scratch for f in split.cache_files)
-        assert sum(len(s) for s in splits.values()) == 30
+        rows = image_rows(paths, labels, partial(_read, channels=3), 3, cfg)
+        assert rows.cache_files and all(Path(f["filename"]).parent == scratch for f in rows.cache_files)
+        assert len(rows) == 12 and rows.with_format("numpy")[:]["image"].shape == (12, 3, 16, 16)
     assert not scratch.exists()
     assert files.scratch_folder() is None
-    # Outside a build (e.g. a recipe's prepare called directly), the rows stay in memory as before.
-    assert not image_folder.prepare(cfg)[0]["train"].cache_files
+    # Outside a build, the rows stay in memory as before.
+    assert not image_rows(paths, labels, partial(_read, channels=3), 3, cfg).cache_files
 
 
 # ---------------------------------------------------------------- size and channels from the data; resize modes
@@ -499,7 +503,7 @@ def test_size_and_channels_come_from_the_images_headers(tmp_path, capsys):
     assert (meta["image_size"], meta["channels"]) == (8, 1)  # the shorter side; every image grayscale
     assert meta["source_images"] == {"files": 12, "headers_read": 12, "median_size": [10, 8], "smallest": [10, 8],
                                      "largest": [10, 8], "median_shorter_side": 8, "grayscale": True}
-    assert np.array(splits["train"][0]["image"]).shape == (1, 8, 8)
+    assert np.array(splits["train"].decoded()[0]["image"]).shape == (1, 8, 8)
     said = capsys.readouterr().out
     assert ("train images 10x8 px (median; 10x8 to 10x8), grayscale (headers of 12 of 12 files) -> data.image_size=8 "
             "(the images), data.channels=1 (the images), data.resize=crop") in said and "WARNING" not in said
@@ -518,7 +522,7 @@ def test_size_and_channels_come_from_the_images_headers(tmp_path, capsys):
                         "data.channels=3")
     splits, meta = recipe.prepare(cfg)
     assert (meta["image_size"], meta["channels"]) == (64, 3)
-    assert np.array(splits["train"][0]["image"]).shape == (3, 64, 64)
+    assert np.array(splits["train"].decoded()[0]["image"]).shape == (3, 64, 64)
     said = capsys.readouterr().out
     assert "data.image_size=64 (given), data.channels=3 (given)" in said
     assert "WARNING: data.image_size=64 enlarges the images (median shorter side 8 px) 8x" in said
@@ -565,7 +569,7 @@ def test_every_resize_mode_prepares_and_predicts_the_same_pixels(tmp_path, mode)
     splits, meta = recipe.prepare(cfg)
     _, columns = read_inputs(recipe, cfg, tmp_path / "photos")  # prediction fits new images as prepare() did
     assert columns["image"].shape == (6, 3, 16, 16)
-    stored = [np.array(image) for split in ("train", "eval") for image in splits[split]["image"]]
+    stored = [np.array(image) for split in ("train", "eval") for image in splits[split].decoded()["image"]]
     assert all(any(np.array_equal(image, new) for new in columns["image"]) for image in stored)
 
 

@@ -223,7 +223,7 @@ go.with_name(f"ready-{os.getpid()}").touch()  # imports done: the test starts bo
 while not go.exists():
     time.sleep(0.01)
 started = time.time()
-data._save(splits, {"n": 1}, out, 4)
+data._save(splits, {"n": 1}, out, data.Saving(4))
 print(started, time.time(), flush=True)
 """
 
