@@ -123,9 +123,21 @@ def load_preset(path: str) -> Preset:
 RECIPE_SECTIONS = ("data", "model", "loss")  # a recipe may add keys under these (its data_config, ...)
 
 
+def known_early(key: str, base: DictConfig) -> bool:
+    """Whether a key can be checked without the recipe: outside the sections a recipe extends (data, model,
+    loss), or one of the pipeline's own keys in them (a recipe's config subclasses the pipeline's, so those
+    keep their types)."""
+    parent, _, leaf = key.rpartition(".")
+    if key.partition(".")[0] not in RECIPE_SECTIONS:
+        return True
+    node = OmegaConf.select(base, parent) if parent else None
+    return isinstance(node, DictConfig) and leaf in node
+
+
 def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
-    """Names an unknown key or a bad value outside the sections a recipe extends (data, model, loss), before
-    the recipe (and with it torch) is imported: a typo answers at once. `build` checks everything again."""
+    """Names an unknown key or a bad value before the recipe (and with it torch) is imported, as far as that is
+    possible without the recipe's own keys (see `known_early`): a typo answers at once. `build` checks
+    everything again."""
     base = OmegaConf.structured(Config)
     choices = enum_keys(base)
     if preset is not None:
@@ -135,7 +147,7 @@ def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
         except (OmegaConfBaseException, ConfigError) as e:
             why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
             raise ConfigError(f"--config {preset.path}: {why}") from None
-    outside = [item for item in dotlist if item.partition("=")[0].partition(".")[0] not in RECIPE_SECTIONS]
+    outside = [item for item in dotlist if known_early(item.partition("=")[0], base)]
     try:
         cfg = OmegaConf.merge(base, normalize(parse(outside), choices))
     except OmegaConfBaseException as e:

@@ -45,6 +45,9 @@ def test_help_imports_no_torch(script):
     (["scheduler.name=onecycle", "scheduler.warmup_steps=5"], "onecycle has its own warmup"),
     (["--config", "missing.yaml"], "--config missing.yaml: does not exist"),
     (["--config", "bad.yaml"], "--config bad.yaml: unknown config key 'trainer.epoch'"),
+    (["data.eval_fraction=1.5"], "bad value data.eval_fraction=1.5: must be between 0 and 1"),
+    (["model.init=glorot"], "bad value model.init='glorot'; choose one of: default"),
+    (["data.num_shards=many"], "data.num_shards"),
     (["recipe=digit"], "unknown recipe 'digit' (no module recipes.digit); available recipes: clouds, digits"),
     (["--config", "other.yaml"], "--config other.yaml: unknown recipe 'nosuch'"),
 ])
