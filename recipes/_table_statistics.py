@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.data import DataError
-from recipes._table_stream import batches, numbers_of
+from recipes._table_stream import MappedRows, batches, numbers_of
 from recipes._tables import stored_statistics
 
 MAX_CATEGORIES = 256  # one-hot inputs a text column may add: more is an identifier or free text, not a category
@@ -137,13 +137,13 @@ def split_columns(table, numbers: list[str], texts: list[str]) -> dict:
 
 def features_file(checked: Path, rows: int, columns: tuple[list[str], list[str]], stats: dict, out: Path):
     """Every row's features (`columns`: the number and text columns), preprocessed batch by batch into the float32
-    file `out`, mapped as [rows, width]."""
+    file `out`."""
     numbers, texts = columns
     x = None
     for start, batch in batches(checked):
         part = preprocess({"numbers": numbers_of(batch, numbers), **{name: batch.column(name) for name in texts}},
                           stats)["features"]
         if x is None:
-            x = np.memmap(out, dtype=np.float32, mode="w+", shape=(rows, part.shape[1]))
-        x[start:start + len(part)] = part
+            x = MappedRows(out, rows, part.shape[1])
+        x.write(start, part)
     return x

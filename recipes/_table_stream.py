@@ -4,6 +4,7 @@ message names its exact line), kept in a temporary Arrow file, and its train sta
 from __future__ import annotations
 
 import itertools
+import mmap
 import shutil
 import weakref
 from collections.abc import Iterator
@@ -26,8 +27,11 @@ from recipes._table_cells import (
 )
 from recipes._tables import KEPT_LINES, SHOWN, bad_rows_message, require_rows
 
-BLOCK_BYTES = 16 << 20  # bytes of CSV parsed at a time: one record batch of rows
+# Bytes of CSV parsed at a time, one record batch of rows. pyarrow's streaming reader holds some 40 blocks read
+# ahead, so the block size bounds that memory.
+BLOCK_BYTES = 4 << 20
 CHECKED_ROWS = 65536  # rows checked cell by cell at a time, where a file needs the checks' verdicts
+TAKEN_ROWS = 8192  # rows gathered at a time into a split: each may map a page of the features file
 
 
 class Unclean(Exception):
@@ -50,6 +54,7 @@ def check_into(cfg, path: Path, columns: list[Column], out: Path, split: tuple, 
     except Unclean:
         with pa.ipc.new_file(str(out), schema) as writer:
             rows, report, given = _write_checked(cfg, path, columns, writer, rename)
+    pa.default_memory_pool().release_unused()  # the reader's blocks, kept by the pool otherwise
     enough, how = split
     require_rows(path, rows, enough, f"to split into train and eval {how}")
     empty = [c.name for c in columns if c.empty_ok and not given[c.name]]
@@ -199,17 +204,40 @@ def distinct(arrow_file: Path, name: str) -> tuple[np.ndarray, int]:
     return np.unique(values), rows
 
 
-def write_split(features: np.ndarray, labels: np.ndarray, indices: np.ndarray, kinds, folder: Path):
-    """The rows `indices` of `features` [rows, width] and `labels` as a datasets.Dataset with the features `kinds`,
+class MappedRows:
+    """float32 rows [rows, width] in a file, mapped. Each write or take gives the mapped pages back afterwards
+    (MADV_DONTNEED; the page cache keeps them), so the file never counts as this process's memory."""
+
+    def __init__(self, path: Path, rows: int, width: int):
+        with open(path, "w+b") as f:
+            f.truncate(max(1, rows * width * 4))
+            self._map = mmap.mmap(f.fileno(), max(1, rows * width * 4))
+        self.shape = (rows, width)
+
+    def _rows(self) -> np.ndarray:
+        return np.frombuffer(self._map, np.float32, count=self.shape[0] * self.shape[1]).reshape(self.shape)
+
+    def write(self, start: int, part: np.ndarray) -> None:
+        self._rows()[start:start + len(part)] = part
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+    def take(self, at: np.ndarray) -> np.ndarray:
+        out = self._rows()[at]
+        self._map.madvise(mmap.MADV_DONTNEED)
+        return out
+
+
+def write_split(features: MappedRows, labels: np.ndarray, indices: np.ndarray, kinds, folder: Path):
+    """The rows `indices` of `features` and `labels` as a datasets.Dataset with the features `kinds`,
     written to an Arrow file in `folder` a slice of rows at a time; the folder goes when the split does."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
     path = folder / "rows.arrow"
     with ArrowWriter(features=kinds, path=str(path)) as writer:
-        for start in range(0, len(indices), CHECKED_ROWS):
-            at = indices[start:start + CHECKED_ROWS]
-            x = np.ascontiguousarray(features[at])
+        for start in range(0, len(indices), TAKEN_ROWS):
+            at = indices[start:start + TAKEN_ROWS]
+            x = features.take(at)
             column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
             writer.write_table(pa.table({"features": column, "label": pa.array(labels[at])}))
         writer.finalize()

@@ -21,9 +21,11 @@ WATER = Path(__file__).parent / "data" / "water-potability"
 
 @pytest.fixture
 def tiny_batches(monkeypatch):
-    """Batches of a few hundred bytes (a dozen rows) read by Arrow, and 50 rows at a time checked cell by cell."""
+    """Batches of a few hundred bytes (a dozen rows) read by Arrow, 50 rows at a time checked cell by cell, and
+    splits gathered 37 rows at a time."""
     monkeypatch.setattr(_table_stream, "BLOCK_BYTES", 700)
     monkeypatch.setattr(_table_stream, "CHECKED_ROWS", 50)
+    monkeypatch.setattr(_table_stream, "TAKEN_ROWS", 37)
 
 
 def tables(folder: Path) -> dict:
