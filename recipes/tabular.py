@@ -33,6 +33,7 @@ from torchmetrics.wrappers import LambdaInputTransformer
 
 from pipeline.config import ConfigError, ModelConfig, choice
 from pipeline.data import DataError
+from pipeline.files import scratch_folder
 from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy
 from recipes import _table_stream as stream
 from recipes._splits import split_indices, split_sizes
@@ -218,7 +219,7 @@ def prepare(cfg, spec: Spec = Spec()):
     path = raw_files(cfg, spec)[0]
     columns, (features, categorical, target), enough, how = table_columns(cfg, spec, path)
     numbers = [name for name in features if name not in categorical]
-    scratch = get_temporary_cache_files_directory()
+    scratch = scratch_folder() or get_temporary_cache_files_directory()  # beside the shards, on the cache's disk
     with tempfile.TemporaryDirectory(prefix="tabular-", dir=scratch) as work:
         checked = Path(work) / "checked.arrow"
         rows, report = stream.check_into(cfg, path, columns, checked, (enough, how), spec.rename)
