@@ -3,7 +3,7 @@ standard baselines fitted on the same split, read back from the run's own shards
 
 python launch/reference.py --out reference.md                 # every family (tens of minutes on 2 CPU cores)
 python launch/reference.py --quick                            # one small set per family (minutes)
-python launch/reference.py --only series --work /scratch/ref  # one family; keep the runs, logs and data there
+python launch/reference.py --only series --work /scratch/ref  # one family (or data set); keep runs, logs, data
 
 The data sets are written to files first, as a user would write them (CSV tables, PNG folders, CSV series), and
 trained with `launch/train.py` in a fresh process each, with `tracking=none`; the wall time of a run is that
@@ -359,7 +359,7 @@ def header(sha: str, started: float, quick: bool, partial: bool = False) -> str:
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=FAMILIES, help="one family of data sets")
+    p.add_argument("--only", choices=[*FAMILIES, *(e.name for e in ENTRIES)], help="one family, or one data set")
     p.add_argument("--quick", action="store_true", help="one small data set per family")
     p.add_argument("--out", help="write the markdown table to this file too")
     p.add_argument("--work", help="folder for the data, runs, shards and logs (kept); default: a temporary one")
@@ -383,7 +383,7 @@ def main() -> None:
     args = parse_args()
     work = work_folder(args.work)
     started, sha = time.time(), commit()
-    entries = [e for e in ENTRIES if (not args.only or e.family == args.only) and (e.quick or not args.quick)]
+    entries = [e for e in ENTRIES if args.only in (None, e.family, e.name) and (e.quick or not args.quick)]
     try:
         rows = []
         for entry in entries:  # the table so far is written after each data set: a long run stopped keeps them
