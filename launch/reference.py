@@ -92,16 +92,16 @@ def digits_images(folder: Path) -> list[str]:
 
 
 def mnist_images(folder: Path) -> list[str]:
-    """The MNIST test set (10,000 28x28 digits) from its IDX files, read by torchvision, as PNGs."""
-    from torchvision.datasets import MNIST
+    """The MNIST test set (10,000 28x28 digits) from its IDX files, read by torchvision's readers, as PNGs."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    raw = folder / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    raw = {}
     for source in (TEST_DATA / "mnist-test").glob("*.gz"):
         with gzip.open(source) as f:
-            (raw / source.stem).write_bytes(f.read())
-    mnist = MNIST(str(folder), train=False)
-    save_pngs(mnist.data.numpy(), mnist.targets.numpy(), [str(d) for d in range(10)], folder / "mnist")
+            (folder / source.stem).write_bytes(f.read())
+        raw[source.stem] = str(folder / source.stem)
+    images, labels = read_image_file(raw["t10k-images-idx3-ubyte"]), read_label_file(raw["t10k-labels-idx1-ubyte"])
+    save_pngs(images.numpy(), labels.numpy(), [str(d) for d in range(10)], folder / "mnist")
     return ["recipe=image_folder", f"data.train_dir={folder / 'mnist'}"]
 
 
@@ -211,7 +211,7 @@ def table_baselines(shards: str) -> dict:
     x, y, x_eval, y_eval = train["features"], train["label"], evaluation["features"], evaluation["label"]
     regression = meta["task"] == "regression"
     # score(): accuracy for classifiers, R^2 for regressors (the shards' standardized target: R^2 is unchanged).
-    linear = (Ridge() if regression else LogisticRegression(max_iter=5000), "ridge" if regression else "logistic")
+    linear = (Ridge() if regression else LogisticRegression(max_iter=5000), "logistic / ridge")
     boosting = GradientBoostingRegressor(random_state=0) if regression else GradientBoostingClassifier(random_state=0)
     return {linear[1]: timed(lambda: make_pipeline(StandardScaler(), linear[0]).fit(x, y).score(x_eval, y_eval)),
             "gradient boosting": timed(lambda: boosting.fit(x, y).score(x_eval, y_eval))}

@@ -23,14 +23,14 @@ def test_quick_tables_row_beside_its_baselines(tmp_path):
     # Both runs finished and scored; scikit-learn's baselines beat chance (1/3) by far on the same 30 rows.
     for run in row["runs"].values():
         assert "error" not in run and 0 <= run["value"] <= 1 and run["rows"] == [120, 30], run
-    assert set(row["baselines"]) == {"logistic", "gradient boosting"}
+    assert set(row["baselines"]) == {"logistic / ridge", "gradient boosting"}
     assert all(b["value"] >= 0.8 for b in row["baselines"].values()), row["baselines"]
     # The baselines read the default run's shards: its eval split, the rows the run's metric counted.
     shards = datasets.load_from_disk(row["runs"]["default"]["shards"])
     assert (shards["train"].num_rows, shards["eval"].num_rows) == (120, 30)
     table = out.read_text()
     assert table in result.stdout
-    assert "| iris | 120/30 | accuracy | " in table and "| logistic | gradient boosting |" in table
+    assert "| iris | 120/30 | accuracy | " in table and "| logistic / ridge | gradient boosting |" in table
     assert (work / "data" / "iris" / "iris.csv").read_text().startswith("sepal length (cm),")
 
 
