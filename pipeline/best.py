@@ -26,6 +26,7 @@ class Best:
     step: int | None = None
     epoch: int | None = None
     stale: int = 0  # evaluations since the last improvement
+    loss: float | None = None  # eval/loss of the best evaluation: it breaks a tie of the monitored metric
     stopped_early: str | None = None  # why the run stopped before its last epoch
 
     @classmethod
@@ -40,7 +41,7 @@ class Best:
                 f"{best.monitor} ({best.mode or 'auto'}): the best weights are chosen afresh from the next evaluation")
             return best
         return cls(saved["monitor"], saved["mode"], best.patience, saved["value"], saved["step"], saved["epoch"],
-                   saved["stale"])
+                   saved["stale"], loss=saved.get("loss"))
 
     def update(self, results: dict, step: int, epoch: int, accelerator) -> bool:
         """Takes one evaluation's results; True when it is the best so far. Every process gets process 0's
@@ -52,18 +53,24 @@ class Best:
             available = ", ".join(k for k, v in results.items() if isinstance(v, (int, float)))
             raise ConfigError(f"checkpoint.monitor={self.monitor} is not a metric this recipe's evaluation reports; "
                               f"choose one of: {available}")
+        loss = results.get("eval/loss") if self.monitor != "eval/loss" else None
         if accelerator.num_processes > 1:
-            value = broadcast_object_list([value])[0]
+            value, loss = broadcast_object_list([value, loss])[:2]
         improved = math.isfinite(value) and (self.value is None or (
-            value > self.value if self.mode == "max" else value < self.value))
+            value > self.value if self.mode == "max" else value < self.value) or self.lower_loss(value, loss))
         if improved:
-            self.value, self.step, self.epoch, self.stale = value, step, epoch, 0
+            self.value, self.step, self.epoch, self.stale, self.loss = value, step, epoch, 0, loss
         else:
             self.stale += 1
         if self.patience and self.stale >= self.patience:
             self.stopped_early = (f"{self.monitor} did not improve for {self.stale} evaluation"
                                   f"{'s' if self.stale > 1 else ''} (best {self.value:.6g} at epoch {self.epoch})")
         return improved
+
+    def lower_loss(self, value: float, loss: float | None) -> bool:
+        """A tie of the monitored metric (accuracy on a small eval split moves in steps of 1/rows) goes to the
+        evaluation with the lower eval/loss: the later, better-fitted model rather than the first to reach it."""
+        return value == self.value and loss is not None and self.loss is not None and loss < self.loss
 
     def state(self) -> dict:
         """What a checkpoint keeps (the patience is the config's: it may change on resume)."""

@@ -298,7 +298,9 @@ def reported_weights(run: Run, state: LoopState) -> dict:
     if run.cfg.checkpoint.weights.name == "final" or best.step is None:
         return {"weights": "final"}
     if best.step != state.position.step:
-        weights = load_file(run.run_dir / "best.safetensors", device=str(run.accelerator.device))
+        # Read to host memory and copied into the model where it lives (safetensors names a device by its own
+        # rules: the "cpu:0" of a multi-process CPU run is not one).
+        weights = load_file(run.run_dir / "best.safetensors")
         run.accelerator.unwrap_model(run.model, keep_torch_compile=False).load_state_dict(weights)
         state.results.update(evaluate(run, "eval"))
     return {"weights": "best"}

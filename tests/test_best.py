@@ -205,8 +205,12 @@ def test_the_default_monitor_and_mode_follow_the_metrics():
     best = Best.of(config.build([], digits))
     assert best.update({"eval/loss": 0.5, "eval/accuracy": 0.8}, 10, 1, OneProcess())
     assert (best.monitor, best.mode) == ("eval/accuracy", "max")
-    assert not best.update({"eval/loss": 0.4, "eval/accuracy": 0.8}, 20, 2, OneProcess())  # equal is no better
+    assert not best.update({"eval/loss": 0.6, "eval/accuracy": 0.8}, 20, 2, OneProcess())  # equal is no better
     assert (best.value, best.epoch, best.stale, best.stopped_early) == (0.8, 1, 1, None)
+    # ... unless its eval/loss is lower: a tie of a coarse metric goes to the better-fitted model.
+    assert best.update({"eval/loss": 0.4, "eval/accuracy": 0.8}, 30, 3, OneProcess())
+    assert (best.value, best.epoch, best.stale, best.loss) == (0.8, 3, 0, 0.4)
+    assert Best.of(config.build([], digits), best.state()).loss == 0.4  # kept in checkpoints
     regression = Best.of(config.build(["trainer.early_stopping_patience=1"], digits))
     assert regression.update({"eval/loss": 2.0, "eval/mse": 4.0}, 10, 1, OneProcess())
     assert (regression.monitor, regression.mode) == ("eval/loss", "min")
