@@ -44,7 +44,7 @@ def import_libraries() -> None:
     import torch
 
     from pipeline import recipe as recipes
-    from pipeline.data import DataError
+    from pipeline.errors import DataError
     from pipeline.report import WARMUP_STEPS
 
 
@@ -93,10 +93,10 @@ def measure(args, work: Path):
     recipe, cfg = pipeline_cli.parse(overrides)
     os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
 
-    from pipeline import data
+    from pipeline import shard_store, tensor_rows
 
-    splits, meta = data.load(data.prepare(recipe, cfg))
-    train_cols = data.columns(splits["train"])
+    splits, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg))
+    train_cols = tensor_rows.columns(splits["train"])
     per_epoch = len(train_cols["label"]) // cfg.trainer.batch_size
     steps = args.steps or per_epoch
     # The pipeline runs whole epochs (evaluation between them is not timed) until `steps` are done after

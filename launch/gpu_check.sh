@@ -71,7 +71,7 @@ def load_weights(run, *overrides):
     import torch
     from safetensors.torch import load_file
 
-    from pipeline import cli, data
+    from pipeline import cli, shard_store, tensor_rows
 
     weights = load_file(Path(run) / "model.safetensors")
     wrapped = [k for k in weights if "_orig_mod." in k]
@@ -79,10 +79,10 @@ def load_weights(run, *overrides):
         print(f"keys carry torch.compile's prefix: {', '.join(wrapped[:2])} ...")
         return False
     recipe, cfg = cli.parse(list(overrides))
-    splits, meta = data.load(data.shards_dir(recipe, cfg))
+    splits, meta = shard_store.open_shards(shard_store.shards_dir(recipe, cfg))
     model = recipe.model(cfg, meta)
     model.load_state_dict(weights, strict=True)  # every key, nothing extra
-    test, right = data.columns(splits["test"]), 0
+    test, right = tensor_rows.columns(splits["test"]), 0
     with torch.no_grad():
         for start in range(0, len(test["label"]), 1000):
             batch = recipe.transform({k: v[start:start + 1000] for k, v in test.items()}, False, meta)

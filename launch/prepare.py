@@ -19,26 +19,26 @@ FLAGS = ("--verify", "--rebuild")
 
 
 def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
-    from pipeline import data  # imported once the command line is checked: --help needs no torch
+    from pipeline import shard_store  # imported once the command line is checked: --help needs no torch
 
     # Started by `accelerate launch` or torchrun with several processes: they share the build (see docs/data.md).
     state = together() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     if state is not None and not state.is_main_process:
-        data.prepare(recipe, cfg, state, log=lambda *_: None, rebuild=rebuild)
+        shard_store.prepare(recipe, cfg, state, log=lambda *_: None, rebuild=rebuild)
         return
-    reused = not rebuild and (data.shards_dir(recipe, cfg) / data.META_FILE).exists()
+    reused = not rebuild and (shard_store.shards_dir(recipe, cfg) / shard_store.META_FILE).exists()
     started = time.perf_counter()
-    out = data.prepare(recipe, cfg, state, rebuild=rebuild)  # progress bars for map and save on a terminal
+    out = shard_store.prepare(recipe, cfg, state, rebuild=rebuild)  # progress bars for map and save on a terminal
     seconds = time.perf_counter() - started
     if verify:
         started = time.perf_counter()
-        size = data.check(out, full=True)
+        size = shard_store.check_shards(out, full=True)
         hashing = time.perf_counter() - started
         print(f"verified: every shard file matches its recorded sha256 ({size / 2**20:,.1f} MiB in {hashing:.2f} s, "
               f"{size / 2**20 / max(hashing, 1e-9):,.0f} MiB/s)")
-    splits, _ = data.load(out)
+    splits, _ = shard_store.open_shards(out)
     print(f"shards ready: {out} ({', '.join(f'{k} {len(v):,}' for k, v in splits.items())})")
-    print(rate(sum(len(v) for v in splits.values()), data.check(out), None if reused else seconds))
+    print(rate(sum(len(v) for v in splits.values()), shard_store.check_shards(out), None if reused else seconds))
 
 
 def together():

@@ -22,12 +22,15 @@ from accelerate.utils import (
 )
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pipeline import checkpoint, console, data, hooks, optim, patches, report, rng, runinfo, tracking
+from pipeline import batching, checkpoint, console, hooks, optim, patches, report, rng, runinfo, shard_store, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
 from pipeline.guards import check_writable
+from pipeline.memory_budget import check_in_memory, choose_paths
 from pipeline.patches import Accelerator
 from pipeline.run_folder import RunFolder, make_run_dir
+from pipeline.streaming import stream
+from pipeline.tensor_rows import Rows, columns, nbytes
 from pipeline.together import all_or_none, shared_verdict
 
 # The distributed types the loop supports; `accelerate launch` chooses the others by these variables (Accelerate
@@ -63,7 +66,7 @@ class Run(Evaluation):
     optimizer: torch.optim.Optimizer
     scheduler: object | None
     train_loader: torch.utils.data.DataLoader
-    batch_order: data.ShuffledBatches  # the loop tells it the epoch
+    batch_order: batching.ShuffledBatches  # the loop tells it the epoch
     steps_per_epoch: int
     layer_stats: hooks.LayerStats | None
     compiled: bool
@@ -135,16 +138,16 @@ def check_before_work(cfg, recipe: recipes.Recipe, state: PartialState) -> str |
     patches.apply(state.print)  # before the Accelerator exists: it reads which patches are on when it is built
     # Before any work (not after the data was prepared), on every process: each one writes there.
     shared_verdict(state, check_writable, cfg, everywhere=True)
-    data.check_in_memory(cfg, recipe.dataset is not None)
+    check_in_memory(cfg, recipe.dataset is not None)
     return tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
 
 
 def load_data(cfg, recipe: recipes.Recipe, state: PartialState) -> tuple[dict, dict, dict | None]:
     """The recipe's shards (prepared once, the other processes waiting), their splits and meta, and their
     identity for run.json and checkpoints (on the main process)."""
-    shards = data.prepare(recipe, cfg, state, log=state.print)
+    shards = shard_store.prepare(recipe, cfg, state, log=state.print)
     identity = runinfo.data_identity(recipe, cfg, shards) if state.is_main_process else None
-    splits, meta = data.load(shards)
+    splits, meta = shard_store.open_shards(shards)
     meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
     return splits, meta, identity
 
@@ -263,36 +266,37 @@ def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
     """Each split as whole tensors in memory (on the GPU when they fit) or read from its shards a batch at a
     time; the same batches either way. Returns the train loader, the eval/test loaders, whether the rows
     live on the device, and each split's row count and path ({"path": "memory" | "stream", "why": ...})."""
-    chosen = data.choose_paths(cfg, splits, processes_on_node(accelerator), recipe.dataset is not None)
+    chosen = choose_paths(cfg, splits, processes_on_node(accelerator), recipe.dataset is not None)
     # Decided on each process from its node's memory; all must take the same path.
     in_memory = {name: all_agree(accelerator, keep) for name, (keep, _) in chosen.items()}
     paths = {name: {"path": "memory" if in_memory[name] else "stream",
                     "why": why if in_memory[name] == keep else "another process's memory budget"}
              for name, (keep, why) in chosen.items()}
-    tensors = {name: data.columns(split) for name, split in splits.items() if in_memory[name]}
+    tensors = {name: columns(split) for name, split in splits.items() if in_memory[name]}
     streamed = [name for name in splits if not in_memory[name]]
     if streamed and cfg.data.on_device is Switch.true and accelerator.device.type == "cuda":
         raise ConfigError(f"data.on_device=true keeps whole splits on the GPU, but {', '.join(streamed)} "
                           f"would be read from the shards ({paths[streamed[0]]['why']}); add data.in_memory=true, "
                           f"or leave data.on_device=auto")
     on_device = not streamed and all_agree(accelerator, keep_on_device(cfg, accelerator, tensors))
-    make = recipe.dataset or (lambda cols, meta, split: data.Rows(cols))
-    rows = {name: make(tensors[name], meta, name) if in_memory[name] else data.stream(split)
+    make = recipe.dataset or (lambda cols, meta, split: Rows(cols))
+    rows = {name: make(tensors[name], meta, name) if in_memory[name] else stream(split)
             for name, split in splits.items()}
     if on_device:
         rows = {name: r.to(accelerator.device) for name, r in rows.items()}
     # Data that stays in host memory goes to the GPU from pinned pages, without waiting (non_blocking).
     workers = 0 if on_device else cfg.data.num_workers
     pin = accelerator.device.type == "cuda" and not on_device
-    train_loader = data.loader(rows["train"], cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
-                               train=True, seed=cfg.seed, num_workers=workers, step_batch=cfg.trainer.batch_size,
-                               pin_memory=pin, complete=cfg.trainer.last_batch.name == "complete")
+    train_loader = batching.loader(rows["train"], cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
+                                   train=True, seed=cfg.seed, num_workers=workers, step_batch=cfg.trainer.batch_size,
+                                   pin_memory=pin, complete=cfg.trainer.last_batch.name == "complete")
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
                           f"({len(rows['train'])} rows); lower it")
-    eval_loaders = {name: data.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
-                                      num_workers=workers, pin_memory=pin) for name in ("eval", "test") if name in rows}
-    data.check_shared_memory([train_loader, *eval_loaders.values()])
+    eval_loaders = {name: batching.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
+                                          num_workers=workers, pin_memory=pin)
+                    for name in ("eval", "test") if name in rows}
+    batching.check_shared_memory([train_loader, *eval_loaders.values()])
     return train_loader, eval_loaders, on_device, {name: {"rows": len(r), **paths[name]} for name, r in rows.items()}
 
 
@@ -341,7 +345,7 @@ def fit_batch(cfg, train_rows: int, num_processes: int, say) -> DictConfig:
     unit, complete = num_processes * cfg.trainer.grad_accum_steps, cfg.trainer.last_batch.name == "complete"
 
     def steps(b):
-        return data.train_samples(train_rows, b, complete) // b
+        return batching.train_samples(train_rows, b, complete) // b
 
     while steps(batch) < wanted and batch % 2 == 0 and (batch // 2) % unit == 0:
         batch //= 2
@@ -407,7 +411,7 @@ def keep_on_device(cfg, accelerator, tensors: dict) -> bool:
     if cfg.data.on_device is Switch.true:
         return True
     free, _ = torch.cuda.mem_get_info(accelerator.device)
-    return sum(data.nbytes(t) for t in tensors.values()) < free / 4
+    return sum(nbytes(t) for t in tensors.values()) < free / 4
 
 
 def all_agree(accelerator, decision: bool) -> bool:

@@ -21,8 +21,9 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
-from pipeline.data import NOT_CONTENT, DataError
+from pipeline.errors import DataError
 from pipeline.files import as_umask_allows
+from pipeline.fingerprints import NOT_CONTENT
 from pipeline.runinfo import data_change
 from pipeline.together import all_or_none
 from pipeline.tracking import flat, write_json

@@ -102,7 +102,7 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
         exit_once(str(e), e.exit_code)
     except loaded("pipeline.guards", "Diverged") as e:
         exit_once(f"error: {e}", e.exit_code)
-    except (config.ConfigError, *loaded("pipeline.data", "DataError")) as e:
+    except (config.ConfigError, *loaded("pipeline.errors", "DataError")) as e:
         exit_once(f"error: {e}", 2)
     except KeyboardInterrupt:
         # A second Ctrl-C during training, or one before it started: stopped where it was, as asked.

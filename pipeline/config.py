@@ -40,7 +40,8 @@ InitName = choice("InitName", INITS)
 Switch = choice("Switch", ("auto", "true", "false"))  # auto: decided by the device (see `flag`)
 # Whether a larger or a smaller value of checkpoint.monitor is better (auto: by the metric's name, see best.py).
 MonitorMode = choice("MonitorMode", ("auto", "max", "min"))
-# The ragged end of a training epoch: dropped, or completed from the start of the epoch's own order (see data.loader).
+# The ragged end of a training epoch: dropped, or completed from the start of the epoch's own order
+# (see batching.loader).
 LastBatch = choice("LastBatch", ("drop", "complete"))
 # The weights a finished run reports and evaluate/predict use by default: the best evaluation's, or the last step's.
 Weights = choice("Weights", ("best", "final"))
@@ -86,7 +87,7 @@ class TrainerConfig:
     tf32: bool = True  # fp32 matmuls/convolutions on TF32 tensor cores (Ampere+ GPUs); false: full fp32
     early_stopping_patience: int | None = None  # stop after N evaluations without a better checkpoint.monitor
     # Seconds a collective between processes (gradient all-reduce, broadcast) may wait before the run fails;
-    # waiting for another process to prepare the data has no such limit (see data.prepare).
+    # waiting for another process to prepare the data has no such limit (see shard_store.prepare).
     dist_timeout_s: int = 1800
 
 

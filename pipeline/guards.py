@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from pipeline import checkpoint
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 
 class Diverged(RuntimeError):

@@ -23,7 +23,7 @@ from accelerate import PartialState
 from pipeline import config, files, overrides, runs
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 SHOWN_ROWS = 5  # rows of the predictions shown on the console
 

@@ -343,7 +343,8 @@ def _require_columns(recipe: Recipe, cfg, available: list[str], what: str) -> No
 
 
 def _fixed(feature) -> bool:
-    """Whether `data.columns` can make one tensor of the column: scalars, ArrayND, fixed-length lists of scalars."""
+    """Whether `tensor_rows.columns` can make one tensor of the column: scalars, ArrayND, fixed-length lists of
+    scalars."""
     if isinstance(feature, datasets.List):
         return (feature.length or -1) > 0 and isinstance(feature.feature, (datasets.Value, datasets.ClassLabel))
     return isinstance(feature, (datasets.Value, datasets.ClassLabel, datasets.Array2D, datasets.Array3D,

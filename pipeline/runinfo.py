@@ -16,7 +16,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipeline import data
+from pipeline import fingerprints
 from pipeline.tracking import write_json
 
 CODE = Path(__file__).resolve().parent.parent  # the checkout (or installed tree) holding this code
@@ -71,7 +71,7 @@ def sha256(path: Path) -> str:
 def data_identity(recipe, cfg, shards: Path) -> dict:
     """What a run trains on: the shards' fingerprint (their folder's name) and the raw files it was computed
     from, as a count and a digest, with each file (path: [size, mtime_ns]) up to RAW_LISTED of them."""
-    stats = data.fingerprinted_stats(recipe, cfg)
+    stats = fingerprints.fingerprinted_stats(recipe, cfg)
     digest = hashlib.sha256("".join(f"{r}\0{s}\0{m}\n" for r, s, m in stats).encode()).hexdigest()[:16]
     record = {"fingerprint": Path(shards).name, "shards": str(shards), "raw_files": len(stats), "raw_digest": digest}
     if len(stats) <= RAW_LISTED:
@@ -134,7 +134,7 @@ def outcome(error: BaseException | None) -> tuple[str, int]:
     """The status and the exit code launch/train.py ends with (see pipeline/cli.py)."""
     from pipeline.checkpoint import Preempted
     from pipeline.config import ConfigError
-    from pipeline.data import DataError
+    from pipeline.errors import DataError
     from pipeline.guards import Diverged
 
     if error is None:

@@ -16,11 +16,12 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import build, config, data, loop, patches, report, runinfo, tracking
+from pipeline import build, config, fingerprints, loop, patches, report, runinfo, shard_store, tracking
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from pipeline.overrides import split_argv
+from pipeline.shard_store import META_FILE
 from pipeline.together import all_or_none
 
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors"}
@@ -30,7 +31,7 @@ SPLITS = ("eval", "test")
 # what was trained.
 CHANGEABLE = ("data.", "trainer.eval_batch_size", "trainer.dist_timeout_s")
 # data.* keys that say where or how fast, not which data: changing them keeps the run's own data.
-READING_ONLY = tuple(k for k in data.NOT_CONTENT if k != "root")
+READING_ONLY = tuple(k for k in fingerprints.NOT_CONTENT if k != "root")
 
 
 @dataclass
@@ -60,7 +61,7 @@ def parse_argv(argv: list[str]) -> tuple[recipes.Recipe, object, Request]:
     if other_data(recipe, cfg, overrides, own["run"]) and "statistics" in cfg.data and not cfg.data.statistics:
         # Other data is prepared with the statistics the model was trained with (recipes that fit some), as
         # launch/predict.py prepares new inputs; fitting new ones on this data would score another preprocessing.
-        meta = (Path(own["run"]) / data.META_FILE).resolve()
+        meta = (Path(own["run"]) / META_FILE).resolve()
         recipe, cfg, _ = load_run(own["run"], [*overrides, f"data.statistics={meta}"])
     weights_file(Path(own["run"]), weights)  # before any work
     return recipe, cfg, Request(Path(own["run"]), split, weights, tuple(overrides), reported)
@@ -99,15 +100,15 @@ def load_run(run_dir, overrides=()) -> tuple[recipes.Recipe, object, dict]:
 def read_meta(run_dir) -> dict:
     """The run's meta.json: the facts its data was prepared with (classes, train statistics)."""
     try:
-        meta = json.loads((Path(run_dir) / data.META_FILE).read_text())
+        meta = json.loads((Path(run_dir) / META_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise damaged(Path(run_dir), data.META_FILE, e) from None
+        raise damaged(Path(run_dir), META_FILE, e) from None
     if not isinstance(meta, dict):
-        raise damaged(Path(run_dir), data.META_FILE, f"it holds a JSON {type(meta).__name__}, not the object of "
+        raise damaged(Path(run_dir), META_FILE, f"it holds a JSON {type(meta).__name__}, not the object of "
                                                       f"facts (classes, statistics) a run keeps")
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise damaged(Path(run_dir), data.META_FILE, f"its class_names is {json.dumps(names)[:60]}, not a list of "
+        raise damaged(Path(run_dir), META_FILE, f"its class_names is {json.dumps(names)[:60]}, not a list of "
                                                       f"names")
     return meta
 
@@ -123,7 +124,7 @@ def check_finished(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise ConfigError(f"no run folder at {run_dir}; runs are in <output_dir>/<recipe>/<run_name>/ "
                           f"(e.g. runs/digits/20250101-120000)")
-    missing = [name for name in ("config.yaml", data.META_FILE, WEIGHTS["final"]) if not (run_dir / name).exists()]
+    missing = [name for name in ("config.yaml", META_FILE, WEIGHTS["final"]) if not (run_dir / name).exists()]
     if missing:
         raise ConfigError(f"{run_dir} is not a finished run: no {' or '.join(missing)}. A run writes model.safetensors "
                           f"when its training ends; one that was stopped continues with the same train command and "
@@ -158,13 +159,13 @@ def load_model(run_dir, recipe: recipes.Recipe, cfg, meta: dict, weights: str = 
     try:
         model = recipe.model(cfg, meta)
     except KeyError as e:  # a fact the recipe reads now that an older version did not keep
-        raise ConfigError(f"{Path(run_dir) / data.META_FILE} has no {e} that recipe {recipe.name!r} reads now: the "
+        raise ConfigError(f"{Path(run_dir) / META_FILE} has no {e} that recipe {recipe.name!r} reads now: the "
                           f"run was trained by an older version of it.\nFix: evaluate it with that version's code"
                           f"{trained_with(Path(run_dir))}, or train it again") from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # a fact of the wrong type (a recipe's own check, or where it failed)
-        raise damaged(Path(run_dir), data.META_FILE, f"recipe {recipe.name!r} cannot use it: {e}") from None
+        raise damaged(Path(run_dir), META_FILE, f"recipe {recipe.name!r} cannot use it: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -208,8 +209,8 @@ def trained_with(run_dir: Path) -> str:
 def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tuple[dict, Path]:
     """The shards for `cfg` (built from the raw data if none exist), checked to hold `split` and the run's
     classes; returns {"train", split} for `build.make_loaders` and the shards' folder."""
-    shards = data.prepare(recipe, cfg, state, log=say)
-    splits, shard_meta = data.load(shards)
+    shards = shard_store.prepare(recipe, cfg, state, log=say)
+    splits, shard_meta = shard_store.open_shards(shards)
     if split not in splits:
         raise DataError(f"the {recipe.name} shards in {shards} have no {split!r} split (they hold "
                         f"{', '.join(splits)}); choose split={' or split='.join(s for s in SPLITS if s in splits)}")
@@ -289,7 +290,7 @@ def other_data(recipe, cfg, overrides, run_dir) -> bool:
     """Data other than the run's: chosen by data.* overrides, or the run's raw files (or the code that prepares
     them) changed since it trained. Either is prepared with the run's statistics, not statistics of its own."""
     trained = trained_on(run_dir)
-    return bool(changed_data(overrides)) or (trained is not None and data.fingerprint(recipe, cfg) != trained)
+    return bool(changed_data(overrides)) or (trained is not None and fingerprints.fingerprint(recipe, cfg) != trained)
 
 
 def own_data(recipe, cfg, request: Request, shards: Path, say) -> bool | None:

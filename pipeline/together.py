@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from accelerate.utils import gather_object
 
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 # Errors meant for people keep their class, and so their exit code, on every process (see pipeline/cli.py).
 PEOPLES_ERRORS = {e.__name__: e for e in (ConfigError, DataError)}

@@ -16,8 +16,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from pipeline.data import DataError
 from pipeline.decoded_shards import Undecoded
+from pipeline.errors import DataError
 from pipeline.files import scratch_folder
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import files
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 
 def readable_file(path: Path, what: str) -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from recipes import _tables as tables
 from recipes._table_cells import Column
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the shards store float32: 1e39 would become inf there
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from recipes._table_stream import MappedRows, batches, numbers_of
 from recipes._tables import stored_statistics
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from recipes._table_cells import (
     Column,
     clean_columns,

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from recipes._raw_files import readable_file
 from recipes._table_cells import (
     Column,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from pipeline.recipe import Recipe
 from recipes._images import class_accuracy, image_inputs, scale_images
 from recipes._raw_files import download, readable_file, unpacking

@@ -33,8 +33,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
-from pipeline.data import DataError
 from pipeline.decoded_shards import Undecoded
+from pipeline.errors import DataError
 from pipeline.recipe import Recipe
 from recipes._augment import augment, augmentations
 from recipes._images import (

@@ -23,7 +23,7 @@ from torchvision.datasets.utils import list_dir, list_files
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from pipeline.recipe import Recipe
 from recipes._images import accuracy, image_rows, unit_scale
 from recipes._raw_files import download, readable_file, unpacking

@@ -32,7 +32,7 @@ from torchmetrics.classification import (
 from torchmetrics.wrappers import LambdaInputTransformer
 
 from pipeline.config import ConfigError, ModelConfig, choice
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from pipeline.files import scratch_folder
 from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy
 from recipes import _table_stream as stream

@@ -15,7 +15,7 @@ from conftest import cli, command, common, environment, ok, run_dirs
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, data, runinfo
+from pipeline import checkpoint, fingerprints, runinfo
 
 
 def start_and_wait_for_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int,
@@ -427,10 +427,10 @@ def test_a_data_change_is_named_by_file_and_by_count_past_the_listed_files(tmp_p
 
     csv = prices_csv(tmp_path / "data")
     recipe, cfg = parse(tmp_path, csv, "data.target=price")
-    before = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / data.fingerprint(recipe, cfg))
-    assert before["fingerprint"] == data.fingerprint(recipe, cfg) and before["raw"].keys() == {"prices.csv"}
+    before = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / fingerprints.fingerprint(recipe, cfg))
+    assert before["fingerprint"] == fingerprints.fingerprint(recipe, cfg) and before["raw"].keys() == {"prices.csv"}
     csv.write_text(csv.read_text() + "50.0,125.0\n")
-    after = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / data.fingerprint(recipe, cfg))
+    after = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / fingerprints.fingerprint(recipe, cfg))
     assert runinfo.data_change(before, after).startswith("raw files changed: prices.csv (the shards' fingerprint")
     monkeypatch.setattr(runinfo, "RAW_LISTED", 0)  # a folder of more raw files than a checkpoint lists
     unlisted = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / "x")

@@ -17,7 +17,7 @@ from conftest import cli, common, ok, run_dirs, summary
 from PIL import Image, ImageDraw
 
 from pipeline import cli as pipeline_cli
-from pipeline import data
+from pipeline import shard_store, tensor_rows
 
 CLOUDS = ["cirriform clouds", "clear sky", "cumulonimbus clouds", "cumulus clouds", "high cumuliform clouds",
           "stratiform clouds", "stratocumulus clouds"]
@@ -30,8 +30,8 @@ MAJORITY_ALPHABET = 40 / 136  # what always answering "Korean" scores
 def shards(workdir: Path, recipe: str, *args: str):
     """The prepared splits (as whole-column tensors) and meta of a run's configuration."""
     recipe, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.cache_dir={workdir / 'cache'}", *args])
-    splits, meta = data.load(data.shards_dir(recipe, cfg))
-    return {name: data.columns(split) for name, split in splits.items()}, meta
+    splits, meta = shard_store.open_shards(shard_store.shards_dir(recipe, cfg))
+    return {name: tensor_rows.columns(split) for name, split in splits.items()}, meta
 
 
 def failed(result) -> str:

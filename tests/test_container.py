@@ -135,16 +135,16 @@ def test_weights_take_the_mode_the_umask_gives_any_file(tmp_path):
 def test_shared_memory_need_counts_workers_prefetch_and_batch_bytes(tmp_path):
     import torch
 
-    from pipeline import data
+    from pipeline import batching, tensor_rows
 
-    rows = data.Rows({"image": torch.zeros(100, 3, 10, 10, dtype=torch.uint8),
+    rows = tensor_rows.Rows({"image": torch.zeros(100, 3, 10, 10, dtype=torch.uint8),
                       "label": torch.zeros(100, dtype=torch.int64)})
     per_batch = 16 * (300 + 8)
-    workers = data.loader(rows, 16, train=True, seed=0, num_workers=2)
-    assert data.shared_memory_need(workers) == data.SHM_MARGIN * 2 * 2 * per_batch
-    assert data.shared_memory_need(data.loader(rows, 16, train=False, seed=0)) == 0
-    data.check_shared_memory([workers])  # /dev/shm of this host holds that much
-    data.check_shared_memory([workers], shm=tmp_path / "absent")  # no /dev/shm (macOS): nothing to check
+    workers = batching.loader(rows, 16, train=True, seed=0, num_workers=2)
+    assert batching.shared_memory_need(workers) == batching.SHM_MARGIN * 2 * 2 * per_batch
+    assert batching.shared_memory_need(batching.loader(rows, 16, train=False, seed=0)) == 0
+    batching.check_shared_memory([workers])  # /dev/shm of this host holds that much
+    batching.check_shared_memory([workers], shm=tmp_path / "absent")  # no /dev/shm (macOS): nothing to check
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from conftest import cli, common, ok, run_dirs, summary
 
 from pipeline import cli as pipeline_cli
-from pipeline import data
+from pipeline import errors, shard_store, tensor_rows
 
 WATER = Path(conftest.TEST_DATA) / "water-potability"
 # Two shared cores: one thread per run avoids the oversubscription stalls (up to 5x) that a second
@@ -28,8 +28,8 @@ def train(workdir: Path, recipe: str, *args: str) -> dict:
 def shards(workdir: Path, recipe: str, *args: str):
     """The prepared splits (as whole-column tensors) and meta of a run's configuration."""
     recipe, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.cache_dir={workdir / 'cache'}", *args])
-    splits, meta = data.load(data.shards_dir(recipe, cfg))
-    return {name: data.columns(split) for name, split in splits.items()}, meta
+    splits, meta = shard_store.open_shards(shard_store.shards_dir(recipe, cfg))
+    return {name: tensor_rows.columns(split) for name, split in splits.items()}, meta
 
 
 # ---------------------------------------------------------------- house_prices_linear
@@ -151,7 +151,7 @@ def test_electricity_windows_are_cut_per_batch():
                                           ("electricity_forecast", "electricity.csv")])
 def test_missing_file_names_path_format_and_fix(workdir, recipe, file):
     recipe_, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.root={workdir / 'nowhere'}"])
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(errors.DataError) as error:
         recipe_.raw_files(cfg)
     message = str(error.value)
     assert str(workdir / "nowhere" / file) in message and "CSV" in message
@@ -166,7 +166,7 @@ def test_missing_file_stops_the_cli_before_a_run(workdir):
 
 
 # ---------------------------------------------------------------- bad CSV input (recipes/_tables.py)
-# Most checks happen in prepare, before any training: they run in this process through data.prepare
+# Most checks happen in prepare, before any training: they run in this process through shard_store.prepare
 # (the cache included); one CLI test per recipe shows what a user sees (exit 2, no run, no shards).
 
 FILES = {"house_prices_linear": "house_prices.csv", "water_potability": "water_potability.csv",
@@ -210,12 +210,12 @@ def set_cell(path: Path, line: int, column: int, value: str) -> None:
 def prepare(workdir: Path, recipe: str, path: Path, *args: str) -> Path:
     recipe_, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.root={path.parent}", f"data.file={path.name}",
                                        f"data.cache_dir={workdir / 'cache'}", *args])
-    return data.prepare(recipe_, cfg, log=lambda *a: None)
+    return shard_store.prepare(recipe_, cfg, log=lambda *a: None)
 
 
 def refused(workdir: Path, recipe: str, path: Path, *args: str) -> str:
     """The DataError message of preparing `path`; the cache holds no shards afterwards."""
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(errors.DataError) as error:
         prepare(workdir, recipe, path, *args)
     assert not [p for p in (workdir / "cache").rglob("*") if p.is_file()], "a failed prepare left files"
     message = str(error.value)
@@ -298,11 +298,12 @@ def test_empty_cells_are_refused_with_their_count_where_the_recipe_cannot_fill_t
     assert "an empty cell, a missing value this recipe cannot fill: 3 cells: line 3 column 1 (area)" in message
     # water_potability fills gaps with train medians (the real file has 1,434 of them) and
     # electricity_forecast interpolates a skipped reading: both prepare.
-    splits, _ = data.load(prepare(workdir, "water_potability", write_csv("water_potability", workdir / "w")))
+    water = prepare(workdir, "water_potability", write_csv("water_potability", workdir / "w"))
+    splits, _ = shard_store.open_shards(water)
     assert len(splits["train"]) + len(splits["eval"]) == 3275
     path = write_csv("electricity_forecast", workdir / "e")
     set_cell(path, 3, 2, "")
-    splits, meta = data.load(prepare(workdir, "electricity_forecast", path))
+    splits, meta = shard_store.open_shards(prepare(workdir, "electricity_forecast", path))
     raw = pd.read_csv(path)["consumption"]
     value = splits["train"]["value"][1] * meta["std"] + meta["mean"]
     assert value == pytest.approx((raw[0] + raw[2]) / 2, rel=1e-5)
@@ -329,7 +330,7 @@ def test_too_few_rows_say_how_many_are_needed(workdir, recipe, args, needed):
         write_water(path.parent, rows=3)
     else:
         path.write_text("".join(lines[:needed + 1]))
-    splits, _ = data.load(prepare(workdir, recipe, path, *args))
+    splits, _ = shard_store.open_shards(prepare(workdir, recipe, path, *args))
     assert len(splits["train"]) + len(splits["eval"]) == needed
 
 
@@ -356,7 +357,7 @@ def test_drop_bad_rows_drops_only_when_asked_and_counts(workdir, recipe, capsys)
     rows = len(path.read_text().splitlines()) - 1
     for line in (4, 9, 10):
         set_cell(path, line, 2, "oops")
-    splits, meta = data.load(prepare(workdir, recipe, path, "data.drop_bad_rows=true"))
+    splits, meta = shard_store.open_shards(prepare(workdir, recipe, path, "data.drop_bad_rows=true"))
     assert f"dropped 3 of {rows} rows of {path.resolve()} (data.drop_bad_rows=true), lines 4, 9, 10" \
         in capsys.readouterr().out
     assert (meta["rows_read"], meta["rows_dropped"], meta["dropped_lines"]) == (rows, 3, [4, 9, 10])

@@ -17,7 +17,7 @@ import torch
 from conftest import cli, common, ok, write_mnist_raw
 from torchvision.datasets import MNIST
 
-from pipeline import data, files
+from pipeline import batching, errors, files, fingerprints, shard_store, tensor_rows
 from pipeline import recipe as recipes
 
 
@@ -59,8 +59,8 @@ def test_prepare_once_reuse_and_invalidate(workdir):
 def test_split_is_stratified_and_disjoint(workdir):
     root = write_mnist_raw(workdir / "data")
     recipe, cfg = recipes_parse(["recipe=mnist_mlp", f"data.root={root}", f"data.cache_dir={workdir / 'cache'}"])
-    splits, meta = data.load(data.prepare(recipe, cfg))
-    train, evaluation = data.columns(splits["train"]), data.columns(splits["eval"])
+    splits, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg))
+    train, evaluation = tensor_rows.columns(splits["train"]), tensor_rows.columns(splits["eval"])
     assert train["image"].dtype == torch.uint8 and train["image"].shape == (9000, 1, 28, 28)
     assert train["label"].dtype == torch.int64
     # Every class keeps its share in the held-out split (label counts 980/1135/... over 10,000).
@@ -92,7 +92,7 @@ def test_fashion_mnist_reads_its_own_folder(workdir):
     result = ok(cli(common(workdir, "recipe=fashion_mnist_mlp", f"data.root={root}"), cwd=workdir, script="prepare"))
     assert "FashionMNIST" not in result.stderr
     [shards] = shard_dirs(workdir, "fashion_mnist_mlp")
-    meta = data.load(shards)[1]
+    meta = shard_store.open_shards(shards)[1]
     assert meta["class_names"][0] == "T-shirt/top"
 
 
@@ -104,7 +104,7 @@ def test_interrupted_build_leaves_no_valid_looking_shards(workdir, monkeypatch):
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", broken_save)
     try:
-        data.prepare(recipe, cfg)
+        shard_store.prepare(recipe, cfg)
     except OSError:
         pass
     else:
@@ -115,33 +115,33 @@ def test_interrupted_build_leaves_no_valid_looking_shards(workdir, monkeypatch):
 
 
 def test_the_ragged_last_step_is_completed_from_the_epochs_own_order():
-    rows = data.Rows({"y": torch.arange(10)})
-    batches = [b["y"] for b in data.loader(rows, batch_size=4, train=True, seed=0, complete=True)]
+    rows = tensor_rows.Rows({"y": torch.arange(10)})
+    batches = [b["y"] for b in batching.loader(rows, batch_size=4, train=True, seed=0, complete=True)]
     order = torch.cat(batches).tolist()
     assert [len(b) for b in batches] == [4, 4, 4] and sorted(set(order)) == list(range(10))
     assert order[10:] == order[:2]  # every row once, then the epoch's first two again
-    assert order[:8] == torch.cat([b["y"] for b in data.loader(rows, 4, train=True, seed=0)]).tolist()
+    assert order[:8] == torch.cat([b["y"] for b in batching.loader(rows, 4, train=True, seed=0)]).tolist()
     # Accumulation: micro-batches of 3 for optimizer steps of 6 -> two whole steps, 12 samples, every row.
-    micro = [b["y"] for b in data.loader(rows, batch_size=3, train=True, seed=0, step_batch=6, complete=True)]
+    micro = [b["y"] for b in batching.loader(rows, batch_size=3, train=True, seed=0, step_batch=6, complete=True)]
     assert [len(b) for b in micro] == [3, 3, 3, 3] and set(torch.cat(micro).tolist()) == set(range(10))
-    assert len(data.loader(rows, batch_size=16, train=True, seed=0, complete=True)) == 0  # more than the rows
+    assert len(batching.loader(rows, batch_size=16, train=True, seed=0, complete=True)) == 0  # more than the rows
 
 
 def test_rows_serve_whole_batches():
-    rows = data.Rows({"x": torch.arange(10).view(10, 1), "y": torch.arange(10)})
+    rows = tensor_rows.Rows({"x": torch.arange(10).view(10, 1), "y": torch.arange(10)})
     batch = rows.__getitems__([3, 1, 4])
     assert batch["y"].tolist() == [3, 1, 4] and batch["x"].shape == (3, 1)
-    loader = data.loader(rows, batch_size=4, train=True, seed=0)
+    loader = batching.loader(rows, batch_size=4, train=True, seed=0)
     batches = list(loader)
     assert len(batches) == 2 and all(len(b["y"]) == 4 for b in batches)  # ragged last batch dropped
     order = torch.cat([b["y"] for b in batches]).tolist()
     assert len(set(order)) == 8 and order != sorted(order)  # shuffled, no repeats
-    assert order == torch.cat([b["y"] for b in data.loader(rows, 4, train=True, seed=0)]).tolist()  # seeded
+    assert order == torch.cat([b["y"] for b in batching.loader(rows, 4, train=True, seed=0)]).tolist()  # seeded
     assert torch.cat([b["y"] for b in loader]).tolist() != order  # a new permutation every epoch
     # Accumulation: micro-batches of 3 for optimizer steps of 6 -> only whole steps (6 of 10 rows).
-    micro = list(data.loader(rows, batch_size=3, train=True, seed=0, step_batch=6))
+    micro = list(batching.loader(rows, batch_size=3, train=True, seed=0, step_batch=6))
     assert [len(b["y"]) for b in micro] == [3, 3]
-    evaluation = list(data.loader(rows, batch_size=4, train=False, seed=0))
+    evaluation = list(batching.loader(rows, batch_size=4, train=False, seed=0))
     assert torch.cat([b["y"] for b in evaluation]).tolist() == list(range(10))
 
 
@@ -157,15 +157,15 @@ def test_moved_cache_is_reused_not_rebuilt(workdir):
     # Shards are found by content (<cache>/<recipe>/<fingerprint>), with no absolute path kept in them:
     # a cache moved to another disk or mounted elsewhere serves the same rows without preparing again.
     recipe, cfg = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'cache'}"])
-    out = data.prepare(recipe, cfg, log=lambda line: None)
-    rows = data.columns(data.load(out)[0]["train"])
+    out = shard_store.prepare(recipe, cfg, log=lambda line: None)
+    rows = tensor_rows.columns(shard_store.open_shards(out)[0]["train"])
     shutil.move(workdir / "cache", workdir / "moved")
     recipe, moved = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'moved'}"])
     said = []
-    again = data.prepare(recipe, moved, log=said.append)
+    again = shard_store.prepare(recipe, moved, log=said.append)
     assert again == workdir / "moved" / "digits" / out.name and not (workdir / "cache").exists()
     assert [line for line in said if "data:" in line] == [f"data: reusing shards in {again}"]
-    moved_rows = data.columns(data.load(again)[0]["train"])
+    moved_rows = tensor_rows.columns(shard_store.open_shards(again)[0]["train"])
     assert moved_rows.keys() == rows.keys() and all(torch.equal(moved_rows[k], rows[k]) for k in rows)
 
 
@@ -235,23 +235,23 @@ def test_shard_that_fails_to_load_is_hashed_and_named(workdir, mnist_root):
     # Above the size for a full hash on reuse only the sizes are checked; a file Arrow cannot read is
     # then hashed, so the error names it instead of an ArrowInvalid traceback.
     recipe, cfg = recipes_parse(["recipe=mnist_mlp", f"data.root={mnist_root}", f"data.cache_dir={workdir / 'cache'}"])
-    out = data.prepare(recipe, cfg)
+    out = shard_store.prepare(recipe, cfg)
     bad = out / "eval" / "data-00002-of-00004.arrow"
     flip(bad, 0, 64)  # the Arrow stream's header
-    with pytest.raises(data.DataError, match=f"damaged shard file {bad}: its sha256 differs"):
-        data.load(out)
-    assert data.check(out) > 0  # sizes alone pass: the hash found it
+    with pytest.raises(errors.DataError, match=f"damaged shard file {bad}: its sha256 differs"):
+        shard_store.open_shards(out)
+    assert shard_store.check_shards(out) > 0  # sizes alone pass: the hash found it
 
 
 def test_shard_checks_cost(workdir, mnist_root):
     """Sizes on every load: well under a millisecond a file; the full hash: hundreds of MB/s."""
     recipe, cfg = recipes_parse(["recipe=mnist_mlp", f"data.root={mnist_root}", f"data.cache_dir={workdir / 'cache'}"])
-    out = data.prepare(recipe, cfg)
+    out = shard_store.prepare(recipe, cfg)
     started = time.perf_counter()
-    size = data.check(out)
+    size = shard_store.check_shards(out)
     sizes = time.perf_counter() - started
     started = time.perf_counter()
-    data.check(out, full=True)
+    shard_store.check_shards(out, full=True)
     full = time.perf_counter() - started
     print(f"size check {sizes * 1e3:.2f} ms; full hash {size / 2**20:.1f} MiB in {full * 1e3:.0f} ms "
           f"({size / 2**20 / full:.0f} MiB/s)")
@@ -277,7 +277,7 @@ def module_copy(tmp_path, name: str, source: str):
 
 def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     def recipe_hash(name, source):
-        return data.code_hash(dataclasses.replace(module_copy(tmp_path, name, source).recipe, name=name))
+        return fingerprints.code_hash(dataclasses.replace(module_copy(tmp_path, name, source).recipe, name=name))
 
     source = (RECIPES / "digits.py").read_text()
     same = recipe_hash("copy_a", source)
@@ -292,7 +292,7 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     mnist = recipes.load("mnist_mlp")
 
     def helpers_hash(name, source):
-        return data.code_hash(dataclasses.replace(mnist, prepare=functools.partial(
+        return fingerprints.code_hash(dataclasses.replace(mnist, prepare=functools.partial(
             module_copy(tmp_path, name, source).idx_splits, MNIST)))
 
     helpers = (RECIPES / "_torchvision.py").read_text()
@@ -303,14 +303,14 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     assert reached_edit != helpers and helpers_hash("helpers_c", reached_edit) != same
     assert unreached_edit != helpers and helpers_hash("helpers_d", unreached_edit) == same
 
-    reached = {f.__qualname__ for f in data._reached(mnist.prepare)}
+    reached = {f.__qualname__ for f in fingerprints._reached(mnist.prepare)}
     assert {"idx_splits", "torchvision_arrays", "image_split", "split_train_eval", "read_idx"} <= reached
     assert not {"loader", "columns", "Rows", "prepare", "check", "read"} & reached
 
 
 def test_a_killed_builds_leftover_is_removed_a_live_ones_kept(workdir):
     recipe, cfg = recipes_parse(["recipe=digits", f"data.cache_dir={workdir / 'cache'}"])
-    out = data.shards_dir(recipe, cfg)
+    out = shard_store.shards_dir(recipe, cfg)
     out.parent.mkdir(parents=True)
     # A SIGKILLed build: a real process that is gone now, and a folder named as builds before owners were recorded.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -322,7 +322,7 @@ def test_a_killed_builds_leftover_is_removed_a_live_ones_kept(workdir):
     old_style.mkdir()
     live = files.temporary_folder(out)  # this process: alive, so a build still writing
     said = []
-    data.prepare(recipe, cfg, log=said.append)
+    shard_store.prepare(recipe, cfg, log=said.append)
     assert not killed.exists() and not old_style.exists() and live.exists()
     assert any(f"removing {killed}" in line and "killed" in line for line in said), said
     assert (out / "meta.json").exists()

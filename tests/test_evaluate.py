@@ -14,7 +14,7 @@ from test_checkpoint import prices_csv
 from pipeline import cli as pipeline_cli
 from pipeline import config, runinfo, runs
 from pipeline.config import ConfigError, OptimizerName
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -171,14 +171,14 @@ def test_resumed_epoch_keeps_non_blocking_copies():
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration
 
-    from pipeline import data
+    from pipeline import batching, tensor_rows
     from pipeline.checkpoint import skip_batches
 
     AcceleratorState._reset_state(True)
     try:
         accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(non_blocking=True))
-        rows = data.Rows({"x": torch.arange(20.0).view(10, 2)})
-        loader = accelerator.prepare(data.loader(rows, 2, train=True, seed=0))
+        rows = tensor_rows.Rows({"x": torch.arange(20.0).view(10, 2)})
+        loader = accelerator.prepare(batching.loader(rows, 2, train=True, seed=0))
         assert loader._non_blocking
         resumed = skip_batches(accelerator, loader, 2)
         assert resumed._non_blocking and len(list(resumed)) == 3

@@ -18,11 +18,11 @@ from conftest import cli, common, ok, run_dirs, summary
 from PIL import Image, ImageDraw
 
 from pipeline import cli as pipeline_cli
-from pipeline import data, rng
+from pipeline import fingerprints, rng, shard_store, tensor_rows
 from pipeline import predict as predict_module
 from pipeline import recipe as recipes
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from recipes._images import read_image as _read
 from recipes.image_folder import Arch
 
@@ -145,8 +145,8 @@ def test_mnist_predicts_its_eval_accuracy_from_png_files(workdir, mnist_root):
 def write_eval_split(workdir: Path, recipe: str, folder: Path, scale: float, *args: str) -> dict:
     """A run's eval split as grayscale PNG files, pixel * scale; returns {relative file: class name}."""
     recipe, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.cache_dir={workdir / 'cache'}", *args])
-    splits, meta = data.load(data.shards_dir(recipe, cfg))
-    columns = data.columns(splits["eval"])
+    splits, meta = shard_store.open_shards(shard_store.shards_dir(recipe, cfg))
+    columns = tensor_rows.columns(splits["eval"])
     folder.mkdir()
     truth = {}
     for i, (image, label) in enumerate(zip(columns["image"].numpy(), columns["label"].tolist())):
@@ -302,14 +302,14 @@ def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
     from recipes import _images, _splits, image_folder
 
     recipe, cfg = pipeline_cli.parse(["recipe=clouds"])
-    reached = data._reached(recipe.prepare)
+    reached = fingerprints._reached(recipe.prepare)
     for function in (image_folder.prepare, image_folder.read_folder, image_folder.decode, image_folder.hold_out,
                      image_folder.ImageTree.make_dataset, _images.image_tree, _images.undecoded_images,
                      _images._decoded, _images.load_images, _images.read_image, _splits.split_train_eval):
         assert function in reached, function.__qualname__
     # The preset's choices reach the fingerprint through the config: its folders and augmentation.
     assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"
-    assert data.code_hash(recipe) == data.code_hash(pipeline_cli.parse(["recipe=image_folder"])[0])
+    assert fingerprints.code_hash(recipe) == fingerprints.code_hash(pipeline_cli.parse(["recipe=image_folder"])[0])
 
 
 def test_changing_the_augmentation_reuses_the_shards(tmp_path):
@@ -318,7 +318,8 @@ def test_changing_the_augmentation_reuses_the_shards(tmp_path):
     recipe, plain = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[]")
     _, flipped = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[hflip,rotate:10]")
     _, smaller = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[]", "data.image_size=16")
-    assert data.fingerprint(recipe, plain) == data.fingerprint(recipe, flipped) != data.fingerprint(recipe, smaller)
+    assert (fingerprints.fingerprint(recipe, plain) == fingerprints.fingerprint(recipe, flipped)
+            != fingerprints.fingerprint(recipe, smaller))
     assert recipes.with_transform_keys(recipe, flipped, {"class_names": ["a"]}) == {
         "class_names": ["a"], "augment": ["hflip", "rotate:10"]}
 
@@ -419,12 +420,12 @@ def test_one_image_under_two_classes_is_refused(tmp_path):
 def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
     write_shapes(tmp_path / "train", 2, seed=0)
     bomb = png_claiming(tmp_path / "train" / "circle" / "huge.png", 20_000, 10_000)  # PIL's limit: 178,956,970
-    # Images are decoded as the shards are written (data.prepare), and when predicting.
+    # Images are decoded as the shards are written (shard_store.prepare), and when predicting.
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8", cache)
     message = f"(?s){bomb} is 20000x10000 = 200,000,000 pixels.*Fix: .* data.max_image_pixels=200000000"
     with pytest.raises(DataError, match=message):
-        data.prepare(recipe, cfg)
+        shard_store.prepare(recipe, cfg)
     with pytest.raises(DataError, match=message):  # predicting decodes by the same reader
         read_inputs(recipe, cfg, tmp_path / "train" / "circle")
     bomb.unlink()
@@ -432,12 +433,12 @@ def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
     recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
                         "data.max_image_pixels=1000", cache)
     with pytest.raises(DataError, match="more than the 1,000 allowed"):
-        data.prepare(recipe, cfg)
+        shard_store.prepare(recipe, cfg)
     with pytest.raises(DataError, match="more than the 1,000 allowed"):
         read_inputs(recipe, cfg, tmp_path / "train")
     recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
                         "data.max_image_pixels=3600", cache)
-    assert len(data.load(data.prepare(recipe, cfg))[0]["train"]) == 3
+    assert len(shard_store.open_shards(shard_store.prepare(recipe, cfg))[0]["train"]) == 3
     with pytest.raises(ConfigError, match="data.max_image_pixels=0"):
         recipe.raw_files(parse(f"data.train_dir={tmp_path / 'train'}", "data.max_image_pixels=0")[1])
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs, summary
 
-from pipeline import build, data
+from pipeline import build, shard_store
 from pipeline.config import ConfigError
 
 # digits, with a prepare that can be slowed or made to fail on one process, and a raw_files that records
@@ -18,7 +18,7 @@ import dataclasses
 import os
 import time
 
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from recipes import digits
 
 
@@ -120,7 +120,7 @@ def test_node_local_caches_build_once_per_node_from_one_fingerprint(slow_digits)
     assert ranks_that_fingerprinted(workdir) == ["0"]
     built = [sorted(p.name for p in (workdir / f"cache{m}" / "slow_digits").iterdir()) for m in (0, 1)]
     assert built[0] == built[1] and len(built[0]) == 1
-    assert all((workdir / f"cache{m}" / "slow_digits" / built[0][0] / data.META_FILE).exists() for m in (0, 1))
+    assert all((workdir / f"cache{m}" / "slow_digits" / built[0][0] / shard_store.META_FILE).exists() for m in (0, 1))
     assert summary(workdir / "runs", "slow_digits")["num_processes"] == 2
 
 
@@ -155,11 +155,11 @@ def test_evaluate_on_other_data_waits_for_a_long_prepare_on_two_processes(slow_d
 
 
 def test_the_waiting_process_says_whom_it_waits_for(capsys):
-    with data._waiting("process 1 waiting for process 0 to prepare the shards", speak=True, every=0.05):
+    with shard_store._waiting("process 1 waiting for process 0 to prepare the shards", speak=True, every=0.05):
         time.sleep(0.3)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= 2 and lines[0] == "data: process 1 waiting for process 0 to prepare the shards (0 min)"
-    with data._waiting("process 2 waiting", speak=False, every=0.05):
+    with shard_store._waiting("process 2 waiting", speak=False, every=0.05):
         time.sleep(0.2)
     assert capsys.readouterr().out == ""
 

@@ -14,7 +14,7 @@ from conftest import command, environment
 from PIL import Image
 
 from pipeline import cli as pipeline_cli
-from pipeline import data, decoded_shards
+from pipeline import decoded_shards, shard_store
 from recipes import image_folder
 from recipes._images import image_rows
 from recipes._splits import split_train_eval
@@ -103,7 +103,7 @@ def test_a_killed_shared_build_is_redone_to_the_same_shards(workdir):
         process.send_signal(signal.SIGKILL)  # the launcher and its workers, which run in sessions of their own
     proc.wait()
     recipe_folder = workdir / "cache" / "slow_images"
-    assert not [p for p in recipe_folder.iterdir() if (p / data.META_FILE).exists()]  # nothing looks finished
+    assert not [p for p in recipe_folder.iterdir() if (p / shard_store.META_FILE).exists()]  # nothing looks finished
     assert [p for p in recipe_folder.iterdir() if ".tmp-" in p.name]  # what the killed build left
     again = run_prepare(workdir, 2, args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_decoding_while_writing_gives_the_rows_of_decoding_first(tmp_path):
     recipe, cfg = pipeline_cli.parse(["recipe=image_folder", f"data.train_dir={tmp_path / 'images'}",
                                       "data.image_size=8", "data.eval_fraction=0.3",
                                       f"data.cache_dir={tmp_path / 'cache'}"])
-    splits, _ = data.load(data.prepare(recipe, cfg))
+    splits, _ = shard_store.open_shards(shard_store.prepare(recipe, cfg))
     folder = image_folder.read_folder(cfg, "train")
     read = image_folder.partial(image_folder.read_image, channels=3, max_pixels=cfg.data.max_image_pixels)
     decoded = image_rows([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read, 3, cfg)

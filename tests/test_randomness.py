@@ -13,7 +13,7 @@ from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, 
 from safetensors.torch import load_file
 from test_checkpoint import kill, kill_after_checkpoint
 
-from pipeline import checkpoint, data, rng
+from pipeline import batching, checkpoint, rng, tensor_rows
 
 # water_potability: 2,620 train rows, 81 steps an epoch; the hidden layers get dropout.
 WATER = ["recipe=water_potability", f"data.root={TEST_DATA / 'water-potability'}", "model.dropout=0.5"]
@@ -61,7 +61,7 @@ def test_the_data_side_never_draws_from_the_model_stream():
     from recipes.image_folder import transform
 
     image = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
-    batches = data.loader(data.Rows({"image": image}), 4, train=True, seed=7)
+    batches = batching.loader(tensor_rows.Rows({"image": image}), 4, train=True, seed=7)
     state = torch.get_rng_state()
     list(batches)  # a pass over the loader (its workers' seed is drawn at the start of each)
     assert torch.get_rng_state().equal(state)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import cli, common, ok, write_mnist_raw
 
-from pipeline import data
+from pipeline import errors
 from recipes import _raw_files
 
 OMNIGLOT_ZIP = Path(__file__).parent / "data" / "omniglot-small" / "images_background_small1.zip"
@@ -130,7 +130,7 @@ def test_download_without_network_fails_within_seconds(tmp_path):
     from torchvision.datasets import MNIST
 
     started = time.perf_counter()
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         _raw_files.download([("train-images-idx3-ubyte.gz", [m + "train-images-idx3-ubyte.gz" for m in MNIST.mirrors],
                         dict(MNIST.resources)["train-images-idx3-ubyte.gz"])], tmp_path / "MNIST" / "raw", "MNIST")
     assert time.perf_counter() - started < 30

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import cli, common, ok
 
-from pipeline import data
 from pipeline import recipe as recipes
+from pipeline import shard_store
 from pipeline.config import ConfigError
 
 # A good recipe for a CSV of two features and a 0/1 label; each test breaks one line of it.
@@ -82,9 +82,9 @@ def test_the_good_recipe_trains_and_its_shards_are_one_datasetdict(workdir):
     assert isinstance(whole, datasets.DatasetDict)
     assert {k: len(v) for k, v in whole.items()} == {"train": 80, "eval": 20}
     assert whole["train"].features["features"] == datasets.List(datasets.Value("float32"), length=2)
-    splits, meta = data.load(shards)
+    splits, meta = shard_store.open_shards(shards)
     assert list(splits) == ["train", "eval"] and len(splits["eval"]) == 20 and len(meta["mean"]) == 2
-    assert "dataset_dict.json" in json.loads((shards / data.CHECKSUM_FILE).read_text())
+    assert "dataset_dict.json" in json.loads((shards / shard_store.CHECKSUM_FILE).read_text())
 
 
 @pytest.mark.slow
@@ -110,7 +110,7 @@ def test_numpy_values_in_meta_are_saved_as_numbers_and_lists(workdir):
     args = write(workdir, ('meta = {"mean": x.mean(0).tolist()}',
                            'meta = {"mean": x.mean(0), "rows": np.int64(len(x)), "std": {"a": x[:, 0].std()}}'))
     ok(cli(args, cwd=workdir, script="prepare"))
-    [meta_file] = (workdir / "cache" / "points").rglob(data.META_FILE)
+    [meta_file] = (workdir / "cache" / "points").rglob(shard_store.META_FILE)
     meta = json.loads(meta_file.read_text())
     assert len(meta["mean"]) == 2 and meta["rows"] == 100 and isinstance(meta["std"]["a"], float)
 

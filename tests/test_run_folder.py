@@ -14,13 +14,13 @@ import time
 import pytest
 from conftest import ROOT, cli, command, common, environment, free_port
 
-from pipeline import data, lock
+from pipeline import lock, shard_store
 from pipeline.config import ConfigError
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from pipeline import data, lock
+from pipeline import lock, shard_store
 held = lock.take(Path(sys.argv[1]), "run x")
 print("held", flush=True)
 time.sleep(600)
@@ -215,7 +215,7 @@ SAVE = """
 import os, sys, time
 from pathlib import Path
 import datasets
-from pipeline import data
+from pipeline import shard_store
 out, go = Path(sys.argv[1]), Path(sys.argv[2])
 rows = datasets.Dataset.from_dict({"x": list(range(2_000_000))})
 splits = datasets.DatasetDict({"train": rows, "eval": rows.select(range(1000))})
@@ -223,7 +223,7 @@ go.with_name(f"ready-{os.getpid()}").touch()  # imports done: the test starts bo
 while not go.exists():
     time.sleep(0.01)
 started = time.time()
-data._save(splits, {"n": 1}, out, data.Saving(4))
+shard_store._save(splits, {"n": 1}, out, data.Saving(4))
 print(started, time.time(), flush=True)
 """
 
@@ -247,5 +247,5 @@ def test_two_builds_of_the_same_shards_at_once_leave_one_intact_folder(tmp_path)
         spans.append([float(t) for t in stdout.split()])
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1, f"the builds did not overlap: {spans}"
-    assert data.check(out, full=True) > 0
+    assert shard_store.check_shards(out, full=True) > 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["fp"]  # no temporary folder left

@@ -15,7 +15,7 @@ import torch
 from conftest import cli, common, ok
 from safetensors.torch import load_file
 
-from pipeline import data
+from pipeline import batching, memory_budget, streaming, tensor_rows
 from pipeline.config import ConfigError
 
 
@@ -45,7 +45,7 @@ def same(a: dict, b: dict) -> bool:
 
 def test_stream_serves_exactly_the_rows_in_memory_does(split):
     assert len(split.cache_files) == 3 and split.data.table.column("image").num_chunks > 3  # files x batches
-    rows, stream = data.Rows(data.columns(split)), data.stream(split)
+    rows, stream = tensor_rows.Rows(tensor_rows.columns(split)), streaming.stream(split)
     assert len(stream) == len(rows) == 3500
     assert set(stream.fixed) == {"image", "label", "features", "value", "small"}  # read by address
     assert set(stream.other) == {"flag"}  # bit-packed booleans: read with Arrow's take
@@ -59,23 +59,23 @@ def test_stream_serves_exactly_the_rows_in_memory_does(split):
 
 
 def test_stream_and_rows_give_the_same_batches_in_the_same_order(split):
-    rows, stream = data.Rows(data.columns(split)), data.stream(split)
+    rows, stream = tensor_rows.Rows(tensor_rows.columns(split)), streaming.stream(split)
     for train in (True, False):
-        a = list(data.loader(rows, 64, train=train, seed=3))
-        b = list(data.loader(stream, 64, train=train, seed=3, num_workers=2))
+        a = list(batching.loader(rows, 64, train=train, seed=3))
+        b = list(batching.loader(stream, 64, train=train, seed=3, num_workers=2))
         assert len(a) == len(b) == (3500 // 64 if train else -(-3500 // 64))
         assert all(same(x, y) for x, y in zip(a, b))
 
 
 def test_tensor_bytes_is_what_whole_tensors_take(split):
-    assert data.tensor_bytes(split) == data.nbytes(data.columns(split))
+    assert memory_budget.tensor_bytes(split) == tensor_rows.nbytes(tensor_rows.columns(split))
 
 
 def paths(budget=None, in_memory="auto", own_dataset=False, sizes=None):
     from pipeline import cli as pipeline_cli
 
     argv = [f"data.in_memory={in_memory}", *([f"data.in_memory_budget_gb={budget}"] if budget is not None else [])]
-    return data.choose_paths(pipeline_cli.parse(argv)[1], sizes, 1, own_dataset)
+    return memory_budget.choose_paths(pipeline_cli.parse(argv)[1], sizes, 1, own_dataset)
 
 
 class Sized:
@@ -86,7 +86,7 @@ class Sized:
 
 
 def test_auto_keeps_splits_in_memory_while_they_fit_train_first(monkeypatch):
-    monkeypatch.setattr(data, "tensor_bytes", lambda split: split.mib * 2**20)
+    monkeypatch.setattr(memory_budget, "tensor_bytes", lambda split: split.mib * 2**20)
     splits = {"eval": Sized(30), "train": Sized(60), "test": Sized(30)}
     chosen = paths(budget=100 / 1024, sizes=splits)
     assert list(chosen) == ["eval", "train", "test"]  # the recipe's order kept
@@ -109,7 +109,7 @@ def test_auto_keeps_splits_in_memory_while_they_fit_train_first(monkeypatch):
 
 def test_available_memory_is_what_the_kernel_reports():
     total = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) * 1024
-    assert 0 < data.available_memory() <= total
+    assert 0 < memory_budget.available_memory() <= total
 
 
 def memory_cgroup() -> tuple[Path, str]:
@@ -133,7 +133,7 @@ def test_available_memory_stays_within_a_cgroup_limit():
     except OSError as e:
         pytest.skip(f"cannot make a memory cgroup here ({e})")
     try:
-        code = "from pipeline.data import available_memory; print(available_memory())"
+        code = "from pipeline.memory_budget import available_memory; print(available_memory())"
         out = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "{sys.executable}" -c "{code}"'],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr

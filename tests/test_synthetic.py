@@ -12,7 +12,7 @@ import torch
 from conftest import cli, common, ok, summary
 
 from pipeline import cli as pipeline_cli
-from pipeline import data
+from pipeline import shard_store, tensor_rows
 from pipeline.config import ConfigError
 
 SMALL = ["recipe=synthetic", "data.rows=2000", "data.image_size=16"]
@@ -20,8 +20,8 @@ SMALL = ["recipe=synthetic", "data.rows=2000", "data.image_size=16"]
 
 def columns(cache: Path, *args: str) -> dict:
     recipe, cfg = pipeline_cli.parse([*SMALL, f"data.cache_dir={cache}", *args])
-    splits, meta = data.load(data.shards_dir(recipe, cfg))
-    return {name: data.columns(split) for name, split in splits.items()} | {"meta": meta}
+    splits, meta = shard_store.open_shards(shard_store.shards_dir(recipe, cfg))
+    return {name: tensor_rows.columns(split) for name, split in splits.items()} | {"meta": meta}
 
 
 def prepare(workdir: Path, cache: Path, *args: str) -> str:

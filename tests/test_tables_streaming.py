@@ -9,8 +9,8 @@ import pytest
 from test_tabular import cancer_csv, houses
 
 from pipeline import cli as pipeline_cli
-from pipeline import data
-from pipeline.data import DataError
+from pipeline import shard_store, tensor_rows
+from pipeline.errors import DataError
 from recipes import _table_stream, _tables
 from recipes._splits import split_indices
 from recipes._table_statistics import preprocess, split_columns
@@ -84,12 +84,12 @@ def whole_table(recipe, cfg, meta: dict) -> tuple[dict, dict]:
 def test_batches_give_the_shards_and_statistics_of_the_whole_table(workdir, tiny_batches, case):
     args = tables(workdir / "data")[case]
     recipe, cfg = pipeline_cli.parse([*args, f"data.cache_dir={workdir / 'cache'}"])
-    splits, meta = data.load(data.prepare(recipe, cfg, log=lambda *a: None))
+    splits, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg, log=lambda *a: None))
     expected, stats = whole_table(recipe, cfg, meta)
     for key, value in stats.items():  # merged moments: the same statistics to the last bits of a float64
         assert meta[key] == value if key == "categories" else np.allclose(meta[key], value, rtol=1e-12, atol=0), key
     for name, split in splits.items():
-        columns = data.columns(split)
+        columns = tensor_rows.columns(split)
         assert columns["label"].numpy().tolist() == expected[name]["label"].tolist()
         assert np.allclose(columns["features"].numpy(), expected[name]["features"], rtol=0, atol=1e-6)
     if case == "dropped":
@@ -108,7 +108,7 @@ def test_bad_cells_are_named_by_their_lines_across_batches(workdir, tiny_batches
     recipe, cfg = pipeline_cli.parse(["recipe=tabular", f"data.file={path}", "data.target=price",
                                       f"data.cache_dir={workdir / 'cache'}"])
     with pytest.raises(DataError) as streamed:
-        data.prepare(recipe, cfg, log=lambda *a: None)
+        shard_store.prepare(recipe, cfg, log=lambda *a: None)
     columns, _, enough, how = table_columns(cfg, Spec(), path)
     with pytest.raises(DataError) as whole:
         _tables.read(cfg, path, columns, enough, how)

@@ -14,9 +14,9 @@ from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs
 from sklearn.datasets import load_breast_cancer, load_iris
 
 from pipeline import cli as pipeline_cli
-from pipeline import data
+from pipeline import shard_store, tensor_rows
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from recipes import _table_cells, _table_statistics, _tables
 from recipes._table_cells import Column
 
@@ -61,8 +61,8 @@ def parse(workdir: Path, path: Path, *args: str):
 
 def prepared(workdir: Path, path: Path, *args: str):
     recipe, cfg = parse(workdir, path, *args)
-    splits, meta = data.load(data.prepare(recipe, cfg, log=lambda *a: None))
-    return {name: data.columns(split) for name, split in splits.items()}, meta
+    splits, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg, log=lambda *a: None))
+    return {name: tensor_rows.columns(split) for name, split in splits.items()}, meta
 
 
 def held_out(rows: int, stratify: np.ndarray | None = None) -> np.ndarray:
@@ -323,19 +323,19 @@ def test_shards_whose_meta_or_checksums_parse_but_have_the_wrong_shape_are_named
 
     path = houses(workdir / "data", n=60)
     recipe, cfg = parse(workdir, path, "data.target=price")
-    shards = data.prepare(recipe, cfg, log=lambda *a: None)
-    sums_file = shards / data.CHECKSUM_FILE
+    shards = shard_store.prepare(recipe, cfg, log=lambda *a: None)
+    sums_file = shards / shard_store.CHECKSUM_FILE
     sums = json.loads(sums_file.read_text())
     # meta.json rewritten as a list, its checksum with it: it passes the size and hash checks.
-    meta = shards / data.META_FILE
+    meta = shards / shard_store.META_FILE
     meta.write_text(json.dumps([json.loads(meta.read_text())]))
-    sums[data.META_FILE] = {"size": meta.stat().st_size, "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
+    sums[shard_store.META_FILE] = {"size": meta.stat().st_size, "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
     sums_file.write_text(json.dumps(sums))
     with pytest.raises(DataError, match=rf"(?s)damaged shard file {meta}: it holds a JSON list.*Fix: rm -r"):
-        data.load(shards)
+        shard_store.open_shards(shards)
     sums_file.write_text(json.dumps(list(sums)))
     with pytest.raises(DataError, match=rf"damaged shard file {sums_file}: the list of checksums parses, but not"):
-        data.load(shards)
+        shard_store.open_shards(shards)
 
 
 # Two epochs of the training loader of a real run's setup, each global batch gathered from every process, checked
@@ -343,12 +343,12 @@ def test_shards_whose_meta_or_checksums_parse_but_have_the_wrong_shape_are_named
 EPOCHS = """
 import json
 import torch
-from pipeline import build, cli, data
+from pipeline import build, cli, shard_store, tensor_rows
 
 def run(recipe, cfg):
     run = build.setup(cfg, recipe)
-    splits, _ = data.load(data.prepare(recipe, cfg, log=lambda *a: None))
-    train = torch.unique(data.columns(splits["train"])["features"], dim=0)
+    splits, _ = shard_store.open_shards(shard_store.prepare(recipe, cfg, log=lambda *a: None))
+    train = torch.unique(tensor_rows.columns(splits["train"])["features"], dim=0)
     epochs = []
     for epoch in (1, 2):
         run.batch_order.epoch = epoch

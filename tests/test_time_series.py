@@ -11,9 +11,9 @@ import torch
 from conftest import cli, common, ok, run_dirs
 
 from pipeline import cli as pipeline_cli
-from pipeline import data, runs
+from pipeline import runs, shard_store, tensor_rows
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 NAMES = ("data.time_column=date", "data.value_column=load")
@@ -40,8 +40,8 @@ def prepare(workdir: Path, path: Path, *args: str, recipe: str = "time_series"):
     """The prepared splits (whole-column tensors) and meta, built in this process."""
     recipe_, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.root={path.parent}", f"data.file={path.name}",
                                        f"data.cache_dir={workdir / 'cache'}", *NAMES, *args])
-    splits, meta = data.load(data.prepare(recipe_, cfg, log=lambda *a: None))
-    return {name: data.columns(split)["value"] for name, split in splits.items()}, meta
+    splits, meta = shard_store.open_shards(shard_store.prepare(recipe_, cfg, log=lambda *a: None))
+    return {name: tensor_rows.columns(split)["value"] for name, split in splits.items()}, meta
 
 
 def refused(workdir: Path, path: Path, *args: str) -> str:
@@ -208,9 +208,9 @@ def test_an_untrained_change_model_is_the_naive_forecast(workdir):
     path = write_series(workdir / "d" / "load.csv")
     recipe, cfg = pipeline_cli.parse(["recipe=time_series", f"data.root={path.parent}", "data.file=load.csv", *NAMES,
                                       f"data.cache_dir={workdir / 'cache'}", "data.horizon=3"])
-    splits, meta = data.load(data.prepare(recipe, cfg, log=lambda *a: None))
+    splits, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg, log=lambda *a: None))
     assert cfg.model.target.name == "change" and meta["window"] == 24 and meta["change_std"] > 0
-    batch = transform(Windows(data.columns(splits["eval"])["value"], meta["window"], 3).__getitems__(range(94)),
+    batch = transform(Windows(tensor_rows.columns(splits["eval"])["value"], meta["window"], 3).__getitems__(range(94)),
                       False, meta)
     metrics = recipe.metrics(cfg, meta)[""]
     with torch.no_grad():

@@ -1,0 +1,114 @@
+"""Fingerprints of prepared data: a hash of the recipe's code, its preprocessing keys and the raw files' stats.
+
+The shards of one fingerprint live in their own folder (`shard_store.shards_dir`); a change to any of these
+rebuilds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys under `data.` that say where things are or how fast to work, not what the shards contain.
+NOT_CONTENT = ("root", "cache_dir", "download", "num_proc", "num_workers", "in_memory", "in_memory_budget_gb",
+               "on_device")
+# How the shard folder is laid out, in the fingerprint: a change rebuilds every cache. 2: one DatasetDict
+# (dataset_dict.json + a folder per split) that `datasets.load_from_disk(<folder>)` reads; 1: loose splits.
+LAYOUT = 2
+PROJECT = ("pipeline", "recipes")  # packages whose code can change what prepare() makes (see _reached)
+
+
+def fingerprint(recipe, cfg: DictConfig) -> str:
+    """Hash of the recipe's code, every preprocessing parameter and the raw files (path, size, mtime)."""
+    params = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+              if k not in NOT_CONTENT and k not in recipe.transform_keys}
+    h = hashlib.sha256(json.dumps({"recipe": recipe.name, "version": recipe.version, "layout": LAYOUT, "data": params},
+                                  sort_keys=True, default=str).encode())
+    h.update(code_hash(recipe).encode())
+    stats = raw_stats(recipe, cfg)
+    for rel, size, mtime_ns in stats:
+        h.update(f"{rel}\0{size}\0{mtime_ns}\n".encode())
+    _FINGERPRINTED[_key(recipe, cfg)] = stats
+    return h.hexdigest()[:16]
+
+
+# The raw files' stats each fingerprint was computed from, so the run's data record (runinfo.data_identity)
+# names the very files the shards were made from without walking a million of them a second time.
+_FINGERPRINTED: dict[tuple, list] = {}
+
+
+def _key(recipe, cfg: DictConfig) -> tuple:
+    return recipe.name, json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
+
+
+def fingerprinted_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
+    """`raw_stats` as the last fingerprint of this recipe and data config saw them (walked now if none was)."""
+    return _FINGERPRINTED.get(_key(recipe, cfg)) or raw_stats(recipe, cfg)
+
+
+def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
+    """(path relative to data.root, size, mtime in ns) of each raw file the recipe reads, sorted by path."""
+    root, stats = Path(cfg.data.root), []
+    for path in sorted(Path(p) for p in recipe.raw_files(cfg)):
+        stat = path.stat()
+        rel = path.relative_to(root) if path.is_relative_to(root) else path
+        stats.append((str(rel), stat.st_size, stat.st_mtime_ns))
+    return stats
+
+
+def code_hash(recipe) -> str:
+    """Hash of the source that makes the shards: the whole module that defines prepare() (the recipe's, unless
+    prepare() is a `functools.partial` of a shared helper), and every project function or class it reaches
+    (e.g. the shared helpers in recipes/_*.py), so editing any of them rebuilds the shards.
+
+    Source text, not behaviour: a comment or whitespace edit in those places rebuilds them too.
+    """
+    # A partial of a shared helper (functools' module is its getmodule): that helper and what it reaches only.
+    module = None if isinstance(recipe.prepare, functools.partial) else inspect.getmodule(recipe.prepare)
+    parts = [inspect.getsource(module)] if module else []
+    parts += [f"{o.__qualname__}\n{inspect.getsource(o)}" for o in _reached(recipe.prepare)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _reached(start) -> list:
+    """Project functions and classes that `start` calls, directly or through others, sorted by name.
+
+    The project: this repo's packages and the one that holds `start` (a recipe kept outside this repo).
+    """
+    start = getattr(start, "func", start)
+    project = {*PROJECT, (getattr(start, "__module__", None) or "pipeline").split(".")[0]}
+    found, todo = {}, [start]
+    while todo:
+        obj = todo.pop()
+        obj = getattr(obj, "func", obj)  # a functools.partial
+        if id(obj) in found or (getattr(obj, "__module__", None) or "").split(".")[0] not in project:
+            continue
+        if inspect.isclass(obj):
+            found[id(obj)] = obj
+            # The methods written in the class's file (a dataclass's generated __init__ or __repr__ has no source).
+            where = inspect.getsourcefile(obj)
+            todo += [v for v in vars(obj).values() if inspect.isfunction(v) and v.__code__.co_filename == where]
+        elif inspect.isfunction(obj):
+            found[id(obj)] = obj
+            names = _names(obj.__code__)
+            for value in [obj.__globals__.get(n) for n in names] + [c.cell_contents for c in obj.__closure__ or ()]:
+                if inspect.ismodule(value):  # `helpers.image_split`: the attribute names are in co_names too
+                    todo += [getattr(value, n) for n in names if value.__name__.split(".")[0] in project
+                             and hasattr(value, n)]
+                elif value is not None:
+                    todo.append(value)
+    return sorted(found.values(), key=lambda o: (o.__module__, o.__qualname__))
+
+
+def _names(code) -> set[str]:
+    """Global and attribute names a code object uses, nested functions and lambdas included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _names(const)
+    return names
