@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 from pipeline import cli as pipeline_cli  # noqa: E402
 from pipeline import optim  # noqa: E402
-from pipeline.config import ConfigError  # noqa: E402
+from pipeline.errors import ConfigError
 
 torch = recipes = DataError = WARMUP_STEPS = None  # imported once the arguments are read: --help needs no torch
 

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
 from pipeline import compare  # noqa: E402
+from pipeline.errors import CompareError  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> None:
             metric = args.metric or next((k[len("best/"):] for k in header if k.startswith("best/")
                                           and k != "best/epoch"), "eval/loss")
             compare.plot(runs, metric, args.plot)
-    except compare.CompareError as e:
+    except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

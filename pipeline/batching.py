@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 def loader(dataset, batch_size: int, train: bool, seed: int, step_batch: int | None = None, complete: bool = False,

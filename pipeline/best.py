@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass
 
 from accelerate.utils import broadcast_object_list
 
-from pipeline.config import ConfigError, MonitorMode
+from pipeline.config import MonitorMode
 
 # Metrics where smaller is better; any other is taken as larger-is-better (accuracy, f1, auroc, r2, ...).
+from pipeline.errors import ConfigError
+
 SMALLER_IS_BETTER = ("loss", "mse", "mae", "rmse", "mape")
 DEFAULT_MONITORS = ("eval/accuracy", "eval/loss")  # the first one the evaluation reports
 

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from pipeline import batching, checkpoint, console, hooks, optim, patches, report, rng, runinfo, shard_store, tracking
 from pipeline import recipe as recipes
-from pipeline.config import ConfigError, Switch, as_dict, flag, to_yaml
+from pipeline.config import Switch, as_dict, flag, to_yaml
+from pipeline.errors import ConfigError
 from pipeline.guards import check_writable
 from pipeline.memory_budget import check_in_memory, choose_paths
 from pipeline.patches import Accelerator

@@ -20,8 +20,8 @@ from accelerate.checkpointing import load_accelerator_state
 from accelerate.utils import DistributedType, broadcast_object_list
 from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, to_yaml
-from pipeline.errors import DataError
+from pipeline.config import to_yaml
+from pipeline.errors import ConfigError, DataError
 from pipeline.files import as_umask_allows
 from pipeline.fingerprints import NOT_CONTENT
 from pipeline.runinfo import data_change
@@ -382,14 +382,6 @@ def skip_batches(accelerator, loader, batches: int):
     if hasattr(loader, "_non_blocking"):
         skipped._non_blocking = loader._non_blocking
     return skipped
-
-
-class Preempted(Exception):
-    """The processes agreed to stop on SIGTERM or Ctrl-C and saved a checkpoint; the same command resumes."""
-
-    def __init__(self, message: str, exit_code: int = 128 + signal.SIGTERM):
-        super().__init__(message)
-        self.exit_code = exit_code  # 143 for SIGTERM, 130 for Ctrl-C, as a shell reports them
 
 
 class StopSignal:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline import config, console, overrides
+from pipeline.errors import PipelineError
 
 USAGE = """usage: accelerate launch launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
        python launch/{script}.py [--config FILE.yaml] [recipe=NAME] [key.sub=value ...]
@@ -98,12 +99,8 @@ def main(script: str, what: str, run, parse_argv=parse, help_text: str | None = 
             print(config.to_yaml(cfg))
             return
         run(recipe, cfg, *more)
-    except loaded("pipeline.checkpoint", "Preempted") as e:
-        exit_once(str(e), e.exit_code)
-    except loaded("pipeline.guards", "Diverged") as e:
-        exit_once(f"error: {e}", e.exit_code)
-    except (config.ConfigError, *loaded("pipeline.errors", "DataError")) as e:
-        exit_once(f"error: {e}", 2)
+    except PipelineError as e:  # each carries its exit code and how the command says it
+        exit_once(f"{e.prefix}{e}", e.exit_code)
     except KeyboardInterrupt:
         # A second Ctrl-C during training, or one before it started: stopped where it was, as asked.
         exit_once(f"{script}: interrupted (Ctrl-C); nothing was saved since the last checkpoint", 128 + signal.SIGINT)
@@ -128,11 +125,6 @@ def exit_once(message: str, code: int) -> None:
         time.sleep(SAY_GRACE_S)
     sys.exit(code)
 
-
-def loaded(module: str, name: str) -> tuple:
-    """(the exception class `module.name`,) if that module was imported, else () (matches nothing): a module
-    never imported raised nothing, and importing it only to name its error would import torch."""
-    return (getattr(sys.modules[module], name),) if module in sys.modules else ()
 
 
 def leave_process_group() -> None:

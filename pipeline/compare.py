@@ -19,6 +19,7 @@ import yaml
 
 from pipeline import files
 from pipeline.config import flat  # {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}
+from pipeline.errors import CompareError
 
 # Keys that differ between any two runs because of where they ran, not what they trained.
 LOCATION_KEYS = ("output_dir", "run_name", "data.cache_dir")
@@ -26,10 +27,6 @@ LOCATION_KEYS = ("output_dir", "run_name", "data.cache_dir")
 PREFERRED = ("loss", "accuracy", "acc", "f1", "f1_macro", "rmse", "mae", "r2", "mape", "auroc")
 MAX_DEFAULT_METRICS = 6
 TIMING = ("samples/s", "duration_s")  # column names for summary.json's train/samples_per_s and time/total_s
-
-
-class CompareError(ValueError):
-    """A path that is not a run folder, or a metric no run logged; the message names it."""
 
 
 @dataclass

@@ -18,14 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 from omegaconf.nodes import EnumNode
 
+from pipeline.errors import ConfigError
 from pipeline.optim import INITS, OPTIMIZERS, SCHEDULERS
 
 if TYPE_CHECKING:
     from pipeline.overrides import Preset
-
-
-class ConfigError(ValueError):
-    """A bad key or value; the message names it and the valid choices."""
 
 
 def choice(name: str, names) -> type[Enum]:

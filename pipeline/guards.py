@@ -15,14 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
-
-
-class Diverged(RuntimeError):
-    """The loss became NaN or inf: the run stops, keeps its checkpoints and writes no summary."""
-
-    exit_code = 3
+from pipeline.errors import ConfigError, DiskFull, Diverged
 
 
 def check_finite(values: dict, step: int, run_dir: Path, accelerator) -> None:
@@ -71,7 +64,7 @@ def disk_full_guard(run_dir: Path, what: str, accelerator, partial: tuple[str, .
                 else:
                     path.unlink(missing_ok=True)
         last = checkpoint.latest(run_dir)
-        raise DataError(
+        raise DiskFull(
             f"disk full while writing {what} to {run_dir} ({free:,} bytes free; {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else e!r}).\nFix: free space there or point output_dir= at a "
             f"larger disk. " + (f"The last complete checkpoint, {last}, is intact: rerun the same command "

@@ -21,7 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.files import pid_alive, process_start
 
 NAME = "run.lock"  # in the run folder

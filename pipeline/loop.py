@@ -19,6 +19,7 @@ from pipeline import checkpoint, console, plots, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.best import Best
 from pipeline.build import Evaluation, Run, setup
+from pipeline.errors import Preempted
 from pipeline.guards import check_finite, check_weights, disk_full_guard
 from pipeline.run_folder import RunFolder
 from pipeline.together import all_or_none
@@ -197,7 +198,7 @@ def log_line(run: Run, state: LoopState, losses: list) -> None:
         accelerator.end_training()
         # Every process exits with one code: Ctrl-C's where any process had one (a terminal sends it to all).
         name, code = ("Ctrl-C", 128 + signal.SIGINT) if interrupted > 0 else ("SIGTERM", 128 + signal.SIGTERM)
-        raise checkpoint.Preempted(f"stopped on {name} after step {position.step}; saved {saved}. "
+        raise Preempted(f"stopped on {name} after step {position.step}; saved {saved}. "
                                    f"The same command with run_name={run.run_dir.name} resumes it.", code)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.tensor_rows import feature_shape
 
 

@@ -20,7 +20,7 @@ import accelerate.optimizer
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 ENV = "PIPELINE_NO_PATCHES"
 

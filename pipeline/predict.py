@@ -22,8 +22,7 @@ from accelerate import PartialState
 
 from pipeline import config, files, overrides, runs
 from pipeline import recipe as recipes
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 SHOWN_ROWS = 5  # rows of the predictions shown on the console
 

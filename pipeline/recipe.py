@@ -24,8 +24,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
-from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
+from pipeline.config import DataConfig, LossConfig, ModelConfig
 from pipeline.decoded_shards import Undecoded
+from pipeline.errors import ConfigError
 from pipeline.overrides import RECIPES as PACKAGE
 from pipeline.overrides import recipe_names, unknown_recipe
 

@@ -12,7 +12,7 @@ from accelerate import PartialState
 
 from pipeline import checkpoint
 from pipeline import lock as locks
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.together import shared_verdict
 
 

@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipeline import fingerprints
+from pipeline.errors import PipelineError
 from pipeline.tracking import write_json
 
 CODE = Path(__file__).resolve().parent.parent  # the checkout (or installed tree) holding this code
@@ -132,19 +133,10 @@ def end(run, record: dict, error: BaseException | None = None) -> None:
 
 def outcome(error: BaseException | None) -> tuple[str, int]:
     """The status and the exit code launch/train.py ends with (see pipeline/cli.py)."""
-    from pipeline.checkpoint import Preempted
-    from pipeline.config import ConfigError
-    from pipeline.errors import DataError
-    from pipeline.guards import Diverged
-
     if error is None:
         return "finished", 0
-    if isinstance(error, Diverged):
-        return "diverged", error.exit_code
-    if isinstance(error, Preempted):
-        return "preempted", error.exit_code
-    if isinstance(error, (ConfigError, DataError)):
-        return "failed", 2
+    if isinstance(error, PipelineError):
+        return error.status, error.exit_code
     if isinstance(error, KeyboardInterrupt):
         return "interrupted", 130
     return "failed", 1

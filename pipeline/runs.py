@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline import build, config, fingerprints, loop, patches, report, runinfo, shard_store, tracking
 from pipeline import recipe as recipes
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.overrides import split_argv
 from pipeline.shard_store import META_FILE
 from pipeline.together import all_or_none

@@ -24,8 +24,7 @@ from omegaconf import DictConfig
 
 from pipeline import decoded_shards, files, tracking
 from pipeline import recipe as recipes
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError, DiskFull
 from pipeline.fingerprints import fingerprint
 
 META_FILE = "meta.json"
@@ -256,7 +255,7 @@ def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> Non
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise DataError(f"disk full while writing the shards to {out.parent} ({e.strerror}); the partial shards "
+        raise DiskFull(f"disk full while writing the shards to {out.parent} ({e.strerror}); the partial shards "
                         f"were removed.\nFix: free space there, or point data.cache_dir= at a larger disk") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

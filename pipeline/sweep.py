@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline import cli, compare, config, overrides
-from pipeline.config import ConfigError
+from pipeline.errors import CompareError, ConfigError
 
 TRAIN = Path(__file__).resolve().parent.parent / "launch" / "train.py"
 # Characters a run folder's name leaves out or replaces: brackets and quotes would make its path a glob
@@ -206,7 +206,7 @@ def report(runs: list[Run], name: str) -> None:
         return
     try:
         header, rows = compare.table([compare.load(p) for p in made])
-    except compare.CompareError as e:
+    except CompareError as e:
         say(f"no table: {e}")
         return
     print(compare.markdown(header, rows), flush=True)

@@ -9,11 +9,10 @@ from contextlib import contextmanager
 
 from accelerate.utils import gather_object
 
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import CompareError, ConfigError, DataError, DiskFull
 
 # Errors meant for people keep their class, and so their exit code, on every process (see pipeline/cli.py).
-PEOPLES_ERRORS = {e.__name__: e for e in (ConfigError, DataError)}
+PEOPLES_ERRORS = {e.__name__: e for e in (ConfigError, DataError, DiskFull, CompareError)}
 
 
 def verdict(error: BaseException | None) -> tuple | None:

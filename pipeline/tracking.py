@@ -14,9 +14,11 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker, get_available_trackers, on_main_process
 
 from pipeline import files
-from pipeline.config import ConfigError, flat
+from pipeline.config import flat
 
 # Speeds and durations go to the trackers and to summary.json, not into metrics.jsonl: the local record holds
+from pipeline.errors import ConfigError
+
 # what the training computed, so a resumed run's record is the same as an uninterrupted one's.
 TIMINGS = ("train/samples_per_s", "time/")
 

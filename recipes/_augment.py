@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from pipeline import rng
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 def flip(dim: int):

@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from recipes import _tables as tables
 from recipes._table_cells import Column
 

@@ -32,9 +32,9 @@ from torchmetrics.classification import (
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from pipeline.config import ConfigError, DataConfig, ModelConfig, choice
+from pipeline.config import DataConfig, ModelConfig, choice
 from pipeline.decoded_shards import Undecoded
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.recipe import Recipe
 from recipes._augment import augment, augmentations
 from recipes._images import (

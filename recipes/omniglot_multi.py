@@ -22,8 +22,8 @@ from torchvision.datasets import Omniglot
 from torchvision.datasets.utils import list_dir, list_files
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.config import ConfigError, DataConfig, LossConfig, ModelConfig
-from pipeline.errors import DataError
+from pipeline.config import DataConfig, LossConfig, ModelConfig
+from pipeline.errors import ConfigError, DataError
 from pipeline.recipe import Recipe
 from recipes._images import accuracy, image_rows, unit_scale
 from recipes._raw_files import download, readable_file, unpacking

@@ -20,7 +20,8 @@ import numpy as np
 from datasets.fingerprint import get_temporary_cache_files_directory
 from torch import nn
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import DataConfig
+from pipeline.errors import ConfigError
 from pipeline.recipe import Recipe
 from recipes._images import class_accuracy, scale_images
 from recipes._splits import split_sizes

@@ -31,8 +31,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from pipeline.config import ConfigError, ModelConfig, choice
-from pipeline.errors import DataError
+from pipeline.config import ModelConfig, choice
+from pipeline.errors import ConfigError, DataError
 from pipeline.files import scratch_folder
 from pipeline.recipe import Recipe, binary_metrics, class_columns, cross_entropy
 from recipes import _table_stream as stream

@@ -37,7 +37,8 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
 from pipeline.recipe import Recipe
 from recipes import _series as series_csv
 from recipes import _tables as tables

@@ -13,9 +13,8 @@ from test_checkpoint import kill_after_checkpoint
 from pipeline import checkpoint, config
 from pipeline import recipe as recipes
 from pipeline.best import Best
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
-# Digits with 11 optimizer steps an epoch (1,437 train rows / 128). eval/loss falls epoch after epoch, so
 # watching it with mode=max makes epoch 1 the best and every later epoch "no better": the best weights are
 # not the final ones, and patience 2 stops the run after epoch 3 of 5.
 FIRST_IS_BEST = ["checkpoint.monitor=eval/loss", "checkpoint.mode=max", "trainer.batch_size=128", "trainer.epochs=5",

@@ -234,7 +234,7 @@ def test_omniglot_loss_settings_must_be_keywords_of_its_loss():
     import dataclasses
 
     from pipeline import recipe as recipes
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     recipe, cfg = pipeline_cli.parse(["recipe=omniglot_multi"])
     without = dataclasses.replace(recipe, loss=lambda outputs, batch, character_weight: 0.0)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from pipeline import cli as pipeline_cli
 from pipeline import config, optim
 from pipeline import recipe as recipes
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 DIGITS = recipes.load("digits")
 

@@ -213,7 +213,7 @@ ONE_PROCESS_FAILS = """
 import errno
 from accelerate import PartialState
 from pipeline import together
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 state = PartialState(cpu=True)
 def fail(error):

@@ -15,9 +15,8 @@ from test_checkpoint import kill_after_checkpoint
 
 from pipeline import checkpoint, rng
 from pipeline.build import check_batches
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
-# digits: 44 steps an epoch; a checkpoint every 10 steps and at the end of epoch 1.
 ARGS = ["trainer.epochs=2", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=1"]
 
 

@@ -13,8 +13,8 @@ from test_checkpoint import prices_csv
 
 from pipeline import cli as pipeline_cli
 from pipeline import config, runinfo, runs
-from pipeline.config import ConfigError, OptimizerName
-from pipeline.errors import DataError
+from pipeline.config import OptimizerName
+from pipeline.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")

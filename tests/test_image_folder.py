@@ -21,8 +21,7 @@ from pipeline import cli as pipeline_cli
 from pipeline import fingerprints, rng, shard_store, tensor_rows
 from pipeline import predict as predict_module
 from pipeline import recipe as recipes
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from recipes._images import read_image as _read
 from recipes.image_folder import Arch
 

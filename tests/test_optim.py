@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline import cli as pipeline_cli
 from pipeline import hooks, optim
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 def tiny():

@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState
 from conftest import ROOT, environment
 
 from pipeline import patches
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,7 @@ from conftest import cli, common, ok, run_dirs
 
 from pipeline import files
 from pipeline import predict as predict_module
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 WATER = Path(conftest.TEST_DATA) / "water-potability" / "water_potability.csv"
 

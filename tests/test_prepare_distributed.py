@@ -9,9 +9,8 @@ import pytest
 from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs, summary
 
 from pipeline import build, shard_store
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
-# digits, with a prepare that can be slowed or made to fail on one process, and a raw_files that records
 # which process called it (raw_files is what fingerprinting walks and stats).
 SLOW_DIGITS = '''
 import dataclasses

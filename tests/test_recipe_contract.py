@@ -14,9 +14,8 @@ from conftest import cli, common, ok
 
 from pipeline import recipe as recipes
 from pipeline import shard_store
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
-# A good recipe for a CSV of two features and a 0/1 label; each test breaks one line of it.
 RECIPE = '''
 from pathlib import Path
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, cli, command, common, environment, free_port
 
 from pipeline import lock, shard_store
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 HOLD = """
 import sys, time

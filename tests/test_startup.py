@@ -143,7 +143,7 @@ def test_progress_bar_per_epoch_on_a_terminal(workdir):
 
 def test_wandb_switch_variables(monkeypatch):
     from pipeline import tracking
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     monkeypatch.setenv("WANDB_SILENT", "")
     tracking.check_wandb_env()

@@ -16,7 +16,7 @@ from conftest import cli, common, ok
 from safetensors.torch import load_file
 
 from pipeline import batching, memory_budget, streaming, tensor_rows
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

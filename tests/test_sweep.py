@@ -14,7 +14,7 @@ from conftest import BIN, ROOT, environment, ok, run_dirs
 from omegaconf import OmegaConf
 
 from pipeline import cli, sweep
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 SWEEP = ROOT / "launch" / "sweep.py"
 SWEEP_CONFIGS = sorted((ROOT / "launch" / "sweeps").glob("*.yaml"))

@@ -13,7 +13,7 @@ from conftest import cli, common, ok, summary
 
 from pipeline import cli as pipeline_cli
 from pipeline import shard_store, tensor_rows
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 SMALL = ["recipe=synthetic", "data.rows=2000", "data.image_size=16"]
 

@@ -15,8 +15,7 @@ from sklearn.datasets import load_breast_cancer, load_iris
 
 from pipeline import cli as pipeline_cli
 from pipeline import shard_store, tensor_rows
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from recipes import _table_cells, _table_statistics, _tables
 from recipes._table_cells import Column
 

@@ -12,8 +12,7 @@ from conftest import cli, common, ok, run_dirs
 
 from pipeline import cli as pipeline_cli
 from pipeline import runs, shard_store, tensor_rows
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 NAMES = ("data.time_column=date", "data.value_column=load")
