@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,5 +158,45 @@ def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
     except ConfigError as e:
         raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
     check_recipe(dotlist, preset)
+    check_recipe_keys([item.partition("=")[0] for item in dotlist if item not in outside],
+                      recipe_name(dotlist, preset))
+
+
+# The keys each recipe of this repo has under data., model. and loss., so that a typo in one is named before the
+# recipe (and torch) is imported. Written by tests/test_startup.py (UPDATE_RECIPE_KEYS=1), which checks it
+# against the recipes.
+RECIPE_KEYS = Path(__file__).resolve().parent.parent / RECIPES / "keys.json"
+
+
+def check_recipe_keys(keys: list[str], name: str) -> None:
+    """An unknown key under data./model./loss. of a recipe listed in RECIPE_KEYS, named as the full check names
+    it (`config.build`); other recipes' keys are checked once the recipe is imported."""
+    try:
+        known = json.loads(RECIPE_KEYS.read_text()).get(name)
+    except (OSError, ValueError):
+        return
+    for key in keys if known else ():
+        if key not in known and not any(k.startswith(f"{key}.") for k in known):
+            parent = key.rpartition(".")[0]
+            valid = sorted({k[len(parent) + 1:].partition(".")[0] for k in known if k.startswith(f"{parent}.")})
+            if valid:  # else a key below one that is not a section: the full check words it
+                raise ConfigError(f"unknown config key '{key}'; valid keys under '{parent}': {', '.join(valid)}")
+
+
+def recipe_keys(cfg: DictConfig) -> list[str]:
+    """A built config's keys under data., model. and loss. (what RECIPE_KEYS holds for its recipe)."""
+    flat = []
+
+    def walk(node, prefix):
+        for key in node:
+            value = node._get_node(key)
+            if isinstance(value, DictConfig) and not value._is_none():
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat.append(f"{prefix}{key}")
+
+    for section in RECIPE_SECTIONS:
+        walk(cfg[section], f"{section}.")
+    return sorted(flat)
 
 

@@ -50,6 +50,11 @@ def test_help_imports_no_torch(script):
     (["data.num_shards=many"], "data.num_shards"),
     (["recipe=digit"], "unknown recipe 'digit' (no module recipes.digit); available recipes: clouds, digits"),
     (["--config", "other.yaml"], "--config other.yaml: unknown recipe 'nosuch'"),
+    (["data.foo=1"], "unknown config key 'data.foo'; valid keys under 'data': cache_dir, download, eval_fraction"),
+    (["recipe=image_folder", "data.imag_size=3"], "unknown config key 'data.imag_size'; valid keys under 'data': "
+                                                   "augment, cache_dir, channels"),
+    (["recipe=time_series", "model.targt=level"], "unknown config key 'model.targt'; valid keys under 'model': "
+                                                   "cell, hidden_size, init, num_layers, target"),
 ])
 def test_config_error_imports_no_torch(tmp_path, args, says):
     (tmp_path / "bad.yaml").write_text("recipe: digits\ntrainer:\n  epoch: 3\n")
@@ -179,3 +184,18 @@ def test_quiet_holds_other_output_until_the_run_folder_exists(tmp_path, capfd):
     assert out == "the run's own line\n" and err == "said before the failure\n", (out, err)
     log = (tmp_path / "console.log").read_text()
     assert log == "a tool's warning\nwandb: a banner\nafter the folder\n"
+
+
+def test_recipe_keys_file_lists_every_recipes_keys():
+    """recipes/keys.json, which names a typo in a recipe's own keys before torch is imported, is each recipe's
+    built config. After changing a recipe's keys: UPDATE_RECIPE_KEYS=1 pytest tests/test_startup.py -k recipe_keys"""
+    from pipeline import config, overrides
+    from pipeline import recipe as recipe_registry
+
+    built = {name: overrides.recipe_keys(config.build([], recipe_registry.load(name)))
+             for name in overrides.recipe_names()}
+    if os.environ.get("UPDATE_RECIPE_KEYS"):
+        overrides.RECIPE_KEYS.write_text(json.dumps(built, indent=1) + "\n")
+    assert json.loads(overrides.RECIPE_KEYS.read_text()) == built, (
+        "recipes/keys.json is stale: UPDATE_RECIPE_KEYS=1 pytest tests/test_startup.py -k recipe_keys")
+
