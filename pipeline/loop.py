@@ -235,7 +235,7 @@ def save_best(run: Run, step: int) -> None:
     """<run>/best.safetensors: written beside it and renamed, so a kill never leaves half a file under that name."""
     accelerator = run.accelerator
     check_weights(run.model, step, run.run_dir, accelerator)
-    tmp = run.run_dir / ".tmp-best"
+    tmp = run.run_dir / ".tmp-best"  # a fixed name inside the run folder, which one run at a time holds (run.lock)
     with disk_full_guard(run.run_dir, "the best weights", accelerator, partial=(tmp.name,)):
         # save_model lists the folder on every process: none may still be in it when the main one removes it.
         with all_or_none(accelerator):
