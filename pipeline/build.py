@@ -22,7 +22,20 @@ from accelerate.utils import (
 )
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pipeline import batching, checkpoint, console, hooks, optim, patches, report, rng, runinfo, shard_store, tracking
+from pipeline import (
+    batching,
+    checkpoint,
+    console,
+    files,
+    hooks,
+    optim,
+    patches,
+    report,
+    rng,
+    runinfo,
+    shard_store,
+    tracking,
+)
 from pipeline import recipe as recipes
 from pipeline.config import Switch, as_dict, flag, to_yaml
 from pipeline.errors import ConfigError
@@ -218,7 +231,7 @@ def start_trackers(cfg, accelerator, runtime: dict, init_kwargs: dict, run_dir: 
     with all_or_none(accelerator):  # W&B starts on the main process alone: its refusal stops every process
         tracking.init(accelerator, cfg.project, {**as_dict(cfg), "runtime": runtime}, init_kwargs)
         if accelerator.is_main_process:
-            tracking.write_json(run_dir / "meta.json", meta)
+            files.write_json(run_dir / "meta.json", meta)
 
 
 def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -> None:

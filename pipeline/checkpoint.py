@@ -6,7 +6,6 @@ that looks usable; a manifest of its files (sizes, sha256) shows later damage be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -22,11 +21,10 @@ from omegaconf import OmegaConf
 
 from pipeline.config import to_yaml
 from pipeline.errors import ConfigError, DataError
-from pipeline.files import as_umask_allows
+from pipeline.files import as_umask_allows, flat, sha256, write_json
 from pipeline.fingerprints import NOT_CONTENT
 from pipeline.runinfo import data_change
 from pipeline.together import all_or_none
-from pipeline.tracking import flat, write_json
 
 # Where the prepared model is the module itself, at most wrapped by DDP and torch.compile (FSDP and
 # DeepSpeed shard and save their own way).
@@ -114,17 +112,10 @@ def publish(tmp: Path, final: Path) -> None:
 
 def write_manifest(checkpoint: Path) -> None:
     # sha256 reads the files back once (~1.7 GB/s on one core): milliseconds for this pipeline's models.
-    files = {p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
              for p in sorted(checkpoint.rglob("*")) if p.is_file()}
     write_json(checkpoint / MANIFEST, {"files": files})
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def damage(checkpoint: Path) -> str | None:
@@ -146,7 +137,7 @@ def damage(checkpoint: Path) -> str | None:
             problem = f"{name} is missing"
         elif path.stat().st_size != saved["size"]:
             problem = f"{name} has {path.stat().st_size:,} bytes, {saved['size']:,} were saved"
-        elif _sha256(path) != saved["sha256"]:
+        elif sha256(path) != saved["sha256"]:
             problem = f"{name} differs from what was saved (sha256)"
         else:
             continue

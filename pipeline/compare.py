@@ -18,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from pipeline import files
-from pipeline.config import flat  # {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}
 from pipeline.errors import CompareError
 
 # Keys that differ between any two runs because of where they ran, not what they trained.
@@ -72,7 +71,7 @@ def load(path: Path, say=None) -> Run:
         raise CompareError(f"{path}: not a run folder (no config.yaml); a run folder is "
                            f"<output_dir>/<recipe>/<run name>/, e.g. runs/digits/20250101-120000")
     try:
-        config = flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
+        config = files.flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
     except (yaml.YAMLError, OSError, AttributeError) as e:
         raise CompareError(f"{path / 'config.yaml'} cannot be read ({str(e).splitlines()[0]}); leave {path} out "
                            f"of the comparison, or restore the file") from None

@@ -177,17 +177,6 @@ NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup
 NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 
-def flat(config: dict, prefix: str = "") -> dict:
-    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values other than numbers and text as text."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return out
-
-
 def _reads_as_text(raw: str) -> bool:
     """Whether OmegaConf reads a command-line value as text (not `true` -> bool, `1e3` -> float, ...)."""
     try:

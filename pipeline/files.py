@@ -7,7 +7,9 @@ two writers of one target never mix their bytes (the last rename wins, whole), a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -150,3 +152,38 @@ def scratch(target: Path):
     finally:
         _SCRATCH.reset(token)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_json(path: Path, values: dict) -> None:
+    write_text(path, dumps(values, indent=2) + "\n")
+
+
+def dumps(values, **kwargs) -> str:
+    """JSON that every reader parses: JSON has no NaN or Infinity, so a non-finite number is written as null."""
+    return json.dumps(finite(values), allow_nan=False, **kwargs)
+
+
+def finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values other than numbers and text as text."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out

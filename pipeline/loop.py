@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, console, plots, report, rng, runinfo, tracking
+from pipeline import checkpoint, console, files, plots, report, rng, runinfo, tracking
 from pipeline import recipe as recipes
 from pipeline.best import Best
 from pipeline.build import Evaluation, Run, setup
@@ -284,7 +284,7 @@ def finish(run: Run, state: LoopState) -> dict:
                "compile": run.compiled, "data": run.data_paths, **weights, **results, **best.summary(), **timings}
     with all_or_none(accelerator):
         if accelerator.is_main_process:
-            tracking.write_json(run.run_dir / "summary.json", summary)
+            files.write_json(run.run_dir / "summary.json", summary)
             checkpoint.remove_all(run.run_dir)  # only the folders it wrote: a person's files stay
             plots.write(run.run_dir, results, class_names, say=accelerator.print)
     accelerator.print(report.summary_line(summary))

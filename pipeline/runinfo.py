@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import fingerprints
 from pipeline.errors import PipelineError
-from pipeline.tracking import write_json
+from pipeline.files import sha256, write_json
 
 CODE = Path(__file__).resolve().parent.parent  # the checkout (or installed tree) holding this code
 PACKAGES = ("torch", "accelerate", "datasets")
@@ -63,10 +63,6 @@ def weights_saved(run, name: str) -> None:
     run.record["weights"][name] = sha256(path)
     write_json(run.run_dir / "run.json", run.record)
 
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def data_identity(recipe, cfg, shards: Path) -> dict:

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import build, config, fingerprints, loop, patches, report, runinfo, shard_store, tracking
+from pipeline import build, config, files, fingerprints, loop, patches, report, runinfo, shard_store
 from pipeline import recipe as recipes
 from pipeline.errors import ConfigError, DataError
 from pipeline.overrides import split_argv
@@ -182,7 +182,7 @@ def check_own_weights(run_dir: Path, path: Path, explicit: bool, say) -> None:
     recorded = runinfo.read(run_dir / "run.json").get("weights") or {}
     if not recorded:
         return
-    actual = runinfo.sha256(path)
+    actual = files.sha256(path)
     if explicit:
         if actual not in recorded.values():
             saved = ", ".join(f"{name} {sha}" for name, sha in recorded.items())
@@ -264,7 +264,7 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     with all_or_none(accelerator):
         if accelerator.is_main_process:
             path.parent.mkdir(exist_ok=True)
-            tracking.write_json(path, record)
+            files.write_json(path, record)
     say(result_line(record, path))
     accelerator.end_training()
     return record
@@ -316,7 +316,7 @@ def output_name(request: Request, shards: Path, own: bool | None = None) -> str:
     other = request.weights in WEIGHTS and request.weights != request.reported
     name = request.split + (f"-{request.weights}" if other else "")
     if request.weights not in WEIGHTS:
-        name += f"-weights-{runinfo.sha256(Path(request.weights))[:8]}"
+        name += f"-weights-{files.sha256(Path(request.weights))[:8]}"
     return name if own else f"{name}-{shards.name[:8]}"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
 import pickle
 import shutil
@@ -22,7 +21,7 @@ import datasets
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from pipeline import decoded_shards, files, tracking
+from pipeline import decoded_shards, files
 from pipeline import recipe as recipes
 from pipeline.errors import ConfigError, DataError, DiskFull
 from pipeline.fingerprints import fingerprint
@@ -243,9 +242,9 @@ def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> Non
     tmp = files.temporary_folder(out)
     try:
         _write_splits(splits, tmp, saving, out.name)
-        (tmp / META_FILE).write_text(tracking.dumps(meta, indent=2))  # null for a non-finite number, as every JSON
+        (tmp / META_FILE).write_text(files.dumps(meta, indent=2))  # null for a non-finite number, as every JSON
         (tmp / files.OWNER_FILE).unlink()
-        sums = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+        sums = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": files.sha256(p)} for p in _files(tmp)}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
         try:
             tmp.rename(out)
@@ -264,10 +263,6 @@ def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> Non
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
 
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _size(out: Path) -> int:
@@ -293,7 +288,7 @@ def check_shards(out: Path, full: bool = False) -> int:
         size = path.stat().st_size
         if size != want["size"]:
             raise damaged(out, path, f"{size:,} bytes, {want['size']:,} when written (truncated or overwritten)")
-        if full and _sha256(path) != want["sha256"]:
+        if full and files.sha256(path) != want["sha256"]:
             raise damaged(out, path, "its sha256 differs from the one recorded when it was written (changed bytes)")
     return sum(w["size"] for w in sums.values())
 

@@ -5,7 +5,6 @@ default, TensorBoard, MLflow, ...), and a local record of every run, the source 
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker, get_available_trackers, on_main_process
 
 from pipeline import files
-from pipeline.config import flat
 
 # Speeds and durations go to the trackers and to summary.json, not into metrics.jsonl: the local record holds
 from pipeline.errors import ConfigError
@@ -54,7 +52,7 @@ class LocalRecord(GeneralTracker):
         values = {k: v for k, v in values.items() if not k.startswith(TIMINGS)}
         if not values:
             return
-        self.file.write(dumps({"step": step, **values}) + "\n")
+        self.file.write(files.dumps({"step": step, **values}) + "\n")
         self.file.flush()
 
     @on_main_process
@@ -71,7 +69,7 @@ def keep_until(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except json.JSONDecodeError:
             pass
-    write_atomic(path, "".join(kept))
+    files.write_text(path, "".join(kept))
 
 
 # wandb.init waits this long for its service and server (wandb's default is 90 s); the login was
@@ -202,7 +200,7 @@ def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
     for tracker in accelerator.trackers:
         # TensorBoard's hparams take only flat scalars (a nested dict or a None raises); the others keep
         # the config's structure.
-        tracker.store_init_configuration(flat(config) if tracker.name == "tensorboard" else config)
+        tracker.store_init_configuration(files.flat(config) if tracker.name == "tensorboard" else config)
     say_where(accelerator, accelerator.print)
 
 
@@ -341,29 +339,5 @@ def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run directory: made once, then read back by every attempt."""
     path = Path(run_dir) / "wandb_id"
     if not path.exists():
-        write_atomic(path, secrets.token_hex(8) + "\n")
+        files.write_text(path, secrets.token_hex(8) + "\n")
     return path.read_text().strip()
-
-
-def write_json(path: Path, values: dict) -> None:
-    write_atomic(path, dumps(values, indent=2) + "\n")
-
-
-def dumps(values, **kwargs) -> str:
-    """JSON that every reader parses: JSON has no NaN or Infinity, so a non-finite number is written as null."""
-    return json.dumps(finite(values), allow_nan=False, **kwargs)
-
-
-def finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Written to a temporary file and renamed, so a reader never sees half a file."""
-    files.write_text(path, text)

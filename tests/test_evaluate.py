@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from test_checkpoint import prices_csv
 
 from pipeline import cli as pipeline_cli
-from pipeline import config, runinfo, runs
+from pipeline import config, files, runs
 from pipeline.config import OptimizerName
 from pipeline.errors import ConfigError, DataError
 
@@ -173,13 +173,13 @@ def test_weights_that_are_not_the_runs_are_refused_or_named_loudly(finished, tmp
     recipe, cfg, meta = runs.load_run(finished)
     own = finished / "model.safetensors"
     runs.load_model(finished, recipe, cfg, meta)  # a run recorded before run.json kept hashes: unchecked
-    (finished / "run.json").write_text(json.dumps({"weights": {"model.safetensors": runinfo.sha256(own)}}))
+    (finished / "run.json").write_text(json.dumps({"weights": {"model.safetensors": files.sha256(own)}}))
     runs.load_model(finished, recipe, cfg, meta)  # its own file
-    kept, recorded = own.read_bytes(), runinfo.sha256(own)
+    kept, recorded = own.read_bytes(), files.sha256(own)
     torch.manual_seed(1)
     save_file(recipe.model(cfg, meta).state_dict(), own)  # another run's weights, same shape
     with pytest.raises(DataError, match=f"model.safetensors is not the file this run saved: its sha256 is "
-                                        f"{runinfo.sha256(own)}, run.json records {recorded}"):
+                                        f"{files.sha256(own)}, run.json records {recorded}"):
         runs.load_model(finished, recipe, cfg, meta)
     foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes(own.read_bytes())
@@ -201,7 +201,7 @@ def test_a_csv_edited_after_training_is_other_data_and_foreign_weights_stop_eval
                   "trainer.epochs=2", "run_name=job"), cwd=workdir))
     run = workdir / "runs" / "tabular" / "job"
     record = json.loads((run / "run.json").read_text())
-    assert record["weights"] == {name: runinfo.sha256(run / name) for name in ("best.safetensors", "model.safetensors")}
+    assert record["weights"] == {name: files.sha256(run / name) for name in ("best.safetensors", "model.safetensors")}
     trained = record["data"]["fingerprint"]
     evaluate(run, workdir)
     first = json.loads((run / "evaluations" / "eval.json").read_text())
@@ -228,7 +228,7 @@ def test_a_csv_edited_after_training_is_other_data_and_foreign_weights_stop_eval
     for script, args in (("evaluate", []), ("predict", [f"input={csv}"])):
         refused = cli([f"run={run}", *args], cwd=workdir, script=script)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-        assert (f"best.safetensors is not the file this run saved: its sha256 is {runinfo.sha256(foreign)}, "
+        assert (f"best.safetensors is not the file this run saved: its sha256 is {files.sha256(foreign)}, "
                 f"run.json records {record['weights']['best.safetensors']}") in refused.stderr
     warned = evaluate(run, workdir, f"weights={foreign}")
     assert f"WARNING: {foreign} is not one of run {run}'s weights" in warned.stdout

@@ -12,7 +12,7 @@ from accelerate.state import AcceleratorState
 from conftest import ROOT, cli, common, ok, run_dirs
 
 from pipeline import cli as pipeline_cli
-from pipeline import tracking
+from pipeline import files, tracking
 from pipeline.loop import train
 
 
@@ -272,7 +272,7 @@ def test_non_finite_numbers_are_written_as_null_and_read_by_compare(tmp_path):
     record = tracking.LocalRecord(run)
     record.log({"eval/mse": float("inf"), "eval/r2": float("nan"), "eval/mae": 2.5, "epoch": 1}, step=3)
     record.finish()
-    tracking.write_json(run / "summary.json", {"eval/mse": float("inf"), "eval/r2": float("nan"),
+    files.write_json(run / "summary.json", {"eval/mse": float("inf"), "eval/r2": float("nan"),
                                                "eval/per": [1.0, float("-inf")], "best": {"v": float("nan")}})
     line = strict_json((run / "metrics.jsonl").read_text())
     assert line == {"step": 3, "eval/mse": None, "eval/r2": None, "eval/mae": 2.5, "epoch": 1}
