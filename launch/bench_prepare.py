@@ -1,15 +1,19 @@
-"""Throughput of preparing a table: generates a CSV of a given size and prepares it with recipe=tabular in a
-process of its own, then reports rows/s, MB/s and that process's peak memory (RSS).
+"""Throughput of preparing a table or an image folder: generates one of a given size, prepares it (recipe=tabular
+or recipe=image_folder) on 1..N processes of their own, and reports rows/s, MB/s and each process's peak memory.
 
-python launch/bench_prepare.py --mb 1000 --folder /tmp/bench     # ~9M rows x 10 columns
+python launch/bench_prepare.py --mb 1000 --folder /tmp/bench     # a CSV of ~9M rows x 10 columns
 python launch/bench_prepare.py --mb 100 --folder /tmp/bench data.impute=mean   # more keys go to the recipe
-The CSV (8 numbers, one empty cell in 20 in x1, a category, a 3-class label) is made once per size and seed and
-reused; the shards go to <folder>/cache and are rebuilt on every run.
+python launch/bench_prepare.py --images 40000 --side 96 --processes 1,2 --folder /tmp/bench --project 8x32
+The CSV (8 numbers, one empty cell in 20 in x1, a category, a 3-class label) or the JPEGs (10 class folders) are
+made once per size and seed and reused; the shards go to <folder>/cache and are rebuilt on every run.
+`--project MxC` prints how long 1.28M images (ImageNet's train split) would take on M machines of C cores, from
+the rate per process measured here (one process per core, as `data.num_proc` or launched processes use them).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import resource
 import subprocess
@@ -43,13 +47,96 @@ def generate(path: Path, mb: float, seed: int = 0) -> int:
     return rows
 
 
+def generate_images(folder: Path, count: int, side: int, seed: int = 0) -> None:
+    """`count` JPEGs of side x side px in 10 class folders: shifted noise, as varied as photographs to decode."""
+    import numpy as np
+    from PIL import Image
+
+    rng, tmp = np.random.default_rng(seed), folder.with_name(folder.name + ".tmp")
+    base = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    for c in range(10):
+        (tmp / f"class{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = np.roll(base, i % side, axis=i % 2) ^ np.uint8(i % 251)
+        Image.fromarray(pixels).save(tmp / f"class{i % 10}" / f"{i:07d}.jpg", quality=90)
+    tmp.rename(folder)
+
+
+def launched(processes: int, script_args: list[str]) -> list[str]:
+    script = str(ROOT / "launch" / "prepare.py")
+    if processes == 1:
+        return [sys.executable, script, *script_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script, *script_args]
+
+
+def timed(command: list[str]) -> tuple[str, float]:
+    """Runs `command`; returns its output and the highest RSS of any one of its processes."""
+    import psutil
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    peak = 0
+    while proc.poll() is None:
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            peak = max([peak, *(p.memory_info().rss for p in family)])
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    output = proc.stdout.read()
+    if proc.returncode:
+        sys.exit(f"prepare failed (exit {proc.returncode}):\n{output}")
+    return output, peak
+
+
+def bench_images(args, keys: list[str]) -> None:
+    folder = args.folder / f"images-{args.images}x{args.side}px-seed{args.seed}"
+    if not folder.exists():
+        started = time.perf_counter()
+        generate_images(folder, args.images, args.side, args.seed)
+        print(f"generated {folder} ({args.images:,} JPEGs) in {time.perf_counter() - started:.0f} s")
+    # Every count starts with the raw files in the page cache: the first would otherwise pay for reading them.
+    for path in folder.rglob("*.jpg"):
+        path.read_bytes()
+    rates = {}
+    for processes in args.processes:
+        output, peak = timed(launched(processes, [
+            "recipe=image_folder", f"data.train_dir={folder}", f"data.image_size={args.side}",
+            f"data.cache_dir={args.folder / 'cache'}", *keys, "--rebuild"]))
+        own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s \(.*?, ([\d.,]+) (GB|MB) of shards", output)
+        rows, seconds = int(own[1].replace(",", "")), float(own[2])
+        rates[processes] = rows / seconds
+        print(f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
+              f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; peak RSS of one "
+              f"process {peak / 2**30:.2f} GiB")
+    first = args.processes[0]
+    for processes in args.processes[1:]:
+        print(f"{processes} vs {first} process(es): {rates[first] / rates[processes]:.2f}x the time")
+    if args.project:
+        machines, cores = (int(n) for n in args.project.lower().split("x"))
+        most = max(rates)  # the rate per process where the most processes shared the work
+        per_process = rates[most] / most
+        hours = 1_281_167 / (per_process * machines * cores) / 3600
+        print(f"projection: 1,281,167 images at {args.side} px on {machines} machine(s) x {cores} cores at "
+              f"{per_process:,.0f} images/s per process: {hours * 60:,.1f} min (decoding JPEGs this size; "
+              f"photographs of ~110 KB decode several times slower)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=100.0, help="size of the CSV in megabytes")
     parser.add_argument("--folder", type=Path, default=Path("bench_prepare"), help="where the CSV and shards go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=0, help="benchmark an image folder of this many JPEGs")
+    parser.add_argument("--side", type=int, default=96, help="the images' side in pixels (and data.image_size)")
+    parser.add_argument("--processes", type=lambda v: [int(n) for n in v.split(",")], default=[1],
+                        help="process counts to prepare with, e.g. 1,2")
+    parser.add_argument("--project", default="", help="MxC: project 1.28M images on M machines of C cores")
     args, keys = parser.parse_known_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
+    if args.images:
+        bench_images(args, keys)
+        return
     path = args.folder / f"table-{args.mb:g}mb-seed{args.seed}.csv"
     if not path.exists():
         started = time.perf_counter()
