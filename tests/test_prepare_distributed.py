@@ -179,3 +179,15 @@ def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):
         build.check_distributed()
+
+
+@pytest.mark.parametrize("kind", ["XLA", "MULTI_NPU", "MULTI_XPU", "FSDP", "DEEPSPEED"])
+def test_a_state_of_another_distributed_type_is_refused(kind):
+    # What a TPU host (XLA) or an NPU launch gives the training process: the state's own type, no variable.
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    state = SimpleNamespace(distributed_type=DistributedType[kind])
+    with pytest.raises(ConfigError, match=f"accelerate config chose {DistributedType[kind].value};"):
+        build.check_distributed(state)
