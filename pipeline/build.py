@@ -36,7 +36,7 @@ from pipeline import (
     shard_store,
     tracking,
 )
-from pipeline import recipe as recipes
+from pipeline import recipe as recipe_registry
 from pipeline.config import Switch, as_dict, flag, to_yaml
 from pipeline.errors import ConfigError
 from pipeline.guards import check_writable
@@ -61,7 +61,7 @@ class Evaluation:
     and metrics. A training `Run` is one; `runs` builds one for a finished run."""
 
     accelerator: Accelerator
-    recipe: recipes.Recipe
+    recipe: recipe_registry.Recipe
     meta: dict
     model: torch.nn.Module
     eval_loaders: dict
@@ -91,7 +91,7 @@ class Run(Evaluation):
     record: dict | None = None  # run.json's contents (runinfo.start), kept up to date by the main process
 
 
-def setup(cfg, recipe: recipes.Recipe, folder: RunFolder | None = None) -> Run:
+def setup(cfg, recipe: recipe_registry.Recipe, folder: RunFolder | None = None) -> Run:
     """Checks, shards, the run directory (made and locked in `folder`), the Accelerator, loaders, model,
     optimizer and schedule, in the order that lets a mistake stop the run before it leaves anything behind."""
     folder = folder if folder is not None else RunFolder()
@@ -118,10 +118,10 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder | None = None) -> Run:
 
     train_loader, eval_loaders, on_device, splits_read = make_loaders(cfg, recipe, splits, meta, accelerator)
     batch_order = train_loader.batch_sampler  # Accelerate wraps the loader below; the loop sets its epoch
-    inputs = recipes.model_inputs(recipe, cfg)
+    inputs = recipe_registry.model_inputs(recipe, cfg)
     # The columns the model and loss read, checked on one batch as the recipe's dataset and transform make
     # it, so a mistake is a message now and not a KeyError at the first step.
-    recipes.check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
+    recipe_registry.check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
     model, layer_stats = make_model(cfg, recipe, meta, sync_batchnorm)
     optimizer = optim.optimizer(cfg.optimizer, model.parameters())
     steps_per_epoch = optim.steps(len(train_loader), cfg.trainer.grad_accum_steps)
@@ -140,14 +140,14 @@ def setup(cfg, recipe: recipes.Recipe, folder: RunFolder | None = None) -> Run:
     return Run(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
                eval_loaders=dict(zip(eval_loaders, prepared)),
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
-               loss_fn=recipes.loss_fn(recipe, cfg), inputs=inputs,
+               loss_fn=recipe_registry.loss_fn(recipe, cfg), inputs=inputs,
                cfg=cfg, trainer=OmegaConf.to_object(cfg.trainer), run_dir=run_dir, optimizer=optimizer,
                scheduler=scheduler, train_loader=train_loader, batch_order=batch_order, steps_per_epoch=steps_per_epoch,
                layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
                data_paths=splits_read, data_identity=identity)
 
 
-def check_before_work(cfg, recipe: recipes.Recipe, state: PartialState) -> str | None:
+def check_before_work(cfg, recipe: recipe_registry.Recipe, state: PartialState) -> str | None:
     """What can stop the run before any data is prepared; returns the W&B mode (tracking.check)."""
     patches.apply(state.print)  # before the Accelerator exists: it reads which patches are on when it is built
     # Before any work (not after the data was prepared), on every process: each one writes there.
@@ -156,13 +156,13 @@ def check_before_work(cfg, recipe: recipes.Recipe, state: PartialState) -> str |
     return tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
 
 
-def load_data(cfg, recipe: recipes.Recipe, state: PartialState) -> tuple[dict, dict, dict | None]:
+def load_data(cfg, recipe: recipe_registry.Recipe, state: PartialState) -> tuple[dict, dict, dict | None]:
     """The recipe's shards (prepared once, the other processes waiting), their splits and meta, and their
     identity for run.json and checkpoints (on the main process)."""
     shards = shard_store.prepare(recipe, cfg, state, log=state.print)
     identity = runinfo.data_identity(recipe, cfg, shards) if state.is_main_process else None
     splits, meta = shard_store.open_shards(shards)
-    meta = recipes.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment, which the shards do not depend on
+    meta = recipe_registry.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment: not in the shards
     return splits, meta, identity
 
 
@@ -212,10 +212,10 @@ def start_run_dir(cfg, accelerator, run_dir: Path, compiled: bool, micro_batch: 
         accelerator.print(warning)
 
 
-def make_model(cfg, recipe: recipes.Recipe, meta: dict, sync_batchnorm: bool):
+def make_model(cfg, recipe: recipe_registry.Recipe, meta: dict, sync_batchnorm: bool):
     """The recipe's model with its initial weights; returns it and its debug hooks (None when off)."""
     model = recipe.model(cfg, meta)
-    optim.init_weights(model, cfg.model.init, recipes.activation(recipe, cfg))
+    optim.init_weights(model, cfg.model.init, recipe_registry.activation(recipe, cfg))
     if sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, hooks.LayerStats(model) if cfg.debug.hooks else None  # no hooks at all when off

@@ -71,10 +71,10 @@ def read(argv: list[str]):
 def parse(argv: list[str]):
     """`[--config FILE] key=value ...` -> (recipe, checked config)."""
     dotlist, preset = read(argv)
-    from pipeline import recipe as recipes
+    from pipeline import recipe as recipe_registry
 
     try:
-        recipe = recipes.load(overrides.recipe_name(dotlist, preset))
+        recipe = recipe_registry.load(overrides.recipe_name(dotlist, preset))
     except config.ConfigError as e:
         if preset is None or config.given(dotlist, "recipe") is not None:
             raise

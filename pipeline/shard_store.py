@@ -22,7 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from pipeline import decoded_shards, files
-from pipeline import recipe as recipes
+from pipeline import recipe as recipe_registry
 from pipeline.errors import ConfigError, DataError, DiskFull
 from pipeline.fingerprints import fingerprint
 
@@ -70,7 +70,7 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share
     log(f"data: preparing {recipe.name} from {cfg.data.root} -> {out}")
     with files.scratch(out):  # where the recipe's datasets.map writes what it decodes
         # The recipe's return value checked (and meta made JSON-able) before anything is written.
-        splits, meta = recipes.check_prepared(recipe, recipe.prepare(cfg), cfg)
+        splits, meta = recipe_registry.check_prepared(recipe, recipe.prepare(cfg), cfg)
         _save(splits, meta, out, Saving(cfg.data.num_shards, cfg.data.num_proc, share), log)
     log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
     return out

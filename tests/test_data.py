@@ -18,7 +18,7 @@ from conftest import cli, common, ok, write_mnist_raw
 from torchvision.datasets import MNIST
 
 from pipeline import batching, errors, files, fingerprints, shard_store, tensor_rows
-from pipeline import recipe as recipes
+from pipeline import recipe as recipe_registry
 
 
 def shard_dirs(workdir, recipe):
@@ -149,7 +149,7 @@ def recipes_parse(argv):
     from pipeline import cli as pipeline_cli
 
     recipe, cfg = pipeline_cli.parse(argv)
-    assert isinstance(recipe, recipes.Recipe)
+    assert isinstance(recipe, recipe_registry.Recipe)
     return recipe, cfg
 
 
@@ -261,7 +261,7 @@ def test_shard_checks_cost(workdir, mnist_root):
 # ---------------------------------------------------------------- the fingerprint covers the code that made the shards
 
 
-RECIPES = Path(recipes.__file__).parent.parent / "recipes"
+RECIPES = Path(recipe_registry.__file__).parent.parent / "recipes"
 
 
 def module_copy(tmp_path, name: str, source: str):
@@ -289,7 +289,7 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
 
     # A shared helper that prepare() reaches (mnist_mlp's is a partial of recipes/_torchvision.py's idx_splits):
     # editing it rebuilds; editing one it does not reach (idx_recipe, which builds the Recipe) does not.
-    mnist = recipes.load("mnist_mlp")
+    mnist = recipe_registry.load("mnist_mlp")
 
     def helpers_hash(name, source):
         return fingerprints.code_hash(dataclasses.replace(mnist, prepare=functools.partial(

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from pipeline import cli as pipeline_cli
 from pipeline import config
-from pipeline import recipe as recipes
+from pipeline import recipe as recipe_registry
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SECTIONS = ("data", "trainer", "optimizer", "scheduler", "model", "loss", "checkpoint", "tracking", "debug")
@@ -93,7 +93,7 @@ def leaf_keys(node, prefix: str = "") -> set[str]:
 
 def schema_keys() -> set[str]:
     """Every key some recipe's config has: the pipeline's and each recipe's own."""
-    return set().union(*(leaf_keys(config.schema(recipes.load(name))) for name in recipes.names()))
+    return set().union(*(leaf_keys(config.schema(recipe_registry.load(name))) for name in recipe_registry.names()))
 
 
 def pipeline_keys(cls=config.Config, prefix: str = "") -> set[str]:
