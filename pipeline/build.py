@@ -22,23 +22,11 @@ from accelerate.utils import (
 )
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pipeline import (
-    batching,
-    checkpoint,
-    console,
-    files,
-    hooks,
-    optim,
-    patches,
-    report,
-    rng,
-    runinfo,
-    shard_store,
-    tracking,
-)
+from pipeline import batching, checkpoint, console, hooks, optim, patches, report, rng, runinfo, shard_store, tracking
 from pipeline import recipe as recipe_registry
 from pipeline.config import Switch, as_dict, flag, to_yaml
 from pipeline.errors import ConfigError
+from pipeline.files import write_json
 from pipeline.guards import check_writable
 from pipeline.memory_budget import check_in_memory, choose_paths
 from pipeline.patches import Accelerator
@@ -231,7 +219,7 @@ def start_trackers(cfg, accelerator, runtime: dict, init_kwargs: dict, run_dir: 
     with all_or_none(accelerator):  # W&B starts on the main process alone: its refusal stops every process
         tracking.init(accelerator, cfg.project, {**as_dict(cfg), "runtime": runtime}, init_kwargs)
         if accelerator.is_main_process:
-            files.write_json(run_dir / "meta.json", meta)
+            write_json(run_dir / "meta.json", meta)
 
 
 def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -> None:
