@@ -17,6 +17,7 @@ launch/accelerate/default.yaml: one process unless the options say more, and non
 about values it guessed. With several GPUs and no config, Accelerate's own default stays: one process a GPU.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,10 +39,8 @@ def children() -> list[int]:
     """This process's children (Linux), for forwarding SIGTERM to the one-process launcher's child."""
     pids = []
     for task in Path("/proc/self/task").iterdir():
-        try:
+        with contextlib.suppress(OSError):
             pids += [int(pid) for pid in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return pids
 
 

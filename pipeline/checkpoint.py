@@ -6,6 +6,7 @@ that looks usable; a manifest of its files (sizes, sha256) shows later damage be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -338,10 +339,8 @@ def remove_all(run_dir: Path) -> None:
     for path in root.iterdir():
         if ours(path):
             shutil.rmtree(path)
-    try:
+    with contextlib.suppress(OSError):  # not empty: someone else's files
         root.rmdir()
-    except OSError:  # not empty: someone else's files
-        pass
 
 
 def keep_plain_weights(accelerator) -> None:

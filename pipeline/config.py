@@ -282,7 +282,7 @@ def parse(dotlist: list[str]) -> DictConfig:
 def enum_keys(cfg: DictConfig, prefix: str = "") -> dict[str, type[Enum]]:
     """Every choice in a typed config (the pipeline's and the recipe's own): dotted key -> its Enum."""
     found = {}
-    for k in cfg.keys():
+    for k in cfg:
         node = cfg._get_node(k)
         if isinstance(node, DictConfig):
             found.update(enum_keys(node, f"{prefix}{k}."))
@@ -363,6 +363,11 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value checkpoint.monitor={monitor!r}: the best weights are chosen by the evaluation "
                           f"after each epoch, so name one of its metrics, e.g. checkpoint.monitor=eval/loss or "
                           f"checkpoint.monitor=eval/accuracy (null: eval/accuracy where reported, else eval/loss)")
+    _check_settings(cfg)
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """The ranges of the trainer's, data's, optimizer's and scheduler's single settings."""
     if cfg.trainer.clip_grad_norm is not None and cfg.trainer.clip_grad_norm <= 0:
         raise ConfigError(f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
                           f"or null (the default) for no clipping")

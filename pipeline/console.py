@@ -49,7 +49,7 @@ class _Capture(io.TextIOBase):
 
     def attach(self, path: Path) -> None:
         if self.file is None:
-            self.file = open(path, "a", buffering=1)
+            self.file = open(path, "a", buffering=1)  # noqa: SIM115 (open while the run lasts; quiet() closes it)
             self.file.write(self.held.getvalue())
             self.held = io.StringIO()
 

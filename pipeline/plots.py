@@ -6,6 +6,7 @@ matplotlib with the Agg backend: files only, no display (cluster nodes have none
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -34,10 +35,8 @@ def write(run_dir: Path, results: dict, class_names: list | None, say=print) -> 
 def read_lines(path: Path) -> list[dict]:
     lines = []
     for text in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill, before a resume
             lines.append(json.loads(text))
-        except json.JSONDecodeError:  # a line cut short by a kill, before a resume
-            pass
     return lines
 
 

@@ -5,6 +5,7 @@ The runs share one parent folder and one W&B group, are named after their values
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shlex
@@ -149,10 +150,8 @@ class Children:
 
     def pass_on(self, signum: int) -> None:
         if self.current is not None and self.current.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.current.pid, signum)
-            except ProcessLookupError:
-                pass
 
     def run(self, command: list[str]) -> int:
         self.current = subprocess.Popen(command, start_new_session=True)

@@ -37,7 +37,7 @@ class LocalRecord(GeneralTracker):
             keep_until(path, resumed_step)
         # A run that starts at step 0 (killed before its first checkpoint, or started over) starts a
         # fresh record: appending would repeat its steps.
-        self.file = open(path, "a" if resumed_step is not None else "w")
+        self.file = open(path, "a" if resumed_step is not None else "w")  # noqa: SIM115 (closed by finish())
 
     @property
     def tracker(self):

@@ -200,7 +200,7 @@ def image_files(path: Path) -> tuple[Path, list[Path]]:
 PREDICT_CHUNK = 1024
 
 
-def image_inputs(cfg, meta: dict, path, size: int | None = None, channels: int | None = None,
+def image_inputs(cfg, meta: dict, path, size: int | None = None, channels: int | None = None,  # noqa: PLR0913 (WIDE_FOR_NOW)
                  levels: int = 255, chunk: int = PREDICT_CHUNK) -> Iterator[tuple[dict, dict]]:
     """A Recipe.read_inputs for image recipes: an image file, or a folder of them (searched recursively), read
     and resized by `load_images` as the shards hold them, `chunk` files at a time. size/channels: the shards'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import itertools
 from pathlib import Path
 from typing import NamedTuple
@@ -218,12 +219,7 @@ def parse(path: Path, records, columns: list[Column], positions: list[int], widt
     def flag(problem, row, col, text):
         problems.setdefault(problem, []).append((row, col, text))
 
-    needed = max(positions) + 1
-    for i, (_, row) in enumerate(records):
-        if (width is not None and len(row) != width) or len(row) < needed:
-            expected = f"a different number of cells than the header's {width}" if width else \
-                f"fewer than {needed} cells"
-            flag(f"a row with {expected} (a missing or extra comma?)", i, None, f"({len(row)} cells)")
+    _check_widths(records, positions, width, flag)
     table = {}
     for c, (column, pos) in enumerate(zip(columns, positions)):
         cells = [row[pos].strip() if pos < len(row) else "" for _, row in records]
@@ -231,34 +227,59 @@ def parse(path: Path, records, columns: list[Column], positions: list[int], widt
         if not column.empty_ok:
             for i in np.flatnonzero(empty):
                 flag("an empty cell, a missing value this recipe cannot fill", i, c, "")
+        flag_cell = functools.partial(_flag_cell, flag, c, cells)
         if column.kind == "category":
-            for i in np.flatnonzero(~np.isin(cells, column.values) & ~empty) if column.values else ():
-                flag(f"not one of {', '.join(map(str, column.values))}", i, c, repr(cells[i]))
-            table[column.name] = np.array(cells, dtype=object)
-            continue
-        if column.kind == "time":
-            values = _times(path, column.name, cells, [line for line, _ in records])
-            for i in np.flatnonzero(values.isna().to_numpy() & ~empty):
-                flag("not a timestamp (expected e.g. 2016-01-01 00:15:00)", i, c, repr(cells[i]))
-            table[column.name] = values
-            continue
-        values, unreadable = _numbers(cells, empty)
-        for i in unreadable:
-            flag("text in a number column", i, c, repr(cells[i]))
-        read = ~empty
-        read[unreadable] = False
-        for i in np.flatnonzero(read & ~(np.abs(values) <= FLOAT32_MAX)):  # also true for nan
-            flag("not a finite number (inf, nan or beyond float32's 3.4e38"
-                 + ("; leave the cell empty for a missing value)" if column.empty_ok else ")"), i, c, repr(cells[i]))
-        if column.values:
-            for i in np.flatnonzero(read & (np.abs(values) <= FLOAT32_MAX) & ~np.isin(values, column.values)):
-                flag(f"not one of {', '.join(map(str, column.values))}", i, c, repr(cells[i]))
-        table[column.name] = values
+            table[column.name] = _categories(column, cells, empty, flag_cell)
+        elif column.kind == "time":
+            table[column.name] = _time_cells(path, column, cells, empty, [line for line, _ in records], flag_cell)
+        else:
+            table[column.name] = _number_cells(column, cells, empty, flag_cell)
     table = pd.DataFrame(table)
     for column in columns:
         if column.kind == "label":  # bad label rows are refused or dropped before this cast is used
             table[column.name] = table[column.name].fillna(-1).astype(np.int64)
     return table, problems
+
+
+def _flag_cell(flag, c: int, cells: list[str], problem: str, i: int) -> None:
+    flag(problem, i, c, repr(cells[i]))
+
+
+def _check_widths(records, positions: list[int], width: int | None, flag) -> None:
+    needed = max(positions) + 1
+    for i, (_, row) in enumerate(records):
+        if (width is not None and len(row) != width) or len(row) < needed:
+            expected = f"a different number of cells than the header's {width}" if width else \
+                f"fewer than {needed} cells"
+            flag(f"a row with {expected} (a missing or extra comma?)", i, None, f"({len(row)} cells)")
+
+
+def _categories(column: Column, cells: list[str], empty: np.ndarray, flag_cell) -> np.ndarray:
+    for i in np.flatnonzero(~np.isin(cells, column.values) & ~empty) if column.values else ():
+        flag_cell(f"not one of {', '.join(map(str, column.values))}", i)
+    return np.array(cells, dtype=object)
+
+
+def _time_cells(path: Path, column: Column, cells: list[str], empty: np.ndarray, lines: list[int], flag_cell):
+    values = _times(path, column.name, cells, lines)
+    for i in np.flatnonzero(values.isna().to_numpy() & ~empty):
+        flag_cell("not a timestamp (expected e.g. 2016-01-01 00:15:00)", i)
+    return values
+
+
+def _number_cells(column: Column, cells: list[str], empty: np.ndarray, flag_cell) -> np.ndarray:
+    values, unreadable = _numbers(cells, empty)
+    for i in unreadable:
+        flag_cell("text in a number column", i)
+    read = ~empty
+    read[unreadable] = False
+    for i in np.flatnonzero(read & ~(np.abs(values) <= FLOAT32_MAX)):  # also true for nan
+        flag_cell("not a finite number (inf, nan or beyond float32's 3.4e38"
+                  + ("; leave the cell empty for a missing value)" if column.empty_ok else ")"), i)
+    if column.values:
+        for i in np.flatnonzero(read & (np.abs(values) <= FLOAT32_MAX) & ~np.isin(values, column.values)):
+            flag_cell(f"not one of {', '.join(map(str, column.values))}", i)
+    return values
 
 
 def _times(path: Path, name: str, cells: list[str], lines: list[int]) -> pd.Series:

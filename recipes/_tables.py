@@ -103,7 +103,7 @@ def raw_file(cfg, expected: str, fix: str = "") -> Path:
     return path
 
 
-def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str, header: bool | None = True,
+def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str, header: bool | None = True,  # noqa: PLR0913 (WIDE_FOR_NOW)
          rename: str = "", source: str = "data.root / data.file") -> tuple[pd.DataFrame, dict]:
     """The columns of a CSV, checked cell by cell: numbers as float64 (NaN where empty and `empty_ok`),
     labels as int64, times as datetime64. Also returns the facts to keep in meta (rows read, dropped);

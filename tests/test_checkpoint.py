@@ -1,5 +1,6 @@
 """Checkpoints and resume: a run killed at any moment continues, on 1 or 2 processes, exactly where it was."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,10 +57,8 @@ def kill(proc: subprocess.Popen, run_dir) -> str:
     except psutil.NoSuchProcess:  # it ended (or a child did) while the tree was read
         processes = []
     for p in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     out, _ = proc.communicate()
     assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
     return out

@@ -108,7 +108,8 @@ def test_auto_keeps_splits_in_memory_while_they_fit_train_first(monkeypatch):
 
 
 def test_available_memory_is_what_the_kernel_reports():
-    total = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) * 1024
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    total = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal"))) * 1024
     assert 0 < memory_budget.available_memory() <= total
 
 

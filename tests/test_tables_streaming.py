@@ -54,10 +54,8 @@ def whole_table(recipe, cfg, meta: dict) -> tuple[dict, dict]:
     columns, (_, categorical, target), enough, how = table_columns(cfg, spec, path)
     table, _ = _tables.read(cfg, path, columns, enough, how, rename=spec.rename)
     values = table[target].to_numpy()
-    if meta["task"] == "regression":
-        y = values.astype(np.float32)
-    else:
-        y = np.searchsorted(np.unique(values), values)  # classes in their sorted order
+    # classes in their sorted order
+    y = values.astype(np.float32) if meta["task"] == "regression" else np.searchsorted(np.unique(values), values)
     parts = split_indices(len(table), cfg.data.eval_fraction, cfg.data.split_seed,
                           None if meta["task"] == "regression" else y)
     columns = split_columns(table, meta["numbers"], categorical)
