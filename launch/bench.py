@@ -43,6 +43,7 @@ def import_libraries() -> None:
     global torch, recipe_registry, DataError, WARMUP_STEPS
     import torch
 
+    from pipeline import recipe as recipe_registry
     from pipeline.errors import DataError
     from pipeline.report import WARMUP_STEPS
 
@@ -97,7 +98,7 @@ def measure(args, work: Path):
     splits, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg))
     train_cols = tensor_rows.columns(splits["train"])
     per_epoch = len(train_cols["label"]) // cfg.trainer.batch_size
-    steps = args.steps or per_epoch
+    steps = args.steps = args.steps or per_epoch  # the bare loops read it from args
     # The pipeline runs whole epochs (evaluation between them is not timed) until `steps` are done after
     # its warm-up.
     total = steps + WARMUP_STEPS
@@ -113,9 +114,9 @@ def measure(args, work: Path):
         ["data.in_memory=false", "data.on_device=false", f"data.num_workers={args.num_workers}"]))
     runs = {"pipeline": lambda: pipeline(in_memory, device),
             "pipeline_stream": lambda: pipeline(streamed, device),
-            "bare": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args),
-            "bare_u8": lambda: bare(recipe, cfg, meta, train_cols, steps, device, args, per_batch=True),
-            "tutorial": lambda: tutorial(recipe, cfg, steps, device, args)}
+            "bare": lambda: bare(recipe, cfg, meta, train_cols, args),
+            "bare_u8": lambda: bare(recipe, cfg, meta, train_cols, args, per_batch=True),
+            "tutorial": lambda: tutorial(recipe, cfg, args)}
     best = {name: 0.0 for name in runs}
     for r in range(args.repeats):
         for name, fn in runs.items():
@@ -170,9 +171,10 @@ def autocast(device, args):
     return torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
 
 
-def bare(recipe, cfg, meta, cols, steps, device, args, per_batch: bool = False) -> float:
+def bare(recipe, cfg, meta, cols, args, per_batch: bool = False) -> float:
     """Normalized tensors on the device (or uint8 ones normalized per batch); a random permutation
     sliced per step."""
+    device, steps = torch.device(args.device), args.steps
     batch = {k: v.to(device) for k, v in cols.items()}
     if not per_batch:
         batch = recipe.transform(batch, False, meta)  # normalize once, outside the timed loop
@@ -197,8 +199,9 @@ def bare(recipe, cfg, meta, cols, steps, device, args, per_batch: bool = False) 
     return timed(step, steps, bs, device)
 
 
-def tutorial(recipe, cfg, steps, device, args) -> float:
+def tutorial(recipe, cfg, args) -> float:
     """The tutorials' loop: a torchvision dataset decoding PIL images per sample, ToTensor, DataLoader."""
+    device, steps = torch.device(args.device), args.steps
     from torchvision import datasets as tv
     from torchvision import transforms
 

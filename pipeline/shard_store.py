@@ -89,7 +89,7 @@ def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Pat
     group = dist.new_group(backend="gloo", timeout=WAIT_LIMIT)
     try:
         if state.is_main_process:
-            share = functools.partial(_share, state=state, group=group, log=log, workers=cfg.data.num_proc)
+            share = Sharing(state, group, log, cfg.data.num_proc)
             first = [_attempt(lambda: _build(recipe, cfg, shards_dir(recipe, cfg), log, rebuild, share))]
             dist.broadcast_object_list(first, src=0, group=group)
         else:  # a part of the shard files to write, if process 0 hands them out, then its outcome
@@ -114,10 +114,25 @@ def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Pat
 PLAN_FILE = ".plan.pickle"
 
 
-def _share(folder: Path, splits: dict, todo: list, state, group, log, workers) -> list:
+@dataclass(frozen=True)
+class Sharing:
+    """Process 0's side of a shared build (`Saving.share`), with the launch's processes (`state`), the gloo
+    `group` they wait on, where it says what it does (`log`) and its own `workers` (data.num_proc)."""
+
+    state: object
+    group: object
+    log: object
+    workers: int | None
+
+    def __call__(self, folder: Path, splits: dict, todo: list) -> list:
+        return _share(self, folder, splits, todo)
+
+
+def _share(how: Sharing, folder: Path, splits: dict, todo: list) -> list:
     """Process 0's side of a shared build: the splits to decode go to every process (through `folder`, which
     they all see on a shared filesystem), each writes its share of the shard files, and process 0 is left
     the shares of processes that cannot see `folder` (another node's cache, where the cache is node-local)."""
+    state, group, log, workers = how.state, how.group, how.log, how.workers
     undecoded = {k: v for k, v in splits.items() if isinstance(v, decoded_shards.Undecoded)}
     (folder / PLAN_FILE).write_bytes(pickle.dumps((undecoded, todo)))
     dist.broadcast_object_list([("plan", str(folder))], src=0, group=group)
