@@ -33,13 +33,12 @@ def generate(path: Path, mb: float, seed: int = 0) -> int:
 
     rng, rows, tmp = np.random.default_rng(seed), 0, path.with_suffix(".tmp")
     colors = np.array(["red", "green", "blue", "amber", "violet"])
-    with pa_csv.CSVWriter(
-        tmp, pa.schema([*((f"x{i}", pa.float64()) for i in range(8)), ("color", pa.string()), ("label", pa.int64())])
-    ) as writer:
+    with pa_csv.CSVWriter(tmp, pa.schema([*((f"x{i}", pa.float64()) for i in range(8)), ("color", pa.string()),
+                                           ("label", pa.int64())])) as writer:
         while tmp.stat().st_size < mb * 1e6:
             x = (rng.normal(size=(ROWS_PER_CHUNK, 8)) * [1, 10, 100, 1, 1, 5, 50, 1000]).round(8)
             color = rng.integers(0, len(colors), ROWS_PER_CHUNK)
-            label = (x[:, 0] + x[:, 1] / 10 + (color == 2) > 0.5).astype(np.int64) + (x[:, 2] > 100)
+            label = ((x[:, 0] + x[:, 1] / 10 + (color == 2) > 0.5).astype(np.int64) + (x[:, 2] > 100))
             columns = {f"x{i}": pa.array(x[:, i]) for i in range(8)}
             columns["x1"] = pa.array(x[:, 1], mask=rng.random(ROWS_PER_CHUNK) < 0.05)  # empty: imputed
             writer.write_table(pa.table({**columns, "color": pa.array(colors[color]), "label": label}))
@@ -74,9 +73,8 @@ def timed(command: list[str]) -> tuple[str, float]:
     """Runs `command`; returns its output and the highest RSS of any one of its processes."""
     import psutil
 
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     peak = 0
     while proc.poll() is None:
         try:
@@ -102,27 +100,15 @@ def bench_images(args, keys: list[str]) -> None:
         path.read_bytes()
     rates = {}
     for processes in args.processes:
-        output, peak = timed(
-            launched(
-                processes,
-                [
-                    "recipe=image_folder",
-                    f"data.train_dir={folder}",
-                    f"data.image_size={args.side}",
-                    f"data.cache_dir={args.folder / 'cache'}",
-                    *keys,
-                    "--rebuild",
-                ],
-            )
-        )
+        output, peak = timed(launched(processes, [
+            "recipe=image_folder", f"data.train_dir={folder}", f"data.image_size={args.side}",
+            f"data.cache_dir={args.folder / 'cache'}", *keys, "--rebuild"]))
         own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s \(.*?, ([\d.,]+) (GB|MB) of shards", output)
         rows, seconds = int(own[1].replace(",", "")), float(own[2])
         rates[processes] = rows / seconds
-        print(
-            f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
-            f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; peak RSS of one "
-            f"process {peak / 2**30:.2f} GiB"
-        )
+        print(f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
+              f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; peak RSS of one "
+              f"process {peak / 2**30:.2f} GiB")
     first = args.processes[0]
     for processes in args.processes[1:]:
         print(f"{processes} vs {first} process(es): {rates[first] / rates[processes]:.2f}x the time")
@@ -131,11 +117,9 @@ def bench_images(args, keys: list[str]) -> None:
         most = max(rates)  # the rate per process where the most processes shared the work
         per_process = rates[most] / most
         hours = 1_281_167 / (per_process * machines * cores) / 3600
-        print(
-            f"projection: 1,281,167 images at {args.side} px on {machines} machine(s) x {cores} cores at "
-            f"{per_process:,.0f} images/s per process: {hours * 60:,.1f} min (decoding JPEGs this size; "
-            f"photographs of ~110 KB decode several times slower)"
-        )
+        print(f"projection: 1,281,167 images at {args.side} px on {machines} machine(s) x {cores} cores at "
+              f"{per_process:,.0f} images/s per process: {hours * 60:,.1f} min (decoding JPEGs this size; "
+              f"photographs of ~110 KB decode several times slower)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,12 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=0, help="benchmark an image folder of this many JPEGs")
     parser.add_argument("--side", type=int, default=96, help="the images' side in pixels (and data.image_size)")
-    parser.add_argument(
-        "--processes",
-        type=lambda v: [int(n) for n in v.split(",")],
-        default=[1],
-        help="process counts to prepare with, e.g. 1,2",
-    )
+    parser.add_argument("--processes", type=lambda v: [int(n) for n in v.split(",")], default=[1],
+                        help="process counts to prepare with, e.g. 1,2")
     parser.add_argument("--project", default="", help="MxC: project 1.28M images on M machines of C cores")
     args, keys = parser.parse_known_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -161,20 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     if not path.exists():
         started = time.perf_counter()
         rows = generate(path, args.mb, args.seed)
-        print(
-            f"generated {path} ({rows:,} rows, {path.stat().st_size / 1e6:,.0f} MB) in "
-            f"{time.perf_counter() - started:.0f} s"
-        )
-    command = [
-        sys.executable,
-        str(ROOT / "launch" / "prepare.py"),
-        "recipe=tabular",
-        f"data.file={path}",
-        "data.target=label",
-        f"data.cache_dir={args.folder / 'cache'}",
-        *keys,
-        "--rebuild",
-    ]
+        print(f"generated {path} ({rows:,} rows, {path.stat().st_size / 1e6:,.0f} MB) in "
+              f"{time.perf_counter() - started:.0f} s")
+    command = [sys.executable, str(ROOT / "launch" / "prepare.py"), "recipe=tabular", f"data.file={path}",
+               "data.target=label", f"data.cache_dir={args.folder / 'cache'}", *keys, "--rebuild"]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -185,11 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s", result.stdout)
     rows, prepare_s = int(own[1].replace(",", "")), float(own[2])
     size = path.stat().st_size
-    print(
-        f"prepared {rows:,} rows ({size / 1e6:,.0f} MB of CSV) in {prepare_s:.1f} s: {rows / prepare_s:,.0f} "
-        f"rows/s, {size / 1e6 / prepare_s:,.1f} MB/s; the process took {seconds:.1f} s with its start, peak RSS "
-        f"{peak / 2**30:.2f} GiB"
-    )
+    print(f"prepared {rows:,} rows ({size / 1e6:,.0f} MB of CSV) in {prepare_s:.1f} s: {rows / prepare_s:,.0f} "
+          f"rows/s, {size / 1e6 / prepare_s:,.1f} MB/s; the process took {seconds:.1f} s with its start, peak RSS "
+          f"{peak / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

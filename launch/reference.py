@@ -137,9 +137,8 @@ def years(column: str) -> Callable:
 def quarters(frame):
     import pandas as pd
 
-    return pd.PeriodIndex.from_fields(
-        year=frame["year"].astype(int), quarter=frame["quarter"].astype(int), freq="Q"
-    ).to_timestamp()
+    return pd.PeriodIndex.from_fields(year=frame["year"].astype(int), quarter=frame["quarter"].astype(int),
+                                      freq="Q").to_timestamp()
 
 
 TABLES_TUNED = ("trainer.epochs=50",)
@@ -152,14 +151,8 @@ ENTRIES = [
     Entry("images", "digits", digits_images, ("trainer.epochs=30",), quick=True),
     Entry("images", "mnist_test", mnist_images, ("trainer.batch_size=64", "optimizer.lr=3e-3")),
     Entry("images", "omniglot_alphabets", omniglot_images, ("data.channels=1", "data.image_size=32")),
-    Entry(
-        "series",
-        "sunspots",
-        statsmodels_series("sunspots", "SUNACTIVITY", years("YEAR")),
-        SERIES_TUNED,
-        quick=True,
-        period=11,
-    ),
+    Entry("series", "sunspots", statsmodels_series("sunspots", "SUNACTIVITY", years("YEAR")), SERIES_TUNED,
+          quick=True, period=11),
     Entry("series", "nile", statsmodels_series("nile", "volume", years("year")), SERIES_TUNED),
     Entry("series", "co2", statsmodels_series("co2", "co2", lambda frame: frame.index), SERIES_TUNED, period=52),
     Entry("series", "macrodata_unemp", statsmodels_series("macrodata", "unemp", quarters), SERIES_TUNED, period=4),
@@ -171,17 +164,11 @@ ENTRIES = [
 
 def train(args: list[str], name: str, work: Path) -> dict:
     """One `launch/train.py` process; its wall time, summary and shards, or the error it ended with."""
-    command = [
-        sys.executable,
-        str(ROOT / "launch" / "train.py"),
-        *args,
-        "tracking=none",
-        f"run_name={name}",
-        f"output_dir={work / 'runs'}",
-        f"data.cache_dir={work / 'cache'}",
-    ]
+    command = [sys.executable, str(ROOT / "launch" / "train.py"), *args, "tracking=none", f"run_name={name}",
+               f"output_dir={work / 'runs'}", f"data.cache_dir={work / 'cache'}"]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
     wall = time.perf_counter() - start
     (work / "logs").mkdir(exist_ok=True)
     (work / "logs" / f"{name}.log").write_text(" ".join(command) + "\n" + result.stdout + result.stderr)
@@ -191,12 +178,8 @@ def train(args: list[str], name: str, work: Path) -> dict:
         return {"wall_s": wall, "error": f"exit {result.returncode}: {said[-1] if said else 'no message'}"}
     run_dir = next((work / "runs").glob(f"*/{name}"))
     record = json.loads((run_dir / "run.json").read_text())
-    return {
-        "wall_s": wall,
-        "summary": json.loads((run_dir / "summary.json").read_text()),
-        "shards": str(work / record["data"]["shards"]),
-        "run_dir": str(run_dir),
-    }
+    return {"wall_s": wall, "summary": json.loads((run_dir / "summary.json").read_text()),
+            "shards": str(work / record["data"]["shards"]), "run_dir": str(run_dir)}
 
 
 def splits(shards: str) -> tuple[dict, dict, dict]:
@@ -230,10 +213,8 @@ def table_baselines(shards: str) -> dict:
     # score(): accuracy for classifiers, R^2 for regressors (the shards' standardized target: R^2 is unchanged).
     linear = (Ridge() if regression else LogisticRegression(max_iter=5000), "logistic / ridge")
     boosting = GradientBoostingRegressor(random_state=0) if regression else GradientBoostingClassifier(random_state=0)
-    return {
-        linear[1]: timed(lambda: make_pipeline(StandardScaler(), linear[0]).fit(x, y).score(x_eval, y_eval)),
-        "gradient boosting": timed(lambda: boosting.fit(x, y).score(x_eval, y_eval)),
-    }
+    return {linear[1]: timed(lambda: make_pipeline(StandardScaler(), linear[0]).fit(x, y).score(x_eval, y_eval)),
+            "gradient boosting": timed(lambda: boosting.fit(x, y).score(x_eval, y_eval))}
 
 
 def image_baselines(shards: str) -> dict:
@@ -245,11 +226,8 @@ def image_baselines(shards: str) -> dict:
         return split["image"].reshape(len(split["image"]), -1) / 255.0
 
     model = LogisticRegression(max_iter=1000)
-    return {
-        "logistic": timed(
-            lambda: model.fit(pixels(train), train["label"]).score(pixels(evaluation), evaluation["label"])
-        )
-    }
+    return {"logistic": timed(lambda: model.fit(pixels(train), train["label"]).score(pixels(evaluation),
+                                                                                      evaluation["label"]))}
 
 
 def series_baselines(shards: str, period: int) -> dict:
@@ -306,20 +284,14 @@ def measure(entry: Entry, work: Path) -> dict:
         key = next((k for k in METRICS[entry.family] if k in summary), None)
         row["metric"] = row.get("metric") or key
         sizes = summary.get("data", {})
-        run.update(
-            value=summary.get(key),
-            naive_mse=summary.get("eval/naive_mse"),
-            rows=[sizes.get(split, {}).get("rows") for split in ("train", "eval")],
-        )
+        run.update(value=summary.get(key), naive_mse=summary.get("eval/naive_mse"),
+                   rows=[sizes.get(split, {}).get("rows") for split in ("train", "eval")])
         row["runs"][setting] = run
         print(f"reference: {entry.name} {setting}: {key or ''} {cell(run)}", flush=True)
     shards = baseline_shards(entry.family, [r["shards"] for r in row["runs"].values() if "shards" in r])
     if shards:
-        fit = {
-            "tables": table_baselines,
-            "images": image_baselines,
-            "series": lambda s: series_baselines(s, entry.period),
-        }[entry.family]
+        fit = {"tables": table_baselines, "images": image_baselines,
+               "series": lambda s: series_baselines(s, entry.period)}[entry.family]
         row["baselines"] = {name: {"value": v, "wall_s": t} for name, (v, t) in fit(shards).items()}
         check_naive(row)
     return row
@@ -331,11 +303,9 @@ def check_naive(row: dict) -> None:
     own = row["runs"]["default"].get("naive_mse")
     mine = row["baselines"].get("naive", {}).get("value")
     if own is not None and mine is not None and abs(own - mine) > 1e-3 * max(abs(own), 1e-9):
-        print(
-            f"reference: warning: {row['name']}: the naive baseline's MSE {mine:.6g} differs from the run's "
-            f"own eval/naive_mse {own:.6g}: the baselines are not scored on the steps the run forecast",
-            file=sys.stderr,
-        )
+        print(f"reference: warning: {row['name']}: the naive baseline's MSE {mine:.6g} differs from the run's "
+              f"own eval/naive_mse {own:.6g}: the baselines are not scored on the steps the run forecast",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the table
@@ -357,36 +327,22 @@ def markdown(rows: list[dict], header: str) -> str:
         if not mine:
             continue
         baselines = list(dict.fromkeys(name for r in mine for name in r["baselines"]))
-        parts += [
-            "",
-            f"### {family}",
-            "",
-            "| "
-            + " | ".join(["data set", "train/eval", "metric", "default", "tuned", *baselines, "tuned setting"])
-            + " |",
-            "| --- " * (6 + len(baselines)) + "|",
-        ]
+        parts += ["", f"### {family}", "", "| " + " | ".join(["data set", "train/eval", "metric", "default",
+                                                                  "tuned", *baselines, "tuned setting"]) + " |",
+                  "| --- " * (6 + len(baselines)) + "|"]
         for r in mine:
             rows_seen = next((run["rows"] for run in r["runs"].values() if run.get("rows", [None])[0]), None)
             size = f"{rows_seen[0]:,}/{rows_seen[1]:,}" if rows_seen else "-"
             found = [cell(r["baselines"][b]) if b in r["baselines"] else "-" for b in baselines]
             metric = (r.get("metric") or "-").removeprefix("eval/")
-            columns = [
-                r["name"],
-                size,
-                metric,
-                cell(r["runs"]["default"]),
-                cell(r["runs"]["tuned"]),
-                *found,
-                f"`{r['tuned']}`",
-            ]
+            columns = [r["name"], size, metric, cell(r["runs"]["default"]), cell(r["runs"]["tuned"]), *found,
+                       f"`{r['tuned']}`"]
             parts.append("| " + " | ".join(columns) + " |")
     return "\n".join(parts) + "\n"
 
 
 def commit() -> str:
     """The checkout's commit as the run starts (and whether tracked files differ from it)."""
-
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
@@ -395,12 +351,10 @@ def commit() -> str:
 
 
 def header(sha: str, started: float, quick: bool, partial: bool = False) -> str:
-    return (
-        f"Measured at commit {sha}, {time.strftime('%Y-%m-%d', time.gmtime(started))}"
-        f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all"
-        f"{' so far (still running)' if partial else ''}, load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores when written. Each cell: the eval metric (wall time of the run or fit)."
-    )
+    return (f"Measured at commit {sha}, {time.strftime('%Y-%m-%d', time.gmtime(started))}"
+            f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all"
+            f"{' so far (still running)' if partial else ''}, load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores when written. Each cell: the eval metric (wall time of the run or fit).")
 
 
 def parse_args():
@@ -417,12 +371,9 @@ def work_folder(given: str | None) -> Path:
         return Path(tempfile.mkdtemp(prefix="reference-"))
     work = Path(given).resolve()
     if work == ROOT or ROOT in work.parents:
-        print(
-            f"error: --work {given} is inside the repository ({ROOT}); the runs, shards and data would be "
-            f"written into it.\nFix: --work /tmp/reference (any folder outside the repository), or leave --work "
-            f"out for a temporary folder",
-            file=sys.stderr,
-        )
+        print(f"error: --work {given} is inside the repository ({ROOT}); the runs, shards and data would be "
+              f"written into it.\nFix: --work /tmp/reference (any folder outside the repository), or leave --work "
+              f"out for a temporary folder", file=sys.stderr)
         sys.exit(2)
     work.mkdir(parents=True, exist_ok=True)
     return work

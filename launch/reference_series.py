@@ -42,26 +42,17 @@ def statsmodels_series() -> dict[str, tuple[pd.DataFrame, str]]:
     nino = sm.datasets.elnino.load_pandas().data.melt(id_vars="YEAR", var_name="month", value_name="temp")
     nino["date"] = pd.to_datetime(nino["YEAR"].astype(int).astype(str) + "-" + nino["month"] + "-01", format="%Y-%b-%d")
     macro = sm.datasets.macrodata.load_pandas().data
-    quarters = pd.PeriodIndex.from_fields(
-        year=macro["year"].astype(int), quarter=macro["quarter"].astype(int), freq="Q"
-    ).start_time.strftime("%Y-%m-%d")
+    quarters = pd.PeriodIndex.from_fields(year=macro["year"].astype(int), quarter=macro["quarter"].astype(int),
+                                          freq="Q").start_time.strftime("%Y-%m-%d")
     return {
-        "co2": (
-            pd.DataFrame({"date": co2.index.strftime("%Y-%m-%d"), "co2": co2["co2"].to_numpy()}),
-            "weekly CO2 at Mauna Loa: trend + yearly season, 59 empty weeks",
-        ),
-        "sunspots": (
-            pd.DataFrame({"date": years(sun["YEAR"]), "sunspots": sun["SUNACTIVITY"]}),
-            "yearly sunspot numbers: an ~11-year cycle",
-        ),
-        "nile": (
-            pd.DataFrame({"date": years(nile["year"]), "volume": nile["volume"]}),
-            "yearly Nile flow, 100 years: noise around a level that drops once",
-        ),
-        "elnino": (
-            nino.sort_values("date").assign(date=lambda t: t["date"].dt.strftime("%Y-%m-%d"))[["date", "temp"]],
-            "monthly Pacific sea surface temperature: yearly season + El Nino swings",
-        ),
+        "co2": (pd.DataFrame({"date": co2.index.strftime("%Y-%m-%d"), "co2": co2["co2"].to_numpy()}),
+                "weekly CO2 at Mauna Loa: trend + yearly season, 59 empty weeks"),
+        "sunspots": (pd.DataFrame({"date": years(sun["YEAR"]), "sunspots": sun["SUNACTIVITY"]}),
+                     "yearly sunspot numbers: an ~11-year cycle"),
+        "nile": (pd.DataFrame({"date": years(nile["year"]), "volume": nile["volume"]}),
+                 "yearly Nile flow, 100 years: noise around a level that drops once"),
+        "elnino": (nino.sort_values("date").assign(date=lambda t: t["date"].dt.strftime("%Y-%m-%d"))[["date", "temp"]],
+                   "monthly Pacific sea surface temperature: yearly season + El Nino swings"),
         "realgdp": (pd.DataFrame({"date": quarters, "realgdp": macro["realgdp"]}), "quarterly US real GDP: a trend"),
         "unemp": (pd.DataFrame({"date": quarters, "unemp": macro["unemp"]}), "quarterly US unemployment rate"),
     }
@@ -78,20 +69,11 @@ def electricity(n: int = 2000) -> pd.DataFrame:
 
 def train(work: Path, name: str, args: list[str], overrides: list[str]) -> tuple[Path, float]:
     # The final weights: the best evaluation's would be chosen on the eval split the table scores.
-    run_args = [
-        sys.executable,
-        str(REPO / "launch" / "train.py"),
-        *args,
-        "tracking=none",
-        f"run_name={name}",
-        f"data.cache_dir={work / 'cache'}",
-        "checkpoint.weights=final",
-        *overrides,
-    ]
+    run_args = [sys.executable, str(REPO / "launch" / "train.py"), *args, "tracking=none", f"run_name={name}",
+                f"data.cache_dir={work / 'cache'}", "checkpoint.weights=final", *overrides]
     started = time.perf_counter()
-    result = subprocess.run(
-        run_args, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
+    result = subprocess.run(run_args, cwd=work, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     (work / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         sys.exit(f"{name}: training failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
@@ -131,22 +113,15 @@ def main(argv: list[str]) -> None:
             args = ["recipe=electricity_forecast", f"data.root={work / 'data'}"]
         else:
             table.to_csv(work / f"{name}.csv", index=False, na_rep="")
-            args = [
-                "recipe=time_series",
-                f"data.file={name}.csv",
-                "data.time_column=date",
-                f"data.value_column={table.columns[1]}",
-            ]
+            args = ["recipe=time_series", f"data.file={name}.csv", "data.time_column=date",
+                    f"data.value_column={table.columns[1]}"]
         run, seconds = train(work, name, args, overrides)
         summary, meta = (json.loads((run / f).read_text()) for f in ("summary.json", "meta.json"))
         seasonal = seasonal_naive_mse(table, meta)
-        print(
-            f"| {name}: {what} | {len(table):,}, {meta['freq']}, window {meta['window']} | "
-            f"{summary['eval/mse']:,.4g} | {summary['eval/naive_mse']:,.4g} | "
-            f"{'n/a' if seasonal is None else f'{seasonal:,.4g}'} | "
-            f"{summary['eval/mse'] / summary['eval/naive_mse']:.2f} | {seconds:.0f} |",
-            flush=True,
-        )
+        print(f"| {name}: {what} | {len(table):,}, {meta['freq']}, window {meta['window']} | "
+              f"{summary['eval/mse']:,.4g} | {summary['eval/naive_mse']:,.4g} | "
+              f"{'n/a' if seasonal is None else f'{seasonal:,.4g}'} | "
+              f"{summary['eval/mse'] / summary['eval/naive_mse']:.2f} | {seconds:.0f} |", flush=True)
     print(f"runs in {work}")
 
 

@@ -38,12 +38,9 @@ from pipeline.together import all_or_none, shared_verdict
 # The distributed types the loop supports; `accelerate launch` chooses the others by these variables (Accelerate
 # itself only settles on them when the Accelerator is built, after the data is prepared).
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-LAUNCH_CHOICES = {
-    "ACCELERATE_USE_FSDP": "FSDP",
-    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
-    "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded parallel)",
-}
+LAUNCH_CHOICES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+                  "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded parallel)"}
 
 
 @dataclass
@@ -119,47 +116,23 @@ def setup(cfg, recipe: recipe_registry.Recipe, folder: RunFolder | None = None) 
     scheduler = optim.scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.epochs)
     loaders = [train_loader, *eval_loaders.values()]
     model, optimizer, train_loader, *prepared = accelerator.prepare(
-        model,
-        optimizer,
-        *loaders,
-        *([scheduler] if scheduler else []),
-        device_placement=[
-            True,
-            True,
-            *[batches_move(accelerator, on_device)] * len(loaders),
-            *([True] if scheduler else []),
-        ],
-    )
+        model, optimizer, *loaders, *([scheduler] if scheduler else []),
+        device_placement=[True, True, *[batches_move(accelerator, on_device)] * len(loaders),
+                          *([True] if scheduler else [])])
 
     # From here on each process has its own stream for the model's randomness (dropout): see rng.seed_model.
     rng.seed_model(cfg.seed, accelerator.process_index, 0)
     runtime = runinfo.runtime(accelerator, compiled)
     start_trackers(cfg, accelerator, runtime, init_kwargs, run_dir, meta)
     say_data(accelerator.print, splits_read, steps_per_epoch, eval_loaders)
-    return Run(
-        accelerator=accelerator,
-        recipe=recipe,
-        meta=meta,
-        model=model,
-        eval_loaders=dict(zip(eval_loaders, prepared)),
-        metrics=make_metrics(recipe, cfg, meta, accelerator.device),
-        loss_fn=recipe_registry.loss_fn(recipe, cfg),
-        inputs=inputs,
-        cfg=cfg,
-        trainer=OmegaConf.to_object(cfg.trainer),
-        run_dir=run_dir,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_loader=train_loader,
-        batch_order=batch_order,
-        steps_per_epoch=steps_per_epoch,
-        layer_stats=layer_stats,
-        compiled=compiled,
-        runtime=runtime,
-        resume_from=resume_from,
-        data_paths=splits_read,
-        data_identity=identity,
-    )
+    return Run(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
+               eval_loaders=dict(zip(eval_loaders, prepared)),
+               metrics=make_metrics(recipe, cfg, meta, accelerator.device),
+               loss_fn=recipe_registry.loss_fn(recipe, cfg), inputs=inputs,
+               cfg=cfg, trainer=OmegaConf.to_object(cfg.trainer), run_dir=run_dir, optimizer=optimizer,
+               scheduler=scheduler, train_loader=train_loader, batch_order=batch_order, steps_per_epoch=steps_per_epoch,
+               layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
+               data_paths=splits_read, data_identity=identity)
 
 
 def check_before_work(cfg, recipe: recipe_registry.Recipe, state: PartialState) -> str | None:
@@ -198,22 +171,16 @@ def make_accelerator(cfg, cpu: bool, compiled: bool = False, **training) -> Acce
     return accelerator
 
 
-def training_accelerator(
-    cfg, state: PartialState, compiled: bool, run_dir: Path, resume_from: Path | None, wandb_mode
-) -> tuple[Accelerator, dict]:
+def training_accelerator(cfg, state: PartialState, compiled: bool, run_dir: Path, resume_from: Path | None,
+                         wandb_mode) -> tuple[Accelerator, dict]:
     """The training Accelerator with the run's trackers; returns it and the trackers' init arguments."""
     # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
     # a run that starts at step 0 starts a fresh record.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
     log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, state.is_main_process, wandb_mode)
-    accelerator = make_accelerator(
-        cfg,
-        not torch.accelerator.is_available(),
-        compiled,
-        gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
-        log_with=log_with,
-        project_dir=str(run_dir),
-    )
+    accelerator = make_accelerator(cfg, not torch.accelerator.is_available(), compiled,
+                                   gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
+                                   log_with=log_with, project_dir=str(run_dir))
     checkpoint.keep_plain_weights(accelerator)
     if accelerator.device.type == "cuda":
         # cudnn.benchmark picks the fastest convolution for the (fixed, drop_last) training shapes once.
@@ -226,11 +193,9 @@ def start_run_dir(cfg, accelerator, run_dir: Path, compiled: bool, micro_batch: 
     with all_or_none(accelerator):
         if accelerator.is_main_process:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.print(
-        f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
-        f"mixed_precision={accelerator.mixed_precision} compile={compiled} "
-        f"micro_batch/process={micro_batch}"
-    )
+    accelerator.print(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
+                      f"mixed_precision={accelerator.mixed_precision} compile={compiled} "
+                      f"micro_batch/process={micro_batch}")
     if warning := fewer_processes_than_asked(accelerator.num_processes):
         accelerator.print(warning)
 
@@ -261,10 +226,8 @@ def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -
     """The splits' sizes and, in plain words, which are held in memory and which are read from the shards; why
     (the memory budget's arithmetic) is in summary.json's "data", and on the terminal with --verbose."""
     where = {"memory": "in memory", "stream": "streamed from the shards"}
-    sizes = {
-        "train": f"train {splits_read['train']['rows']:,} rows ({steps_per_epoch} steps/epoch)",
-        **{k: f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders},
-    }
+    sizes = {"train": f"train {splits_read['train']['rows']:,} rows ({steps_per_epoch} steps/epoch)",
+             **{k: f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders}}
     paths = {splits_read[k]["path"] for k in sizes}
     if len(paths) == 1:
         say(f"data: {', '.join(sizes.values())}; {'all ' if len(sizes) > 1 else ''}{where[paths.pop()]}")
@@ -298,8 +261,7 @@ def check_distributed(state: PartialState | None = None) -> None:
             f"accelerate config chose {chosen[0]}; this pipeline supports one process, DDP on CPUs or GPUs and "
             f"multi-node DDP, and {chosen[0]} would save one process's shard of the model as its weights.\nFix: "
             f"run `accelerate config` again without it, or launch with `accelerate launch --multi_gpu "
-            f"--num_processes N ...` (or --config_file launch/accelerate/multi_gpu.yaml)"
-        )
+            f"--num_processes N ...` (or --config_file launch/accelerate/multi_gpu.yaml)")
 
 
 def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
@@ -309,53 +271,33 @@ def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
     chosen = choose_paths(cfg, splits, processes_on_node(accelerator), recipe.dataset is not None)
     # Decided on each process from its node's memory; all must take the same path.
     in_memory = {name: all_agree(accelerator, keep) for name, (keep, _) in chosen.items()}
-    paths = {
-        name: {
-            "path": "memory" if in_memory[name] else "stream",
-            "why": why if in_memory[name] == keep else "another process's memory budget",
-        }
-        for name, (keep, why) in chosen.items()
-    }
+    paths = {name: {"path": "memory" if in_memory[name] else "stream",
+                    "why": why if in_memory[name] == keep else "another process's memory budget"}
+             for name, (keep, why) in chosen.items()}
     tensors = {name: columns(split) for name, split in splits.items() if in_memory[name]}
     streamed = [name for name in splits if not in_memory[name]]
     if streamed and cfg.data.on_device is Switch.true and accelerator.device.type == "cuda":
-        raise ConfigError(
-            f"data.on_device=true keeps whole splits on the GPU, but {', '.join(streamed)} "
-            f"would be read from the shards ({paths[streamed[0]]['why']}); add data.in_memory=true, "
-            f"or leave data.on_device=auto"
-        )
+        raise ConfigError(f"data.on_device=true keeps whole splits on the GPU, but {', '.join(streamed)} "
+                          f"would be read from the shards ({paths[streamed[0]]['why']}); add data.in_memory=true, "
+                          f"or leave data.on_device=auto")
     on_device = not streamed and all_agree(accelerator, keep_on_device(cfg, accelerator, tensors))
     make = recipe.dataset or (lambda cols, meta, split: Rows(cols))
-    rows = {
-        name: make(tensors[name], meta, name) if in_memory[name] else stream(split) for name, split in splits.items()
-    }
+    rows = {name: make(tensors[name], meta, name) if in_memory[name] else stream(split)
+            for name, split in splits.items()}
     if on_device:
         rows = {name: r.to(accelerator.device) for name, r in rows.items()}
     # Data that stays in host memory goes to the GPU from pinned pages, without waiting (non_blocking).
     workers = 0 if on_device else cfg.data.num_workers
     pin = accelerator.device.type == "cuda" and not on_device
-    train_loader = batching.loader(
-        rows["train"],
-        cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
-        train=True,
-        seed=cfg.seed,
-        num_workers=workers,
-        step_batch=cfg.trainer.batch_size,
-        pin_memory=pin,
-        complete=cfg.trainer.last_batch.name == "complete",
-    )
+    train_loader = batching.loader(rows["train"], cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
+                                   train=True, seed=cfg.seed, num_workers=workers, step_batch=cfg.trainer.batch_size,
+                                   pin_memory=pin, complete=cfg.trainer.last_batch.name == "complete")
     if len(train_loader) == 0:
-        raise ConfigError(
-            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
-            f"({len(rows['train'])} rows); lower it"
-        )
-    eval_loaders = {
-        name: batching.loader(
-            rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed, num_workers=workers, pin_memory=pin
-        )
-        for name in ("eval", "test")
-        if name in rows
-    }
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
+                          f"({len(rows['train'])} rows); lower it")
+    eval_loaders = {name: batching.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
+                                          num_workers=workers, pin_memory=pin)
+                    for name in ("eval", "test") if name in rows}
     batching.check_shared_memory([train_loader, *eval_loaders.values()])
     return train_loader, eval_loaders, on_device, {name: {"rows": len(r), **paths[name]} for name, r in rows.items()}
 
@@ -366,12 +308,10 @@ def fewer_processes_than_asked(num_processes: int) -> str | None:
     launcher (which starts them all) sets WORLD_SIZE. No variable carries the number asked for."""
     env = os.environ
     if num_processes == 1 and "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env:
-        return (
-            "warning: `accelerate launch` was asked for more than one process (--num_processes/--num_machines), "
-            "but its one-process launcher (--cpu, or a config with distributed_type NO or MULTI_CPU) started "
-            "this one alone: processes=1. For N processes on the CPU: python launch/run.py --cpu "
-            "--num_processes N ..., or --config_file launch/accelerate/cpu.yaml --num_processes N"
-        )
+        return ("warning: `accelerate launch` was asked for more than one process (--num_processes/--num_machines), "
+                "but its one-process launcher (--cpu, or a config with distributed_type NO or MULTI_CPU) started "
+                "this one alone: processes=1. For N processes on the CPU: python launch/run.py --cpu "
+                "--num_processes N ..., or --config_file launch/accelerate/cpu.yaml --num_processes N")
     return None
 
 
@@ -394,8 +334,7 @@ def check_batches(cfg, num_processes: int) -> int:
         raise ConfigError(
             f"trainer.batch_size={batch} does not split into {num_processes} processes x {accumulate} "
             f"accumulation steps; use a multiple of {num_processes * accumulate}"
-            + nearest_process_counts(batch, accumulate, num_processes)
-        )
+            + nearest_process_counts(batch, accumulate, num_processes))
     check_eval_batch(cfg, num_processes)
     return batch // (num_processes * accumulate)
 
@@ -414,18 +353,10 @@ def fit_batch(cfg, train_rows: int, num_processes: int, say) -> DictConfig:
         batch //= 2
     if batch == asked:
         return cfg
-    short = (
-        (
-            f"; fewer than {wanted}: a smaller batch would not split into {num_processes} process(es) x "
-            f"{cfg.trainer.grad_accum_steps} accumulation step(s)"
-        )
-        if steps(batch) < wanted
-        else ""
-    )
-    say(
-        f"data: trainer.batch_size {asked} -> {batch}: the {train_rows:,} train rows make {steps(batch)} steps an "
-        f"epoch (trainer.min_steps_per_epoch={wanted}){short}"
-    )
+    short = (f"; fewer than {wanted}: a smaller batch would not split into {num_processes} process(es) x "
+             f"{cfg.trainer.grad_accum_steps} accumulation step(s)") if steps(batch) < wanted else ""
+    say(f"data: trainer.batch_size {asked} -> {batch}: the {train_rows:,} train rows make {steps(batch)} steps an "
+        f"epoch (trainer.min_steps_per_epoch={wanted}){short}")
     cfg = copy.deepcopy(cfg)
     with read_write(cfg):
         cfg.trainer.batch_size = batch
@@ -434,10 +365,8 @@ def fit_batch(cfg, train_rows: int, num_processes: int, say) -> DictConfig:
 
 def check_eval_batch(cfg, num_processes: int) -> None:
     if cfg.trainer.eval_batch_size % num_processes:
-        raise ConfigError(
-            f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
-            f"{num_processes} processes; add trainer.eval_batch_size=<a multiple of {num_processes}>"
-        )
+        raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
+                          f"{num_processes} processes; add trainer.eval_batch_size=<a multiple of {num_processes}>")
 
 
 def nearest_process_counts(batch: int, accumulate: int, num_processes: int) -> str:
@@ -459,8 +388,7 @@ def check_sync_batchnorm(cfg, state: PartialState) -> bool:
         raise ConfigError(
             f"trainer.sync_batchnorm=true needs CUDA devices; these {state.num_processes} processes run on "
             f"{state.device.type} (torch's SyncBatchNorm has no gloo/CPU path). Drop the option here: each "
-            f"process then normalizes with the statistics of its own part of the batch."
-        )
+            f"process then normalizes with the statistics of its own part of the batch.")
     return True
 
 
@@ -508,3 +436,7 @@ def make_metrics(recipe, cfg, meta, device) -> dict:
 
 def _never() -> bool:
     return False
+
+
+
+

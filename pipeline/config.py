@@ -168,29 +168,12 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
-POSITIVE = (
-    "trainer.epochs",
-    "trainer.batch_size",
-    "trainer.eval_batch_size",
-    "trainer.grad_accum_steps",
-    "trainer.log_every",
-    "trainer.dist_timeout_s",
-    "scheduler.step_size",
-    "data.num_shards",
-    "data.num_proc",
-    "debug.hooks_every",
-)
-NON_NEGATIVE = (
-    "seed",
-    "data.split_seed",
-    "data.num_workers",
-    "scheduler.warmup_steps",
-    "checkpoint.every_steps",
-    "checkpoint.keep",
-    "optimizer.momentum",
-    "optimizer.weight_decay",
-    "trainer.min_steps_per_epoch",
-)
+POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.grad_accum_steps",
+            "trainer.log_every", "trainer.dist_timeout_s", "scheduler.step_size", "data.num_shards", "data.num_proc",
+            "debug.hooks_every")
+NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup_steps", "checkpoint.every_steps",
+                "checkpoint.keep", "optimizer.momentum", "optimizer.weight_decay",
+                "trainer.min_steps_per_epoch")
 NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 
@@ -210,9 +193,8 @@ def given(dotlist: list[str], key: str) -> str | None:
 
 def schema(recipe) -> DictConfig:
     """The typed defaults of a run of `recipe`, before its own defaults and the command line."""
-    return OmegaConf.structured(
-        Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config(), loss=recipe.loss_config())
-    )
+    return OmegaConf.structured(Config(recipe=recipe.name, data=recipe.data_config(),
+                                       model=recipe.model_config(), loss=recipe.loss_config()))
 
 
 def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfig:
@@ -270,11 +252,9 @@ def restore(saved: DictConfig, recipe, dotlist: list[str], source: str) -> DictC
         _check_values(cfg)
     except (OmegaConfBaseException, ConfigError) as e:
         why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
-        raise ConfigError(
-            f"{source} no longer loads with recipe {recipe.name!r} as this code defines it: {why}.\n"
-            f"Fix: use the code the run was trained with (git checkout of that version), or "
-            f"retrain with this one"
-        ) from None
+        raise ConfigError(f"{source} no longer loads with recipe {recipe.name!r} as this code defines it: {why}.\n"
+                          f"Fix: use the code the run was trained with (git checkout of that version), or "
+                          f"retrain with this one") from None
     try:
         cfg = OmegaConf.merge(cfg, normalize(parse(dotlist), choices))
     except OmegaConfBaseException as e:
@@ -294,10 +274,8 @@ def parse(dotlist: list[str]) -> DictConfig:
         try:
             overrides.merge_with_dotlist([item])
         except yaml.YAMLError as e:
-            raise ConfigError(
-                f"cannot read {item!r}: {str(e).splitlines()[0]}; a value must be YAML, "
-                f'e.g. optimizer.betas=[0.9,0.999] or run_name="my run"'
-            ) from None
+            raise ConfigError(f"cannot read {item!r}: {str(e).splitlines()[0]}; a value must be YAML, "
+                              f"e.g. optimizer.betas=[0.9,0.999] or run_name=\"my run\"") from None
     return overrides
 
 
@@ -374,38 +352,29 @@ def _check_values(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 0")
     if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
-        raise ConfigError(
-            f"bad value trainer.max_steps={cfg.trainer.max_steps}: must be >= 1, or null (the default) for no limit"
-        )
+        raise ConfigError(f"bad value trainer.max_steps={cfg.trainer.max_steps}: must be >= 1, "
+                          f"or null (the default) for no limit")
     patience = cfg.trainer.early_stopping_patience
     if patience is not None and patience < 1:
-        raise ConfigError(
-            f"bad value trainer.early_stopping_patience={patience}: must be >= 1 (evaluations "
-            f"without improvement), or null (the default) for no early stopping"
-        )
+        raise ConfigError(f"bad value trainer.early_stopping_patience={patience}: must be >= 1 (evaluations "
+                          f"without improvement), or null (the default) for no early stopping")
     monitor = cfg.checkpoint.monitor
     if monitor is not None and not monitor.startswith("eval/"):
-        raise ConfigError(
-            f"bad value checkpoint.monitor={monitor!r}: the best weights are chosen by the evaluation "
-            f"after each epoch, so name one of its metrics, e.g. checkpoint.monitor=eval/loss or "
-            f"checkpoint.monitor=eval/accuracy (null: eval/accuracy where reported, else eval/loss)"
-        )
+        raise ConfigError(f"bad value checkpoint.monitor={monitor!r}: the best weights are chosen by the evaluation "
+                          f"after each epoch, so name one of its metrics, e.g. checkpoint.monitor=eval/loss or "
+                          f"checkpoint.monitor=eval/accuracy (null: eval/accuracy where reported, else eval/loss)")
     _check_settings(cfg)
 
 
 def _check_settings(cfg: DictConfig) -> None:
     """The ranges of the trainer's, data's, optimizer's and scheduler's single settings."""
     if cfg.trainer.clip_grad_norm is not None and cfg.trainer.clip_grad_norm <= 0:
-        raise ConfigError(
-            f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
-            f"or null (the default) for no clipping"
-        )
+        raise ConfigError(f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
+                          f"or null (the default) for no clipping")
     budget = OmegaConf.select(cfg, "data.in_memory_budget_gb")
     if budget is not None and budget < 0:
-        raise ConfigError(
-            f"bad value data.in_memory_budget_gb={budget}: must be >= 0, or null (the default) for "
-            f"a quarter of the available memory divided by the processes on a node"
-        )
+        raise ConfigError(f"bad value data.in_memory_budget_gb={budget}: must be >= 0, or null (the default) for "
+                          f"a quarter of the available memory divided by the processes on a node")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"bad value data.eval_fraction={cfg.data.eval_fraction}: must be between 0 and 1")
     if cfg.optimizer.lr <= 0:
@@ -415,10 +384,8 @@ def _check_settings(cfg: DictConfig) -> None:
     if cfg.scheduler.gamma <= 0:
         raise ConfigError(f"bad value scheduler.gamma={cfg.scheduler.gamma}: must be > 0")
     if cfg.scheduler.name is SchedulerName.onecycle and cfg.scheduler.warmup_steps:
-        raise ConfigError(
-            f"scheduler.name=onecycle has its own warmup; leave scheduler.warmup_steps=0 "
-            f"(got {cfg.scheduler.warmup_steps})"
-        )
+        raise ConfigError(f"scheduler.name=onecycle has its own warmup; leave scheduler.warmup_steps=0 "
+                          f"(got {cfg.scheduler.warmup_steps})")
 
 
 def _check_finite(node, prefix: str = "") -> None:

@@ -24,11 +24,8 @@ def length(node: ast.FunctionDef) -> int:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_no_long_argument_lists(name):
-    wide = {
-        f: n
-        for f, node in functions(name).items()
-        if (n := len(node.args.posonlyargs + node.args.args + node.args.kwonlyargs)) > MAX_ARGS
-    }
+    wide = {f: n for f, node in functions(name).items()
+            if (n := len(node.args.posonlyargs + node.args.args + node.args.kwonlyargs)) > MAX_ARGS}
     assert not wide, f"pipeline/{name}: functions with more than {MAX_ARGS} parameters: {wide}"
 
 

@@ -12,7 +12,7 @@ from pipeline import build, shard_store
 from pipeline.errors import ConfigError
 
 # which process called it (raw_files is what fingerprinting walks and stats).
-SLOW_DIGITS = """
+SLOW_DIGITS = '''
 import dataclasses
 import os
 import time
@@ -41,7 +41,7 @@ def model(cfg, meta):
 
 
 recipe = dataclasses.replace(digits.recipe, name="slow_digits", prepare=prepare, raw_files=raw_files, model=model)
-"""
+'''
 
 
 @pytest.fixture
@@ -62,37 +62,18 @@ def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -
     code is its process's. Returns (exit code, output, seconds until it ended) per machine."""
     port, procs, started = str(free_port()), [], time.monotonic()
     for rank, args in enumerate(args_of):
-        cmd = [
-            sys.executable,
-            str(ROOT / "launch" / "run.py"),
-            "--num_machines",
-            str(len(args_of)),
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--multi_gpu",
-            "--num_processes",
-            str(len(args_of)),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(ROOT / "launch" / "train.py"),
-            *args,
-        ]
+        cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--num_machines", str(len(args_of)),
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               "--multi_gpu", "--num_processes", str(len(args_of)), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"), *args]
         log = workdir / f"machine{rank}.log"
         with open(log, "w") as out:
-            procs.append(
-                (subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=environment(1, env)), log)
-            )
+            procs.append((subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                           env=environment(1, env)), log))
     ended = {}
     while len(ended) < len(procs) and time.monotonic() - started < timeout:
-        ended.update(
-            {i: time.monotonic() - started for i, (p, _) in enumerate(procs) if i not in ended and p.poll() is not None}
-        )
+        ended.update({i: time.monotonic() - started for i, (p, _) in enumerate(procs)
+                      if i not in ended and p.poll() is not None})
         time.sleep(0.1)
     for proc, _ in procs:
         if proc.poll() is None:
@@ -105,20 +86,10 @@ def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -
 def test_a_prepare_longer_than_the_collective_timeout_still_trains(slow_digits):
     # The waiting process sits in no collective: a 20 s prepare outlasts trainer.dist_timeout_s=8.
     workdir = slow_digits
-    result = ok(
-        cli(
-            common(
-                workdir,
-                "recipe=local.slow_digits",
-                "trainer.epochs=1",
-                "trainer.max_steps=5",
-                "trainer.dist_timeout_s=8",
-            ),
-            cwd=workdir,
-            processes=2,
-            env={"PREPARE_SLEEP_S": "20", "RAW_FILES_LOG": str(workdir / "raw_files.log")},
-        )
-    )
+    result = ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
+                           "trainer.dist_timeout_s=8"),
+                    cwd=workdir, processes=2,
+                    env={"PREPARE_SLEEP_S": "20", "RAW_FILES_LOG": str(workdir / "raw_files.log")}))
     s = summary(workdir / "runs", "slow_digits")
     assert s["num_processes"] == 2 and s["eval/samples"] == 360
     assert result.stdout.count("data: preparing slow_digits") == 1
@@ -129,13 +100,9 @@ def test_a_prepare_longer_than_the_collective_timeout_still_trains(slow_digits):
 def test_training_collectives_time_out_after_dist_timeout_s(slow_digits):
     # Process 1 builds its model late: process 0 waits for it in DDP's first broadcast, for 8 s, not 30 min.
     workdir = slow_digits
-    result = cli(
-        common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=8"),
-        cwd=workdir,
-        processes=2,
-        launcher="run",
-        env={"MODEL_SLOW_ON_RANK": "1", "RAW_FILES_LOG": str(workdir / "raw_files.log")},
-    )
+    result = cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=8"),
+                 cwd=workdir, processes=2, launcher="run",
+                 env={"MODEL_SLOW_ON_RANK": "1", "RAW_FILES_LOG": str(workdir / "raw_files.log")})
     assert result.returncode != 0 and "Timed out waiting 8000ms" in result.stderr, result.stderr[-3000:]
 
 
@@ -145,16 +112,8 @@ def test_node_local_caches_build_once_per_node_from_one_fingerprint(slow_digits)
     # that process 0 computed; only process 0 walks the raw files.
     workdir = slow_digits
     env = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
-    args = [
-        common(
-            workdir,
-            "recipe=local.slow_digits",
-            "trainer.epochs=1",
-            "trainer.max_steps=5",
-            f"data.cache_dir={workdir / f'cache{m}'}",
-        )
-        for m in (0, 1)
-    ]
+    args = [common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
+                   f"data.cache_dir={workdir / f'cache{m}'}") for m in (0, 1)]
     results = machines(workdir, args, env)
     assert [code for code, _, _ in results] == [0, 0], "\n".join(out[-3000:] for _, out, _ in results)
     assert ranks_that_fingerprinted(workdir) == ["0"]
@@ -184,21 +143,11 @@ def test_evaluate_on_other_data_waits_for_a_long_prepare_on_two_processes(slow_d
     # launch/evaluate.py with data.* overrides prepares new shards the same way as training.
     workdir = slow_digits
     log = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
-    ok(
-        cli(
-            common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5"), cwd=workdir, env=log
-        )
-    )
+    ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5"), cwd=workdir,
+           env=log))
     run = run_dirs(workdir / "runs", "slow_digits")[0]
-    result = ok(
-        cli(
-            [f"run={run}", "data.eval_fraction=0.3", "trainer.eval_batch_size=64", "trainer.dist_timeout_s=8"],
-            cwd=workdir,
-            processes=2,
-            script="evaluate",
-            env={**log, "PREPARE_SLEEP_S": "20"},
-        )
-    )
+    result = ok(cli([f"run={run}", "data.eval_fraction=0.3", "trainer.eval_batch_size=64", "trainer.dist_timeout_s=8"],
+                    cwd=workdir, processes=2, script="evaluate", env={**log, "PREPARE_SLEEP_S": "20"}))
     assert "540 samples, 2 processes" in result.stdout
     assert ranks_that_fingerprinted(workdir) == ["0", "0"]  # the training run's, then process 0's alone
     assert len(list((workdir / "cache" / "slow_digits").iterdir())) == 2
@@ -223,14 +172,9 @@ def test_fsdp_is_refused_before_any_work(workdir):
     assert not (workdir / "cache").exists() and not (workdir / "runs").exists()
 
 
-@pytest.mark.parametrize(
-    "variable,name",
-    [
-        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-        ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
-        ("ACCELERATE_USE_PARALLELISM_CONFIG", "a parallelism config"),
-    ],
-)
+@pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
+                                           ("ACCELERATE_USE_PARALLELISM_CONFIG", "a parallelism config")])
 def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):

@@ -20,7 +20,7 @@ from recipes._images import image_rows
 from recipes._splits import split_train_eval
 
 # image_folder, with decoding that can be slowed (so that a test can kill a build half way).
-SLOW_IMAGES = """
+SLOW_IMAGES = '''
 import dataclasses
 import os
 import time
@@ -40,7 +40,7 @@ def prepare(cfg):
 
 
 recipe = dataclasses.replace(image_folder.recipe, name="slow_images", prepare=prepare)
-"""
+'''
 
 
 def write_images(folder: Path, per_class: int = 30, classes: int = 3) -> Path:
@@ -51,31 +51,21 @@ def write_images(folder: Path, per_class: int = 30, classes: int = 3) -> Path:
         for i in range(per_class):
             h, w = (int(v) for v in rng.integers(20, 41, 2))
             pixels = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-            pixels[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4, c] = 220
+            pixels[h // 4: 3 * h // 4, w // 4: 3 * w // 4, c] = 220
             Image.fromarray(pixels).save(folder / f"class{c}" / f"{i:03d}.png")
     return folder
 
 
 def prepare_args(workdir: Path, cache: str, *extra: str) -> list[str]:
-    return [
-        f"data.train_dir={workdir / 'images'}",
-        "data.image_size=16",
-        "data.num_shards=3",
-        f"data.cache_dir={workdir / cache}",
-        *extra,
-    ]
+    return [f"data.train_dir={workdir / 'images'}", "data.image_size=16", "data.num_shards=3",
+            f"data.cache_dir={workdir / cache}", *extra]
 
 
 def run_prepare(workdir: Path, processes: int, args: list[str], **popen) -> subprocess.CompletedProcess:
     """launch/prepare.py on `processes` processes, under launch/run.py (which passes the exit code on)."""
-    return subprocess.run(
-        command(args, processes, script="prepare", launcher="run"),
-        cwd=workdir,
-        env=environment(processes, popen.pop("env", None)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return subprocess.run(command(args, processes, script="prepare", launcher="run"), cwd=workdir,
+                          env=environment(processes, popen.pop("env", None)), capture_output=True, text=True,
+                          timeout=300)
 
 
 def built(cache: Path) -> dict[str, bytes]:
@@ -102,14 +92,9 @@ def test_a_killed_shared_build_is_redone_to_the_same_shards(workdir):
     (workdir / "local").mkdir()
     (workdir / "local" / "slow_images.py").write_text(SLOW_IMAGES)
     args = ["recipe=local.slow_images", *prepare_args(workdir, "cache")]
-    proc = subprocess.Popen(
-        command(args, 2, script="prepare"),
-        cwd=workdir,
-        env=environment(2, {"DECODE_SLEEP_S": "2"}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = subprocess.Popen(command(args, 2, script="prepare"), cwd=workdir,
+                            env=environment(2, {"DECODE_SLEEP_S": "2"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "processes decode" in line:
             break
@@ -143,15 +128,9 @@ def test_a_broken_image_in_any_process_part_stops_every_process(workdir):
 def test_decoding_while_writing_gives_the_rows_of_decoding_first(tmp_path):
     # Holding out by labels before decoding chooses the rows that holding out decoded images chose.
     write_images(tmp_path / "images", per_class=10)
-    recipe, cfg = pipeline_cli.parse(
-        [
-            "recipe=image_folder",
-            f"data.train_dir={tmp_path / 'images'}",
-            "data.image_size=8",
-            "data.eval_fraction=0.3",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ]
-    )
+    recipe, cfg = pipeline_cli.parse(["recipe=image_folder", f"data.train_dir={tmp_path / 'images'}",
+                                      "data.image_size=8", "data.eval_fraction=0.3",
+                                      f"data.cache_dir={tmp_path / 'cache'}"])
     splits, _ = shard_store.open_shards(shard_store.prepare(recipe, cfg))
     folder = image_folder.read_folder(cfg, "train")
     read = image_folder.partial(image_folder.read_image, channels=3, max_pixels=cfg.data.max_image_pixels)

@@ -15,16 +15,9 @@ SCRIPT = str(ROOT / "launch" / "reference.py")
 @pytest.mark.slow
 def test_quick_tables_row_beside_its_baselines(tmp_path):
     work, out = tmp_path / "work", tmp_path / "reference.md"
-    result = ok(
-        subprocess.run(
-            [sys.executable, SCRIPT, "--quick", "--only", "tables", "--work", str(work), "--out", str(out)],
-            cwd=tmp_path,
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    )
+    result = ok(subprocess.run([sys.executable, SCRIPT, "--quick", "--only", "tables", "--work", str(work),
+                                "--out", str(out)], cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                               timeout=300))
     (row,) = json.loads((work / "reference.json").read_text())
     assert row["name"] == "iris" and row["metric"] == "eval/accuracy"
     # Both runs finished and scored; scikit-learn's baselines beat chance (1/3) by far on the same 30 rows.
@@ -43,14 +36,8 @@ def test_quick_tables_row_beside_its_baselines(tmp_path):
 
 def test_work_inside_the_repository_is_refused(tmp_path):
     inside = ROOT / "reference-work-test"
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "--work", str(inside)],
-        cwd=tmp_path,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = subprocess.run([sys.executable, SCRIPT, "--work", str(inside)], cwd=tmp_path, env=environment(),
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "inside the repository" in result.stderr and "Fix: --work /tmp/reference" in result.stderr
     assert not inside.exists()

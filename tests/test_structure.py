@@ -23,11 +23,8 @@ def relative(path: Path) -> str:
 
 
 def functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
-    return [
-        node
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-    ]
+    return [node for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
 
 
 def parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
@@ -42,11 +39,8 @@ def test_modules_functions_and_argument_lists_are_short(path):
     assert lines < MAX_MODULE_LINES, f"{relative(path)} has {lines} lines: split it by subject"
     long = {f.name: n for f in functions(path) if (n := f.end_lineno - f.lineno + 1) > MAX_FUNCTION_LINES}
     assert not long, f"{relative(path)}: functions over {MAX_FUNCTION_LINES} lines: {long}"
-    wide = {
-        f.name: n
-        for f in functions(path)
-        if (n := parameters(f)) > MAX_PARAMETERS and f.name not in WIDE_FOR_NOW.get(relative(path), ())
-    }
+    wide = {f.name: n for f in functions(path) if (n := parameters(f)) > MAX_PARAMETERS
+            and f.name not in WIDE_FOR_NOW.get(relative(path), ())}
     assert not wide, f"{relative(path)}: functions with more than {MAX_PARAMETERS} parameters: {wide}"
 
 
@@ -69,7 +63,7 @@ def test_no_import_cycles_in_pipeline():
 
     def visit(module: str) -> None:
         if module in path:
-            cycle = path[path.index(module) :] + [module]
+            cycle = path[path.index(module):] + [module]
             pytest.fail(f"import cycle: {' -> '.join(cycle)}")
         if module in done:
             return
@@ -88,9 +82,8 @@ def test_each_pipeline_module_imports_on_its_own():
     names = sorted(f"pipeline.{p.stem}" for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__")
     failed = {}
     for name in names:  # one fresh interpreter each: a cycle shows only when a module is imported first
-        result = subprocess.run(
-            [sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True, timeout=300
-        )
+        result = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
         if result.returncode:
             failed[name] = result.stderr.strip().splitlines()[-1:]
     assert not failed
