@@ -151,6 +151,8 @@ class Progress:
                             desc=f"epoch {epoch}/{self.epochs}", unit=" samples", leave=False,
                             dynamic_ncols=True, file=console.terminal())
         self.bar.update(self.batch_size)
+        if self.bar.n >= self.bar.total:
+            self.bar.refresh()  # the full bar is drawn before the evaluation, whatever tqdm's redraw interval
 
     def update(self, step: int, epoch: int, loss: float, rate: float):
         """A log line: the mean loss since the last one; `rate` is 0 until the warm-up steps are over."""

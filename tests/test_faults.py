@@ -115,7 +115,7 @@ def test_full_disk_while_saving_weights_leaves_no_partial_file(workdir, size, wh
 def test_compiled_weights_are_plain_and_compile_false_means_off(workdir):
     # compile=true: the saved weights (final and checkpoint) carry no `_orig_mod.` and load into the
     # recipe's plain model; the dynamo log proves it compiled.
-    env = {"TORCH_LOGS": "dynamo"}
+    env = {"TORCH_LOGS": "dynamo", "PIPELINE_VERBOSE": "1"}  # other tools' logs on the terminal too
     args = common(workdir, "trainer.compile=true", "trainer.epochs=2", "trainer.max_steps=3", "run_name=c")
     compiled = ok(cli(args, cwd=workdir, env=env))
     assert "start tracing" in compiled.stderr

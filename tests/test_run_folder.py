@@ -223,7 +223,7 @@ go.with_name(f"ready-{os.getpid()}").touch()  # imports done: the test starts bo
 while not go.exists():
     time.sleep(0.01)
 started = time.time()
-shard_store._save(splits, {"n": 1}, out, data.Saving(4))
+shard_store._save(splits, {"n": 1}, out, shard_store.Saving(4))
 print(started, time.time(), flush=True)
 """
 
