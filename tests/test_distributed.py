@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, needs_gpus, ok, run_dirs, summary
@@ -234,12 +235,17 @@ state.destroy_process_group()
 """
 
 
+def torchrun_two(folder: Path, source: str) -> subprocess.CompletedProcess:
+    """`source` as a script run by torchrun on 2 CPU processes, in `folder`."""
+    script = folder / "two_processes.py"
+    script.write_text(source)
+    return subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           str(script)], cwd=folder, env={**environment(2), "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_an_error_on_one_process_is_raised_on_every_process(tmp_path):
-    script = tmp_path / "one_process_fails.py"
-    script.write_text(ONE_PROCESS_FAILS)
-    out = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                          str(script)], cwd=tmp_path, env={**environment(2), "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=120)
+    out = torchrun_two(tmp_path, ONE_PROCESS_FAILS)
     assert out.returncode == 0, out.stderr[-3000:]
     first, other = ((tmp_path / f"rank{n}.txt").read_text() for n in (0, 1))
     assert first == "OSError:28:[Errno 28] No space left on device | ConfigError:None:refused | main says"
@@ -251,11 +257,7 @@ def test_an_error_on_one_process_is_raised_on_every_process(tmp_path):
 def test_an_error_exit_leaves_the_process_group(tmp_path):
     # A gloo group alive at interpreter shutdown aborted a process now and then (SIGABRT, "terminate called
     # without an active exception") in place of the error's exit code 2: every error exit leaves it first.
-    script = tmp_path / "error_after_a_collective.py"
-    script.write_text(ERROR_AFTER_A_COLLECTIVE)
-    out = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                          str(script)], cwd=tmp_path, env={**environment(2), "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=120)
+    out = torchrun_two(tmp_path, ERROR_AFTER_A_COLLECTIVE)
     # The first process prints the message and exits 2; the other one waits for it to print and is then
     # stopped by torchrun (cli.exit_once), or exits 2 itself: whichever exits, exits having left the group.
     exits = [line for line in out.stdout.splitlines() if " exit " in line]

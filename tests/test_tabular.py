@@ -22,22 +22,23 @@ from recipes._table_cells import Column
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+def sklearn_csv(folder: Path, load, target: str, name: str) -> Path:
+    """A scikit-learn table as a user writes it: its measurements, and its target as the class names."""
+    frame = load(as_frame=True)
+    table = frame.data.assign(**{target: np.asarray(frame.target_names)[frame.target]})
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / name, index=False)
+    return folder / name
+
+
 def cancer_csv(folder: Path) -> Path:
     """scikit-learn's breast cancer set (569 rows, 30 measurements) with its target as the words."""
-    frame = load_breast_cancer(as_frame=True)
-    table = frame.data.assign(diagnosis=np.asarray(frame.target_names)[frame.target])
-    folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / "cancer.csv", index=False)
-    return folder / "cancer.csv"
+    return sklearn_csv(folder, load_breast_cancer, "diagnosis", "cancer.csv")
 
 
 def iris_csv(folder: Path) -> Path:
-    """scikit-learn's iris set as a user writes it: 150 rows, 4 measurements and the species by name."""
-    frame = load_iris(as_frame=True)
-    table = frame.data.assign(species=np.asarray(frame.target_names)[frame.target])
-    folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / "iris.csv", index=False)
-    return folder / "iris.csv"
+    """scikit-learn's iris set: 150 rows, 4 measurements and the species by name."""
+    return sklearn_csv(folder, load_iris, "species", "iris.csv")
 
 
 def houses(folder: Path, n: int = 600, seed: int = 0) -> Path:
