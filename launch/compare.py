@@ -17,6 +17,11 @@ from pipeline import compare  # noqa: E402
 from pipeline.errors import CompareError  # noqa: E402
 
 
+def wrote(path: Path, what: str) -> None:
+    # On stderr: stdout holds the markdown table alone, for `> table.md`.
+    print(f"compare: wrote {what} to {path}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -34,10 +39,12 @@ def main(argv: list[str]) -> None:
         print(compare.markdown(header, rows))
         if args.csv:
             compare.write_csv(args.csv, header, rows)
+            wrote(args.csv, "the table as CSV")
         if args.plot:
             metric = args.metric or next((k[len("best/"):] for k in header if k.startswith("best/")
                                           and k != "best/epoch"), "eval/loss")
             compare.plot(runs, metric, args.plot)
+            wrote(args.plot, f"{metric} against the step")
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

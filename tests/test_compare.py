@@ -38,6 +38,7 @@ def trained(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_table_of_real_runs(trained):
     out = ok(compare("runs/digits/*", "--csv", "table.csv", cwd=trained))
+    assert "compare: wrote the table as CSV to table.csv" in out.stderr  # the table alone on stdout
     header, rows = parse(out.stdout)
     assert header[:3] == ["run", "status", "optimizer.lr"]  # the one key that differs; never output_dir etc.
     assert header[3:] == ["eval/loss", "eval/accuracy", "eval/f1_macro", "best/eval/accuracy", "best/epoch",
