@@ -33,6 +33,9 @@ LAYOUT = ("<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.pn
 ZIP_URL = f"{Omniglot.download_url_prefix}/images_background.zip"
 GET_DATA = (f"put images_background.zip from {ZIP_URL} (or its unpacked folder) in data.root, "
             "or add data.download=true on a machine with a network")
+# A real subset kept in this repository, for a first run without a network.
+OFFLINE = ("To try it offline with the real subset kept in this repository: mkdir -p data && cp "
+           "tests/data/omniglot-small/images_background_small1.zip data/images_background.zip, then data.root=data")
 
 
 class Mode(Enum):
@@ -77,9 +80,10 @@ def raw_source(cfg) -> Path:
             download([("images_background.zip", [ZIP_URL], Omniglot.zips_md5["images_background"])],
                      root / Omniglot.folder, "Omniglot's images_background.zip")
         except DataError as e:
-            raise DataError(f"{e}\nExpected layout: {LAYOUT}.") from None
+            raise DataError(f"{e}\nExpected layout: {LAYOUT}.\n{OFFLINE}.") from None
         return root / Omniglot.folder / "images_background.zip"
-    raise DataError(f"Omniglot not found under {root.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.")
+    raise DataError(f"Omniglot not found under {root.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.\n"
+                    f"{OFFLINE}.")
 
 
 @contextmanager

@@ -199,6 +199,7 @@ def test_headline_command_downloads_by_default_and_says_where_files_go(workdir):
     err = refused(cli(common(workdir, "recipe=omniglot_multi"), cwd=workdir, env=env, timeout=120))
     assert "Omniglot's images_background.zip could not be downloaded" in err
     assert str((workdir / "data" / "omniglot-py").resolve()) in err and "brendenlake/omniglot" in err
+    assert "tests/data/omniglot-small/images_background_small1.zip" in err  # the subset for a first run offline
     assert not (workdir / "data").exists()
 
 
