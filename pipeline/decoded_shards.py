@@ -21,6 +21,8 @@ import numpy as np
 from datasets.arrow_writer import ArrowWriter
 from datasets.utils.py_utils import asdict  # datasets' own: the one save_to_disk writes dataset_info.json with
 
+from pipeline import files
+
 # Rows decoded and written at a time: small enough that a batch of photographs decoded at full size fits in
 # memory, large enough that Arrow's per-batch cost does not show.
 DECODE_BATCH = 64
@@ -92,9 +94,11 @@ def mine(all_jobs: list, process: int, processes: int) -> list:
     return all_jobs[process::processes]
 
 
-def write_shard(split: Undecoded, index: int, count: int, folder: Path) -> int:
+def write_shard(split: Undecoded, index: int, count: int, folder: Path) -> dict:
     """Decodes the `index`-th of `count` contiguous parts of `split` into `folder/<datasets' shard name>`;
-    returns its rows. Written under a temporary name and renamed: a killed writer leaves no shard file."""
+    returns its {"<split>/<file>": {size, sha256}}: the writer hashes what it wrote while the bytes are in the
+    page cache, so a build shared by many processes is not left hashing every file on one of them.
+    Written under a temporary name and renamed: a killed writer leaves no shard file."""
     part = split.rows.shard(num_shards=count, index=index, contiguous=True)
     target = folder / shard_name(index, count)
     partial = target.with_name(f".{target.name}.partial")
@@ -102,28 +106,30 @@ def write_shard(split: Undecoded, index: int, count: int, folder: Path) -> int:
     try:
         for batch in part.iter(batch_size=DECODE_BATCH):
             writer.write_batch(split.decode(batch))
-        rows, _ = writer.finalize()
+        writer.finalize()
     finally:
         writer.close()
+    sums = {"size": partial.stat().st_size, "sha256": files.sha256(partial)}
     partial.rename(target)
-    return rows
+    return {f"{folder.name}/{target.name}": sums}
 
 
-def _write(args) -> int:
+def _write(args) -> dict:
     return write_shard(*args)
 
 
-def write_shards(splits: dict, my_jobs: list, folder: Path, workers: int | None) -> None:
-    """Writes `my_jobs` of `splits` into `folder/<split>/`, in `workers` processes (data.num_proc) or here."""
+def write_shards(splits: dict, my_jobs: list, folder: Path, workers: int | None) -> dict:
+    """Writes `my_jobs` of `splits` into `folder/<split>/`, in `workers` processes (data.num_proc) or here;
+    returns the written files' sizes and sha256 as `write_shard` gives them."""
     tasks = [(splits[name], index, count, folder / name) for name, index, count in my_jobs]
     for name in {name for name, _, _ in my_jobs}:
         (folder / name).mkdir(parents=True, exist_ok=True)
     if workers and workers > 1 and len(tasks) > 1:
         with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            pool.map(_write, tasks, chunksize=1)
+            written = pool.map(_write, tasks, chunksize=1)
     else:
-        for task in tasks:
-            _write(task)
+        written = [_write(task) for task in tasks]
+    return {name: sums for one in written for name, sums in one.items()}
 
 
 def finish_split(split: Undecoded, name: str, num_shards: int, folder: Path, fingerprint: str) -> None:

@@ -124,14 +124,15 @@ class Sharing:
     log: object
     workers: int | None
 
-    def __call__(self, folder: Path, splits: dict, todo: list) -> list:
+    def __call__(self, folder: Path, splits: dict, todo: list) -> tuple[list, dict]:
         return _share(self, folder, splits, todo)
 
 
-def _share(how: Sharing, folder: Path, splits: dict, todo: list) -> list:
+def _share(how: Sharing, folder: Path, splits: dict, todo: list) -> tuple[list, dict]:
     """Process 0's side of a shared build: the splits to decode go to every process (through `folder`, which
-    they all see on a shared filesystem), each writes its share of the shard files, and process 0 is left
-    the shares of processes that cannot see `folder` (another node's cache, where the cache is node-local)."""
+    they all see on a shared filesystem), each writes and hashes its share of the shard files, and process 0
+    is left the shares of processes that cannot see `folder` (another node's cache, where the cache is
+    node-local). Returns those jobs, and the checksums of the files written."""
     state, group, log, workers = how.state, how.group, how.log, how.workers
     undecoded = {k: v for k, v in splits.items() if isinstance(v, decoded_shards.Undecoded)}
     (folder / PLAN_FILE).write_bytes(pickle.dumps((undecoded, todo)))
@@ -143,16 +144,16 @@ def _share(how: Sharing, folder: Path, splits: dict, todo: list) -> list:
     with _waiting("process 0 waiting for the other processes to write their shard files", speak=True):
         dist.all_gather_object(outcomes, outcome, group=group)
     (folder / PLAN_FILE).unlink()
-    left = []
+    left, sums = [], {}
     for index, result in enumerate(outcomes):
         if result == ("unseen", None):
             left += decoded_shards.mine(todo, index, state.num_processes)
         else:
-            _outcome(result, f"process {index}", own=index == 0)
+            sums |= _outcome(result, f"process {index}", own=index == 0)
     if left:
         log(f"data: {len(left)} shard files left by processes that cannot see {folder} (a node-local cache): "
             f"written here")
-    return left
+    return left, sums
 
 
 def _take_part(state, group, workers) -> list:
@@ -172,9 +173,9 @@ def _take_part(state, group, workers) -> list:
         dist.all_gather_object([None] * state.num_processes, outcome, group=group)
 
 
-def _write_part(folder: Path, state, workers) -> None:
+def _write_part(folder: Path, state, workers) -> dict:
     splits, todo = pickle.loads((folder / PLAN_FILE).read_bytes())
-    decoded_shards.write_shards(splits, decoded_shards.mine(todo, state.process_index, state.num_processes),
+    return decoded_shards.write_shards(splits, decoded_shards.mine(todo, state.process_index, state.num_processes),
                                 folder, workers)
 
 
@@ -231,23 +232,25 @@ class Saving:
 
     num_shards: int
     workers: int | None = None
-    share: object = None  # share(folder, splits, jobs) -> the jobs left to this process
+    share: object = None  # share(folder, splits, jobs) -> (the jobs left to this process, checksums written)
 
 
-def _write_splits(splits: dict, folder: Path, saving: Saving, fingerprint: str) -> None:
+def _write_splits(splits: dict, folder: Path, saving: Saving, fingerprint: str) -> dict:
     """DatasetDict.save_to_disk's layout: the rows a recipe made written by this process; the splits to
-    decode shard by shard, by this process's workers or shared with the other processes."""
+    decode shard by shard, by this process's workers or shared with the other processes. Returns the
+    checksums of the decoded shard files (their writers hash them)."""
     for name, split in splits.items():
         if isinstance(split, datasets.Dataset):
             split.save_to_disk(str(folder / name), num_shards=decoded_shards.shard_count(split, saving.num_shards))
-    todo = decoded_shards.jobs(splits, saving.num_shards)
+    todo, sums = decoded_shards.jobs(splits, saving.num_shards), {}
     if todo and saving.share is not None:
-        todo = saving.share(folder, splits, todo)
-    decoded_shards.write_shards(splits, todo, folder, saving.workers)
+        todo, sums = saving.share(folder, splits, todo)
+    sums |= decoded_shards.write_shards(splits, todo, folder, saving.workers)
     for name, split in splits.items():
         if isinstance(split, decoded_shards.Undecoded):
             decoded_shards.finish_split(split, name, saving.num_shards, folder, fingerprint)
     (folder / datasets.config.DATASETDICT_JSON_FILENAME).write_text(json.dumps({"splits": list(splits)}))
+    return sums
 
 
 def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> None:
@@ -256,10 +259,11 @@ def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> Non
     files.remove_dead_leftovers(out, log)  # a killed build's half-written folder (they can be large)
     tmp = files.temporary_folder(out)
     try:
-        _write_splits(splits, tmp, saving, out.name)
+        written = _write_splits(splits, tmp, saving, out.name)
         (tmp / META_FILE).write_text(files.dumps(meta, indent=2))  # null for a non-finite number, as every JSON
         (tmp / files.OWNER_FILE).unlink()
-        sums = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": files.sha256(p)} for p in _files(tmp)}
+        sums = {name: written.get(name) or {"size": p.stat().st_size, "sha256": files.sha256(p)}
+                for p in _files(tmp) for name in [str(p.relative_to(tmp))]}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
         try:
             tmp.rename(out)

@@ -54,3 +54,16 @@ def test_bench_refuses_a_device_it_cannot_see(tmp_path, mnist_root):
 
 def test_gpu_check_script_is_valid_bash():
     ok(subprocess.run(["bash", "-n", str(ROOT / "launch" / "gpu_check.sh")], capture_output=True, text=True))
+
+
+@pytest.mark.slow
+def test_bench_prepare_reports_each_process_count_on_an_image_folder(tmp_path):
+    result = ok(subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench_prepare.py"), "--images", "120", "--side", "16",
+         "--processes", "1,2", "--folder", str(tmp_path), "--project", "2x8"],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600))
+    for processes in (1, 2):
+        assert f"{processes} process(es): 120 images in " in result.stdout, result.stdout
+    assert "2 vs 1 process(es): " in result.stdout and "projection: 1,281,167 images" in result.stdout
+    # Both counts built the same shards (one fingerprint); the second started from an empty cache.
+    assert len(list((tmp_path / "cache" / "image_folder").iterdir())) == 1
