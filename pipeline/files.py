@@ -173,6 +173,14 @@ def finite(value):
     return value
 
 
+def size_text(n: int) -> str:
+    """Bytes as a person reads them: 1.2 GiB, 3.4 MiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
+
+
 def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -12,6 +12,7 @@ import datasets
 import pyarrow as pa
 
 from pipeline.errors import ConfigError
+from pipeline.files import size_text
 from pipeline.tensor_rows import feature_shape
 
 
@@ -26,13 +27,6 @@ def tensor_bytes(split: datasets.Dataset) -> int:
         width = arrow_type.bit_width if pa.types.is_primitive(arrow_type) else 64
         row += math.prod(feature_shape(feature)) * max(width // 8, 1)
     return row * len(split)
-
-
-def size_text(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n} B"
 
 
 def available_memory() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 from pipeline import decoded_shards, files
 from pipeline import recipe as recipe_registry
 from pipeline.errors import ConfigError, DataError, DiskFull
-from pipeline.fingerprints import fingerprint
+from pipeline.fingerprints import fingerprint, fingerprinted_stats
 
 META_FILE = "meta.json"
 CHECKSUM_FILE = "checksums.json"  # {file: {size, sha256}} of every shard file, written with the shards
@@ -67,13 +68,25 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share
         check_shards(out, full=_size(out) <= FULL_CHECK_BYTES)
         log(f"data: reusing shards in {out}")
         return out
-    log(f"data: preparing {recipe.name} from {cfg.data.root} -> {out}")
+    log(f"data: preparing {recipe.name} from {_source(recipe, cfg)} -> {out}")
     with files.scratch(out):  # where the recipe's datasets.map writes what it decodes
         # The recipe's return value checked (and meta made JSON-able) before anything is written.
         splits, meta = recipe_registry.check_prepared(recipe, recipe.prepare(cfg), cfg)
         _save(splits, meta, out, Saving(cfg.data.num_shards, cfg.data.num_proc, share), log)
     log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
     return out
+
+
+def _source(recipe, cfg: DictConfig) -> str:
+    """The raw files a prepare reads, as a person recognizes them: the file, or the folder holding them with
+    their count and size (the stats the fingerprint was made from); data.root for a recipe that lists none."""
+    stats = fingerprinted_stats(recipe, cfg)
+    if not stats:
+        return str(cfg.data.root)
+    paths = [Path(cfg.data.root, rel) for rel, _, _ in stats]
+    if len(paths) == 1:
+        return str(paths[0])
+    return f"{os.path.commonpath(paths)} ({len(paths):,} files, {files.size_text(sum(s for _, s, _ in stats))})"
 
 
 def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Path:

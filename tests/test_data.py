@@ -32,6 +32,8 @@ def test_prepare_once_reuse_and_invalidate(workdir):
     args = common(workdir, "recipe=mnist_mlp", f"data.root={root}")
     first = ok(cli(args, cwd=workdir, script="prepare"))
     assert "data: preparing mnist_mlp" in first.stdout and "train 9,000, eval 1,000, test 10,000" in first.stdout
+    # The log names what is read: the raw files' folder, how many and how large.
+    assert f"from {root / 'MNIST' / 'raw'} (4 files, " in first.stdout
     [shards] = shard_dirs(workdir, "mnist_mlp")
     assert {p.name for p in shards.iterdir()} == {"train", "eval", "test", "dataset_dict.json", "meta.json",
                                                   "checksums.json"}  # one DatasetDict and the pipeline's files
