@@ -4,6 +4,8 @@ decoded one shard at a time, by whichever process or worker writes that shard, s
 A split's shard files are cut at the same rows and written by the same function whatever process writes them,
 so a build by N processes (each with `data.num_proc` workers) is byte for byte the build of one process.
 Nothing passes through the main process's memory: a prepare's memory does not grow with the data.
+A recipe that makes its rows batch by batch (a table larger than memory) writes them with `write_rows` into
+the same layout, and the build moves the files into place (`Written`) instead of reading them back.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from datasets.arrow_writer import ArrowWriter
+from datasets.arrow_writer import ArrowWriter, get_writer_batch_size_from_data_size
 from datasets.utils.py_utils import asdict  # datasets' own: the one save_to_disk writes dataset_info.json with
 
 from pipeline import files
@@ -132,7 +134,51 @@ def write_shards(splits: dict, my_jobs: list, folder: Path, workers: int | None)
     return {name: sums for one in written for name, sums in one.items()}
 
 
-def finish_split(split: Undecoded, name: str, num_shards: int, folder: Path, fingerprint: str) -> None:
+@dataclass(frozen=True)
+class Written:
+    """A split whose shard files a recipe has written (`write_rows`): `rows` rows with `features` in `folder`,
+    in save_to_disk's layout, and each file's {size, sha256}. The build moves the files into place as they are.
+
+    A recipe's prepare() returns it in place of a datasets.Dataset that save_to_disk would read back: a
+    memory-mapped read of every row, whose pages count in the process's memory until the split is gone."""
+
+    folder: Path
+    features: datasets.Features
+    rows: int
+    sums: dict
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.features)
+
+
+def write_rows(folder: Path, features: datasets.Features, rows: int, num_shards: int, take: Callable) -> Written:
+    """`rows` rows, `take(start, stop) -> pa.Table` of rows [start, stop), written into `folder` as
+    `Dataset.save_to_disk(num_shards=...)` writes them (the same files, byte for byte): contiguous shards of
+    the same lengths, each written by datasets' ArrowWriter in batches of the rows save_to_disk writes at a time."""
+    count = min(num_shards, max(1, rows))
+    row_nbytes = take(0, 1).nbytes if rows else 1
+    step = min(datasets.config.DEFAULT_MAX_BATCH_SIZE, get_writer_batch_size_from_data_size(rows, rows * row_nbytes))
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for index in range(count):
+        # Dataset.shard(num_shards=count, index=index, contiguous=True): the first rows % count shards one longer
+        size, more = divmod(rows, count)
+        start = size * index + min(index, more)
+        stop = start + size + (index < more)
+        path = folder / shard_name(index, count)
+        with ArrowWriter(features=features, path=str(path), embed_local_files=True) as writer:
+            for at in range(start, stop, step):
+                writer.write_table(take(at, min(at + step, stop)))
+            writer.finalize()
+        sums[path.name] = {"size": path.stat().st_size, "sha256": files.sha256(path)}
+    return Written(folder, features, rows, sums)
+
+
+def finish_split(split: Undecoded | Written, name: str, num_shards: int, folder: Path, fingerprint: str) -> None:
     """The files datasets' load_from_disk reads beside the shards (state.json, dataset_info.json), as
     save_to_disk writes them, with a fingerprint of the build and split (the same whoever wrote the shards)."""
     count = shard_count(split, num_shards)

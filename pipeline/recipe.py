@@ -25,13 +25,13 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from pipeline.config import DataConfig, LossConfig, ModelConfig
-from pipeline.decoded_shards import Undecoded
+from pipeline.decoded_shards import Undecoded, Written
 from pipeline.errors import ConfigError
 from pipeline.overrides import RECIPES as PACKAGE
 from pipeline.overrides import recipe_names, unknown_recipe
 
 # What prepare() may return for a split: its rows, or rows to decode while the shards are written.
-SPLIT_TYPES = (datasets.Dataset, Undecoded)
+SPLIT_TYPES = (datasets.Dataset, Undecoded, Written)
 
 
 def cross_entropy(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -299,7 +299,7 @@ def check_prepared(recipe: Recipe, result, cfg) -> tuple[datasets.DatasetDict, d
         raise ConfigError(f"{where(recipe)}: prepare(cfg) returned the splits {', '.join(splits) or '(none)'}; "
                           f"{' and '.join(map(repr, missing))} missing. The loop trains on 'train', evaluates on "
                           f"'eval' and, if present, 'test'.\nFix: {expected}.")
-    # A split to decode while its shards are written (decoded_shards.Undecoded) is not a Dataset yet.
+    # A split to decode while its shards are written (Undecoded), or written already (Written), is no Dataset.
     splits = datasets.DatasetDict(splits) if all(isinstance(v, datasets.Dataset) for v in splits.values()) else splits
     check_splits(recipe, splits, cfg)
     return splits, jsonable(meta)

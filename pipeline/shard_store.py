@@ -249,18 +249,24 @@ class Saving:
 
 
 def _write_splits(splits: dict, folder: Path, saving: Saving, fingerprint: str) -> dict:
-    """DatasetDict.save_to_disk's layout: the rows a recipe made written by this process; the splits to
-    decode shard by shard, by this process's workers or shared with the other processes. Returns the
-    checksums of the decoded shard files (their writers hash them)."""
+    """DatasetDict.save_to_disk's layout: the rows a recipe made written by this process, or moved into place
+    as the recipe wrote them; the splits to decode shard by shard, by this process's workers or shared with the
+    other processes. Returns the checksums of the files written by the recipe and the decoders (their writers
+    hash them)."""
+    sums = {}
     for name, split in splits.items():
         if isinstance(split, datasets.Dataset):
             split.save_to_disk(str(folder / name), num_shards=decoded_shards.shard_count(split, saving.num_shards))
-    todo, sums = decoded_shards.jobs(splits, saving.num_shards), {}
+        elif isinstance(split, decoded_shards.Written):
+            shutil.move(split.folder, folder / name)  # a rename: the recipe's scratch folder lies beside the shards
+            sums |= {f"{name}/{file}": sum_ for file, sum_ in split.sums.items()}
+    todo = decoded_shards.jobs(splits, saving.num_shards)
     if todo and saving.share is not None:
-        todo, sums = saving.share(folder, splits, todo)
+        todo, shared = saving.share(folder, splits, todo)
+        sums |= shared
     sums |= decoded_shards.write_shards(splits, todo, folder, saving.workers)
     for name, split in splits.items():
-        if isinstance(split, decoded_shards.Undecoded):
+        if isinstance(split, (decoded_shards.Undecoded, decoded_shards.Written)):
             decoded_shards.finish_split(split, name, saving.num_shards, folder, fingerprint)
     (folder / datasets.config.DATASETDICT_JSON_FILENAME).write_text(json.dumps({"splits": list(splits)}))
     return sums

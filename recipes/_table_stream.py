@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import itertools
 import mmap
-import shutil
-import weakref
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from recipes._tables import KEPT_LINES, SHOWN, bad_rows_message, require_rows
 # ahead, so the block size bounds that memory.
 BLOCK_BYTES = 4 << 20
 CHECKED_ROWS = 65536  # rows checked cell by cell at a time, where a file needs the checks' verdicts
-TAKEN_ROWS = 8192  # rows gathered at a time into a split: each may map a page of the features file
 
 
 class Unclean(Exception):
@@ -227,20 +225,18 @@ class MappedRows:
         return out
 
 
-def write_split(features: MappedRows, labels: np.ndarray, indices: np.ndarray, kinds, folder: Path):
-    """The rows `indices` of `features` and `labels` as a datasets.Dataset with the features `kinds`,
-    written to an Arrow file in `folder` a slice of rows at a time; the folder goes when the split does."""
-    import datasets
-    from datasets.arrow_writer import ArrowWriter
+def write_split(features: MappedRows, labels: np.ndarray, indices: np.ndarray, kinds, where: tuple[Path, int]):
+    """The rows `indices` of `features` and `labels`, with the features `kinds`, written as a split's shard files
+    (`where`: the folder to make theirs in, and data.num_shards) a writer batch of rows at a time: the build
+    moves them into place, never reading them back."""
+    from pipeline.decoded_shards import write_rows
 
-    path = folder / "rows.arrow"
-    with ArrowWriter(features=kinds, path=str(path)) as writer:
-        for start in range(0, len(indices), TAKEN_ROWS):
-            at = indices[start:start + TAKEN_ROWS]
-            x = features.take(at)
-            column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-            writer.write_table(pa.table({"features": column, "label": pa.array(labels[at])}))
-        writer.finalize()
-    split = datasets.Dataset.from_file(str(path))
-    weakref.finalize(split, shutil.rmtree, folder, ignore_errors=True)
-    return split
+    def take(start: int, stop: int) -> pa.Table:
+        at = indices[start:stop]
+        x = features.take(at)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+        return pa.table({"features": column, "label": pa.array(labels[at])})
+
+    scratch, num_shards = where
+    return write_rows(Path(tempfile.mkdtemp(prefix="tabular-split-", dir=scratch)), kinds, len(indices), num_shards,
+                      take)

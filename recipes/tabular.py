@@ -249,8 +249,7 @@ def prepare(cfg, spec: Spec = Spec()):
         x = features_file(checked, rows, (numbers, categorical), stats, Path(work) / "features.f32")
         kinds = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=x.shape[1]),
                                    "label": target_feature})
-        splits = {name: stream.write_split(x, y, at, kinds, Path(tempfile.mkdtemp(prefix=f"tabular-{name}-",
-                                                                                    dir=scratch)))
+        splits = {name: stream.write_split(x, y, at, kinds, (scratch, cfg.data.num_shards))
                   for name, at in parts.items()}
         del x
     return datasets.DatasetDict(splits), meta
