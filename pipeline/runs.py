@@ -16,10 +16,12 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import build, config, files, fingerprints, loop, patches, report, runinfo, shard_store
+from pipeline import build, config, files, fingerprints, loop, patches, report, run_data, runinfo, shard_store
 from pipeline import recipe as recipe_registry
+from pipeline.batch_sizes import check_eval_batch
 from pipeline.errors import ConfigError, DataError
 from pipeline.overrides import split_argv
+from pipeline.processes import start_processes
 from pipeline.shard_store import META_FILE
 from pipeline.together import all_or_none
 
@@ -207,7 +209,7 @@ def trained_with(run_dir: Path) -> str:
 
 def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tuple[dict, Path]:
     """The shards for `cfg` (built from the raw data if none exist), checked to hold `split` and the run's
-    classes; returns {"train", split} for `build.make_loaders` and the shards' folder."""
+    classes; returns {"train", split} for `run_data.make_loaders` and the shards' folder."""
     shards = shard_store.prepare(recipe, cfg, state, log=say)
     splits, shard_meta = shard_store.open_shards(shards)
     if split not in splits:
@@ -235,18 +237,18 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     `<run>/evaluations/<name>.json` and returned."""
     started = time.perf_counter()
     cpu = not torch.accelerator.is_available()
-    state = build.start_processes(cfg, cpu)
+    state = start_processes(cfg, cpu)
     say = state.print
-    build.check_eval_batch(cfg, state.num_processes)
+    check_eval_batch(cfg, state.num_processes)
     meta = read_meta(request.run_dir)  # the run's own statistics, whatever data is evaluated
     model = load_model(request.run_dir, recipe, cfg, meta, request.weights, say)  # before the data: fails fast
     splits, shards = load_split(recipe, cfg, meta, request.split, state, say)
     own = own_data(recipe, cfg, request, shards, say)
     patches.apply(say)
     accelerator = build.make_accelerator(cfg, cpu)  # at the matmul precision the run evaluated with
-    _, loaders, on_device, _ = build.make_loaders(cfg, recipe, splits, meta, accelerator)
+    _, loaders, on_device, _ = run_data.make_loaders(cfg, recipe, splits, meta, accelerator)
     model, loader = accelerator.prepare(model, loaders[request.split],
-                                        device_placement=[True, build.batches_move(accelerator, on_device)])
+                                        device_placement=[True, run_data.batches_move(accelerator, on_device)])
     run = build.Evaluation(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
                            eval_loaders={request.split: loader},
                            metrics=build.make_metrics(recipe, cfg, meta, accelerator.device),

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from test_checkpoint import kill_after_checkpoint
 
 from pipeline import checkpoint, rng
-from pipeline.build import check_batches
+from pipeline.batch_sizes import check_batches
 from pipeline.errors import ConfigError
 
 ARGS = ["trainer.epochs=2", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=1"]

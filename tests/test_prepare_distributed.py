@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs, summary
 
-from pipeline import build, shard_store
+from pipeline import processes, shard_store
 from pipeline.errors import ConfigError
 
 # which process called it (raw_files is what fingerprinting walks and stats).
@@ -178,7 +178,7 @@ def test_fsdp_is_refused_before_any_work(workdir):
 def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):
-        build.check_distributed()
+        processes.check_distributed()
 
 
 @pytest.mark.parametrize("kind", ["XLA", "MULTI_NPU", "MULTI_XPU", "FSDP", "DEEPSPEED"])
@@ -190,4 +190,4 @@ def test_a_state_of_another_distributed_type_is_refused(kind):
 
     state = SimpleNamespace(distributed_type=DistributedType[kind])
     with pytest.raises(ConfigError, match=f"accelerate config chose {DistributedType[kind].value};"):
-        build.check_distributed(state)
+        processes.check_distributed(state)

@@ -393,20 +393,20 @@ def test_a_150_row_table_trains_on_every_row_each_epoch_on_1_or_2_processes(work
 
 
 def test_the_batch_halves_to_the_steps_asked_as_far_as_the_processes_allow(workdir):
-    from pipeline import build
+    from pipeline import batch_sizes
 
     _, cfg = parse(workdir, workdir / "t.csv", "data.target=y")
     said = []
-    assert build.fit_batch(cfg, 120, 1, said.append).trainer.batch_size == 4
+    assert batch_sizes.fit_batch(cfg, 120, 1, said.append).trainer.batch_size == 4
     assert cfg.trainer.batch_size == 64  # the config given is left as it was
-    assert build.fit_batch(cfg, 5000, 1, said.append) is cfg and len(said) == 1  # 79 steps: nothing to do
+    assert batch_sizes.fit_batch(cfg, 5000, 1, said.append) is cfg and len(said) == 1  # 79 steps: nothing to do
     # 8 processes cannot split a batch below 8: 15 steps, and the log says why not 16.
-    assert build.fit_batch(cfg, 120, 8, said.append).trainer.batch_size == 8
+    assert batch_sizes.fit_batch(cfg, 120, 8, said.append).trainer.batch_size == 8
     assert said[-1] == ("data: trainer.batch_size 64 -> 8: the 120 train rows make 15 steps an epoch "
                         "(trainer.min_steps_per_epoch=16); fewer than 16: a smaller batch would not split into "
                         "8 process(es) x 1 accumulation step(s)")
     _, off = parse(workdir, workdir / "t.csv", "data.target=y", "trainer.min_steps_per_epoch=0")
-    assert build.fit_batch(off, 120, 1, said.append) is off
+    assert batch_sizes.fit_batch(off, 120, 1, said.append) is off
 
 
 def test_number_like_classes_read_as_written(workdir, capsys):
