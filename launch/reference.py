@@ -1,25 +1,28 @@
 """The reference table: each generic recipe on public data sets, its defaults and one tuned setting, beside the
 standard baselines fitted on the same split, read back from the run's own shards.
 
-python launch/reference.py --out reference.md                 # every family (tens of minutes on 2 CPU cores)
+python launch/reference.py --only series --out series.md      # one family (or one data set, by name)
 python launch/reference.py --quick                            # one small set per family (minutes)
-python launch/reference.py --only series --work /scratch/ref  # one family (or data set); keep runs, logs, data
+python launch/reference.py --work /scratch/ref                # every family (hours on 2 CPU cores); keep runs, logs
 
-The data sets are written to files first, as a user would write them (CSV tables, PNG folders, CSV series), and
-trained with `launch/train.py` in a fresh process each, with `tracking=none`; the wall time of a run is that
-process's, start-up and preparation included. Baselines (scikit-learn, statsmodels: `pip install -e
-".[reference]"`) read the train and eval splits from the shards the default run trained on:
+The data sets are written to files first, as a user would write them (CSV tables, PNG folders, CSV series with
+real dates), and trained with `launch/train.py` in a fresh process each, with `tracking=none`; the wall time of a
+run is that process's, start-up and preparation included. Baselines (scikit-learn, statsmodels: `pip install -e
+".[reference]"`) read the splits from the shards the default run trained on:
   tables  logistic (classes) or ridge (numbers) regression on standardized columns; gradient boosting
-  images  logistic regression on the pixels (of the run whose shards hold the fewest; every run splits alike)
+  images  logistic regression and histogram gradient boosting on the pixels (of the run whose shards hold the
+          fewest), scored on a test folder written apart from the train folder (a fifth of each class)
   series  naive (the last value), seasonal naive (the value one season before), ARIMA(2,1,2) fitted on the train
           part, each forecasting the same eval steps as the model (one step ahead, from all values before it)
+Images are scored on their test split, with the weights of the best evaluation (checkpoint.weights=best); tables
+and series have no split apart from eval, so they are scored on it with their final weights: best weights would
+be picked on the very rows that score them.
 Everything is written under --work (default: a temporary folder, removed at the end), never in the repository.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -27,136 +30,24 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
+from launch.reference_data import ENTRIES, Entry  # noqa: E402
 from pipeline.files import write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_DATA = ROOT / "tests" / "data"
 FAMILIES = ("tables", "images", "series")
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One data set: how to write it as files (returns the recipe's arguments), its tuned setting."""
-
-    family: str
-    name: str
-    write: Callable[[Path], list[str]]
-    tuned: tuple[str, ...]
-    quick: bool = False  # in the --quick table (one small set per family)
-    period: int = 0  # series: steps in one season, for the seasonal naive forecast (0: none)
-
-
-# ---------------------------------------------------------------- the data sets, written as files
-
-
-def sklearn_table(loader: str, target: str, classes: bool):
-    def write(folder: Path) -> list[str]:
-        import sklearn.datasets
-
-        bunch = getattr(sklearn.datasets, loader)(as_frame=True)
-        frame = bunch.frame.rename(columns={"target": target})
-        if classes:  # class names as text, as most tables hold them
-            frame[target] = frame[target].map(dict(enumerate(bunch.target_names)))
-        path = folder / f"{loader.removeprefix('load_')}.csv"
-        frame.to_csv(path, index=False)
-        return ["recipe=tabular", f"data.file={path}", f"data.target={target}"]
-
-    return write
-
-
-def save_pngs(images, labels, names: list[str], folder: Path) -> None:
-    """uint8 grey images [N, H, W] as <folder>/<class name>/<index>.png."""
-    from PIL import Image
-
-    for name in names:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        Image.fromarray(image, mode="L").save(folder / names[label] / f"{i:05d}.png")
-
-
-def digits_images(folder: Path) -> list[str]:
-    """scikit-learn's 1,797 8x8 digits (values 0-16) as 8x8 grey PNGs."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images * (255 / 16)).round().astype("uint8")
-    save_pngs(images, digits.target, [str(d) for d in range(10)], folder / "digits")
-    return ["recipe=image_folder", f"data.train_dir={folder / 'digits'}"]
-
-
-def mnist_images(folder: Path) -> list[str]:
-    """The MNIST test set (10,000 28x28 digits) from its IDX files, read by torchvision's readers, as PNGs."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    raw = {}
-    for source in (TEST_DATA / "mnist-test").glob("*.gz"):
-        with gzip.open(source) as f:
-            (folder / source.stem).write_bytes(f.read())
-        raw[source.stem] = str(folder / source.stem)
-    images, labels = read_image_file(raw["t10k-images-idx3-ubyte"]), read_label_file(raw["t10k-labels-idx1-ubyte"])
-    save_pngs(images.numpy(), labels.numpy(), [str(d) for d in range(10)], folder / "mnist")
-    return ["recipe=image_folder", f"data.train_dir={folder / 'mnist'}"]
-
-
-def omniglot_images(folder: Path) -> list[str]:
-    """Omniglot's 5-alphabet subset (2,720 105x105 PNGs in <alphabet>/<character>/): which alphabet."""
-    with zipfile.ZipFile(TEST_DATA / "omniglot-small" / "images_background_small1.zip") as z:
-        z.extractall(folder)
-    return ["recipe=image_folder", f"data.train_dir={folder / 'images_background_small1'}"]
-
-
-def statsmodels_series(name: str, column: str, dates: Callable):
-    """A statsmodels series as `date,<column>` with real calendar dates (`dates(frame)`)."""
-
-    def write(folder: Path) -> list[str]:
-        import pandas as pd
-        import statsmodels.api as sm
-
-        frame = getattr(sm.datasets, name).load_pandas().data
-        table = pd.DataFrame({"date": dates(frame), column: frame[column].to_numpy()})
-        path = folder / f"{name}.csv"
-        table.to_csv(path, index=False, date_format="%Y-%m-%d")
-        return ["recipe=time_series", f"data.file={path}", "data.time_column=date", f"data.value_column={column}"]
-
-    return write
-
-
-def years(column: str) -> Callable:
-    import pandas as pd
-
-    return lambda frame: pd.to_datetime(frame[column].astype(int).astype(str) + "-01-01")
-
-
-def quarters(frame):
-    import pandas as pd
-
-    return pd.PeriodIndex.from_fields(year=frame["year"].astype(int), quarter=frame["quarter"].astype(int),
-                                      freq="Q").to_timestamp()
-
-
-TABLES_TUNED = ("trainer.epochs=50",)
-SERIES_TUNED = ("model.cell=gru", "trainer.epochs=30")
-ENTRIES = [
-    Entry("tables", "iris", sklearn_table("load_iris", "species", True), TABLES_TUNED, quick=True),
-    Entry("tables", "wine", sklearn_table("load_wine", "cultivar", True), TABLES_TUNED),
-    Entry("tables", "breast_cancer", sklearn_table("load_breast_cancer", "diagnosis", True), TABLES_TUNED),
-    Entry("tables", "diabetes", sklearn_table("load_diabetes", "progression", False), TABLES_TUNED),
-    Entry("images", "digits", digits_images, ("trainer.epochs=30",), quick=True),
-    Entry("images", "mnist_test", mnist_images, ("trainer.batch_size=64", "optimizer.lr=3e-3")),
-    Entry("images", "omniglot_alphabets", omniglot_images, ("data.channels=1", "data.image_size=32")),
-    Entry("series", "sunspots", statsmodels_series("sunspots", "SUNACTIVITY", years("YEAR")), SERIES_TUNED,
-          quick=True, period=11),
-    Entry("series", "nile", statsmodels_series("nile", "volume", years("year")), SERIES_TUNED),
-    Entry("series", "co2", statsmodels_series("co2", "co2", lambda frame: frame.index), SERIES_TUNED, period=52),
-    Entry("series", "macrodata_unemp", statsmodels_series("macrodata", "unemp", quarters), SERIES_TUNED, period=4),
-]
+# The one tuned setting of each family, the same on every data set; and what every run of a family gets.
+TUNED = {"tables": ("trainer.epochs=50",), "images": ("trainer.batch_size=64", "optimizer.lr=3e-3"),
+         "series": ("model.cell=gru",)}
+RUN_ARGS = {"tables": ("checkpoint.weights=final",), "images": ("checkpoint.weights=best",),
+            "series": ("checkpoint.weights=final",)}
 
 
 # ---------------------------------------------------------------- runs
@@ -182,14 +73,17 @@ def train(args: list[str], name: str, work: Path) -> dict:
             "shards": str(work / record["data"]["shards"]), "run_dir": str(run_dir)}
 
 
-def splits(shards: str) -> tuple[dict, dict, dict]:
-    """The train and eval columns of a run's shards, as numpy arrays, and the shards' meta."""
+def splits(shards: str, scored: str = "eval") -> tuple[dict, dict, dict]:
+    """The train and the `scored` split's columns of a run's shards, as numpy arrays, and the shards' meta."""
     import datasets
 
     data = datasets.load_from_disk(shards)
-    meta = json.loads((Path(shards) / "meta.json").read_text())
-    train, evaluation = (data[s].with_format("numpy")[:] for s in ("train", "eval"))
-    return train, evaluation, meta
+    train, evaluation = (data[s].with_format("numpy")[:] for s in ("train", scored))
+    return train, evaluation, shards_meta(shards)
+
+
+def shards_meta(shards: str) -> dict:
+    return json.loads((Path(shards) / "meta.json").read_text())
 
 
 def timed(fit: Callable) -> tuple[float, float]:
@@ -218,16 +112,15 @@ def table_baselines(shards: str) -> dict:
 
 
 def image_baselines(shards: str) -> dict:
+    """Fitted on the train split's pixels, scored on the test split's, as the runs are."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
 
-    train, evaluation, _ = splits(shards)
-
-    def pixels(split):
-        return split["image"].reshape(len(split["image"]), -1) / 255.0
-
-    model = LogisticRegression(max_iter=1000)
-    return {"logistic": timed(lambda: model.fit(pixels(train), train["label"]).score(pixels(evaluation),
-                                                                                      evaluation["label"]))}
+    train, test, _ = splits(shards, "test")
+    x, x_test = (split["image"].reshape(len(split["image"]), -1) / 255.0 for split in (train, test))
+    logistic, boosting = LogisticRegression(max_iter=1000), HistGradientBoostingClassifier(random_state=0)
+    return {"logistic": timed(lambda: logistic.fit(x, train["label"]).score(x_test, test["label"])),
+            "gradient boosting": timed(lambda: boosting.fit(x, train["label"]).score(x_test, test["label"]))}
 
 
 def series_baselines(shards: str, period: int) -> dict:
@@ -239,7 +132,7 @@ def series_baselines(shards: str, period: int) -> dict:
     train, evaluation, meta = splits(shards)
     if meta.get("horizon", 1) != 1:
         raise ValueError("the series baselines forecast one step ahead: a run with data.horizon=1")
-    train, evaluation = (split["value"] * meta["std"] + meta["mean"] for split in (train, evaluation))
+    train, evaluation = (split["value"].astype("float64") * meta["std"] + meta["mean"] for split in (train, evaluation))
     series = np.concatenate([train, evaluation])
     targets = np.arange(len(train) + meta["window"], len(series))
 
@@ -247,7 +140,9 @@ def series_baselines(shards: str, period: int) -> dict:
         return float(np.mean((forecast - series[targets]) ** 2))
 
     def arima():
-        fitted = ARIMA(train, order=(2, 1, 2)).fit()
+        with warnings.catch_warnings():  # statsmodels' notes on its starting values and convergence
+            warnings.simplefilter("ignore")
+            fitted = ARIMA(train, order=(2, 1, 2)).fit()
         return mse(fitted.append(evaluation, refit=False).predict(start=targets[0], end=targets[-1]))
 
     found = {"naive": timed(lambda: mse(series[targets - 1]))}
@@ -268,7 +163,7 @@ def baseline_shards(family: str, shards: list[str]) -> str | None:
     return min(shards, key=lambda s: np.prod(datasets.load_from_disk(s)["train"].features["image"].shape))
 
 
-METRICS = {"tables": ("eval/accuracy", "eval/r2"), "images": ("eval/accuracy",), "series": ("eval/mse",)}
+METRICS = {"tables": ("eval/accuracy", "eval/r2"), "images": ("test/accuracy",), "series": ("eval/mse",)}
 
 
 def measure(entry: Entry, work: Path) -> dict:
@@ -277,19 +172,21 @@ def measure(entry: Entry, work: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     print(f"reference: {entry.family}/{entry.name}: writing the data under {folder}", flush=True)
     args = entry.write(folder)
-    row = {"family": entry.family, "name": entry.name, "tuned": " ".join(entry.tuned), "runs": {}, "baselines": {}}
-    for setting, overrides in (("default", ()), ("tuned", entry.tuned)):
-        run = train([*args, *overrides], f"{entry.name}-{setting}", work)
+    row = {"family": entry.family, "name": entry.name, "runs": {}, "baselines": {}}
+    for setting, overrides in (("default", ()), ("tuned", TUNED[entry.family])):
+        run = train([*args, *RUN_ARGS[entry.family], *overrides], f"{entry.name}-{setting}", work)
         summary = run.pop("summary", {})
         key = next((k for k in METRICS[entry.family] if k in summary), None)
         row["metric"] = row.get("metric") or key
         sizes = summary.get("data", {})
         run.update(value=summary.get(key), naive_mse=summary.get("eval/naive_mse"),
-                   rows=[sizes.get(split, {}).get("rows") for split in ("train", "eval")])
+                   rows=[sizes[split]["rows"] for split in ("train", "eval", "test") if split in sizes])
         row["runs"][setting] = run
         print(f"reference: {entry.name} {setting}: {key or ''} {cell(run)}", flush=True)
     shards = baseline_shards(entry.family, [r["shards"] for r in row["runs"].values() if "shards" in r])
     if shards:
+        meta = shards_meta(shards)  # a series' grid and window, said beside its name
+        row["grid"] = f"{meta['freq']}, window {meta['window']}" if "freq" in meta else ""
         fit = {"tables": table_baselines, "images": image_baselines,
                "series": lambda s: series_baselines(s, entry.period)}[entry.family]
         row["baselines"] = {name: {"value": v, "wall_s": t} for name, (v, t) in fit(shards).items()}
@@ -316,6 +213,8 @@ def cell(result: dict) -> str:
         shown = result["error"].replace("|", "/")
         return f"failed, {shown[:90]}{'...' * (len(shown) > 90)} ({result['wall_s']:.0f} s)"
     value = result["value"]
+    if value is None:
+        return f"no score ({result['wall_s']:.0f} s)"
     shown = f"{value:.4g}" if abs(value) >= 10 else f"{value:.3f}"
     return f"{shown} ({result['wall_s']:.0f} s)" if result["wall_s"] >= 1 else f"{shown} (<1 s)"
 
@@ -327,18 +226,25 @@ def markdown(rows: list[dict], header: str) -> str:
         if not mine:
             continue
         baselines = list(dict.fromkeys(name for r in mine for name in r["baselines"]))
-        parts += ["", f"### {family}", "", "| " + " | ".join(["data set", "train/eval", "metric", "default",
-                                                                  "tuned", *baselines, "tuned setting"]) + " |",
-                  "| --- " * (6 + len(baselines)) + "|"]
+        splits_named = "train/eval/test" if family == "images" else "train/eval"
+        ratio = ["default / naive"] if family == "series" else []
+        names = ["data set", splits_named, "metric", "default", "tuned", *baselines, *ratio]
+        parts += ["", f"### {family}", "", f"tuned: `{' '.join(TUNED[family])}`; every run: "
+                  f"`{' '.join(RUN_ARGS[family])}`", "", "| " + " | ".join(names) + " |", "| --- " * len(names) + "|"]
         for r in mine:
-            rows_seen = next((run["rows"] for run in r["runs"].values() if run.get("rows", [None])[0]), None)
-            size = f"{rows_seen[0]:,}/{rows_seen[1]:,}" if rows_seen else "-"
-            found = [cell(r["baselines"][b]) if b in r["baselines"] else "-" for b in baselines]
-            metric = (r.get("metric") or "-").removeprefix("eval/")
-            columns = [r["name"], size, metric, cell(r["runs"]["default"]), cell(r["runs"]["tuned"]), *found,
-                       f"`{r['tuned']}`"]
-            parts.append("| " + " | ".join(columns) + " |")
+            parts.append("| " + " | ".join(table_row(r, baselines, ratio)) + " |")
     return "\n".join(parts) + "\n"
+
+
+def table_row(r: dict, baselines: list[str], ratio: list[str]) -> list[str]:
+    rows_seen = next((run["rows"] for run in r["runs"].values() if run.get("rows")), None)
+    name = f"{r['name']} ({r['grid']})" if r.get("grid") else r["name"]
+    found = [cell(r["baselines"][b]) if b in r["baselines"] else "-" for b in baselines]
+    default, naive = r["runs"]["default"].get("value"), r["baselines"].get("naive", {}).get("value")
+    shown = [f"{default / naive:.2f}" if default is not None and naive else "-" for _ in ratio]
+    return [name, "/".join(f"{n:,}" for n in rows_seen) if rows_seen else "-",
+            (r.get("metric") or "-").split("/")[-1], cell(r["runs"]["default"]), cell(r["runs"]["tuned"]), *found,
+            *shown]
 
 
 def commit() -> str:
@@ -354,7 +260,8 @@ def header(sha: str, started: float, quick: bool, partial: bool = False) -> str:
     return (f"Measured at commit {sha}, {time.strftime('%Y-%m-%d', time.gmtime(started))}"
             f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all"
             f"{' so far (still running)' if partial else ''}, load average {os.getloadavg()[0]:.1f} on "
-            f"{os.cpu_count()} cores when written. Each cell: the eval metric (wall time of the run or fit).")
+            f"{os.cpu_count()} cores when written. Each cell: the score (images: on the test split; tables, series: on "
+            f"the eval split) and the wall time of the run or fit.")
 
 
 def parse_args():
