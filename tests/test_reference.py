@@ -7,7 +7,7 @@ import sys
 
 import datasets
 import pytest
-from conftest import ROOT, environment, ok
+from conftest import ROOT, cli, environment, ok
 
 SCRIPT = str(ROOT / "launch" / "reference.py")
 
@@ -41,3 +41,29 @@ def test_work_inside_the_repository_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "inside the repository" in result.stderr and "Fix: --work /tmp/reference" in result.stderr
     assert not inside.exists()
+
+
+@pytest.mark.slow
+def test_image_set_scored_on_a_test_folder_apart(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from launch.reference import image_baselines
+    from launch.reference_data import digits_images
+
+    (tmp_path / "digits").mkdir()
+    args = digits_images(tmp_path / "digits")
+    # A fifth of each class in the test folder, the rest in train; every image once, none in both.
+    files = {split: sorted((tmp_path / "digits" / split).rglob("*.png")) for split in ("train", "test")}
+    per_class = {split: {c: sum(f.parent.name == c for f in found) for c in map(str, range(10))}
+                 for split, found in files.items()}
+    assert len(files["train"]) + len(files["test"]) == 1797 and len(files["test"]) == 360
+    assert all(abs(per_class["test"][c] - 0.2 * (per_class["train"][c] + per_class["test"][c])) <= 1
+               for c in per_class["test"])
+    assert not {f.name for f in files["train"]} & {f.name for f in files["test"]}
+    ok(cli([*args, f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, script="prepare"))
+    (shards,) = (tmp_path / "cache" / "image_folder").iterdir()
+    data = datasets.load_from_disk(str(shards))
+    assert data["test"].num_rows == 360 and data["train"].num_rows + data["eval"].num_rows == 1437
+    # The baselines fit the train split and score the test split (360 images): far above chance (0.1).
+    found = image_baselines(str(shards))
+    assert set(found) == {"logistic", "gradient boosting"}
+    assert all(0.9 <= value <= 1 for value, _ in found.values()), found
