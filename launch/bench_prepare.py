@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -70,24 +69,46 @@ def launched(processes: int, script_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script, *script_args]
 
 
-def timed(command: list[str]) -> tuple[str, float]:
-    """Runs `command`; returns its output and the highest RSS of any one of its processes."""
+def timed(command: list[str]) -> tuple[str, tuple[int, int]]:
+    """Runs `command`; returns its output and the memory of the one of its processes that took the most:
+    (max RSS, peak private). Max RSS is the kernel's high-water mark (VmHWM, what ru_maxrss and a cluster's
+    memory limit count): private memory and the pages of files mapped (libraries, shards read memory-mapped).
+    Private is Private_Clean + Private_Dirty of smaps_rollup, sampled every 50 ms."""
     import psutil
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peak = 0
+    peaks: dict[int, tuple[int, int]] = {}
     while proc.poll() is None:
         try:
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            peak = max([peak, *(p.memory_info().rss for p in family)])
+            family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
         except psutil.Error:
-            pass
+            family = []
+        for pid in family:
+            high, private = peaks.get(pid, (0, 0))
+            try:
+                now = memory(pid)
+            except OSError:  # the process ended
+                continue
+            peaks[pid] = (max(high, now[0]), max(private, now[1]))
         time.sleep(0.05)
     output = proc.stdout.read()
     if proc.returncode:
         sys.exit(f"prepare failed (exit {proc.returncode}):\n{output}")
-    return output, peak
+    return output, (max((h for h, _ in peaks.values()), default=0), max((p for _, p in peaks.values()), default=0))
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(VmHWM, Private_Clean + Private_Dirty) of process `pid`, in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    kb = {line.split(":")[0]: int(line.split()[1]) for text in (status, rollup) for line in text.splitlines()
+          if line.split(":")[0] in ("VmHWM", "Private_Clean", "Private_Dirty")}
+    return kb["VmHWM"] * 1024, (kb["Private_Clean"] + kb["Private_Dirty"]) * 1024
+
+
+def gib(peak: tuple[int, int]) -> str:
+    return f"max RSS {peak[0] / 2**30:.2f} GiB, peak private {peak[1] / 2**30:.2f} GiB"
 
 
 def bench_images(args, keys: list[str]) -> None:
@@ -110,8 +131,8 @@ def bench_images(args, keys: list[str]) -> None:
         rows, seconds = int(own[1].replace(",", "")), float(own[2])
         rates[processes] = rows / seconds
         print(f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
-              f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; peak RSS of one "
-              f"process {peak / 2**30:.2f} GiB")
+              f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; one process's "
+              f"{gib(peak)}")
     first = args.processes[0]
     for processes in args.processes[1:]:
         print(f"{processes} vs {first} process(es): {rates[first] / rates[processes]:.2f}x the time")
@@ -149,18 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     command = [sys.executable, str(ROOT / "launch" / "prepare.py"), "recipe=tabular", f"data.file={path}",
                "data.target=label", f"data.cache_dir={args.folder / 'cache'}", *keys, "--rebuild"]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    output, peak = timed(command)
     seconds = time.perf_counter() - started
-    if result.returncode:
-        sys.exit(f"prepare failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kilobytes on Linux
     # The preparation's own time, as launch/prepare.py prints it: the process's also holds Python's start.
-    own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s", result.stdout)
+    own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s", output)
     rows, prepare_s = int(own[1].replace(",", "")), float(own[2])
     size = path.stat().st_size
     print(f"prepared {rows:,} rows ({size / 1e6:,.0f} MB of CSV) in {prepare_s:.1f} s: {rows / prepare_s:,.0f} "
-          f"rows/s, {size / 1e6 / prepare_s:,.1f} MB/s; the process took {seconds:.1f} s with its start, peak RSS "
-          f"{peak / 2**30:.2f} GiB")
+          f"rows/s, {size / 1e6 / prepare_s:,.1f} MB/s; the process took {seconds:.1f} s with its start, {gib(peak)}")
 
 
 if __name__ == "__main__":

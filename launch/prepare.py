@@ -36,9 +36,9 @@ def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
         hashing = time.perf_counter() - started
         print(f"verified: every shard file matches its recorded sha256 ({size / 2**20:,.1f} MiB in {hashing:.2f} s, "
               f"{size / 2**20 / max(hashing, 1e-9):,.0f} MiB/s)")
-    splits, _ = shard_store.open_shards(out)
-    print(f"shards ready: {out} ({', '.join(f'{k} {len(v):,}' for k, v in splits.items())})")
-    print(rate(sum(len(v) for v in splits.values()), shard_store.check_shards(out), None if reused else seconds))
+    rows = shard_store.split_rows(out)
+    print(f"shards ready: {out} ({', '.join(f'{k} {n:,}' for k, n in rows.items())})")
+    print(rate(sum(rows.values()), shard_store.check_shards(out), None if reused else seconds))
 
 
 def together():

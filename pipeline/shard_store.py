@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import torch.distributed as dist
 from omegaconf import DictConfig
 
@@ -337,6 +338,21 @@ def damaged(out: Path, path: Path, why: str) -> DataError:
         f"damaged shard file {path}: {why}.\nThese shards were not used. They are a cache built from the raw "
         f"files, so nothing is lost by rebuilding them.\nFix: rm -r '{out}' and run the same command again "
         f"(or add --rebuild to the same `python launch/prepare.py ...` command).")
+
+
+def split_rows(out: Path) -> dict[str, int]:
+    """Each split's rows in `out` (its sizes checked first), counted one shard file at a time: reading a file's
+    record batches maps its pages into this process until it is closed, so opening every file at once (as
+    `open_shards` does) would count the whole set as this process's memory."""
+    check_shards(out)
+    rows = {}
+    for name in json.loads((out / datasets.config.DATASETDICT_JSON_FILENAME).read_text())["splits"]:
+        state = json.loads((out / name / datasets.config.DATASET_STATE_JSON_FILENAME).read_text())
+        rows[name] = 0
+        for file in state["_data_files"]:
+            with pa.memory_map(str(out / name / file["filename"])) as source:
+                rows[name] += pa.ipc.open_stream(source).read_all().num_rows
+    return rows
 
 
 def open_shards(out: Path) -> tuple[dict[str, datasets.Dataset], dict]:

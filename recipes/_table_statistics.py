@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import DataError
-from recipes._table_stream import MappedRows, batches, numbers_of
+from recipes._table_stream import RowsFile, batches, numbers_of
 from recipes._tables import stored_statistics
 
 MAX_CATEGORIES = 256  # one-hot inputs a text column may add: more is an identifier or free text, not a category
@@ -135,15 +135,15 @@ def split_columns(table, numbers: list[str], texts: list[str]) -> dict:
             **{name: table[name].to_numpy() for name in texts}}
 
 
-def features_file(checked: Path, rows: int, columns: tuple[list[str], list[str]], stats: dict, out: Path):
+def features_file(checked: Path, columns: tuple[list[str], list[str]], stats: dict, out: Path) -> RowsFile:
     """Every row's features (`columns`: the number and text columns), preprocessed batch by batch into the float32
     file `out`."""
     numbers, texts = columns
     x = None
-    for start, batch in batches(checked):
+    for _, batch in batches(checked):
         part = preprocess({"numbers": numbers_of(batch, numbers), **{name: batch.column(name) for name in texts}},
                           stats)["features"]
         if x is None:
-            x = MappedRows(out, rows, part.shape[1])
-        x.write(start, part)
+            x = RowsFile(out, part.shape[1])
+        x.append(part)
     return x

@@ -3,8 +3,9 @@ message names its exact line), kept in a temporary Arrow file, and its train sta
 
 from __future__ import annotations
 
+import functools
 import itertools
-import mmap
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,11 @@ from recipes._tables import KEPT_LINES, SHOWN, bad_rows_message, require_rows
 # ahead, so the block size bounds that memory.
 BLOCK_BYTES = 4 << 20
 CHECKED_ROWS = 65536  # rows checked cell by cell at a time, where a file needs the checks' verdicts
+# A split's rows are gathered from the preprocessed rows' file GATHER_BYTES at a time (in memory while they are
+# written), reading that file READ_BYTES at a time: each gather reads the file once, so these bound both the
+# memory and the number of reads of the file (its size / GATHER_BYTES).
+GATHER_BYTES = 64 << 20
+READ_BYTES = 16 << 20
 
 
 class Unclean(Exception):
@@ -202,40 +208,59 @@ def distinct(arrow_file: Path, name: str) -> tuple[np.ndarray, int]:
     return np.unique(values), rows
 
 
-class MappedRows:
-    """float32 rows [rows, width] in a file, mapped. Each write or take gives the mapped pages back afterwards
-    (MADV_DONTNEED; the page cache keeps them), so the file never counts as this process's memory."""
+class RowsFile:
+    """float32 rows [rows, width] in a file: appended in order, gathered in any order by plain reads of the file,
+    READ_BYTES at a time. Never mapped: a mapped read of scattered rows maps whole (large) folios of the file,
+    so a gather of a few thousand rows would count most of the file as this process's memory."""
 
-    def __init__(self, path: Path, rows: int, width: int):
-        with open(path, "w+b") as f:
-            f.truncate(max(1, rows * width * 4))
-            self._map = mmap.mmap(f.fileno(), max(1, rows * width * 4))
-        self.shape = (rows, width)
+    def __init__(self, path: Path, width: int):
+        self._file = open(path, "w+b")  # noqa: SIM115 (open as long as the rows are needed)
+        self.width, self.rows = width, 0
+        self.row_bytes = max(1, 4 * width)
 
-    def _rows(self) -> np.ndarray:
-        return np.frombuffer(self._map, np.float32, count=self.shape[0] * self.shape[1]).reshape(self.shape)
+    def append(self, part: np.ndarray) -> None:
+        np.ascontiguousarray(part, np.float32).tofile(self._file)
+        self.rows += len(part)
 
-    def write(self, start: int, part: np.ndarray) -> None:
-        self._rows()[start:start + len(part)] = part
-        self._map.madvise(mmap.MADV_DONTNEED)
-
-    def take(self, at: np.ndarray) -> np.ndarray:
-        out = self._rows()[at]
-        self._map.madvise(mmap.MADV_DONTNEED)
+    def gather(self, at: np.ndarray) -> np.ndarray:
+        """The rows `at` (in that order): the file read in ranges of READ_BYTES from the first row wanted to the
+        last, each range's rows copied out of it."""
+        self._file.flush()
+        out = np.empty((len(at), self.width), np.float32)
+        order = np.argsort(at, kind="stable")
+        wanted = at[order]
+        step = max(1, READ_BYTES // self.row_bytes)
+        block = np.empty((step, self.width), np.float32)
+        start = 0
+        while start < len(wanted):
+            first = int(wanted[start])
+            stop = int(np.searchsorted(wanted, first + step))
+            rows = int(wanted[stop - 1]) - first + 1
+            read = os.preadv(self._file.fileno(), [block[:rows]], first * 4 * self.width)
+            if read != block[:rows].nbytes:
+                raise OSError(f"{self._file.name}: read {read} of {block[:rows].nbytes} bytes at row {first}")
+            out[order[start:stop]] = block[wanted[start:stop] - first]
+            start = stop
         return out
 
 
-def write_split(features: MappedRows, labels: np.ndarray, indices: np.ndarray, kinds, where: tuple[Path, int]):
+def write_split(features: RowsFile, labels: np.ndarray, indices: np.ndarray, kinds, where: tuple[Path, int]):
     """The rows `indices` of `features` and `labels`, with the features `kinds`, written as a split's shard files
-    (`where`: the folder to make theirs in, and data.num_shards) a writer batch of rows at a time: the build
-    moves them into place, never reading them back."""
+    (`where`: the folder to make theirs in, and data.num_shards) a writer batch of rows at a time, from gathers
+    of GATHER_BYTES of rows: the build moves the files into place, never reading them back."""
     from pipeline.decoded_shards import write_rows
 
+    chunk = max(1, GATHER_BYTES // features.row_bytes)
+
+    @functools.lru_cache(maxsize=1)
+    def gathered(k: int) -> np.ndarray:
+        return features.gather(indices[k * chunk:(k + 1) * chunk])
+
     def take(start: int, stop: int) -> pa.Table:
-        at = indices[start:stop]
-        x = features.take(at)
+        x = np.concatenate([gathered(k)[max(start - k * chunk, 0):stop - k * chunk]
+                            for k in range(start // chunk, (stop - 1) // chunk + 1)])
         column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-        return pa.table({"features": column, "label": pa.array(labels[at])})
+        return pa.table({"features": column, "label": pa.array(labels[indices[start:stop]])})
 
     scratch, num_shards = where
     return write_rows(Path(tempfile.mkdtemp(prefix="tabular-split-", dir=scratch)), kinds, len(indices), num_shards,

@@ -246,8 +246,8 @@ def prepare(cfg, spec: Spec = Spec()):
         if task == "regression":
             y = target_scale(cfg, path, target, checked, train, stats)
         meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
-        x = features_file(checked, rows, (numbers, categorical), stats, Path(work) / "features.f32")
-        kinds = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=x.shape[1]),
+        x = features_file(checked, (numbers, categorical), stats, Path(work) / "features.f32")
+        kinds = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=x.width),
                                    "label": target_feature})
         splits = {name: stream.write_split(x, y, at, kinds, (scratch, cfg.data.num_shards))
                   for name, at in parts.items()}

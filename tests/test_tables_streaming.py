@@ -22,9 +22,12 @@ WATER = Path(__file__).parent / "data" / "water-potability"
 
 @pytest.fixture
 def tiny_batches(monkeypatch):
-    """Batches of a few hundred bytes (a dozen rows) read by Arrow, 50 rows at a time checked cell by cell."""
+    """Batches of a few hundred bytes (a dozen rows) read by Arrow, 50 rows at a time checked cell by cell, and
+    splits gathered a few dozen rows at a time from reads of a few rows."""
     monkeypatch.setattr(_table_stream, "BLOCK_BYTES", 700)
     monkeypatch.setattr(_table_stream, "CHECKED_ROWS", 50)
+    monkeypatch.setattr(_table_stream, "GATHER_BYTES", 1500)
+    monkeypatch.setattr(_table_stream, "READ_BYTES", 300)
 
 
 def tables(folder: Path) -> dict:
@@ -114,9 +117,12 @@ def test_bad_cells_are_named_by_their_lines_across_batches(workdir, tiny_batches
         whole.value) and "line 402 column 1 (area) 'inf'" in str(whole.value)
 
 
-def test_shards_written_batch_by_batch_are_the_bytes_save_to_disk_writes(workdir):
+def test_shards_written_batch_by_batch_are_the_bytes_save_to_disk_writes(workdir, monkeypatch):
     """The recipe writes its splits' shard files itself (decoded_shards.write_rows), several writer batches and
-    uneven shards each: byte for byte the files datasets' save_to_disk writes of the same rows."""
+    uneven shards each, from gathers of 777 rows (5 features) across the writer batches: byte for byte the files
+    datasets' save_to_disk writes of the same rows."""
+    monkeypatch.setattr(_table_stream, "GATHER_BYTES", 777 * 5 * 4)
+    monkeypatch.setattr(_table_stream, "READ_BYTES", 5000 * 5 * 4)
     rng = np.random.default_rng(0)
     rows = 30_001
     table = pd.DataFrame({"a": rng.normal(size=rows), "b": rng.normal(size=rows) * 100,
