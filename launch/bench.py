@@ -36,14 +36,14 @@ from pipeline import cli as pipeline_cli  # noqa: E402
 from pipeline import optim  # noqa: E402
 from pipeline.errors import ConfigError
 
-torch = recipe_registry = DataError = WARMUP_STEPS = None  # imported once the arguments are read: --help needs no torch
+torch = pipeline_recipe = DataError = WARMUP_STEPS = None  # imported once the arguments are read: --help needs no torch
 
 
 def import_libraries() -> None:
-    global torch, recipe_registry, DataError, WARMUP_STEPS
+    global torch, pipeline_recipe, DataError, WARMUP_STEPS
     import torch
 
-    from pipeline import recipe as recipe_registry
+    from pipeline import recipe as pipeline_recipe
     from pipeline.errors import DataError
     from pipeline.report import WARMUP_STEPS
 
@@ -179,7 +179,7 @@ def bare(recipe, cfg, meta, cols, args, per_batch: bool = False) -> float:
     if not per_batch:
         batch = recipe.transform(batch, False, meta)  # normalize once, outside the timed loop
     model, forward, opt = make_model(recipe, cfg, meta, device, args)
-    loss_fn, inputs = recipe_registry.loss_fn(recipe, cfg), recipe_registry.model_inputs(recipe, cfg)
+    loss_fn, inputs = pipeline_recipe.loss_fn(recipe, cfg), pipeline_recipe.model_inputs(recipe, cfg)
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     bs, n = cfg.trainer.batch_size, len(batch["label"])
     order = torch.randperm(n, device=device)
@@ -220,7 +220,7 @@ def tutorial(recipe, cfg, args) -> float:
     ds = cls(str(root), train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), *norm]))
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True)
     model, forward, opt = make_model(recipe, cfg, {}, device, args)
-    loss_fn = recipe_registry.loss_fn(recipe, cfg)
+    loss_fn = pipeline_recipe.loss_fn(recipe, cfg)
     scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
     it = iter(loader)
 

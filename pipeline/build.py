@@ -14,7 +14,6 @@ from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_see
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import batching, checkpoint, hooks, optim, patches, report, rng, runinfo, tracking
-from pipeline import recipe as recipe_registry
 from pipeline.batch_sizes import check_batches, fit_batch
 from pipeline.config import as_dict, flag, to_yaml
 from pipeline.files import write_json
@@ -22,6 +21,8 @@ from pipeline.guards import check_writable
 from pipeline.memory_budget import check_in_memory
 from pipeline.patches import Accelerator
 from pipeline.processes import check_sync_batchnorm, fewer_processes_than_asked, start_processes
+from pipeline.recipe import Recipe, activation, loss_fn, model_inputs
+from pipeline.recipe_contract import check_batch
 from pipeline.run_data import batches_move, load_data, make_loaders, say_data
 from pipeline.run_folder import RunFolder, make_run_dir
 from pipeline.together import all_or_none, shared_verdict
@@ -33,7 +34,7 @@ class Evaluation:
     and metrics. A training `Run` is one; `runs` builds one for a finished run."""
 
     accelerator: Accelerator
-    recipe: recipe_registry.Recipe
+    recipe: Recipe
     meta: dict
     model: torch.nn.Module
     eval_loaders: dict
@@ -63,7 +64,7 @@ class Run(Evaluation):
     record: dict | None = None  # run.json's contents (runinfo.start), kept up to date by the main process
 
 
-def setup(cfg, recipe: recipe_registry.Recipe, folder: RunFolder | None = None) -> Run:
+def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> Run:
     """Checks, shards, the run directory (made and locked in `folder`), the Accelerator, loaders, model,
     optimizer and schedule, in the order that lets a mistake stop the run before it leaves anything behind."""
     folder = folder if folder is not None else RunFolder()
@@ -90,10 +91,10 @@ def setup(cfg, recipe: recipe_registry.Recipe, folder: RunFolder | None = None) 
 
     train_loader, eval_loaders, on_device, splits_read = make_loaders(cfg, recipe, splits, meta, accelerator)
     batch_order = train_loader.batch_sampler  # Accelerate wraps the loader below; the loop sets its epoch
-    inputs = recipe_registry.model_inputs(recipe, cfg)
+    inputs = model_inputs(recipe, cfg)
     # The columns the model and loss read, checked on one batch as the recipe's dataset and transform make
     # it, so a mistake is a message now and not a KeyError at the first step.
-    recipe_registry.check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
+    check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
     model, layer_stats = make_model(cfg, recipe, meta, sync_batchnorm)
     optimizer, scheduler, steps_per_epoch = make_optimizer(cfg, model, len(train_loader))
     model, optimizer, train_loader, prepared = prepare_all(accelerator, on_device, (model, optimizer, scheduler),
@@ -105,7 +106,7 @@ def setup(cfg, recipe: recipe_registry.Recipe, folder: RunFolder | None = None) 
     say_data(accelerator.print, splits_read, steps_per_epoch, eval_loaders)
     return Run(accelerator=accelerator, recipe=recipe, meta=meta, model=model, eval_loaders=prepared,
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
-               loss_fn=recipe_registry.loss_fn(recipe, cfg), inputs=inputs,
+               loss_fn=loss_fn(recipe, cfg), inputs=inputs,
                cfg=cfg, trainer=OmegaConf.to_object(cfg.trainer), run_dir=run_dir, optimizer=optimizer,
                scheduler=scheduler, train_loader=train_loader, batch_order=batch_order, steps_per_epoch=steps_per_epoch,
                layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
@@ -131,7 +132,7 @@ def prepare_all(accelerator, on_device: bool, training: tuple, train_loader, eva
     return model, optimizer, train_loader, dict(zip(eval_loaders, prepared))
 
 
-def check_before_work(cfg, recipe: recipe_registry.Recipe, state: PartialState) -> str | None:
+def check_before_work(cfg, recipe: Recipe, state: PartialState) -> str | None:
     """What can stop the run before any data is prepared; returns the W&B mode (tracking.check)."""
     patches.apply(state.print)  # before the Accelerator exists: it reads which patches are on when it is built
     # Before any work (not after the data was prepared), on every process: each one writes there.
@@ -186,10 +187,10 @@ def start_run_dir(cfg, accelerator, run_dir: Path, compiled: bool, micro_batch: 
         accelerator.print(warning)
 
 
-def make_model(cfg, recipe: recipe_registry.Recipe, meta: dict, sync_batchnorm: bool):
+def make_model(cfg, recipe: Recipe, meta: dict, sync_batchnorm: bool):
     """The recipe's model with its initial weights; returns it and its debug hooks (None when off)."""
     model = recipe.model(cfg, meta)
-    optim.init_weights(model, cfg.model.init, recipe_registry.activation(recipe, cfg))
+    optim.init_weights(model, cfg.model.init, activation(recipe, cfg))
     if sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, hooks.LayerStats(model) if cfg.debug.hooks else None  # no hooks at all when off

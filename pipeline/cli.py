@@ -71,10 +71,10 @@ def read(argv: list[str]):
 def parse(argv: list[str]):
     """`[--config FILE] key=value ...` -> (recipe, checked config)."""
     dotlist, preset = read(argv)
-    from pipeline import recipe as recipe_registry
+    from pipeline.recipe_contract import load_recipe
 
     try:
-        recipe = recipe_registry.load(overrides.recipe_name(dotlist, preset))
+        recipe = load_recipe(overrides.recipe_name(dotlist, preset))
     except config.ConfigError as e:
         if preset is None or config.given(dotlist, "recipe") is not None:
             raise

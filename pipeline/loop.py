@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, console, files, plots, report, rng, runinfo, tracking
-from pipeline import recipe as recipe_registry
 from pipeline.best import Best
 from pipeline.build import Evaluation, Run, setup
 from pipeline.errors import Preempted
 from pipeline.guards import check_finite, check_weights, disk_full_guard
+from pipeline.recipe import Recipe
+from pipeline.recipe_contract import load_recipe
 from pipeline.run_folder import RunFolder
 from pipeline.together import all_or_none
 
@@ -63,13 +64,13 @@ class LoopState:
         self.progress.close()
 
 
-def train(cfg, recipe: recipe_registry.Recipe | None = None) -> dict:
+def train(cfg, recipe: Recipe | None = None) -> dict:
     """Trains and evaluates a recipe (`cfg.recipe` unless given); returns the summary also written to
     `<run>/summary.json`."""
     started = time.perf_counter()
     folder = RunFolder()  # setup makes and locks it; a start that fails gives it up again
     try:
-        run = setup(cfg, recipe or recipe_registry.load(cfg.recipe), folder)
+        run = setup(cfg, recipe or load_recipe(cfg.recipe), folder)
     except BaseException:
         folder.abandon()
         raise

@@ -44,7 +44,7 @@ def unknown_recipe(name: str) -> str:
             f"PYTHONPATH or the current folder).")
 
 
-def check_recipe(dotlist: list[str], preset: Preset | None) -> None:
+def check_recipe_exists(dotlist: list[str], preset: Preset | None) -> None:
     """A recipe of this repo's that does not exist is named before any recipe module (and torch) is imported."""
     name = recipe_name(dotlist, preset)
     if "." in name:
@@ -157,7 +157,7 @@ def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
         _check_values(cfg)
     except ConfigError as e:
         raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
-    check_recipe(dotlist, preset)
+    check_recipe_exists(dotlist, preset)
     check_recipe_keys([item.partition("=")[0] for item in dotlist if item not in outside],
                       recipe_name(dotlist, preset))
 

@@ -21,8 +21,8 @@ import torch
 from accelerate import PartialState
 
 from pipeline import config, files, overrides, runs
-from pipeline import recipe as recipe_registry
 from pipeline.errors import ConfigError, DataError
+from pipeline.recipe import Recipe, model_inputs
 
 SHOWN_ROWS = 5  # rows of the predictions shown on the console
 
@@ -37,7 +37,7 @@ class Request:
     weights: str = "final"
 
 
-def parse_argv(argv: list[str]) -> tuple[recipe_registry.Recipe, object, Request]:
+def parse_argv(argv: list[str]) -> tuple[Recipe, object, Request]:
     """`run=DIR input=PATH [output=FILE.csv] [weights=final|best|FILE] [data.KEY=VALUE ...]` -> recipe, config,
     request."""
     dotlist = overrides.split_argv(argv)
@@ -66,7 +66,7 @@ def parse_argv(argv: list[str]) -> tuple[recipe_registry.Recipe, object, Request
     return recipe, cfg, Request(run_dir, source, output, weights)
 
 
-def predict(recipe: recipe_registry.Recipe, cfg, request: Request) -> Path:
+def predict(recipe: Recipe, cfg, request: Request) -> Path:
     """Reads the inputs, runs the model on them in batches of trainer.eval_batch_size, writes the CSV."""
     started = time.perf_counter()
     state = PartialState(cpu=not torch.accelerator.is_available())
@@ -139,7 +139,7 @@ def check_rows(recipe, ids: dict, columns: dict, source: Path) -> int:
 
 def run_model(recipe, cfg, model: torch.nn.Module, meta: dict, columns: dict, device) -> torch.Tensor:
     """The model's outputs for all rows, a batch at a time, after the recipe's evaluation `transform`."""
-    inputs = recipe_registry.model_inputs(recipe, cfg)
+    inputs = model_inputs(recipe, cfg)
     batch_size, rows = cfg.trainer.eval_batch_size, len(next(iter(columns.values())))
     outputs = []
     with torch.inference_mode():

@@ -7,22 +7,22 @@ import torch
 from accelerate import PartialState
 
 from pipeline import batching, console, runinfo, shard_store
-from pipeline import recipe as recipe_registry
 from pipeline.config import Switch
 from pipeline.errors import ConfigError
 from pipeline.memory_budget import choose_paths
 from pipeline.processes import all_agree, processes_on_node
+from pipeline.recipe import Recipe, with_transform_keys
 from pipeline.streaming import stream
 from pipeline.tensor_rows import Rows, columns, nbytes
 
 
-def load_data(cfg, recipe: recipe_registry.Recipe, state: PartialState) -> tuple[dict, dict, dict | None]:
+def load_data(cfg, recipe: Recipe, state: PartialState) -> tuple[dict, dict, dict | None]:
     """The recipe's shards (prepared once, the other processes waiting), their splits and meta, and their
     identity for run.json and checkpoints (on the main process)."""
     shards = shard_store.prepare(recipe, cfg, state, log=state.print)
     identity = runinfo.data_identity(recipe, cfg, shards) if state.is_main_process else None
     splits, meta = shard_store.open_shards(shards)
-    meta = recipe_registry.with_transform_keys(recipe, cfg, meta)  # e.g. data.augment: not in the shards
+    meta = with_transform_keys(recipe, cfg, meta)  # e.g. data.augment: not in the shards
     return splits, meta, identity
 
 

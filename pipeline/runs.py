@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from pipeline import build, config, files, fingerprints, loop, patches, report, run_data, runinfo, shard_store
-from pipeline import recipe as recipe_registry
 from pipeline.batch_sizes import check_eval_batch
 from pipeline.errors import ConfigError, DataError
 from pipeline.overrides import split_argv
 from pipeline.processes import start_processes
+from pipeline.recipe import Recipe, loss_fn, model_inputs
+from pipeline.recipe_contract import load_recipe
 from pipeline.shard_store import META_FILE
 from pipeline.together import all_or_none
 
@@ -46,7 +47,7 @@ class Request:
     reported: str = "final"  # the weights the run's summary reports (see `reported_weights`)
 
 
-def parse_argv(argv: list[str]) -> tuple[recipe_registry.Recipe, object, Request]:
+def parse_argv(argv: list[str]) -> tuple[Recipe, object, Request]:
     """`run=DIR [split=eval|test] [weights=final|best|FILE] [data.KEY=VALUE ...]` -> the run's recipe, its config
     with the overrides applied, and the request (for `cli.main`)."""
     dotlist = split_argv(argv)
@@ -78,7 +79,7 @@ def reported_weights(run_dir: Path) -> str:
     return reported if reported in WEIGHTS else "final"
 
 
-def load_run(run_dir, overrides=()) -> tuple[recipe_registry.Recipe, object, dict]:
+def load_run(run_dir, overrides=()) -> tuple[Recipe, object, dict]:
     """The recipe, config (through the typed schema, `overrides` on top) and meta of a finished run."""
     run_dir = Path(run_dir)
     check_finished(run_dir)
@@ -93,7 +94,7 @@ def load_run(run_dir, overrides=()) -> tuple[recipe_registry.Recipe, object, dic
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise damaged(run_dir, "config.yaml", e) from None
     meta = read_meta(run_dir)
-    recipe = recipe_registry.load(saved.get("recipe") or config.Config.recipe)
+    recipe = load_recipe(saved.get("recipe") or config.Config.recipe)
     cfg = config.restore(saved, recipe, list(overrides), f"{run_dir / 'config.yaml'}")
     return recipe, cfg, meta
 
@@ -146,7 +147,7 @@ def weights_file(run_dir: Path, weights: str = "final") -> Path:
     return path
 
 
-def load_model(run_dir, recipe: recipe_registry.Recipe, cfg, meta: dict, weights: str = "final",
+def load_model(run_dir, recipe: Recipe, cfg, meta: dict, weights: str = "final",
                say=print) -> torch.nn.Module:
     """The recipe's model for this config and meta, with the run's weights loaded strictly (on the CPU)."""
     path = weights_file(Path(run_dir), weights)
@@ -252,8 +253,8 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     run = build.Evaluation(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
                            eval_loaders={request.split: loader},
                            metrics=build.make_metrics(recipe, cfg, meta, accelerator.device),
-                           loss_fn=recipe_registry.loss_fn(recipe, cfg),
-                           inputs=recipe_registry.model_inputs(recipe, cfg))
+                           loss_fn=loss_fn(recipe, cfg),
+                           inputs=model_inputs(recipe, cfg))
     results = loop.evaluate(run, request.split)
     record = {"run_dir": str(request.run_dir), "recipe": recipe.name, "split": request.split,
               "weights": WEIGHTS.get(request.weights, request.weights), "data": changed_data(request.overrides),

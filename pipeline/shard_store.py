@@ -24,9 +24,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from pipeline import decoded_shards, files
-from pipeline import recipe as recipe_registry
 from pipeline.errors import ConfigError, DataError, DiskFull
 from pipeline.fingerprints import fingerprint, fingerprinted_stats
+from pipeline.recipe_contract import check_prepared
 
 META_FILE = "meta.json"
 CHECKSUM_FILE = "checksums.json"  # {file: {size, sha256}} of every shard file, written with the shards
@@ -72,7 +72,7 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share
     log(f"data: preparing {recipe.name} from {_source(recipe, cfg)} -> {out}")
     with files.scratch(out):  # where the recipe's datasets.map writes what it decodes
         # The recipe's return value checked (and meta made JSON-able) before anything is written.
-        splits, meta = recipe_registry.check_prepared(recipe, recipe.prepare(cfg), cfg)
+        splits, meta = check_prepared(recipe, recipe.prepare(cfg), cfg)
         _save(splits, meta, out, Saving(cfg.data.num_shards, cfg.data.num_proc, share), log)
     log(f"data: wrote {', '.join(f'{k} {len(v):,}' for k, v in splits.items())} rows to {out}")
     return out

@@ -19,7 +19,7 @@ class Stream(torch.utils.data.Dataset):
     """A prepared split read from its memory-mapped Arrow files: `stream[indices]` copies just those rows.
 
     No process holds the split: the files' pages live in the OS page cache, which the processes of a node
-    share. Every prepared column is fixed-width (see `recipe.check_prepared`), so within a file a row's
+    share. Every prepared column is fixed-width (see `recipe_contract.check_prepared`), so within a file a row's
     bytes sit at a fixed address: `starts[column][row]`. One `index_select` over a strided byte view of the
     mapped address range then copies a whole batch in one call. (pyarrow's `take` on a multi-chunk column
     concatenates the whole column first: 19 ms for 64 rows of 64x64x3 images, against 23 us this way.)

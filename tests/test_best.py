@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from test_checkpoint import kill_after_checkpoint
 
 from pipeline import checkpoint, config
-from pipeline import recipe as recipe_registry
 from pipeline.best import Best
 from pipeline.errors import ConfigError
+from pipeline.recipe_contract import load_recipe
 
 # watching it with mode=max makes epoch 1 the best and every later epoch "no better": the best weights are
 # not the final ones, and patience 2 stops the run after epoch 3 of 5.
@@ -66,7 +66,7 @@ def test_early_stopping_keeps_the_best_epoch_on_1_and_2_processes(workdir, cache
         assert best.keys() == final.keys()
         assert not all(best[k].equal(final[k]) for k in best)  # epoch 1's weights, not epoch 3's
         # Plain module keys: they load into the recipe's own model as it is built.
-        digits = recipe_registry.load("digits")
+        digits = load_recipe("digits")
         digits.model(config.build([], digits), {}).load_state_dict(best, strict=True)
 
         record = read(run_dir / "run.json")
@@ -184,7 +184,7 @@ def test_run_record_on_failures(workdir, cache):
 
 
 def test_early_stopping_and_monitor_values_are_checked():
-    digits = recipe_registry.load("digits")
+    digits = load_recipe("digits")
     for value in (0, -1):
         with pytest.raises(ConfigError, match=f"trainer.early_stopping_patience={value}: must be >= 1"):
             config.build([f"trainer.early_stopping_patience={value}"], digits)
@@ -200,7 +200,7 @@ class OneProcess:
 
 
 def test_the_default_monitor_and_mode_follow_the_metrics():
-    digits = recipe_registry.load("digits")
+    digits = load_recipe("digits")
     best = Best.of(config.build([], digits))
     assert best.update({"eval/loss": 0.5, "eval/accuracy": 0.8}, 10, 1, OneProcess())
     assert (best.monitor, best.mode) == ("eval/accuracy", "max")

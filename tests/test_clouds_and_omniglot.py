@@ -219,27 +219,27 @@ def test_omniglot_loss_weights_come_from_config():
     import torch
 
     from pipeline import cli as pipeline_cli
-    from pipeline import recipe as recipe_registry
+    from pipeline.recipe import loss_fn
 
     outputs = {"alphabet": torch.randn(4, 5), "character": torch.randn(4, 30)}
     batch = {"alphabet": torch.tensor([0, 1, 2, 3]), "character": torch.tensor([0, 5, 9, 29])}
     ce = torch.nn.functional.cross_entropy
     recipe, cfg = pipeline_cli.parse(["recipe=omniglot_multi", "loss.alphabet_weight=0.0",
                                       "loss.character_weight=2.0"])
-    loss = recipe_registry.loss_fn(recipe, cfg, {})(outputs, batch)
+    loss = loss_fn(recipe, cfg, {})(outputs, batch)
     assert torch.allclose(loss, 2.0 * ce(outputs["character"], batch["character"]))
 
 
 def test_omniglot_loss_settings_must_be_keywords_of_its_loss():
     import dataclasses
 
-    from pipeline import recipe as recipe_registry
     from pipeline.errors import ConfigError
+    from pipeline.recipe import loss_fn
 
     recipe, cfg = pipeline_cli.parse(["recipe=omniglot_multi"])
     without = dataclasses.replace(recipe, loss=lambda outputs, batch, character_weight: 0.0)
     with pytest.raises(ConfigError, match="alphabet_weight"):
-        recipe_registry.loss_fn(without, cfg, {})
+        loss_fn(without, cfg, {})
 
 
 # ---------------------------------------------------------------- a recipe kept outside this repo

@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 
 from pipeline import cli as pipeline_cli
 from pipeline import config, optim
-from pipeline import recipe as recipe_registry
 from pipeline.errors import ConfigError
+from pipeline.recipe_contract import load_recipe
 
-DIGITS = recipe_registry.load("digits")
+DIGITS = load_recipe("digits")
 
 
 def test_layers_pipeline_then_recipe_then_command_line():
@@ -118,8 +118,9 @@ def test_a_new_registry_entry_needs_no_other_edit():
 import torch
 from pipeline import optim
 optim.OPTIMIZERS["nadam"] = lambda p, c: torch.optim.NAdam(p, lr=c.lr)
-from pipeline import config, recipe
-cfg = config.build(["optimizer.name=NAdam"], recipe.load("digits"))
+from pipeline import config
+from pipeline.recipe_contract import load_recipe
+cfg = config.build(["optimizer.name=NAdam"], load_recipe("digits"))
 print(type(optim.optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])).__name__)
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -145,7 +146,7 @@ def test_switches_mean_what_they_say(value, meant):
 
 
 def test_recipe_choices_are_case_insensitive_too():
-    omniglot, forecast = recipe_registry.load("omniglot_multi"), recipe_registry.load("electricity_forecast")
+    omniglot, forecast = load_recipe("omniglot_multi"), load_recipe("electricity_forecast")
     assert config.build(["model.mode=Multi_Input"], omniglot).model.mode.name == "multi_input"
     assert config.build(["model.cell=LSTM"], forecast).model.cell.name == "lstm"
     with pytest.raises(ConfigError, match="model.mode.*multi_output, multi_input"):
@@ -228,7 +229,7 @@ def test_config_file_layers_between_recipe_defaults_and_command_line(tmp_path):
     assert recipe.name == cfg.recipe == "water_potability"  # the file's recipe
     assert cfg.trainer.epochs == 7 and cfg.optimizer.name.name == "adamw"  # the file over the recipe's defaults
     assert cfg.optimizer.lr == 0.01  # the command line over the file
-    assert cfg.trainer.batch_size == recipe_registry.load("water_potability").defaults["trainer"]["batch_size"]
+    assert cfg.trainer.batch_size == load_recipe("water_potability").defaults["trainer"]["batch_size"]
     _, cfg = pipeline_cli.parse(["--config", str(task), "recipe=digits"])
     assert cfg.recipe == "digits" and cfg.trainer.epochs == 7  # the command line's recipe wins too
 

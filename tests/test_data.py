@@ -18,7 +18,8 @@ from conftest import cli, common, ok, write_mnist_raw
 from torchvision.datasets import MNIST
 
 from pipeline import batching, errors, files, fingerprints, shard_store, tensor_rows
-from pipeline import recipe as recipe_registry
+from pipeline.recipe import Recipe
+from pipeline.recipe_contract import load_recipe
 
 
 def shard_dirs(workdir, recipe):
@@ -151,7 +152,7 @@ def recipes_parse(argv):
     from pipeline import cli as pipeline_cli
 
     recipe, cfg = pipeline_cli.parse(argv)
-    assert isinstance(recipe, recipe_registry.Recipe)
+    assert isinstance(recipe, Recipe)
     return recipe, cfg
 
 
@@ -263,7 +264,7 @@ def test_shard_checks_cost(workdir, mnist_root):
 # ---------------------------------------------------------------- the fingerprint covers the code that made the shards
 
 
-RECIPES = Path(recipe_registry.__file__).parent.parent / "recipes"
+RECIPES = Path(shard_store.__file__).parent.parent / "recipes"
 
 
 def module_copy(tmp_path, name: str, source: str):
@@ -291,7 +292,7 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
 
     # A shared helper that prepare() reaches (mnist_mlp's is a partial of recipes/_torchvision.py's idx_splits):
     # editing it rebuilds; editing one it does not reach (idx_recipe, which builds the Recipe) does not.
-    mnist = recipe_registry.load("mnist_mlp")
+    mnist = load_recipe("mnist_mlp")
 
     def helpers_hash(name, source):
         return fingerprints.code_hash(dataclasses.replace(mnist, prepare=functools.partial(

@@ -13,8 +13,7 @@ from conftest import ROOT, TEST_DATA, cli
 from omegaconf import DictConfig
 
 from pipeline import cli as pipeline_cli
-from pipeline import config
-from pipeline import recipe as recipe_registry
+from pipeline import config, recipe_contract
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SECTIONS = ("data", "trainer", "optimizer", "scheduler", "model", "loss", "checkpoint", "tracking", "debug")
@@ -93,7 +92,8 @@ def leaf_keys(node, prefix: str = "") -> set[str]:
 
 def schema_keys() -> set[str]:
     """Every key some recipe's config has: the pipeline's and each recipe's own."""
-    return set().union(*(leaf_keys(config.schema(recipe_registry.load(name))) for name in recipe_registry.names()))
+    recipes = (recipe_contract.load_recipe(name) for name in recipe_contract.names())
+    return set().union(*(leaf_keys(config.schema(recipe)) for recipe in recipes))
 
 
 def pipeline_keys(cls=config.Config, prefix: str = "") -> set[str]:

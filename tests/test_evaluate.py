@@ -73,7 +73,7 @@ def test_other_data_is_prepared_by_the_same_code_and_kept_apart(trained):
 @pytest.fixture
 def finished(tmp_path):
     """A run folder as training leaves it (config.yaml, meta.json, model.safetensors), with untrained weights."""
-    recipe = runs.recipe_registry.load("digits")
+    recipe = runs.load_recipe("digits")
     cfg = config.build([f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "tracking=none"], recipe)
     run = tmp_path / "digits" / "r1"
     run.mkdir(parents=True)
@@ -154,7 +154,7 @@ def test_errors_exit_2_with_one_line(finished, monkeypatch, capsys):
 
 def test_a_run_of_an_older_recipe_version_is_named_with_its_commit(tmp_path):
     """water_potability's meta.json before it became a preset of tabular had no `task`: named, not a KeyError."""
-    recipe = runs.recipe_registry.load("water_potability")
+    recipe = runs.load_recipe("water_potability")
     cfg = config.build([f"output_dir={tmp_path}", "tracking=none"], recipe)
     run = tmp_path / "water_potability" / "old"
     run.mkdir(parents=True)

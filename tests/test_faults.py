@@ -14,7 +14,7 @@ from conftest import cli, common, ok
 from safetensors.torch import load_file
 
 from pipeline import cli as pipeline_cli
-from pipeline import recipe as recipe_registry
+from pipeline.recipe_contract import load_recipe
 
 
 @contextmanager
@@ -123,7 +123,7 @@ def test_compiled_weights_are_plain_and_compile_false_means_off(workdir):
     weights = load_file(run / "model.safetensors")
     assert weights and not any(k.startswith(("_orig_mod.", "module.")) for k in weights)
     _, cfg = pipeline_cli.parse([])
-    recipe_registry.load("digits").model(cfg, {}).load_state_dict(weights)
+    load_recipe("digits").model(cfg, {}).load_state_dict(weights)
     assert json.loads((run / "summary.json").read_text())["compile"] is True
     # compile=false with a launcher/config default that says inductor: nothing is compiled.
     plain = ok(cli(common(workdir, "trainer.compile=false", "trainer.max_steps=3", "run_name=p"), cwd=workdir,

@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw
 from pipeline import cli as pipeline_cli
 from pipeline import fingerprints, rng, shard_store, tensor_rows
 from pipeline import predict as predict_module
-from pipeline import recipe as recipe_registry
 from pipeline.errors import ConfigError, DataError
+from pipeline.recipe import with_transform_keys
+from pipeline.recipe_contract import check_recipe, load_recipe
 from recipes._images import read_image as _read
 from recipes.image_folder import Arch
 
@@ -319,15 +320,15 @@ def test_changing_the_augmentation_reuses_the_shards(tmp_path):
     _, smaller = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[]", "data.image_size=16")
     assert (fingerprints.fingerprint(recipe, plain) == fingerprints.fingerprint(recipe, flipped)
             != fingerprints.fingerprint(recipe, smaller))
-    assert recipe_registry.with_transform_keys(recipe, flipped, {"class_names": ["a"]}) == {
+    assert with_transform_keys(recipe, flipped, {"class_names": ["a"]}) == {
         "class_names": ["a"], "augment": ["hflip", "rotate:10"]}
 
 
 def test_transform_keys_must_be_data_keys():
-    recipe = dataclasses.replace(recipe_registry.load("image_folder"), transform_keys=("augmnt",))
+    recipe = dataclasses.replace(load_recipe("image_folder"), transform_keys=("augmnt",))
     with pytest.raises(ConfigError, match=r"`transform_keys` names 'augmnt', not a key of its data_config "
                                           r"ImageFolderData \(augment, "):
-        recipe_registry.check(recipe)
+        check_recipe(recipe)
 
 
 def read_inputs(recipe, cfg, path: Path, **settings) -> tuple[dict, dict]:
@@ -360,10 +361,10 @@ def test_prediction_reads_a_file_or_a_folder_and_names_a_broken_image(tmp_path):
 
 
 def test_image_recipes_predict():
-    from pipeline import recipe as recipe_registry
+    from pipeline.recipe_contract import load_recipe
 
     for name in ("image_folder", "clouds", "mnist_mlp", "mnist_cnn", "fashion_mnist_mlp", "digits"):
-        assert recipe_registry.load(name).read_inputs is not None, name
+        assert load_recipe(name).read_inputs is not None, name
 
 
 # ---------------------------------------------------------------- folders that are not trees, oversized images

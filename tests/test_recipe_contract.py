@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import cli, common, ok
 
-from pipeline import recipe as recipe_registry
 from pipeline import shard_store
 from pipeline.errors import ConfigError
+from pipeline.recipe import Recipe, dataset, from_arrays
+from pipeline.recipe_contract import check_batch
 
 RECIPE = '''
 from pathlib import Path
@@ -159,13 +160,13 @@ def test_wrong_field_types_are_named_when_the_recipe_loads(workdir, change, word
 
 def test_first_batch_check_names_columns_a_transform_left_out():
     # With a transform the split's columns may not be the batch's; the loop checks its first batch.
-    recipe = recipe_registry.Recipe(name="t", description="", prepare=print, raw_files=print, model=print,
+    recipe = Recipe(name="t", description="", prepare=print, raw_files=print, model=print,
                                     metrics=print,
                             transform=lambda batch, train, meta: {"x": batch["features"]}, inputs=("x",))
     cfg = None  # a tuple `inputs` needs no config
-    recipe_registry.check_batch(recipe, cfg, {"x": torch.zeros(2, 3), "label": torch.zeros(2)})
+    check_batch(recipe, cfg, {"x": torch.zeros(2, 3), "label": torch.zeros(2)})
     with pytest.raises(ConfigError, match=r"target column 'label' .* first training batch .* columns are: x"):
-        recipe_registry.check_batch(recipe, cfg, {"x": torch.zeros(2, 3)})
+        check_batch(recipe, cfg, {"x": torch.zeros(2, 3)})
 
 
 # ---- the helpers a recipe builds its splits with: the same datasets as the library's own functions, faster
@@ -181,9 +182,9 @@ def test_dataset_builds_what_from_dict_builds():
     features = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=3),
                                   "label": datasets.ClassLabel(names=["a", "b", "c"]), "w": datasets.Value("float32")})
     columns = {"features": x[:, ::2], "label": y, "w": x[:, 0]}  # a strided view, float64 into float32
-    assert same_rows(recipe_registry.dataset(columns, features), datasets.Dataset.from_dict(columns, features=features))
+    assert same_rows(dataset(columns, features), datasets.Dataset.from_dict(columns, features=features))
     images = rng.integers(0, 255, (4, 1, 3, 3)).astype(np.uint8)  # more dimensions: from_dict itself
-    assert np.array_equal(recipe_registry.from_arrays(image=images).with_format("numpy")[:]["image"], images)
+    assert np.array_equal(from_arrays(image=images).with_format("numpy")[:]["image"], images)
 
 
 @pytest.mark.parametrize("stratify", ["label", None])

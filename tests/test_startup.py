@@ -190,9 +190,9 @@ def test_recipe_keys_file_lists_every_recipes_keys():
     """recipes/keys.json, which names a typo in a recipe's own keys before torch is imported, is each recipe's
     built config. After changing a recipe's keys: UPDATE_RECIPE_KEYS=1 pytest tests/test_startup.py -k recipe_keys"""
     from pipeline import config, overrides
-    from pipeline import recipe as recipe_registry
+    from pipeline.recipe_contract import load_recipe
 
-    built = {name: overrides.recipe_keys(config.build([], recipe_registry.load(name)))
+    built = {name: overrides.recipe_keys(config.build([], load_recipe(name)))
              for name in overrides.recipe_names()}
     if os.environ.get("UPDATE_RECIPE_KEYS"):
         overrides.RECIPE_KEYS.write_text(json.dumps(built, indent=1) + "\n")

@@ -8,7 +8,7 @@ from conftest import cli, common, ok, run_dirs, summary
 from safetensors.torch import load_file
 
 from pipeline import cli as pipeline_cli
-from pipeline import recipe as recipe_registry
+from pipeline.recipe_contract import load_recipe
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_digits_through_accelerate_launch(workdir):
     assert "recipe: digits" in (run_dirs(workdir / "runs", "digits")[0] / "config.yaml").read_text()
     # Weights are safetensors that load back into the recipe's model.
     _, cfg = pipeline_cli.parse([])
-    model = recipe_registry.load("digits").model(cfg, {})
+    model = load_recipe("digits").model(cfg, {})
     model.load_state_dict(load_file(run / "model.safetensors"))
 
 
