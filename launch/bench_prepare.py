@@ -69,46 +69,47 @@ def launched(processes: int, script_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script, *script_args]
 
 
-def timed(command: list[str]) -> tuple[str, tuple[int, int]]:
+def timed(command: list[str]) -> tuple[str, tuple[int, int, int]]:
     """Runs `command`; returns its output and the memory of the one of its processes that took the most:
-    (max RSS, peak private). Max RSS is the kernel's high-water mark (VmHWM, what ru_maxrss and a cluster's
-    memory limit count): private memory and the pages of files mapped (libraries, shards read memory-mapped).
-    Private is Private_Clean + Private_Dirty of smaps_rollup, sampled every 50 ms."""
+    (max RSS, peak private, peak anonymous). Max RSS is the kernel's high-water mark (VmHWM, what ru_maxrss and a
+    cluster's memory limit count): memory of its own and the pages of files it maps (libraries, memory-mapped
+    shards). Private (Private_Clean + Private_Dirty of smaps_rollup) leaves out pages other processes map too;
+    anonymous (RssAnon) is what the kernel cannot drop. The last two are sampled every 50 ms."""
     import psutil
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peaks: dict[int, tuple[int, int]] = {}
+    peaks: dict[int, tuple[int, int, int]] = {}
     while proc.poll() is None:
         try:
             family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
         except psutil.Error:
             family = []
         for pid in family:
-            high, private = peaks.get(pid, (0, 0))
             try:
                 now = memory(pid)
             except OSError:  # the process ended
                 continue
-            peaks[pid] = (max(high, now[0]), max(private, now[1]))
+            peaks[pid] = tuple(max(a, b) for a, b in zip(peaks.get(pid, (0, 0, 0)), now))
         time.sleep(0.05)
     output = proc.stdout.read()
     if proc.returncode:
         sys.exit(f"prepare failed (exit {proc.returncode}):\n{output}")
-    return output, (max((h for h, _ in peaks.values()), default=0), max((p for _, p in peaks.values()), default=0))
+    return output, tuple(max((p[i] for p in peaks.values()), default=0) for i in range(3))
 
 
-def memory(pid: int) -> tuple[int, int]:
-    """(VmHWM, Private_Clean + Private_Dirty) of process `pid`, in bytes."""
+def memory(pid: int) -> tuple[int, int, int]:
+    """(VmHWM, Private_Clean + Private_Dirty, Anonymous) of process `pid`, in bytes."""
     status = Path(f"/proc/{pid}/status").read_text()
     rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
     kb = {line.split(":")[0]: int(line.split()[1]) for text in (status, rollup) for line in text.splitlines()
-          if line.split(":")[0] in ("VmHWM", "Private_Clean", "Private_Dirty")}
-    return kb["VmHWM"] * 1024, (kb["Private_Clean"] + kb["Private_Dirty"]) * 1024
+          if line.split(":")[0] in ("VmHWM", "Private_Clean", "Private_Dirty", "Anonymous")}
+    return kb["VmHWM"] * 1024, (kb["Private_Clean"] + kb["Private_Dirty"]) * 1024, kb["Anonymous"] * 1024
 
 
-def gib(peak: tuple[int, int]) -> str:
-    return f"max RSS {peak[0] / 2**30:.2f} GiB, peak private {peak[1] / 2**30:.2f} GiB"
+def gib(peak: tuple[int, int, int]) -> str:
+    return (f"max RSS {peak[0] / 2**30:.2f} GiB, peak private {peak[1] / 2**30:.2f} GiB (anonymous "
+            f"{peak[2] / 2**30:.2f} GiB)")
 
 
 def bench_images(args, keys: list[str]) -> None:
