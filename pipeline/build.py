@@ -68,11 +68,7 @@ def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> Run:
     """Checks, shards, the run directory (made and locked in `folder`), the Accelerator, loaders, model,
     optimizer and schedule, in the order that lets a mistake stop the run before it leaves anything behind."""
     folder = folder if folder is not None else RunFolder()
-    cpu = not torch.accelerator.is_available()
-    state = start_processes(cfg, cpu)
-    check_batches(cfg, state.num_processes)  # before any work
-    sync_batchnorm = check_sync_batchnorm(cfg, state)
-    wandb_mode = check_before_work(cfg, recipe, state)
+    state, sync_batchnorm, wandb_mode = check_before_work(cfg, recipe)
     # Shards first (built once, while the other processes wait): missing or damaged data stops the run
     # before it leaves a run directory behind.
     splits, meta, identity = load_data(cfg, recipe, state)
@@ -88,10 +84,8 @@ def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> Run:
     # generators of their own). Once the model is built and wrapped, each process gets its own stream.
     set_seed(cfg.seed)
     start_run_dir(cfg, accelerator, run_dir, compiled, micro_batch)
-
     train_loader, eval_loaders, on_device, splits_read = make_loaders(cfg, recipe, splits, meta, accelerator)
     batch_order = train_loader.batch_sampler  # Accelerate wraps the loader below; the loop sets its epoch
-    inputs = model_inputs(recipe, cfg)
     # The columns the model and loss read, checked on one batch as the recipe's dataset and transform make
     # it, so a mistake is a message now and not a KeyError at the first step.
     check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
@@ -106,7 +100,7 @@ def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> Run:
     say_data(accelerator.print, splits_read, steps_per_epoch, eval_loaders)
     return Run(accelerator=accelerator, recipe=recipe, meta=meta, model=model, eval_loaders=prepared,
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
-               loss_fn=loss_fn(recipe, cfg), inputs=inputs,
+               loss_fn=loss_fn(recipe, cfg), inputs=model_inputs(recipe, cfg),
                cfg=cfg, trainer=OmegaConf.to_object(cfg.trainer), run_dir=run_dir, optimizer=optimizer,
                scheduler=scheduler, train_loader=train_loader, batch_order=batch_order, steps_per_epoch=steps_per_epoch,
                layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
@@ -132,13 +126,18 @@ def prepare_all(accelerator, on_device: bool, training: tuple, train_loader, eva
     return model, optimizer, train_loader, dict(zip(eval_loaders, prepared))
 
 
-def check_before_work(cfg, recipe: Recipe, state: PartialState) -> str | None:
-    """What can stop the run before any data is prepared; returns the W&B mode (tracking.check)."""
+def check_before_work(cfg, recipe: Recipe) -> tuple[PartialState, bool, str | None]:
+    """The processes, and what can stop the run before any data is prepared; returns the process state, whether
+    BatchNorm becomes SyncBatchNorm, and the W&B mode (tracking.check)."""
+    state = start_processes(cfg, not torch.accelerator.is_available())
+    check_batches(cfg, state.num_processes)  # before any work
+    sync_batchnorm = check_sync_batchnorm(cfg, state)
     patches.apply(state.print)  # before the Accelerator exists: it reads which patches are on when it is built
     # Before any work (not after the data was prepared), on every process: each one writes there.
     shared_verdict(state, check_writable, cfg, everywhere=True)
     check_in_memory(cfg, recipe.dataset is not None)
-    return tracking.check(cfg, state.is_main_process)  # a missing tracker package or a bad W&B login too
+    # A missing tracker package or a bad W&B login stops it too.
+    return state, sync_batchnorm, tracking.check(cfg, state.is_main_process)
 
 
 def make_accelerator(cfg, cpu: bool, compiled: bool = False, **training) -> Accelerator:
