@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
 from pipeline import sweep  # noqa: E402
-from pipeline.config import check_run_name  # noqa: E402
+from pipeline.config_checks import check_run_name  # noqa: E402
 from pipeline.errors import ConfigError
 
 

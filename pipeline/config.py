@@ -1,13 +1,11 @@
 """The typed run configuration: the schema, its defaults, the merge of pipeline defaults <- recipe defaults <-
---config file <- command line, and the checks with their messages (reading the command line: overrides.py).
+--config file <- command line (reading the command line: overrides.py; the values' checks: config_checks.py).
 
 OmegaConf owns parsing and type checks; this module adds the choices and messages people need.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -15,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import EnumNode
 
+from pipeline.config_checks import check_run_name, check_values, describe_error
 from pipeline.errors import ConfigError
 from pipeline.optim import INITS, OPTIMIZERS, SCHEDULERS
 
@@ -168,15 +167,6 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
-POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.grad_accum_steps",
-            "trainer.log_every", "trainer.dist_timeout_s", "scheduler.step_size", "data.num_shards", "data.num_proc",
-            "debug.hooks_every")
-NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup_steps", "checkpoint.every_steps",
-                "checkpoint.keep", "optimizer.momentum", "optimizer.weight_decay",
-                "trainer.min_steps_per_epoch")
-NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
-
-
 def _reads_as_text(raw: str) -> bool:
     """Whether OmegaConf reads a command-line value as text (not `true` -> bool, `1e3` -> float, ...)."""
     try:
@@ -205,32 +195,32 @@ def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfi
     try:
         cfg = OmegaConf.merge(base, normalize(OmegaConf.create(recipe.defaults), choices))
     except (OmegaConfBaseException, ConfigError) as e:  # a recipe's own mistake, not the user's
-        why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+        why = str(e) if isinstance(e, ConfigError) else describe_error(e, base)
         raise ConfigError(f"recipe {recipe.name!r} has a bad default: {why}") from None
     if preset is not None:
         try:
             cfg = OmegaConf.merge(cfg, normalize(preset.values.copy(), choices))
         except (OmegaConfBaseException, ConfigError) as e:
-            why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+            why = str(e) if isinstance(e, ConfigError) else describe_error(e, base)
             raise ConfigError(f"--config {preset.path}: {why}") from None
     try:
         cfg = OmegaConf.merge(cfg, normalize(parse(dotlist), choices))
     except OmegaConfBaseException as e:
-        raise ConfigError(_describe(e, base)) from None
+        raise ConfigError(describe_error(e, base)) from None
     # `run_name=` parses as null (a timestamp); a script passing an empty variable meant a name.
     raw = given(dotlist, "run_name")
     check_run_name("" if raw == "" else cfg.run_name)
     if cfg.run_name is not None and raw and not _reads_as_text(raw):
         cfg.run_name = raw  # the folder is named as typed: OmegaConf reads `true` as a bool, `1e3` as 1000.0
     try:
-        _check_values(cfg)
+        check_values(cfg)
     except ConfigError as e:
-        raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
+        raise ConfigError(naming_the_file(str(e), preset, dotlist)) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _naming_the_file(error: str, preset: Preset | None, dotlist: list[str]) -> str:
+def naming_the_file(error: str, preset: Preset | None, dotlist: list[str]) -> str:
     """A `bad value KEY=...` that came from the --config file (set there, not on the command line) names it."""
     key = re.match(r"bad value ([\w.]+)=", error)
     if preset is None or key is None or given(dotlist, key[1]) is not None:
@@ -249,17 +239,17 @@ def restore(saved: DictConfig, recipe, dotlist: list[str], source: str) -> DictC
     choices = enum_keys(base)
     try:
         cfg = OmegaConf.merge(base, normalize(saved, choices))
-        _check_values(cfg)
+        check_values(cfg)
     except (OmegaConfBaseException, ConfigError) as e:
-        why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+        why = str(e) if isinstance(e, ConfigError) else describe_error(e, base)
         raise ConfigError(f"{source} no longer loads with recipe {recipe.name!r} as this code defines it: {why}.\n"
                           f"Fix: use the code the run was trained with (git checkout of that version), or "
                           f"retrain with this one") from None
     try:
         cfg = OmegaConf.merge(cfg, normalize(parse(dotlist), choices))
     except OmegaConfBaseException as e:
-        raise ConfigError(_describe(e, base)) from None
-    _check_values(cfg)
+        raise ConfigError(describe_error(e, base)) from None
+    check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -311,95 +301,6 @@ def normalize(overrides: DictConfig, choices: dict[str, type[Enum]]) -> DictConf
             raise ConfigError(f"bad value {k}={value!r}; choose one of: {', '.join(enum.__members__)}")
         node[leaf] = name
     return overrides
-
-
-def check_run_name(name: str | None) -> None:
-    """A run's folder is <output_dir>/<recipe>/<run_name>: the name must stay one plain folder inside."""
-    if name is None:
-        return  # a timestamp is chosen
-    if name in ("", ".", ".."):
-        why = {"": "is empty", ".": "is '.', the recipe's folder itself", "..": "is '..', the folder above"}[name]
-    elif "/" in name or os.sep in name or (os.altsep and os.altsep in name):
-        why = "contains a path separator; the run folder stays inside output_dir/<recipe>/ (output_dir= moves it)"
-    elif "\0" in name:
-        why = "contains a NUL character"
-    elif len(name.encode()) > 255:
-        why = f"is {len(name.encode())} bytes long; file systems allow 255"
-    else:
-        return
-    raise ConfigError(f"bad value run_name={name!r}: it {why}. Give one plain folder name, {NAME_EXAMPLE}")
-
-
-def _describe(e: OmegaConfBaseException, schema: DictConfig) -> str:
-    key = getattr(e, "full_key", None) or "?"
-    if isinstance(e, ConfigKeyError) or "not in" in str(e):
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(schema, parent) if parent else schema
-        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-        return f"unknown config key {key!r}; valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}"
-    if isinstance(e, ValidationError):
-        msg = str(e).splitlines()[0]
-        return f"bad value for {key!r}: {msg}"
-    return f"{key}: {str(e).splitlines()[0]}"
-
-
-def _check_values(cfg: DictConfig) -> None:
-    _check_finite(cfg)  # first: `nan < 1` is False, so a NaN would pass every range check below
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 1")
-    for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 0")
-    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
-        raise ConfigError(f"bad value trainer.max_steps={cfg.trainer.max_steps}: must be >= 1, "
-                          f"or null (the default) for no limit")
-    patience = cfg.trainer.early_stopping_patience
-    if patience is not None and patience < 1:
-        raise ConfigError(f"bad value trainer.early_stopping_patience={patience}: must be >= 1 (evaluations "
-                          f"without improvement), or null (the default) for no early stopping")
-    monitor = cfg.checkpoint.monitor
-    if monitor is not None and not monitor.startswith("eval/"):
-        raise ConfigError(f"bad value checkpoint.monitor={monitor!r}: the best weights are chosen by the evaluation "
-                          f"after each epoch, so name one of its metrics, e.g. checkpoint.monitor=eval/loss or "
-                          f"checkpoint.monitor=eval/accuracy (null: eval/accuracy where reported, else eval/loss)")
-    _check_settings(cfg)
-
-
-def _check_settings(cfg: DictConfig) -> None:
-    """The ranges of the trainer's, data's, optimizer's and scheduler's single settings."""
-    if cfg.trainer.clip_grad_norm is not None and cfg.trainer.clip_grad_norm <= 0:
-        raise ConfigError(f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
-                          f"or null (the default) for no clipping")
-    budget = OmegaConf.select(cfg, "data.in_memory_budget_gb")
-    if budget is not None and budget < 0:
-        raise ConfigError(f"bad value data.in_memory_budget_gb={budget}: must be >= 0, or null (the default) for "
-                          f"a quarter of the available memory divided by the processes on a node")
-    if not 0.0 < cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"bad value data.eval_fraction={cfg.data.eval_fraction}: must be between 0 and 1")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"bad value optimizer.lr={cfg.optimizer.lr}: must be > 0")
-    if not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
-        raise ConfigError(f"bad value optimizer.betas={list(cfg.optimizer.betas)}: each must be in [0, 1)")
-    if cfg.scheduler.gamma <= 0:
-        raise ConfigError(f"bad value scheduler.gamma={cfg.scheduler.gamma}: must be > 0")
-    if cfg.scheduler.name is SchedulerName.onecycle and cfg.scheduler.warmup_steps:
-        raise ConfigError(f"scheduler.name=onecycle has its own warmup; leave scheduler.warmup_steps=0 "
-                          f"(got {cfg.scheduler.warmup_steps})")
-
-
-def _check_finite(node, prefix: str = "") -> None:
-    """No key takes nan or inf (YAML reads `.nan`/`.inf`, OmegaConf's float parser `nan`/`inf`): every number
-    here is a rate, a size or a count, and a non-finite one gives NaN weights or a loop that never ends."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=False, throw_on_missing=False)
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for k, v in items:
-        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, (dict, list)):
-            _check_finite(v, key)
-        elif isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"bad value {key}={v}: must be a finite number")
 
 
 def as_dict(cfg: DictConfig) -> dict:

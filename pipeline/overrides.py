@@ -17,17 +17,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import (
-    Config,
-    ConfigError,
-    _check_values,
-    _describe,
-    _naming_the_file,
-    enum_keys,
-    given,
-    normalize,
-    parse,
-)
+from pipeline.config import Config, enum_keys, given, naming_the_file, normalize, parse
+from pipeline.config_checks import check_values, describe_error
+from pipeline.errors import ConfigError
 
 RECIPES = "recipes"  # where a recipe name without a dot is found: recipes/<name>.py in this repo
 
@@ -146,17 +138,17 @@ def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
         try:
             base = OmegaConf.merge(base, normalize(values, choices))
         except (OmegaConfBaseException, ConfigError) as e:
-            why = str(e) if isinstance(e, ConfigError) else _describe(e, base)
+            why = str(e) if isinstance(e, ConfigError) else describe_error(e, base)
             raise ConfigError(f"--config {preset.path}: {why}") from None
     outside = [item for item in dotlist if known_early(item.partition("=")[0], base)]
     try:
         cfg = OmegaConf.merge(base, normalize(parse(outside), choices))
     except OmegaConfBaseException as e:
-        raise ConfigError(_describe(e, base)) from None
+        raise ConfigError(describe_error(e, base)) from None
     try:  # every value here is a valid default or one given, so what fails here fails with the recipe's too
-        _check_values(cfg)
+        check_values(cfg)
     except ConfigError as e:
-        raise ConfigError(_naming_the_file(str(e), preset, dotlist)) from None
+        raise ConfigError(naming_the_file(str(e), preset, dotlist)) from None
     check_recipe_exists(dotlist, preset)
     check_recipe_keys([item.partition("=")[0] for item in dotlist if item not in outside],
                       recipe_name(dotlist, preset))

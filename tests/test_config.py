@@ -9,7 +9,7 @@ from conftest import ROOT, cli, common, ok, run_dirs
 from omegaconf import OmegaConf
 
 from pipeline import cli as pipeline_cli
-from pipeline import config, optim
+from pipeline import config, config_checks, optim
 from pipeline.errors import ConfigError
 from pipeline.recipe_contract import load_recipe
 
@@ -178,7 +178,7 @@ def test_run_name_must_be_one_plain_folder_name(name, why):
 def test_run_name_with_nul_is_refused():
     # A command line cannot carry NUL (nor does YAML read it); a name set in code can.
     with pytest.raises(ConfigError, match="NUL.*e.g. run_name="):
-        config.check_run_name("a\0b")
+        config_checks.check_run_name("a\0b")
 
 
 def test_plain_run_names_pass_and_the_last_one_wins():
