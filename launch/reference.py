@@ -215,7 +215,7 @@ def cell(result: dict) -> str:
     value = result["value"]
     if value is None:
         return f"no score ({result['wall_s']:.0f} s)"
-    shown = f"{value:.4g}" if abs(value) >= 10 else f"{value:.3f}"
+    shown = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}" if abs(value) >= 10 else f"{value:.3f}"
     return f"{shown} ({result['wall_s']:.0f} s)" if result["wall_s"] >= 1 else f"{shown} (<1 s)"
 
 
