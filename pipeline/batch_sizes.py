@@ -31,7 +31,7 @@ def check_eval_batch(cfg, num_processes: int) -> None:
 
 def nearest_process_counts(batch: int, accumulate: int, num_processes: int) -> str:
     """The process counts next to `num_processes` that do split the batch. A resumed run keeps its batch
-    size (checkpoint.check_config): there the process count is what can change."""
+    size (resume.check_config): there the process count is what can change."""
     fits = [n for n in range(1, batch // accumulate + 1) if batch % (n * accumulate) == 0]
     below = [n for n in fits if n < num_processes][-1:]
     above = [n for n in fits if n > num_processes][:1]

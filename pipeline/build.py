@@ -13,7 +13,7 @@ from accelerate import PartialState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import batching, checkpoint, hooks, optim, patches, report, rng, runinfo, tracking
+from pipeline import batching, checkpoint, hooks, optim, patches, report, resume, rng, runinfo, tracking
 from pipeline.batch_sizes import check_batches, fit_batch
 from pipeline.config import as_dict, flag, to_yaml
 from pipeline.files import write_json
@@ -77,7 +77,7 @@ def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> Run:
     run_dir = make_run_dir(cfg, state, recipe.name, folder)
     # An interrupted run (same run_name=) continues from its newest intact checkpoint, if this command
     # trains the same way (on the same data, too); damaged ones are set aside with a warning.
-    resume_from = checkpoint.resume_point(run_dir, cfg, state, state.print, identity)
+    resume_from = resume.resume_point(run_dir, cfg, state, state.print, identity)
     compiled = decide_compile(cfg, state, sync_batchnorm, state.print)
     accelerator, init_kwargs = training_accelerator(cfg, state, compiled, run_dir, resume_from, wandb_mode)
     # One seed on every process: the model's initial weights are the same everywhere (the data's draws have

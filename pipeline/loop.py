@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, console, files, plots, report, rng, runinfo, tracking
+from pipeline import checkpoint, console, files, plots, report, resume, rng, runinfo, tracking
 from pipeline.best import Best
 from pipeline.build import Evaluation, Run, setup
 from pipeline.errors import Preempted
@@ -102,7 +102,7 @@ def start_state(run: Run, started: float) -> LoopState:
     accelerator, cfg = run.accelerator, run.cfg
     position, saved = Position(), None
     if run.resume_from:
-        saved = checkpoint.load(accelerator, run.resume_from)
+        saved = resume.load_checkpoint(accelerator, run.resume_from)
         position = Position.of(saved)
         accelerator.print(f"resuming from {run.resume_from}: epoch {position.epoch}, step {position.step}")
         # Seeded as the checkpoint was saved, on any process count and device layout (Accelerate restores
@@ -132,7 +132,7 @@ def train_epoch(run: Run, state: LoopState) -> bool:
     # A run resumed mid-epoch skips the batches it already trained on (indices only, no data read).
     loader = run.train_loader
     if position.batches:
-        loader = checkpoint.skip_batches(accelerator, loader, position.batches)
+        loader = resume.skip_batches(accelerator, loader, position.batches)
     losses = []  # detached per-step losses, averaged at each log line (no sync, no extra op a step)
     stop = False
     speed.resume()

@@ -13,7 +13,7 @@ from conftest import cli, common, ok
 from omegaconf import OmegaConf
 from test_checkpoint import kill_after_checkpoint
 
-from pipeline import checkpoint, rng
+from pipeline import checkpoint, resume, rng
 from pipeline.batch_sizes import check_batches
 from pipeline.errors import ConfigError
 
@@ -87,8 +87,8 @@ def test_a_job_requeued_on_2_then_1_then_2_then_1_processes_ends_as_the_uninterr
 
 
 def test_the_rng_mapping_is_said_for_any_two_counts():
-    assert checkpoint.rng_mapping(4, 2) == "each process takes its own RNG state; those of processes 2-3 are unused"
-    assert checkpoint.rng_mapping(2, 8) == "processes 0-1 take their own RNG states; processes 2-7 take process 0's"
+    assert resume.rng_mapping(4, 2) == "each process takes its own RNG state; those of processes 2-3 are unused"
+    assert resume.rng_mapping(2, 8) == "processes 0-1 take their own RNG states; processes 2-7 take process 0's"
 
 
 def test_a_batch_that_does_not_split_names_the_process_counts_that_do():

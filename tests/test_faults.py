@@ -172,7 +172,7 @@ def test_resumed_epoch_keeps_non_blocking_copies():
     from accelerate.utils import DataLoaderConfiguration
 
     from pipeline import batching, tensor_rows
-    from pipeline.checkpoint import skip_batches
+    from pipeline.resume import skip_batches
 
     AcceleratorState._reset_state(True)
     try:
