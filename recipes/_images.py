@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -200,19 +201,28 @@ def image_files(path: Path) -> tuple[Path, list[Path]]:
 PREDICT_CHUNK = 1024
 
 
-def image_inputs(cfg, meta: dict, path, size: int | None = None, channels: int | None = None,  # noqa: PLR0913 (WIDE_FOR_NOW)
-                 levels: int = 255, chunk: int = PREDICT_CHUNK) -> Iterator[tuple[dict, dict]]:
+@dataclass(frozen=True)
+class StoredImages:
+    """How a recipe's shards hold images, for reading new ones alike: size/channels (default the run's meta, where
+    prepare() recorded them, else data.image_size, data.channels); levels: the shards' white (255, or e.g. 16 for
+    scikit-learn's digits)."""
+
+    size: int | None = None
+    channels: int | None = None
+    levels: int = 255
+
+
+def image_inputs(cfg, meta: dict, path, stored: StoredImages = StoredImages(),
+                 chunk: int = PREDICT_CHUNK) -> Iterator[tuple[dict, dict]]:
     """A Recipe.read_inputs for image recipes: an image file, or a folder of them (searched recursively), read
-    and resized by `load_images` as the shards hold them, `chunk` files at a time. size/channels: the shards'
-    (default the run's meta, where prepare() recorded them, else data.image_size, data.channels); levels: the
-    shards' white (255, or e.g. 16 for scikit-learn's digits). The files are listed here (a missing or empty
-    folder is named at once), read as the chunks are."""
-    size = size or meta.get("image_size") or cfg.data.image_size
-    channels = channels or meta.get("channels") or cfg.data.channels
+    and resized by `load_images` as the shards hold them (`stored`), `chunk` files at a time. The files are
+    listed here (a missing or empty folder is named at once), read as the chunks are."""
+    size = stored.size or meta.get("image_size") or cfg.data.image_size
+    channels = stored.channels or meta.get("channels") or cfg.data.channels
     root, files = image_files(Path(path))
     read = partial(read_image, channels=channels, max_pixels=cfg.data.get("max_image_pixels"))
-    return _image_chunks(root, files, partial(load_images, size=size, read=read, resize=resize_mode(cfg)), levels,
-                         chunk)
+    return _image_chunks(root, files, partial(load_images, size=size, read=read, resize=resize_mode(cfg)),
+                         stored.levels, chunk)
 
 
 def _image_chunks(root: Path, files: list[Path], load: Callable, levels: int, chunk: int):

@@ -54,8 +54,8 @@ def read_table(cfg, path: Path, enough, what: str, source: str = "data.root / da
     if by_name(cfg) and not (cfg.data.time_column and cfg.data.value_column):
         raise ConfigError("give both data.time_column= and data.value_column= (columns of the header by name), or "
                           "neither (the first column is the timestamp, the second the value)")
-    return tables.read(cfg, path, columns(cfg), enough, what, header=True if by_name(cfg) else None,
-                       rename="data.time_column= data.value_column=", source=source)
+    return tables.read(cfg, path, columns(cfg), enough, what, tables.Reading(
+        header=True if by_name(cfg) else None, rename="data.time_column= data.value_column=", source=source))
 
 
 # ---------------------------------------------------------------- the frequency

@@ -103,26 +103,35 @@ def raw_file(cfg, expected: str, fix: str = "") -> Path:
     return path
 
 
-def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str, header: bool | None = True,  # noqa: PLR0913 (WIDE_FOR_NOW)
-         rename: str = "", source: str = "data.root / data.file") -> tuple[pd.DataFrame, dict]:
+@dataclass(frozen=True)
+class Reading:
+    """How `read` takes a CSV: header=True: the first row names the columns; header=None: optional, columns taken
+    by position. `rename`: the keys that choose other column names, if any. `source`: what names the file, for
+    messages (`input=` when predicting)."""
+
+    header: bool | None = True
+    rename: str = ""
+    source: str = "data.root / data.file"
+
+
+def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str,
+         reading: Reading = Reading()) -> tuple[pd.DataFrame, dict]:
     """The columns of a CSV, checked cell by cell: numbers as float64 (NaN where empty and `empty_ok`),
     labels as int64, times as datetime64. Also returns the facts to keep in meta (rows read, dropped);
     `table.attrs["lines"]` holds each kept row's line number in the file.
 
     enough(rows) says whether the recipe can split that many rows into train and eval; `split` says how
-    it splits, for the message. header=True: the first row names the columns; header=None: optional,
-    columns taken by position. `rename`: the keys that choose other column names, if any. `source`: what names
-    the file, for messages (`input=` when predicting).
+    it splits, for the message.
     """
     path = path.resolve()
-    if header is True:
-        require_unique_names(path, columns, source)
+    if reading.header is True:
+        require_unique_names(path, columns, reading.source)
     # A clean file is read by Arrow in one pass, to the same table; any other is checked cell by cell.
-    table = read_clean(path, columns) if header is True else None
+    table = read_clean(path, columns) if reading.header is True else None
     if table is not None:
         report = {"rows_read": len(table), "rows_dropped": 0}
     else:
-        table, report = _read_checked(cfg, path, columns, header, rename, source)
+        table, report = _read_checked(cfg, path, columns, reading.header, reading.rename, reading.source)
     require_rows(path, len(table), enough, f"to split into train and eval {split}")
     _require_values(path, table, columns)
     return table, report

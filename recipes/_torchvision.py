@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline.errors import DataError
 from pipeline.recipe import Recipe
-from recipes._images import class_accuracy, image_inputs, scale_images
+from recipes._images import StoredImages, class_accuracy, image_inputs, scale_images
 from recipes._raw_files import download, readable_file, unpacking
 from recipes._splits import image_split, split_train_eval
 
@@ -114,5 +114,5 @@ def idx_recipe(dataset_cls, **fields) -> Recipe:
     return Recipe(**{"prepare": partial(idx_splits, dataset_cls), "raw_files": partial(idx_raw_files, dataset_cls),
                      "metrics": class_accuracy, "transform": scale_images,
                      # new images as the IDX files hold them: grayscale 28x28, uint8
-                     "read_inputs": partial(image_inputs, size=28, channels=1),
+                     "read_inputs": partial(image_inputs, stored=StoredImages(size=28, channels=1)),
                      "defaults": {**defaults, "data": {"download": True, **defaults.get("data", {})}}, **fields})

@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from pipeline.recipe import Recipe
-from recipes._images import image_inputs
+from recipes._images import StoredImages, image_inputs
 from recipes._splits import image_split, split_train_eval
 
 CLASSES = [str(d) for d in range(10)]
@@ -66,7 +66,7 @@ recipe = Recipe(
     model=lambda cfg, meta: DigitsCNN(),
     transform=transform, metrics=metrics,
     # new images as the data set holds them: 8x8 grayscale in 17 levels, 0 (background) to 16
-    read_inputs=partial(image_inputs, size=8, channels=1, levels=16),
+    read_inputs=partial(image_inputs, stored=StoredImages(size=8, channels=1, levels=16)),
     defaults={"data": {"eval_fraction": 0.2}, "trainer": {"epochs": 10, "batch_size": 32},
               "optimizer": {"name": "adam", "lr": 1e-3}},
 )

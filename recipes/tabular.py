@@ -43,6 +43,7 @@ from recipes._table_target import class_targets, infer_task, require_classes, ta
 from recipes._tables import (
     NUMBER,
     CsvData,
+    Reading,
     check_meta,
     raw_file,
     read,
@@ -206,7 +207,7 @@ def read_inputs(cfg, meta: dict, path: Path, spec: Spec = Spec()) -> tuple[dict,
     impute = "median" in meta or "fill" in meta
     columns = [Column(name, "category" if name in meta["categorical"] else "number",
                       empty_ok=impute or name in meta["categorical"]) for name in meta["numbers"] + meta["categorical"]]
-    table, _ = read(cfg, path, columns, lambda n: n >= 1, "", source="input=")
+    table, _ = read(cfg, path, columns, lambda n: n >= 1, "", Reading(source="input="))
     batch = split_columns(table, meta["numbers"], meta["categorical"])
     return {"line": table.attrs["lines"]}, preprocess(batch, meta)
 

@@ -302,7 +302,7 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     same = helpers_hash("helpers_a", helpers)
     assert helpers_hash("helpers_b", helpers) == same
     reached_edit = helpers.replace("shutil.copyfileobj(src, dst, 2**20)", "shutil.copyfileobj(src, dst, 2**21)")
-    unreached_edit = helpers.replace("image_inputs, size=28, channels=1", "image_inputs, size=29, channels=1")
+    unreached_edit = helpers.replace("StoredImages(size=28, channels=1)", "StoredImages(size=29, channels=1)")
     assert reached_edit != helpers and helpers_hash("helpers_c", reached_edit) != same
     assert unreached_edit != helpers and helpers_hash("helpers_d", unreached_edit) == same
 

@@ -54,7 +54,7 @@ def whole_table(recipe, cfg, meta: dict) -> tuple[dict, dict]:
     spec = recipe.prepare.keywords["spec"] if hasattr(recipe.prepare, "keywords") else Spec()
     path = Path(cfg.data.root) / cfg.data.file
     columns, (_, categorical, target), enough, how = table_columns(cfg, spec, path)
-    table, _ = _tables.read(cfg, path, columns, enough, how, rename=spec.rename)
+    table, _ = _tables.read(cfg, path, columns, enough, how, _tables.Reading(rename=spec.rename))
     values = table[target].to_numpy()
     # classes in their sorted order
     y = values.astype(np.float32) if meta["task"] == "regression" else np.searchsorted(np.unique(values), values)
