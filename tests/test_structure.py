@@ -1,11 +1,16 @@
-"""The shape of pipeline/ and recipes/: modules and functions small enough to read whole, short argument
-lists, and library modules that import without cycles, each on its own."""
+"""The shape of pipeline/ and recipes/: modules and functions small enough to read whole, short argument lists,
+`train` telling the story of a run, library modules that import without cycles (each on its own), recipe helpers
+used through their public names, no code written twice, comments that say why (no timings, which go stale)."""
 
 from __future__ import annotations
 
 import ast
+import io
+import re
+import shutil
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "recipes")
 MODULES = sorted(p for package in PACKAGES for p in (ROOT / package).glob("*.py"))
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS = 450, 60, 6
+PIPELINE, RECIPES = ROOT / "pipeline", ROOT / "recipes"
+RECIPE_MODULES = sorted(RECIPES.glob("*.py"))
+LOOP_MODULES = ("loop.py", "build.py", "run_folder.py", "runs.py")
+MAX_TRAIN_LINES = 45
 
 
 def relative(path: Path) -> str:
@@ -84,3 +93,102 @@ def test_each_pipeline_module_imports_on_its_own():
         if result.returncode:
             failed[name] = result.stderr.strip().splitlines()[-1:]
     assert not failed
+
+
+# ---------------------------------------------------------------- the loop and the building of a run
+
+
+def functions_by_name(name: str) -> dict[str, ast.FunctionDef]:
+    tree = ast.parse((PIPELINE / name).read_text())
+    return {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+
+
+def length(node: ast.FunctionDef) -> int:
+    return node.end_lineno - node.lineno + 1
+
+
+@pytest.mark.parametrize("name", LOOP_MODULES)
+def test_no_long_argument_lists(name):
+    wide = {f: n for f, node in functions_by_name(name).items()
+            if (n := len(node.args.posonlyargs + node.args.args + node.args.kwonlyargs)) > MAX_PARAMETERS}
+    assert not wide, f"pipeline/{name}: functions with more than {MAX_PARAMETERS} parameters: {wide}"
+
+
+@pytest.mark.parametrize("name", ("loop.py", "build.py"))
+def test_short_functions_and_modules(name):
+    text = (PIPELINE / name).read_text()
+    assert len(text.splitlines()) < MAX_MODULE_LINES, f"pipeline/{name} has {len(text.splitlines())} lines"
+    long = {f: length(node) for f, node in functions_by_name(name).items() if length(node) > MAX_FUNCTION_LINES}
+    assert not long, f"pipeline/{name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_train_tells_the_story_and_building_is_elsewhere():
+    loop = functions_by_name("loop.py")
+    assert length(loop["train"]) <= MAX_TRAIN_LINES
+    assert not {"setup", "make_loaders", "make_run_dir", "make_metrics"} & set(loop), "building a run is build.py's"
+    for step in ("train_epoch", "log_line", "end_epoch", "finish"):
+        assert [a.arg for a in loop[step].args.args][:2] == ["run", "state"], step
+
+
+# ---------------------------------------------------------------- recipes/
+
+
+def test_recipe_modules_and_functions_are_small():
+    long_modules = {m.name: n for m in RECIPE_MODULES if (n := len(m.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
+    long_functions = {f"{m.name}:{node.name}": node.end_lineno - node.lineno + 1
+                      for m in RECIPE_MODULES for node in ast.walk(ast.parse(m.read_text()))
+                      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                      and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def private_uses(tree: ast.Module) -> list[str]:
+    """Private names taken from another recipes module: `from recipes.x import _name` or `x._name` where x is a
+    recipes module imported by name (the helper modules themselves are private to the package, their names not)."""
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "recipes":
+            for alias in node.names:
+                if node.module == "recipes":
+                    modules.add(alias.asname or alias.name)
+                elif alias.name.startswith("_"):
+                    found.append(f"from {node.module} import {alias.name}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_")):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_recipe_module_uses_another_ones_private_names():
+    uses = {m.name: found for m in RECIPE_MODULES if (found := private_uses(ast.parse(m.read_text())))}
+    assert not uses, f"private names used across modules (make them public where they live): {uses}"
+
+
+TIMING = re.compile(r"\b\d[\d,.]*\s?(?:ms|us|µs|s|sec|seconds)\b|\bfaster\b|\bmeasured\b")
+
+
+def comments_and_docstrings(source: str) -> list[tuple[int, str]]:
+    texts = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+             if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                texts.append((node.body[0].lineno, doc))
+    return texts
+
+
+def test_comments_quote_no_timings():
+    quoted = [f"{m.name}:{line}: {TIMING.search(text).group(0)!r}"
+              for m in RECIPE_MODULES for line, text in comments_and_docstrings(m.read_text()) if TIMING.search(text)]
+    assert not quoted, "comments or docstrings that quote timings (say why instead; history goes in commits):\n" + \
+        "\n".join(quoted)
+
+
+@pytest.mark.skipif(shutil.which("duplicates") is None, reason="the `duplicates` command is not on PATH")
+def test_no_code_written_twice():
+    out = subprocess.run(["duplicates", "--repo", str(RECIPES), "--seconds", "60"], capture_output=True, text=True,
+                         timeout=300).stdout
+    assert out.startswith("no duplicates"), out
