@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metric", help="the metric --plot draws (default: the monitored one, else eval/loss)")
     args = parser.parse_args(argv)
     try:
-        runs = [compare.load(p) for p in compare.expand(args.runs)]
+        runs = [compare.read_run(p) for p in compare.expand(args.runs)]
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
         header, rows = compare.table(runs, metrics)
         print(compare.markdown(header, rows))

@@ -31,7 +31,7 @@ from pipeline.together import all_or_none, shared_verdict
 @dataclass
 class Evaluation:
     """What `loop.evaluate` reads: a model and its eval loaders under one Accelerator, with the recipe's loss
-    and metrics. A training `Run` is one; `runs` builds one for a finished run."""
+    and metrics. A `TrainingRun` is one; `runs` builds one for a finished run."""
 
     accelerator: Accelerator
     recipe: Recipe
@@ -44,7 +44,7 @@ class Evaluation:
 
 
 @dataclass
-class Run(Evaluation):
+class TrainingRun(Evaluation):
     """What `setup` builds for one run and the loop's functions share."""
 
     cfg: DictConfig
@@ -64,7 +64,7 @@ class Run(Evaluation):
     record: dict | None = None  # run.json's contents (runinfo.start), kept up to date by the main process
 
 
-def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> Run:
+def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> TrainingRun:
     """Checks, shards, the run directory (made and locked in `folder`), the Accelerator, loaders, model,
     optimizer and schedule, in the order that lets a mistake stop the run before it leaves anything behind."""
     folder = folder if folder is not None else RunFolder()
@@ -98,7 +98,7 @@ def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> Run:
     runtime = runinfo.runtime(accelerator, compiled)
     start_trackers(cfg, accelerator, runtime, init_kwargs, run_dir, meta)
     say_data(accelerator.print, splits_read, steps_per_epoch, eval_loaders)
-    return Run(accelerator=accelerator, recipe=recipe, meta=meta, model=model, eval_loaders=prepared,
+    return TrainingRun(accelerator=accelerator, recipe=recipe, meta=meta, model=model, eval_loaders=prepared,
                metrics=make_metrics(recipe, cfg, meta, accelerator.device),
                loss_fn=loss_fn(recipe, cfg), inputs=model_inputs(recipe, cfg),
                cfg=cfg, trainer=OmegaConf.to_object(cfg.trainer), run_dir=run_dir, optimizer=optimizer,
@@ -128,7 +128,7 @@ def prepare_all(accelerator, on_device: bool, training: tuple, train_loader, eva
 
 def check_before_work(cfg, recipe: Recipe) -> tuple[PartialState, bool, str | None]:
     """The processes, and what can stop the run before any data is prepared; returns the process state, whether
-    BatchNorm becomes SyncBatchNorm, and the W&B mode (tracking.check)."""
+    BatchNorm becomes SyncBatchNorm, and the W&B mode (tracking.check_tracking)."""
     state = start_processes(cfg, not torch.accelerator.is_available())
     check_batches(cfg, state.num_processes)  # before any work
     sync_batchnorm = check_sync_batchnorm(cfg, state)
@@ -137,7 +137,7 @@ def check_before_work(cfg, recipe: Recipe) -> tuple[PartialState, bool, str | No
     shared_verdict(state, check_writable, cfg, everywhere=True)
     check_in_memory(cfg, recipe.dataset is not None)
     # A missing tracker package or a bad W&B login stops it too.
-    return state, sync_batchnorm, tracking.check(cfg, state.is_main_process)
+    return state, sync_batchnorm, tracking.check_tracking(cfg, state.is_main_process)
 
 
 def make_accelerator(cfg, cpu: bool, compiled: bool = False, **training) -> Accelerator:

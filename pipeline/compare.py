@@ -29,7 +29,7 @@ TIMING = ("samples/s", "duration_s")  # column names for summary.json's train/sa
 
 
 @dataclass
-class Run:
+class RunRecord:
     """One run folder's records: flat config, summary (empty when unfinished) and logged lines."""
 
     path: Path
@@ -62,7 +62,7 @@ def expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def load(path: Path, say=None) -> Run:
+def read_run(path: Path, say=None) -> RunRecord:
     """A run folder's records. A damaged summary.json shows the run from its logged lines, and a line of
     metrics.jsonl that cannot be read (the last one of a run killed while writing it) is left out; `say`
     tells which (default: standard error, away from the table on standard output)."""
@@ -84,7 +84,7 @@ def load(path: Path, say=None) -> Run:
         except (OSError, ValueError) as e:
             say(f"note: {path / 'summary.json'} cannot be read ({e}); the run is shown from its metrics.jsonl")
             summary = {}
-    return Run(path, config, summary, _lines(path / "metrics.jsonl", say))
+    return RunRecord(path, config, summary, _lines(path / "metrics.jsonl", say))
 
 
 def _lines(metrics: Path, say) -> list[dict]:
@@ -107,13 +107,13 @@ def _lines(metrics: Path, say) -> list[dict]:
     return lines
 
 
-def differing_keys(runs: list[Run]) -> list[str]:
+def differing_keys(runs: list[RunRecord]) -> list[str]:
     """Config keys whose values are not the same in every run (a key missing from one run differs)."""
     keys = sorted({k for r in runs for k in r.config})
     return [k for k in keys if k not in LOCATION_KEYS and len({repr(r.config.get(k, "")) for r in runs}) > 1]
 
 
-def default_metrics(runs: list[Run]) -> list[str]:
+def default_metrics(runs: list[RunRecord]) -> list[str]:
     """The final scalar eval/* and test/* metrics; when there are many, the loss and accuracy-like ones."""
     ordered = sorted(runs, key=lambda r: not r.finished)  # summary.json's order (loss first), then logged lines
     found = [k for r in ordered for k, v in r.results().items()
@@ -124,7 +124,7 @@ def default_metrics(runs: list[Run]) -> list[str]:
     return found
 
 
-def table(runs: list[Run], metrics: list[str] | None = None) -> tuple[list[str], list[list]]:
+def table(runs: list[RunRecord], metrics: list[str] | None = None) -> tuple[list[str], list[list]]:
     """Header and rows (raw values; None where a run lacks one): the run, its status, the config keys that
     differ, the final metrics, the best value and epoch where recorded, samples/s and duration."""
     keys = differing_keys(runs)
@@ -185,7 +185,7 @@ def cell(column: str, value) -> str:
     return f"{value:.4g}"
 
 
-def plot(runs: list[Run], metric: str, out: Path) -> None:
+def plot(runs: list[RunRecord], metric: str, out: Path) -> None:
     """`metric` against the step for every run that logged it, one line each, into a PNG."""
     try:
         import matplotlib
@@ -215,7 +215,7 @@ def plot(runs: list[Run], metric: str, out: Path) -> None:
         plt.close(fig)
 
 
-def curve(run: Run, metric: str) -> list[tuple[int, float]]:
+def curve(run: RunRecord, metric: str) -> list[tuple[int, float]]:
     """(step, value) pairs; a step logged twice (the final evaluation is) keeps its last value."""
     points = {line["step"]: line[metric] for line in run.lines if metric in line and "step" in line}
     return sorted(points.items())
@@ -225,7 +225,7 @@ def _scalar(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _names(runs: list[Run]) -> list[str]:
+def _names(runs: list[RunRecord]) -> list[str]:
     """Each run's folder name, or its path where two folders share a name (same run name, two recipes)."""
     names = [r.path.name for r in runs]
     return [n if names.count(n) == 1 else str(r.path) for n, r in zip(names, runs)]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint, console, files, plots, report, resume, rng, runinfo, tracking
 from pipeline.best import Best
-from pipeline.build import Evaluation, Run, setup
+from pipeline.build import Evaluation, TrainingRun, setup
 from pipeline.errors import Preempted
 from pipeline.guards import check_finite, check_weights, disk_full_guard
 from pipeline.recipe import Recipe
@@ -97,7 +97,7 @@ def train(cfg, recipe: Recipe | None = None) -> dict:
         folder.release()
 
 
-def start_state(run: Run, started: float) -> LoopState:
+def start_state(run: TrainingRun, started: float) -> LoopState:
     """The loop's state at its first step: from the checkpoint `setup` chose to resume from, or fresh."""
     accelerator, cfg = run.accelerator, run.cfg
     position, saved = Position(), None
@@ -117,7 +117,7 @@ def start_state(run: Run, started: float) -> LoopState:
     return LoopState(position, best, speed, progress, stop_signal, started, epochs_done=position.epoch - 1)
 
 
-def train_epoch(run: Run, state: LoopState) -> bool:
+def train_epoch(run: TrainingRun, state: LoopState) -> bool:
     """One pass over the training batches (the rest of one, when resumed mid-epoch). True when the run
     reached trainer.max_steps."""
     accelerator, layer_stats, trainer = run.accelerator, run.layer_stats, run.trainer
@@ -162,7 +162,7 @@ def train_epoch(run: Run, state: LoopState) -> bool:
     return stop
 
 
-def train_step(run: Run, batch: dict, clip_grad_norm: float | None) -> torch.Tensor:
+def train_step(run: TrainingRun, batch: dict, clip_grad_norm: float | None) -> torch.Tensor:
     """Forward, backward and optimizer step of one micro-batch; returns its detached loss."""
     accelerator, recipe = run.accelerator, run.recipe
     batch = recipe.transform(batch, True, run.meta)
@@ -178,7 +178,7 @@ def train_step(run: Run, batch: dict, clip_grad_norm: float | None) -> torch.Ten
     return loss.detach()
 
 
-def log_line(run: Run, state: LoopState, losses: list) -> None:
+def log_line(run: TrainingRun, state: LoopState, losses: list) -> None:
     """The mean loss since the last line, in one cross-process reduction (none on the other steps). It
     carries the stop flags too: any process that got SIGTERM or Ctrl-C makes all of them stop after this step."""
     accelerator, position, stop_signal = run.accelerator, state.position, state.stop_signal
@@ -203,7 +203,7 @@ def log_line(run: Run, state: LoopState, losses: list) -> None:
                                    f"The same command with run_name={run.run_dir.name} resumes it.", code)
 
 
-def end_epoch(run: Run, state: LoopState, last: bool) -> None:
+def end_epoch(run: TrainingRun, state: LoopState, last: bool) -> None:
     """Evaluation on the held-out split, the best weights when it is the best so far, then a checkpoint to
     resume from (none after the last epoch, or when the run stops early: the weights and summary follow)."""
     position, results, best = state.position, state.results, state.best
@@ -223,7 +223,7 @@ def end_epoch(run: Run, state: LoopState, last: bool) -> None:
         save_checkpoint(run, Position(position.step, position.epoch + 1, 0), best)
 
 
-def save_checkpoint(run: Run, position: Position, best: Best) -> Path:
+def save_checkpoint(run: TrainingRun, position: Position, best: Best) -> Path:
     check_weights(run.model, position.step, run.run_dir, run.accelerator)  # never a checkpoint of NaN weights
     # Seeded as a resume from this checkpoint seeds it, so that the resumed run continues as this one does.
     rng.seed_model(run.cfg.seed, run.accelerator.process_index, position.step)
@@ -232,7 +232,7 @@ def save_checkpoint(run: Run, position: Position, best: Best) -> Path:
                                {"best": best.state(), "data": run.data_identity})
 
 
-def save_best(run: Run, step: int) -> None:
+def save_best(run: TrainingRun, step: int) -> None:
     """<run>/best.safetensors: written beside it and renamed, so a kill never leaves half a file under that name."""
     accelerator = run.accelerator
     check_weights(run.model, step, run.run_dir, accelerator)
@@ -256,7 +256,7 @@ def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
         checkpoint.as_umask_allows(Path(folder).glob("model*.safetensors"))
 
 
-def finish(run: Run, state: LoopState) -> dict:
+def finish(run: TrainingRun, state: LoopState) -> dict:
     """The final weights, then the weights the run reports (checkpoint.weights: the best evaluation's by default)
     scored on the test split, and summary.json with both; a finished run keeps no checkpoints."""
     accelerator, step, results, best = run.accelerator, state.position.step, state.results, state.best
@@ -293,7 +293,7 @@ def finish(run: Run, state: LoopState) -> dict:
     return summary
 
 
-def reported_weights(run: Run, state: LoopState) -> dict:
+def reported_weights(run: TrainingRun, state: LoopState) -> dict:
     """checkpoint.weights=best: the model takes best.safetensors for the test split and the summary, whose eval
     scores are evaluated again when those are not the weights it ended with; final (or no evaluation): as trained."""
     best = state.best

@@ -28,7 +28,7 @@ REPLACED = str.maketrans({c: "_" for c in "/\\*?:"})
 
 
 @dataclass
-class Run:
+class SweepRun:
     """One combination: its swept values, its arguments for launch/train.py and where it writes."""
 
     index: int
@@ -92,7 +92,7 @@ def run_name(sweep: str, index: int, width: int, values: dict[str, str], label: 
     return name if len(name.encode()) <= 255 else f"{sweep}-{index:0{width}d}"
 
 
-def plan(argv: list[str], name: str, recipe: bool = True) -> list[Run]:
+def plan(argv: list[str], name: str, recipe: bool = True) -> list[SweepRun]:
     """Every combination, each checked as launch/train.py would check it, before any run starts: a typo
     in the last combination stops the sweep now, not after hours of the first ones. `recipe=False` (a dry
     run): only the checks that need no recipe, which would import torch; no run_dir."""
@@ -113,7 +113,7 @@ def plan(argv: list[str], name: str, recipe: bool = True) -> list[Run]:
             raise ConfigError(f"run {index} of the sweep ({' '.join(f'{k}={v}' for k, v in values.items())}): "
                               f"{e}") from None
         run_dir = Path(checked[1].output_dir) / checked[0].name / checked[1].run_name if recipe else None
-        runs.append(Run(index, values, [*head, *items], run_dir))
+        runs.append(SweepRun(index, values, [*head, *items], run_dir))
     return runs
 
 
@@ -167,7 +167,7 @@ def say(text: str) -> None:
     print(f"[sweep] {text}", flush=True)  # before the child writes to the same terminal
 
 
-def run(runs: list[Run], command: list[str], name: str) -> int:
+def run(runs: list[SweepRun], command: list[str], name: str) -> int:
     """Runs every combination in turn; a failed one is reported and the next one starts. Exit code: 0 when
     all succeeded, 1 when any failed, 128+N when signal N (Ctrl-C: 130) stopped the sweep."""
     children = Children()
@@ -195,7 +195,7 @@ def run(runs: list[Run], command: list[str], name: str) -> int:
     return 0 if all(r.outcome in ("ok", "finished earlier") for r in runs) else 1
 
 
-def report(runs: list[Run], name: str) -> None:
+def report(runs: list[SweepRun], name: str) -> None:
     """Each run's outcome, then the compare table of every run that made its folder."""
     for r in runs:
         say(f"{r.outcome:<17} {r.run_dir.name}")
@@ -204,7 +204,7 @@ def report(runs: list[Run], name: str) -> None:
         say("no run made its folder: no table")
         return
     try:
-        header, rows = compare.table([compare.load(p) for p in made])
+        header, rows = compare.table([compare.read_run(p) for p in made])
     except CompareError as e:
         say(f"no table: {e}")
         return

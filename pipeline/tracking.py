@@ -208,7 +208,7 @@ def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
 PIP_PACKAGE = {"aim": "'aim<4'"}
 
 
-def check(cfg, main: bool = True) -> str | None:
+def check_tracking(cfg, main: bool = True) -> str | None:
     """Before any work: the tracker's package is installed and, for W&B, the login works (checked once,
     on the main process). Returns the W&B mode for `trackers`, None for the other trackers."""
     check_installed(cfg)

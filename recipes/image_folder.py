@@ -144,12 +144,12 @@ def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
 
 
 def raw_files(cfg, hint: str = "") -> list[Path]:
-    check(cfg)  # the fingerprint asks for the raw files before anything else runs: a typo stops here, at once
+    check_data_keys(cfg)  # the fingerprint asks for the raw files before anything else runs: a typo stops here, at once
     files = [Path(p) for split in FOLDERS if folder_path(cfg, split) for p, _ in read_folder(cfg, split, hint).samples]
     return with_statistics(cfg, files)
 
 
-def check(cfg) -> None:
+def check_data_keys(cfg) -> None:
     """The data keys no type check covers: a mistake stops the run before any image is read."""
     if not cfg.data.train_dir:
         raise ConfigError("no images given: data.train_dir is empty.\nFix: data.train_dir=<folder with one subfolder "
@@ -306,7 +306,7 @@ def torchvision_model(arch: str, num_classes: int, image_size: int) -> nn.Module
 
 
 def model(cfg, meta):
-    check(cfg)
+    check_data_keys(cfg)
     classes, arch = len(meta["class_names"]), cfg.model.arch.name
     # The shards' size and channels (prepare() chose them where the config leaves them unset)
     size, channels = meta.get("image_size") or cfg.data.image_size, meta.get("channels") or cfg.data.channels

@@ -47,13 +47,13 @@ def raw_files(cfg) -> list[Path]:
 def prepare(cfg):
     """Rows [0, train) are the train split, the rest eval: every row is an independent draw, so a cut by
     index is a random split (data.split_seed has nothing to choose)."""
-    check(cfg)
+    check_data_keys(cfg)
     train_rows, eval_rows = split_sizes(cfg.data.rows, cfg.data.eval_fraction)
     splits = {"train": generate(cfg, 0, train_rows), "eval": generate(cfg, train_rows, cfg.data.rows)}
     return datasets.DatasetDict(splits), {"class_names": class_names(cfg)}
 
 
-def check(cfg) -> None:
+def check_data_keys(cfg) -> None:
     d = cfg.data
     train_rows, eval_rows = split_sizes(d.rows, d.eval_fraction)
     problems = [f"data.{key}={value} (at least {least})" for key, value, least in (

@@ -278,5 +278,5 @@ def test_non_finite_numbers_are_written_as_null_and_read_by_compare(tmp_path):
     assert line == {"step": 3, "eval/mse": None, "eval/r2": None, "eval/mae": 2.5, "epoch": 1}
     assert strict_json((run / "summary.json").read_text()) == {"eval/mse": None, "eval/r2": None,
                                                                 "eval/per": [1.0, None], "best": {"v": None}}
-    header, rows = compare.table([compare.load(run)], ["eval/mse", "eval/r2"])
+    header, rows = compare.table([compare.read_run(run)], ["eval/mse", "eval/r2"])
     assert compare.markdown(header, rows).splitlines()[-1].startswith("| a | done | - | - |")
