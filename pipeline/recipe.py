@@ -198,7 +198,7 @@ def from_arrays(**columns: np.ndarray) -> datasets.Dataset:
 
 def dataset(columns: dict[str, np.ndarray], features: datasets.Features) -> datasets.Dataset:
     """`Dataset.from_dict(columns, features=features)`; columns of numbers [N] and [N, F] are built as whole
-    Arrow arrays (from_dict encodes them row by row: 1.1 s for 200,000 rows of 9 numbers, this way 0.03 s)."""
+    Arrow arrays in one call each (from_dict encodes them row by row, a Python object per cell)."""
     if any(np.ndim(array) > 2 for array in columns.values()):
         return datasets.Dataset.from_dict(columns, features=features)
     arrays = {}

@@ -30,9 +30,9 @@ from pipeline.recipe_contract import check_prepared
 
 META_FILE = "meta.json"
 CHECKSUM_FILE = "checksums.json"  # {file: {size, sha256}} of every shard file, written with the shards
-# Shards up to this size are hashed in full each time they are reused (about 400 MiB/s measured on the
-# MNIST shards on 2 busy cores, so at most ~0.3 s); larger ones get their sizes checked on every load,
-# a full hash with `launch/prepare.py --verify`, and one whenever a file fails to load.
+# Shards up to this size are hashed in full each time they are reused (a fraction of a run's start-up);
+# larger ones get their sizes checked on every load, a full hash with `launch/prepare.py --verify`, and one
+# whenever a file fails to load.
 FULL_CHECK_BYTES = 128 * 2**20
 # Waiting for another process's prepare: no practical limit (a process that dies closes its connections,
 # which ends the wait with an error), and a line in the log every REPORT_EVERY_S.

@@ -81,9 +81,8 @@ def wandb_mode(verify: bool = True) -> str:
     """online when the user is logged in (WANDB_API_KEY, `wandb login`'s netrc entry for wandb's
     configured host, or wandb's settings), offline otherwise; an explicit WANDB_MODE wins.
 
-    With `verify` the credentials are checked with the server first (about 1 s; 10 s without a
-    network): a bad key or no network stops the run here, with the fix, instead of failing in
-    wandb.init after 90 s. Never prompts.
+    With `verify` the credentials are checked with the server first: a bad key or no network stops the run
+    here, with the fix, instead of failing in wandb.init after its own, longer timeout. Never prompts.
     """
     check_wandb_env()
     check_wandb_dirs()

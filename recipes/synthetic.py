@@ -105,7 +105,7 @@ def templates(cfg) -> np.ndarray:
 def draw(batch: dict, templates: np.ndarray, noise: int, seed: int) -> dict:
     """The rows of one map batch. Row r is class r % num_classes (balanced classes) and its noise comes
     from a generator seeded with (seed, r): the same pixels whichever process or batch makes the row.
-    Uniform integer noise: 9x cheaper to draw than Gaussian, so writing Arrow, not drawing, sets the pace."""
+    Uniform integer noise: cheaper to draw than Gaussian, so writing Arrow, not drawing, sets the pace."""
     rows = np.asarray(batch["row"])
     labels = rows % len(templates)
     pixels = np.empty((len(rows), *templates.shape[1:]), dtype=np.int16)
