@@ -46,9 +46,10 @@ def _key(recipe, cfg: DictConfig) -> tuple:
     return recipe.name, json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
 
 
-def fingerprinted_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
-    """`raw_stats` as the last fingerprint of this recipe and data config saw them (walked now if none was)."""
-    return _FINGERPRINTED.get(_key(recipe, cfg)) or raw_stats(recipe, cfg)
+def fingerprinted_stats(recipe, cfg: DictConfig, walk: bool = True) -> list[tuple[str, int, int]]:
+    """`raw_stats` as the last fingerprint of this recipe and data config saw them (walked now if none was and
+    `walk`; else [] : a process that was sent the fingerprint never walks the raw files)."""
+    return _FINGERPRINTED.get(_key(recipe, cfg)) or (raw_stats(recipe, cfg) if walk else [])
 
 
 def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:

@@ -81,7 +81,7 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share
 def _source(recipe, cfg: DictConfig) -> str:
     """The raw files a prepare reads, as a person recognizes them: the file, or the folder holding them with
     their count and size (the stats the fingerprint was made from); data.root for a recipe that lists none."""
-    stats = fingerprinted_stats(recipe, cfg)
+    stats = fingerprinted_stats(recipe, cfg, walk=False)
     if not stats:
         return str(cfg.data.root)
     paths = [Path(cfg.data.root, rel) for rel, _, _ in stats]
