@@ -55,8 +55,12 @@ def parse_args():
     p.add_argument("--json", help="write {'samples_per_s': {...}, 'ratios': {...}} here")
     p.add_argument("--steps", type=int, default=0, help="timed steps per path (default: one epoch)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda where there is one")
-    p.add_argument("--on-device", default="auto", choices=["auto", "true", "false"],
-                   help="the pipeline's data.on_device (rows on the GPU, or in host memory copied per batch)")
+    p.add_argument(
+        "--on-device",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="the pipeline's data.on_device (rows on the GPU, or in host memory copied per batch)",
+    )
     p.add_argument("--num-workers", type=int, default=0, help="data.num_workers for the streaming path")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in every path")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
@@ -74,8 +78,10 @@ def main():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif args.device == "cuda" and not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        sys.exit(f"error: --device cuda, but torch sees no CUDA device here (CUDA_VISIBLE_DEVICES={visible!r}); "
-                 "drop --device or pass --device cpu")
+        sys.exit(
+            f"error: --device cuda, but torch sees no CUDA device here (CUDA_VISIBLE_DEVICES={visible!r}); "
+            "drop --device or pass --device cpu"
+        )
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="bench-") as work:  # shards and runs of the pipeline path
         try:
@@ -85,9 +91,16 @@ def main():
 
 
 def measure(args, work: Path):
-    overrides = [f"recipe={args.recipe}", f"data.root={args.data_root}", f"data.cache_dir={work / 'cache'}",
-                 f"output_dir={work / 'runs'}", "tracking=none", "data.download=false",
-                 f"trainer.compile={str(args.compile).lower()}", f"data.on_device={args.on_device}"]
+    overrides = [
+        f"recipe={args.recipe}",
+        f"data.root={args.data_root}",
+        f"data.cache_dir={work / 'cache'}",
+        f"output_dir={work / 'runs'}",
+        "tracking=none",
+        "data.download=false",
+        f"trainer.compile={str(args.compile).lower()}",
+        f"data.on_device={args.on_device}",
+    ]
     if args.batch_size:
         overrides.append(f"trainer.batch_size={args.batch_size}")
     recipe, cfg = pipeline_cli.parse(overrides)
@@ -105,18 +118,26 @@ def measure(args, work: Path):
     overrides += [f"trainer.epochs={math.ceil(total / per_epoch)}", f"trainer.max_steps={total}"]
     recipe, cfg = pipeline_cli.parse(overrides)
     device = torch.device(args.device)
-    print(f"bench: {args.recipe} batch {cfg.trainer.batch_size}, {steps} steps/path after {WARMUP_STEPS} warm-up, "
-          f"device {device}, compile={args.compile}, mixed_precision={args.mixed_precision}, "
-          f"data.on_device={args.on_device}, threads {torch.get_num_threads()}")
+    print(
+        f"bench: {args.recipe} batch {cfg.trainer.batch_size}, {steps} steps/path after {WARMUP_STEPS} warm-up, "
+        f"device {device}, compile={args.compile}, mixed_precision={args.mixed_precision}, "
+        f"data.on_device={args.on_device}, threads {torch.get_num_threads()}"
+    )
 
-    in_memory, streamed = (pipeline_cli.parse([*overrides, *extra])[1] for extra in (
-        ["data.in_memory=true"],
-        ["data.in_memory=false", "data.on_device=false", f"data.num_workers={args.num_workers}"]))
-    runs = {"pipeline": lambda: pipeline(in_memory, device),
-            "pipeline_stream": lambda: pipeline(streamed, device),
-            "bare": lambda: bare(recipe, cfg, meta, train_cols, args),
-            "bare_u8": lambda: bare(recipe, cfg, meta, train_cols, args, per_batch=True),
-            "tutorial": lambda: tutorial(recipe, cfg, args)}
+    in_memory, streamed = (
+        pipeline_cli.parse([*overrides, *extra])[1]
+        for extra in (
+            ["data.in_memory=true"],
+            ["data.in_memory=false", "data.on_device=false", f"data.num_workers={args.num_workers}"],
+        )
+    )
+    runs = {
+        "pipeline": lambda: pipeline(in_memory, device),
+        "pipeline_stream": lambda: pipeline(streamed, device),
+        "bare": lambda: bare(recipe, cfg, meta, train_cols, args),
+        "bare_u8": lambda: bare(recipe, cfg, meta, train_cols, args, per_batch=True),
+        "tutorial": lambda: tutorial(recipe, cfg, args),
+    }
     best = {name: 0.0 for name in runs}
     for r in range(args.repeats):
         for name, fn in runs.items():
@@ -124,20 +145,35 @@ def measure(args, work: Path):
             best[name] = max(best[name], rate)
             print(f"  repeat {r + 1} {name:<15} {rate:>10,.0f} samples/s", flush=True)
 
-    ratios = {"pipeline/bare": best["pipeline"] / best["bare"],
-              "pipeline_stream/pipeline": best["pipeline_stream"] / best["pipeline"],
-              "pipeline/bare_u8": best["pipeline"] / best["bare_u8"],
-              "pipeline/tutorial": best["pipeline"] / best["tutorial"]}
+    ratios = {
+        "pipeline/bare": best["pipeline"] / best["bare"],
+        "pipeline_stream/pipeline": best["pipeline_stream"] / best["pipeline"],
+        "pipeline/bare_u8": best["pipeline"] / best["bare_u8"],
+        "pipeline/tutorial": best["pipeline"] / best["tutorial"],
+    }
     print(f"\n{'path':<16} {'samples/s':>12} {'x bare':>8} {'x tutorial':>11}")
     for name, rate in best.items():
         print(f"{name:<16} {rate:>12,.0f} {rate / best['bare']:>8.2f} {rate / best['tutorial']:>11.2f}")
     print(f"pipeline_stream / pipeline: {ratios['pipeline_stream/pipeline']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "recipe": args.recipe, "device": str(device), "compile": args.compile,
-            "mixed_precision": args.mixed_precision, "on_device": args.on_device,
-            "batch_size": cfg.trainer.batch_size, "steps": steps, "warmup_steps": WARMUP_STEPS,
-            "samples_per_s": best, "ratios": ratios}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "recipe": args.recipe,
+                    "device": str(device),
+                    "compile": args.compile,
+                    "mixed_precision": args.mixed_precision,
+                    "on_device": args.on_device,
+                    "batch_size": cfg.trainer.batch_size,
+                    "steps": steps,
+                    "warmup_steps": WARMUP_STEPS,
+                    "samples_per_s": best,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 def pipeline(cfg, device) -> float:
@@ -152,8 +188,10 @@ def pipeline(cfg, device) -> float:
     finally:
         AcceleratorState._reset_state(True)
     if ran_on != device.type:  # ratios of paths on different devices would mean nothing
-        sys.exit(f"error: the pipeline path ran on {ran_on}, the others on {device.type}; "
-                 f"run with --device {ran_on} or make {device.type} visible to it")
+        sys.exit(
+            f"error: the pipeline path ran on {ran_on}, the others on {device.type}; "
+            f"run with --device {ran_on} or make {device.type} visible to it"
+        )
     return rate
 
 
@@ -185,7 +223,7 @@ def bare(recipe, cfg, meta, cols, args, per_batch: bool = False) -> float:
     order = torch.randperm(n, device=device)
 
     def step(i):
-        idx = order[(i * bs) % (n - bs + 1):][:bs]
+        idx = order[(i * bs) % (n - bs + 1) :][:bs]
         b = {k: v.index_select(0, idx) for k, v in batch.items()}
         if per_batch:
             b = recipe.transform(b, True, meta)
@@ -214,8 +252,10 @@ def tutorial(recipe, cfg, args) -> float:
     if not raw.exists():
         raw.mkdir(parents=True)
         for path in recipe.raw_files(cfg):
-            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as src, \
-                    open(raw / path.name.removesuffix(".gz"), "wb") as dst:
+            with (
+                (gzip.open if path.suffix == ".gz" else open)(path, "rb") as src,
+                open(raw / path.name.removesuffix(".gz"), "wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst)
     ds = cls(str(root), train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), *norm]))
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.batch_size, shuffle=True, drop_last=True)

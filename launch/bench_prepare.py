@@ -33,12 +33,13 @@ def generate(path: Path, mb: float, seed: int = 0) -> int:
 
     rng, rows, tmp = np.random.default_rng(seed), 0, path.with_suffix(".tmp")
     colors = np.array(["red", "green", "blue", "amber", "violet"])
-    with pa_csv.CSVWriter(tmp, pa.schema([*((f"x{i}", pa.float64()) for i in range(8)), ("color", pa.string()),
-                                           ("label", pa.int64())])) as writer:
+    with pa_csv.CSVWriter(
+        tmp, pa.schema([*((f"x{i}", pa.float64()) for i in range(8)), ("color", pa.string()), ("label", pa.int64())])
+    ) as writer:
         while tmp.stat().st_size < mb * 1e6:
             x = (rng.normal(size=(ROWS_PER_CHUNK, 8)) * [1, 10, 100, 1, 1, 5, 50, 1000]).round(8)
             color = rng.integers(0, len(colors), ROWS_PER_CHUNK)
-            label = ((x[:, 0] + x[:, 1] / 10 + (color == 2) > 0.5).astype(np.int64) + (x[:, 2] > 100))
+            label = (x[:, 0] + x[:, 1] / 10 + (color == 2) > 0.5).astype(np.int64) + (x[:, 2] > 100)
             columns = {f"x{i}": pa.array(x[:, i]) for i in range(8)}
             columns["x1"] = pa.array(x[:, 1], mask=rng.random(ROWS_PER_CHUNK) < 0.05)  # empty: imputed
             writer.write_table(pa.table({**columns, "color": pa.array(colors[color]), "label": label}))
@@ -77,8 +78,9 @@ def timed(command: list[str]) -> tuple[str, tuple[int, int, int]]:
     anonymous (RssAnon) is what the kernel cannot drop. The last two are sampled every 50 ms."""
     import psutil
 
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     peaks: dict[int, tuple[int, int, int]] = {}
     while proc.poll() is None:
         try:
@@ -102,14 +104,20 @@ def memory(pid: int) -> tuple[int, int, int]:
     """(VmHWM, Private_Clean + Private_Dirty, Anonymous) of process `pid`, in bytes."""
     status = Path(f"/proc/{pid}/status").read_text()
     rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    kb = {line.split(":")[0]: int(line.split()[1]) for text in (status, rollup) for line in text.splitlines()
-          if line.split(":")[0] in ("VmHWM", "Private_Clean", "Private_Dirty", "Anonymous")}
+    kb = {
+        line.split(":")[0]: int(line.split()[1])
+        for text in (status, rollup)
+        for line in text.splitlines()
+        if line.split(":")[0] in ("VmHWM", "Private_Clean", "Private_Dirty", "Anonymous")
+    }
     return kb["VmHWM"] * 1024, (kb["Private_Clean"] + kb["Private_Dirty"]) * 1024, kb["Anonymous"] * 1024
 
 
 def gib(peak: tuple[int, int, int]) -> str:
-    return (f"max RSS {peak[0] / 2**30:.2f} GiB, peak private {peak[1] / 2**30:.2f} GiB (anonymous "
-            f"{peak[2] / 2**30:.2f} GiB)")
+    return (
+        f"max RSS {peak[0] / 2**30:.2f} GiB, peak private {peak[1] / 2**30:.2f} GiB (anonymous "
+        f"{peak[2] / 2**30:.2f} GiB)"
+    )
 
 
 def bench_images(args, keys: list[str]) -> None:
@@ -125,15 +133,26 @@ def bench_images(args, keys: list[str]) -> None:
     for processes in args.processes:
         # The last count's shards are removed first, not by --rebuild: deleting a GB of files is not preparing.
         shutil.rmtree(args.folder / "cache", ignore_errors=True)
-        output, peak = timed(launched(processes, [
-            "recipe=image_folder", f"data.train_dir={folder}", f"data.image_size={args.side}",
-            f"data.cache_dir={args.folder / 'cache'}", *keys]))
+        output, peak = timed(
+            launched(
+                processes,
+                [
+                    "recipe=image_folder",
+                    f"data.train_dir={folder}",
+                    f"data.image_size={args.side}",
+                    f"data.cache_dir={args.folder / 'cache'}",
+                    *keys,
+                ],
+            )
+        )
         own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s \(.*?, ([\d.,]+) (GB|MB) of shards", output)
         rows, seconds = int(own[1].replace(",", "")), float(own[2])
         rates[processes] = rows / seconds
-        print(f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
-              f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; one process's "
-              f"{gib(peak)}")
+        print(
+            f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
+            f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; one process's "
+            f"{gib(peak)}"
+        )
     first = args.processes[0]
     for processes in args.processes[1:]:
         print(f"{processes} vs {first} process(es): {rates[first] / rates[processes]:.2f}x the time")
@@ -142,9 +161,11 @@ def bench_images(args, keys: list[str]) -> None:
         most = max(rates)  # the rate per process where the most processes shared the work
         per_process = rates[most] / most
         hours = 1_281_167 / (per_process * machines * cores) / 3600
-        print(f"projection: 1,281,167 images at {args.side} px on {machines} machine(s) x {cores} cores at "
-              f"{per_process:,.0f} images/s per process: {hours * 60:,.1f} min (decoding JPEGs this size; "
-              f"photographs of ~110 KB decode several times slower)")
+        print(
+            f"projection: 1,281,167 images at {args.side} px on {machines} machine(s) x {cores} cores at "
+            f"{per_process:,.0f} images/s per process: {hours * 60:,.1f} min (decoding JPEGs this size; "
+            f"photographs of ~110 KB decode several times slower)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,8 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=0, help="benchmark an image folder of this many JPEGs")
     parser.add_argument("--side", type=int, default=96, help="the images' side in pixels (and data.image_size)")
-    parser.add_argument("--processes", type=lambda v: [int(n) for n in v.split(",")], default=[1],
-                        help="process counts to prepare with, e.g. 1,2")
+    parser.add_argument(
+        "--processes",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[1],
+        help="process counts to prepare with, e.g. 1,2",
+    )
     parser.add_argument("--project", default="", help="MxC: project 1.28M images on M machines of C cores")
     args, keys = parser.parse_known_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -166,10 +191,20 @@ def main(argv: list[str] | None = None) -> None:
     if not path.exists():
         started = time.perf_counter()
         rows = generate(path, args.mb, args.seed)
-        print(f"generated {path} ({rows:,} rows, {path.stat().st_size / 1e6:,.0f} MB) in "
-              f"{time.perf_counter() - started:.0f} s")
-    command = [sys.executable, str(ROOT / "launch" / "prepare.py"), "recipe=tabular", f"data.file={path}",
-               "data.target=label", f"data.cache_dir={args.folder / 'cache'}", *keys, "--rebuild"]
+        print(
+            f"generated {path} ({rows:,} rows, {path.stat().st_size / 1e6:,.0f} MB) in "
+            f"{time.perf_counter() - started:.0f} s"
+        )
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "prepare.py"),
+        "recipe=tabular",
+        f"data.file={path}",
+        "data.target=label",
+        f"data.cache_dir={args.folder / 'cache'}",
+        *keys,
+        "--rebuild",
+    ]
     started = time.perf_counter()
     output, peak = timed(command)
     seconds = time.perf_counter() - started
@@ -177,8 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s", output)
     rows, prepare_s = int(own[1].replace(",", "")), float(own[2])
     size = path.stat().st_size
-    print(f"prepared {rows:,} rows ({size / 1e6:,.0f} MB of CSV) in {prepare_s:.1f} s: {rows / prepare_s:,.0f} "
-          f"rows/s, {size / 1e6 / prepare_s:,.1f} MB/s; the process took {seconds:.1f} s with its start, {gib(peak)}")
+    print(
+        f"prepared {rows:,} rows ({size / 1e6:,.0f} MB of CSV) in {prepare_s:.1f} s: {rows / prepare_s:,.0f} "
+        f"rows/s, {size / 1e6 / prepare_s:,.1f} MB/s; the process took {seconds:.1f} s with its start, {gib(peak)}"
+    )
 
 
 if __name__ == "__main__":

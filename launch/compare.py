@@ -23,9 +23,11 @@ def wrote(path: Path, what: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[2:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[2:]),
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or globs (runs/digits/*)")
     parser.add_argument("--metrics", help="comma-separated metric columns (default: final eval/* and test/*)")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV to this file")
@@ -41,8 +43,9 @@ def main(argv: list[str]) -> None:
             compare.write_csv(args.csv, header, rows)
             wrote(args.csv, "the table as CSV")
         if args.plot:
-            metric = args.metric or next((k[len("best/"):] for k in header if k.startswith("best/")
-                                          and k != "best/epoch"), "eval/loss")
+            metric = args.metric or next(
+                (k[len("best/") :] for k in header if k.startswith("best/") and k != "best/epoch"), "eval/loss"
+            )
             compare.plot(runs, metric, args.plot)
             wrote(args.plot, f"{metric} against the step")
     except CompareError as e:

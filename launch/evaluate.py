@@ -27,9 +27,15 @@ def run(*args) -> None:
 
     runs.evaluate(*args)
 
+
 if __name__ == "__main__":
-    main("evaluate", "Evaluates a finished run.", run, parse_argv=parse_argv,
-         help_text=__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best"
-                   "|FILE (default: the weights the run reports),\n      data.KEY=VALUE and "
-                   "trainer.eval_batch_size=N on top of the run's config.yaml.\nShow the config it evaluates with: "
-                   "add --print-config")
+    main(
+        "evaluate",
+        "Evaluates a finished run.",
+        run,
+        parse_argv=parse_argv,
+        help_text=__doc__.strip() + "\n\nKeys: run=DIR (required), split=eval|test (default eval), weights=final|best"
+        "|FILE (default: the weights the run reports),\n      data.KEY=VALUE and "
+        "trainer.eval_batch_size=N on top of the run's config.yaml.\nShow the config it evaluates with: "
+        "add --print-config",
+    )

@@ -26,9 +26,15 @@ def run(*args) -> None:
 
     predict.predict(*args)
 
+
 if __name__ == "__main__":
-    main("predict", "Predicts with a finished run.", run, parse_argv=parse_argv,
-         help_text=__doc__.strip() + "\n\nKeys: run=DIR and input=PATH (required), output=FILE.csv, "
-                   "weights=final|best|FILE (default: the weights the run reports),\n      data.KEY=VALUE (e.g. "
-                   "data.drop_bad_rows=true) and "
-                   "trainer.eval_batch_size=N on top of the run's config.yaml.")
+    main(
+        "predict",
+        "Predicts with a finished run.",
+        run,
+        parse_argv=parse_argv,
+        help_text=__doc__.strip() + "\n\nKeys: run=DIR and input=PATH (required), output=FILE.csv, "
+        "weights=final|best|FILE (default: the weights the run reports),\n      data.KEY=VALUE (e.g. "
+        "data.drop_bad_rows=true) and "
+        "trainer.eval_batch_size=N on top of the run's config.yaml.",
+    )

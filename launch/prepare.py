@@ -34,8 +34,10 @@ def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
         started = time.perf_counter()
         size = shard_store.check_shards(out, full=True)
         hashing = time.perf_counter() - started
-        print(f"verified: every shard file matches its recorded sha256 ({size / 2**20:,.1f} MiB in {hashing:.2f} s, "
-              f"{size / 2**20 / max(hashing, 1e-9):,.0f} MiB/s)")
+        print(
+            f"verified: every shard file matches its recorded sha256 ({size / 2**20:,.1f} MiB in {hashing:.2f} s, "
+            f"{size / 2**20 / max(hashing, 1e-9):,.0f} MiB/s)"
+        )
     rows = shard_store.split_rows(out)
     print(f"shards ready: {out} ({', '.join(f'{k} {n:,}' for k, n in rows.items())})")
     print(rate(sum(rows.values()), shard_store.check_shards(out), None if reused else seconds))
@@ -52,8 +54,10 @@ def rate(rows: int, size: int, seconds: float | None) -> str:
     """The preparation's speed, the figure to watch on a large set; `seconds` None: the shards were reused."""
     if seconds is None:
         return f"reused the shards of {rows:,} rows ({_bytes(size)}), prepared earlier: nothing was built"
-    return (f"prepared {rows:,} rows in {seconds:,.1f} s ({rows / seconds:,.0f} rows/s, {_bytes(size)} of shards, "
-            f"{size / 1e6 / seconds:,.1f} MB/s)")
+    return (
+        f"prepared {rows:,} rows in {seconds:,.1f} s ({rows / seconds:,.0f} rows/s, {_bytes(size)} of shards, "
+        f"{size / 1e6 / seconds:,.1f} MB/s)"
+    )
 
 
 def _bytes(size: int) -> str:
@@ -63,7 +67,10 @@ def _bytes(size: int) -> str:
 if __name__ == "__main__":
     flags = [a for a in sys.argv[1:] if a in FLAGS]
     sys.argv = [a for a in sys.argv if a not in FLAGS]  # the rest are config overrides
-    main("prepare", "Builds the recipe's shards under <data.cache_dir>/<recipe>/<fingerprint>/ and exits.\n"
-         "--verify checks every shard file against the sha256 recorded when it was written; "
-         "--rebuild removes the shards and builds them again.",
-         lambda recipe, cfg: prepare(recipe, cfg, verify="--verify" in flags, rebuild="--rebuild" in flags))
+    main(
+        "prepare",
+        "Builds the recipe's shards under <data.cache_dir>/<recipe>/<fingerprint>/ and exits.\n"
+        "--verify checks every shard file against the sha256 recorded when it was written; "
+        "--rebuild removes the shards and builds them again.",
+        lambda recipe, cfg: prepare(recipe, cfg, verify="--verify" in flags, rebuild="--rebuild" in flags),
+    )

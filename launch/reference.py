@@ -44,10 +44,16 @@ FAMILIES = ("tables", "images", "series")
 
 
 # The one tuned setting of each family, the same on every data set; and what every run of a family gets.
-TUNED = {"tables": ("trainer.epochs=50",), "images": ("trainer.batch_size=64", "optimizer.lr=3e-3"),
-         "series": ("model.cell=gru",)}
-RUN_ARGS = {"tables": ("checkpoint.weights=final",), "images": ("checkpoint.weights=best",),
-            "series": ("checkpoint.weights=final",)}
+TUNED = {
+    "tables": ("trainer.epochs=50",),
+    "images": ("trainer.batch_size=64", "optimizer.lr=3e-3"),
+    "series": ("model.cell=gru",),
+}
+RUN_ARGS = {
+    "tables": ("checkpoint.weights=final",),
+    "images": ("checkpoint.weights=best",),
+    "series": ("checkpoint.weights=final",),
+}
 
 
 # ---------------------------------------------------------------- runs
@@ -55,11 +61,17 @@ RUN_ARGS = {"tables": ("checkpoint.weights=final",), "images": ("checkpoint.weig
 
 def train(args: list[str], name: str, work: Path) -> dict:
     """One `launch/train.py` process; its wall time, summary and shards, or the error it ended with."""
-    command = [sys.executable, str(ROOT / "launch" / "train.py"), *args, "tracking=none", f"run_name={name}",
-               f"output_dir={work / 'runs'}", f"data.cache_dir={work / 'cache'}"]
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        *args,
+        "tracking=none",
+        f"run_name={name}",
+        f"output_dir={work / 'runs'}",
+        f"data.cache_dir={work / 'cache'}",
+    ]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=work, capture_output=True, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     wall = time.perf_counter() - start
     (work / "logs").mkdir(exist_ok=True)
     (work / "logs" / f"{name}.log").write_text(" ".join(command) + "\n" + result.stdout + result.stderr)
@@ -69,8 +81,12 @@ def train(args: list[str], name: str, work: Path) -> dict:
         return {"wall_s": wall, "error": f"exit {result.returncode}: {said[-1] if said else 'no message'}"}
     run_dir = next((work / "runs").glob(f"*/{name}"))
     record = json.loads((run_dir / "run.json").read_text())
-    return {"wall_s": wall, "summary": json.loads((run_dir / "summary.json").read_text()),
-            "shards": str(work / record["data"]["shards"]), "run_dir": str(run_dir)}
+    return {
+        "wall_s": wall,
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "shards": str(work / record["data"]["shards"]),
+        "run_dir": str(run_dir),
+    }
 
 
 def splits(shards: str, scored: str = "eval") -> tuple[dict, dict, dict]:
@@ -107,8 +123,10 @@ def table_baselines(shards: str) -> dict:
     # score(): accuracy for classifiers, R^2 for regressors (the shards' standardized target: R^2 is unchanged).
     linear = (Ridge() if regression else LogisticRegression(max_iter=5000), "logistic / ridge")
     boosting = GradientBoostingRegressor(random_state=0) if regression else GradientBoostingClassifier(random_state=0)
-    return {linear[1]: timed(lambda: make_pipeline(StandardScaler(), linear[0]).fit(x, y).score(x_eval, y_eval)),
-            "gradient boosting": timed(lambda: boosting.fit(x, y).score(x_eval, y_eval))}
+    return {
+        linear[1]: timed(lambda: make_pipeline(StandardScaler(), linear[0]).fit(x, y).score(x_eval, y_eval)),
+        "gradient boosting": timed(lambda: boosting.fit(x, y).score(x_eval, y_eval)),
+    }
 
 
 def image_baselines(shards: str) -> dict:
@@ -119,8 +137,10 @@ def image_baselines(shards: str) -> dict:
     train, test, _ = splits(shards, "test")
     x, x_test = (split["image"].reshape(len(split["image"]), -1) / 255.0 for split in (train, test))
     logistic, boosting = LogisticRegression(max_iter=1000), HistGradientBoostingClassifier(random_state=0)
-    return {"logistic": timed(lambda: logistic.fit(x, train["label"]).score(x_test, test["label"])),
-            "gradient boosting": timed(lambda: boosting.fit(x, train["label"]).score(x_test, test["label"]))}
+    return {
+        "logistic": timed(lambda: logistic.fit(x, train["label"]).score(x_test, test["label"])),
+        "gradient boosting": timed(lambda: boosting.fit(x, train["label"]).score(x_test, test["label"])),
+    }
 
 
 def series_baselines(shards: str, period: int) -> dict:
@@ -179,16 +199,22 @@ def measure(entry: Entry, work: Path) -> dict:
         key = next((k for k in METRICS[entry.family] if k in summary), None)
         row["metric"] = row.get("metric") or key
         sizes = summary.get("data", {})
-        run.update(value=summary.get(key), naive_mse=summary.get("eval/naive_mse"),
-                   rows=[sizes[split]["rows"] for split in ("train", "eval", "test") if split in sizes])
+        run.update(
+            value=summary.get(key),
+            naive_mse=summary.get("eval/naive_mse"),
+            rows=[sizes[split]["rows"] for split in ("train", "eval", "test") if split in sizes],
+        )
         row["runs"][setting] = run
         print(f"reference: {entry.name} {setting}: {key or ''} {cell(run)}", flush=True)
     shards = baseline_shards(entry.family, [r["shards"] for r in row["runs"].values() if "shards" in r])
     if shards:
         meta = shards_meta(shards)  # a series' grid and window, said beside its name
         row["grid"] = f"{meta['freq']}, window {meta['window']}" if "freq" in meta else ""
-        fit = {"tables": table_baselines, "images": image_baselines,
-               "series": lambda s: series_baselines(s, entry.period)}[entry.family]
+        fit = {
+            "tables": table_baselines,
+            "images": image_baselines,
+            "series": lambda s: series_baselines(s, entry.period),
+        }[entry.family]
         row["baselines"] = {name: {"value": v, "wall_s": t} for name, (v, t) in fit(shards).items()}
         check_naive(row)
     return row
@@ -200,9 +226,11 @@ def check_naive(row: dict) -> None:
     own = row["runs"]["default"].get("naive_mse")
     mine = row["baselines"].get("naive", {}).get("value")
     if own is not None and mine is not None and abs(own - mine) > 1e-3 * max(abs(own), 1e-9):
-        print(f"reference: warning: {row['name']}: the naive baseline's MSE {mine:.6g} differs from the run's "
-              f"own eval/naive_mse {own:.6g}: the baselines are not scored on the steps the run forecast",
-              file=sys.stderr)
+        print(
+            f"reference: warning: {row['name']}: the naive baseline's MSE {mine:.6g} differs from the run's "
+            f"own eval/naive_mse {own:.6g}: the baselines are not scored on the steps the run forecast",
+            file=sys.stderr,
+        )
 
 
 # ---------------------------------------------------------------- the table
@@ -229,8 +257,15 @@ def markdown(rows: list[dict], header: str) -> str:
         splits_named = "train/eval/test" if family == "images" else "train/eval"
         ratio = ["default / naive"] if family == "series" else []
         names = ["data set", splits_named, "metric", "default", "tuned", *baselines, *ratio]
-        parts += ["", f"### {family}", "", f"tuned: `{' '.join(TUNED[family])}`; every run: "
-                  f"`{' '.join(RUN_ARGS[family])}`", "", "| " + " | ".join(names) + " |", "| --- " * len(names) + "|"]
+        parts += [
+            "",
+            f"### {family}",
+            "",
+            f"tuned: `{' '.join(TUNED[family])}`; every run: `{' '.join(RUN_ARGS[family])}`",
+            "",
+            "| " + " | ".join(names) + " |",
+            "| --- " * len(names) + "|",
+        ]
         for r in mine:
             parts.append("| " + " | ".join(table_row(r, baselines, ratio)) + " |")
     return "\n".join(parts) + "\n"
@@ -242,13 +277,20 @@ def table_row(r: dict, baselines: list[str], ratio: list[str]) -> list[str]:
     found = [cell(r["baselines"][b]) if b in r["baselines"] else "-" for b in baselines]
     default, naive = r["runs"]["default"].get("value"), r["baselines"].get("naive", {}).get("value")
     shown = [f"{default / naive:.2f}" if default is not None and naive else "-" for _ in ratio]
-    return [name, "/".join(f"{n:,}" for n in rows_seen) if rows_seen else "-",
-            (r.get("metric") or "-").split("/")[-1], cell(r["runs"]["default"]), cell(r["runs"]["tuned"]), *found,
-            *shown]
+    return [
+        name,
+        "/".join(f"{n:,}" for n in rows_seen) if rows_seen else "-",
+        (r.get("metric") or "-").split("/")[-1],
+        cell(r["runs"]["default"]),
+        cell(r["runs"]["tuned"]),
+        *found,
+        *shown,
+    ]
 
 
 def commit() -> str:
     """The checkout's commit as the run starts (and whether tracked files differ from it)."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
@@ -257,11 +299,13 @@ def commit() -> str:
 
 
 def header(sha: str, started: float, quick: bool, partial: bool = False) -> str:
-    return (f"Measured at commit {sha}, {time.strftime('%Y-%m-%d', time.gmtime(started))}"
-            f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all"
-            f"{' so far (still running)' if partial else ''}, load average {os.getloadavg()[0]:.1f} on "
-            f"{os.cpu_count()} cores when written. Each cell: the score (images: on the test split; tables, series: on "
-            f"the eval split) and the wall time of the run or fit.")
+    return (
+        f"Measured at commit {sha}, {time.strftime('%Y-%m-%d', time.gmtime(started))}"
+        f"{' (--quick)' if quick else ''}: {time.time() - started:.0f} s in all"
+        f"{' so far (still running)' if partial else ''}, load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores when written. Each cell: the score (images: on the test split; tables, series: on "
+        f"the eval split) and the wall time of the run or fit."
+    )
 
 
 def parse_args():
@@ -278,9 +322,12 @@ def work_folder(given: str | None) -> Path:
         return Path(tempfile.mkdtemp(prefix="reference-"))
     work = Path(given).resolve()
     if work == ROOT or ROOT in work.parents:
-        print(f"error: --work {given} is inside the repository ({ROOT}); the runs, shards and data would be "
-              f"written into it.\nFix: --work /tmp/reference (any folder outside the repository), or leave --work "
-              f"out for a temporary folder", file=sys.stderr)
+        print(
+            f"error: --work {given} is inside the repository ({ROOT}); the runs, shards and data would be "
+            f"written into it.\nFix: --work /tmp/reference (any folder outside the repository), or leave --work "
+            f"out for a temporary folder",
+            file=sys.stderr,
+        )
         sys.exit(2)
     work.mkdir(parents=True, exist_ok=True)
     return work

@@ -60,8 +60,7 @@ def split_test(source: Path, folder: Path) -> list[str]:
     from sklearn.model_selection import train_test_split
 
     files = sorted(path.relative_to(source) for path in source.rglob("*.png"))
-    train, test = train_test_split(files, test_size=TEST_FRACTION, stratify=[f.parts[0] for f in files],
-                                   random_state=0)
+    train, test = train_test_split(files, test_size=TEST_FRACTION, stratify=[f.parts[0] for f in files], random_state=0)
     for split, part in (("train", train), ("test", test)):
         for file in part:
             (folder / split / file).parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +108,12 @@ def series_file(name: str, frame: Callable):
         table = pd.DataFrame(frame())
         path = folder / f"{name}.csv"
         table.to_csv(path, index=False, date_format="%Y-%m-%d")  # an empty value stays an empty cell
-        return ["recipe=time_series", f"data.file={path}", "data.time_column=date",
-                f"data.value_column={table.columns[1]}"]
+        return [
+            "recipe=time_series",
+            f"data.file={path}",
+            "data.time_column=date",
+            f"data.value_column={table.columns[1]}",
+        ]
 
     return write
 
@@ -138,8 +141,9 @@ def quarterly(column: str) -> Callable:
         import pandas as pd
 
         data = statsmodels_data("macrodata")
-        quarters = pd.PeriodIndex.from_fields(year=data["year"].astype(int), quarter=data["quarter"].astype(int),
-                                              freq="Q")
+        quarters = pd.PeriodIndex.from_fields(
+            year=data["year"].astype(int), quarter=data["quarter"].astype(int), freq="Q"
+        )
         return {"date": quarters.to_timestamp(), column: data[column].to_numpy()}
 
     return frame
@@ -166,10 +170,15 @@ def electricity(folder: Path) -> list[str]:
     import pandas as pd
 
     t = np.arange(2000)
-    value = (100 + 30 * np.sin(2 * np.pi * t / 96) + 10 * np.sin(4 * np.pi * t / 96 + 1)
-             + np.random.default_rng(0).normal(0, 6, len(t)))
-    pd.DataFrame({"timestamp": pd.date_range("2016-01-01 00:15:00", periods=len(t), freq="15min"),
-                  "consumption": value.round(3)}).to_csv(folder / "electricity.csv", index=False)
+    value = (
+        100
+        + 30 * np.sin(2 * np.pi * t / 96)
+        + 10 * np.sin(4 * np.pi * t / 96 + 1)
+        + np.random.default_rng(0).normal(0, 6, len(t))
+    )
+    pd.DataFrame(
+        {"timestamp": pd.date_range("2016-01-01 00:15:00", periods=len(t), freq="15min"), "consumption": value.round(3)}
+    ).to_csv(folder / "electricity.csv", index=False)
     return ["recipe=electricity_forecast", f"data.root={folder}"]
 
 
@@ -181,8 +190,13 @@ ENTRIES = [
     Entry("images", "digits", digits_images, quick=True),
     Entry("images", "omniglot_alphabets", omniglot_images),
     Entry("images", "mnist_test", mnist_images),
-    Entry("series", "sunspots", series_file("sunspots", yearly("sunspots", "YEAR", "SUNACTIVITY", "sunspots")),
-          quick=True, period=11),  # no calendar season: the ~11-year cycle
+    Entry(
+        "series",
+        "sunspots",
+        series_file("sunspots", yearly("sunspots", "YEAR", "SUNACTIVITY", "sunspots")),
+        quick=True,
+        period=11,
+    ),  # no calendar season: the ~11-year cycle
     Entry("series", "nile", series_file("nile", yearly("nile", "year", "volume", "volume"))),
     Entry("series", "realgdp", series_file("realgdp", quarterly("realgdp")), period=4),
     Entry("series", "unemp", series_file("unemp", quarterly("unemp")), period=4),

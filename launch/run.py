@@ -124,8 +124,11 @@ def main(argv: list[str]) -> int:
     except SignalException as e:  # this launcher got SIGTERM: it passed it on, then waited for the workers
         code = 128 + e.sigval
         timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
-        print(f"launcher: {signal.Signals(e.sigval).name} passed on to the training processes (they had "
-              f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={timeout} s to save and exit)", file=sys.stderr)
+        print(
+            f"launcher: {signal.Signals(e.sigval).name} passed on to the training processes (they had "
+            f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={timeout} s to save and exit)",
+            file=sys.stderr,
+        )
         return code
     if code not in EXPLAINED:
         reason = f" ({signal.Signals(code - 128).name})" if 128 < code < 128 + signal.NSIG else ""

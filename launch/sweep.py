@@ -27,24 +27,35 @@ from pipeline.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s [options] [--config FILE] key=value[,value ...] ...",
-                                     epilog="\n".join(__doc__.split("\n")[2:]))
-    parser.add_argument("--launcher", help="the command before launch/train.py (default: this Python), e.g. "
-                                           "\"accelerate launch --multi_gpu --num_processes 2\"")
-    parser.add_argument("--name", help="the sweep's name: the runs' name prefix and W&B group "
-                                       "(default: sweep-<date>-<time>); reuse one to continue a stopped sweep")
-    parser.add_argument("--config", metavar="FILE", help="a YAML file of config keys under the command line's, "
-                                                         "as for launch/train.py")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options] [--config FILE] key=value[,value ...] ...",
+        epilog="\n".join(__doc__.split("\n")[2:]),
+    )
+    parser.add_argument(
+        "--launcher",
+        help="the command before launch/train.py (default: this Python), e.g. "
+        '"accelerate launch --multi_gpu --num_processes 2"',
+    )
+    parser.add_argument(
+        "--name",
+        help="the sweep's name: the runs' name prefix and W&B group "
+        "(default: sweep-<date>-<time>); reuse one to continue a stopped sweep",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="a YAML file of config keys under the command line's, as for launch/train.py"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
     args, overrides = parser.parse_known_args(argv)
     try:
         name = args.name or sweep.default_name()
         check_run_name(name)  # the runs' folder names start with it
         command = sweep.launcher_command(args.launcher)
-        runs = sweep.plan([*(["--config", args.config] if args.config else []), *overrides], name,
-                          recipe=not args.dry_run)
+        runs = sweep.plan(
+            [*(["--config", args.config] if args.config else []), *overrides], name, recipe=not args.dry_run
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,15 +18,18 @@ def check_batches(cfg, num_processes: int) -> int:
         raise ConfigError(
             f"trainer.batch_size={batch} does not split into {num_processes} processes x {accumulate} "
             f"accumulation steps; use a multiple of {num_processes * accumulate}"
-            + nearest_process_counts(batch, accumulate, num_processes))
+            + nearest_process_counts(batch, accumulate, num_processes)
+        )
     check_eval_batch(cfg, num_processes)
     return batch // (num_processes * accumulate)
 
 
 def check_eval_batch(cfg, num_processes: int) -> None:
     if cfg.trainer.eval_batch_size % num_processes:
-        raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
-                          f"{num_processes} processes; add trainer.eval_batch_size=<a multiple of {num_processes}>")
+        raise ConfigError(
+            f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} does not split into "
+            f"{num_processes} processes; add trainer.eval_batch_size=<a multiple of {num_processes}>"
+        )
 
 
 def nearest_process_counts(batch: int, accumulate: int, num_processes: int) -> str:
@@ -54,12 +57,19 @@ def fit_batch(cfg, train_rows: int, num_processes: int, say) -> DictConfig:
         batch //= 2
     if batch == asked:
         return cfg
-    short = (f"; fewer than {wanted}: a smaller batch would not split into {num_processes} process(es) x "
-             f"{cfg.trainer.grad_accum_steps} accumulation step(s)") if steps(batch) < wanted else ""
-    say(f"data: trainer.batch_size {asked} -> {batch}: the {train_rows:,} train rows make {steps(batch)} steps an "
-        f"epoch (trainer.min_steps_per_epoch={wanted}){short}")
+    short = (
+        (
+            f"; fewer than {wanted}: a smaller batch would not split into {num_processes} process(es) x "
+            f"{cfg.trainer.grad_accum_steps} accumulation step(s)"
+        )
+        if steps(batch) < wanted
+        else ""
+    )
+    say(
+        f"data: trainer.batch_size {asked} -> {batch}: the {train_rows:,} train rows make {steps(batch)} steps an "
+        f"epoch (trainer.min_steps_per_epoch={wanted}){short}"
+    )
     cfg = copy.deepcopy(cfg)
     with read_write(cfg):
         cfg.trainer.batch_size = batch
     return cfg
-

@@ -13,8 +13,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from pipeline.errors import ConfigError
 
 
-def loader(dataset, batch_size: int, train: bool, seed: int, step_batch: int | None = None, complete: bool = False,
-           **workers) -> DataLoader:
+def loader(
+    dataset, batch_size: int, train: bool, seed: int, step_batch: int | None = None, complete: bool = False, **workers
+) -> DataLoader:
     """A DataLoader that fetches whole batches: the dataset's `__getitems__` slices all indices at once.
     `workers`: the DataLoader's `num_workers` (kept alive between epochs) and `pin_memory`.
 
@@ -37,9 +38,14 @@ def loader(dataset, batch_size: int, train: bool, seed: int, step_batch: int | N
         batches = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
     # Each pass draws its workers' base seed from `generator`, by default torch's global stream: that is the
     # model's dropout stream, one per process (rng.seed_model), which the data side must not draw from.
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch,
-                      persistent_workers=workers.get("num_workers", 0) > 0, **workers,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=_whole_batch,
+        persistent_workers=workers.get("num_workers", 0) > 0,
+        **workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def train_samples(rows: int, step_batch: int, complete: bool) -> int:
@@ -73,7 +79,8 @@ def check_shared_memory(loaders: list[DataLoader], shm: Path = SHARED_MEMORY) ->
             f"{need / 2**20:,.1f} MB there to hand their batches over (workers x prefetch x batch bytes, with a "
             f"margin); they would fail and the run would hang. Give the container more: `docker run "
             f"--shm-size=<size>` (podman the same; Kubernetes: an emptyDir with medium: Memory at {shm}), or "
-            f"read the data in the training process: data.num_workers=0")
+            f"read the data in the training process: data.num_workers=0"
+        )
 
 
 def shared_memory_need(loader: DataLoader) -> int:
@@ -107,7 +114,7 @@ class ShuffledBatches(BatchSampler):
             order = order.to(self.device)
         usable = self.sampler.num_samples - self.sampler.num_samples % self.batch_size
         if usable > len(order):  # the ragged last step completed by the epoch's first rows
-            order = torch.cat([order, order[:usable - len(order)]])
+            order = torch.cat([order, order[: usable - len(order)]])
         yield from order[:usable].split(self.batch_size)
         self.epoch += 1  # the next pass is the next epoch, unless the loop says otherwise
 

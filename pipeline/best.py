@@ -39,11 +39,21 @@ class Best:
         if not saved:
             return best
         if best.monitor not in (None, saved["monitor"]) or best.mode not in (None, saved["mode"]):
-            say(f"checkpoint.monitor/mode changed from {saved['monitor']} ({saved['mode']}) to "
-                f"{best.monitor} ({best.mode or 'auto'}): the best weights are chosen afresh from the next evaluation")
+            say(
+                f"checkpoint.monitor/mode changed from {saved['monitor']} ({saved['mode']}) to "
+                f"{best.monitor} ({best.mode or 'auto'}): the best weights are chosen afresh from the next evaluation"
+            )
             return best
-        return cls(saved["monitor"], saved["mode"], best.patience, saved["value"], saved["step"], saved["epoch"],
-                   saved["stale"], loss=saved.get("loss"))
+        return cls(
+            saved["monitor"],
+            saved["mode"],
+            best.patience,
+            saved["value"],
+            saved["step"],
+            saved["epoch"],
+            saved["stale"],
+            loss=saved.get("loss"),
+        )
 
     def update(self, results: dict, step: int, epoch: int, accelerator) -> bool:
         """Takes one evaluation's results; True when it is the best so far. Every process gets process 0's
@@ -53,20 +63,27 @@ class Best:
         value = results.get(self.monitor)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             available = ", ".join(k for k, v in results.items() if isinstance(v, (int, float)))
-            raise ConfigError(f"checkpoint.monitor={self.monitor} is not a metric this recipe's evaluation reports; "
-                              f"choose one of: {available}")
+            raise ConfigError(
+                f"checkpoint.monitor={self.monitor} is not a metric this recipe's evaluation reports; "
+                f"choose one of: {available}"
+            )
         loss = results.get("eval/loss") if self.monitor != "eval/loss" else None
         if accelerator.num_processes > 1:
             value, loss = broadcast_object_list([value, loss])[:2]
-        improved = math.isfinite(value) and (self.value is None or (
-            value > self.value if self.mode == "max" else value < self.value) or self.lower_loss(value, loss))
+        improved = math.isfinite(value) and (
+            self.value is None
+            or (value > self.value if self.mode == "max" else value < self.value)
+            or self.lower_loss(value, loss)
+        )
         if improved:
             self.value, self.step, self.epoch, self.stale, self.loss = value, step, epoch, 0, loss
         else:
             self.stale += 1
         if self.patience and self.stale >= self.patience:
-            self.stopped_early = (f"{self.monitor} did not improve for {self.stale} evaluation"
-                                  f"{'s' if self.stale > 1 else ''} (best {self.value:.6g} at epoch {self.epoch})")
+            self.stopped_early = (
+                f"{self.monitor} did not improve for {self.stale} evaluation"
+                f"{'s' if self.stale > 1 else ''} (best {self.value:.6g} at epoch {self.epoch})"
+            )
         return improved
 
     def lower_loss(self, value: float, loss: float | None) -> bool:
@@ -82,9 +99,14 @@ class Best:
         """summary.json's and the trackers' record of it."""
         if self.monitor is None:  # no evaluation happened (a resumed run that was already at its end)
             return {}
-        return {f"best/{self.monitor}": self.value, "best/step": self.step, "best/epoch": self.epoch,
-                "best/mode": self.mode, "stopped_early": self.stopped_early is not None,
-                **({"stopped_early/reason": self.stopped_early} if self.stopped_early else {})}
+        return {
+            f"best/{self.monitor}": self.value,
+            "best/step": self.step,
+            "best/epoch": self.epoch,
+            "best/mode": self.mode,
+            "stopped_early": self.stopped_early is not None,
+            **({"stopped_early/reason": self.stopped_early} if self.stopped_early else {}),
+        }
 
 
 def default_mode(metric: str) -> str:

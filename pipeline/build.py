@@ -91,20 +91,38 @@ def setup(cfg, recipe: Recipe, folder: RunFolder | None = None) -> TrainingRun:
     check_batch(recipe, cfg, recipe.transform(next(iter(eval_loaders["eval"])), False, meta))
     model, layer_stats = make_model(cfg, recipe, meta, sync_batchnorm)
     optimizer, scheduler, steps_per_epoch = make_optimizer(cfg, model, len(train_loader))
-    model, optimizer, train_loader, prepared = prepare_all(accelerator, on_device, (model, optimizer, scheduler),
-                                                           train_loader, eval_loaders)
+    model, optimizer, train_loader, prepared = prepare_all(
+        accelerator, on_device, (model, optimizer, scheduler), train_loader, eval_loaders
+    )
     # From here on each process has its own stream for the model's randomness (dropout): see rng.seed_model.
     rng.seed_model(cfg.seed, accelerator.process_index, 0)
     runtime = runinfo.runtime(accelerator, compiled)
     start_trackers(cfg, accelerator, runtime, init_kwargs, run_dir, meta)
     say_data(accelerator.print, splits_read, steps_per_epoch, eval_loaders)
-    return TrainingRun(accelerator=accelerator, recipe=recipe, meta=meta, model=model, eval_loaders=prepared,
-               metrics=make_metrics(recipe, cfg, meta, accelerator.device),
-               loss_fn=loss_fn(recipe, cfg), inputs=model_inputs(recipe, cfg),
-               cfg=cfg, trainer=OmegaConf.to_object(cfg.trainer), run_dir=run_dir, optimizer=optimizer,
-               scheduler=scheduler, train_loader=train_loader, batch_order=batch_order, steps_per_epoch=steps_per_epoch,
-               layer_stats=layer_stats, compiled=compiled, runtime=runtime, resume_from=resume_from,
-               data_paths=splits_read, data_identity=identity)
+    return TrainingRun(
+        accelerator=accelerator,
+        recipe=recipe,
+        meta=meta,
+        model=model,
+        eval_loaders=prepared,
+        metrics=make_metrics(recipe, cfg, meta, accelerator.device),
+        loss_fn=loss_fn(recipe, cfg),
+        inputs=model_inputs(recipe, cfg),
+        cfg=cfg,
+        trainer=OmegaConf.to_object(cfg.trainer),
+        run_dir=run_dir,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        batch_order=batch_order,
+        steps_per_epoch=steps_per_epoch,
+        layer_stats=layer_stats,
+        compiled=compiled,
+        runtime=runtime,
+        resume_from=resume_from,
+        data_paths=splits_read,
+        data_identity=identity,
+    )
 
 
 def make_optimizer(cfg, model: torch.nn.Module, train_batches: int) -> tuple:
@@ -120,9 +138,17 @@ def prepare_all(accelerator, on_device: bool, training: tuple, train_loader, eva
     model, optimizer, scheduler = training
     loaders = [train_loader, *eval_loaders.values()]
     model, optimizer, train_loader, *prepared = accelerator.prepare(
-        model, optimizer, *loaders, *([scheduler] if scheduler else []),
-        device_placement=[True, True, *[batches_move(accelerator, on_device)] * len(loaders),
-                          *([True] if scheduler else [])])
+        model,
+        optimizer,
+        *loaders,
+        *([scheduler] if scheduler else []),
+        device_placement=[
+            True,
+            True,
+            *[batches_move(accelerator, on_device)] * len(loaders),
+            *([True] if scheduler else []),
+        ],
+    )
     return model, optimizer, train_loader, dict(zip(eval_loaders, prepared))
 
 
@@ -157,16 +183,22 @@ def make_accelerator(cfg, cpu: bool, compiled: bool = False, **training) -> Acce
     return accelerator
 
 
-def training_accelerator(cfg, state: PartialState, compiled: bool, run_dir: Path, resume_from: Path | None,
-                         wandb_mode) -> tuple[Accelerator, dict]:
+def training_accelerator(
+    cfg, state: PartialState, compiled: bool, run_dir: Path, resume_from: Path | None, wandb_mode
+) -> tuple[Accelerator, dict]:
     """The training Accelerator with the run's trackers; returns it and the trackers' init arguments."""
     # The local record keeps the lines up to the checkpoint (the steps after it are trained again);
     # a run that starts at step 0 starts a fresh record.
     resumed_step = checkpoint.position(resume_from)["step"] if resume_from else None
     log_with, init_kwargs = tracking.trackers(cfg, run_dir, resumed_step, state.is_main_process, wandb_mode)
-    accelerator = make_accelerator(cfg, not torch.accelerator.is_available(), compiled,
-                                   gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
-                                   log_with=log_with, project_dir=str(run_dir))
+    accelerator = make_accelerator(
+        cfg,
+        not torch.accelerator.is_available(),
+        compiled,
+        gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
+        log_with=log_with,
+        project_dir=str(run_dir),
+    )
     checkpoint.keep_plain_weights(accelerator)
     if accelerator.device.type == "cuda":
         # cudnn.benchmark picks the fastest convolution for the (fixed, drop_last) training shapes once.
@@ -179,9 +211,11 @@ def start_run_dir(cfg, accelerator, run_dir: Path, compiled: bool, micro_batch: 
     with all_or_none(accelerator):
         if accelerator.is_main_process:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.print(f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
-                      f"mixed_precision={accelerator.mixed_precision} compile={compiled} "
-                      f"micro_batch/process={micro_batch}")
+    accelerator.print(
+        f"run: {run_dir}  processes={accelerator.num_processes} device={accelerator.device.type} "
+        f"mixed_precision={accelerator.mixed_precision} compile={compiled} "
+        f"micro_batch/process={micro_batch}"
+    )
     if warning := fewer_processes_than_asked(accelerator.num_processes):
         accelerator.print(warning)
 
@@ -235,7 +269,3 @@ def make_metrics(recipe, cfg, meta, device) -> dict:
 
 def _never() -> bool:
     return False
-
-
-
-

@@ -90,17 +90,21 @@ def publish(tmp: Path, final: Path) -> None:
     if ours(final):
         shutil.rmtree(final)
     elif final.exists():
-        raise DataError(f"{final} is in the way of the checkpoint of that step: it is not a checkpoint this "
-                        f"pipeline wrote.\nFix: move it out of {final.parent}, or use another output_dir=.")
+        raise DataError(
+            f"{final} is in the way of the checkpoint of that step: it is not a checkpoint this "
+            f"pipeline wrote.\nFix: move it out of {final.parent}, or use another output_dir=."
+        )
     tmp.rename(final)
 
 
 def write_manifest(checkpoint: Path) -> None:
     # sha256 reads the files back once, which is small next to writing them for this pipeline's models.
-    files = {p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    files = {
+        p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file()
+    }
     write_json(checkpoint / MANIFEST, {"files": files})
-
 
 
 def damage(checkpoint: Path) -> str | None:
@@ -190,8 +194,9 @@ class StopSignal:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             self.interrupted = True
-            self.say("Ctrl-C: stopping at the next log line and saving a checkpoint (Ctrl-C again stops at "
-                     "once, unsaved)")
+            self.say(
+                "Ctrl-C: stopping at the next log line and saving a checkpoint (Ctrl-C again stops at once, unsaved)"
+            )
         self.received = True
 
     @property

@@ -51,8 +51,11 @@ def description(file: Path) -> str:
     except (OSError, SyntaxError, ValueError) as e:  # a broken recipe must not hide the others
         return f"(fails to load: {e})"
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "recipe" for t in node.targets) and \
-                isinstance(node.value, ast.Call):
+        if (
+            isinstance(node, ast.Assign)
+            and any(getattr(t, "id", None) == "recipe" for t in node.targets)
+            and isinstance(node.value, ast.Call)
+        ):
             for keyword in node.value.keywords:
                 if keyword.arg == "description" and isinstance(keyword.value, ast.Constant):
                     return str(keyword.value.value)
@@ -124,7 +127,6 @@ def exit_once(message: str, code: int) -> None:
     else:
         time.sleep(SAY_GRACE_S)
     sys.exit(code)
-
 
 
 def leave_process_group() -> None:

@@ -68,13 +68,17 @@ def read_run(path: Path, say=None) -> RunRecord:
     tells which (default: standard error, away from the table on standard output)."""
     say = say or (lambda message: print(message, file=sys.stderr))
     if not (path / "config.yaml").is_file():
-        raise CompareError(f"{path}: not a run folder (no config.yaml); a run folder is "
-                           f"<output_dir>/<recipe>/<run name>/, e.g. runs/digits/20250101-120000")
+        raise CompareError(
+            f"{path}: not a run folder (no config.yaml); a run folder is "
+            f"<output_dir>/<recipe>/<run name>/, e.g. runs/digits/20250101-120000"
+        )
     try:
         config = files.flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
     except (yaml.YAMLError, OSError, AttributeError) as e:
-        raise CompareError(f"{path / 'config.yaml'} cannot be read ({str(e).splitlines()[0]}); leave {path} out "
-                           f"of the comparison, or restore the file") from None
+        raise CompareError(
+            f"{path / 'config.yaml'} cannot be read ({str(e).splitlines()[0]}); leave {path} out "
+            f"of the comparison, or restore the file"
+        ) from None
     summary = {}
     if (path / "summary.json").is_file():
         try:
@@ -102,8 +106,10 @@ def _lines(metrics: Path, say) -> list[dict]:
             skipped.append(number)
     if skipped:
         what = "line" if len(skipped) == 1 else "lines"
-        say(f"note: {metrics} {what} {', '.join(map(str, skipped))} cannot be read (cut short by a kill while it "
-            f"was written?); left out")
+        say(
+            f"note: {metrics} {what} {', '.join(map(str, skipped))} cannot be read (cut short by a kill while it "
+            f"was written?); left out"
+        )
     return lines
 
 
@@ -116,8 +122,12 @@ def differing_keys(runs: list[RunRecord]) -> list[str]:
 def default_metrics(runs: list[RunRecord]) -> list[str]:
     """The final scalar eval/* and test/* metrics; when there are many, the loss and accuracy-like ones."""
     ordered = sorted(runs, key=lambda r: not r.finished)  # summary.json's order (loss first), then logged lines
-    found = [k for r in ordered for k, v in r.results().items()
-             if k.split("/")[0] in ("eval", "test") and _scalar(v) and not k.endswith("/samples")]
+    found = [
+        k
+        for r in ordered
+        for k, v in r.results().items()
+        if k.split("/")[0] in ("eval", "test") and _scalar(v) and not k.endswith("/samples")
+    ]
     found = list(dict.fromkeys(found))
     if len(found) > MAX_DEFAULT_METRICS:
         found = [k for k in found if k.split("/", 1)[1] in PREFERRED] or found[:MAX_DEFAULT_METRICS]
@@ -129,8 +139,14 @@ def table(runs: list[RunRecord], metrics: list[str] | None = None) -> tuple[list
     differ, the final metrics, the best value and epoch where recorded, samples/s and duration."""
     keys = differing_keys(runs)
     metrics = metrics or default_metrics(runs)
-    best = list(dict.fromkeys(k for r in runs for k in r.summary
-                              if k.startswith("best/") and k not in ("best/step", "best/epoch", "best/mode")))
+    best = list(
+        dict.fromkeys(
+            k
+            for r in runs
+            for k in r.summary
+            if k.startswith("best/") and k not in ("best/step", "best/epoch", "best/mode")
+        )
+    )
     extra = [k for k in ("best/epoch", "stopped_early") if any(k in r.summary for r in runs)]
     timing = ["train/samples_per_s", "time/total_s"]
     header = ["run", "status", *keys, *metrics, *best, *extra, *TIMING]
@@ -138,9 +154,15 @@ def table(runs: list[RunRecord], metrics: list[str] | None = None) -> tuple[list
     rows = []
     for name, run in zip(names, runs):
         results = run.results()
-        rows.append([name, "done" if run.finished else "unfinished", *(run.config.get(k) for k in keys),
-                     *(results.get(k) for k in metrics + best + extra),
-                     *(run.summary.get(k) for k in timing)])
+        rows.append(
+            [
+                name,
+                "done" if run.finished else "unfinished",
+                *(run.config.get(k) for k in keys),
+                *(results.get(k) for k in metrics + best + extra),
+                *(run.summary.get(k) for k in timing),
+            ]
+        )
     return header, rows
 
 

@@ -183,8 +183,9 @@ def given(dotlist: list[str], key: str) -> str | None:
 
 def schema(recipe) -> DictConfig:
     """The typed defaults of a run of `recipe`, before its own defaults and the command line."""
-    return OmegaConf.structured(Config(recipe=recipe.name, data=recipe.data_config(),
-                                       model=recipe.model_config(), loss=recipe.loss_config()))
+    return OmegaConf.structured(
+        Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config(), loss=recipe.loss_config())
+    )
 
 
 def build(dotlist: list[str], recipe, preset: Preset | None = None) -> DictConfig:
@@ -242,9 +243,11 @@ def restore(saved: DictConfig, recipe, dotlist: list[str], source: str) -> DictC
         check_values(cfg)
     except (OmegaConfBaseException, ConfigError) as e:
         why = str(e) if isinstance(e, ConfigError) else describe_error(e, base)
-        raise ConfigError(f"{source} no longer loads with recipe {recipe.name!r} as this code defines it: {why}.\n"
-                          f"Fix: use the code the run was trained with (git checkout of that version), or "
-                          f"retrain with this one") from None
+        raise ConfigError(
+            f"{source} no longer loads with recipe {recipe.name!r} as this code defines it: {why}.\n"
+            f"Fix: use the code the run was trained with (git checkout of that version), or "
+            f"retrain with this one"
+        ) from None
     try:
         cfg = OmegaConf.merge(cfg, normalize(parse(dotlist), choices))
     except OmegaConfBaseException as e:
@@ -264,8 +267,10 @@ def parse(dotlist: list[str]) -> DictConfig:
         try:
             overrides.merge_with_dotlist([item])
         except yaml.YAMLError as e:
-            raise ConfigError(f"cannot read {item!r}: {str(e).splitlines()[0]}; a value must be YAML, "
-                              f"e.g. optimizer.betas=[0.9,0.999] or run_name=\"my run\"") from None
+            raise ConfigError(
+                f"cannot read {item!r}: {str(e).splitlines()[0]}; a value must be YAML, "
+                f'e.g. optimizer.betas=[0.9,0.999] or run_name="my run"'
+            ) from None
     return overrides
 
 

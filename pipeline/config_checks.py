@@ -11,12 +11,29 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from pipeline.errors import ConfigError
 
-POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.grad_accum_steps",
-            "trainer.log_every", "trainer.dist_timeout_s", "scheduler.step_size", "data.num_shards", "data.num_proc",
-            "debug.hooks_every")
-NON_NEGATIVE = ("seed", "data.split_seed", "data.num_workers", "scheduler.warmup_steps", "checkpoint.every_steps",
-                "checkpoint.keep", "optimizer.momentum", "optimizer.weight_decay",
-                "trainer.min_steps_per_epoch")
+POSITIVE = (
+    "trainer.epochs",
+    "trainer.batch_size",
+    "trainer.eval_batch_size",
+    "trainer.grad_accum_steps",
+    "trainer.log_every",
+    "trainer.dist_timeout_s",
+    "scheduler.step_size",
+    "data.num_shards",
+    "data.num_proc",
+    "debug.hooks_every",
+)
+NON_NEGATIVE = (
+    "seed",
+    "data.split_seed",
+    "data.num_workers",
+    "scheduler.warmup_steps",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+    "optimizer.momentum",
+    "optimizer.weight_decay",
+    "trainer.min_steps_per_epoch",
+)
 NAME_EXAMPLE = "e.g. run_name=baseline-lr3e-4"
 
 
@@ -59,29 +76,38 @@ def check_values(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"bad value {key}={OmegaConf.select(cfg, key)}: must be >= 0")
     if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
-        raise ConfigError(f"bad value trainer.max_steps={cfg.trainer.max_steps}: must be >= 1, "
-                          f"or null (the default) for no limit")
+        raise ConfigError(
+            f"bad value trainer.max_steps={cfg.trainer.max_steps}: must be >= 1, or null (the default) for no limit"
+        )
     patience = cfg.trainer.early_stopping_patience
     if patience is not None and patience < 1:
-        raise ConfigError(f"bad value trainer.early_stopping_patience={patience}: must be >= 1 (evaluations "
-                          f"without improvement), or null (the default) for no early stopping")
+        raise ConfigError(
+            f"bad value trainer.early_stopping_patience={patience}: must be >= 1 (evaluations "
+            f"without improvement), or null (the default) for no early stopping"
+        )
     monitor = cfg.checkpoint.monitor
     if monitor is not None and not monitor.startswith("eval/"):
-        raise ConfigError(f"bad value checkpoint.monitor={monitor!r}: the best weights are chosen by the evaluation "
-                          f"after each epoch, so name one of its metrics, e.g. checkpoint.monitor=eval/loss or "
-                          f"checkpoint.monitor=eval/accuracy (null: eval/accuracy where reported, else eval/loss)")
+        raise ConfigError(
+            f"bad value checkpoint.monitor={monitor!r}: the best weights are chosen by the evaluation "
+            f"after each epoch, so name one of its metrics, e.g. checkpoint.monitor=eval/loss or "
+            f"checkpoint.monitor=eval/accuracy (null: eval/accuracy where reported, else eval/loss)"
+        )
     _check_settings(cfg)
 
 
 def _check_settings(cfg: DictConfig) -> None:
     """The ranges of the trainer's, data's, optimizer's and scheduler's single settings."""
     if cfg.trainer.clip_grad_norm is not None and cfg.trainer.clip_grad_norm <= 0:
-        raise ConfigError(f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
-                          f"or null (the default) for no clipping")
+        raise ConfigError(
+            f"bad value trainer.clip_grad_norm={cfg.trainer.clip_grad_norm}: must be > 0, "
+            f"or null (the default) for no clipping"
+        )
     budget = OmegaConf.select(cfg, "data.in_memory_budget_gb")
     if budget is not None and budget < 0:
-        raise ConfigError(f"bad value data.in_memory_budget_gb={budget}: must be >= 0, or null (the default) for "
-                          f"a quarter of the available memory divided by the processes on a node")
+        raise ConfigError(
+            f"bad value data.in_memory_budget_gb={budget}: must be >= 0, or null (the default) for "
+            f"a quarter of the available memory divided by the processes on a node"
+        )
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"bad value data.eval_fraction={cfg.data.eval_fraction}: must be between 0 and 1")
     if cfg.optimizer.lr <= 0:
@@ -91,8 +117,10 @@ def _check_settings(cfg: DictConfig) -> None:
     if cfg.scheduler.gamma <= 0:
         raise ConfigError(f"bad value scheduler.gamma={cfg.scheduler.gamma}: must be > 0")
     if cfg.scheduler.name.name == "onecycle" and cfg.scheduler.warmup_steps:
-        raise ConfigError(f"scheduler.name=onecycle has its own warmup; leave scheduler.warmup_steps=0 "
-                          f"(got {cfg.scheduler.warmup_steps})")
+        raise ConfigError(
+            f"scheduler.name=onecycle has its own warmup; leave scheduler.warmup_steps=0 "
+            f"(got {cfg.scheduler.warmup_steps})"
+        )
 
 
 def _check_finite(node, prefix: str = "") -> None:

@@ -52,8 +52,13 @@ class Undecoded:
 
     def decoded(self) -> datasets.Dataset:
         """The rows decoded now, in memory (a small split, e.g. to look at it)."""
-        return self.rows.map(self.decode, batched=True, batch_size=DECODE_BATCH, features=self.features,
-                             remove_columns=[c for c in self.rows.column_names if c not in self.features])
+        return self.rows.map(
+            self.decode,
+            batched=True,
+            batch_size=DECODE_BATCH,
+            features=self.features,
+            remove_columns=[c for c in self.rows.column_names if c not in self.features],
+        )
 
     def with_rows(self, rows: datasets.Dataset) -> Undecoded:
         """The same decoding of other rows (e.g. a train/eval split of these)."""
@@ -86,9 +91,12 @@ def shard_name(index: int, count: int) -> str:
 
 def jobs(splits: dict, num_shards: int) -> list[tuple[str, int, int]]:
     """(split, shard index, shard count) of every shard to decode, in one fixed order on every process."""
-    return [(name, index, shard_count(split, num_shards))
-            for name, split in splits.items() if isinstance(split, Undecoded)
-            for index in range(shard_count(split, num_shards))]
+    return [
+        (name, index, shard_count(split, num_shards))
+        for name, split in splits.items()
+        if isinstance(split, Undecoded)
+        for index in range(shard_count(split, num_shards))
+    ]
 
 
 def mine(all_jobs: list, process: int, processes: int) -> list:
@@ -184,14 +192,22 @@ def finish_split(split: Undecoded | Written, name: str, num_shards: int, folder:
     count = shard_count(split, num_shards)
     missing = [shard_name(i, count) for i in range(count) if not (folder / name / shard_name(i, count)).exists()]
     if missing:
-        raise RuntimeError(f"shards missing after every process wrote its own: {name}/{missing[0]} and "
-                           f"{len(missing) - 1} more")
-    state = {"_data_files": [{"filename": shard_name(i, count)} for i in range(count)],
-             "_fingerprint": hashlib.sha256(f"{fingerprint}/{name}".encode()).hexdigest()[:16],
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-             "_split": None}
-    (folder / name / datasets.config.DATASET_STATE_JSON_FILENAME).write_text(json.dumps(state, indent=2,
-                                                                                        sort_keys=True))
+        raise RuntimeError(
+            f"shards missing after every process wrote its own: {name}/{missing[0]} and {len(missing) - 1} more"
+        )
+    state = {
+        "_data_files": [{"filename": shard_name(i, count)} for i in range(count)],
+        "_fingerprint": hashlib.sha256(f"{fingerprint}/{name}".encode()).hexdigest()[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / name / datasets.config.DATASET_STATE_JSON_FILENAME).write_text(
+        json.dumps(state, indent=2, sort_keys=True)
+    )
     info = asdict(datasets.DatasetInfo(features=split.features))
     (folder / name / datasets.config.DATASET_INFO_FILENAME).write_text(
-        json.dumps({key: info[key] for key in sorted(info)}, indent=2))
+        json.dumps({key: info[key] for key in sorted(info)}, indent=2)
+    )

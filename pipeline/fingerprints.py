@@ -15,8 +15,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 # Keys under `data.` that say where things are or how fast to work, not what the shards contain.
-NOT_CONTENT = ("root", "cache_dir", "download", "num_proc", "num_workers", "in_memory", "in_memory_budget_gb",
-               "on_device")
+NOT_CONTENT = (
+    "root",
+    "cache_dir",
+    "download",
+    "num_proc",
+    "num_workers",
+    "in_memory",
+    "in_memory_budget_gb",
+    "on_device",
+)
 # How the shard folder is laid out, in the fingerprint: a change rebuilds every cache. 2: one DatasetDict
 # (dataset_dict.json + a folder per split) that `datasets.load_from_disk(<folder>)` reads; 1: loose splits.
 LAYOUT = 2
@@ -25,10 +33,18 @@ PROJECT = ("pipeline", "recipes")  # packages whose code can change what prepare
 
 def fingerprint(recipe, cfg: DictConfig) -> str:
     """Hash of the recipe's code, every preprocessing parameter and the raw files (path, size, mtime)."""
-    params = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-              if k not in NOT_CONTENT and k not in recipe.transform_keys}
-    h = hashlib.sha256(json.dumps({"recipe": recipe.name, "version": recipe.version, "layout": LAYOUT, "data": params},
-                                  sort_keys=True, default=str).encode())
+    params = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+        if k not in NOT_CONTENT and k not in recipe.transform_keys
+    }
+    h = hashlib.sha256(
+        json.dumps(
+            {"recipe": recipe.name, "version": recipe.version, "layout": LAYOUT, "data": params},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     h.update(code_hash(recipe).encode())
     stats = raw_stats(recipe, cfg)
     for rel, size, mtime_ns in stats:
@@ -99,8 +115,11 @@ def _reached(start) -> list:
             names = _names(obj.__code__)
             for value in [obj.__globals__.get(n) for n in names] + [c.cell_contents for c in obj.__closure__ or ()]:
                 if inspect.ismodule(value):  # `helpers.image_split`: the attribute names are in co_names too
-                    todo += [getattr(value, n) for n in names if value.__name__.split(".")[0] in project
-                             and hasattr(value, n)]
+                    todo += [
+                        getattr(value, n)
+                        for n in names
+                        if value.__name__.split(".")[0] in project and hasattr(value, n)
+                    ]
                 elif value is not None:
                     todo.append(value)
     return sorted(found.values(), key=lambda o: (o.__module__, o.__qualname__))

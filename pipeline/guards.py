@@ -25,15 +25,19 @@ def check_finite(values: dict, step: int, run_dir: Path, accelerator) -> None:
         return
     accelerator.end_training()
     last = checkpoint.latest(run_dir)
-    kept = (f"The last checkpoint, {last}, was saved before the loss went bad; the same command resumes from it."
-            if last else "No checkpoint was saved before it.")
+    kept = (
+        f"The last checkpoint, {last}, was saved before the loss went bad; the same command resumes from it."
+        if last
+        else "No checkpoint was saved before it."
+    )
     if (Path(run_dir) / "best.safetensors").exists():
         kept += f" {Path(run_dir) / 'best.safetensors'} holds the best evaluated weights from before it."
     raise Diverged(
         f"{', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}: training diverged and was stopped "
         f"(no summary.json or weights written). {kept}\nLikely causes: a learning rate too high (lower "
         f"optimizer.lr), non-finite or unscaled values in the input data, fp16 overflow (use bf16, or "
-        f"trainer.clip_grad_norm=1.0). Start a new run with the fix: run_name=<new name>.")
+        f"trainer.clip_grad_norm=1.0). Start a new run with the fix: run_name=<new name>."
+    )
 
 
 def check_weights(model, step: int, run_dir: Path, accelerator) -> None:
@@ -51,13 +55,17 @@ def disk_full_guard(run_dir: Path, what: str, accelerator, partial: tuple[str, .
         yield
     except Exception as e:  # OSError, torch's zip writer (RuntimeError "unexpected pos"), SafetensorError
         free = shutil.disk_usage(run_dir).free
-        full = any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-                   or "No space left on device" in str(x) for x in _chain(e))
+        full = any(
+            getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(x)
+            for x in _chain(e)
+        )
         if not full and free >= 1 << 20:
             raise
         if accelerator.is_main_process:
-            half_written = [*checkpoint.folder(run_dir).glob(".tmp-step-*"),
-                            *(p for pattern in partial for p in run_dir.glob(pattern))]
+            half_written = [
+                *checkpoint.folder(run_dir).glob(".tmp-step-*"),
+                *(p for pattern in partial for p in run_dir.glob(pattern)),
+            ]
             for path in half_written:
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
@@ -67,8 +75,13 @@ def disk_full_guard(run_dir: Path, what: str, accelerator, partial: tuple[str, .
         raise DiskFull(
             f"disk full while writing {what} to {run_dir} ({free:,} bytes free; {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else e!r}).\nFix: free space there or point output_dir= at a "
-            f"larger disk. " + (f"The last complete checkpoint, {last}, is intact: rerun the same command "
-                                f"to resume from it." if last else "No complete checkpoint exists yet.")) from None
+            f"larger disk. "
+            + (
+                f"The last complete checkpoint, {last}, is intact: rerun the same command to resume from it."
+                if last
+                else "No complete checkpoint exists yet."
+            )
+        ) from None
 
 
 def _chain(e: BaseException):
@@ -85,5 +98,7 @@ def check_writable(cfg) -> None:
         if not existing.is_dir():
             raise ConfigError(f"{key}={path}: {existing} is a file, not a folder; point {key}= at a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}={path}: {existing} is not writable by this user; point {key}= at a "
-                              f"writable folder (e.g. {key}=$HOME/{Path(OmegaConf.select(cfg, key)).name})")
+            raise ConfigError(
+                f"{key}={path}: {existing} is not writable by this user; point {key}= at a "
+                f"writable folder (e.g. {key}=$HOME/{Path(OmegaConf.select(cfg, key)).name})"
+            )

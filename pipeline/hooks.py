@@ -27,11 +27,13 @@ class LayerStats:
                 self.values[f"debug/activation_std/{name}"] = out.std()
                 if output.requires_grad:  # the gradient w.r.t. the layer's output, as it arrives
                     output.register_hook(self._gradient(name))
+
         return hook
 
     def _gradient(self, name: str):
         def hook(grad):
             self.values[f"debug/grad_norm/{name}"] = grad.detach().float().norm()
+
         return hook
 
     def collect(self) -> dict[str, float]:

@@ -69,15 +69,22 @@ def take(path: Path, what: str, say=print) -> Lock:
             os.close(fd)
             raise
         return Lock(path, fd)
-    raise ConfigError(f"{what}: its lock file {path} keeps changing hands; another command is starting on it. "
-                      f"Wait for it, or use another folder")
+    raise ConfigError(
+        f"{what}: its lock file {path} keeps changing hands; another command is starting on it. "
+        f"Wait for it, or use another folder"
+    )
 
 
 def me() -> dict:
     """What the lock file says about its holder."""
     pid, since = os.getpid(), datetime.now().astimezone().isoformat(timespec="seconds")
-    return {"host": socket.gethostname(), "pid": pid, "since": since, "process_start": process_start(pid),
-            **_slurm_attempt()}
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "since": since,
+        "process_start": process_start(pid),
+        **_slurm_attempt(),
+    }
 
 
 def _slurm_attempt() -> dict:
@@ -122,14 +129,18 @@ def _gone(holder: dict) -> str | None:
 
 def _alive_why(holder: dict) -> str:
     if holder.get("host") != socket.gethostname():
-        return ("that is another host, which this one cannot check. If that run has ended (its host crashed or "
-                "was reset), remove the lock file")
+        return (
+            "that is another host, which this one cannot check. If that run has ended (its host crashed or "
+            "was reset), remove the lock file"
+        )
     return "it is running"
 
 
 def _held_message(what: str, path: Path, holder: dict, why: str) -> str:
-    return (f"{what} is being written by {_who(holder)}: {why}. One folder takes one writer at a time.\n"
-            f"Fix: wait until it ends, or give this one another name (run_name=<new name>); the lock is {path}")
+    return (
+        f"{what} is being written by {_who(holder)}: {why}. One folder takes one writer at a time.\n"
+        f"Fix: wait until it ends, or give this one another name (run_name=<new name>); the lock is {path}"
+    )
 
 
 def _who(holder: dict) -> str:

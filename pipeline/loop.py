@@ -110,8 +110,9 @@ def start_state(run: TrainingRun, started: float) -> LoopState:
         rng.seed_model(cfg.seed, accelerator.process_index, position.step)
     best = Best.of(cfg, (saved or {}).get("best"), accelerator.print)
     speed = report.Speed(accelerator.device)
-    progress = report.Progress(accelerator.is_main_process, run.steps_per_epoch, run.trainer.epochs,
-                               run.trainer.batch_size)
+    progress = report.Progress(
+        accelerator.is_main_process, run.steps_per_epoch, run.trainer.epochs, run.trainer.batch_size
+    )
     # Without checkpoints SIGTERM and Ctrl-C end the run at once: there is nothing to save for a resume.
     stop_signal = checkpoint.StopSignal(enabled=cfg.checkpoint.keep > 0, say=accelerator.print)
     return LoopState(position, best, speed, progress, stop_signal, started, epochs_done=position.epoch - 1)
@@ -151,8 +152,7 @@ def train_epoch(run: TrainingRun, state: LoopState) -> bool:
         if layer_stats and layer_stats.active:
             accelerator.log(layer_stats.collect(), step=position.step)
         stop = bool(trainer.max_steps) and position.step >= trainer.max_steps
-        if (position.step % trainer.log_every == 0 or position.step == run.steps_per_epoch * position.epoch
-                or stop):
+        if position.step % trainer.log_every == 0 or position.step == run.steps_per_epoch * position.epoch or stop:
             log_line(run, state, losses)
         if every and position.step % every == 0 and position.batches < len(run.train_loader):
             save_checkpoint(run, position, state.best)
@@ -182,9 +182,13 @@ def log_line(run: TrainingRun, state: LoopState, losses: list) -> None:
     """The mean loss since the last line, in one cross-process reduction (none on the other steps). It
     carries the stop flags too: any process that got SIGTERM or Ctrl-C makes all of them stop after this step."""
     accelerator, position, stop_signal = run.accelerator, state.position, state.stop_signal
-    flags = torch.stack([torch.stack(losses).mean().float(),
-                         torch.tensor(float(stop_signal.received), device=accelerator.device),
-                         torch.tensor(float(stop_signal.interrupted), device=accelerator.device)])
+    flags = torch.stack(
+        [
+            torch.stack(losses).mean().float(),
+            torch.tensor(float(stop_signal.received), device=accelerator.device),
+            torch.tensor(float(stop_signal.interrupted), device=accelerator.device),
+        ]
+    )
     train_loss, terminate, interrupted = accelerator.reduce(flags, reduction="mean").tolist()
     losses.clear()
     logged = {"train/loss": train_loss, "train/lr": run.optimizer.param_groups[0]["lr"], "epoch": position.epoch}
@@ -199,8 +203,11 @@ def log_line(run: TrainingRun, state: LoopState, losses: list) -> None:
         accelerator.end_training()
         # Every process exits with one code: Ctrl-C's where any process had one (a terminal sends it to all).
         name, code = ("Ctrl-C", 128 + signal.SIGINT) if interrupted > 0 else ("SIGTERM", 128 + signal.SIGTERM)
-        raise Preempted(f"stopped on {name} after step {position.step}; saved {saved}. "
-                                   f"The same command with run_name={run.run_dir.name} resumes it.", code)
+        raise Preempted(
+            f"stopped on {name} after step {position.step}; saved {saved}. "
+            f"The same command with run_name={run.run_dir.name} resumes it.",
+            code,
+        )
 
 
 def end_epoch(run: TrainingRun, state: LoopState, last: bool) -> None:
@@ -212,8 +219,10 @@ def end_epoch(run: TrainingRun, state: LoopState, last: bool) -> None:
     check_finite({"eval/loss": results["eval/loss"]}, position.step, run.run_dir, run.accelerator)
     improved = best.update(evaluated, position.step, position.epoch, run.accelerator)
     tracking.define_best(run.accelerator, best.monitor, best.mode)  # before the values it summarizes
-    run.accelerator.log({**{k: v for k, v in results.items() if k.startswith("eval/") and report.scalar(v)},
-                         "epoch": position.epoch}, step=position.step)
+    run.accelerator.log(
+        {**{k: v for k, v in results.items() if k.startswith("eval/") and report.scalar(v)}, "epoch": position.epoch},
+        step=position.step,
+    )
     state.progress.epoch(position.epoch, run.trainer.epochs, results)
     if improved:
         save_best(run, position.step)
@@ -228,8 +237,13 @@ def save_checkpoint(run: TrainingRun, position: Position, best: Best) -> Path:
     # Seeded as a resume from this checkpoint seeds it, so that the resumed run continues as this one does.
     rng.seed_model(run.cfg.seed, run.accelerator.process_index, position.step)
     with disk_full_guard(run.run_dir, "a checkpoint", run.accelerator):
-        return checkpoint.save(run.accelerator, run.run_dir, position.as_dict(), run.cfg.checkpoint.keep,
-                               {"best": best.state(), "data": run.data_identity})
+        return checkpoint.save(
+            run.accelerator,
+            run.run_dir,
+            position.as_dict(),
+            run.cfg.checkpoint.keep,
+            {"best": best.state(), "data": run.data_identity},
+        )
 
 
 def save_best(run: TrainingRun, step: int) -> None:
@@ -250,8 +264,9 @@ def save_best(run: TrainingRun, step: int) -> None:
 
 def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
     # The plain module's weights: a compiled model's keys would carry `_orig_mod.` and load nowhere else.
-    accelerator.save_model(accelerator.unwrap_model(model, keep_torch_compile=False), folder,
-                           safe_serialization=True, **kwargs)
+    accelerator.save_model(
+        accelerator.unwrap_model(model, keep_torch_compile=False), folder, safe_serialization=True, **kwargs
+    )
     if accelerator.is_main_process:
         checkpoint.as_umask_allows(Path(folder).glob("model*.safetensors"))
 
@@ -263,8 +278,10 @@ def finish(run: TrainingRun, state: LoopState) -> dict:
     accelerator.wait_for_everyone()
     check_weights(run.model, step, run.run_dir, accelerator)
     # A truncated model.safetensors would look like a finished run's weights: removed on a full disk.
-    with disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)), \
-            all_or_none(accelerator):
+    with (
+        disk_full_guard(run.run_dir, "the final weights", accelerator, partial=("model*.safetensors*",)),
+        all_or_none(accelerator),
+    ):
         save_weights(accelerator, run.model, run.run_dir)
     runinfo.weights_saved(run, "model.safetensors")
     weights = reported_weights(run, state)
@@ -272,17 +289,31 @@ def finish(run: TrainingRun, state: LoopState) -> dict:
         test = evaluate(run, "test")
         accelerator.log({k: v for k, v in test.items() if report.scalar(v)}, step=step)
         results.update(test)
-    timings = {"train/samples_per_s": state.speed.rate(), "time/first_step_s": state.speed.first,
-               "time/total_s": time.perf_counter() - state.started}
+    timings = {
+        "train/samples_per_s": state.speed.rate(),
+        "time/first_step_s": state.speed.first,
+        "time/total_s": time.perf_counter() - state.started,
+    }
     # Also as the trackers' last values, so the W&B summary holds them (W&B's summary is each key's last value).
     accelerator.log({k: v for k, v in {**best.summary(), **timings}.items() if report.scalar(v)}, step=step)
     class_names = run.meta.get("class_names")
     tracking.log_classifier(accelerator, results, class_names, step)
     if run.cfg.tracking.log_model:
         tracking.log_model(accelerator, run.run_dir)
-    summary = {"recipe": run.recipe.name, "run_dir": str(run.run_dir), "steps": step, "epochs": state.epochs_done,
-               "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "compile": run.compiled, "data": run.data_paths, **weights, **results, **best.summary(), **timings}
+    summary = {
+        "recipe": run.recipe.name,
+        "run_dir": str(run.run_dir),
+        "steps": step,
+        "epochs": state.epochs_done,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "compile": run.compiled,
+        "data": run.data_paths,
+        **weights,
+        **results,
+        **best.summary(),
+        **timings,
+    }
     with all_or_none(accelerator):
         if accelerator.is_main_process:
             files.write_json(run.run_dir / "summary.json", summary)

@@ -65,8 +65,10 @@ def available_memory() -> int:
 def check_in_memory(cfg, own_dataset: bool) -> None:
     """A recipe's own dataset builds its rows (windows of a series, ...) from whole columns: never streamed."""
     if own_dataset and cfg.data.in_memory.name == "false":
-        raise ConfigError(f"recipe {cfg.recipe!r} builds its own dataset from whole columns, which cannot be "
-                          f"read a batch at a time; use data.in_memory=auto or true")
+        raise ConfigError(
+            f"recipe {cfg.recipe!r} builds its own dataset from whole columns, which cannot be "
+            f"read a batch at a time; use data.in_memory=auto or true"
+        )
 
 
 def choose_paths(cfg, splits: dict, processes_on_node: int, own_dataset: bool) -> dict[str, tuple[bool, str]]:

@@ -16,6 +16,7 @@ def _import_torch() -> None:
     from torch import nn
     from torch.optim import lr_scheduler
 
+
 OPTIMIZERS = {
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
     "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay),
@@ -28,12 +29,12 @@ OPTIMIZERS = {
 # `step_size` counts epochs, as in the tutorials; every schedule steps once per optimizer step.
 SCHEDULERS = {
     "none": lambda opt, c, per_epoch, steps: None,
-    "step": lambda opt, c, per_epoch, steps: lr_scheduler.StepLR(opt, step_size=c.step_size * per_epoch,
-                                                                 gamma=c.gamma),
+    "step": lambda opt, c, per_epoch, steps: lr_scheduler.StepLR(opt, step_size=c.step_size * per_epoch, gamma=c.gamma),
     "cosine": lambda opt, c, per_epoch, steps: lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps)),
     # Has its own warmup, so the config refuses scheduler.warmup_steps with it.
     "onecycle": lambda opt, c, per_epoch, steps: lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(1, steps)),
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(1, steps)
+    ),
 }
 
 

@@ -31,9 +31,11 @@ def recipe_names() -> list[str]:
 
 
 def unknown_recipe(name: str) -> str:
-    return (f"unknown recipe {name!r} (no module {RECIPES}.{name}); available recipes: {', '.join(recipe_names())}."
-            f"\nA recipe kept elsewhere is given by its module path: recipe=mypkg.my_recipe (mypkg's folder on "
-            f"PYTHONPATH or the current folder).")
+    return (
+        f"unknown recipe {name!r} (no module {RECIPES}.{name}); available recipes: {', '.join(recipe_names())}."
+        f"\nA recipe kept elsewhere is given by its module path: recipe=mypkg.my_recipe (mypkg's folder on "
+        f"PYTHONPATH or the current folder)."
+    )
 
 
 def check_recipe_exists(dotlist: list[str], preset: Preset | None) -> None:
@@ -56,8 +58,9 @@ def split_argv(argv: list[str]) -> list[str]:
     for arg in argv:
         if "=" not in arg or arg.startswith("="):
             raise ConfigError(f"argument {arg!r} is not key=value (e.g. trainer.epochs=3); see --help")
-    return [(arg[2:] if not arg.endswith("=None") else arg[2:-4] + "null") if arg.startswith("--") else arg
-            for arg in argv]
+    return [
+        (arg[2:] if not arg.endswith("=None") else arg[2:-4] + "null") if arg.startswith("--") else arg for arg in argv
+    ]
 
 
 def recipe_name(dotlist: list[str], preset: Preset | None = None) -> str:
@@ -77,8 +80,10 @@ class Preset:
     values: DictConfig
 
 
-PRESET_EXAMPLE = ("e.g. the output of `python launch/train.py recipe=NAME --print-config > my_task.yaml`, "
-                  "or just the keys that differ: `recipe: NAME` and `trainer: {epochs: 3}`")
+PRESET_EXAMPLE = (
+    "e.g. the output of `python launch/train.py recipe=NAME --print-config > my_task.yaml`, "
+    "or just the keys that differ: `recipe: NAME` and `trainer: {epochs: 3}`"
+)
 
 
 def take_preset(argv: list[str]) -> tuple[list[str], str | None]:
@@ -92,8 +97,10 @@ def take_preset(argv: list[str]) -> tuple[list[str], str | None]:
         if not file:
             raise ConfigError(f"--config needs a YAML file: --config my_task.yaml ({PRESET_EXAMPLE})")
         if path is not None:
-            raise ConfigError(f"--config is given twice ({path} and {file}); give one file, and the keys that "
-                              f"differ from it as key=value arguments")
+            raise ConfigError(
+                f"--config is given twice ({path} and {file}); give one file, and the keys that "
+                f"differ from it as key=value arguments"
+            )
         path = file
     return rest, path
 
@@ -150,8 +157,7 @@ def check_early(dotlist: list[str], preset: Preset | None = None) -> None:
     except ConfigError as e:
         raise ConfigError(naming_the_file(str(e), preset, dotlist)) from None
     check_recipe_exists(dotlist, preset)
-    check_recipe_keys([item.partition("=")[0] for item in dotlist if item not in outside],
-                      recipe_name(dotlist, preset))
+    check_recipe_keys([item.partition("=")[0] for item in dotlist if item not in outside], recipe_name(dotlist, preset))
 
 
 # The keys each recipe of this repo has under data., model. and loss., so that a typo in one is named before the
@@ -170,7 +176,7 @@ def check_recipe_keys(keys: list[str], name: str) -> None:
     for key in keys if known else ():
         if key not in known and not any(k.startswith(f"{key}.") for k in known):
             parent = key.rpartition(".")[0]
-            valid = sorted({k[len(parent) + 1:].partition(".")[0] for k in known if k.startswith(f"{parent}.")})
+            valid = sorted({k[len(parent) + 1 :].partition(".")[0] for k in known if k.startswith(f"{parent}.")})
             if valid:  # else a key below one that is not a section: the full check words it
                 raise ConfigError(f"unknown config key '{key}'; valid keys under '{parent}': {', '.join(valid)}")
 
@@ -190,5 +196,3 @@ def recipe_keys(cfg: DictConfig) -> list[str]:
     for section in RECIPE_SECTIONS:
         walk(cfg[section], f"{section}.")
     return sorted(flat)
-
-

@@ -41,8 +41,7 @@ def apply(log=print) -> dict[str, bool]:
     for name, patch in (("lomo", _lomo), ("signature", _signature), ("backward", _backward)):
         why = patch(on=name not in off)  # a reason when the target moved, else None
         if why:
-            log(f"patches: {name} skipped: {why} (Accelerate {accelerate.__version__}; "
-                f"see pipeline/patches.py)")
+            log(f"patches: {name} skipped: {why} (Accelerate {accelerate.__version__}; see pipeline/patches.py)")
         elif name in off:
             log(f"patches: {name} off ({ENV})")
         active[name] = not why and name not in off
@@ -54,8 +53,10 @@ def turned_off() -> set[str]:
     if "all" in names:
         return set(active)
     if unknown := names - set(active):
-        raise ConfigError(f"{ENV}={os.environ[ENV]!r}: unknown patch {', '.join(sorted(unknown))}; "
-                          f"valid names: {', '.join(active)}, all")
+        raise ConfigError(
+            f"{ENV}={os.environ[ENV]!r}: unknown patch {', '.join(sorted(unknown))}; "
+            f"valid names: {', '.join(active)}, all"
+        )
     return names
 
 
@@ -130,13 +131,20 @@ class Accelerator(accelerate.Accelerator):
         # Checked once per accelerator, not per step: an instance without them defers to Accelerate.
         missing = [name for name in READS if not hasattr(self, name)]
         if active["backward"] and missing:
-            _log(f"patches: backward skipped: Accelerator has no {', '.join(missing)} "
-                 f"(Accelerate {accelerate.__version__}; see pipeline/patches.py)")
+            _log(
+                f"patches: backward skipped: Accelerator has no {', '.join(missing)} "
+                f"(Accelerate {accelerate.__version__}; see pipeline/patches.py)"
+            )
         self._plain_backward = active["backward"] and not missing
 
     def backward(self, loss, **kwargs):
-        if (self._plain_backward and self.gradient_accumulation_steps == 1 and self.scaler is None
-                and not kwargs and self.distributed_type in PLAIN_BACKWARD):
+        if (
+            self._plain_backward
+            and self.gradient_accumulation_steps == 1
+            and self.scaler is None
+            and not kwargs
+            and self.distributed_type in PLAIN_BACKWARD
+        ):
             loss.backward()
         else:
             super().backward(loss, **kwargs)

@@ -52,8 +52,12 @@ def per_epoch(lines: list[dict], class_names: list | None) -> tuple[dict, dict]:
         if "train/loss" in line:
             train.setdefault(epoch, []).append(line["train/loss"])
         for key, value in line.items():
-            if (key.startswith("eval/") and isinstance(value, (int, float)) and not key.endswith("/samples")
-                    and key.rsplit("/", 1)[-1] not in classes):
+            if (
+                key.startswith("eval/")
+                and isinstance(value, (int, float))
+                and not key.endswith("/samples")
+                and key.rsplit("/", 1)[-1] not in classes
+            ):
                 evals.setdefault(key, {})[epoch] = value
     return {e: sum(v) / len(v) for e, v in train.items()}, evals
 
@@ -96,8 +100,13 @@ def confusion_matrix(matrices: dict, class_names: list, out: Path) -> None:
             raise ValueError(f"the {split} confusion matrix has {len(matrix)} rows for {n} class names")
         image = ax.imshow(matrix, cmap="Blues")
         total = sum(map(sum, matrix))
-        ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
-               title=f"{split}: {total:,} samples, final weights")
+        ax.set(
+            xticks=range(n),
+            yticks=range(n),
+            xlabel="predicted",
+            ylabel="true",
+            title=f"{split}: {total:,} samples, final weights",
+        )
         slanted = n > 4 and max(map(len, map(str, class_names))) > 2  # long names would overlap
         ax.set_xticklabels(class_names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
         ax.set_yticklabels(class_names)
@@ -105,8 +114,15 @@ def confusion_matrix(matrices: dict, class_names: list, out: Path) -> None:
             high = max(map(max, matrix)) / 2
             for i, row in enumerate(matrix):
                 for j, count in enumerate(row):
-                    ax.text(j, i, f"{count:g}", ha="center", va="center", fontsize="small",
-                            color="white" if count > high else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{count:g}",
+                        ha="center",
+                        va="center",
+                        fontsize="small",
+                        color="white" if count > high else "black",
+                    )
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -45,24 +45,30 @@ def parse_argv(argv: list[str]) -> tuple[Recipe, object, Request]:
     if not own["run"]:
         raise ConfigError("which run? Give its folder: run=runs/<recipe>/<run_name> input=<file or folder>")
     if not own["input"]:
-        raise ConfigError("what to predict? Give the new inputs in the recipe's raw format: input=<file or folder> "
-                          "(e.g. a CSV with the feature columns, an image file or a folder of images)")
+        raise ConfigError(
+            "what to predict? Give the new inputs in the recipe's raw format: input=<file or folder> "
+            "(e.g. a CSV with the feature columns, an image file or a folder of images)"
+        )
     run_dir, source = Path(own["run"]), Path(own["input"])
     weights = own["weights"] or runs.reported_weights(run_dir)  # or a file's path: checked by runs.weights_file below
     recipe, cfg, _ = runs.load_run(run_dir, [item for item in dotlist if item.partition("=")[0] not in own])
     if recipe.read_inputs is None:
-        raise ConfigError(f"recipe {recipe.name!r} does not predict on new inputs: it has no `read_inputs`.\n"
-                          f"Fix: give its Recipe a read_inputs=(cfg, meta, path) -> (ids, columns) that reads new "
-                          f"inputs as prepare() reads raw data (see docs/writing-a-recipe.md); "
-                          f"launch/evaluate.py scores the run on labelled data")
+        raise ConfigError(
+            f"recipe {recipe.name!r} does not predict on new inputs: it has no `read_inputs`.\n"
+            f"Fix: give its Recipe a read_inputs=(cfg, meta, path) -> (ids, columns) that reads new "
+            f"inputs as prepare() reads raw data (see docs/writing-a-recipe.md); "
+            f"launch/evaluate.py scores the run on labelled data"
+        )
     runs.weights_file(run_dir, weights)  # before any work
     if not source.exists():
         raise DataError(f"input {source} does not exist.\nFix: give the path of the new inputs, input=<file or folder>")
     output = Path(own["output"]) if own["output"] else run_dir / "predictions" / f"{source.stem or 'input'}.csv"
     if output.resolve() == source.resolve() or output.is_dir():
         what = "the input itself" if output.resolve() == source.resolve() else "a folder"
-        raise ConfigError(f"output={output} is {what}; predictions never overwrite it.\nFix: give another file, "
-                          f"output=predictions.csv")
+        raise ConfigError(
+            f"output={output} is {what}; predictions never overwrite it.\nFix: give another file, "
+            f"output=predictions.csv"
+        )
     return recipe, cfg, Request(run_dir, source, output, weights)
 
 
@@ -71,8 +77,10 @@ def predict(recipe: Recipe, cfg, request: Request) -> Path:
     started = time.perf_counter()
     state = PartialState(cpu=not torch.accelerator.is_available())
     if state.num_processes > 1:
-        raise ConfigError("predict runs as one process (it reads the inputs once and writes one file).\nFix: "
-                          "python launch/predict.py ... (not accelerate launch with several processes)")
+        raise ConfigError(
+            "predict runs as one process (it reads the inputs once and writes one file).\nFix: "
+            "python launch/predict.py ... (not accelerate launch with several processes)"
+        )
     meta = runs.read_meta(request.run_dir)
     model = runs.load_model(request.run_dir, recipe, cfg, meta, request.weights).to(state.device).eval()
     seen = Seen()
@@ -83,16 +91,19 @@ def predict(recipe: Recipe, cfg, request: Request) -> Path:
             table = {**ids, **recipe.predicted(outputs, meta)}
             for name, values in table.items():
                 if len(values) != rows:
-                    raise ConfigError(f"recipe {recipe.name!r}: its predicted() gave {len(values)} values for "
-                                      f"column {name!r}, but there are {rows} inputs.\nFix: return one value per "
-                                      f"row of outputs")
+                    raise ConfigError(
+                        f"recipe {recipe.name!r}: its predicted() gave {len(values)} values for "
+                        f"column {name!r}, but there are {rows} inputs.\nFix: return one value per "
+                        f"row of outputs"
+                    )
             if not seen.rows:
                 writer.writerow(table)  # the header
             writer.writerows(zip(*(_plain(values) for values in table.values())))
             seen.add(table, rows)
         if not seen.rows:
-            raise DataError(f"{request.input} holds no inputs to predict on.\nFix: point input= at a file or "
-                            f"folder with data")
+            raise DataError(
+                f"{request.input} holds no inputs to predict on.\nFix: point input= at a file or folder with data"
+            )
     state.print(result_text(recipe, request, seen, time.perf_counter() - started))
     return request.output
 
@@ -129,8 +140,10 @@ def check_rows(recipe, ids: dict, columns: dict, source: Path) -> int:
     """The number of inputs, the same in every id and input column."""
     counts = {name: len(values) for name, values in {**ids, **columns}.items()}
     if len(set(counts.values())) != 1:
-        raise ConfigError(f"recipe {recipe.name!r}: read_inputs gave columns of different lengths {counts}.\nFix: "
-                          f"return one value per input in every column")
+        raise ConfigError(
+            f"recipe {recipe.name!r}: read_inputs gave columns of different lengths {counts}.\nFix: "
+            f"return one value per input in every column"
+        )
     rows = next(iter(counts.values()))
     if rows == 0:
         raise DataError(f"{source} holds no inputs to predict on.\nFix: point input= at a file or folder with data")
@@ -144,8 +157,10 @@ def run_model(recipe, cfg, model: torch.nn.Module, meta: dict, columns: dict, de
     outputs = []
     with torch.inference_mode():
         for start in range(0, rows, batch_size):
-            batch = {name: torch.as_tensor(np.asarray(values[start:start + batch_size])).to(device)
-                     for name, values in columns.items()}
+            batch = {
+                name: torch.as_tensor(np.asarray(values[start : start + batch_size])).to(device)
+                for name, values in columns.items()
+            }
             batch = recipe.transform(batch, False, meta)
             outputs.append(model(*(batch[name] for name in inputs)).float().cpu())
     return torch.cat(outputs)
@@ -163,8 +178,9 @@ def csv_writer(path: Path):
         with files.replacing(path, newline="") as f:
             yield csv.writer(f, lineterminator="\n")
     except OSError as e:
-        raise DataError(f"cannot write the predictions to {path} ({e.strerror}).\nFix: choose a writable place, "
-                        f"output=<file.csv>") from None
+        raise DataError(
+            f"cannot write the predictions to {path} ({e.strerror}).\nFix: choose a writable place, output=<file.csv>"
+        ) from None
 
 
 def _plain(values) -> list:
@@ -176,12 +192,14 @@ def _plain(values) -> list:
 
 def result_text(recipe, request: Request, seen: Seen, seconds: float) -> str:
     rows = seen.rows
-    lines = [f"predicted: {rows:,} input{'s' * (rows != 1)} of {request.input} with {recipe.name} "
-             f"{runs.WEIGHTS.get(request.weights, request.weights)} in {seconds:.1f} s -> {request.output}"]
+    lines = [
+        f"predicted: {rows:,} input{'s' * (rows != 1)} of {request.input} with {recipe.name} "
+        f"{runs.WEIGHTS.get(request.weights, request.weights)} in {seconds:.1f} s -> {request.output}"
+    ]
     if seen.classes:
         lines.append("classes: " + ", ".join(f"{name} {count:,}" for name, count in seen.classes.most_common()))
     # The first rows and the last one (a series' forecast past the end of its file is its last row).
-    shown = seen.first if rows <= SHOWN_ROWS else [*seen.first[:SHOWN_ROWS - 1], seen.last]
+    shown = seen.first if rows <= SHOWN_ROWS else [*seen.first[: SHOWN_ROWS - 1], seen.last]
     widths = [max(len(name), *(len(row[c]) for row in shown)) for c, name in enumerate(seen.names)]
     lines.append("  ".join(name.ljust(w) for name, w in zip(seen.names, widths)).rstrip())
     for i, row in enumerate(shown):

@@ -15,9 +15,12 @@ from pipeline.errors import ConfigError
 # The distributed types the loop supports; `accelerate launch` chooses the others by these variables (Accelerate
 # itself only settles on them when the Accelerator is built, after the data is prepared).
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-LAUNCH_CHOICES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
-                  "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded parallel)"}
+LAUNCH_CHOICES = {
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+    "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded parallel)",
+}
 
 
 def start_processes(cfg, cpu: bool) -> PartialState:
@@ -43,7 +46,8 @@ def check_distributed(state: PartialState | None = None) -> None:
             f"accelerate config chose {chosen[0]}; this pipeline supports one process, DDP on CPUs or GPUs and "
             f"multi-node DDP, and {chosen[0]} would save one process's shard of the model as its weights.\nFix: "
             f"run `accelerate config` again without it, or launch with `accelerate launch --multi_gpu "
-            f"--num_processes N ...` (or --config_file launch/accelerate/multi_gpu.yaml)")
+            f"--num_processes N ...` (or --config_file launch/accelerate/multi_gpu.yaml)"
+        )
 
 
 def fewer_processes_than_asked(num_processes: int) -> str | None:
@@ -52,10 +56,12 @@ def fewer_processes_than_asked(num_processes: int) -> str | None:
     launcher (which starts them all) sets WORLD_SIZE. No variable carries the number asked for."""
     env = os.environ
     if num_processes == 1 and "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env:
-        return ("warning: `accelerate launch` was asked for more than one process (--num_processes/--num_machines), "
-                "but its one-process launcher (--cpu, or a config with distributed_type NO or MULTI_CPU) started "
-                "this one alone: processes=1. For N processes on the CPU: python launch/run.py --cpu "
-                "--num_processes N ..., or --config_file launch/accelerate/cpu.yaml --num_processes N")
+        return (
+            "warning: `accelerate launch` was asked for more than one process (--num_processes/--num_machines), "
+            "but its one-process launcher (--cpu, or a config with distributed_type NO or MULTI_CPU) started "
+            "this one alone: processes=1. For N processes on the CPU: python launch/run.py --cpu "
+            "--num_processes N ..., or --config_file launch/accelerate/cpu.yaml --num_processes N"
+        )
     return None
 
 
@@ -67,7 +73,8 @@ def check_sync_batchnorm(cfg, state: PartialState) -> bool:
         raise ConfigError(
             f"trainer.sync_batchnorm=true needs CUDA devices; these {state.num_processes} processes run on "
             f"{state.device.type} (torch's SyncBatchNorm has no gloo/CPU path). Drop the option here: each "
-            f"process then normalizes with the statistics of its own part of the batch.")
+            f"process then normalizes with the statistics of its own part of the batch."
+        )
     return True
 
 
@@ -82,4 +89,3 @@ def all_agree(accelerator, decision: bool) -> bool:
         return decision
     votes = torch.tensor(float(decision), device=accelerator.device)
     return accelerator.reduce(votes, reduction="sum").item() == accelerator.num_processes
-

@@ -37,15 +37,19 @@ def _one_output(outputs: torch.Tensor, batch: dict) -> str:
     shape = f"outputs of shape {list(outputs.shape)}"
     label = batch.get("label")
     if label is not None and not label.is_floating_point():
-        return (f"the model returns one number per sample ({shape}) and the labels are integers, but the recipe "
-                f"uses the default loss, cross_entropy, which needs one logit per class ([N, classes]).\nFix: for a "
-                f"0/1 label use the binary pieces: `from pipeline.recipe import binary_cross_entropy, "
-                f"binary_metrics, binary_predictions` and `Recipe(..., loss=binary_cross_entropy, "
-                f"predictions=binary_predictions, metrics=binary_metrics)`; or let the model return [N, 2] logits.")
-    return (f"the model returns one number per sample ({shape}), but the recipe uses the default loss, "
-            f"cross_entropy, which needs class logits [N, classes] and integer labels in batch['label'].\nFix: "
-            f"to predict a number give the Recipe a loss of its own, e.g. `loss=lambda outputs, batch: "
-            f"torch.nn.functional.mse_loss(outputs, batch['y'])` with `targets=('y',)` and matching `predictions`.")
+        return (
+            f"the model returns one number per sample ({shape}) and the labels are integers, but the recipe "
+            f"uses the default loss, cross_entropy, which needs one logit per class ([N, classes]).\nFix: for a "
+            f"0/1 label use the binary pieces: `from pipeline.recipe import binary_cross_entropy, "
+            f"binary_metrics, binary_predictions` and `Recipe(..., loss=binary_cross_entropy, "
+            f"predictions=binary_predictions, metrics=binary_metrics)`; or let the model return [N, 2] logits."
+        )
+    return (
+        f"the model returns one number per sample ({shape}), but the recipe uses the default loss, "
+        f"cross_entropy, which needs class logits [N, classes] and integer labels in batch['label'].\nFix: "
+        f"to predict a number give the Recipe a loss of its own, e.g. `loss=lambda outputs, batch: "
+        f"torch.nn.functional.mse_loss(outputs, batch['y'])` with `targets=('y',)` and matching `predictions`."
+    )
 
 
 # Binary classification (a 0/1 label, one logit per sample): loss, predictions and metrics for a Recipe.
@@ -53,9 +57,11 @@ def _logit(outputs: torch.Tensor) -> torch.Tensor:
     if outputs.ndim == 2 and outputs.shape[1] == 1:
         return outputs.squeeze(1)
     if outputs.ndim != 1:
-        raise ConfigError(f"the binary pieces take one logit per sample ([N] or [N, 1]); the model returns "
-                          f"{list(outputs.shape)}.\nFix: end the model with nn.Linear(..., 1), or for more than "
-                          f"two classes use the default loss, predictions and multiclass metrics.")
+        raise ConfigError(
+            f"the binary pieces take one logit per sample ([N] or [N, 1]); the model returns "
+            f"{list(outputs.shape)}.\nFix: end the model with nn.Linear(..., 1), or for more than "
+            f"two classes use the default loss, predictions and multiclass metrics."
+        )
     return outputs
 
 
@@ -70,8 +76,17 @@ def binary_predictions(outputs: torch.Tensor, batch: dict) -> dict:
 
 def binary_metrics(cfg, meta: dict) -> dict:
     """Accuracy, precision, recall and F1 at probability 0.5, and AUROC over all thresholds."""
-    return {"": MetricCollection({"accuracy": BinaryAccuracy(), "precision": BinaryPrecision(),
-                                  "recall": BinaryRecall(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})}
+    return {
+        "": MetricCollection(
+            {
+                "accuracy": BinaryAccuracy(),
+                "precision": BinaryPrecision(),
+                "recall": BinaryRecall(),
+                "f1": BinaryF1Score(),
+                "auroc": BinaryAUROC(),
+            }
+        )
+    }
 
 
 def label_predictions(outputs: torch.Tensor, batch: dict) -> dict:
@@ -87,15 +102,19 @@ def class_columns(outputs: torch.Tensor, meta: dict) -> dict:
     (softmax) or from one logit per sample [N] (sigmoid; class_names[1] above 0.5, as BinaryAccuracy counts)."""
     names = meta.get("class_names")
     if not names:
-        raise ConfigError("this run's meta.json has no class_names, so its outputs cannot be named as classes.\n"
-                          "Fix: give the recipe a `predicted=(outputs, meta) -> {column: values}` that says what "
-                          "its outputs mean (e.g. values in the target's units)")
+        raise ConfigError(
+            "this run's meta.json has no class_names, so its outputs cannot be named as classes.\n"
+            "Fix: give the recipe a `predicted=(outputs, meta) -> {column: values}` that says what "
+            "its outputs mean (e.g. values in the target's units)"
+        )
     if outputs.ndim == 1 or outputs.shape[1] == 1:
         p = _logit(outputs).float().sigmoid()
         return {"class": [names[int(positive)] for positive in p > 0.5], f"p({names[1]})": p.numpy()}
     p = outputs.float().softmax(1)
-    return {"class": [names[i] for i in p.argmax(1).tolist()], **{f"p({n})": p[:, i].numpy() for i, n in
-                                                                    enumerate(names)}}
+    return {
+        "class": [names[i] for i in p.argmax(1).tolist()],
+        **{f"p({n})": p[:, i].numpy() for i, n in enumerate(names)},
+    }
 
 
 @dataclass
@@ -156,9 +175,11 @@ def loss_fn(recipe: Recipe, cfg, meta: dict | None = None) -> Callable:
     try:
         inspect.signature(recipe.loss).bind(None, None, **settings)
     except TypeError as e:
-        raise ConfigError(f"recipe {recipe.name!r}: its loss {getattr(recipe.loss, '__name__', recipe.loss)} "
-                          f"cannot take the `loss.*` settings {', '.join(settings)} ({e}).\nFix: give the loss "
-                          f"(outputs, batch, ...) a keyword argument per field of its loss_config.") from None
+        raise ConfigError(
+            f"recipe {recipe.name!r}: its loss {getattr(recipe.loss, '__name__', recipe.loss)} "
+            f"cannot take the `loss.*` settings {', '.join(settings)} ({e}).\nFix: give the loss "
+            f"(outputs, batch, ...) a keyword argument per field of its loss_config."
+        ) from None
     return functools.partial(recipe.loss, **settings)
 
 
@@ -175,7 +196,6 @@ def with_transform_keys(recipe: Recipe, cfg, meta: dict) -> dict:
 def model_inputs(recipe: Recipe, cfg) -> tuple:
     """The batch columns the model takes under this config, in order."""
     return tuple(recipe.inputs(cfg) if callable(recipe.inputs) else recipe.inputs)
-
 
 
 def from_arrays(**columns: np.ndarray) -> datasets.Dataset:
@@ -204,7 +224,13 @@ def dataset(columns: dict[str, np.ndarray], features: datasets.Features) -> data
     arrays = {}
     for name, array in columns.items():
         array = np.ascontiguousarray(array)
-        arrays[name] = (pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-                        if array.ndim == 2 else pa.array(array))
-    return datasets.Dataset(InMemoryTable(pa.table(arrays).cast(features.arrow_schema)),
-                            info=datasets.DatasetInfo(features=features), fingerprint=generate_random_fingerprint())
+        arrays[name] = (
+            pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+            if array.ndim == 2
+            else pa.array(array)
+        )
+    return datasets.Dataset(
+        InMemoryTable(pa.table(arrays).cast(features.arrow_schema)),
+        info=datasets.DatasetInfo(features=features),
+        fingerprint=generate_random_fingerprint(),
+    )

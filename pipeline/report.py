@@ -88,7 +88,6 @@ def per_class(matrix: list, class_names: list) -> list[dict]:
     return [{"class": name, "precision": p, "recall": r, "f1": f, "support": int(n)} for name, p, r, f, n in columns]
 
 
-
 class Speed:
     """Training samples/s over train steps only (not evaluation), after WARMUP_STEPS steps; the first
     step, which carries compilation, is reported on its own.
@@ -147,9 +146,15 @@ class Progress:
             from tqdm import tqdm
 
             done = step - 1 - (epoch - 1) * self.steps_per_epoch  # a run resumed mid-epoch starts there
-            self.bar = tqdm(total=self.steps_per_epoch * self.batch_size, initial=done * self.batch_size,
-                            desc=f"epoch {epoch}/{self.epochs}", unit=" samples", leave=False,
-                            dynamic_ncols=True, file=console.terminal())
+            self.bar = tqdm(
+                total=self.steps_per_epoch * self.batch_size,
+                initial=done * self.batch_size,
+                desc=f"epoch {epoch}/{self.epochs}",
+                unit=" samples",
+                leave=False,
+                dynamic_ncols=True,
+                file=console.terminal(),
+            )
         self.bar.update(self.batch_size)
         if self.bar.n >= self.bar.total:
             self.bar.refresh()  # the full bar is drawn before the evaluation, whatever tqdm's redraw interval
@@ -168,8 +173,11 @@ class Progress:
         if not self.enabled:
             return
         self.close()
-        shown = {k: v for k, v in results.items()
-                 if k.startswith("eval/") and scalar(v) and k.count("/") <= 2 and not k.endswith("/samples")}
+        shown = {
+            k: v
+            for k, v in results.items()
+            if k.startswith("eval/") and scalar(v) and k.count("/") <= 2 and not k.endswith("/samples")
+        }
         print(f"epoch {epoch}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in list(shown.items())[:8]), flush=True)
 
     def close(self):
@@ -184,16 +192,25 @@ SHOWN_SCORES = 8  # numbers on the `done:` line; summary.json has them all
 def summary_line(summary: dict) -> str:
     """`done:` with the weights the scores are of, then the test scores, the eval ones, the losses, and per-class
     numbers last (a classifier of many classes would fill the line with them)."""
+
     def rank(key: str) -> tuple:
         depth, name = key.count("/"), key.rsplit("/", 1)[-1]
         kind = 3 if depth > 1 else 2 if name.endswith("_micro") else 1 if name == "loss" else 0
         return kind, key.split("/")[0] != "test"
 
-    keys = sorted((k for k in summary if k.split("/")[0] in ("eval", "test") and scalar(summary[k])
-                   and not k.endswith("/samples")), key=rank)[:SHOWN_SCORES]
+    keys = sorted(
+        (
+            k
+            for k in summary
+            if k.split("/")[0] in ("eval", "test") and scalar(summary[k]) and not k.endswith("/samples")
+        ),
+        key=rank,
+    )[:SHOWN_SCORES]
     shown = " ".join(f"{k}={summary[k]:.4f}" for k in keys)
-    return (f"done: {summary['recipe']} {summary['epochs']} epochs {summary['steps']} steps "
-            f"{summary['train/samples_per_s']:,.0f} samples/s {weights_text(summary)}{shown} -> {summary['run_dir']}")
+    return (
+        f"done: {summary['recipe']} {summary['epochs']} epochs {summary['steps']} steps "
+        f"{summary['train/samples_per_s']:,.0f} samples/s {weights_text(summary)}{shown} -> {summary['run_dir']}"
+    )
 
 
 def weights_text(summary: dict) -> str:
@@ -201,5 +218,7 @@ def weights_text(summary: dict) -> str:
     if summary.get("weights") != "best":
         return "weights: final " if summary.get("weights") else ""
     monitor = next(k.removeprefix("best/") for k in summary if k.startswith("best/eval/"))
-    return (f"weights: best (epoch {summary['best/epoch']} of {summary['epochs']}, {monitor} "
-            f"{summary['best/' + monitor]:.4g}) ")
+    return (
+        f"weights: best (epoch {summary['best/epoch']} of {summary['epochs']}, {monitor} "
+        f"{summary['best/' + monitor]:.4g}) "
+    )

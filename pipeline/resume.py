@@ -21,10 +21,20 @@ from pipeline.runinfo import data_change
 
 # Keys that may differ when a run resumes: where things are, what is logged, how fast data is read,
 # when to stop. Any other difference changes the training and is refused (see `check_config`).
-MAY_CHANGE = ("output_dir", "run_name", "tracking", "tracking.", "project", "trainer.log_every",
-              "trainer.eval_batch_size", "trainer.max_steps", "trainer.early_stopping_patience",
-              "checkpoint.", "debug.",
-              *(f"data.{key}" for key in NOT_CONTENT))
+MAY_CHANGE = (
+    "output_dir",
+    "run_name",
+    "tracking",
+    "tracking.",
+    "project",
+    "trainer.log_every",
+    "trainer.eval_batch_size",
+    "trainer.max_steps",
+    "trainer.early_stopping_patience",
+    "checkpoint.",
+    "debug.",
+    *(f"data.{key}" for key in NOT_CONTENT),
+)
 # trainer.epochs may change too (a run extended or cut short), unless the LR schedule is spread over
 # all the epochs: then the lr of every step depends on their number.
 SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
@@ -54,8 +64,7 @@ def _choose(run_dir: Path, cfg, num_processes: int, say, data: dict | None) -> P
         # checkpoints are set aside, so none can be mistaken for, or pruned instead of, the new run's.
         for path in found:
             if problem := damage(path):
-                say(f"starting over: the damaged checkpoint {path} ({problem}) is set aside as "
-                    f"{set_aside(path).name}")
+                say(f"starting over: the damaged checkpoint {path} ({problem}) is set aside as {set_aside(path).name}")
         return None
     damaged = []
     for path in reversed(found):
@@ -70,16 +79,21 @@ def _choose(run_dir: Path, cfg, num_processes: int, say, data: dict | None) -> P
         raise ConfigError(
             f"no intact checkpoint to resume from:\n{lines}\nTo start this run over (the damaged checkpoints "
             f"are set aside), run\n  {same_command('checkpoint.resume=false')}\nor train under another "
-            f"name:\n  {same_command('run_name=<new name>')}")
+            f"name:\n  {same_command('run_name=<new name>')}"
+        )
     if path is not None:
         check_config(path, cfg)
         check_data(path, cfg, data, say)
         if (saved := position(path).get("num_processes", num_processes)) != num_processes:
-            say(f"resuming a checkpoint saved by {_processes(saved)} on {num_processes}: "
-                f"{rng_mapping(saved, num_processes)}")
+            say(
+                f"resuming a checkpoint saved by {_processes(saved)} on {num_processes}: "
+                f"{rng_mapping(saved, num_processes)}"
+            )
     for bad, problem in damaged:
-        say(f"warning: checkpoint {bad} is damaged ({problem}); resuming from the one before it. "
-            f"The damaged one is set aside as {set_aside(bad).name}")
+        say(
+            f"warning: checkpoint {bad} is damaged ({problem}); resuming from the one before it. "
+            f"The damaged one is set aside as {set_aside(bad).name}"
+        )
     return path
 
 
@@ -124,18 +138,24 @@ def check_config(checkpoint: Path, cfg) -> None:
         return
     saved, now = flat(_plain(saved_file.read_text())), flat(_plain(to_yaml(cfg)))
     absent = "(absent)"
-    changed = [key for key in sorted(saved.keys() | now.keys())
-               if saved.get(key, absent) != now.get(key, absent) and not _may_change(key, saved, now)]
+    changed = [
+        key
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key, absent) != now.get(key, absent) and not _may_change(key, saved, now)
+    ]
     if changed:
-        lines = "\n".join(f"  {key}: {saved.get(key, absent)} in the checkpoint, {now.get(key, absent)} now"
-                          + (" (the lr schedule spans all epochs)" if key == "trainer.epochs" else "")
-                          for key in changed)
+        lines = "\n".join(
+            f"  {key}: {saved.get(key, absent)} in the checkpoint, {now.get(key, absent)} now"
+            + (" (the lr schedule spans all epochs)" if key == "trainer.epochs" else "")
+            for key in changed
+        )
         raise ConfigError(
             f"this command trains differently from the run that saved {checkpoint}, and resuming would "
             f"mix the two:\n{lines}\nResume with the checkpoint's values (they are in {saved_file}); or "
             f"train the new values as a new run:\n  {same_command('run_name=<new name>')}\nor start this "
             f"run over with them: remove its checkpoints (rm -r {folder(Path(checkpoint).parent.parent)}/step-*) "
-            f"and run the command again")
+            f"and run the command again"
+        )
 
 
 def check_data(checkpoint: Path, cfg, now: dict | None, say) -> None:
@@ -146,21 +166,26 @@ def check_data(checkpoint: Path, cfg, now: dict | None, say) -> None:
         return
     saved = position(checkpoint).get("data")
     if saved is None:
-        say(f"note: checkpoint {checkpoint} was saved before checkpoints recorded their data: it resumes "
-            f"without a check that its data is the same")
+        say(
+            f"note: checkpoint {checkpoint} was saved before checkpoints recorded their data: it resumes "
+            f"without a check that its data is the same"
+        )
         return
     if saved["fingerprint"] == now["fingerprint"]:
         return
     change = data_change(saved, now)
     if cfg.checkpoint.allow_data_change:
-        say(f"warning: resuming {checkpoint} on other data (checkpoint.allow_data_change=true): {change}. "
-            f"The model continues on the new data; run.json records the change under data_changes")
+        say(
+            f"warning: resuming {checkpoint} on other data (checkpoint.allow_data_change=true): {change}. "
+            f"The model continues on the new data; run.json records the change under data_changes"
+        )
         return
     raise ConfigError(
         f"the data changed since checkpoint {checkpoint} was saved: {change}.\nResuming would train one model "
         f"on two data sets. Train on this data as a new run:\n  {same_command('run_name=<new name>')}\nor "
         f"continue this run on it knowingly (run.json records it):\n  "
-        f"{same_command('checkpoint.allow_data_change=true')}\nor put back the data it was trained on")
+        f"{same_command('checkpoint.allow_data_change=true')}\nor put back the data it was trained on"
+    )
 
 
 def _may_change(key: str, saved: dict, now: dict) -> bool:
@@ -184,7 +209,8 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
         raise ConfigError(
             f"checkpoint {checkpoint} does not fit the model or optimizer this command builds "
             f"({type(e).__name__}: {first}); was the recipe's code changed since it was saved? Restore that "
-            f"code to resume, or train under another name: {same_command('run_name=<new name>')}") from None
+            f"code to resume, or train under another name: {same_command('run_name=<new name>')}"
+        ) from None
     load_rng_state(accelerator, checkpoint)
     return position(checkpoint)
 

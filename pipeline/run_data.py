@@ -33,33 +33,53 @@ def make_loaders(cfg, recipe, splits: dict, meta: dict, accelerator):
     chosen = choose_paths(cfg, splits, processes_on_node(accelerator), recipe.dataset is not None)
     # Decided on each process from its node's memory; all must take the same path.
     in_memory = {name: all_agree(accelerator, keep) for name, (keep, _) in chosen.items()}
-    paths = {name: {"path": "memory" if in_memory[name] else "stream",
-                    "why": why if in_memory[name] == keep else "another process's memory budget"}
-             for name, (keep, why) in chosen.items()}
+    paths = {
+        name: {
+            "path": "memory" if in_memory[name] else "stream",
+            "why": why if in_memory[name] == keep else "another process's memory budget",
+        }
+        for name, (keep, why) in chosen.items()
+    }
     tensors = {name: columns(split) for name, split in splits.items() if in_memory[name]}
     streamed = [name for name in splits if not in_memory[name]]
     if streamed and cfg.data.on_device is Switch.true and accelerator.device.type == "cuda":
-        raise ConfigError(f"data.on_device=true keeps whole splits on the GPU, but {', '.join(streamed)} "
-                          f"would be read from the shards ({paths[streamed[0]]['why']}); add data.in_memory=true, "
-                          f"or leave data.on_device=auto")
+        raise ConfigError(
+            f"data.on_device=true keeps whole splits on the GPU, but {', '.join(streamed)} "
+            f"would be read from the shards ({paths[streamed[0]]['why']}); add data.in_memory=true, "
+            f"or leave data.on_device=auto"
+        )
     on_device = not streamed and all_agree(accelerator, keep_on_device(cfg, accelerator, tensors))
     make = recipe.dataset or (lambda cols, meta, split: Rows(cols))
-    rows = {name: make(tensors[name], meta, name) if in_memory[name] else stream(split)
-            for name, split in splits.items()}
+    rows = {
+        name: make(tensors[name], meta, name) if in_memory[name] else stream(split) for name, split in splits.items()
+    }
     if on_device:
         rows = {name: r.to(accelerator.device) for name, r in rows.items()}
     # Data that stays in host memory goes to the GPU from pinned pages, without waiting (non_blocking).
     workers = 0 if on_device else cfg.data.num_workers
     pin = accelerator.device.type == "cuda" and not on_device
-    train_loader = batching.loader(rows["train"], cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
-                                   train=True, seed=cfg.seed, num_workers=workers, step_batch=cfg.trainer.batch_size,
-                                   pin_memory=pin, complete=cfg.trainer.last_batch.name == "complete")
+    train_loader = batching.loader(
+        rows["train"],
+        cfg.trainer.batch_size // cfg.trainer.grad_accum_steps,
+        train=True,
+        seed=cfg.seed,
+        num_workers=workers,
+        step_batch=cfg.trainer.batch_size,
+        pin_memory=pin,
+        complete=cfg.trainer.last_batch.name == "complete",
+    )
     if len(train_loader) == 0:
-        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
-                          f"({len(rows['train'])} rows); lower it")
-    eval_loaders = {name: batching.loader(rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed,
-                                          num_workers=workers, pin_memory=pin)
-                    for name in ("eval", "test") if name in rows}
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the train split "
+            f"({len(rows['train'])} rows); lower it"
+        )
+    eval_loaders = {
+        name: batching.loader(
+            rows[name], cfg.trainer.eval_batch_size, train=False, seed=cfg.seed, num_workers=workers, pin_memory=pin
+        )
+        for name in ("eval", "test")
+        if name in rows
+    }
     batching.check_shared_memory([train_loader, *eval_loaders.values()])
     return train_loader, eval_loaders, on_device, {name: {"rows": len(r), **paths[name]} for name, r in rows.items()}
 
@@ -84,8 +104,10 @@ def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -
     """The splits' sizes and, in plain words, which are held in memory and which are read from the shards; why
     (the memory budget's arithmetic) is in summary.json's "data", and on the terminal with --verbose."""
     where = {"memory": "in memory", "stream": "streamed from the shards"}
-    sizes = {"train": f"train {splits_read['train']['rows']:,} rows ({steps_per_epoch} steps/epoch)",
-             **{k: f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders}}
+    sizes = {
+        "train": f"train {splits_read['train']['rows']:,} rows ({steps_per_epoch} steps/epoch)",
+        **{k: f"{k} {splits_read[k]['rows']:,} rows" for k in eval_loaders},
+    }
     paths = {splits_read[k]["path"] for k in sizes}
     if len(paths) == 1:
         say(f"data: {', '.join(sizes.values())}; {'all ' if len(sizes) > 1 else ''}{where[paths.pop()]}")
@@ -94,4 +116,3 @@ def say_data(say, splits_read: dict, steps_per_epoch: int, eval_loaders: dict) -
     if console.verbose():
         for k, v in splits_read.items():
             say(f"data: {k} {where[v['path']]}: {v['why']}")
-

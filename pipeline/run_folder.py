@@ -78,8 +78,10 @@ def check_run_dir(cfg, folder: RunFolder) -> None:
         if cfg.run_name and (path / "summary.json").exists():
             raise ConfigError(f"run {path} already finished; pick another run_name= or remove it")
         if cfg.run_name and not cfg.checkpoint.resume and checkpoint.latest(path):
-            raise ConfigError(f"run {path} has checkpoints and checkpoint.resume=false would start it over; "
-                              f"resume it (checkpoint.resume=true), pick another run_name=, or remove it")
+            raise ConfigError(
+                f"run {path} has checkpoints and checkpoint.resume=false would start it over; "
+                f"resume it (checkpoint.resume=true), pick another run_name=, or remove it"
+            )
     except ConfigError:
         folder.release()
         raise

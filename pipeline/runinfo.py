@@ -33,9 +33,13 @@ def start(run) -> dict:
     accelerator = run.accelerator
     earlier = read(path) if accelerator.is_main_process else {}
     record = {
-        "status": "running", "exit_code": None, "error": None,
-        "recipe": run.recipe.name, "run_dir": str(run.run_dir),
-        "started": now(), "ended": None,
+        "status": "running",
+        "exit_code": None,
+        "error": None,
+        "recipe": run.recipe.name,
+        "run_dir": str(run.run_dir),
+        "started": now(),
+        "ended": None,
         "first_started": earlier.get("first_started") or earlier.get("started") or None,
         "attempt": earlier.get("attempt", 0) + 1,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
@@ -64,7 +68,6 @@ def weights_saved(run, name: str) -> None:
     write_json(run.run_dir / "run.json", run.record)
 
 
-
 def data_identity(recipe, cfg, shards: Path) -> dict:
     """What a run trains on: the shards' fingerprint (their folder's name) and the raw files it was computed
     from, as a count and a digest, with each file (path: [size, mtime_ns]) up to RAW_LISTED of them."""
@@ -80,14 +83,18 @@ def data_change(saved: dict, now: dict) -> str:
     """What differs between two `data_identity` records: the raw files by name where both list them."""
     moved = f"the shards' fingerprint changed from {saved['fingerprint']} to {now['fingerprint']}"
     if saved.get("raw_digest") == now.get("raw_digest"):
-        return (f"{moved}; the raw files are the same (paths, sizes, times), so the code that prepares them "
-                f"changed (the recipe's prepare() or a helper it calls)")
+        return (
+            f"{moved}; the raw files are the same (paths, sizes, times), so the code that prepares them "
+            f"changed (the recipe's prepare() or a helper it calls)"
+        )
     if "raw" not in saved or "raw" not in now:
         return f"{moved}; the raw files differ ({saved['raw_files']:,} files then, {now['raw_files']:,} now)"
     before, after = saved["raw"], now["raw"]
-    kinds = {"changed": [f for f in before if f in after and before[f] != after[f]],
-             "added": [f for f in after if f not in before],
-             "removed": [f for f in before if f not in after]}
+    kinds = {
+        "changed": [f for f in before if f in after and before[f] != after[f]],
+        "added": [f for f in after if f not in before],
+        "removed": [f for f in before if f not in after],
+    }
     named = "; ".join(f"{kind}: {_named(files)}" for kind, files in kinds.items() if files)
     return f"raw files {named} ({moved})"
 
@@ -106,23 +113,39 @@ def data_changes(run) -> list[dict]:
     saved = checkpoint.position(run.resume_from).get("data")
     if not saved or saved["fingerprint"] == run.data_identity["fingerprint"]:
         return []
-    return [{"checkpoint": str(run.resume_from), "from": saved["fingerprint"], "to": run.data_identity["fingerprint"],
-             "change": data_change(saved, run.data_identity), "allowed_by": "checkpoint.allow_data_change=true",
-             "at": now()}]
+    return [
+        {
+            "checkpoint": str(run.resume_from),
+            "from": saved["fingerprint"],
+            "to": run.data_identity["fingerprint"],
+            "change": data_change(saved, run.data_identity),
+            "allowed_by": "checkpoint.allow_data_change=true",
+            "at": now(),
+        }
+    ]
 
 
 def runtime(accelerator, compiled: bool) -> dict:
     """What a run resolved at start-up and people filter runs by: the code's commit, the process count,
     the device, the precision and compile. In run.json and in the trackers' config (W&B's `runtime.*`)."""
-    return {"git": git(), "num_processes": accelerator.num_processes, "device": device(accelerator.device),
-            "mixed_precision": accelerator.mixed_precision, "compile": compiled}
+    return {
+        "git": git(),
+        "num_processes": accelerator.num_processes,
+        "device": device(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "compile": compiled,
+    }
 
 
 def end(run, record: dict, error: BaseException | None = None) -> None:
     """Rewrites the record with how the run ended: finished, or the error's status and exit code."""
     status, code = outcome(error)
-    record.update(status=status, exit_code=code, ended=now(),
-                  error=(str(error).splitlines() or [type(error).__name__])[0][:500] if error else None)
+    record.update(
+        status=status,
+        exit_code=code,
+        ended=now(),
+        error=(str(error).splitlines() or [type(error).__name__])[0][:500] if error else None,
+    )
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "run.json", record)
 

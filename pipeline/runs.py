@@ -85,10 +85,12 @@ def load_run(run_dir, overrides=()) -> tuple[Recipe, object, dict]:
     check_finished(run_dir)
     for item in overrides:
         if not item.partition("=")[0].startswith(CHANGEABLE):
-            raise ConfigError(f"{item!r} cannot change after training: a finished run takes data.* overrides "
-                              f"(e.g. data.root=/other/data), trainer.eval_batch_size and trainer.dist_timeout_s, "
-                              f"nothing that changes the model. To train differently, start a run: "
-                              f"python launch/train.py ...")
+            raise ConfigError(
+                f"{item!r} cannot change after training: a finished run takes data.* overrides "
+                f"(e.g. data.root=/other/data), trainer.eval_batch_size and trainer.dist_timeout_s, "
+                f"nothing that changes the model. To train differently, start a run: "
+                f"python launch/train.py ..."
+            )
     try:
         saved = OmegaConf.load(run_dir / "config.yaml")
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -106,64 +108,78 @@ def read_meta(run_dir) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise damaged(Path(run_dir), META_FILE, e) from None
     if not isinstance(meta, dict):
-        raise damaged(Path(run_dir), META_FILE, f"it holds a JSON {type(meta).__name__}, not the object of "
-                                                      f"facts (classes, statistics) a run keeps")
+        raise damaged(
+            Path(run_dir),
+            META_FILE,
+            f"it holds a JSON {type(meta).__name__}, not the object of facts (classes, statistics) a run keeps",
+        )
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise damaged(Path(run_dir), META_FILE, f"its class_names is {json.dumps(names)[:60]}, not a list of "
-                                                      f"names")
+        raise damaged(Path(run_dir), META_FILE, f"its class_names is {json.dumps(names)[:60]}, not a list of names")
     return meta
 
 
 def damaged(run_dir: Path, name: str, e: Exception) -> DataError:
-    return DataError(f"{run_dir / name} is damaged: {str(e).splitlines()[0]}. It is written when the run starts "
-                     f"and never changed after; a copy of the run folder from before has it intact.\nFix: restore "
-                     f"{name} from such a copy, or train the run again")
+    return DataError(
+        f"{run_dir / name} is damaged: {str(e).splitlines()[0]}. It is written when the run starts "
+        f"and never changed after; a copy of the run folder from before has it intact.\nFix: restore "
+        f"{name} from such a copy, or train the run again"
+    )
 
 
 def check_finished(run_dir: Path) -> None:
     """A run folder whose training ended: its config and meta, and the final weights."""
     if not run_dir.is_dir():
-        raise ConfigError(f"no run folder at {run_dir}; runs are in <output_dir>/<recipe>/<run_name>/ "
-                          f"(e.g. runs/digits/20250101-120000)")
+        raise ConfigError(
+            f"no run folder at {run_dir}; runs are in <output_dir>/<recipe>/<run_name>/ "
+            f"(e.g. runs/digits/20250101-120000)"
+        )
     missing = [name for name in ("config.yaml", META_FILE, WEIGHTS["final"]) if not (run_dir / name).exists()]
     if missing:
-        raise ConfigError(f"{run_dir} is not a finished run: no {' or '.join(missing)}. A run writes model.safetensors "
-                          f"when its training ends; one that was stopped continues with the same train command and "
-                          f"run_name={run_dir.name}")
+        raise ConfigError(
+            f"{run_dir} is not a finished run: no {' or '.join(missing)}. A run writes model.safetensors "
+            f"when its training ends; one that was stopped continues with the same train command and "
+            f"run_name={run_dir.name}"
+        )
 
 
 def weights_file(run_dir: Path, weights: str = "final") -> Path:
     """`final` or `best` of the run, or a weights file given by its path."""
     if weights not in WEIGHTS:
         if not weights.endswith(".safetensors") or not Path(weights).is_file():
-            raise ConfigError(f"bad value weights={weights!r}; choose one of: {', '.join(WEIGHTS)}, or the path of "
-                              f"an existing .safetensors file")
+            raise ConfigError(
+                f"bad value weights={weights!r}; choose one of: {', '.join(WEIGHTS)}, or the path of "
+                f"an existing .safetensors file"
+            )
         return Path(weights)
     path = Path(run_dir) / WEIGHTS[weights]
     if not path.exists():
-        raise ConfigError(f"run {run_dir} has no {path.name}: best weights are kept when the run monitors a metric "
-                          f"(checkpoint.monitor); evaluate the final ones with weights=final")
+        raise ConfigError(
+            f"run {run_dir} has no {path.name}: best weights are kept when the run monitors a metric "
+            f"(checkpoint.monitor); evaluate the final ones with weights=final"
+        )
     return path
 
 
-def load_model(run_dir, recipe: Recipe, cfg, meta: dict, weights: str = "final",
-               say=print) -> torch.nn.Module:
+def load_model(run_dir, recipe: Recipe, cfg, meta: dict, weights: str = "final", say=print) -> torch.nn.Module:
     """The recipe's model for this config and meta, with the run's weights loaded strictly (on the CPU)."""
     path = weights_file(Path(run_dir), weights)
     check_own_weights(Path(run_dir), path, weights not in WEIGHTS, say)
     try:
         state = load_file(path)
     except Exception as e:  # safetensors names what it could not read; any failure means the file is unusable
-        raise DataError(f"cannot read the weights {path}: {str(e).splitlines()[0]}. The file is damaged (cut short "
-                        f"or overwritten); a copy of the run folder from before, or training again, gives it back"
-                        ) from None
+        raise DataError(
+            f"cannot read the weights {path}: {str(e).splitlines()[0]}. The file is damaged (cut short "
+            f"or overwritten); a copy of the run folder from before, or training again, gives it back"
+        ) from None
     try:
         model = recipe.model(cfg, meta)
     except KeyError as e:  # a fact the recipe reads now that an older version did not keep
-        raise ConfigError(f"{Path(run_dir) / META_FILE} has no {e} that recipe {recipe.name!r} reads now: the "
-                          f"run was trained by an older version of it.\nFix: evaluate it with that version's code"
-                          f"{trained_with(Path(run_dir))}, or train it again") from None
+        raise ConfigError(
+            f"{Path(run_dir) / META_FILE} has no {e} that recipe {recipe.name!r} reads now: the "
+            f"run was trained by an older version of it.\nFix: evaluate it with that version's code"
+            f"{trained_with(Path(run_dir))}, or train it again"
+        ) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # a fact of the wrong type (a recipe's own check, or where it failed)
@@ -172,9 +188,11 @@ def load_model(run_dir, recipe: Recipe, cfg, meta: dict, weights: str = "final",
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         lines = str(e).splitlines()
-        raise ConfigError(f"the weights {path} do not fit the model recipe {recipe.name!r} builds now: "
-                          f"{' '.join(line.strip() for line in lines[1:4] or lines)}.\nThe recipe's model changed "
-                          f"since this run was trained; evaluate it with the code of that run") from None
+        raise ConfigError(
+            f"the weights {path} do not fit the model recipe {recipe.name!r} builds now: "
+            f"{' '.join(line.strip() for line in lines[1:4] or lines)}.\nThe recipe's model changed "
+            f"since this run was trained; evaluate it with the code of that run"
+        ) from None
     return model
 
 
@@ -189,14 +207,18 @@ def check_own_weights(run_dir: Path, path: Path, explicit: bool, say) -> None:
     if explicit:
         if actual not in recorded.values():
             saved = ", ".join(f"{name} {sha}" for name, sha in recorded.items())
-            say(f"WARNING: {path} is not one of run {run_dir}'s weights: its sha256 is {actual}, the run saved "
-                f"{saved}. The results are this file's, with the run's config and statistics")
+            say(
+                f"WARNING: {path} is not one of run {run_dir}'s weights: its sha256 is {actual}, the run saved "
+                f"{saved}. The results are this file's, with the run's config and statistics"
+            )
         return
     expected = recorded.get(path.name)
     if expected and actual != expected:
-        raise DataError(f"{path} is not the file this run saved: its sha256 is {actual}, run.json records {expected} "
-                        f"for {path.name}. It was replaced (copied from another run?).\nFix: put the run's own file "
-                        f"back, or name this one explicitly: weights={path} (evaluated with a warning)")
+        raise DataError(
+            f"{path} is not the file this run saved: its sha256 is {actual}, run.json records {expected} "
+            f"for {path.name}. It was replaced (copied from another run?).\nFix: put the run's own file "
+            f"back, or name this one explicitly: weights={path} (evaluated with a warning)"
+        )
 
 
 def trained_with(run_dir: Path) -> str:
@@ -214,11 +236,15 @@ def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tu
     shards = shard_store.prepare(recipe, cfg, state, log=say)
     splits, shard_meta = shard_store.open_shards(shards)
     if split not in splits:
-        raise DataError(f"the {recipe.name} shards in {shards} have no {split!r} split (they hold "
-                        f"{', '.join(splits)}); choose split={' or split='.join(s for s in SPLITS if s in splits)}")
+        raise DataError(
+            f"the {recipe.name} shards in {shards} have no {split!r} split (they hold "
+            f"{', '.join(splits)}); choose split={' or split='.join(s for s in SPLITS if s in splits)}"
+        )
     if shard_meta.get("class_names") != meta.get("class_names"):
-        raise DataError(f"the data in {shards} has the classes {shard_meta.get('class_names')}, the run was trained "
-                        f"on {meta.get('class_names')}: its scores would compare different things")
+        raise DataError(
+            f"the data in {shards} has the classes {shard_meta.get('class_names')}, the run was trained "
+            f"on {meta.get('class_names')}: its scores would compare different things"
+        )
     if cfg.data.get("statistics"):
         say(f"data: the run's train statistics ({cfg.data.statistics}) are applied to this data, not its own")
         return {"train": splits["train"], split: splits[split]}, shards
@@ -227,9 +253,11 @@ def load_split(recipe, cfg, meta: dict, split: str, state=None, say=print) -> tu
     differ = sorted(k for k in meta if k not in own and shard_meta.get(k) != meta[k])
     if differ:
         # Statistics a recipe applies inside prepare() (water_potability's scaling) are this data's own.
-        say(f"data: this data's {', '.join(differ)} (computed by the recipe's prepare() on it) differ from the run's "
+        say(
+            f"data: this data's {', '.join(differ)} (computed by the recipe's prepare() on it) differ from the run's "
             f"meta.json; the run's are used where the model, transform and metrics read meta, but what prepare() "
-            f"applied to the rows came from this data")
+            f"applied to the rows came from this data"
+        )
     return {"train": splits["train"], split: splits[split]}, shards
 
 
@@ -248,22 +276,39 @@ def evaluate(recipe, cfg, request: Request) -> dict:
     patches.apply(say)
     accelerator = build.make_accelerator(cfg, cpu)  # at the matmul precision the run evaluated with
     _, loaders, on_device, _ = run_data.make_loaders(cfg, recipe, splits, meta, accelerator)
-    model, loader = accelerator.prepare(model, loaders[request.split],
-                                        device_placement=[True, run_data.batches_move(accelerator, on_device)])
-    run = build.Evaluation(accelerator=accelerator, recipe=recipe, meta=meta, model=model,
-                           eval_loaders={request.split: loader},
-                           metrics=build.make_metrics(recipe, cfg, meta, accelerator.device),
-                           loss_fn=loss_fn(recipe, cfg),
-                           inputs=model_inputs(recipe, cfg))
+    model, loader = accelerator.prepare(
+        model, loaders[request.split], device_placement=[True, run_data.batches_move(accelerator, on_device)]
+    )
+    run = build.Evaluation(
+        accelerator=accelerator,
+        recipe=recipe,
+        meta=meta,
+        model=model,
+        eval_loaders={request.split: loader},
+        metrics=build.make_metrics(recipe, cfg, meta, accelerator.device),
+        loss_fn=loss_fn(recipe, cfg),
+        inputs=model_inputs(recipe, cfg),
+    )
     results = loop.evaluate(run, request.split)
-    record = {"run_dir": str(request.run_dir), "recipe": recipe.name, "split": request.split,
-              "weights": WEIGHTS.get(request.weights, request.weights), "data": changed_data(request.overrides),
-              "overrides": list(request.overrides), "shards": str(shards), "fingerprint": shards.name,
-              "run_fingerprint": trained_on(request.run_dir), "own_data": own,
-              "samples": results[f"{request.split}/samples"], "num_processes": accelerator.num_processes,
-              "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,
-              "eval_batch_size": cfg.trainer.eval_batch_size, **results,
-              "time/total_s": time.perf_counter() - started}
+    record = {
+        "run_dir": str(request.run_dir),
+        "recipe": recipe.name,
+        "split": request.split,
+        "weights": WEIGHTS.get(request.weights, request.weights),
+        "data": changed_data(request.overrides),
+        "overrides": list(request.overrides),
+        "shards": str(shards),
+        "fingerprint": shards.name,
+        "run_fingerprint": trained_on(request.run_dir),
+        "own_data": own,
+        "samples": results[f"{request.split}/samples"],
+        "num_processes": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "mixed_precision": accelerator.mixed_precision,
+        "eval_batch_size": cfg.trainer.eval_batch_size,
+        **results,
+        "time/total_s": time.perf_counter() - started,
+    }
     path = request.run_dir / "evaluations" / f"{output_name(request, shards, own)}.json"
     with all_or_none(accelerator):
         if accelerator.is_main_process:
@@ -306,8 +351,11 @@ def own_data(recipe, cfg, request: Request, shards: Path, say) -> bool | None:
     else:
         saved = runinfo.read(request.run_dir / "run.json")["data"]
         now = runinfo.data_identity(recipe, cfg, shards)
-        why = ("its raw files changed since it trained" if saved.get("raw_digest") != now["raw_digest"]
-               else "the code that prepares its raw files changed since it trained")
+        why = (
+            "its raw files changed since it trained"
+            if saved.get("raw_digest") != now["raw_digest"]
+            else "the code that prepares its raw files changed since it trained"
+        )
     say(f"data: not the run's own data ({why}): fingerprint {shards.name}, the run trained on {trained}")
     return False
 
@@ -326,10 +374,20 @@ def output_name(request: Request, shards: Path, own: bool | None = None) -> str:
 
 def result_line(record: dict, path: Path) -> str:
     split = record["split"]
-    keys = [k for k in record if k.startswith(f"{split}/") and report.scalar(record[k]) and k.count("/") <= 2
-            and not k.endswith("/samples")][:8]
-    which = "" if record["own_data"] else f" of data {record['fingerprint'][:8]}, " + (
-        "not the run's own" if record["own_data"] is False else "the run recorded none to compare")
-    return (f"evaluated: {record['recipe']} {record['weights']} on {split}{which} ({record['samples']:,} samples, "
-            f"{record['num_processes']} process{'es' if record['num_processes'] > 1 else ''}) "
-            + " ".join(f"{k}={record[k]:.4f}" for k in keys) + f" -> {path}")
+    keys = [
+        k
+        for k in record
+        if k.startswith(f"{split}/") and report.scalar(record[k]) and k.count("/") <= 2 and not k.endswith("/samples")
+    ][:8]
+    which = (
+        ""
+        if record["own_data"]
+        else f" of data {record['fingerprint'][:8]}, "
+        + ("not the run's own" if record["own_data"] is False else "the run recorded none to compare")
+    )
+    return (
+        f"evaluated: {record['recipe']} {record['weights']} on {split}{which} ({record['samples']:,} samples, "
+        f"{record['num_processes']} process{'es' if record['num_processes'] > 1 else ''}) "
+        + " ".join(f"{k}={record[k]:.4f}" for k in keys)
+        + f" -> {path}"
+    )

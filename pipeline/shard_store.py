@@ -110,11 +110,16 @@ def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Pat
             first = _take_part(state, group, cfg.data.num_proc)
         # The folder's name, not its path: a node-local cache_dir may be given differently on each node.
         out = shards_dir(recipe, cfg, _outcome(first[0], "process 0", own=state.is_main_process).name)
-        node = (_attempt(lambda: _build(recipe, cfg, out, log))
-                if state.is_local_main_process and not state.is_main_process else None)
+        node = (
+            _attempt(lambda: _build(recipe, cfg, out, log))
+            if state.is_local_main_process and not state.is_main_process
+            else None
+        )
         nodes = [None] * state.num_processes
-        with _waiting("process 0 waiting for the other nodes' main processes to check or prepare their shards",
-                      speak=state.is_main_process):
+        with _waiting(
+            "process 0 waiting for the other nodes' main processes to check or prepare their shards",
+            speak=state.is_main_process,
+        ):
             dist.all_gather_object(nodes, node, group=group)
         for index, outcome in enumerate(nodes):
             if outcome is not None:
@@ -165,8 +170,10 @@ def _share(how: Sharing, folder: Path, splits: dict, todo: list) -> tuple[list, 
         else:
             sums |= _outcome(result, f"process {index}", own=index == 0)
     if left:
-        log(f"data: {len(left)} shard files left by processes that cannot see {folder} (a node-local cache): "
-            f"written here")
+        log(
+            f"data: {len(left)} shard files left by processes that cannot see {folder} (a node-local cache): "
+            f"written here"
+        )
     return left, sums
 
 
@@ -175,8 +182,9 @@ def _take_part(state, group, workers) -> list:
     while True:
         message = [None]
         first_on_node = state.local_process_index == (1 if state.process_index == state.local_process_index else 0)
-        with _waiting(f"process {state.process_index} waiting for process 0 to prepare the shards",
-                      speak=first_on_node):
+        with _waiting(
+            f"process {state.process_index} waiting for process 0 to prepare the shards", speak=first_on_node
+        ):
             dist.broadcast_object_list(message, src=0, group=group)
         if message[0][0] != "plan":
             return message
@@ -189,8 +197,9 @@ def _take_part(state, group, workers) -> list:
 
 def _write_part(folder: Path, state, workers) -> dict:
     splits, todo = pickle.loads((folder / PLAN_FILE).read_bytes())
-    return decoded_shards.write_shards(splits, decoded_shards.mine(todo, state.process_index, state.num_processes),
-                                folder, workers)
+    return decoded_shards.write_shards(
+        splits, decoded_shards.mine(todo, state.process_index, state.num_processes), folder, workers
+    )
 
 
 def _attempt(build) -> tuple[str, object]:
@@ -213,8 +222,9 @@ def _outcome(outcome: tuple[str, object], who: str, own: bool):
         return value
     if own or isinstance(value, (ConfigError, DataError)):
         raise value
-    raise RuntimeError(f"{who} failed while preparing the shards ({type(value).__name__}: {value}); its "
-                       f"output above has the traceback") from value
+    raise RuntimeError(
+        f"{who} failed while preparing the shards ({type(value).__name__}: {value}); its output above has the traceback"
+    ) from value
 
 
 @contextmanager
@@ -282,8 +292,11 @@ def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> Non
         written = _write_splits(splits, tmp, saving, out.name)
         (tmp / META_FILE).write_text(files.dumps(meta, indent=2))  # null for a non-finite number, as every JSON
         (tmp / files.OWNER_FILE).unlink()
-        sums = {name: written.get(name) or {"size": p.stat().st_size, "sha256": files.sha256(p)}
-                for p in _files(tmp) for name in [str(p.relative_to(tmp))]}
+        sums = {
+            name: written.get(name) or {"size": p.stat().st_size, "sha256": files.sha256(p)}
+            for p in _files(tmp)
+            for name in [str(p.relative_to(tmp))]
+        }
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
         try:
             tmp.rename(out)
@@ -293,15 +306,16 @@ def _save(splits: dict, meta: dict, out: Path, saving: Saving, log=print) -> Non
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise DiskFull(f"disk full while writing the shards to {out.parent} ({e.strerror}); the partial shards "
-                        f"were removed.\nFix: free space there, or point data.cache_dir= at a larger disk") from None
+        raise DiskFull(
+            f"disk full while writing the shards to {out.parent} ({e.strerror}); the partial shards "
+            f"were removed.\nFix: free space there, or point data.cache_dir= at a larger disk"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
-
 
 
 def _size(out: Path) -> int:
@@ -316,10 +330,14 @@ def check_shards(out: Path, full: bool = False) -> int:
         sums = json.loads((out / CHECKSUM_FILE).read_text())
     except (OSError, ValueError) as e:
         raise damaged(out, out / CHECKSUM_FILE, f"the list of checksums cannot be read ({e})") from None
-    if not isinstance(sums, dict) or not all(isinstance(w, dict) and {"size", "sha256"} <= w.keys()
-                                             for w in sums.values()):
-        raise damaged(out, out / CHECKSUM_FILE, "the list of checksums parses, but not as the {file: {size, sha256}} "
-                                                "that prepare writes")
+    if not isinstance(sums, dict) or not all(
+        isinstance(w, dict) and {"size", "sha256"} <= w.keys() for w in sums.values()
+    ):
+        raise damaged(
+            out,
+            out / CHECKSUM_FILE,
+            "the list of checksums parses, but not as the {file: {size, sha256}} that prepare writes",
+        )
     for name, want in sums.items():
         path = out / name
         if not path.is_file():
@@ -337,7 +355,8 @@ def damaged(out: Path, path: Path, why: str) -> DataError:
     return DataError(
         f"damaged shard file {path}: {why}.\nThese shards were not used. They are a cache built from the raw "
         f"files, so nothing is lost by rebuilding them.\nFix: rm -r '{out}' and run the same command again "
-        f"(or add --rebuild to the same `python launch/prepare.py ...` command).")
+        f"(or add --rebuild to the same `python launch/prepare.py ...` command)."
+    )
 
 
 def split_rows(out: Path) -> dict[str, int]:
@@ -363,8 +382,12 @@ def open_shards(out: Path) -> tuple[dict[str, datasets.Dataset], dict]:
         splits = dict(datasets.load_from_disk(str(out)))  # the DatasetDict that _save wrote
         meta = json.loads((out / META_FILE).read_text())
         if not isinstance(meta, dict):
-            raise damaged(out, out / META_FILE, f"it holds a JSON {type(meta).__name__}, not the object of facts "
-                                                f"(classes, statistics) that prepare writes")
+            raise damaged(
+                out,
+                out / META_FILE,
+                f"it holds a JSON {type(meta).__name__}, not the object of facts "
+                f"(classes, statistics) that prepare writes",
+            )
         return splits, meta
     except Exception:
         check_shards(out, full=True)  # raises a DataError if a file was damaged

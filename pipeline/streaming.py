@@ -39,8 +39,9 @@ class Stream(torch.utils.data.Dataset):
         span = max(m.address + m.size for m in self.maps) - base
         # The address range from the first mapped file to the end of the last, as bytes; only the rows'
         # own bytes (inside the files) are ever read.
-        whole = torch.from_numpy(np.ctypeslib.as_array(ctypes.cast(base, ctypes.POINTER(ctypes.c_uint8)),
-                                                       shape=(span,)))
+        whole = torch.from_numpy(
+            np.ctypeslib.as_array(ctypes.cast(base, ctypes.POINTER(ctypes.c_uint8)), shape=(span,))
+        )
         self.fixed, self.other = {}, {}
         for name, feature in self.features.items():
             starts = _row_starts(table.column(name), math.prod(feature_shape(feature)), base)

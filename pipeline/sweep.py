@@ -68,8 +68,10 @@ def grid(dotlist: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     for item in dotlist:
         key, _, raw = item.partition("=")
         if key == "run_name":
-            raise ConfigError("run_name is chosen per run by the sweep (<sweep name>-<number>-<values>); "
-                              "name the sweep with --name NAME instead")
+            raise ConfigError(
+                "run_name is chosen per run by the sweep (<sweep name>-<number>-<values>); "
+                "name the sweep with --name NAME instead"
+            )
         values = split_values(key, raw)
         swept.pop(key, None)
         if len(values) > 1:
@@ -103,15 +105,19 @@ def plan(argv: list[str], name: str, recipe: bool = True) -> list[SweepRun]:
     width, label = len(str(len(combos))), labels(list(swept))
     runs = []
     for index, values in enumerate(combos, 1):
-        items = [*fixed, *(f"{k}={v}" for k, v in values.items()),
-                 f"run_name={run_name(name, index, width, values, label)}"]
+        items = [
+            *fixed,
+            *(f"{k}={v}" for k, v in values.items()),
+            f"run_name={run_name(name, index, width, values, label)}",
+        ]
         if config.given(items, "tracking.group") is None:  # one W&B group for the sweep; a group given is kept
             items.append(f"tracking.group={name}")
         try:
             checked = cli.parse([*head, *items]) if recipe else cli.read([*head, *items])
         except ConfigError as e:
-            raise ConfigError(f"run {index} of the sweep ({' '.join(f'{k}={v}' for k, v in values.items())}): "
-                              f"{e}") from None
+            raise ConfigError(
+                f"run {index} of the sweep ({' '.join(f'{k}={v}' for k, v in values.items())}): {e}"
+            ) from None
         run_dir = Path(checked[1].output_dir) / checked[0].name / checked[1].run_name if recipe else None
         runs.append(SweepRun(index, values, [*head, *items], run_dir))
     return runs
@@ -125,8 +131,10 @@ def launcher_command(launcher: str | None) -> list[str]:
     # Beside this Python first: `accelerate` of the environment the sweep runs in, activated or not.
     found = words and (shutil.which(words[0], path=str(Path(sys.executable).parent)) or shutil.which(words[0]))
     if not found:
-        raise ConfigError(f"--launcher {launcher!r}: {words[0] if words else 'nothing'} is not a command found "
-                          f"on PATH; e.g. --launcher \"accelerate launch --multi_gpu --num_processes 2\"")
+        raise ConfigError(
+            f"--launcher {launcher!r}: {words[0] if words else 'nothing'} is not a command found "
+            f'on PATH; e.g. --launcher "accelerate launch --multi_gpu --num_processes 2"'
+        )
     return [found, *words[1:]]
 
 
@@ -189,8 +197,10 @@ def run(runs: list[SweepRun], command: list[str], name: str) -> int:
             signal.signal(s, handler)
     report(runs, name)
     if children.stopped_by:
-        say(f"stopped by {signal.Signals(children.stopped_by).name}; the same command with --name {name} "
-            f"continues it (finished runs are kept, a run with a checkpoint resumes)")
+        say(
+            f"stopped by {signal.Signals(children.stopped_by).name}; the same command with --name {name} "
+            f"continues it (finished runs are kept, a run with a checkpoint resumes)"
+        )
         return 128 + children.stopped_by
     return 0 if all(r.outcome in ("ok", "finished earlier") for r in runs) else 1
 

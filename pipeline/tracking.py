@@ -98,9 +98,11 @@ def wandb_mode(verify: bool = True) -> str:
     except (AuthenticationError, UsageError) as e:
         raise ConfigError(wandb_login_failed(e)) from None
     if mode and not logged_in:
-        raise ConfigError(f"WANDB_MODE={mode} but no W&B credentials were found (WANDB_API_KEY, `wandb login`). "
-                          f"Log in with `wandb login`, or log offline: unset WANDB_MODE or set WANDB_MODE=offline, "
-                          f"or tracking=none")
+        raise ConfigError(
+            f"WANDB_MODE={mode} but no W&B credentials were found (WANDB_API_KEY, `wandb login`). "
+            f"Log in with `wandb login`, or log offline: unset WANDB_MODE or set WANDB_MODE=offline, "
+            f"or tracking=none"
+        )
     return mode or ("online" if logged_in else "offline")
 
 
@@ -117,8 +119,9 @@ def check_wandb_env() -> None:
         if value is not None and not value.strip():
             del os.environ[variable]
         elif value is not None and value.strip().lower() not in WANDB_BOOLS:
-            raise ConfigError(f"{variable}={value!r} is not a yes/no value W&B reads; set it to true or false, "
-                              f"or unset it")
+            raise ConfigError(
+                f"{variable}={value!r} is not a yes/no value W&B reads; set it to true or false, or unset it"
+            )
 
 
 def say_where(accelerator, say) -> None:
@@ -146,7 +149,8 @@ def check_wandb_dirs() -> None:
             raise ConfigError(
                 f"W&B writes into {path} ({variable}), which this user (uid {os.getuid()}) cannot write "
                 f"(HOME={home}). Point it at a writable folder, e.g. {variable}=/tmp/wandb, or HOME at a "
-                f"writable one (in a container image: see launch/CLUSTER.md, \"Any uid\"); or run with tracking=none")
+                f'writable one (in a container image: see launch/CLUSTER.md, "Any uid"); or run with tracking=none'
+            )
 
 
 def writable(path: Path) -> bool:
@@ -178,9 +182,11 @@ def agreed_wandb_mode(main: bool) -> str:
 
 def wandb_login_failed(e: Exception) -> str:
     source = "WANDB_API_KEY" if os.environ.get("WANDB_API_KEY") else "`wandb login` (~/.netrc)"
-    return (f"W&B rejected the login from {source} or could not be reached: {str(e).rstrip('.')}. Nothing was trained. "
-            f"Fix the key (`wandb login --relogin`; or unset WANDB_API_KEY to log offline), or run without "
-            f"W&B's server: WANDB_MODE=offline (upload later with `wandb sync`) or tracking=none")
+    return (
+        f"W&B rejected the login from {source} or could not be reached: {str(e).rstrip('.')}. Nothing was trained. "
+        f"Fix the key (`wandb login --relogin`; or unset WANDB_API_KEY to log offline), or run without "
+        f"W&B's server: WANDB_MODE=offline (upload later with `wandb sync`) or tracking=none"
+    )
 
 
 def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
@@ -193,9 +199,10 @@ def init(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
 
         if "wandb" not in init_kwargs or not isinstance(e, (wandb.Error, TimeoutError)):
             raise
-        raise ConfigError(f"W&B could not start its run: {e}. Nothing was trained. Retry, or run without "
-                          f"W&B's server: WANDB_MODE=offline (upload later with `wandb sync`) or tracking=none"
-                          ) from None
+        raise ConfigError(
+            f"W&B could not start its run: {e}. Nothing was trained. Retry, or run without "
+            f"W&B's server: WANDB_MODE=offline (upload later with `wandb sync`) or tracking=none"
+        ) from None
     for tracker in accelerator.trackers:
         # TensorBoard's hparams take only flat scalars (a nested dict or a None raises); the others keep
         # the config's structure.
@@ -221,13 +228,16 @@ def check_installed(cfg) -> None:
     if name == "none" or name in {t.value for t in get_available_trackers()}:
         return
     package = PIP_PACKAGE.get(name, name)
-    raise ConfigError(f"tracking={name} needs the {name} package, which is not installed for {sys.executable}. "
-                      f"Install it (pip install {package}), or choose another tracker: tracking=wandb (the default) "
-                      f"or tracking=none (only the local record in <run>/metrics.jsonl)")
+    raise ConfigError(
+        f"tracking={name} needs the {name} package, which is not installed for {sys.executable}. "
+        f"Install it (pip install {package}), or choose another tracker: tracking=wandb (the default) "
+        f"or tracking=none (only the local record in <run>/metrics.jsonl)"
+    )
 
 
-def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = True,
-             mode: str | None = None) -> tuple[list, dict]:
+def trackers(
+    cfg, run_dir: Path, resumed_step: int | None = None, main: bool = True, mode: str | None = None
+) -> tuple[list, dict]:
     """The `log_with` list for Accelerator (the local record, then `cfg.tracking` by Accelerate's name
     for it) and the matching `init_kwargs`; a run resumed from the checkpoint of `resumed_step`
     continues its local record (and its online W&B run) from there. The W&B `mode` is decided (and
@@ -244,8 +254,13 @@ def trackers(cfg, run_dir: Path, resumed_step: int | None = None, main: bool = T
         mode = mode or agreed_wandb_mode(main)  # first: a failed W&B login leaves the run directory empty
         # console="off": W&B leaves sys.stdout/stderr alone (its own lines go where the run's console
         # sends them: <run>/console.log, see pipeline/console.py).
-        init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name, **wandb_labels(cfg),
-                                "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off")}
+        init_kwargs["wandb"] = {
+            "mode": mode,
+            "dir": str(run_dir),
+            "name": run_dir.name,
+            **wandb_labels(cfg),
+            "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off"),
+        }
         # Online, every attempt of a run (a requeued job) logs into one W&B run, by an id kept in the
         # run directory. Offline runs get none: `wandb sync` of two offline parts with one id keeps
         # only one of them, so each attempt stays a run of its own. WANDB_RUN_ID, if set, wins.
@@ -269,8 +284,12 @@ def wandb_labels(cfg) -> dict:
     """wandb.init's tags, group, notes and job_type from `tracking.*`, less those whose variable is set.
     Every run is tagged, and by default grouped, by its recipe."""
     t = cfg.tracking
-    labels = {"tags": list(dict.fromkeys([cfg.recipe, *t.tags])), "group": t.group or cfg.recipe,
-              "notes": t.notes, "job_type": t.job_type}
+    labels = {
+        "tags": list(dict.fromkeys([cfg.recipe, *t.tags])),
+        "group": t.group or cfg.recipe,
+        "notes": t.notes,
+        "job_type": t.job_type,
+    }
     return {k: v for k, v in labels.items() if v is not None and not os.environ.get(WANDB_ENV[k])}
 
 
@@ -294,6 +313,7 @@ def log_classifier(accelerator, results: dict, class_names: list | None, step: i
     """W&B's confusion-matrix chart and a per-class table (precision, recall, F1, support) for each split
     that has a confusion matrix; built from the matrix itself (W&B's own helper wants every prediction)."""
     from pipeline import report  # here: report imports torchmetrics, which launch/compare.py does without
+
     run = wandb_run(accelerator)
     if run is None or not class_names:
         return
@@ -307,8 +327,11 @@ def log_classifier(accelerator, results: dict, class_names: list | None, step: i
         cells = [[class_names[i], class_names[j], count] for i, row in enumerate(matrix) for j, count in enumerate(row)]
         table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=cells)
         values[f"{split}/confusion_matrix"] = wandb.plot_table(
-            "wandb/confusion_matrix/v1", table, {k: k for k in table.columns},
-            {"title": f"{split} confusion matrix (final weights)"})
+            "wandb/confusion_matrix/v1",
+            table,
+            {k: k for k in table.columns},
+            {"title": f"{split} confusion matrix (final weights)"},
+        )
         rows = report.per_class(matrix, class_names)
         values[f"{split}/per_class"] = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
     if values:

@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError
 def flip(dim: int):
     def apply(image: torch.Tensor, u: torch.Tensor, _) -> torch.Tensor:
         return torch.where(u[:, None, None, None] < 0.5, image.flip(dim), image)
+
     return apply
 
 
@@ -29,6 +30,7 @@ def autocontrast(image: torch.Tensor, u: torch.Tensor, _) -> torch.Tensor:
 
 def brighten(image: torch.Tensor, u: torch.Tensor, fraction: float) -> torch.Tensor:
     return (image * (1 + (2 * u[:, None, None, None] - 1) * fraction)).clamp_(0, 1)
+
 
 def resized_crop(image: torch.Tensor, u: torch.Tensor, min_scale: float) -> torch.Tensor:
     """RandomResizedCrop(size, scale=(min_scale, 1), ratio=(3/4, 4/3)) of each image by its own four draws: a part
@@ -69,8 +71,10 @@ def augmentations(names: tuple[str, ...]) -> list[tuple]:
     for item in names:
         name, _, text = str(item).partition(":")
         if name not in AUGMENTATIONS:
-            raise ConfigError(f"data.augment: unknown augmentation {item!r}; valid: {VALID}.\nFix: e.g. "
-                              f"data.augment=[hflip,rotate:15], or data.augment=[] for none")
+            raise ConfigError(
+                f"data.augment: unknown augmentation {item!r}; valid: {VALID}.\nFix: e.g. "
+                f"data.augment=[hflip,rotate:15], or data.augment=[] for none"
+            )
         apply, unit = AUGMENTATIONS[name]
         if bool(unit) != bool(text):
             want = f"a value, {name}:<{unit}>" if unit else f"no value: {name}"
@@ -83,8 +87,10 @@ def augmentations(names: tuple[str, ...]) -> list[tuple]:
                 value = -1.0
             limit = 180.0 if unit == "degrees" else 1.0
             if not 0 < value <= limit:
-                raise ConfigError(f"data.augment: {item!r}: the {unit} must be a number in (0, {limit:g}].\nFix: "
-                                  f"e.g. {name}:{15 if unit == 'degrees' else 0.2}")
+                raise ConfigError(
+                    f"data.augment: {item!r}: the {unit} must be a number in (0, {limit:g}].\nFix: "
+                    f"e.g. {name}:{15 if unit == 'degrees' else 0.2}"
+                )
         found.append((apply, value, DRAWN.get(name, 1)))
     return found
 
@@ -114,7 +120,7 @@ def draws(rows: int, n: int, device) -> torch.Tensor:
     """
     state = PartialState()  # Accelerate's process group (a singleton); one process outside a launch
     numbers = torch.rand(rows, n * state.num_processes, device=device, generator=rng.DRAWS.generator(device))
-    return numbers[:, state.process_index * n:(state.process_index + 1) * n]
+    return numbers[:, state.process_index * n : (state.process_index + 1) * n]
 
 
 def rotate(image: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ from pipeline.errors import DataError
 from pipeline.files import scratch_folder
 
 
-def undecoded_images(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
-                     cfg) -> Undecoded:
+def undecoded_images(
+    paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int, cfg
+) -> Undecoded:
     """Image files -> a split of uint8 images [channels, data.image_size, data.image_size] beside their labels,
     decoded while its shards are written (each shard by the process or worker that writes it), never while
     training.
@@ -35,19 +36,29 @@ def undecoded_images(paths: list[str], labels: dict[str, tuple[list[int], list[s
     """
     size, resize = cfg.data.image_size, resize_mode(cfg)
     classes = {name: datasets.ClassLabel(names=names) for name, (_, names) in labels.items()}
-    files = datasets.Dataset.from_dict({"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
-                                       features=datasets.Features({"path": datasets.Value("string"), **classes}))
+    files = datasets.Dataset.from_dict(
+        {"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
+        features=datasets.Features({"path": datasets.Value("string"), **classes}),
+    )
     features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
     return Undecoded(files, partial(_decoded, size=size, read=read, resize=resize), features)
 
 
-def image_rows(paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int,
-               cfg) -> datasets.Dataset:
+def image_rows(
+    paths: list[str], labels: dict[str, tuple[list[int], list[str]]], read: Callable, channels: int, cfg
+) -> datasets.Dataset:
     """`undecoded_images` decoded now, in `data.num_proc` processes, for a recipe that needs the decoded rows
     before it returns them (e.g. its raw files live in a temporary folder)."""
     split = undecoded_images(paths, labels, read, channels, cfg)
-    return split.rows.map(split.decode, batched=True, batch_size=64, num_proc=cfg.data.num_proc,
-                          remove_columns=["path"], features=split.features, **on_disk())
+    return split.rows.map(
+        split.decode,
+        batched=True,
+        batch_size=64,
+        num_proc=cfg.data.num_proc,
+        remove_columns=["path"],
+        features=split.features,
+        **on_disk(),
+    )
 
 
 def _decoded(batch: dict, size: int, read: Callable, resize: str) -> dict:
@@ -110,14 +121,18 @@ def read_image(path: str, channels: int = 3, max_pixels: int | None = None) -> t
                 return v2.functional.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise unreadable(path, e) from None
-    raise DataError(f"{path} is {image.width}x{image.height} = {pixels:,} pixels, more than the {limit:,} allowed "
-                    f"(data.max_image_pixels; PIL's guard against decompression bombs).\nFix: if the image is "
-                    f"yours, allow it: data.max_image_pixels={pixels}; or shrink or remove it.")
+    raise DataError(
+        f"{path} is {image.width}x{image.height} = {pixels:,} pixels, more than the {limit:,} allowed "
+        f"(data.max_image_pixels; PIL's guard against decompression bombs).\nFix: if the image is "
+        f"yours, allow it: data.max_image_pixels={pixels}; or shrink or remove it."
+    )
 
 
 def unreadable(path: str, e: Exception) -> DataError:
-    return DataError(f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace that file "
-                     f"(a folder of images must hold only images), then run again.")
+    return DataError(
+        f"not a readable image: {path} ({type(e).__name__}: {e}).\nFix: delete or replace that file "
+        f"(a folder of images must hold only images), then run again."
+    )
 
 
 # PIL modes without colour: one grey (or black/white) channel, with or without alpha.
@@ -132,7 +147,7 @@ def image_headers(paths: list[str]) -> dict:
     HEADERS_READ files, an even sample is read (`headers_read` says how many)."""
     from PIL import Image
 
-    sample = paths[::max(1, -(-len(paths) // HEADERS_READ))]
+    sample = paths[:: max(1, -(-len(paths) // HEADERS_READ))]
     sizes, grey = np.zeros((len(sample), 2), dtype=np.int64), True
     for i, path in enumerate(sample):
         try:
@@ -141,9 +156,15 @@ def image_headers(paths: list[str]) -> dict:
         except (OSError, SyntaxError, ValueError) as e:
             raise unreadable(path, e) from None
     areas = sizes.prod(1)
-    return {"files": len(paths), "headers_read": len(sample), "median_size": np.median(sizes, 0).astype(int).tolist(),
-            "smallest": sizes[areas.argmin()].tolist(), "largest": sizes[areas.argmax()].tolist(),
-            "median_shorter_side": int(np.median(sizes.min(1))), "grayscale": grey}
+    return {
+        "files": len(paths),
+        "headers_read": len(sample),
+        "median_size": np.median(sizes, 0).astype(int).tolist(),
+        "smallest": sizes[areas.argmin()].tolist(),
+        "largest": sizes[areas.argmax()].tolist(),
+        "median_shorter_side": int(np.median(sizes.min(1))),
+        "grayscale": grey,
+    }
 
 
 def image_tree(folder: str | Path, top: str | Path | None = None) -> list[tuple[str, str | None]]:
@@ -191,8 +212,10 @@ def image_files(path: Path) -> tuple[Path, list[Path]]:
         return path.parent, [path]
     files = sorted(Path(p) for p, _ in image_tree(path))
     if not files:
-        raise DataError(f"{path} holds no image files ({', '.join(IMG_EXTENSIONS)}), in it or its subfolders.\n"
-                        f"Fix: point input= at an image file or a folder of images.")
+        raise DataError(
+            f"{path} holds no image files ({', '.join(IMG_EXTENSIONS)}), in it or its subfolders.\n"
+            f"Fix: point input= at an image file or a folder of images."
+        )
     return path, files
 
 
@@ -212,8 +235,9 @@ class StoredImages:
     levels: int = 255
 
 
-def image_inputs(cfg, meta: dict, path, stored: StoredImages = StoredImages(),
-                 chunk: int = PREDICT_CHUNK) -> Iterator[tuple[dict, dict]]:
+def image_inputs(
+    cfg, meta: dict, path, stored: StoredImages = StoredImages(), chunk: int = PREDICT_CHUNK
+) -> Iterator[tuple[dict, dict]]:
     """A Recipe.read_inputs for image recipes: an image file, or a folder of them (searched recursively), read
     and resized by `load_images` as the shards hold them (`stored`), `chunk` files at a time. The files are
     listed here (a missing or empty folder is named at once), read as the chunks are."""
@@ -221,13 +245,14 @@ def image_inputs(cfg, meta: dict, path, stored: StoredImages = StoredImages(),
     channels = stored.channels or meta.get("channels") or cfg.data.channels
     root, files = image_files(Path(path))
     read = partial(read_image, channels=channels, max_pixels=cfg.data.get("max_image_pixels"))
-    return _image_chunks(root, files, partial(load_images, size=size, read=read, resize=resize_mode(cfg)),
-                         stored.levels, chunk)
+    return _image_chunks(
+        root, files, partial(load_images, size=size, read=read, resize=resize_mode(cfg)), stored.levels, chunk
+    )
 
 
 def _image_chunks(root: Path, files: list[Path], load: Callable, levels: int, chunk: int):
     for start in range(0, len(files), chunk):
-        part = files[start:start + chunk]
+        part = files[start : start + chunk]
         images = load([str(f) for f in part])
         if levels != 255:
             images = np.rint(images * (levels / 255)).astype(np.uint8)

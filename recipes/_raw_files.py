@@ -19,14 +19,16 @@ from pipeline.errors import DataError
 def readable_file(path: Path, what: str) -> None:
     """A DataError unless `path` is a file this process can open (a folder or unreadable file is named)."""
     if path.is_dir():
-        raise DataError(f"{path} is a folder, but {what} belongs there.\nFix: move that folder away and put the "
-                        f"file there.")
+        raise DataError(
+            f"{path} is a folder, but {what} belongs there.\nFix: move that folder away and put the file there."
+        )
     try:
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror}).\nFix: make it readable (chmod a+r) or replace it "
-                        f"with a good copy.") from None
+        raise DataError(
+            f"cannot read {path} ({e.strerror}).\nFix: make it readable (chmod a+r) or replace it with a good copy."
+        ) from None
 
 
 def download(files: list[tuple[str, list[str], str | None]], folder: Path, what: str, timeout: float = 10) -> None:
@@ -62,7 +64,8 @@ def download(files: list[tuple[str, list[str], str | None]], folder: Path, what:
                     f"data.download is on, but {what} could not be downloaded ({'; '.join(errors) or 'no URL known'})."
                     f"\nFix: put {', '.join(n for n, _, _ in files)} in {folder.resolve()} (from a machine with "
                     f"a network, e.g. from {', '.join(sources)}), or check the network and proxy; "
-                    f"data.download=false stops trying.")
+                    f"data.download=false stops trying."
+                )
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -82,9 +85,13 @@ def unpacking(archive: Path, folder: str, source: str = ""):
     try:
         yield
     except (EOFError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error) as e:  # before OSError: BadGzipFile is one
-        raise DataError(f"{archive} is damaged ({e}): a truncated or interrupted download?\nFix: replace it with a "
-                        f"good copy{source}, or delete it and run again with data.download=true to fetch it anew. "
-                        f"The data folder was not changed.") from None
+        raise DataError(
+            f"{archive} is damaged ({e}): a truncated or interrupted download?\nFix: replace it with a "
+            f"good copy{source}, or delete it and run again with data.download=true to fetch it anew. "
+            f"The data folder was not changed."
+        ) from None
     except OSError as e:
-        raise DataError(f"cannot unpack {archive} into the temporary folder {folder} ({e}).\nFix: free space there "
-                        f"or point TMPDIR at a folder with room.") from None
+        raise DataError(
+            f"cannot unpack {archive} into the temporary folder {folder} ({e}).\nFix: free space there "
+            f"or point TMPDIR at a folder with room."
+        ) from None

@@ -36,12 +36,15 @@ def split_indices(rows: int, fraction: float, seed: int, labels: np.ndarray | No
     classes, at = np.unique(labels, return_inverse=True)
     counts = np.bincount(at)
     if counts.min() < 2:  # worded as datasets words it
-        raise ValueError("The least populated class in label column has only 1 member, which is too few. "
-                         "The minimum number of groups for any class cannot be less than 2.")
+        raise ValueError(
+            "The least populated class in label column has only 1 member, which is too few. "
+            "The minimum number of groups for any class cannot be less than 2."
+        )
     for part, size in (("train_size", rows - held), ("test_size", held)):
         if size < len(classes):
-            raise ValueError(f"The {part} = {size} should be greater or equal to the number of classes = "
-                             f"{len(classes)}")
+            raise ValueError(
+                f"The {part} = {size} should be greater or equal to the number of classes = {len(classes)}"
+            )
     by_class = np.split(np.argsort(at, kind="mergesort"), np.cumsum(counts)[:-1])
     del at
     n_train = approximate_mode(counts, rows - held, rng)
@@ -49,8 +52,8 @@ def split_indices(rows: int, fraction: float, seed: int, labels: np.ndarray | No
     train, test = [], []
     for i in range(len(classes)):
         mine = by_class[i].take(rng.permutation(counts[i]), mode="clip")
-        train.append(mine[:n_train[i]])
-        test.append(mine[n_train[i]:n_train[i] + n_test[i]])
+        train.append(mine[: n_train[i]])
+        test.append(mine[n_train[i] : n_train[i] + n_test[i]])
     # In place: rng.permutation of an array is a shuffled copy, by the same draws.
     train, test = np.concatenate(train), np.concatenate(test)
     rng.shuffle(train)
@@ -65,8 +68,9 @@ def _take(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
     if ds.cache_files or ds._indices is not None:
         return ds.select(indices).flatten_indices()
     # A fresh fingerprint: without one the constructor hashes the whole table.
-    return datasets.Dataset(InMemoryTable(ds.data.table.take(indices)), info=ds.info.copy(),
-                            fingerprint=generate_random_fingerprint())
+    return datasets.Dataset(
+        InMemoryTable(ds.data.table.take(indices)), info=ds.info.copy(), fingerprint=generate_random_fingerprint()
+    )
 
 
 def split_sizes(rows: int, fraction: float) -> tuple[int, int]:
@@ -77,8 +81,10 @@ def split_sizes(rows: int, fraction: float) -> tuple[int, int]:
 
 def image_split(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> datasets.Dataset:
     """uint8 images [N, C, H, W] and int labels as a compact Arrow dataset."""
-    features = datasets.Features({
-        "image": datasets.Array3D(shape=tuple(images.shape[1:]), dtype="uint8"),
-        "label": datasets.ClassLabel(names=class_names),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Array3D(shape=tuple(images.shape[1:]), dtype="uint8"),
+            "label": datasets.ClassLabel(names=class_names),
+        }
+    )
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)

@@ -57,9 +57,16 @@ def clean_options(columns: list[Column]):
     from pyarrow import csv as pa_csv
 
     kinds = {c.name: pa.string() if c.kind == "category" else pa.float64() for c in columns}
-    return (pa_csv.ParseOptions(newlines_in_values=False),
-            pa_csv.ConvertOptions(column_types=kinds, include_columns=list(kinds), null_values=[""],
-                                  strings_can_be_null=True, quoted_strings_can_be_null=True))
+    return (
+        pa_csv.ParseOptions(newlines_in_values=False),
+        pa_csv.ConvertOptions(
+            column_types=kinds,
+            include_columns=list(kinds),
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
+        ),
+    )
 
 
 def clean_columns(arrow, columns: list[Column]) -> dict | None:
@@ -109,9 +116,11 @@ def require_unique_names(path: Path, columns: list[Column], source: str) -> None
     twice = {name: at for name, at in twice.items() if len(at) > 1}
     if twice:
         shown = "; ".join(f"{name!r} at columns {', '.join(map(str, at))}" for name, at in twice.items())
-        raise DataError(f"{path}: the header names {len(twice)} column{'s' * (len(twice) != 1)} more than once: "
-                        f"{shown}. Only the first of each would be read.\nFix: give every column its own name in "
-                        f"the header (rename or delete the copies), then run again.")
+        raise DataError(
+            f"{path}: the header names {len(twice)} column{'s' * (len(twice) != 1)} more than once: "
+            f"{shown}. Only the first of each would be read.\nFix: give every column its own name in "
+            f"the header (rename or delete the copies), then run again."
+        )
 
 
 def line_count(path: Path) -> int:
@@ -123,8 +132,9 @@ def line_count(path: Path) -> int:
     return count + (last != b"\n")
 
 
-def table_records(path: Path, source: str = "data.root / data.file",
-                  limit: int | None = None) -> list[tuple[int, list[str]]]:
+def table_records(
+    path: Path, source: str = "data.root / data.file", limit: int | None = None
+) -> list[tuple[int, list[str]]]:
     """Non-blank rows (the first `limit` of them) with the 1-based line number an editor shows (csv.reader counts
     quoted newlines). A Parquet file's rows come as text too, numbered as the same table written as CSV would be."""
     records = list(itertools.islice(rows_of(path, source), limit))
@@ -141,19 +151,25 @@ def rows_of(path: Path, source: str = "data.root / data.file", batch_rows: int =
         yield from _parquet_records(path, source, batch_rows)
         return
     if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty (0 bytes).\nFix: copy the CSV again (an interrupted download or copy "
-                        f"leaves an empty file), or point {source} at the full CSV.")
+        raise DataError(
+            f"{path} is empty (0 bytes).\nFix: copy the CSV again (an interrupted download or copy "
+            f"leaves an empty file), or point {source} at the full CSV."
+        )
     reader = None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
             reader = csv.reader(f)
             yield from ((reader.line_num, row) for row in reader if "".join(row).strip())  # blank rows skipped
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}): is it a CSV?\nFix: save it as CSV, UTF-8, "
-                        f"or point {source} at the CSV.") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {e.start}): is it a CSV?\nFix: save it as CSV, UTF-8, "
+            f"or point {source} at the CSV."
+        ) from None
     except OSError as e:  # e.g. no read permission
-        raise DataError(f"{path} cannot be read ({e.strerror}).\nFix: make it readable (chmod +r) or copy it "
-                        f"somewhere readable and point {source} there.") from None
+        raise DataError(
+            f"{path} cannot be read ({e.strerror}).\nFix: make it readable (chmod +r) or copy it "
+            f"somewhere readable and point {source} there."
+        ) from None
     except csv.Error as e:
         raise DataError(f"{path} line {reader.line_num}: not readable as CSV ({e}).\nFix: repair that line.") from None
 
@@ -173,13 +189,15 @@ def _parquet_records(path: Path, source: str, batch_rows: int):
             yield from ((line + i, list(row)) for i, row in enumerate(zip(*columns)))
             line += batch.num_rows
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}).\nFix: copy it again, "
-                        f"or point {source} at the CSV or Parquet file.") from None
+        raise DataError(
+            f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}).\nFix: copy it again, "
+            f"or point {source} at the CSV or Parquet file."
+        ) from None
 
 
 def is_header(cells: list[str], columns: list[Column]) -> bool:
     """A first row none of whose cells reads as its column's kind names the columns."""
-    cells = [*cells, *[""] * len(columns)][:len(columns)]
+    cells = [*cells, *[""] * len(columns)][: len(columns)]
     return not any(cell.strip() and _parses(cell, column) for cell, column in zip(cells, columns))
 
 
@@ -193,16 +211,19 @@ def _parses(cell: str, column: Column) -> bool:
     return True
 
 
-def header_positions(path: Path, line: int, names: list[str], columns: list[Column], rename: str,
-                     source: str) -> list[int]:
+def header_positions(
+    path: Path, line: int, names: list[str], columns: list[Column], rename: str, source: str
+) -> list[int]:
     missing = [c.name for c in columns if c.name not in names]
     if missing:
         other = f", or set {rename}" if rename else ""
         guesses = {m: _closest(m, names) for m in missing}
         meant = [f"{m!r} (did you mean {guess!r}?)" if guess else repr(m) for m, guess in guesses.items()]
-        raise DataError(f"{path} has no column {', '.join(meant)} in its header (line {line} has "
-                        f"{', '.join(repr(n) for n in names)}).\nFix: rename the header's columns{other}, or point "
-                        f"{source} at a CSV with columns {', '.join(c.name for c in columns)}.")
+        raise DataError(
+            f"{path} has no column {', '.join(meant)} in its header (line {line} has "
+            f"{', '.join(repr(n) for n in names)}).\nFix: rename the header's columns{other}, or point "
+            f"{source} at a CSV with columns {', '.join(c.name for c in columns)}."
+        )
     return [names.index(c.name) for c in columns]
 
 
@@ -249,8 +270,9 @@ def _check_widths(records, positions: list[int], width: int | None, flag) -> Non
     needed = max(positions) + 1
     for i, (_, row) in enumerate(records):
         if (width is not None and len(row) != width) or len(row) < needed:
-            expected = f"a different number of cells than the header's {width}" if width else \
-                f"fewer than {needed} cells"
+            expected = (
+                f"a different number of cells than the header's {width}" if width else f"fewer than {needed} cells"
+            )
             flag(f"a row with {expected} (a missing or extra comma?)", i, None, f"({len(row)} cells)")
 
 
@@ -274,8 +296,11 @@ def _number_cells(column: Column, cells: list[str], empty: np.ndarray, flag_cell
     read = ~empty
     read[unreadable] = False
     for i in np.flatnonzero(read & ~(np.abs(values) <= FLOAT32_MAX)):  # also true for nan
-        flag_cell("not a finite number (inf, nan or beyond float32's 3.4e38"
-                  + ("; leave the cell empty for a missing value)" if column.empty_ok else ")"), i)
+        flag_cell(
+            "not a finite number (inf, nan or beyond float32's 3.4e38"
+            + ("; leave the cell empty for a missing value)" if column.empty_ok else ")"),
+            i,
+        )
     if column.values:
         for i in np.flatnonzero(read & (np.abs(values) <= FLOAT32_MAX) & ~np.isin(values, column.values)):
             flag_cell(f"not one of {', '.join(map(str, column.values))}", i)
@@ -292,8 +317,10 @@ def _times(path: Path, name: str, cells: list[str], lines: list[int]) -> pd.Seri
     if values is None or values.isna().any():
         _require_one_offset(path, name, cells, lines)
     if values is None:
-        raise DataError(f"{path}: column {name!r} holds timestamps pandas cannot read as one series.\nFix: write "
-                        f"them all in one format and one UTC offset (e.g. 2016-01-01 00:15:00+00:00).")
+        raise DataError(
+            f"{path}: column {name!r} holds timestamps pandas cannot read as one series.\nFix: write "
+            f"them all in one format and one UTC offset (e.g. 2016-01-01 00:15:00+00:00)."
+        )
     if values.dt.tz is not None:  # one offset throughout: its wall clock is as regular as UTC, and reads as written
         values = values.dt.tz_localize(None)
     return values
@@ -315,9 +342,11 @@ def _require_one_offset(path: Path, name: str, cells: list[str], lines: list[int
             first = (i, offset)
         elif offset != first[1]:
             shown = [f"line {lines[j]} {cells[j]!r} ({_utc(o)})" for j, o in (first, (i, offset))]
-            raise DataError(f"{path}: column {name!r} mixes UTC offsets: {shown[0]}, then {shown[1]}; one series "
-                            f"needs one clock.\nFix: convert the column to one offset, e.g. UTC (pandas: "
-                            f"pd.to_datetime(column, utc=True)), and write it back; then run again.")
+            raise DataError(
+                f"{path}: column {name!r} mixes UTC offsets: {shown[0]}, then {shown[1]}; one series "
+                f"needs one clock.\nFix: convert the column to one offset, e.g. UTC (pandas: "
+                f"pd.to_datetime(column, utc=True)), and write it back; then run again."
+            )
 
 
 def _utc(offset) -> str:

@@ -23,7 +23,7 @@ def merge(a: tuple, b: tuple) -> tuple:
     with np.errstate(invalid="ignore", divide="ignore"):
         delta = mb - ma
         mean = np.where(nb == 0, ma, np.where(na == 0, mb, ma + delta * nb / n))
-        m2 = np.where(nb == 0, sa, np.where(na == 0, sb, sa + sb + delta ** 2 * na * nb / n))
+        m2 = np.where(nb == 0, sa, np.where(na == 0, sb, sa + sb + delta**2 * na * nb / n))
     return n, mean, m2
 
 
@@ -43,7 +43,7 @@ def median(arrow_file: Path, name: str, train: np.ndarray) -> float:
         column = pa.ipc.open_file(f).read_all().column(name)
         parts, start = [], 0
         for chunk in column.chunks:
-            values = chunk.to_numpy().astype(np.float32)[train[start:start + len(chunk)]]
+            values = chunk.to_numpy().astype(np.float32)[train[start : start + len(chunk)]]
             parts.append(values[~np.isnan(values)])
             start += len(chunk)
     values = np.concatenate(parts) if parts else np.empty(0, np.float32)
@@ -62,7 +62,7 @@ def fit(arrow_file: Path, numbers: list[str], texts: list[str], train: np.ndarra
     given, empty = (np.zeros(k), np.zeros(k), np.zeros(k)), np.zeros(k)
     categories: dict[str, set] = {name: set() for name in texts}
     for start, batch in batches(arrow_file):
-        mine = train[start:start + batch.num_rows]
+        mine = train[start : start + batch.num_rows]
         x = numbers_of(batch, numbers)[mine]
         given = merge(given, moments(x))
         empty += np.isnan(x).sum(axis=0)
@@ -87,10 +87,12 @@ def require_few_categories(categories: dict[str, list]) -> None:
     many = {name: len(c) for name, c in categories.items() if len(c) > MAX_CATEGORIES}
     if many:
         name, count = next(iter(many.items()))
-        raise DataError(f"column {name!r} has {count:,} different texts in the train rows: one-hot encoding would "
-                        f"give it {count:,} inputs (at most {MAX_CATEGORIES} are taken). An identifier, a name or free "
-                        f"text is no category.\nFix: leave it out, data.features=[...] naming the other columns; a "
-                        f"column of numbers written with text is read as numbers once its cells are numbers")
+        raise DataError(
+            f"column {name!r} has {count:,} different texts in the train rows: one-hot encoding would "
+            f"give it {count:,} inputs (at most {MAX_CATEGORIES} are taken). An identifier, a name or free "
+            f"text is no category.\nFix: leave it out, data.features=[...] naming the other columns; a "
+            f"column of numbers written with text is read as numbers once its cells are numbers"
+        )
 
 
 def _fill(stats: dict) -> list:
@@ -106,9 +108,11 @@ def stored(cfg, meta: dict) -> dict | None:
         return None
     for key in same:
         if run[key] != meta[key]:
-            raise DataError(f"data.statistics={cfg.data.statistics} is about other data: its {key} is {run[key]}, "
-                            f"this table's is {meta[key]}.\nFix: give this table the run's columns, or leave "
-                            f"data.statistics unset.")
+            raise DataError(
+                f"data.statistics={cfg.data.statistics} is about other data: its {key} is {run[key]}, "
+                f"this table's is {meta[key]}.\nFix: give this table the run's columns, or leave "
+                f"data.statistics unset."
+            )
     return {k: v for k, v in run.items() if k not in same}
 
 
@@ -131,8 +135,7 @@ def preprocess(batch: dict, stats: dict) -> dict:
 def split_columns(table, numbers: list[str], texts: list[str]) -> dict:
     # float32 first, as the shards store numbers: statistics of exactly the values the model sees
     numbers = table[numbers].to_numpy(np.float32).astype(np.float64).reshape(len(table), len(numbers))
-    return {"numbers": numbers,
-            **{name: table[name].to_numpy() for name in texts}}
+    return {"numbers": numbers, **{name: table[name].to_numpy() for name in texts}}
 
 
 def features_file(checked: Path, columns: tuple[list[str], list[str]], stats: dict, out: Path) -> RowsFile:
@@ -141,8 +144,9 @@ def features_file(checked: Path, columns: tuple[list[str], list[str]], stats: di
     numbers, texts = columns
     x = None
     for _, batch in batches(checked):
-        part = preprocess({"numbers": numbers_of(batch, numbers), **{name: batch.column(name) for name in texts}},
-                          stats)["features"]
+        part = preprocess(
+            {"numbers": numbers_of(batch, numbers), **{name: batch.column(name) for name in texts}}, stats
+        )["features"]
         if x is None:
             x = RowsFile(out, part.shape[1])
         x.append(part)

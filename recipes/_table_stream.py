@@ -49,8 +49,12 @@ def check_into(cfg, path: Path, columns: list[Column], out: Path, split: tuple, 
     written and the facts to keep in meta (rows read, dropped)."""
     path = path.resolve()
     require_unique_names(path, columns, "data.root / data.file")
-    schema = pa.schema([(c.name, pa.string() if c.kind == "category" else
-                         pa.int64() if c.kind == "label" else pa.float64()) for c in columns])
+    schema = pa.schema(
+        [
+            (c.name, pa.string() if c.kind == "category" else pa.int64() if c.kind == "label" else pa.float64())
+            for c in columns
+        ]
+    )
     try:
         with pa.ipc.new_file(str(out), schema) as writer:
             rows, given = _write_clean(path, columns, writer)
@@ -63,8 +67,10 @@ def check_into(cfg, path: Path, columns: list[Column], out: Path, split: tuple, 
     require_rows(path, rows, enough, f"to split into train and eval {how}")
     empty = [c.name for c in columns if c.empty_ok and not given[c.name]]
     if empty:
-        raise DataError(f"{path}: column {', '.join(empty)} has no values at all, only empty cells.\n"
-                        f"Fix: check that data.file is the right CSV and its values are in that column.")
+        raise DataError(
+            f"{path}: column {', '.join(empty)} has no values at all, only empty cells.\n"
+            f"Fix: check that data.file is the right CSV and its values are in that column."
+        )
     return rows, report
 
 
@@ -97,9 +103,12 @@ def _arrow_batches(path: Path, columns: list[Column]) -> Iterator[pa.RecordBatch
         file = pq.ParquetFile(path)
         kinds = {c.name: pa.string() if c.kind == "category" else pa.float64() for c in columns}
         stored = file.schema_arrow
-        if any(stored.field(n).type != pa.string() if k == pa.string() else
-               not (pa.types.is_floating(stored.field(n).type) or pa.types.is_integer(stored.field(n).type))
-               for n, k in kinds.items()):
+        if any(
+            stored.field(n).type != pa.string()
+            if k == pa.string()
+            else not (pa.types.is_floating(stored.field(n).type) or pa.types.is_integer(stored.field(n).type))
+            for n, k in kinds.items()
+        ):
             raise Unclean
         for batch in file.iter_batches(batch_size=max(1, BLOCK_BYTES // 64), columns=list(kinds)):
             try:
@@ -109,8 +118,12 @@ def _arrow_batches(path: Path, columns: list[Column]) -> Iterator[pa.RecordBatch
         return
     parse_options, convert_options = clean_options(columns)
     try:
-        reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=BLOCK_BYTES),
-                                 parse_options=parse_options, convert_options=convert_options)
+        reader = pa_csv.open_csv(
+            path,
+            read_options=pa_csv.ReadOptions(block_size=BLOCK_BYTES),
+            parse_options=parse_options,
+            convert_options=convert_options,
+        )
         yield from reader
     except (pa.ArrowException, OSError, UnicodeError):
         raise Unclean from None
@@ -136,26 +149,31 @@ def _write_checked(cfg, path: Path, columns: list[Column], writer, rename: str) 
             shown = sorted([*shown, *((lines[i], c, text) for i, c, text in cells)], key=lambda s: (s[0], s[1] or 0))
             problems[problem] = (count + len(cells), shown[:SHOWN])
         read, bad = read + len(chunk), bad + int(wrong.sum())
-        dropped += lines[wrong][:KEPT_LINES - len(dropped)].tolist()
+        dropped += lines[wrong][: KEPT_LINES - len(dropped)].tolist()
         if bad and not cfg.data.drop_bad_rows:
             continue  # nothing is written: every bad cell is counted for the message
         keep = table[~wrong]
-        writer.write_batch(pa.record_batch([_arrow(keep[c.name].to_numpy(), c) for c in columns],
-                                           names=[c.name for c in columns]))
+        writer.write_batch(
+            pa.record_batch([_arrow(keep[c.name].to_numpy(), c) for c in columns], names=[c.name for c in columns])
+        )
         written += len(keep)
         for c in columns:
             given[c.name] = given[c.name] or _any_value(_arrow(keep[c.name].to_numpy(), c))
     if not read:
-        raise DataError(f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
-                        f"or point data.root / data.file at the full CSV.")
+        raise DataError(
+            f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
+            f"or point data.root / data.file at the full CSV."
+        )
     report = {"rows_read": read, "rows_dropped": bad}
     if bad:
         if not cfg.data.drop_bad_rows:
             raise DataError(bad_rows_message(path, problems, read, bad, columns, positions))
         report["dropped_lines"] = dropped
         more = f" and {bad - SHOWN} more" if bad > SHOWN else ""
-        print(f"data: dropped {bad} of {read} rows of {path} (data.drop_bad_rows=true), lines "
-              f"{', '.join(map(str, dropped[:SHOWN]))}{more}")
+        print(
+            f"data: dropped {bad} of {read} rows of {path} (data.drop_bad_rows=true), lines "
+            f"{', '.join(map(str, dropped[:SHOWN]))}{more}"
+        )
     return written, report, given
 
 
@@ -203,8 +221,9 @@ def distinct(arrow_file: Path, name: str) -> tuple[np.ndarray, int]:
     for _, batch in batches(arrow_file):
         parts.append(pc.unique(batch.column(name)))
         rows += batch.num_rows
-    values = pa.chunked_array(parts, type=parts[0].type if parts else pa.float64()).unique().to_numpy(
-        zero_copy_only=False)
+    values = (
+        pa.chunked_array(parts, type=parts[0].type if parts else pa.float64()).unique().to_numpy(zero_copy_only=False)
+    )
     return np.unique(values), rows
 
 
@@ -254,14 +273,19 @@ def write_split(features: RowsFile, labels: np.ndarray, indices: np.ndarray, kin
 
     @functools.lru_cache(maxsize=1)
     def gathered(k: int) -> np.ndarray:
-        return features.gather(indices[k * chunk:(k + 1) * chunk])
+        return features.gather(indices[k * chunk : (k + 1) * chunk])
 
     def take(start: int, stop: int) -> pa.Table:
-        x = np.concatenate([gathered(k)[max(start - k * chunk, 0):stop - k * chunk]
-                            for k in range(start // chunk, (stop - 1) // chunk + 1)])
+        x = np.concatenate(
+            [
+                gathered(k)[max(start - k * chunk, 0) : stop - k * chunk]
+                for k in range(start // chunk, (stop - 1) // chunk + 1)
+            ]
+        )
         column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
         return pa.table({"features": column, "label": pa.array(labels[indices[start:stop]])})
 
     scratch, num_shards = where
-    return write_rows(Path(tempfile.mkdtemp(prefix="tabular-split-", dir=scratch)), kinds, len(indices), num_shards,
-                      take)
+    return write_rows(
+        Path(tempfile.mkdtemp(prefix="tabular-split-", dir=scratch)), kinds, len(indices), num_shards, take
+    )

@@ -28,11 +28,15 @@ def infer_task(cfg, values: np.ndarray, target: str, spec: Spec) -> str:
     if cfg.data.task.name != "auto":
         task = cfg.data.task.name
         if task == "regression" and values.dtype == object:
-            raise DataError(f"data.task=regression, but the target column {target!r} holds text (e.g. "
-                            f"{distinct[0]!r}).\nFix: choose data.task=binary or multiclass, or another data.target")
+            raise DataError(
+                f"data.task=regression, but the target column {target!r} holds text (e.g. "
+                f"{distinct[0]!r}).\nFix: choose data.task=binary or multiclass, or another data.target"
+            )
         if task == "binary" and len(distinct) != 2:
-            raise DataError(f"data.task=binary, but the target column {target!r} has {len(distinct)} values "
-                            f"({_few(distinct)}).\nFix: data.task=multiclass, or a target with two values")
+            raise DataError(
+                f"data.task=binary, but the target column {target!r} has {len(distinct)} values "
+                f"({_few(distinct)}).\nFix: data.task=multiclass, or a target with two values"
+            )
         return task
     if spec.target_values:
         task = "binary" if len(spec.target_values) == 2 else "multiclass"
@@ -40,8 +44,10 @@ def infer_task(cfg, values: np.ndarray, target: str, spec: Spec) -> str:
         task = "binary" if len(distinct) == 2 else "multiclass"
     else:
         task = "regression"
-    print(f"data: task {task}, inferred from the target {target!r} ({len(distinct)} values: {_few(distinct)}); "
-        f"set data.task=binary|multiclass|regression to choose")
+    print(
+        f"data: task {task}, inferred from the target {target!r} ({len(distinct)} values: {_few(distinct)}); "
+        f"set data.task=binary|multiclass|regression to choose"
+    )
     return task
 
 
@@ -50,19 +56,23 @@ def require_classes(path: Path, target: str, distinct: np.ndarray, rows: int) ->
     if len(distinct) < 2:
         value = distinct[0]
         value = int(value) if isinstance(value, float) and value.is_integer() else value
-        raise DataError(f"{path.resolve()}: the target column {target!r} has one value in all {rows} rows "
-                        f"({target}={value}), so there is nothing to classify.\nFix: use a file with rows of at "
-                        f"least two classes, or choose another data.target (data.task=regression for a number)")
+        raise DataError(
+            f"{path.resolve()}: the target column {target!r} has one value in all {rows} rows "
+            f"({target}={value}), so there is nothing to classify.\nFix: use a file with rows of at "
+            f"least two classes, or choose another data.target (data.task=regression for a number)"
+        )
 
 
 def require_squares_fit(path: Path, target: str, y: np.ndarray) -> None:
     """An unscaled target is learned by a float32 squared error: values beyond UNSCALED_LIMIT overflow it (inf loss)."""
     largest = float(np.abs(y).max())
     if largest > UNSCALED_LIMIT:
-        raise DataError(f"{path.resolve()}: the target column {target!r} reaches {largest:.3g}, and with "
-                        f"data.standardize=false the training loss squares such values in float32, beyond its 3.4e38."
-                        f"\nFix: leave data.standardize=true (the default: the loss sees the standardized target, the "
-                        f"metrics and predictions stay in the target's units), or divide the column by a power of 10")
+        raise DataError(
+            f"{path.resolve()}: the target column {target!r} reaches {largest:.3g}, and with "
+            f"data.standardize=false the training loss squares such values in float32, beyond its 3.4e38."
+            f"\nFix: leave data.standardize=true (the default: the loss sees the standardized target, the "
+            f"metrics and predictions stay in the target's units), or divide the column by a power of 10"
+        )
 
 
 def _few(values: np.ndarray) -> str:
@@ -82,7 +92,7 @@ def target_scale(cfg, path: Path, target: str, checked: Path, train: np.ndarray,
     seen, largest = (0, 0.0, 0.0), 0.0
     for start, batch in stream.batches(checked):
         y = batch.column(target).to_numpy().astype(np.float32)
-        seen = merge(seen, moments(y[train[start:start + len(y)], None].astype(np.float64)))
+        seen = merge(seen, moments(y[train[start : start + len(y)], None].astype(np.float64)))
         largest = max(largest, float(np.abs(y).max()))
     if "y_mean" not in stats:
         scale = cfg.data.standardize
@@ -92,8 +102,10 @@ def target_scale(cfg, path: Path, target: str, checked: Path, train: np.ndarray,
             require_spread(path, {target: stats["y_std"]}, int(n[0]))
         else:
             require_squares_fit(path, target, np.array([largest]))
-    parts = [((batch.column(target).to_numpy().astype(np.float32) - stats["y_mean"]) / stats["y_std"]).astype(
-        np.float32) for _, batch in stream.batches(checked)]
+    parts = [
+        ((batch.column(target).to_numpy().astype(np.float32) - stats["y_mean"]) / stats["y_std"]).astype(np.float32)
+        for _, batch in stream.batches(checked)
+    ]
     return np.concatenate(parts)
 
 
@@ -104,11 +116,14 @@ def class_targets(cfg, path: Path, target: str, values: np.ndarray, spec: Spec, 
     y = stream.codes(checked, target, classes)
     names = list(cfg.data.class_names) or [str(c) for c in classes]
     if len(names) != len(classes):
-        raise ConfigError(f"data.class_names has {len(names)} names, but the target {target!r} has "
-                          f"{len(classes)} values ({_few(np.asarray(classes, dtype=object))}).\nFix: one name "
-                          f"per value, in their sorted order, or leave data.class_names empty")
+        raise ConfigError(
+            f"data.class_names has {len(names)} names, but the target {target!r} has "
+            f"{len(classes)} values ({_few(np.asarray(classes, dtype=object))}).\nFix: one name "
+            f"per value, in their sorted order, or leave data.class_names empty"
+        )
     counts = np.bincount(y, minlength=len(classes))
     for i in range(len(names)):
-        require_rows(path, int(counts[i]), lambda n: n >= 2,
-                     f"with {target}={classes[i]} (a stratified split needs 2 of each)")
+        require_rows(
+            path, int(counts[i]), lambda n: n >= 2, f"with {target}={classes[i]} (a stratified split needs 2 of each)"
+        )
     return y, names

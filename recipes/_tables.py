@@ -64,14 +64,18 @@ def stored_statistics(cfg, keys: tuple[str, ...], optional: tuple[str, ...] = ()
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"data.statistics={path}: cannot read it ({e}).\nFix: name a run's meta.json, or leave "
-                        f"data.statistics unset to fit the statistics on this data's train rows.") from None
+        raise DataError(
+            f"data.statistics={path}: cannot read it ({e}).\nFix: name a run's meta.json, or leave "
+            f"data.statistics unset to fit the statistics on this data's train rows."
+        ) from None
     missing = [k for k in keys if k not in meta]
     if missing:
-        raise DataError(f"data.statistics={path} holds no {', '.join(missing)}: it is not the meta.json of a run of "
-                        f"this recipe as this code trains it (another recipe's, or a run from an older version)."
-                        f"\nFix: name the meta.json of such a run (retrain an old one), or leave data.statistics "
-                        f"unset.")
+        raise DataError(
+            f"data.statistics={path} holds no {', '.join(missing)}: it is not the meta.json of a run of "
+            f"this recipe as this code trains it (another recipe's, or a run from an older version)."
+            f"\nFix: name the meta.json of such a run (retrain an old one), or leave data.statistics "
+            f"unset."
+        )
     return {k: meta[k] for k in (*keys, *optional) if k in meta}
 
 
@@ -98,8 +102,10 @@ def raw_file(cfg, expected: str, fix: str = "") -> Path:
     path = Path(cfg.data.root) / cfg.data.file
     if not path.is_file():
         state = "is a directory, not a file" if path.is_dir() else "not found"
-        raise DataError(f"{path.resolve()} {state}: expected {expected}.\nFix: put {cfg.data.file} there"
-                        f"{' (' + fix + ')' if fix else ''} or set data.root=<folder> data.file=<name.csv>.")
+        raise DataError(
+            f"{path.resolve()} {state}: expected {expected}.\nFix: put {cfg.data.file} there"
+            f"{' (' + fix + ')' if fix else ''} or set data.root=<folder> data.file=<name.csv>."
+        )
     return path
 
 
@@ -114,8 +120,9 @@ class Reading:
     source: str = "data.root / data.file"
 
 
-def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str,
-         reading: Reading = Reading()) -> tuple[pd.DataFrame, dict]:
+def read(
+    cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], split: str, reading: Reading = Reading()
+) -> tuple[pd.DataFrame, dict]:
     """The columns of a CSV, checked cell by cell: numbers as float64 (NaN where empty and `empty_ok`),
     labels as int64, times as datetime64. Also returns the facts to keep in meta (rows read, dropped);
     `table.attrs["lines"]` holds each kept row's line number in the file.
@@ -137,8 +144,9 @@ def read(cfg, path: Path, columns: list[Column], enough: Callable[[int], bool], 
     return table, report
 
 
-def _read_checked(cfg, path: Path, columns: list[Column], header: bool | None, rename: str,
-                  source: str) -> tuple[pd.DataFrame, dict]:
+def _read_checked(
+    cfg, path: Path, columns: list[Column], header: bool | None, rename: str, source: str
+) -> tuple[pd.DataFrame, dict]:
     """`read`'s table, cell by cell: each bad cell found and named, or its row dropped (data.drop_bad_rows)."""
     records = table_records(path, source)
     positions, width = list(range(len(columns))), None  # by position, unless the header names them
@@ -148,23 +156,31 @@ def _read_checked(cfg, path: Path, columns: list[Column], header: bool | None, r
             names = [n.strip() for n in names]
             positions, width = header_positions(path, line, names, columns, rename, source), len(names)
         if not records:
-            raise DataError(f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
-                            f"or point {source} at the full CSV.")
+            raise DataError(
+                f"{path} has a header (line {line}) but no data rows.\nFix: add the data rows, "
+                f"or point {source} at the full CSV."
+            )
     lines = np.array([line for line, _ in records])
     table, problems = parse(path, records, columns, positions, width)
     bad = np.zeros(len(records), dtype=bool)
     for cells in problems.values():
         bad[[i for i, _, _ in cells]] = True
-    problems = {problem: (len(cells), sorted(((lines[i], c, text) for i, c, text in cells),
-                                             key=lambda cell: (cell[0], cell[1] or 0))[:SHOWN])
-                for problem, cells in problems.items()}
+    problems = {
+        problem: (
+            len(cells),
+            sorted(((lines[i], c, text) for i, c, text in cells), key=lambda cell: (cell[0], cell[1] or 0))[:SHOWN],
+        )
+        for problem, cells in problems.items()
+    }
     report = {"rows_read": len(records), "rows_dropped": int(bad.sum())}
     if bad.any():
         if not cfg.data.drop_bad_rows:
             raise DataError(bad_rows_message(path, problems, len(lines), int(bad.sum()), columns, positions))
         report["dropped_lines"] = lines[bad][:KEPT_LINES].tolist()
-        print(f"data: dropped {bad.sum()} of {len(records)} rows of {path} (data.drop_bad_rows=true), "
-              f"lines {_first(lines[bad].tolist())}")
+        print(
+            f"data: dropped {bad.sum()} of {len(records)} rows of {path} (data.drop_bad_rows=true), "
+            f"lines {_first(lines[bad].tolist())}"
+        )
         table = table[~bad].reset_index(drop=True)
     # Each row's line in the file, to name it (predictions). An array: pandas deep-copies attrs into every
     # column it hands out, and a list would cost a Python object per row in each copy.
@@ -178,23 +194,29 @@ def require_rows(path: Path, rows: int, enough: Callable[[int], bool], what: str
         return
     needed = next((n for n in range(rows + 1, 10_000_000) if enough(n)), None)
     need = f"at least {needed} are needed" if needed else "no number of rows is enough with these settings"
-    raise DataError(f"{Path(path).resolve()}: {rows} usable data row{'s' * (rows != 1)} {what}: too few, {need}."
-                    f"\nFix: add rows to the file (or change the setting named above).")
+    raise DataError(
+        f"{Path(path).resolve()}: {rows} usable data row{'s' * (rows != 1)} {what}: too few, {need}."
+        f"\nFix: add rows to the file (or change the setting named above)."
+    )
 
 
 def require_spread(path: Path, spread: dict[str, float], rows: int) -> None:
     """Standardizing divides by each column's train std: a column with one value would become NaN."""
     flat = [name for name, std in spread.items() if not std > 0]
     if flat:
-        raise DataError(f"{Path(path).resolve()}: column {', '.join(flat)} has the same value in all {rows} "
-                        f"train rows, so it cannot be standardized.\nFix: use data with varying values there.")
+        raise DataError(
+            f"{Path(path).resolve()}: column {', '.join(flat)} has the same value in all {rows} "
+            f"train rows, so it cannot be standardized.\nFix: use data with varying values there."
+        )
 
 
 def _require_values(path: Path, table: pd.DataFrame, columns: list[Column]) -> None:
     empty = [c.name for c in columns if c.empty_ok and table[c.name].isna().all()]
     if empty:
-        raise DataError(f"{path}: column {', '.join(empty)} has no values at all, only empty cells.\n"
-                        f"Fix: check that data.file is the right CSV and its values are in that column.")
+        raise DataError(
+            f"{path}: column {', '.join(empty)} has no values at all, only empty cells.\n"
+            f"Fix: check that data.file is the right CSV and its values are in that column."
+        )
 
 
 def bad_rows_message(path, problems: dict[str, tuple[int, list]], rows: int, bad: int, columns, positions) -> str:
@@ -209,8 +231,10 @@ def bad_rows_message(path, problems: dict[str, tuple[int, list]], rows: int, bad
         more = f", and {count - SHOWN} more" if count > SHOWN else ""
         unit = "row" if cells[0][1] is None else "cell"
         out.append(f"  {problem}: {count} {unit}{'s' * (count != 1)}: {'; '.join(shown)}{more}")
-    out.append(f"Fix: correct or delete those rows in the file, or add data.drop_bad_rows=true to train on "
-               f"the other {rows - bad} rows (the dropped count is printed and kept in the run's meta.json).")
+    out.append(
+        f"Fix: correct or delete those rows in the file, or add data.drop_bad_rows=true to train on "
+        f"the other {rows - bad} rows (the dropped count is printed and kept in the run's meta.json)."
+    )
     return "\n".join(out)
 
 

@@ -33,15 +33,19 @@ def torchvision_raw(dataset_cls, cfg: DictConfig, files: dict[str, str]) -> list
     if missing and cfg.data.download:
         mirrors = getattr(dataset_cls, "mirrors", [])
         sources = dict(dataset_cls.resources)
-        download([(f"{f}.gz", [m + f"{f}.gz" for m in mirrors], sources.get(f"{f}.gz")) for f in missing], raw,
-                 f"{dataset_cls.__name__} raw files")
+        download(
+            [(f"{f}.gz", [m + f"{f}.gz" for m in mirrors], sources.get(f"{f}.gz")) for f in missing],
+            raw,
+            f"{dataset_cls.__name__} raw files",
+        )
         missing = [f for f in files.values() if _raw_path(raw, f) is None]
     if missing:
         raise DataError(
             f"{dataset_cls.__name__} raw files missing in {raw.resolve()}: {', '.join(missing)} "
             f"(plain or .gz).\nFix: put {', '.join(files.values())} (or their .gz) there and point "
             f"data.root at the folder that holds {dataset_cls.__name__}/, "
-            f"or add data.download=true on a machine with a network.")
+            f"or add data.download=true on a machine with a network."
+        )
     paths = [_raw_path(raw, f) for f in files.values()]
     for path in paths:
         readable_file(path, f"the {dataset_cls.__name__} raw file {path.name}")
@@ -62,8 +66,10 @@ def read_idx(path: Path, reader) -> torch.Tensor:
         try:
             return reader(str(path))
         except Exception as e:  # any parse failure of a user's file means the file is bad
-            raise DataError(f"{path} is not a readable IDX file ({type(e).__name__}: {e}).\nFix: replace it with "
-                            f"a good copy, or delete it if its .gz is beside it (the .gz is read then).") from None
+            raise DataError(
+                f"{path} is not a readable IDX file ({type(e).__name__}: {e}).\nFix: replace it with "
+                f"a good copy, or delete it if its .gz is beside it (the .gz is read then)."
+            ) from None
     with tempfile.TemporaryDirectory(prefix="idx-") as tmp:
         plain = Path(tmp) / path.stem
         with unpacking(path, tmp), gzip.open(path) as src, open(plain, "wb") as dst:
@@ -80,14 +86,18 @@ def torchvision_arrays(dataset_cls, cfg: DictConfig, train: bool) -> tuple[np.nd
     images_file, labels_file = paths[f"{split}_images"], paths[f"{split}_labels"]
     images, labels = read_idx(images_file, read_image_file), read_idx(labels_file, read_label_file)
     if len(images) != len(labels):
-        raise DataError(f"{images_file} holds {len(images):,} images but {labels_file} {len(labels):,} labels."
-                        f"\nFix: use the two files of one release (replace the one that does not belong).")
+        raise DataError(
+            f"{images_file} holds {len(images):,} images but {labels_file} {len(labels):,} labels."
+            f"\nFix: use the two files of one release (replace the one that does not belong)."
+        )
     return images.unsqueeze(1).numpy(), labels.numpy()
 
 
 IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
 }
 
 
@@ -111,8 +121,15 @@ def idx_recipe(dataset_cls, **fields) -> Recipe:
     downloaded as the tutorials' `download=True` does. `fields` are the other Recipe fields and may override these.
     """
     defaults = fields.pop("defaults", {})
-    return Recipe(**{"prepare": partial(idx_splits, dataset_cls), "raw_files": partial(idx_raw_files, dataset_cls),
-                     "metrics": class_accuracy, "transform": scale_images,
-                     # new images as the IDX files hold them: grayscale 28x28, uint8
-                     "read_inputs": partial(image_inputs, stored=StoredImages(size=28, channels=1)),
-                     "defaults": {**defaults, "data": {"download": True, **defaults.get("data", {})}}, **fields})
+    return Recipe(
+        **{
+            "prepare": partial(idx_splits, dataset_cls),
+            "raw_files": partial(idx_raw_files, dataset_cls),
+            "metrics": class_accuracy,
+            "transform": scale_images,
+            # new images as the IDX files hold them: grayscale 28x28, uint8
+            "read_inputs": partial(image_inputs, stored=StoredImages(size=28, channels=1)),
+            "defaults": {**defaults, "data": {"download": True, **defaults.get("data", {})}},
+            **fields,
+        }
+    )

@@ -45,9 +45,15 @@ class DigitsCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
         )
 
     def forward(self, image):
@@ -55,18 +61,26 @@ class DigitsCNN(nn.Module):
 
 
 def metrics(cfg, meta):
-    return {"": MetricCollection({"accuracy": MulticlassAccuracy(10, average="micro"),
-                                  "f1_macro": MulticlassF1Score(10, average="macro")})}
+    return {
+        "": MetricCollection(
+            {"accuracy": MulticlassAccuracy(10, average="micro"), "f1_macro": MulticlassF1Score(10, average="macro")}
+        )
+    }
 
 
 recipe = Recipe(
     name="digits",
     description="scikit-learn's bundled 8x8 digits, small CNN (embedded default, no download)",
-    prepare=prepare, raw_files=raw_files,
+    prepare=prepare,
+    raw_files=raw_files,
     model=lambda cfg, meta: DigitsCNN(),
-    transform=transform, metrics=metrics,
+    transform=transform,
+    metrics=metrics,
     # new images as the data set holds them: 8x8 grayscale in 17 levels, 0 (background) to 16
     read_inputs=partial(image_inputs, stored=StoredImages(size=8, channels=1, levels=16)),
-    defaults={"data": {"eval_fraction": 0.2}, "trainer": {"epochs": 10, "batch_size": 32},
-              "optimizer": {"name": "adam", "lr": 1e-3}},
+    defaults={
+        "data": {"eval_fraction": 0.2},
+        "trainer": {"epochs": 10, "batch_size": 32},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+    },
 )

@@ -18,8 +18,16 @@ recipe = replace(
     description="electricity.csv 15-min consumption, 96-step window -> next step, RNN|LSTM|GRU, MSE, Adam 1e-4",
     # missing_steps=skip: a row left out (or dropped by data.drop_bad_rows) closes up the series, as the
     # tutorial's windows over consecutive rows do; an empty reading is interpolated.
-    defaults={"data": {"root": "data", "file": "electricity.csv", "window": 96, "horizon": 1, "eval_fraction": 0.2,
-                       "missing_steps": "skip"},
-              "trainer": {"epochs": 10, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
-              "optimizer": {"name": "adam", "lr": 1e-4}},
+    defaults={
+        "data": {
+            "root": "data",
+            "file": "electricity.csv",
+            "window": 96,
+            "horizon": 1,
+            "eval_fraction": 0.2,
+            "missing_steps": "skip",
+        },
+        "trainer": {"epochs": 10, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
+        "optimizer": {"name": "adam", "lr": 1e-4},
+    },
 )

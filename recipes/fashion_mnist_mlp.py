@@ -14,15 +14,19 @@ from recipes._torchvision import idx_recipe
 def model(cfg, meta):
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(28 * 28, 512), nn.ReLU(),
-        nn.Linear(512, 512), nn.ReLU(),
+        nn.Linear(28 * 28, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
         nn.Linear(512, 10),
     )
 
 
 # The data, ToTensor's [0, 1] scaling and accuracy: recipes/_torchvision.py's idx_recipe.
 recipe = idx_recipe(
-    FashionMNIST, name="fashion_mnist_mlp", model=model,
+    FashionMNIST,
+    name="fashion_mnist_mlp",
+    model=model,
     description="FashionMNIST, MLP 784-512-512-10, CrossEntropyLoss, SGD lr 1e-3",
     defaults={"trainer": {"epochs": 10, "batch_size": 64}, "optimizer": {"name": "sgd", "lr": 1e-3}},
 )

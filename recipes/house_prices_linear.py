@@ -21,14 +21,20 @@ class HousePricesData(TabularData):
 
 
 recipe = recipe_for(
-    "house_prices_linear", "house_prices.csv area -> price, nn.Linear(1, 1), MSELoss, SGD lr 4e-5",
-    Spec(columns=lambda cfg: ([cfg.data.x_column], cfg.data.y_column), rename="data.x_column= data.y_column=",
-         expected="a CSV with a header row and numeric columns area,price (one row per house)"),
+    "house_prices_linear",
+    "house_prices.csv area -> price, nn.Linear(1, 1), MSELoss, SGD lr 4e-5",
+    Spec(
+        columns=lambda cfg: ([cfg.data.x_column], cfg.data.y_column),
+        rename="data.x_column= data.y_column=",
+        expected="a CSV with a header row and numeric columns area,price (one row per house)",
+    ),
     data_config=HousePricesData,
     # The tutorial's per-sample SGD: batch 1, lr 4e-5 on raw square metres and prices. No house without an
     # area or a price is filled in: such rows are refused (or dropped with data.drop_bad_rows=true).
-    defaults={"data": {"eval_fraction": 0.2, "task": "regression", "impute": "none"},
-              "model": {"hidden": []},
-              "trainer": {"epochs": 30, "batch_size": 1, "eval_batch_size": 256, "log_every": 100},
-              "optimizer": {"name": "sgd", "lr": 4e-5}},
+    defaults={
+        "data": {"eval_fraction": 0.2, "task": "regression", "impute": "none"},
+        "model": {"hidden": []},
+        "trainer": {"epochs": 30, "batch_size": 1, "eval_batch_size": 256, "log_every": 100},
+        "optimizer": {"name": "sgd", "lr": 4e-5},
+    },
 )

@@ -102,15 +102,19 @@ class ImageTree(ImageFolder):
                 # A file reached through a link; any other is only where its path says.
                 first, owner = listed_first(real, path, name, top, class_to_idx, linked) if real else (path, name)
                 if owner != name:
-                    raise DataError(f"{first} (class {owner}) and {path} (class {name}) are one file, {real}: an "
-                                    f"image cannot belong to two classes.\nFix: keep it in one class folder "
-                                    f"(remove the other link or copy).")
+                    raise DataError(
+                        f"{first} (class {owner}) and {path} (class {name}) are one file, {real}: an "
+                        f"image cannot belong to two classes.\nFix: keep it in one class folder "
+                        f"(remove the other link or copy)."
+                    )
                 samples.append((path, index))
         found = {index for _, index in samples}
         empty = sorted(name for name, index in class_to_idx.items() if index not in found)
         if empty and not allow_empty:  # worded as ImageFolder words it
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. Supported extensions "
-                                    f"are: {', '.join(extensions or IMG_EXTENSIONS)}")
+            raise FileNotFoundError(
+                f"Found no valid file for the classes {', '.join(empty)}. Supported extensions "
+                f"are: {', '.join(extensions or IMG_EXTENSIONS)}"
+            )
         return samples
 
 
@@ -134,12 +138,15 @@ def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
     try:
         folder = ImageTree(str(path))
     except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise DataError(f"{key}: the images in {path.resolve()} are incomplete: {e}\nExpected layout: {layout}.\n"
-                        f"Fix: {fix}.") from None
+        raise DataError(
+            f"{key}: the images in {path.resolve()} are incomplete: {e}\nExpected layout: {layout}.\nFix: {fix}."
+        ) from None
     if split == "train" and len(folder.classes) < 2:  # the other splits must have the train classes
-        raise DataError(f"{key}: {path.resolve()} has one class folder, {folder.classes[0]!r}: a classifier needs "
-                        f"two classes or more.\nExpected layout: {layout}.\nFix: add a folder of images for each "
-                        f"other class, or point {key} at the folder whose subfolders are the classes.")
+        raise DataError(
+            f"{key}: {path.resolve()} has one class folder, {folder.classes[0]!r}: a classifier needs "
+            f"two classes or more.\nExpected layout: {layout}.\nFix: add a folder of images for each "
+            f"other class, or point {key} at the folder whose subfolders are the classes."
+        )
     return folder
 
 
@@ -152,17 +159,25 @@ def raw_files(cfg, hint: str = "") -> list[Path]:
 def check_data_keys(cfg) -> None:
     """The data keys no type check covers: a mistake stops the run before any image is read."""
     if not cfg.data.train_dir:
-        raise ConfigError("no images given: data.train_dir is empty.\nFix: data.train_dir=<folder with one subfolder "
-                          "of images per class>, e.g. python launch/train.py recipe=image_folder data.train_dir=photos")
+        raise ConfigError(
+            "no images given: data.train_dir is empty.\nFix: data.train_dir=<folder with one subfolder "
+            "of images per class>, e.g. python launch/train.py recipe=image_folder data.train_dir=photos"
+        )
     if cfg.data.channels not in (None, 1, 3):
-        raise ConfigError(f"data.channels={cfg.data.channels}: images are read as RGB or grayscale.\nFix: "
-                          f"data.channels=3 (RGB) or data.channels=1 (grayscale)")
+        raise ConfigError(
+            f"data.channels={cfg.data.channels}: images are read as RGB or grayscale.\nFix: "
+            f"data.channels=3 (RGB) or data.channels=1 (grayscale)"
+        )
     if cfg.data.image_size is not None and cfg.data.image_size < 4:
-        raise ConfigError(f"data.image_size={cfg.data.image_size} is too small for two 2x2 poolings.\nFix: "
-                          f"data.image_size=64 (or any size >= 4), or leave it unset to take it from the images")
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is too small for two 2x2 poolings.\nFix: "
+            f"data.image_size=64 (or any size >= 4), or leave it unset to take it from the images"
+        )
     if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
-        raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels}: a number of pixels must be >= 1.\n"
-                          f"Fix: e.g. data.max_image_pixels=400000000, or null for PIL's limit")
+        raise ConfigError(
+            f"data.max_image_pixels={cfg.data.max_image_pixels}: a number of pixels must be >= 1.\n"
+            f"Fix: e.g. data.max_image_pixels=400000000, or null for PIL's limit"
+        )
     augmentations(tuple(cfg.data.augment))
 
 
@@ -173,27 +188,33 @@ def same_classes(folders: dict[str, ImageFolder]) -> list[str]:
         if folder.classes != train.classes:
             missing = sorted(set(train.classes) - set(folder.classes))
             extra = sorted(set(folder.classes) - set(train.classes))
-            raise DataError(f"the class folders differ: {folder.root} lacks {missing} and has {extra}, compared "
-                            f"with {train.root} (classes {train.classes}).\nFix: give every folder the same class "
-                            f"folders, each with at least one image.")
+            raise DataError(
+                f"the class folders differ: {folder.root} lacks {missing} and has {extra}, compared "
+                f"with {train.root} (classes {train.classes}).\nFix: give every folder the same class "
+                f"folders, each with at least one image."
+            )
     return train.classes
 
 
 def decode(folder: ImageFolder, cfg) -> Undecoded:
     read = partial(read_image, channels=cfg.data.channels, max_pixels=cfg.data.max_image_pixels)
-    return undecoded_images([p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read,
-                            cfg.data.channels, cfg)
+    return undecoded_images(
+        [p for p, _ in folder.samples], {"label": (folder.targets, folder.classes)}, read, cfg.data.channels, cfg
+    )
 
 
 def hold_out(full: Undecoded, cfg, folder: ImageFolder) -> tuple[Undecoded, Undecoded]:
     """The held-out rows chosen by their labels alone, before any image is decoded."""
     try:
-        return tuple(full.with_rows(rows) for rows in split_train_eval(full.rows, cfg.data.eval_fraction,
-                                                                        cfg.data.split_seed))
+        return tuple(
+            full.with_rows(rows) for rows in split_train_eval(full.rows, cfg.data.eval_fraction, cfg.data.split_seed)
+        )
     except ValueError as e:  # scikit-learn's stratified split: too few images in a class
-        raise DataError(f"cannot hold out data.eval_fraction={cfg.data.eval_fraction} of {folder.root} for "
-                        f"evaluation, stratified by class: {e}\nFix: put more images in each class folder, raise "
-                        f"data.eval_fraction, or give data.eval_dir=<a folder with the same class folders>.") from None
+        raise DataError(
+            f"cannot hold out data.eval_fraction={cfg.data.eval_fraction} of {folder.root} for "
+            f"evaluation, stratified by class: {e}\nFix: put more images in each class folder, raise "
+            f"data.eval_fraction, or give data.eval_dir=<a folder with the same class folders>."
+        ) from None
 
 
 def prepare(cfg, hint: str = ""):
@@ -213,20 +234,28 @@ def image_shape(cfg, train: ImageFolder) -> tuple[object, dict]:
     a warning where a given size enlarges the images many times."""
     source = image_headers([path for path, _ in train.samples])
     run = stored_statistics(cfg, (), optional=("image_size", "channels")) or {}
-    found = {"image_size": min(source["median_shorter_side"], MAX_INFERRED_SIZE),
-             "channels": 1 if source["grayscale"] else 3}
+    found = {
+        "image_size": min(source["median_shorter_side"], MAX_INFERRED_SIZE),
+        "channels": 1 if source["grayscale"] else 3,
+    }
     chosen = {key: cfg.data[key] or run.get(key) or found[key] for key in found}
-    said = ", ".join(f"data.{key}={value} ({'given' if cfg.data[key] else 'the run' if key in run else 'the images'})"
-                     for key, value in chosen.items())
+    said = ", ".join(
+        f"data.{key}={value} ({'given' if cfg.data[key] else 'the run' if key in run else 'the images'})"
+        for key, value in chosen.items()
+    )
     width, height = source["median_size"]
-    print(f"data: train images {width}x{height} px (median; {_side(source['smallest'])} to "
-          f"{_side(source['largest'])}), {'grayscale' if source['grayscale'] else 'colour'} (headers of "
-          f"{source['headers_read']:,} of {source['files']:,} files) -> {said}, data.resize={resize_mode(cfg)}")
+    print(
+        f"data: train images {width}x{height} px (median; {_side(source['smallest'])} to "
+        f"{_side(source['largest'])}), {'grayscale' if source['grayscale'] else 'colour'} (headers of "
+        f"{source['headers_read']:,} of {source['files']:,} files) -> {said}, data.resize={resize_mode(cfg)}"
+    )
     size, shorter = chosen["image_size"], max(source["median_shorter_side"], 1)
     if cfg.data.image_size and size >= ENLARGED * shorter:
-        print(f"WARNING: data.image_size={size} enlarges the images (median shorter side {shorter} px) "
-              f"{size / shorter:.0f}x: no detail is gained and each step costs {(size / shorter) ** 2:.0f}x the "
-              f"pixels.\nFix: leave data.image_size unset to take {found['image_size']} from the images")
+        print(
+            f"WARNING: data.image_size={size} enlarges the images (median shorter side {shorter} px) "
+            f"{size / shorter:.0f}x: no detail is gained and each step costs {(size / shorter) ** 2:.0f}x the "
+            f"pixels.\nFix: leave data.image_size unset to take {found['image_size']} from the images"
+        )
     resolved = copy.deepcopy(cfg)
     OmegaConf.set_readonly(resolved, False)
     resolved.data.image_size, resolved.data.channels = size, chosen["channels"]
@@ -257,8 +286,12 @@ class CNN(nn.Module):
     def __init__(self, num_classes: int, image_size: int = 64, channels: int = 3):
         super().__init__()
         self.feature_extractor = nn.Sequential(
-            nn.Conv2d(channels, 32, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
-            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
+            nn.Conv2d(channels, 32, kernel_size=3, padding=1),
+            nn.ELU(),
+            nn.MaxPool2d(kernel_size=2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ELU(),
+            nn.MaxPool2d(kernel_size=2),
             nn.Flatten(),
         )
         self.classifier = nn.Linear(64 * (image_size // 4) ** 2, num_classes)
@@ -281,14 +314,17 @@ class Torchvision(nn.Module):
 # Builder options by arch. googlenet's and inception_v3's auxiliary heads would run while training without a loss,
 # so they would get no gradient (DDP stops at the second step) and inception_v3's fails below ~300 px; their
 # init_weights=True is torchvision's own initialisation, said explicitly (left unset, it warns).
-BUILD_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
-                 "inception_v3": {"aux_logits": False, "init_weights": True}}
+BUILD_OPTIONS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 def build(arch: str, num_classes: int) -> Torchvision:
     """torchvision's `arch` from scratch (weights=None: nothing is downloaded), one output per class."""
-    return Torchvision(torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
-                                                    **BUILD_OPTIONS.get(arch, {})))
+    return Torchvision(
+        torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **BUILD_OPTIONS.get(arch, {}))
+    )
 
 
 def torchvision_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
@@ -299,9 +335,11 @@ def torchvision_model(arch: str, num_classes: int, image_size: int) -> nn.Module
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, image_size, image_size))
     except (RuntimeError, ValueError, AssertionError) as e:
-        raise ConfigError(f"model.arch={arch} cannot take {image_size}x{image_size} images ({e}).\nFix: a "
-                          f"larger data.image_size (e.g. 224), or model.arch=cnn or resnet18, which take small "
-                          f"images") from None
+        raise ConfigError(
+            f"model.arch={arch} cannot take {image_size}x{image_size} images ({e}).\nFix: a "
+            f"larger data.image_size (e.g. 224), or model.arch=cnn or resnet18, which take small "
+            f"images"
+        ) from None
     return model.train()
 
 
@@ -318,16 +356,27 @@ def model(cfg, meta):
 def metrics(cfg, meta):
     n = len(meta["class_names"])
     # average=None gives one value per class, logged as eval/<metric>/<class name>.
-    per_average = {f"{name}{suffix}": cls(n, average=average)
-                   for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall),
-                                     ("f1", MulticlassF1Score))
-                   for suffix, average in (("", None), ("_micro", "micro"), ("_macro", "macro"))}
-    return {"": MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro"), **per_average,
-                                  "confusion_matrix": MulticlassConfusionMatrix(n)})}
+    per_average = {
+        f"{name}{suffix}": cls(n, average=average)
+        for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score))
+        for suffix, average in (("", None), ("_micro", "micro"), ("_macro", "macro"))
+    }
+    return {
+        "": MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(n, average="micro"),
+                **per_average,
+                "confusion_matrix": MulticlassConfusionMatrix(n),
+            }
+        )
+    }
 
 
-DEFAULTS = {"data": {"root": "."},  # relative folders are where the command runs
-            "trainer": {"epochs": 10, "batch_size": 16}, "optimizer": {"name": "adam", "lr": 1e-3}}
+DEFAULTS = {
+    "data": {"root": "."},  # relative folders are where the command runs
+    "trainer": {"epochs": 10, "batch_size": 16},
+    "optimizer": {"name": "adam", "lr": 1e-3},
+}
 
 
 def recipe_for(name: str, description: str, defaults: dict, hint: str = "") -> Recipe:
@@ -335,14 +384,22 @@ def recipe_for(name: str, description: str, defaults: dict, hint: str = "") -> R
     to get the preset's data, said when its folders are missing."""
     defaults = OmegaConf.to_container(OmegaConf.merge(DEFAULTS, defaults))
     return Recipe(
-        name=name, description=description,
-        prepare=partial(prepare, hint=hint), raw_files=partial(raw_files, hint=hint),
-        data_config=ImageFolderData, model_config=ImageFolderModel, model=model, activation="elu",
-        transform=partial(transform, default=tuple(defaults["data"].get("augment", ()))), transform_keys=("augment",),
+        name=name,
+        description=description,
+        prepare=partial(prepare, hint=hint),
+        raw_files=partial(raw_files, hint=hint),
+        data_config=ImageFolderData,
+        model_config=ImageFolderModel,
+        model=model,
+        activation="elu",
+        transform=partial(transform, default=tuple(defaults["data"].get("augment", ()))),
+        transform_keys=("augment",),
         metrics=metrics,
-        read_inputs=image_inputs, defaults=defaults,
+        read_inputs=image_inputs,
+        defaults=defaults,
     )
 
 
 recipe = recipe_for(
-    "image_folder", "your image folders (one per class), the tutorial CNN or a torchvision model, Adam lr 1e-3", {})
+    "image_folder", "your image folders (one per class), the tutorial CNN or a torchvision model, Adam lr 1e-3", {}
+)

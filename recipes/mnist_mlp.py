@@ -23,9 +23,12 @@ def transform(batch, train, meta):
 def model(cfg, meta):
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 128), nn.ReLU(),
-        nn.Linear(128, 64), nn.ReLU(),
-        nn.Linear(64, 10), nn.LogSoftmax(dim=1),
+        nn.Linear(784, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+        nn.LogSoftmax(dim=1),
     )
 
 
@@ -35,8 +38,11 @@ def nll(outputs, batch):
 
 # The data and accuracy: recipes/_torchvision.py's idx_recipe.
 recipe = idx_recipe(
-    MNIST, name="mnist_mlp", model=model,
+    MNIST,
+    name="mnist_mlp",
+    model=model,
     description="MNIST, MLP 784-128-64-10, LogSoftmax + NLLLoss, SGD lr 0.003",
-    loss=nll, transform=transform,
+    loss=nll,
+    transform=transform,
     defaults={"trainer": {"epochs": 5, "batch_size": 64}, "optimizer": {"name": "sgd", "lr": 0.003}},
 )

@@ -28,14 +28,20 @@ from pipeline.recipe import Recipe
 from recipes._images import accuracy, image_rows, unit_scale
 from recipes._raw_files import download, readable_file, unpacking
 
-LAYOUT = ("<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png, or the zip images_background.zip "
-          "holding that folder, in <data.root>/ or in <data.root>/omniglot-py/ (where torchvision downloads it)")
+LAYOUT = (
+    "<data.root>/images_background/<Alphabet>/characterNN/<id>_<drawer>.png, or the zip images_background.zip "
+    "holding that folder, in <data.root>/ or in <data.root>/omniglot-py/ (where torchvision downloads it)"
+)
 ZIP_URL = f"{Omniglot.download_url_prefix}/images_background.zip"
-GET_DATA = (f"put images_background.zip from {ZIP_URL} (or its unpacked folder) in data.root, "
-            "or add data.download=true on a machine with a network")
+GET_DATA = (
+    f"put images_background.zip from {ZIP_URL} (or its unpacked folder) in data.root, "
+    "or add data.download=true on a machine with a network"
+)
 # A real subset kept in this repository, for a first run without a network.
-OFFLINE = ("To try it offline with the real subset kept in this repository: mkdir -p data && cp "
-           "tests/data/omniglot-small/images_background_small1.zip data/images_background.zip, then data.root=data")
+OFFLINE = (
+    "To try it offline with the real subset kept in this repository: mkdir -p data && cp "
+    "tests/data/omniglot-small/images_background_small1.zip data/images_background.zip, then data.root=data"
+)
 
 
 class Mode(Enum):
@@ -77,13 +83,17 @@ def raw_source(cfg) -> Path:
     if cfg.data.download:
         # Into omniglot-py/, as torchvision's Omniglot(download=True) puts it; the zip stays a zip (see unpacked).
         try:
-            download([("images_background.zip", [ZIP_URL], Omniglot.zips_md5["images_background"])],
-                     root / Omniglot.folder, "Omniglot's images_background.zip")
+            download(
+                [("images_background.zip", [ZIP_URL], Omniglot.zips_md5["images_background"])],
+                root / Omniglot.folder,
+                "Omniglot's images_background.zip",
+            )
         except DataError as e:
             raise DataError(f"{e}\nExpected layout: {LAYOUT}.\n{OFFLINE}.") from None
         return root / Omniglot.folder / "images_background.zip"
-    raise DataError(f"Omniglot not found under {root.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.\n"
-                    f"{OFFLINE}.")
+    raise DataError(
+        f"Omniglot not found under {root.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.\n{OFFLINE}."
+    )
 
 
 @contextmanager
@@ -110,9 +120,11 @@ def list_images(folder: Path) -> tuple[list[str], list[str], list[tuple[str, int
     """
     alphabets = sorted(list_dir(str(folder)))
     characters = [f"{a}/{c}" for a in alphabets for c in sorted(list_dir(str(folder / a)))]
-    rows = [(str(folder / character / name), alphabets.index(character.split("/")[0]), index)
-            for index, character in enumerate(characters)
-            for name in sorted(list_files(str(folder / character), ".png"))]
+    rows = [
+        (str(folder / character / name), alphabets.index(character.split("/")[0]), index)
+        for index, character in enumerate(characters)
+        for name in sorted(list_files(str(folder / character), ".png"))
+    ]
     if not rows:
         raise DataError(f"no character images in {folder.resolve()}.\nExpected layout: {LAYOUT}.\nFix: {GET_DATA}.")
     return alphabets, characters, rows
@@ -150,17 +162,19 @@ def prepare(cfg):
         alphabets, characters, rows = list_images(folder)
         drawers = sorted({drawer(path) for path, _, _ in rows})
         if not 0 < cfg.data.eval_drawers < len(drawers):
-            raise ConfigError(f"bad value data.eval_drawers={cfg.data.eval_drawers}: the data has {len(drawers)} "
-                              f"drawers per character; choose 1..{len(drawers) - 1}")
+            raise ConfigError(
+                f"bad value data.eval_drawers={cfg.data.eval_drawers}: the data has {len(drawers)} "
+                f"drawers per character; choose 1..{len(drawers) - 1}"
+            )
         # Whole drawers, not random images, are held out: eval measures new handwriting of known characters.
         rng = np.random.default_rng(cfg.data.split_seed)
         held_out = {int(d) for d in rng.choice(drawers, cfg.data.eval_drawers, replace=False)}
         train = [row for row in rows if drawer(row[0]) not in held_out]
         evaluation = [row for row in rows if drawer(row[0]) in held_out]
-        splits = datasets.DatasetDict(train=decode(train, alphabets, characters, cfg),
-                                      eval=decode(evaluation, alphabets, characters, cfg))
-    return splits, {"alphabet_names": alphabets, "character_names": characters,
-                    "eval_drawers": sorted(held_out)}
+        splits = datasets.DatasetDict(
+            train=decode(train, alphabets, characters, cfg), eval=decode(evaluation, alphabets, characters, cfg)
+        )
+    return splits, {"alphabet_names": alphabets, "character_names": characters, "eval_drawers": sorted(held_out)}
 
 
 # ---------------------------------------------------------------- per batch
@@ -179,8 +193,11 @@ def transform(batch, train, meta):
 def image_layer(image_size: int) -> nn.Sequential:
     """One conv block and a linear layer: the image's 128 features, shared by every head."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, kernel_size=3, padding=1), nn.MaxPool2d(kernel_size=2), nn.ELU(),
-        nn.Flatten(), nn.Linear(16 * (image_size // 2) ** 2, 128),
+        nn.Conv2d(1, 16, kernel_size=3, padding=1),
+        nn.MaxPool2d(kernel_size=2),
+        nn.ELU(),
+        nn.Flatten(),
+        nn.Linear(16 * (image_size // 2) ** 2, 128),
     )
 
 
@@ -236,14 +253,24 @@ def metrics(cfg, meta):
 recipe = Recipe(
     name="omniglot_multi",
     description="Omniglot, multi_output (image -> alphabet, character) or multi_input (image, alphabet -> "
-                "character); conv16-pool-128 ELU",
-    prepare=prepare, raw_files=raw_files, data_config=OmniglotData,
-    model=model, model_config=OmniglotModel, activation="elu",
+    "character); conv16-pool-128 ELU",
+    prepare=prepare,
+    raw_files=raw_files,
+    data_config=OmniglotData,
+    model=model,
+    model_config=OmniglotModel,
+    activation="elu",
     # multi_output predicts the alphabet, so it is not given it.
     inputs=lambda cfg: ("image",) if cfg.model.mode == Mode.multi_output else ("image", "alphabet_onehot"),
     targets=("alphabet", "character"),
-    transform=transform, loss=loss, loss_config=OmniglotLoss, predictions=predictions, metrics=metrics,
-    defaults={"data": {"download": True},  # as the tutorial's Omniglot(download=True)
-              "trainer": {"epochs": 10, "batch_size": 32},
-              "optimizer": {"name": "adam", "lr": 1e-3}},
+    transform=transform,
+    loss=loss,
+    loss_config=OmniglotLoss,
+    predictions=predictions,
+    metrics=metrics,
+    defaults={
+        "data": {"download": True},  # as the tutorial's Omniglot(download=True)
+        "trainer": {"epochs": 10, "batch_size": 32},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+    },
 )

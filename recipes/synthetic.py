@@ -56,12 +56,20 @@ def prepare(cfg):
 def check_data_keys(cfg) -> None:
     d = cfg.data
     train_rows, eval_rows = split_sizes(d.rows, d.eval_fraction)
-    problems = [f"data.{key}={value} (at least {least})" for key, value, least in (
-        ("image_size", d.image_size, GRID), ("channels", d.channels, 1), ("num_classes", d.num_classes, 2))
-        if value < least]
+    problems = [
+        f"data.{key}={value} (at least {least})"
+        for key, value, least in (
+            ("image_size", d.image_size, GRID),
+            ("channels", d.channels, 1),
+            ("num_classes", d.num_classes, 2),
+        )
+        if value < least
+    ]
     if min(train_rows, eval_rows) < 1:
-        problems.append(f"data.rows={d.rows} with data.eval_fraction={d.eval_fraction} leaves {train_rows} train "
-                        f"and {eval_rows} eval rows (at least 1 each)")
+        problems.append(
+            f"data.rows={d.rows} with data.eval_fraction={d.eval_fraction} leaves {train_rows} train "
+            f"and {eval_rows} eval rows (at least 1 each)"
+        )
     if not 0 <= d.noise <= 255:
         problems.append(f"data.noise={d.noise} (0 to 255)")
     if problems:
@@ -81,14 +89,23 @@ def generate(cfg, start: int, stop: int) -> datasets.Dataset:
     """
     d = cfg.data
     shape = (d.channels, d.image_size, d.image_size)
-    features = datasets.Features({"image": datasets.Array3D(shape=shape, dtype="uint8"),
-                                  "label": datasets.ClassLabel(names=class_names(cfg))})
+    features = datasets.Features(
+        {"image": datasets.Array3D(shape=shape, dtype="uint8"), "label": datasets.ClassLabel(names=class_names(cfg))}
+    )
     folder = tempfile.mkdtemp(prefix="synthetic-", dir=get_temporary_cache_files_directory())
     batch = max(1, min(1000, BATCH_BYTES // int(np.prod(shape))))
     rows = datasets.Dataset.from_dict({"row": np.arange(start, stop, dtype=np.int64)})
-    split = rows.map(draw, batched=True, batch_size=batch, writer_batch_size=batch, num_proc=d.num_proc,
-                     fn_kwargs={"templates": templates(cfg), "noise": d.noise, "seed": d.seed},
-                     remove_columns=["row"], features=features, cache_file_name=f"{folder}/rows.arrow")
+    split = rows.map(
+        draw,
+        batched=True,
+        batch_size=batch,
+        writer_batch_size=batch,
+        num_proc=d.num_proc,
+        fn_kwargs={"templates": templates(cfg), "noise": d.noise, "seed": d.seed},
+        remove_columns=["row"],
+        features=features,
+        cache_file_name=f"{folder}/rows.arrow",
+    )
     weakref.finalize(split, shutil.rmtree, folder, ignore_errors=True)
     return split
 
@@ -110,8 +127,9 @@ def draw(batch: dict, templates: np.ndarray, noise: int, seed: int) -> dict:
     labels = rows % len(templates)
     pixels = np.empty((len(rows), *templates.shape[1:]), dtype=np.int16)
     for i, row in enumerate(rows):
-        pixels[i] = np.random.default_rng([seed, int(row)]).integers(-noise, noise + 1, pixels.shape[1:],
-                                                                    dtype=np.int16)
+        pixels[i] = np.random.default_rng([seed, int(row)]).integers(
+            -noise, noise + 1, pixels.shape[1:], dtype=np.int16
+        )
     pixels += templates[labels]
     return {"image": np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), "label": labels}
 
@@ -122,9 +140,14 @@ class SyntheticNet(nn.Module):
     def __init__(self, channels: int, num_classes: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(GRID),
-            nn.Flatten(), nn.Linear(64 * GRID * GRID, num_classes),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(GRID),
+            nn.Flatten(),
+            nn.Linear(64 * GRID * GRID, num_classes),
         )
 
     def forward(self, image):
@@ -134,9 +157,12 @@ class SyntheticNet(nn.Module):
 recipe = Recipe(
     name="synthetic",
     description="generated class-template images of any count and size (data.rows, data.image_size), "
-                "CNN conv32-pool-conv64-adaptive pool-linear, Adam lr 1e-3, batch 128",
-    prepare=prepare, raw_files=raw_files, data_config=SyntheticData,
+    "CNN conv32-pool-conv64-adaptive pool-linear, Adam lr 1e-3, batch 128",
+    prepare=prepare,
+    raw_files=raw_files,
+    data_config=SyntheticData,
     model=lambda cfg, meta: SyntheticNet(cfg.data.channels, len(meta["class_names"])),
-    transform=scale_images, metrics=class_accuracy,  # uint8 -> [0, 1] per batch; 10-class accuracy
+    transform=scale_images,
+    metrics=class_accuracy,  # uint8 -> [0, 1] per batch; 10-class accuracy
     defaults={"trainer": {"epochs": 2, "batch_size": 128}, "optimizer": {"name": "adam", "lr": 1e-3}},
 )

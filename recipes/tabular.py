@@ -53,9 +53,17 @@ from recipes._tables import (
 
 Task = choice("Task", ("auto", "binary", "multiclass", "regression"))
 Impute = choice("Impute", ("median", "mean", "none"))
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU,
-               "silu": nn.SiLU}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+    "silu": nn.SiLU,
+}
 Activation = choice("Activation", ACTIVATIONS)
+
+
 @dataclass
 class TabularData(CsvData):
     target: str = ""  # the column to predict (required)
@@ -93,12 +101,16 @@ def raw_files(cfg, spec: Spec = Spec()) -> list[Path]:
     path = raw_file(cfg, spec.expected)
     features, target = spec.columns(cfg)
     if not target:
-        raise ConfigError(f"recipe=tabular needs the column to predict: data.target=<column name>; {path} has the "
-                          f"columns {', '.join(read_header(path)[0])}")
+        raise ConfigError(
+            f"recipe=tabular needs the column to predict: data.target=<column name>; {path} has the "
+            f"columns {', '.join(read_header(path)[0])}"
+        )
     if target in features:
-        raise ConfigError(f"data.target={target} is also among data.features={list(features)}: the model would be "
-                          f"given the answer as an input (a label leak).\nFix: remove {target} from data.features "
-                          f"(or leave data.features empty: every column but the target)")
+        raise ConfigError(
+            f"data.target={target} is also among data.features={list(features)}: the model would be "
+            f"given the answer as an input (a label leak).\nFix: remove {target} from data.features "
+            f"(or leave data.features empty: every column but the target)"
+        )
     return with_statistics(cfg, [path])
 
 
@@ -108,8 +120,11 @@ def sniff(cfg, path: Path, spec: Spec) -> tuple[list[str], str, list[str]]:
     features, target = spec.columns(cfg)
     header, *rows = read_header(path)
     features = features or [name for name in header if name != target]
-    categorical = [name for name in features if name in cfg.data.categorical or (
-        name in header and _mostly_text(rows, header.index(name)))]
+    categorical = [
+        name
+        for name in features
+        if name in cfg.data.categorical or (name in header and _mostly_text(rows, header.index(name)))
+    ]
     return features, target, categorical
 
 
@@ -136,15 +151,18 @@ def table_columns(cfg, spec: Spec, path: Path):
     what the train/eval split needs: enough(rows) and how it splits, for the message."""
     features, target, categorical = sniff(cfg, path, spec)
     impute = cfg.data.impute.name != "none"
-    columns = [Column(name, "category" if name in categorical else "number", empty_ok=impute or name in categorical)
-               for name in features]
+    columns = [
+        Column(name, "category" if name in categorical else "number", empty_ok=impute or name in categorical)
+        for name in features
+    ]
     text_target = target in categorical or _target_is_text(path, target)
     values = tuple(str(v) for v in spec.target_values) if text_target else spec.target_values
     columns.append(Column(target, "category" if text_target else "number", values=values))
     classify = cfg.data.task.name in ("binary", "multiclass") or bool(spec.target_values)
     fraction, need = cfg.data.eval_fraction, 2 if classify else 1
-    how = f"with data.eval_fraction={fraction}" + (" (stratified: each part needs a row of each class)"
-                                                   if classify else "")
+    how = f"with data.eval_fraction={fraction}" + (
+        " (stratified: each part needs a row of each class)" if classify else ""
+    )
     return columns, (features, categorical, target), lambda n: min(split_sizes(n, fraction)) >= need, how
 
 
@@ -174,9 +192,11 @@ def prepare(cfg, spec: Spec = Spec()):
             require_classes(path, target, values, rows)
             y, meta["class_names"] = class_targets(cfg, path, target, values, spec, checked)
             target_feature = datasets.ClassLabel(names=meta["class_names"])
-        print(f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"
-              + (f", {len(categorical)} categorical (one-hot): {', '.join(categorical)}" if categorical else "")
-              + f" -> {target!r} ({task})")
+        print(
+            f"data: {len(numbers)} number column{'s' * (len(numbers) != 1)}"
+            + (f", {len(categorical)} categorical (one-hot): {', '.join(categorical)}" if categorical else "")
+            + f" -> {target!r} ({task})"
+        )
         parts = dict(zip(("train", "eval"), split_indices(rows, cfg.data.eval_fraction, cfg.data.split_seed, y)))
         train = np.zeros(rows, dtype=bool)
         train[parts["train"]] = True
@@ -187,10 +207,12 @@ def prepare(cfg, spec: Spec = Spec()):
             y = target_scale(cfg, path, target, checked, train, stats)
         meta.update(stats, feature_names=[*numbers, *(f"{n}={c}" for n in categorical for c in stats["categories"][n])])
         x = features_file(checked, (numbers, categorical), stats, Path(work) / "features.f32")
-        kinds = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=x.width),
-                                   "label": target_feature})
-        splits = {name: stream.write_split(x, y, at, kinds, (scratch, cfg.data.num_shards))
-                  for name, at in parts.items()}
+        kinds = datasets.Features(
+            {"features": datasets.List(datasets.Value("float32"), length=x.width), "label": target_feature}
+        )
+        splits = {
+            name: stream.write_split(x, y, at, kinds, (scratch, cfg.data.num_shards)) for name, at in parts.items()
+        }
         del x
     return datasets.DatasetDict(splits), meta
 
@@ -201,12 +223,20 @@ def read_inputs(cfg, meta: dict, path: Path, spec: Spec = Spec()) -> tuple[dict,
     try:
         check_meta(meta, META_INPUTS)
     except KeyError as e:
-        raise DataError(f"the run's meta.json has no {e}: the train statistics that new rows are preprocessed with. "
-                        f"The file is damaged or from an older version of this recipe.\nFix: restore meta.json "
-                        f"from a copy of the run folder, or train the run again") from None
+        raise DataError(
+            f"the run's meta.json has no {e}: the train statistics that new rows are preprocessed with. "
+            f"The file is damaged or from an older version of this recipe.\nFix: restore meta.json "
+            f"from a copy of the run folder, or train the run again"
+        ) from None
     impute = "median" in meta or "fill" in meta
-    columns = [Column(name, "category" if name in meta["categorical"] else "number",
-                      empty_ok=impute or name in meta["categorical"]) for name in meta["numbers"] + meta["categorical"]]
+    columns = [
+        Column(
+            name,
+            "category" if name in meta["categorical"] else "number",
+            empty_ok=impute or name in meta["categorical"],
+        )
+        for name in meta["numbers"] + meta["categorical"]
+    ]
     table, _ = read(cfg, path, columns, lambda n: n >= 1, "", Reading(source="input="))
     batch = split_columns(table, meta["numbers"], meta["categorical"])
     return {"line": table.attrs["lines"]}, preprocess(batch, meta)
@@ -226,13 +256,24 @@ class TabularNet(nn.Module):
     """Linear layers of the given widths, each followed by [BatchNorm] activation [Dropout]; the last gives one
     logit per class (one for binary: the sigmoid lives in the loss) or the predicted value."""
 
-    def __init__(self, inputs: int, hidden: list[int], outputs: int, activation: str = "relu",
-                 batchnorm: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        inputs: int,
+        hidden: list[int],
+        outputs: int,
+        activation: str = "relu",
+        batchnorm: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         layers, width = [], inputs
         for size in hidden:
-            layers += [nn.Linear(width, size), *([nn.BatchNorm1d(size)] if batchnorm else []),
-                       ACTIVATIONS[activation](), *([nn.Dropout(dropout)] if dropout else [])]
+            layers += [
+                nn.Linear(width, size),
+                *([nn.BatchNorm1d(size)] if batchnorm else []),
+                ACTIVATIONS[activation](),
+                *([nn.Dropout(dropout)] if dropout else []),
+            ]
             width = size
         self.net = nn.Sequential(*layers, nn.Linear(width, outputs))
 
@@ -284,10 +325,16 @@ def metrics(cfg, meta: dict) -> dict:
         return {"": head}
     if task == "multiclass":
         n = len(meta["class_names"])
-        return {"": MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro"),
-                                      "f1": MulticlassF1Score(n, average="macro"),
-                                      "auroc": MulticlassAUROC(n, average="macro"),
-                                      "confusion_matrix": MulticlassConfusionMatrix(n)})}
+        return {
+            "": MetricCollection(
+                {
+                    "accuracy": MulticlassAccuracy(n, average="micro"),
+                    "f1": MulticlassF1Score(n, average="macro"),
+                    "auroc": MulticlassAUROC(n, average="macro"),
+                    "confusion_matrix": MulticlassConfusionMatrix(n),
+                }
+            )
+        }
     collection = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(), "r2": R2Score()})
     mean, std = meta["y_mean"], meta["y_std"]
     if (mean, std) == (0.0, 1.0):
@@ -300,20 +347,44 @@ def metrics(cfg, meta: dict) -> dict:
     return {"": LambdaInputTransformer(collection, transform_pred=units, transform_target=units)}
 
 
-def recipe_for(name: str, description: str, spec: Spec = Spec(), data_config: type = TabularData,
-               defaults: dict | None = None, **fields) -> Recipe:
+def recipe_for(
+    name: str,
+    description: str,
+    spec: Spec = Spec(),
+    data_config: type = TabularData,
+    defaults: dict | None = None,
+    **fields,
+) -> Recipe:
     """A tabular recipe: this module's, or a preset's with its own columns, config and defaults."""
-    return Recipe(name=name, description=description, prepare=partial(prepare, spec=spec),
-                  raw_files=partial(raw_files, spec=spec), read_inputs=partial(read_inputs, spec=spec),
-                  predicted=predicted, data_config=data_config, model_config=TabularModel, model=model,
-                  activation=lambda cfg: cfg.model.activation.name, inputs=("features",), targets=("label",),
-                  loss=loss, predictions=predictions, metrics=metrics, defaults=defaults or {}, **fields)
+    return Recipe(
+        name=name,
+        description=description,
+        prepare=partial(prepare, spec=spec),
+        raw_files=partial(raw_files, spec=spec),
+        read_inputs=partial(read_inputs, spec=spec),
+        predicted=predicted,
+        data_config=data_config,
+        model_config=TabularModel,
+        model=model,
+        activation=lambda cfg: cfg.model.activation.name,
+        inputs=("features",),
+        targets=("label",),
+        loss=loss,
+        predictions=predictions,
+        metrics=metrics,
+        defaults=defaults or {},
+        **fields,
+    )
 
 
 recipe = recipe_for(
-    "tabular", "a CSV/Parquet table of your own: data.file=... data.target=...; MLP 64-32 (model.hidden), Adam 1e-3",
+    "tabular",
+    "a CSV/Parquet table of your own: data.file=... data.target=...; MLP 64-32 (model.hidden), Adam 1e-3",
     # data.root ".": data.file is a path from the current folder (or absolute), as a user types it.
     # A small table still trains 16 steps an epoch, on every row: the batch halves to fit (trainer.min_steps_per_epoch).
-    defaults={"data": {"root": "."}, "trainer": {"epochs": 20, "batch_size": 64, "min_steps_per_epoch": 16,
-                                                 "last_batch": "complete"},
-              "optimizer": {"name": "adam", "lr": 1e-3}})
+    defaults={
+        "data": {"root": "."},
+        "trainer": {"epochs": 20, "batch_size": 64, "min_steps_per_epoch": 16, "last_batch": "complete"},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+    },
+)

@@ -95,8 +95,10 @@ def window_for(cfg, steps: int, stored: dict) -> int:
         return stored["window"]
     part = min(time_split(steps, cfg.data.eval_fraction))
     window = max(1, min(WINDOW, (part - cfg.data.horizon + 1) // 2))
-    print(f"data: window of {window} steps (data.window= sets it; by default {WINDOW}, or half the eval part where "
-          f"that is shorter)")
+    print(
+        f"data: window of {window} steps (data.window= sets it; by default {WINDOW}, or half the eval part where "
+        f"that is shorter)"
+    )
     return window
 
 
@@ -109,12 +111,15 @@ def prepare(cfg):
     def enough(n):
         return min(time_split(n, fraction)) >= span
 
-    what = (f"with data.eval_fraction={fraction}, each part at least data.window + data.horizon = {span} steps long "
-            f"(or use a smaller data.window)")
+    what = (
+        f"with data.eval_fraction={fraction}, each part at least data.window + data.horizon = {span} steps long "
+        f"(or use a smaller data.window)"
+    )
     table, report = series_csv.read_table(cfg, path, enough, what)
     series, grid = series_csv.on_grid(cfg, table, path)
-    tables.require_rows(path, len(series), enough,
-                        f"(time steps, after merging duplicates) to split into train and eval {what}")
+    tables.require_rows(
+        path, len(series), enough, f"(time steps, after merging duplicates) to split into train and eval {what}"
+    )
     cut = time_split(len(series), fraction)[0]
     train, evaluation = series_csv.filled(series.iloc[:cut]), series_csv.filled(series.iloc[cut:])
     # Scaled by the train part alone: the future must not leak into the past through the scaler.
@@ -129,9 +134,17 @@ def prepare(cfg):
     def split(part: pd.Series) -> datasets.Dataset:
         return datasets.Dataset.from_dict({"value": series_csv.scale(part.to_numpy(), stats)}, features=features)
 
-    meta = {**stats, "window": window_for(cfg, len(series), stored), "horizon": horizon, **grid, **report,
-            "train_start": str(train.index[0]), "train_end": str(train.index[-1]),
-            "eval_start": str(evaluation.index[0]), "eval_end": str(evaluation.index[-1])}
+    meta = {
+        **stats,
+        "window": window_for(cfg, len(series), stored),
+        "horizon": horizon,
+        **grid,
+        **report,
+        "train_start": str(train.index[0]),
+        "train_end": str(train.index[-1]),
+        "eval_start": str(evaluation.index[0]),
+        "eval_end": str(evaluation.index[-1]),
+    }
     return datasets.DatasetDict(train=split(train), eval=split(evaluation)), meta
 
 
@@ -177,8 +190,14 @@ class Forecaster(nn.Module):
     output times `change_scale` (the train changes' std, in the scaled units), the window read relative to that
     last value in the same scale, and the head starts at zero, so the untrained model is the naive forecast."""
 
-    def __init__(self, cell: str = "lstm", hidden_size: int = 32, num_layers: int = 2, target: str = "level",
-                 change_scale: float = 1.0):
+    def __init__(
+        self,
+        cell: str = "lstm",
+        hidden_size: int = 32,
+        num_layers: int = 2,
+        target: str = "level",
+        change_scale: float = 1.0,
+    ):
         super().__init__()
         rnn = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = rnn(1, hidden_size, num_layers, batch_first=True)
@@ -201,13 +220,25 @@ def model(cfg, meta: dict) -> Forecaster:
     # What the dataset, read_inputs, predicted and metrics read from a run's meta.json; checked first, as evaluate
     # and predict build the model before anything else. A change model also needs the changes' scale.
     change = cfg.model.target.name == "change"
-    tables.check_meta(meta, {"mean": tables.NUMBER, "std": tables.NUMBER, "window": int,
-                             **({"change_std": tables.NUMBER} if change else {})},
-                      {"horizon": int, "step": str, "freq": str})
+    tables.check_meta(
+        meta,
+        {
+            "mean": tables.NUMBER,
+            "std": tables.NUMBER,
+            "window": int,
+            **({"change_std": tables.NUMBER} if change else {}),
+        },
+        {"horizon": int, "step": str, "freq": str},
+    )
     what = "the change from the window's last value" if change else "the value itself"
     PartialState().print(f"model: {cfg.model.cell.name} forecasts {what} (model.target={cfg.model.target.name})")
-    return Forecaster(cfg.model.cell.name, cfg.model.hidden_size, cfg.model.num_layers, cfg.model.target.name,
-                      meta["change_std"] / meta["std"] if change else 1.0)
+    return Forecaster(
+        cfg.model.cell.name,
+        cfg.model.hidden_size,
+        cfg.model.num_layers,
+        cfg.model.target.name,
+        meta["change_std"] / meta["std"] if change else 1.0,
+    )
 
 
 def mse(outputs, batch):
@@ -226,12 +257,20 @@ def metrics(cfg, meta):
         return scaled * std + mean
 
     def scored(metric, column):
-        return LambdaInputTransformer(metric, transform_pred=lambda both: units(both[:, column]),
-                                      transform_target=units)
+        return LambdaInputTransformer(
+            metric, transform_pred=lambda both: units(both[:, column]), transform_target=units
+        )
 
-    return {"": MetricCollection({"mse": scored(MeanSquaredError(), 0), "mae": scored(MeanAbsoluteError(), 0),
-                                  "naive_mse": scored(MeanSquaredError(), 1),
-                                  "naive_mae": scored(MeanAbsoluteError(), 1)})}
+    return {
+        "": MetricCollection(
+            {
+                "mse": scored(MeanSquaredError(), 0),
+                "mae": scored(MeanAbsoluteError(), 0),
+                "naive_mse": scored(MeanSquaredError(), 1),
+                "naive_mae": scored(MeanAbsoluteError(), 1),
+            }
+        )
+    }
 
 
 # ---------------------------------------------------------------- prediction
@@ -244,15 +283,18 @@ def read_inputs(cfg, meta: dict, path: Path) -> tuple[dict, dict]:
     table, _ = series_csv.read_table(cfg, path, lambda n: n >= 1, "", source="input=")
     series_csv.require_window(path, len(table), window)
     # The run's frequency (a run prepared before it was kept in meta: its fixed step, or the input's own).
-    freq = to_offset(meta["freq"]) if "freq" in meta else to_offset(pd.Timedelta(meta["step"])) if "step" in meta \
-        else None
+    freq = (
+        to_offset(meta["freq"]) if "freq" in meta else to_offset(pd.Timedelta(meta["step"])) if "step" in meta else None
+    )
     series, grid = series_csv.on_grid(cfg, table, path, freq)  # gaps filled and scaled as the run's own data was
     series_csv.require_window(path, len(series), window)  # duplicates merged
     values = series_csv.filled(series).to_numpy()
     scaled = np.lib.stride_tricks.sliding_window_view(series_csv.scale(values, meta), window)
-    ends = series.index[window - 1:]
-    return {series_csv.columns(cfg)[0].name: [str(t) for t in ends + horizon * to_offset(grid["freq"])],
-            "naive": values[window - 1:]}, {"window": np.ascontiguousarray(scaled)}
+    ends = series.index[window - 1 :]
+    return {
+        series_csv.columns(cfg)[0].name: [str(t) for t in ends + horizon * to_offset(grid["freq"])],
+        "naive": values[window - 1 :],
+    }, {"window": np.ascontiguousarray(scaled)}
 
 
 def predicted(outputs, meta):
@@ -263,15 +305,26 @@ def predicted(outputs, meta):
 recipe = Recipe(
     name="time_series",
     description="a CSV of timestamps and values, data.window steps -> the value data.horizon steps later (its change "
-                "from the last value by default), RNN|LSTM|GRU, MSE, Adam 3e-3; naive last-value forecast alongside",
-    prepare=prepare, raw_files=series_csv.raw_files, data_config=SeriesData, dataset=windows,
+    "from the last value by default), RNN|LSTM|GRU, MSE, Adam 3e-3; naive last-value forecast alongside",
+    prepare=prepare,
+    raw_files=series_csv.raw_files,
+    data_config=SeriesData,
+    dataset=windows,
     model=model,
-    model_config=ForecasterConfig, activation="tanh",
-    inputs=("window",), targets=("target", "last"),
-    transform=transform, loss=mse, predictions=predictions, metrics=metrics,
-    read_inputs=read_inputs, predicted=predicted,
+    model_config=ForecasterConfig,
+    activation="tanh",
+    inputs=("window",),
+    targets=("target", "last"),
+    transform=transform,
+    loss=mse,
+    predictions=predictions,
+    metrics=metrics,
+    read_inputs=read_inputs,
+    predicted=predicted,
     # data.root ".": data.file is a path from the current folder (or absolute), as for recipe=tabular
-    defaults={"data": {"root": ".", "eval_fraction": 0.2},
-              "trainer": {"epochs": 30, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
-              "optimizer": {"name": "adam", "lr": 3e-3}},
+    defaults={
+        "data": {"root": ".", "eval_fraction": 0.2},
+        "trainer": {"epochs": 30, "batch_size": 32, "eval_batch_size": 256, "log_every": 100},
+        "optimizer": {"name": "adam", "lr": 3e-3},
+    },
 )

@@ -22,36 +22,78 @@ HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
-def cli(args: list[str], cwd: Path, processes: int = 1, script: str = "train", timeout: int = 600,
-        env: dict | None = None, launcher: str = "python", gpu: bool = False) -> subprocess.CompletedProcess:
+def cli(
+    args: list[str],
+    cwd: Path,
+    processes: int = 1,
+    script: str = "train",
+    timeout: int = 600,
+    env: dict | None = None,
+    launcher: str = "python",
+    gpu: bool = False,
+) -> subprocess.CompletedProcess:
     """Runs launch/<script>.py as a user would: `python`, or `accelerate launch` (always for >1 process);
     on the CPU unless `gpu`."""
-    return subprocess.run(command(args, processes, script, launcher), cwd=cwd, env=environment(processes, env, gpu),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command(args, processes, script, launcher),
+        cwd=cwd,
+        env=environment(processes, env, gpu),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def command(args: list[str], processes: int = 1, script: str = "train", launcher: str = "python") -> list[str]:
     """launcher: `python` (one process; else `accelerate`), `accelerate` (`accelerate launch`) or `run`
     (launch/run.py: `accelerate launch` that passes the training's exit code on)."""
-    launch = [sys.executable, str(ROOT / "launch" / "run.py")] if launcher == "run" else [str(BIN / "accelerate"),
-                                                                                          "launch"]
+    launch = (
+        [sys.executable, str(ROOT / "launch" / "run.py")] if launcher == "run" else [str(BIN / "accelerate"), "launch"]
+    )
     if processes == 1 and launcher in ("accelerate", "run"):
-        cmd = [*launch, "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "launch" / f"{script}.py")]
+        cmd = [
+            *launch,
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "launch" / f"{script}.py"),
+        ]
     elif processes == 1:
         cmd = [sys.executable, str(ROOT / "launch" / f"{script}.py")]
     else:
-        cmd = [*launch, "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(ROOT / "launch" / f"{script}.py")]
+        cmd = [
+            *launch,
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(ROOT / "launch" / f"{script}.py"),
+        ]
     return cmd + args
 
 
 def environment(processes: int = 1, env: dict | None = None, gpu: bool = False) -> dict:
     """The runs' environment: offline W&B, no progress bars, and the CPU unless `gpu` (a GPU host would
     otherwise put every process of a CPU test, and every "machine" of one, on cuda:0)."""
-    base = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1",
-            "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    base = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+    }
     base.pop("CUDA_VISIBLE_DEVICES", None)
     if not gpu:
         base["CUDA_VISIBLE_DEVICES"] = ""
@@ -63,8 +105,13 @@ def environment(processes: int = 1, env: dict | None = None, gpu: bool = False) 
 @functools.cache
 def cuda_devices() -> int:
     """The host's CUDA devices, counted in a child process (this one is pinned to the CPU)."""
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                         env=environment(gpu=True), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+        env=environment(gpu=True),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
 
 
@@ -72,8 +119,9 @@ def needs_gpus(count: int = 1) -> None:
     """Skips a `gpu` test, saying why, on a host with fewer than `count` CUDA devices."""
     found = cuda_devices()
     if found < count:
-        pytest.skip(f"needs {count} CUDA device{'s' if count > 1 else ''}; "
-                    f"torch.cuda.device_count() is {found} on this host")
+        pytest.skip(
+            f"needs {count} CUDA device{'s' if count > 1 else ''}; torch.cuda.device_count() is {found} on this host"
+        )
 
 
 def free_port() -> int:

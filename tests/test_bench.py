@@ -14,10 +14,29 @@ from pipeline.report import WARMUP_STEPS
 @pytest.mark.slow
 def test_bench_measures_every_path(tmp_path, mnist_root):
     out = tmp_path / "bench.json"
-    result = ok(subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "bench.py"), "--recipe", "mnist_mlp", "--data-root", str(mnist_root),
-         "--steps", "20", "--repeats", "1", "--json", str(out)],
-        cwd=tmp_path, env={**environment(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=600))
+    result = ok(
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "launch" / "bench.py"),
+                "--recipe",
+                "mnist_mlp",
+                "--data-root",
+                str(mnist_root),
+                "--steps",
+                "20",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ],
+            cwd=tmp_path,
+            env={**environment(), "TMPDIR": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     report = json.loads(out.read_text())
     rates = report["samples_per_s"]
     assert set(rates) == {"pipeline", "pipeline_stream", "bare", "bare_u8", "tutorial"}
@@ -37,7 +56,12 @@ def test_bench_measures_every_path(tmp_path, mnist_root):
 def test_bench_names_missing_data(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "bench.py"), "--recipe", "mnist_mlp", "--data-root", str(tmp_path)],
-        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "MNIST raw files missing" in result.stderr and "Traceback" not in result.stderr
 
@@ -46,8 +70,12 @@ def test_bench_refuses_a_device_it_cannot_see(tmp_path, mnist_root):
     # --device cuda where torch sees no GPU: said before any work, not a traceback halfway.
     result = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "bench.py"), "--data-root", str(mnist_root), "--device", "cuda"],
-        cwd=tmp_path, env={**environment(), "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
-        timeout=300)
+        cwd=tmp_path,
+        env={**environment(), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--device cuda, but torch sees no CUDA device" in result.stderr and result.stdout == ""
 
@@ -58,10 +86,29 @@ def test_gpu_check_script_is_valid_bash():
 
 @pytest.mark.slow
 def test_bench_prepare_reports_each_process_count_on_an_image_folder(tmp_path):
-    result = ok(subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "bench_prepare.py"), "--images", "120", "--side", "16",
-         "--processes", "1,2", "--folder", str(tmp_path), "--project", "2x8"],
-        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600))
+    result = ok(
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "launch" / "bench_prepare.py"),
+                "--images",
+                "120",
+                "--side",
+                "16",
+                "--processes",
+                "1,2",
+                "--folder",
+                str(tmp_path),
+                "--project",
+                "2x8",
+            ],
+            cwd=tmp_path,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     for processes in (1, 2):
         assert f"{processes} process(es): 120 images in " in result.stdout, result.stdout
     assert "2 vs 1 process(es): " in result.stdout and "projection: 1,281,167 images" in result.stdout

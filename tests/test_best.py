@@ -17,8 +17,14 @@ from pipeline.recipe_contract import load_recipe
 
 # watching it with mode=max makes epoch 1 the best and every later epoch "no better": the best weights are
 # not the final ones, and patience 2 stops the run after epoch 3 of 5.
-FIRST_IS_BEST = ["checkpoint.monitor=eval/loss", "checkpoint.mode=max", "trainer.batch_size=128", "trainer.epochs=5",
-                 "trainer.early_stopping_patience=2", "trainer.log_every=2"]
+FIRST_IS_BEST = [
+    "checkpoint.monitor=eval/loss",
+    "checkpoint.mode=max",
+    "trainer.batch_size=128",
+    "trainer.epochs=5",
+    "trainer.early_stopping_patience=2",
+    "trainer.log_every=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +136,21 @@ def test_the_summary_evaluate_and_predict_use_the_best_weights_unless_told_final
 def test_checkpoint_weights_final_reports_and_evaluates_the_last_steps_weights(workdir, cache):
     from pipeline import runs
 
-    result = ok(cli(args(workdir, cache, "checkpoint.monitor=eval/loss", "checkpoint.mode=max", "trainer.epochs=2",
-                         "trainer.batch_size=256", "checkpoint.weights=final", "run_name=final"), cwd=workdir))
+    result = ok(
+        cli(
+            args(
+                workdir,
+                cache,
+                "checkpoint.monitor=eval/loss",
+                "checkpoint.mode=max",
+                "trainer.epochs=2",
+                "trainer.batch_size=256",
+                "checkpoint.weights=final",
+                "run_name=final",
+            ),
+            cwd=workdir,
+        )
+    )
     run_dir = workdir / "runs" / "digits" / "final"
     s, last = read(run_dir / "summary.json"), [x for x in metrics_lines(run_dir) if "eval/loss" in x][-1]
     assert (s["weights"], s["best/epoch"]) == ("final", 1) and s["eval/loss"] == last["eval/loss"]
@@ -143,14 +162,30 @@ def test_the_done_line_says_the_weights_then_test_then_averages_before_classes()
     from pipeline.report import summary_line
 
     per_class = {f"{split}/f1/{c}": 0.5 for split in ("eval", "test") for c in ("cat", "dog", "owl")}
-    summary = {"recipe": "image_folder", "epochs": 11, "steps": 99, "train/samples_per_s": 10.0, "run_dir": "r",
-               "weights": "best", "eval/loss": 0.3, "eval/samples": 30, "eval/accuracy": 0.97, **per_class,
-               "eval/f1_micro": 0.97, "eval/f1_macro": 0.96, "test/loss": 0.4, "test/accuracy": 0.9,
-               "test/f1_macro": 0.89, "best/eval/accuracy": 0.97, "best/epoch": 9}
+    summary = {
+        "recipe": "image_folder",
+        "epochs": 11,
+        "steps": 99,
+        "train/samples_per_s": 10.0,
+        "run_dir": "r",
+        "weights": "best",
+        "eval/loss": 0.3,
+        "eval/samples": 30,
+        "eval/accuracy": 0.97,
+        **per_class,
+        "eval/f1_micro": 0.97,
+        "eval/f1_macro": 0.96,
+        "test/loss": 0.4,
+        "test/accuracy": 0.9,
+        "test/f1_macro": 0.89,
+        "best/eval/accuracy": 0.97,
+        "best/epoch": 9,
+    }
     assert summary_line(summary) == (
         "done: image_folder 11 epochs 99 steps 10 samples/s weights: best (epoch 9 of 11, eval/accuracy 0.97) "
         "test/accuracy=0.9000 test/f1_macro=0.8900 eval/accuracy=0.9700 eval/f1_macro=0.9600 test/loss=0.4000 "
-        "eval/loss=0.3000 eval/f1_micro=0.9700 test/f1/cat=0.5000 -> r")
+        "eval/loss=0.3000 eval/f1_micro=0.9700 test/f1/cat=0.5000 -> r"
+    )
     assert "samples/s weights: final test/accuracy=0.9000" in summary_line({**summary, "weights": "final"})
 
 
@@ -169,8 +204,17 @@ def check_run_record(record: dict) -> None:
 @pytest.mark.slow
 def test_run_record_on_failures(workdir, cache):
     # A monitored key the evaluation does not report: exit 2 at the first evaluation, naming the real ones.
-    bad = cli(args(workdir, cache, "trainer.epochs=2", "trainer.batch_size=256", "checkpoint.monitor=eval/acc",
-                   "run_name=badkey"), cwd=workdir)
+    bad = cli(
+        args(
+            workdir,
+            cache,
+            "trainer.epochs=2",
+            "trainer.batch_size=256",
+            "checkpoint.monitor=eval/acc",
+            "run_name=badkey",
+        ),
+        cwd=workdir,
+    )
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "checkpoint.monitor=eval/acc is not a metric" in bad.stderr and "eval/accuracy, eval/f1_macro" in bad.stderr
     record = json.loads((workdir / "runs" / "digits" / "badkey" / "run.json").read_text())
@@ -215,8 +259,7 @@ def test_the_default_monitor_and_mode_follow_the_metrics():
     assert (regression.monitor, regression.mode) == ("eval/loss", "min")
     assert not regression.update({"eval/loss": 2.5, "eval/mse": 3.0}, 20, 2, OneProcess())
     assert regression.stopped_early == "eval/loss did not improve for 1 evaluation (best 2 at epoch 1)"
-    assert Best(None, None, None).update({"eval/mse": 4.0, "eval/accuracy": 0.1, "eval/loss": 1.0}, 1, 1,
-                                         OneProcess())
+    assert Best(None, None, None).update({"eval/mse": 4.0, "eval/accuracy": 0.1, "eval/loss": 1.0}, 1, 1, OneProcess())
     mse = Best.of(config.build(["checkpoint.monitor=eval/mse"], digits))
     mse.update({"eval/mse": 4.0, "eval/loss": 1.0}, 1, 1, OneProcess())
     assert mse.mode == "min"

@@ -19,13 +19,20 @@ from safetensors.torch import load_file
 from pipeline import checkpoint, fingerprints, runinfo
 
 
-def start_and_wait_for_checkpoint(args: list[str], cwd, run_dir, processes: int, min_step: int,
-                                  logged_past_it: bool = False):
+def start_and_wait_for_checkpoint(
+    args: list[str], cwd, run_dir, processes: int, min_step: int, logged_past_it: bool = False
+):
     """Starts a run and returns it once a checkpoint of `min_step` or later is complete (and, with
     `logged_past_it`, once the run has logged a step after that checkpoint)."""
     # Unbuffered: what a run printed before it is killed reaches the pipe.
-    proc = subprocess.Popen(command(args, processes), cwd=cwd, env=environment(processes, {"PYTHONUNBUFFERED": "1"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(args, processes),
+        cwd=cwd,
+        env=environment(processes, {"PYTHONUNBUFFERED": "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         newest = checkpoint.complete(run_dir)[-1:]  # renamed into place: complete (no hashing each poll)
@@ -79,7 +86,8 @@ def same_result(run_dir, reference_dir) -> None:
     assert [(x["step"], sorted(x)) for x in lines] == [(x["step"], sorted(x)) for x in reference]
     for x, y in zip(lines, reference):
         assert {k: pytest.approx(v, rel=1e-9) for k, v in x.items() if isinstance(v, float)} == {
-            k: v for k, v in y.items() if isinstance(v, float)}
+            k: v for k, v in y.items() if isinstance(v, float)
+        }
 
 
 @pytest.mark.slow
@@ -87,8 +95,13 @@ def same_result(run_dir, reference_dir) -> None:
 # tests/test_elastic.py resumes each path on another count too.
 @pytest.mark.parametrize("processes, in_memory", [(1, "true"), (2, "false")])
 def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes, in_memory):
-    args = ["trainer.epochs=4", "trainer.log_every=5", "checkpoint.every_steps=10", "checkpoint.keep=2",
-            f"data.in_memory={in_memory}"]
+    args = [
+        "trainer.epochs=4",
+        "trainer.log_every=5",
+        "checkpoint.every_steps=10",
+        "checkpoint.keep=2",
+        f"data.in_memory={in_memory}",
+    ]
     ok(cli(common(workdir, *args, "run_name=whole"), cwd=workdir, processes=processes))
     whole_dir = workdir / "runs" / "digits" / "whole"
     assert json.loads((whole_dir / "summary.json").read_text())["steps"] == 4 * 44  # digits: 44 steps an epoch
@@ -125,8 +138,12 @@ def test_a_killed_or_terminated_run_resumes_exactly(workdir, processes, in_memor
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     root = checkpoint.folder(tmp_path)
-    for name, complete in [("step-00000010", True), ("step-00000200", False), (".tmp-step-00000300", False),
-                           ("step-00000020", True)]:
+    for name, complete in [
+        ("step-00000010", True),
+        ("step-00000200", False),
+        (".tmp-step-00000300", False),
+        ("step-00000020", True),
+    ]:
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / checkpoint.STATE_FILE).write_text(json.dumps({"step": int(name[5:])}))
@@ -196,8 +213,9 @@ def cut(path) -> None:
 def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_record(workdir, whole):
     run_dir = workdir / "runs" / "digits" / "job"
     args = common(workdir, *ARGS[:-1], "checkpoint.keep=0", "run_name=job")  # no checkpoint to resume from
-    proc = subprocess.Popen(command(args), cwd=workdir, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(args), cwd=workdir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and last_logged_step(run_dir) < 10:
         time.sleep(0.005)
@@ -209,8 +227,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_record(workdir,
 
 
 @pytest.mark.slow
-def test_resuming_with_other_training_values_is_refused_and_harmless_changes_are_allowed(workdir, interrupted,
-                                                                                        whole):
+def test_resuming_with_other_training_values_is_refused_and_harmless_changes_are_allowed(workdir, interrupted, whole):
     run_dir = copy_of(interrupted, workdir)
     saved = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     trained = OmegaConf.load(checkpoint.latest(run_dir) / checkpoint.CONFIG_FILE)
@@ -225,8 +242,12 @@ def test_resuming_with_other_training_values_is_refused_and_harmless_changes_are
     # checkpoints/ survive the pruning to the newest 1 and the finished run's clean-up.
     (checkpoint.folder(run_dir) / "notes.txt").write_text("mine")
     (checkpoint.folder(run_dir) / "step-00000099").mkdir()  # looks like ours, but has no state
-    again = ok(cli(common(workdir, *ARGS[:-1], "checkpoint.keep=1", "run_name=job", "trainer.log_every=7",
-                          "tracking=wandb"), cwd=workdir))
+    again = ok(
+        cli(
+            common(workdir, *ARGS[:-1], "checkpoint.keep=1", "run_name=job", "trainer.log_every=7", "tracking=wandb"),
+            cwd=workdir,
+        )
+    )
     assert "resuming from" in again.stdout
     a, b = load_file(run_dir / "model.safetensors"), load_file(whole / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in b)
@@ -270,8 +291,14 @@ def test_each_damaged_file_is_named(workdir, interrupted):
     newest = checkpoint.latest(run_dir)
     assert checkpoint.damage(newest) is None
     names = sorted(p.name for p in newest.iterdir())
-    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", checkpoint.STATE_FILE,
-            checkpoint.CONFIG_FILE, checkpoint.MANIFEST} <= set(names), names
+    assert {
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        checkpoint.STATE_FILE,
+        checkpoint.CONFIG_FILE,
+        checkpoint.MANIFEST,
+    } <= set(names), names
     for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", checkpoint.STATE_FILE):
         original = (newest / name).read_bytes()
         cut(newest / name)
@@ -339,13 +366,15 @@ def test_a_second_ctrl_c_stops_at_once():
 
 # ---------------------------------------------------------------- resume on the same data only
 
+
 def prices_csv(folder, rows: int = 300):
     """A small regression table for recipe=tabular: price linear in area, plus noise."""
     rng = np.random.default_rng(0)
     area = rng.uniform(30, 150, rows)
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"area": area.round(2), "price": (2.5 * area + rng.normal(0, 25, rows)).round(2)}).to_csv(
-        folder / "prices.csv", index=False)
+        folder / "prices.csv", index=False
+    )
     return folder / "prices.csv"
 
 
@@ -353,9 +382,19 @@ def tabular_args(workdir, *extra: str) -> list[str]:
     # data.root + a relative data.file: the raw file is named relative to the root, so a copy of the
     # working folder has the same fingerprint. 16 steps an epoch (trainer.min_steps_per_epoch halves the batch to
     # 15); enough epochs that the kill comes first.
-    return common(workdir, "recipe=tabular", f"data.root={workdir / 'data'}", "data.file=prices.csv",
-                  "data.target=price", "trainer.batch_size=30", "trainer.epochs=40", "trainer.log_every=1",
-                  "checkpoint.every_steps=4", "run_name=job", *extra)
+    return common(
+        workdir,
+        "recipe=tabular",
+        f"data.root={workdir / 'data'}",
+        "data.file=prices.csv",
+        "data.target=price",
+        "trainer.batch_size=30",
+        "trainer.epochs=40",
+        "trainer.log_every=1",
+        "checkpoint.every_steps=4",
+        "run_name=job",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -392,13 +431,14 @@ def test_resume_on_a_changed_csv_is_refused_unless_allowed(workdir, killed_tabul
     refused = cli(tabular_args(workdir), cwd=workdir)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert "the data changed since checkpoint" in refused.stderr
-    assert f"raw files changed: prices.csv (the shards' fingerprint changed from {saved['fingerprint']} to " \
+    assert (
+        f"raw files changed: prices.csv (the shards' fingerprint changed from {saved['fingerprint']} to "
         in refused.stderr
+    )
     assert "run_name=<new name>" in refused.stderr and "checkpoint.allow_data_change=true" in refused.stderr
     assert files_of(run_dir) == before  # nothing resumed, nothing rewritten
 
-    allowed = ok(cli(tabular_args(workdir, "checkpoint.allow_data_change=true", "trainer.max_steps=10"),
-                     cwd=workdir))
+    allowed = ok(cli(tabular_args(workdir, "checkpoint.allow_data_change=true", "trainer.max_steps=10"), cwd=workdir))
     assert "on other data (checkpoint.allow_data_change=true): raw files changed: prices.csv" in allowed.stdout
     record = json.loads((run_dir / "run.json").read_text())
     [change] = record["data_changes"]
@@ -435,6 +475,7 @@ def test_a_data_change_is_named_by_file_and_by_count_past_the_listed_files(tmp_p
     unlisted = runinfo.data_identity(recipe, cfg, tmp_path / "cache" / "x")
     assert "raw" not in unlisted
     assert runinfo.data_change({**before, "raw_digest": "0"}, unlisted).endswith(
-        "the raw files differ (1 files then, 1 now)")
+        "the raw files differ (1 files then, 1 now)"
+    )
     same = {**after, "fingerprint": "y"}
     assert "the raw files are the same" in runinfo.data_change(after, same)

@@ -19,8 +19,15 @@ from PIL import Image, ImageDraw
 from pipeline import cli as pipeline_cli
 from pipeline import shard_store, tensor_rows
 
-CLOUDS = ["cirriform clouds", "clear sky", "cumulonimbus clouds", "cumulus clouds", "high cumuliform clouds",
-          "stratiform clouds", "stratocumulus clouds"]
+CLOUDS = [
+    "cirriform clouds",
+    "clear sky",
+    "cumulonimbus clouds",
+    "cumulus clouds",
+    "high cumuliform clouds",
+    "stratiform clouds",
+    "stratocumulus clouds",
+]
 OMNIGLOT_ZIP = Path(conftest.TEST_DATA) / "omniglot-small" / "images_background_small1.zip"
 # small1: 5 alphabets, 136 characters, 20 drawers each; Korean has 40 of the characters.
 ALPHABETS, CHARACTERS, DRAWERS = 5, 136, 20
@@ -43,8 +50,7 @@ def failed(result) -> str:
 
 # One colour per class: the blob keeps its colour under flips and rotations, and the white bar and black
 # background pin every channel's range, so autocontrast cannot wash the colour out either.
-COLOURS = [(230, 30, 30), (30, 200, 30), (40, 60, 230), (230, 220, 30), (30, 210, 220), (220, 40, 210),
-           (240, 140, 20)]
+COLOURS = [(230, 30, 30), (30, 200, 30), (40, 60, 230), (230, 220, 30), (30, 210, 220), (220, 40, 210), (240, 140, 20)]
 
 
 def write_clouds(root: Path, train_per_class: int = 30, test_per_class: int = 10) -> Path:
@@ -157,8 +163,7 @@ def omniglot_py_root(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_omniglot_multi_output_learns_both_heads(workdir, omniglot_root):
-    ok(cli(common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_root}", "trainer.epochs=3"),
-           cwd=workdir))
+    ok(cli(common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_root}", "trainer.epochs=3"), cwd=workdir))
     s = summary(workdir / "runs", "omniglot_multi")
     assert s["eval/samples"] == CHARACTERS * 4  # 4 of each character's 20 drawers held out
     assert s["eval/alphabet/accuracy"] >= 0.4, s  # chance 0.2, always-Korean 0.29
@@ -174,14 +179,23 @@ def test_omniglot_multi_output_learns_both_heads(workdir, omniglot_root):
     # every character in both splits, each alphabet label consistent with its character's name
     assert set(train["character"].tolist()) == set(evaluation["character"].tolist()) == set(range(CHARACTERS))
     alphabet_of = {c: a for c, a in zip(train["character"].tolist(), train["alphabet"].tolist())}
-    assert all(meta["character_names"][c].split("/")[0] == meta["alphabet_names"][a]
-               for c, a in alphabet_of.items())
+    assert all(meta["character_names"][c].split("/")[0] == meta["alphabet_names"][a] for c, a in alphabet_of.items())
 
 
 @pytest.mark.slow
 def test_omniglot_multi_input_in_torchvision_layout(workdir, omniglot_py_root):
-    ok(cli(common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_py_root}", "model.mode=multi_input",
-                  "trainer.epochs=3"), cwd=workdir))
+    ok(
+        cli(
+            common(
+                workdir,
+                "recipe=omniglot_multi",
+                f"data.root={omniglot_py_root}",
+                "model.mode=multi_input",
+                "trainer.epochs=3",
+            ),
+            cwd=workdir,
+        )
+    )
     s = summary(workdir / "runs", "omniglot_multi")
     assert s["eval/character/accuracy"] >= 0.1, s  # knowing the alphabet helps: 0.23 here, chance 0.007
     assert not any(k.startswith("eval/alphabet/") for k in s)  # no alphabet head in this mode
@@ -194,12 +208,17 @@ def test_omniglot_mistakes_are_named(workdir, omniglot_root):
     err = failed(cli(common(workdir, "recipe=omniglot_multi", "model.mode=multi_head"), cwd=workdir))
     assert "model.mode" in err and "multi_output" in err and "multi_input" in err
 
-    err = failed(cli(common(workdir, "recipe=omniglot_multi", f"data.root={workdir}", "data.download=false"),
-                     cwd=workdir))
+    err = failed(
+        cli(common(workdir, "recipe=omniglot_multi", f"data.root={workdir}", "data.download=false"), cwd=workdir)
+    )
     assert "images_background/<Alphabet>/characterNN" in err and "omniglot-py" in err and "Fix:" in err
 
-    err = failed(cli(common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_root}",
-                            f"data.eval_drawers={DRAWERS}"), cwd=workdir))
+    err = failed(
+        cli(
+            common(workdir, "recipe=omniglot_multi", f"data.root={omniglot_root}", f"data.eval_drawers={DRAWERS}"),
+            cwd=workdir,
+        )
+    )
     assert f"data.eval_drawers={DRAWERS}" in err and "1..19" in err
     assert run_dirs(workdir / "runs", "omniglot_multi") == []
 
@@ -224,8 +243,7 @@ def test_omniglot_loss_weights_come_from_config():
     outputs = {"alphabet": torch.randn(4, 5), "character": torch.randn(4, 30)}
     batch = {"alphabet": torch.tensor([0, 1, 2, 3]), "character": torch.tensor([0, 5, 9, 29])}
     ce = torch.nn.functional.cross_entropy
-    recipe, cfg = pipeline_cli.parse(["recipe=omniglot_multi", "loss.alphabet_weight=0.0",
-                                      "loss.character_weight=2.0"])
+    recipe, cfg = pipeline_cli.parse(["recipe=omniglot_multi", "loss.alphabet_weight=0.0", "loss.character_weight=2.0"])
     loss = loss_fn(recipe, cfg, {})(outputs, batch)
     assert torch.allclose(loss, 2.0 * ce(outputs["character"], batch["character"]))
 

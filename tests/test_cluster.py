@@ -22,18 +22,31 @@ OVERRIDES = ["recipe=mnist_cnn", "trainer.epochs=2", "trainer.batch_size=128"]
 EXPECTED_PIP = ["pip install torch==2.14.1 torchvision==0.29.1", "pip install ."]
 
 # A fake 2-node Slurm job, seen from node 1.
-SLURM_ENV = {"SLURM_JOB_ID": "123", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
-             "SLURM_JOB_NODELIST": "node7,node8", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "16"}
+SLURM_ENV = {
+    "SLURM_JOB_ID": "123",
+    "SLURM_NNODES": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_JOB_NODELIST": "node7,node8",
+    "SLURM_GPUS_ON_NODE": "4",
+    "SLURM_CPUS_PER_TASK": "16",
+}
 # What the Kubeflow operator sets in the second pod of a 2-pod job.
-K8S_ENV = {"MASTER_ADDR": "train-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "1",
-           "GPUS_PER_NODE": "4", "RUN_NAME": "train"}
+K8S_ENV = {
+    "MASTER_ADDR": "train-master-0",
+    "MASTER_PORT": "23456",
+    "WORLD_SIZE": "2",
+    "RANK": "1",
+    "GPUS_PER_NODE": "4",
+    "RUN_NAME": "train",
+}
 
 
 def bash(script: str, args: list[str], env: dict, path_prefix: Path | None = None) -> subprocess.CompletedProcess:
     """Runs a launcher from the repo root with only PATH and `env` set, so the host's variables cannot leak in."""
     path = os.environ["PATH"] if path_prefix is None else f"{path_prefix}{os.pathsep}{os.environ['PATH']}"
-    return subprocess.run(["bash", script, *args], cwd=ROOT, env={"PATH": path, **env},
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["bash", script, *args], cwd=ROOT, env={"PATH": path, **env}, capture_output=True, text=True, timeout=30
+    )
 
 
 def dry_run(script: str, args: list[str], env: dict, **kw) -> list[str]:
@@ -43,12 +56,15 @@ def dry_run(script: str, args: list[str], env: dict, **kw) -> list[str]:
 
 
 def accelerate_cmd(rank: int, addr: str, port: int, processes: int, args: list[str]) -> str:
-    return ("python launch/run.py --config_file launch/accelerate/multi_node.yaml --num_machines 2 "
-            f"--machine_rank {rank} --main_process_ip {addr} --main_process_port {port} "
-            f"--num_processes {processes} launch/train.py {' '.join(args)}")
+    return (
+        "python launch/run.py --config_file launch/accelerate/multi_node.yaml --num_machines 2 "
+        f"--machine_rank {rank} --main_process_ip {addr} --main_process_port {port} "
+        f"--num_processes {processes} launch/train.py {' '.join(args)}"
+    )
 
 
 # ---- Slurm
+
 
 def test_sbatch_dry_run_prints_prepare_srun_and_this_nodes_accelerate_launch():
     lines = dry_run(SBATCH, OVERRIDES, SLURM_ENV)
@@ -72,10 +88,17 @@ def test_dry_run_quotes_arguments_so_they_can_be_pasted(script, env):
 
 
 def test_sbatch_dry_run_overrides_and_errors():
-    env = {**SLURM_ENV, "SLURM_JOB_NODELIST": "node[7-8]", "MAIN_ADDR": "10.0.0.7", "MAIN_PORT": "29500",
-           "GPUS_PER_NODE": "2", "RUN_NAME": "mine"}
+    env = {
+        **SLURM_ENV,
+        "SLURM_JOB_NODELIST": "node[7-8]",
+        "MAIN_ADDR": "10.0.0.7",
+        "MAIN_PORT": "29500",
+        "GPUS_PER_NODE": "2",
+        "RUN_NAME": "mine",
+    }
     assert dry_run(SBATCH, ["recipe=digits"], env)[-1] == accelerate_cmd(
-        1, "10.0.0.7", 29500, 4, ["run_name=mine", "recipe=digits"])
+        1, "10.0.0.7", 29500, 4, ["run_name=mine", "recipe=digits"]
+    )
     # A bracketed node list needs scontrol, which a dry run must not use: a clear error instead.
     result = bash(SBATCH, [], {"DRY_RUN": "1", **SLURM_ENV, "SLURM_JOB_NODELIST": "node[7-8]"})
     assert result.returncode == 2 and "MAIN_ADDR" in result.stderr
@@ -91,18 +114,24 @@ def fake_sbatch(tmp_path, train_exit: int = 0) -> tuple[subprocess.CompletedProc
         # srun: log, then run the command once per node (as Slurm does with --ntasks-per-node=1)
         # for the training step, once for the prepare step.
         "srun": 'echo "srun $*" >> "$LOG"; while [[ "$1" == --* ]]; do shift; done\n'
-                'if [[ " $* " == *" --node "* ]]; then n=$SLURM_NNODES; else n=1; fi\n'
-                'for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@" || exit; done',
+        'if [[ " $* " == *" --node "* ]]; then n=$SLURM_NNODES; else n=1; fi\n'
+        'for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@" || exit; done',
         "scontrol": 'if [[ "$1 $2 $3" == "show hostnames node[7-8]" ]]; then printf "node7\\nnode8\\n"; '
-                    'else echo "scontrol $*" >> "$LOG"; fi',
+        'else echo "scontrol $*" >> "$LOG"; fi',
         # The training step ends with TRAIN_EXIT (launch/run.py passes the training's code on).
         "python": 'echo "python $*" >> "$LOG"; [[ "$1" != launch/run.py ]] || exit "${TRAIN_EXIT:-0}"',
     }
     for name, body in fakes.items():
         (tmp_path / name).write_text(f"#!/bin/bash\n{body}\n")
         (tmp_path / name).chmod(0o755)
-    env = {**SLURM_ENV, "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_SUBMIT_DIR": str(ROOT),
-           "LOG": str(log), "TRAIN_EXIT": str(train_exit)}
+    env = {
+        **SLURM_ENV,
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "node[7-8]",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "LOG": str(log),
+        "TRAIN_EXIT": str(train_exit),
+    }
     result = bash(SBATCH, ["recipe=digits"], env, path_prefix=tmp_path)
     return result, log.read_text().splitlines()
 
@@ -142,9 +171,11 @@ def test_sbatch_directives():
 
 # ---- Kubernetes
 
+
 def test_k8s_launch_dry_run():
-    assert dry_run(K8S, OVERRIDES, K8S_ENV) == [accelerate_cmd(1, "train-master-0", 23456, 8,
-                                                               ["run_name=train", *OVERRIDES])]
+    assert dry_run(K8S, OVERRIDES, K8S_ENV) == [
+        accelerate_cmd(1, "train-master-0", 23456, 8, ["run_name=train", *OVERRIDES])
+    ]
     # Rank 0 builds the shards first, once for the job; PREPARE=0 skips that.
     lines = dry_run(K8S, ["recipe=digits"], {**K8S_ENV, "RANK": "0"})
     assert lines == [
@@ -242,21 +273,35 @@ def test_accelerate_reads_the_launchers_commands():
     assert args.training_script == "launch/train.py"
     assert args.training_script_args == ["run_name=slurm-123", *OVERRIDES]
     args = launch_args(dry_run(K8S, OVERRIDES, K8S_ENV)[-1])
-    assert (args.num_machines, args.machine_rank, args.num_processes, args.main_process_ip) == (2, 1, 8,
-                                                                                                "train-master-0")
+    assert (args.num_machines, args.machine_rank, args.num_processes, args.main_process_ip) == (
+        2,
+        1,
+        8,
+        "train-master-0",
+    )
 
 
-@pytest.mark.parametrize("name, multi_gpu, processes, precision", [
-    ("cpu", True, 1, "no"), ("bf16", False, 1, "bf16"), ("multi_gpu", True, 8, "no"),
-])
+@pytest.mark.parametrize(
+    "name, multi_gpu, processes, precision",
+    [
+        ("cpu", True, 1, "no"),
+        ("bf16", False, 1, "bf16"),
+        ("multi_gpu", True, 8, "no"),
+    ],
+)
 def test_accelerate_launch_with_each_config(name, multi_gpu, processes, precision):
     args = launch_args(f"accelerate launch --config_file launch/accelerate/{name}.yaml launch/train.py")
     assert (args.multi_gpu, args.num_processes, args.mixed_precision) == (multi_gpu, processes, precision)
-    assert launch_args(f"accelerate launch --config_file launch/accelerate/{name}.yaml --num_processes 2 "
-                       "launch/train.py").num_processes == 2
+    assert (
+        launch_args(
+            f"accelerate launch --config_file launch/accelerate/{name}.yaml --num_processes 2 launch/train.py"
+        ).num_processes
+        == 2
+    )
 
 
 # ---- Docker
+
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
@@ -294,8 +339,17 @@ def test_dockerfile():
     assert re.search(r"apt-get install .*\bgcc\b.*\bg\+\+", runs), "torch.compile needs a C/C++ compiler"
     # Any uid in group 0 (OpenShift, Kubernetes runAsUser) writes HOME, the caches and the working directory.
     env = " ".join(args for op, args in steps if op == "ENV")
-    for var in ("HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME",
-                "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    for var in (
+        "HOME",
+        "XDG_CACHE_HOME",
+        "MPLCONFIGDIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "HF_HOME",
+        "WANDB_DATA_DIR",
+        "WANDB_CACHE_DIR",
+        "WANDB_CONFIG_DIR",
+    ):
         assert re.search(rf"\b{var}=", env), f"{var} is not set in the image"
     assert re.search(r"chown -R 1000:0 /app \"\$HOME\"", runs) and re.search(r"chmod -R g=u /app \"\$HOME\"", runs)
 
@@ -303,8 +357,11 @@ def test_dockerfile():
 def test_dockerfile_installs_like_the_readme():
     docker = pip_lines([args for op, args in instructions((ROOT / "Dockerfile").read_text()) if op == "RUN"])
     readme = ROOT / "README.md"
-    documented = pip_lines([line.strip().removeprefix("$ ") for line in readme.read_text().splitlines()]
-                           ) if readme.exists() else []
+    documented = (
+        pip_lines([line.strip().removeprefix("$ ") for line in readme.read_text().splitlines()])
+        if readme.exists()
+        else []
+    )
     if not documented:  # README not written yet: hold the Dockerfile to the agreed lines
         documented = EXPECTED_PIP
     assert docker, "no pip install in the Dockerfile"
@@ -314,8 +371,11 @@ def test_dockerfile_installs_like_the_readme():
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():
-    ignored = {line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip().strip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".git", "runs", "data", "wandb", "**/__pycache__"} <= ignored
     assert not ignored & {"launch", "pipeline", "recipes", "pyproject.toml", "README.md", "*.py", "*.md"}
     assert {"build", "**/*.egg-info", "tests"} <= ignored  # a stale build/ would be installed instead of the sources
@@ -328,14 +388,30 @@ def test_container_check_is_valid_bash_and_runs_every_check_it_defines():
     (listed,) = re.findall(r"^CHECKS=\((.*)\)$", text, re.M)
     defined = re.findall(r"^check_(\w+)\(\)", text, re.M)
     assert sorted(listed.split()) == sorted(defined)
-    assert {"default", "readonly_data", "bind_runs", "other_uid", "stop_1", "stop_2", "compile", "small_shm",
-            "two_machines"} <= set(defined)
+    assert {
+        "default",
+        "readonly_data",
+        "bind_runs",
+        "other_uid",
+        "stop_1",
+        "stop_2",
+        "compile",
+        "small_shm",
+        "two_machines",
+    } <= set(defined)
 
 
 # ---- all of the files
 
-CLUSTER_FILES = ["Dockerfile", ".dockerignore", SBATCH, K8S, "launch/k8s/pytorchjob.yaml", "launch/CLUSTER.md",
-                 *(f"launch/accelerate/{n}.yaml" for n in CONFIGS)]
+CLUSTER_FILES = [
+    "Dockerfile",
+    ".dockerignore",
+    SBATCH,
+    K8S,
+    "launch/k8s/pytorchjob.yaml",
+    "launch/CLUSTER.md",
+    *(f"launch/accelerate/{n}.yaml" for n in CONFIGS),
+]
 
 
 def test_no_secret_in_any_file():
@@ -353,6 +429,7 @@ def test_scripts_are_valid_bash_and_say_what_they_are(script):
 
 
 # ---- what a scheduler sees: exit codes and messages of launch/run.py (and of plain `accelerate launch`)
+
 
 def launched(tmp_path, processes: int, *args: str, launcher: str = "run") -> subprocess.CompletedProcess:
     from conftest import cli, common
@@ -407,8 +484,14 @@ def sigterm_after_first_log_line(tmp_path, processes: int) -> subprocess.Complet
     from conftest import command, common, environment
 
     args = common(tmp_path, "trainer.epochs=100", "trainer.log_every=5", "run_name=job")
-    proc = subprocess.Popen(command(args, processes, launcher="run"), cwd=tmp_path, env=environment(processes),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(args, processes, launcher="run"),
+        cwd=tmp_path,
+        env=environment(processes),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "runs" / "digits" / "job" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):

@@ -15,8 +15,14 @@ from conftest import ROOT, cli, common, environment, ok
 
 
 def compare(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "compare.py"), *map(str, args)], cwd=cwd,
-                          env=environment(env=env), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "compare.py"), *map(str, args)],
+        cwd=cwd,
+        env=environment(env=env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def parse(markdown: str) -> tuple[list[str], list[list[str]]]:
@@ -30,8 +36,11 @@ def trained(tmp_path_factory) -> Path:
     """Two real digits runs, one epoch each, that differ in optimizer.lr only."""
     work = tmp_path_factory.mktemp("compare")
     for name, lr in (("fast", "0.01"), ("slow", "0.003")):
-        ok(cli(["recipe=digits", "trainer.epochs=1", f"optimizer.lr={lr}", f"run_name={name}",
-                *common(work)], cwd=work))
+        ok(
+            cli(
+                ["recipe=digits", "trainer.epochs=1", f"optimizer.lr={lr}", f"run_name={name}", *common(work)], cwd=work
+            )
+        )
     return work
 
 
@@ -41,8 +50,16 @@ def test_table_of_real_runs(trained):
     assert "compare: wrote the table as CSV to table.csv" in out.stderr  # the table alone on stdout
     header, rows = parse(out.stdout)
     assert header[:3] == ["run", "status", "optimizer.lr"]  # the one key that differs; never output_dir etc.
-    assert header[3:] == ["eval/loss", "eval/accuracy", "eval/f1_macro", "best/eval/accuracy", "best/epoch",
-                          "stopped_early", "samples/s", "duration_s"]
+    assert header[3:] == [
+        "eval/loss",
+        "eval/accuracy",
+        "eval/f1_macro",
+        "best/eval/accuracy",
+        "best/epoch",
+        "stopped_early",
+        "samples/s",
+        "duration_s",
+    ]
     assert [r[:3] for r in rows] == [["fast", "done", "0.01"], ["slow", "done", "0.003"]]
     for row in rows:
         summary = json.loads((trained / "runs" / "digits" / row[0] / "summary.json").read_text())
@@ -54,10 +71,20 @@ def test_table_of_real_runs(trained):
     assert table[0] == header and [r[:3] for r in table[1:]] == [r[:3] for r in rows]
     assert float(table[1][4]) == json.loads((trained / "runs/digits/fast/summary.json").read_text())["eval/accuracy"]
 
-    chosen = ok(compare(trained / "runs/digits/fast", trained / "runs/digits/slow", "--metrics", "eval/accuracy",
-                        cwd=trained))
-    assert parse(chosen.stdout)[0] == ["run", "status", "optimizer.lr", "eval/accuracy", "best/eval/accuracy",
-                                       "best/epoch", "stopped_early", "samples/s", "duration_s"]
+    chosen = ok(
+        compare(trained / "runs/digits/fast", trained / "runs/digits/slow", "--metrics", "eval/accuracy", cwd=trained)
+    )
+    assert parse(chosen.stdout)[0] == [
+        "run",
+        "status",
+        "optimizer.lr",
+        "eval/accuracy",
+        "best/eval/accuracy",
+        "best/epoch",
+        "stopped_early",
+        "samples/s",
+        "duration_s",
+    ]
 
 
 @pytest.mark.slow
@@ -71,8 +98,13 @@ def test_plot_of_real_runs(trained):
 
 def write_run(path: Path, lr: float, summary: dict | None, lines: list[dict]) -> Path:
     path.mkdir(parents=True)
-    config = {"recipe": "digits", "output_dir": str(path.parent), "run_name": path.name,
-              "data": {"cache_dir": str(path / "cache"), "root": "data"}, "optimizer": {"lr": lr, "betas": [0.9, 0.99]}}
+    config = {
+        "recipe": "digits",
+        "output_dir": str(path.parent),
+        "run_name": path.name,
+        "data": {"cache_dir": str(path / "cache"), "root": "data"},
+        "optimizer": {"lr": lr, "betas": [0.9, 0.99]},
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     if summary is not None:
@@ -81,15 +113,25 @@ def write_run(path: Path, lr: float, summary: dict | None, lines: list[dict]) ->
 
 
 def test_unfinished_run_shows_its_last_values(tmp_path):
-    write_run(tmp_path / "done", 0.1, {"eval/loss": 0.5, "eval/accuracy": 0.9, "train/samples_per_s": 100.0,
-                                       "time/total_s": 12.34}, [{"step": 10, "eval/accuracy": 0.9}])
-    write_run(tmp_path / "crashed", 0.2, None, [{"step": 5, "train/loss": 1.0}, {"step": 5, "eval/accuracy": 0.7},
-                                                {"step": 9, "train/loss": 0.8}])
+    write_run(
+        tmp_path / "done",
+        0.1,
+        {"eval/loss": 0.5, "eval/accuracy": 0.9, "train/samples_per_s": 100.0, "time/total_s": 12.34},
+        [{"step": 10, "eval/accuracy": 0.9}],
+    )
+    write_run(
+        tmp_path / "crashed",
+        0.2,
+        None,
+        [{"step": 5, "train/loss": 1.0}, {"step": 5, "eval/accuracy": 0.7}, {"step": 9, "train/loss": 0.8}],
+    )
     out = ok(compare(tmp_path / "crashed", tmp_path / "done", cwd=tmp_path))
     header, rows = parse(out.stdout)
     assert header == ["run", "status", "optimizer.lr", "eval/loss", "eval/accuracy", "samples/s", "duration_s"]
-    assert rows == [["crashed", "unfinished", "0.2", "-", "0.7", "-", "-"],
-                    ["done", "done", "0.1", "0.5", "0.9", "100", "12.3"]]
+    assert rows == [
+        ["crashed", "unfinished", "0.2", "-", "0.7", "-", "-"],
+        ["done", "done", "0.1", "0.5", "0.9", "100", "12.3"],
+    ]
 
 
 def test_not_a_run_folder_exits_2(tmp_path):
@@ -121,7 +163,10 @@ def test_damaged_records_are_named_and_the_rest_compared(tmp_path):
     out = ok(compare(*(tmp_path / n for n in ("done", "killed", "damaged")), cwd=tmp_path))
     header, rows = parse(out.stdout)
     assert [row[:2] + [row[header.index("eval/loss")]] for row in rows] == [
-        ["done", "done", "0.5"], ["killed", "unfinished", "0.9"], ["damaged", "unfinished", "0.7"]]
+        ["done", "done", "0.5"],
+        ["killed", "unfinished", "0.9"],
+        ["damaged", "unfinished", "0.7"],
+    ]
     assert f"{killed / 'metrics.jsonl'} line 2 cannot be read" in out.stderr and "left out" in out.stderr
     assert f"{damaged / 'summary.json'} cannot be read" in out.stderr and "Traceback" not in out.stderr
 

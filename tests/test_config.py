@@ -30,42 +30,45 @@ def test_default_recipe_is_digits():
     assert recipe.name == cfg.recipe == "digits"
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["trainer.epoch=3"], ["trainer.epoch", "epochs", "batch_size"]),
-    (["bogus=1"], ["bogus", "recipe", "trainer"]),
-    (["trainer.epochs=three"], ["trainer.epochs", "three"]),
-    (["recipe=nope"], ["nope", "digits", "mnist_cnn", "fashion_mnist_mlp"]),
-    (["optimizer.name=lion"], ["optimizer.name", "lion", "adamw", "rmsprop"]),
-    (["scheduler.name=linear"], ["scheduler.name", "linear", "none, step, cosine, onecycle"]),
-    (["model.init=he"], ["model.init", "he", "default", "xavier_uniform", "kaiming_normal"]),
-    (["data.on_device=maybe"], ["data.on_device", "maybe", "auto, true, false"]),
-    (["trainer.compile=1"], ["trainer.compile", "auto, true, false"]),
-    (["tracking=tensorbored"], ["tracking", "tensorboard", "mlflow", "wandb", "none"]),
-    (["trainer.epochs=0"], ["trainer.epochs", ">= 1"]),
-    (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1", "no limit"]),
-    (["trainer.max_steps=0"], ["trainer.max_steps=0", ">= 1"]),
-    (["trainer.clip_grad_norm=0"], ["trainer.clip_grad_norm", "> 0"]),
-    (["scheduler.step_size=0"], ["scheduler.step_size=0", ">= 1"]),
-    (["scheduler.warmup_steps=-5"], ["scheduler.warmup_steps=-5", ">= 0"]),
-    (["scheduler.gamma=-0.1"], ["scheduler.gamma", "> 0"]),
-    (["scheduler.name=onecycle", "scheduler.warmup_steps=3"], ["onecycle", "own warmup", "warmup_steps=0"]),
-    (["optimizer.momentum=-0.9"], ["optimizer.momentum", ">= 0"]),
-    (["optimizer.betas=[0.9,1.5]"], ["optimizer.betas", "[0, 1)"]),
-    (["seed=-1"], ["seed=-1", ">= 0"]),
-    (["data.num_workers=-2"], ["data.num_workers", ">= 0"]),
-    (["data.eval_fraction=1.5"], ["data.eval_fraction"]),
-    # Non-finite numbers, for every float key: NaN passes every `< 0` range check.
-    (["optimizer.lr=nan"], ["optimizer.lr=nan", "finite"]),
-    (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite"]),
-    (["optimizer.weight_decay=.nan"], ["optimizer.weight_decay=nan", "finite"]),
-    (["trainer.clip_grad_norm=-inf"], ["trainer.clip_grad_norm=-inf", "finite"]),
-    (["data.in_memory_budget_gb=nan"], ["data.in_memory_budget_gb=nan", "finite"]),
-    (["scheduler.gamma=nan"], ["scheduler.gamma=nan", "finite"]),
-    (["epochs"], ["epochs", "key=value"]),
-    (["optimizer.betas=[0.9"], ["optimizer.betas=[0.9", "YAML"]),
-    (["--config"], ["--config needs a YAML file"]),  # --config takes one file
-    (["--config", "a.yaml", "--config=b.yaml"], ["twice", "a.yaml and b.yaml"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["trainer.epoch=3"], ["trainer.epoch", "epochs", "batch_size"]),
+        (["bogus=1"], ["bogus", "recipe", "trainer"]),
+        (["trainer.epochs=three"], ["trainer.epochs", "three"]),
+        (["recipe=nope"], ["nope", "digits", "mnist_cnn", "fashion_mnist_mlp"]),
+        (["optimizer.name=lion"], ["optimizer.name", "lion", "adamw", "rmsprop"]),
+        (["scheduler.name=linear"], ["scheduler.name", "linear", "none, step, cosine, onecycle"]),
+        (["model.init=he"], ["model.init", "he", "default", "xavier_uniform", "kaiming_normal"]),
+        (["data.on_device=maybe"], ["data.on_device", "maybe", "auto, true, false"]),
+        (["trainer.compile=1"], ["trainer.compile", "auto, true, false"]),
+        (["tracking=tensorbored"], ["tracking", "tensorboard", "mlflow", "wandb", "none"]),
+        (["trainer.epochs=0"], ["trainer.epochs", ">= 1"]),
+        (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1", "no limit"]),
+        (["trainer.max_steps=0"], ["trainer.max_steps=0", ">= 1"]),
+        (["trainer.clip_grad_norm=0"], ["trainer.clip_grad_norm", "> 0"]),
+        (["scheduler.step_size=0"], ["scheduler.step_size=0", ">= 1"]),
+        (["scheduler.warmup_steps=-5"], ["scheduler.warmup_steps=-5", ">= 0"]),
+        (["scheduler.gamma=-0.1"], ["scheduler.gamma", "> 0"]),
+        (["scheduler.name=onecycle", "scheduler.warmup_steps=3"], ["onecycle", "own warmup", "warmup_steps=0"]),
+        (["optimizer.momentum=-0.9"], ["optimizer.momentum", ">= 0"]),
+        (["optimizer.betas=[0.9,1.5]"], ["optimizer.betas", "[0, 1)"]),
+        (["seed=-1"], ["seed=-1", ">= 0"]),
+        (["data.num_workers=-2"], ["data.num_workers", ">= 0"]),
+        (["data.eval_fraction=1.5"], ["data.eval_fraction"]),
+        # Non-finite numbers, for every float key: NaN passes every `< 0` range check.
+        (["optimizer.lr=nan"], ["optimizer.lr=nan", "finite"]),
+        (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite"]),
+        (["optimizer.weight_decay=.nan"], ["optimizer.weight_decay=nan", "finite"]),
+        (["trainer.clip_grad_norm=-inf"], ["trainer.clip_grad_norm=-inf", "finite"]),
+        (["data.in_memory_budget_gb=nan"], ["data.in_memory_budget_gb=nan", "finite"]),
+        (["scheduler.gamma=nan"], ["scheduler.gamma=nan", "finite"]),
+        (["epochs"], ["epochs", "key=value"]),
+        (["optimizer.betas=[0.9"], ["optimizer.betas=[0.9", "YAML"]),
+        (["--config"], ["--config needs a YAML file"]),  # --config takes one file
+        (["--config", "a.yaml", "--config=b.yaml"], ["twice", "a.yaml and b.yaml"]),
+    ],
+)
 def test_bad_input_names_the_key_and_the_choices(argv, words):
     with pytest.raises(ConfigError) as e:
         pipeline_cli.parse(argv)
@@ -104,6 +107,7 @@ def test_print_config_shows_resolved_values(workdir):
 
 # ---- choices: one registry each, any case, true/false as spelled
 
+
 def test_choices_are_the_registries_keys():
     choices = config.enum_keys(config.schema(DIGITS))
     assert list(choices["optimizer.name"].__members__) == list(optim.OPTIMIZERS)
@@ -128,16 +132,28 @@ print(type(optim.optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))]))
     assert out.stdout.strip() == "NAdam"
 
 
-@pytest.mark.parametrize("key, registry", [("optimizer.name", optim.OPTIMIZERS), ("scheduler.name", optim.SCHEDULERS),
-                                           ("model.init", optim.INITS)])
+@pytest.mark.parametrize(
+    "key, registry",
+    [("optimizer.name", optim.OPTIMIZERS), ("scheduler.name", optim.SCHEDULERS), ("model.init", optim.INITS)],
+)
 def test_every_registry_name_is_accepted_in_any_case(key, registry):
     for name in registry:
         for spelled in (name, name.upper(), name.title()):
             assert OmegaConf.select(config.build([f"{key}={spelled}"], DIGITS), key).name == name
 
 
-@pytest.mark.parametrize("value, meant", [("false", "false"), ("False", "false"), ("FALSE", "false"),
-                                          ("true", "true"), ("True", "true"), ("auto", "auto"), ("AUTO", "auto")])
+@pytest.mark.parametrize(
+    "value, meant",
+    [
+        ("false", "false"),
+        ("False", "false"),
+        ("FALSE", "false"),
+        ("true", "true"),
+        ("True", "true"),
+        ("auto", "auto"),
+        ("AUTO", "auto"),
+    ],
+)
 def test_switches_mean_what_they_say(value, meant):
     cfg = config.build([f"data.on_device={value}", f"trainer.compile={value}"], DIGITS)
     assert cfg.data.on_device.name == meant and cfg.trainer.compile.name == meant
@@ -154,8 +170,17 @@ def test_recipe_choices_are_case_insensitive_too():
 
 
 def test_config_yaml_loads_back_into_the_same_config():
-    cfg = config.build(["optimizer.name=ADAMW", "scheduler.name=cosine", "model.init=kaiming_normal",
-                        "data.on_device=false", "trainer.compile=true", "tracking=none"], DIGITS)
+    cfg = config.build(
+        [
+            "optimizer.name=ADAMW",
+            "scheduler.name=cosine",
+            "model.init=kaiming_normal",
+            "data.on_device=false",
+            "trainer.compile=true",
+            "tracking=none",
+        ],
+        DIGITS,
+    )
     text = config.to_yaml(cfg)
     assert "name: adamw" in text and "init: kaiming_normal" in text
     assert OmegaConf.merge(config.schema(DIGITS), OmegaConf.create(text)) == cfg
@@ -164,11 +189,21 @@ def test_config_yaml_loads_back_into_the_same_config():
 
 # ---- run_name: one plain folder inside <output_dir>/<recipe>/
 
-@pytest.mark.parametrize("name, why", [
-    ("../../x", "path separator"), ("a/b", "path separator"), ("/abs/dir", "path separator"),
-    (f"a{os.sep}b", "path separator"), (".", "the recipe's folder itself"), ("..", "the folder above"),
-    ('""', "empty"), ("", "empty"), ("x" * 256, "255"),
-])
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("../../x", "path separator"),
+        ("a/b", "path separator"),
+        ("/abs/dir", "path separator"),
+        (f"a{os.sep}b", "path separator"),
+        (".", "the recipe's folder itself"),
+        ("..", "the folder above"),
+        ('""', "empty"),
+        ("", "empty"),
+        ("x" * 256, "255"),
+    ],
+)
 def test_run_name_must_be_one_plain_folder_name(name, why):
     with pytest.raises(ConfigError) as e:
         config.build([f"run_name={name}"], DIGITS)
@@ -197,8 +232,16 @@ def test_plain_run_names_pass_and_the_last_one_wins():
 
 @pytest.mark.slow
 def test_any_case_and_false_train_through_the_cli(workdir):
-    args = ["optimizer.name=SGD", "scheduler.name=COSINE", "model.init=Xavier_Uniform", "data.on_device=false",
-            "trainer.compile=False", "trainer.max_steps=2", "trainer.epochs=1", "run_name=cased"]
+    args = [
+        "optimizer.name=SGD",
+        "scheduler.name=COSINE",
+        "model.init=Xavier_Uniform",
+        "data.on_device=false",
+        "trainer.compile=False",
+        "trainer.max_steps=2",
+        "trainer.epochs=1",
+        "run_name=cased",
+    ]
     ok(cli(common(workdir, *args), cwd=workdir))
     run = run_dirs(workdir / "runs", "digits")[0]
     assert run.name == "cased" and (run / "summary.json").exists()
@@ -210,9 +253,16 @@ def test_any_case_and_false_train_through_the_cli(workdir):
 
 # ---- --config FILE: a task kept as YAML, between the recipe's defaults and the command line
 
+
 def test_print_config_is_a_config_file_that_gives_the_same_config(workdir):
-    args = ["recipe=water_potability", "trainer.epochs=2", "optimizer.name=ADAM", "run_name=true",
-            "optimizer.betas=[0.8,0.99]", "data.in_memory=false"]
+    args = [
+        "recipe=water_potability",
+        "trainer.epochs=2",
+        "optimizer.name=ADAM",
+        "run_name=true",
+        "optimizer.betas=[0.8,0.99]",
+        "data.in_memory=false",
+    ]
     printed = ok(cli([*args, "--print-config"], cwd=workdir)).stdout
     (workdir / "task.yaml").write_text(printed)
     _, from_file = pipeline_cli.parse([f"--config={workdir / 'task.yaml'}"])
@@ -234,17 +284,20 @@ def test_config_file_layers_between_recipe_defaults_and_command_line(tmp_path):
     assert cfg.recipe == "digits" and cfg.trainer.epochs == 7  # the command line's recipe wins too
 
 
-@pytest.mark.parametrize("text, words", [
-    (None, ["missing.yaml", "does not exist", "--print-config"]),
-    ("trainer: {epochs: [1,\n", ["task.yaml", "not valid YAML", "line 2"]),
-    ("- recipe\n- digits\n", ["task.yaml", "a list, not keys"]),
-    ("trainer:\n  epoch: 3\n", ["task.yaml", "unknown config key 'trainer.epoch'", "epochs"]),
-    ("trainer:\n  epochs: three\n", ["task.yaml", "trainer.epochs", "three"]),
-    ("optimizer: {name: lion}\n", ["task.yaml", "optimizer.name", "adamw"]),
-    ("recipe: nope\n", ["task.yaml", "unknown recipe 'nope'", "digits"]),
-    ("optimizer: {lr: -0.1}\n", ["task.yaml: bad value optimizer.lr=-0.1", "must be > 0"]),
-    ("data: {eval_fraction: 1.5}\n", ["task.yaml: bad value data.eval_fraction=1.5"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (None, ["missing.yaml", "does not exist", "--print-config"]),
+        ("trainer: {epochs: [1,\n", ["task.yaml", "not valid YAML", "line 2"]),
+        ("- recipe\n- digits\n", ["task.yaml", "a list, not keys"]),
+        ("trainer:\n  epoch: 3\n", ["task.yaml", "unknown config key 'trainer.epoch'", "epochs"]),
+        ("trainer:\n  epochs: three\n", ["task.yaml", "trainer.epochs", "three"]),
+        ("optimizer: {name: lion}\n", ["task.yaml", "optimizer.name", "adamw"]),
+        ("recipe: nope\n", ["task.yaml", "unknown recipe 'nope'", "digits"]),
+        ("optimizer: {lr: -0.1}\n", ["task.yaml: bad value optimizer.lr=-0.1", "must be > 0"]),
+        ("data: {eval_fraction: 1.5}\n", ["task.yaml: bad value data.eval_fraction=1.5"]),
+    ],
+)
 def test_bad_config_file_names_the_file_and_the_key(tmp_path, text, words):
     path = tmp_path / ("missing.yaml" if text is None else "task.yaml")
     if text is not None:
@@ -284,7 +337,8 @@ def test_prepare_reads_the_config_file(workdir):
 
 def test_agent_style_double_dash_arguments_are_overrides():
     # `wandb agent` runs `python launch/train.py --optimizer.lr=0.001 --trainer.batch_size=32` (its ${args}).
-    _, cfg = pipeline_cli.parse(["--recipe=water_potability", "--optimizer.lr=0.001", "--optimizer.betas=[0.8, 0.99]",
-                                 "--trainer.tf32=False"])
+    _, cfg = pipeline_cli.parse(
+        ["--recipe=water_potability", "--optimizer.lr=0.001", "--optimizer.betas=[0.8, 0.99]", "--trainer.tf32=False"]
+    )
     assert cfg.recipe == "water_potability" and cfg.optimizer.lr == 0.001
     assert list(cfg.optimizer.betas) == [0.8, 0.99] and cfg.trainer.tf32 is False

@@ -117,8 +117,15 @@ def write_electricity(root: Path, n: int = 2000) -> Path:
 def test_electricity_forecast_beats_naive(workdir, cell):
     root = write_electricity(workdir / "data")
     # The tutorial's Adam lr 1e-4 needs ~10 epochs of batch 32 here; 3e-3 with batch 64 gets there in 4.
-    result = train(workdir, "electricity_forecast", f"data.root={root}", f"model.cell={cell}",
-                   "trainer.epochs=4", "trainer.batch_size=64", "optimizer.lr=3e-3")
+    result = train(
+        workdir,
+        "electricity_forecast",
+        f"data.root={root}",
+        f"model.cell={cell}",
+        "trainer.epochs=4",
+        "trainer.batch_size=64",
+        "optimizer.lr=3e-3",
+    )
     assert result["eval/samples"] == 400 - 96  # every window of the last 400 steps
     assert result["eval/mse"] < result["eval/naive_mse"], result
     assert result["eval/mae"] < result["eval/naive_mae"], result
@@ -146,9 +153,14 @@ def test_electricity_windows_are_cut_per_batch():
 # ---------------------------------------------------------------- missing data
 
 
-@pytest.mark.parametrize("recipe, file", [("house_prices_linear", "house_prices.csv"),
-                                          ("water_potability", "water_potability.csv"),
-                                          ("electricity_forecast", "electricity.csv")])
+@pytest.mark.parametrize(
+    "recipe, file",
+    [
+        ("house_prices_linear", "house_prices.csv"),
+        ("water_potability", "water_potability.csv"),
+        ("electricity_forecast", "electricity.csv"),
+    ],
+)
 def test_missing_file_names_path_format_and_fix(workdir, recipe, file):
     recipe_, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.root={workdir / 'nowhere'}"])
     with pytest.raises(errors.DataError) as error:
@@ -169,8 +181,11 @@ def test_missing_file_stops_the_cli_before_a_run(workdir):
 # Most checks happen in prepare, before any training: they run in this process through shard_store.prepare
 # (the cache included); one CLI test per recipe shows what a user sees (exit 2, no run, no shards).
 
-FILES = {"house_prices_linear": "house_prices.csv", "water_potability": "water_potability.csv",
-         "electricity_forecast": "electricity.csv"}
+FILES = {
+    "house_prices_linear": "house_prices.csv",
+    "water_potability": "water_potability.csv",
+    "electricity_forecast": "electricity.csv",
+}
 CSV_RECIPES = list(FILES)
 
 
@@ -178,8 +193,11 @@ def write_water(root: Path, rows: int | None = None) -> Path:
     """The real Kaggle CSV, whole or its header and first `rows` rows of each class (original lines)."""
     lines = (WATER / "water_potability.csv").read_text().splitlines(keepends=True)
     if rows is not None:
-        lines = lines[:1] + [x for x in lines[1:] if x.rstrip().endswith(",0")][:rows] + \
-            [x for x in lines[1:] if x.rstrip().endswith(",1")][:rows]
+        lines = (
+            lines[:1]
+            + [x for x in lines[1:] if x.rstrip().endswith(",0")][:rows]
+            + [x for x in lines[1:] if x.rstrip().endswith(",1")][:rows]
+        )
     root.mkdir(parents=True, exist_ok=True)
     (root / "water_potability.csv").write_text("".join(lines))
     return root
@@ -187,8 +205,11 @@ def write_water(root: Path, rows: int | None = None) -> Path:
 
 def write_csv(recipe: str, root: Path) -> Path:
     """A good CSV in the recipe's own format; returns its path."""
-    {"house_prices_linear": write_house_prices, "water_potability": write_water,
-     "electricity_forecast": write_electricity}[recipe](root)
+    {
+        "house_prices_linear": write_house_prices,
+        "water_potability": write_water,
+        "electricity_forecast": write_electricity,
+    }[recipe](root)
     return root / FILES[recipe]
 
 
@@ -208,8 +229,15 @@ def set_cell(path: Path, line: int, column: int, value: str) -> None:
 
 
 def prepare(workdir: Path, recipe: str, path: Path, *args: str) -> Path:
-    recipe_, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.root={path.parent}", f"data.file={path.name}",
-                                       f"data.cache_dir={workdir / 'cache'}", *args])
+    recipe_, cfg = pipeline_cli.parse(
+        [
+            f"recipe={recipe}",
+            f"data.root={path.parent}",
+            f"data.file={path.name}",
+            f"data.cache_dir={workdir / 'cache'}",
+            *args,
+        ]
+    )
     return shard_store.prepare(recipe_, cfg, log=lambda *a: None)
 
 
@@ -253,8 +281,9 @@ def test_missing_columns_are_named_with_the_header_found(workdir):
     assert "a row with fewer than 2 cells" in refused(workdir, "electricity_forecast", path)
 
 
-@pytest.mark.parametrize("recipe, column", [("house_prices_linear", 2), ("water_potability", 3),
-                                            ("electricity_forecast", 2)])
+@pytest.mark.parametrize(
+    "recipe, column", [("house_prices_linear", 2), ("water_potability", 3), ("electricity_forecast", 2)]
+)
 def test_text_in_a_number_column_names_line_column_and_value(workdir, recipe, column):
     path = write_csv(recipe, workdir / "data")
     bad = [5, 8, 9, 12, 14, 20, 21]
@@ -309,9 +338,15 @@ def test_empty_cells_are_refused_with_their_count_where_the_recipe_cannot_fill_t
     assert value == pytest.approx((raw[0] + raw[2]) / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("recipe, args, needed", [("house_prices_linear", (), 2), ("water_potability", (), 6),
-                                                  ("electricity_forecast", (), 481),
-                                                  ("electricity_forecast", ("data.window=8",), 41)])
+@pytest.mark.parametrize(
+    "recipe, args, needed",
+    [
+        ("house_prices_linear", (), 2),
+        ("water_potability", (), 6),
+        ("electricity_forecast", (), 481),
+        ("electricity_forecast", ("data.window=8",), 41),
+    ],
+)
 def test_too_few_rows_say_how_many_are_needed(workdir, recipe, args, needed):
     path = write_csv(recipe, workdir / "data")
     lines = path.read_text().splitlines(keepends=True)
@@ -329,7 +364,7 @@ def test_too_few_rows_say_how_many_are_needed(workdir, recipe, args, needed):
     if recipe == "water_potability":
         write_water(path.parent, rows=3)
     else:
-        path.write_text("".join(lines[:needed + 1]))
+        path.write_text("".join(lines[: needed + 1]))
     splits, _ = shard_store.open_shards(prepare(workdir, recipe, path, *args))
     assert len(splits["train"]) + len(splits["eval"]) == needed
 
@@ -358,8 +393,10 @@ def test_drop_bad_rows_drops_only_when_asked_and_counts(workdir, recipe, capsys)
     for line in (4, 9, 10):
         set_cell(path, line, 2, "oops")
     splits, meta = shard_store.open_shards(prepare(workdir, recipe, path, "data.drop_bad_rows=true"))
-    assert f"dropped 3 of {rows} rows of {path.resolve()} (data.drop_bad_rows=true), lines 4, 9, 10" \
+    assert (
+        f"dropped 3 of {rows} rows of {path.resolve()} (data.drop_bad_rows=true), lines 4, 9, 10"
         in capsys.readouterr().out
+    )
     assert (meta["rows_read"], meta["rows_dropped"], meta["dropped_lines"]) == (rows, 3, [4, 9, 10])
     kept = sum(len(split) for split in splits.values())
     assert kept == rows - 3
@@ -382,8 +419,19 @@ def test_house_prices_text_rows_stop_the_cli_and_are_dropped_only_when_asked(wor
     assert run_dirs(workdir / "runs", "house_prices_linear") == []
     assert not [p for p in (workdir / "cache").rglob("*") if p.is_file()]
 
-    result = ok(cli(common(workdir, "recipe=house_prices_linear", f"data.root={root}", "data.drop_bad_rows=true",
-                           "trainer.epochs=1"), cwd=workdir, env=ONE_THREAD))
+    result = ok(
+        cli(
+            common(
+                workdir,
+                "recipe=house_prices_linear",
+                f"data.root={root}",
+                "data.drop_bad_rows=true",
+                "trainer.epochs=1",
+            ),
+            cwd=workdir,
+            env=ONE_THREAD,
+        )
+    )
     assert "dropped 3 of 30 rows" in result.stdout and "lines 3, 17, 30" in result.stdout
     [run] = run_dirs(workdir / "runs", "house_prices_linear")
     meta = json.loads((run / "meta.json").read_text())
@@ -404,9 +452,12 @@ def test_water_potability_inf_stops_the_cli_before_a_run(workdir):
 def test_electricity_bad_timestamp_stops_prepare(workdir):
     root = write_electricity(workdir / "data")
     set_cell(root / "electricity.csv", 40, 1, "2016-13-45 25:00:00")
-    result = cli(common(workdir, "recipe=electricity_forecast", f"data.root={root}"), cwd=workdir,
-                 script="prepare", env=ONE_THREAD)
+    result = cli(
+        common(workdir, "recipe=electricity_forecast", f"data.root={root}"),
+        cwd=workdir,
+        script="prepare",
+        env=ONE_THREAD,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "not a timestamp" in result.stderr and "line 40 column 1 (timestamp) '2016-13-45 25:00:00'" \
-        in result.stderr
+    assert "not a timestamp" in result.stderr and "line 40 column 1 (timestamp) '2016-13-45 25:00:00'" in result.stderr
     assert not [p for p in (workdir / "cache").rglob("*") if p.is_file()]

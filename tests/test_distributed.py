@@ -54,16 +54,38 @@ def two_machines(workdir, gpu: bool) -> dict:
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch", "--num_machines", "2", "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--multi_gpu",
-               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "launch" / "train.py"), *common(workdir, "trainer.epochs=2")]
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "launch" / "train.py"),
+            *common(workdir, "trainer.epochs=2"),
+        ]
         # A bare environment (no inherited accelerate or W&B settings); both local ranks are 0, so on a
         # GPU host each machine must see only its own GPU, and on the CPU none.
-        env = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PATH": f"{BIN}:/usr/bin:/bin",
-               "CUDA_VISIBLE_DEVICES": str(rank) if gpu else ""}
-        procs.append(subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env))
+        env = {
+            "OMP_NUM_THREADS": "1",
+            "TQDM_DISABLE": "1",
+            "PATH": f"{BIN}:/usr/bin:/bin",
+            "CUDA_VISIBLE_DEVICES": str(rank) if gpu else "",
+        }
+        procs.append(
+            subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert ("device=cuda" if gpu else "device=cpu") in outs[0]
@@ -90,9 +112,20 @@ def test_two_machines_on_two_gpus(workdir):
 
 
 def bf16_run(workdir, gpu: bool) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "bf16", "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"),
-           *common(workdir, "trainer.epochs=5")]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "launch" / "train.py"),
+        *common(workdir, "trainer.epochs=5"),
+    ]
     # A bare environment: bf16 comes from the launch flag alone.
     env = {"TQDM_DISABLE": "1", "PATH": f"{BIN}:/usr/bin:/bin"}
     if "PYTHONPATH" in os.environ:  # an install that lives on PYTHONPATH (not a venv) must still import
@@ -120,8 +153,9 @@ def test_bf16_on_gpu_trains_correctly(workdir):
 def test_compile_matches_eager(workdir):
     args = ["trainer.epochs=1", "trainer.max_steps=20"]
     ok(cli(common(workdir / "eager", *args, "trainer.compile=false"), cwd=workdir))
-    compiled = ok(cli(common(workdir / "compiled", *args, "trainer.compile=true"), cwd=workdir,
-                      env={"TORCH_LOGS": "recompiles"}))
+    compiled = ok(
+        cli(common(workdir / "compiled", *args, "trainer.compile=true"), cwd=workdir, env={"TORCH_LOGS": "recompiles"})
+    )
     eager, comp = summary(workdir / "eager" / "runs", "digits"), summary(workdir / "compiled" / "runs", "digits")
     assert comp["compile"] is True and eager["compile"] is False
     assert comp["eval/loss"] == pytest.approx(eager["eval/loss"], rel=1e-3)
@@ -153,8 +187,16 @@ def test_compile_under_ddp_matches_eager(workdir):
 def test_sync_batchnorm_needs_cuda_processes(workdir):
     # torch's SyncBatchNorm has no gloo/CPU path: refused before any data or run directory is made.
     # This holds because cli() pins the processes to the CPU; on GPUs see the test below.
-    out = cli(common(workdir, "recipe=water_potability", f"data.root={TEST_DATA / 'water-potability'}",
-                     "trainer.sync_batchnorm=true"), cwd=workdir, processes=2)
+    out = cli(
+        common(
+            workdir,
+            "recipe=water_potability",
+            f"data.root={TEST_DATA / 'water-potability'}",
+            "trainer.sync_batchnorm=true",
+        ),
+        cwd=workdir,
+        processes=2,
+    )
     assert out.returncode != 0
     assert out.stderr.count("error: trainer.sync_batchnorm=true needs CUDA") == 1, out.stderr[-3000:]
     assert not run_dirs(workdir / "runs", "water_potability") and not (workdir / "cache").exists()
@@ -239,9 +281,14 @@ def torchrun_two(folder: Path, source: str) -> subprocess.CompletedProcess:
     """`source` as a script run by torchrun on 2 CPU processes, in `folder`."""
     script = folder / "two_processes.py"
     script.write_text(source)
-    return subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                           str(script)], cwd=folder, env={**environment(2), "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)],
+        cwd=folder,
+        env={**environment(2), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_an_error_on_one_process_is_raised_on_every_process(tmp_path):

@@ -120,7 +120,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
                 scripts = [i for i, w in enumerate(words) if re.fullmatch(r"(\S*/)?launch/\w+\.py", w)]
                 if scripts:
                     i = scripts[0]
-                    commands.append((Path(words[i]).stem, words[i + 1:]))
+                    commands.append((Path(words[i]).stem, words[i + 1 :]))
     return commands
 
 
@@ -152,14 +152,19 @@ def test_every_image_in_docs_is_linked():
 
 def test_config_keys_the_docs_name_exist():
     known = schema_keys()
-    unknown = {f"{p.name}: {k}" for p in DOCS for k in named_keys(p)
-               if k not in known and not any(known_key.startswith(k + ".") for known_key in known)}
+    unknown = {
+        f"{p.name}: {k}"
+        for p in DOCS
+        for k in named_keys(p)
+        if k not in known and not any(known_key.startswith(k + ".") for known_key in known)
+    }
     assert not unknown, f"keys the docs name that no recipe's config has: {sorted(unknown)}"
 
 
 def test_every_pipeline_key_is_documented_in_configuration_md():
     documented = named_keys(ROOT / "docs" / "configuration.md") | set(
-        re.findall(r"`([a-z_]+)`", (ROOT / "docs" / "configuration.md").read_text()))
+        re.findall(r"`([a-z_]+)`", (ROOT / "docs" / "configuration.md").read_text())
+    )
     missing = sorted(pipeline_keys() - documented)
     assert not missing, f"docs/configuration.md does not name: {missing}"
 
@@ -182,8 +187,10 @@ def test_readme_commands_parse():
 def test_the_docs_checks_catch_mistakes(tmp_path):
     """The checks above find a broken anchor, an unknown key and an undocumented one."""
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n## A `code` heading: W&B\n\n[ok](#a-code-heading-wb) [bad](#nope)\n"
-                    "`trainer.epochz=3` and `model.safetensors`\n```bash\npython launch/train.py data.rooot=x\n```\n")
+    page.write_text(
+        "# Title\n\n## A `code` heading: W&B\n\n[ok](#a-code-heading-wb) [bad](#nope)\n"
+        "`trainer.epochz=3` and `model.safetensors`\n```bash\npython launch/train.py data.rooot=x\n```\n"
+    )
     assert anchors(page) == {"title", "a-code-heading-wb"}
     assert links(page) == ["#a-code-heading-wb", "#nope"]
     assert named_keys(page) == {"trainer.epochz", "data.rooot"}
@@ -199,8 +206,17 @@ def test_quickstart_and_own_data_run_as_written(tmp_path):
     assert train.returncode == 0, train.stderr
     assert (tmp_path / "runs" / "digits" / "quick" / "model.safetensors").exists()
     table = TEST_DATA / "water-potability" / "water_potability.csv"
-    own = cli(["recipe=tabular", f"data.file={table}", "data.target=Potability", "trainer.epochs=1",
-               "tracking=none", "run_name=first"], tmp_path)
+    own = cli(
+        [
+            "recipe=tabular",
+            f"data.file={table}",
+            "data.target=Potability",
+            "trainer.epochs=1",
+            "tracking=none",
+            "run_name=first",
+        ],
+        tmp_path,
+    )
     assert own.returncode == 0, own.stderr
     out = tmp_path / "work" / "predictions.csv"
     predicted = cli(["run=runs/tabular/first", f"input={table}", f"output={out}"], tmp_path, script="predict")

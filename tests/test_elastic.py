@@ -55,13 +55,17 @@ def test_a_job_requeued_on_2_then_1_then_2_then_1_processes_ends_as_the_uninterr
 
     out = kill_after_checkpoint(stream, workdir, run_dir, 1, min_step=45)
     said_once(f"resuming from {saved}", out)
-    said_once("resuming a checkpoint saved by 2 processes on 1: each process takes its own RNG state; "
-              "process 1's is unused", out)
+    said_once(
+        "resuming a checkpoint saved by 2 processes on 1: each process takes its own RNG state; process 1's is unused",
+        out,
+    )
     assert checkpoint.position(checkpoint.latest(run_dir))["num_processes"] == 1
 
     out = kill_after_checkpoint(memory, workdir, run_dir, 2, min_step=65)
-    said_once("resuming a checkpoint saved by 1 process on 2: process 0 takes its own RNG state; process 1 "
-              "takes process 0's", out)
+    said_once(
+        "resuming a checkpoint saved by 1 process on 2: process 0 takes its own RNG state; process 1 takes process 0's",
+        out,
+    )
     # Each process saved its own stream for the model's randomness, seeded from (seed, process, step): the
     # state that a resume on any process count seeds again.
     newest = checkpoint.latest(run_dir)
@@ -82,8 +86,10 @@ def test_a_job_requeued_on_2_then_1_then_2_then_1_processes_ends_as_the_uninterr
     assert again["eval/accuracy"] == pytest.approx(whole["eval/accuracy"], abs=1 / 360)
     assert logged_steps(run_dir) == logged_steps(whole_dir)  # one record, each step once
     assert not checkpoint.folder(run_dir).exists()
-    print(f"eval/loss {again['eval/loss']!r} after 3 requeues, {whole['eval/loss']!r} uninterrupted: "
-          f"rel {abs(again['eval/loss'] / whole['eval/loss'] - 1):.1e}")
+    print(
+        f"eval/loss {again['eval/loss']!r} after 3 requeues, {whole['eval/loss']!r} uninterrupted: "
+        f"rel {abs(again['eval/loss'] / whole['eval/loss'] - 1):.1e}"
+    )
 
 
 def test_the_rng_mapping_is_said_for_any_two_counts():
@@ -93,7 +99,10 @@ def test_the_rng_mapping_is_said_for_any_two_counts():
 
 def test_a_batch_that_does_not_split_names_the_process_counts_that_do():
     cfg = SimpleNamespace(trainer=SimpleNamespace(batch_size=64, grad_accum_steps=2, eval_batch_size=512))
-    with pytest.raises(ConfigError, match=r"use a multiple of 6, or launch 2 or 4 processes \(a resumed run "
-                                          r"keeps its batch size\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"use a multiple of 6, or launch 2 or 4 processes \(a resumed run "
+        r"keeps its batch size\)",
+    ):
         check_batches(cfg, 3)
     assert check_batches(cfg, 4) == 8

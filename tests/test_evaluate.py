@@ -164,8 +164,11 @@ def test_a_run_of_an_older_recipe_version_is_named_with_its_commit(tmp_path):
     old = {k: v for k, v in meta.items() if k != "task"}
     (run / "meta.json").write_text(json.dumps(old))
     (run / "run.json").write_text(json.dumps({"git": {"sha": "abc1234", "dirty": False}}))
-    with pytest.raises(ConfigError, match=r"(?s)meta.json has no 'task' that recipe 'water_potability' reads now.*"
-                                          r"git checkout abc1234, from its run.json\), or train it again"):
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)meta.json has no 'task' that recipe 'water_potability' reads now.*"
+        r"git checkout abc1234, from its run.json\), or train it again",
+    ):
         runs.load_model(run, recipe, cfg, old)
 
 
@@ -178,8 +181,11 @@ def test_weights_that_are_not_the_runs_are_refused_or_named_loudly(finished, tmp
     kept, recorded = own.read_bytes(), files.sha256(own)
     torch.manual_seed(1)
     save_file(recipe.model(cfg, meta).state_dict(), own)  # another run's weights, same shape
-    with pytest.raises(DataError, match=f"model.safetensors is not the file this run saved: its sha256 is "
-                                        f"{files.sha256(own)}, run.json records {recorded}"):
+    with pytest.raises(
+        DataError,
+        match=f"model.safetensors is not the file this run saved: its sha256 is "
+        f"{files.sha256(own)}, run.json records {recorded}",
+    ):
         runs.load_model(finished, recipe, cfg, meta)
     foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes(own.read_bytes())
@@ -197,8 +203,20 @@ def test_weights_that_are_not_the_runs_are_refused_or_named_loudly(finished, tmp
 @pytest.mark.slow
 def test_a_csv_edited_after_training_is_other_data_and_foreign_weights_stop_evaluate(workdir):
     csv = prices_csv(workdir / "data")
-    ok(cli(common(workdir, "recipe=tabular", f"data.root={csv.parent}", "data.file=prices.csv", "data.target=price",
-                  "trainer.epochs=2", "run_name=job"), cwd=workdir))
+    ok(
+        cli(
+            common(
+                workdir,
+                "recipe=tabular",
+                f"data.root={csv.parent}",
+                "data.file=prices.csv",
+                "data.target=price",
+                "trainer.epochs=2",
+                "run_name=job",
+            ),
+            cwd=workdir,
+        )
+    )
     run = workdir / "runs" / "tabular" / "job"
     record = json.loads((run / "run.json").read_text())
     assert record["weights"] == {name: files.sha256(run / name) for name in ("best.safetensors", "model.safetensors")}
@@ -228,8 +246,10 @@ def test_a_csv_edited_after_training_is_other_data_and_foreign_weights_stop_eval
     for script, args in (("evaluate", []), ("predict", [f"input={csv}"])):
         refused = cli([f"run={run}", *args], cwd=workdir, script=script)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-        assert (f"best.safetensors is not the file this run saved: its sha256 is {files.sha256(foreign)}, "
-                f"run.json records {record['weights']['best.safetensors']}") in refused.stderr
+        assert (
+            f"best.safetensors is not the file this run saved: its sha256 is {files.sha256(foreign)}, "
+            f"run.json records {record['weights']['best.safetensors']}"
+        ) in refused.stderr
     warned = evaluate(run, workdir, f"weights={foreign}")
     assert f"WARNING: {foreign} is not one of run {run}'s weights" in warned.stdout
     [named] = (run / "evaluations").glob("eval-weights-*.json")

@@ -49,8 +49,14 @@ def test_divergence_after_a_checkpoint_names_it(workdir):
     # The first epoch trains (lr 0.1); the resumed second epoch is given a learning rate that explodes.
     # A changed lr is refused on resume, so the explosion comes from the schedule instead: step decay with
     # gamma 1e30 multiplies the lr after epoch 1.
-    args = common(workdir, "trainer.epochs=2", "scheduler.name=step", "scheduler.gamma=1e30", "run_name=late",
-                  "trainer.log_every=10")
+    args = common(
+        workdir,
+        "trainer.epochs=2",
+        "scheduler.name=step",
+        "scheduler.gamma=1e30",
+        "run_name=late",
+        "trainer.log_every=10",
+    )
     result = cli(args, cwd=workdir)
     assert result.returncode == 3, result.stderr[-3000:]
     checkpoint = workdir / "runs" / "digits" / "late" / "checkpoints" / "step-00000044"
@@ -83,8 +89,10 @@ def test_full_disk_while_saving_a_checkpoint(workdir):
     # Room for the run's record, not for a checkpoint (~1.8 MB: weights and Adam's two moments), which comes
     # at step 10, before the first evaluation could write best.safetensors (0.6 MB).
     with tmpfs(workdir / "small", "256k") as small:
-        result = cli(common(workdir, f"output_dir={small}", "trainer.epochs=2", "checkpoint.every_steps=10",
-                            "run_name=full"), cwd=workdir)
+        result = cli(
+            common(workdir, f"output_dir={small}", "trainer.epochs=2", "checkpoint.every_steps=10", "run_name=full"),
+            cwd=workdir,
+        )
         run = small / "digits" / "full"
         left = sorted(p.name for p in (run / "checkpoints").iterdir())
         files = {p.name for p in run.iterdir()}
@@ -102,8 +110,10 @@ def test_full_disk_while_saving_weights_leaves_no_partial_file(workdir, size, wh
     # No checkpoints; digits' weights are 0.6 MB: 512k has no room for best.safetensors after the first
     # evaluation, 1m has room for it but not for model.safetensors beside it.
     with tmpfs(workdir / "small", size) as small:
-        result = cli(common(workdir, f"output_dir={small}", "trainer.epochs=1", "checkpoint.keep=0",
-                            "run_name=full"), cwd=workdir)
+        result = cli(
+            common(workdir, f"output_dir={small}", "trainer.epochs=1", "checkpoint.keep=0", "run_name=full"),
+            cwd=workdir,
+        )
         files = sorted(p.name for p in (small / "digits" / "full").iterdir())
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: disk full while writing {what}" in result.stderr and "Traceback" not in result.stderr
@@ -126,8 +136,13 @@ def test_compiled_weights_are_plain_and_compile_false_means_off(workdir):
     load_recipe("digits").model(cfg, {}).load_state_dict(weights)
     assert json.loads((run / "summary.json").read_text())["compile"] is True
     # compile=false with a launcher/config default that says inductor: nothing is compiled.
-    plain = ok(cli(common(workdir, "trainer.compile=false", "trainer.max_steps=3", "run_name=p"), cwd=workdir,
-                   env={**env, "ACCELERATE_DYNAMO_BACKEND": "inductor"}))
+    plain = ok(
+        cli(
+            common(workdir, "trainer.compile=false", "trainer.max_steps=3", "run_name=p"),
+            cwd=workdir,
+            env={**env, "ACCELERATE_DYNAMO_BACKEND": "inductor"},
+        )
+    )
     assert "start tracing" not in plain.stderr
     assert json.loads((workdir / "runs" / "digits" / "p" / "summary.json").read_text())["compile"] is False
 
@@ -184,4 +199,3 @@ def test_resumed_epoch_keeps_non_blocking_copies():
         assert resumed._non_blocking and len(list(resumed)) == 3
     finally:
         AcceleratorState._reset_state(True)
-

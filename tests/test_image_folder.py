@@ -74,9 +74,21 @@ def test_image_folder_trains_and_predicts_its_eval_accuracy(workdir):
     write_shapes(photos / "train", 24, seed=0)
     write_shapes(photos / "eval", 8, seed=1, suffix=".jpg")
     write_shapes(photos / "test", 6, seed=2, suffix=".jpg")
-    ok(cli(common(workdir, "recipe=image_folder", "data.train_dir=photos/train", "data.eval_dir=photos/eval",
-                  "data.test_dir=photos/test", "data.image_size=32", "data.augment=[hflip,vflip]",
-                  "trainer.epochs=6"), cwd=workdir))
+    ok(
+        cli(
+            common(
+                workdir,
+                "recipe=image_folder",
+                "data.train_dir=photos/train",
+                "data.eval_dir=photos/eval",
+                "data.test_dir=photos/test",
+                "data.image_size=32",
+                "data.augment=[hflip,vflip]",
+                "trainer.epochs=6",
+            ),
+            cwd=workdir,
+        )
+    )
     s = summary(workdir / "runs", "image_folder")
     assert s["eval/samples"] == 24 and s["test/samples"] == 18
     assert s["eval/accuracy"] >= 0.4, s  # chance 1/3; 0.5 measured
@@ -97,30 +109,42 @@ def test_image_folder_trains_and_predicts_its_eval_accuracy(workdir):
     assert "predicted: 24 inputs" in result.stdout
 
 
-
 @pytest.mark.slow
 def test_digits_predicts_its_eval_accuracy_from_png_files(digits_run, tmp_path, capsys):
     """The eval split's 8x8 images (0..16) written as 8-bit PNGs read back to the same pixels."""
     run, s, workdir = digits_run  # a real two-epoch digits run (conftest's, shared)
     truth = write_eval_split(workdir, "digits", tmp_path / "eval", 255 / 16)
-    ok(cli([f"run={run}", f"input={tmp_path / 'eval'}", f"output={tmp_path / 'eval.csv'}"], cwd=tmp_path,
-           script="predict"))
+    ok(
+        cli(
+            [f"run={run}", f"input={tmp_path / 'eval'}", f"output={tmp_path / 'eval.csv'}"],
+            cwd=tmp_path,
+            script="predict",
+        )
+    )
     rows = predictions(tmp_path / "eval.csv")
     assert len(rows) == s["eval/samples"]
     assert accuracy_of(rows, truth.get) == pytest.approx(s["eval/accuracy"], abs=1e-6)  # float32 metric
 
     # A chunk of 64 images at a time (a folder larger than memory): the same predictions and console preview.
-    recipe, cfg, request = predict_module.parse_argv([f"run={run}", f"input={tmp_path / 'eval'}",
-                                                      f"output={tmp_path / 'chunked.csv'}"])
+    recipe, cfg, request = predict_module.parse_argv(
+        [f"run={run}", f"input={tmp_path / 'eval'}", f"output={tmp_path / 'chunked.csv'}"]
+    )
     chunked = dataclasses.replace(recipe, read_inputs=partial(recipe.read_inputs, chunk=64))
     predict_module.predict(chunked, cfg, request)
     shown = capsys.readouterr().out.splitlines()
     assert shown[0].startswith(f"predicted: 360 inputs of {tmp_path / 'eval'} with digits")
-    assert [line.split()[0] for line in shown[3:]] == ["0000.png", "0001.png", "0002.png", "0003.png", "...",
-                                                       "0359.png"]
+    assert [line.split()[0] for line in shown[3:]] == [
+        "0000.png",
+        "0001.png",
+        "0002.png",
+        "0003.png",
+        "...",
+        "0359.png",
+    ]
     again = predictions(tmp_path / "chunked.csv")
     assert [r["file"] for r in again] == [r["file"] for r in rows] and [r["class"] for r in again] == [
-        r["class"] for r in rows]
+        r["class"] for r in rows
+    ]
     assert [float(r["p(0)"]) for r in again] == pytest.approx([float(r["p(0)"]) for r in rows], rel=1e-5)
     # A broken image in the last chunk, after five were written: no CSV under the name, no temporary file.
     (tmp_path / "eval" / "9999.png").write_bytes(b"no PNG here")
@@ -184,14 +208,19 @@ def test_image_folder_mistakes_are_named(tmp_path):
         parse(root, "model.arch=resnet_18")
 
 
-@pytest.mark.parametrize("items, message", [
-    (["flip"], "unknown augmentation 'flip'; valid: hflip, vflip, rotate:<degrees>, autocontrast, "
-               "brightness:<fraction>"),
-    (["rotate"], r"needs a value, rotate:<degrees>"),
-    (["hflip:1"], "needs no value"),
-    (["rotate:ninety"], r"number in \(0, 180\]"),
-    (["brightness:2"], r"number in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (
+            ["flip"],
+            "unknown augmentation 'flip'; valid: hflip, vflip, rotate:<degrees>, autocontrast, brightness:<fraction>",
+        ),
+        (["rotate"], r"needs a value, rotate:<degrees>"),
+        (["hflip:1"], "needs no value"),
+        (["rotate:ninety"], r"number in \(0, 180\]"),
+        (["brightness:2"], r"number in \(0, 1\]"),
+    ],
+)
 def test_unknown_or_malformed_augmentations_list_the_valid_ones(tmp_path, items, message):
     recipe, cfg = parse(f"data.train_dir={tmp_path}", f"data.augment=[{','.join(items)}]")
     with pytest.raises(ConfigError, match=message):
@@ -231,7 +260,8 @@ def test_torchvision_models_by_name_for_grayscale_and_too_small_images(tmp_path)
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 3)
     recipe, cfg = parse(f"data.train_dir={tmp_path}", "data.channels=1", "data.image_size=20")
     assert isinstance(recipe.model(cfg, meta), image_folder.CNN) and recipe.model(cfg, meta)(
-        torch.rand(2, 1, 20, 20)).shape == (2, 3)
+        torch.rand(2, 1, 20, 20)
+    ).shape == (2, 3)
     recipe, cfg = parse(f"data.train_dir={tmp_path}", "model.arch=squeezenet1_1", "data.image_size=16")
     with pytest.raises(ConfigError, match="model.arch=squeezenet1_1 cannot take 16x16 images"):
         recipe.model(cfg, meta)
@@ -290,9 +320,22 @@ def test_googlenet_trains_under_ddp(workdir):
     """Its auxiliary heads got no gradient: DDP stopped at the second step ("Expected to have finished
     reduction in the prior iteration")."""
     write_shapes(workdir / "photos", 8, seed=0)
-    ok(cli(common(workdir, "recipe=image_folder", "data.train_dir=photos", "data.eval_fraction=0.25",
-                  "data.image_size=32", "model.arch=googlenet", "trainer.epochs=1", "trainer.batch_size=4"),
-           cwd=workdir, processes=2))
+    ok(
+        cli(
+            common(
+                workdir,
+                "recipe=image_folder",
+                "data.train_dir=photos",
+                "data.eval_fraction=0.25",
+                "data.image_size=32",
+                "model.arch=googlenet",
+                "trainer.epochs=1",
+                "trainer.batch_size=4",
+            ),
+            cwd=workdir,
+            processes=2,
+        )
+    )
     s = summary(workdir / "runs", "image_folder")
     assert s["num_processes"] == 2 and s["steps"] == 18 // 4 and s["eval/samples"] == 6
 
@@ -303,9 +346,19 @@ def test_clouds_shards_fingerprint_covers_the_image_folder_code_it_runs():
 
     recipe, cfg = pipeline_cli.parse(["recipe=clouds"])
     reached = fingerprints._reached(recipe.prepare)
-    for function in (image_folder.prepare, image_folder.read_folder, image_folder.decode, image_folder.hold_out,
-                     image_folder.ImageTree.make_dataset, _images.image_tree, _images.undecoded_images,
-                     _images._decoded, _images.load_images, _images.read_image, _splits.split_train_eval):
+    for function in (
+        image_folder.prepare,
+        image_folder.read_folder,
+        image_folder.decode,
+        image_folder.hold_out,
+        image_folder.ImageTree.make_dataset,
+        _images.image_tree,
+        _images.undecoded_images,
+        _images._decoded,
+        _images.load_images,
+        _images.read_image,
+        _splits.split_train_eval,
+    ):
         assert function in reached, function.__qualname__
     # The preset's choices reach the fingerprint through the config: its folders and augmentation.
     assert list(cfg.data.augment) == ["hflip", "rotate:45", "autocontrast"] and cfg.data.test_dir == "clouds_test"
@@ -318,24 +371,34 @@ def test_changing_the_augmentation_reuses_the_shards(tmp_path):
     recipe, plain = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[]")
     _, flipped = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[hflip,rotate:10]")
     _, smaller = parse(f"data.train_dir={tmp_path / 'train'}", "data.augment=[]", "data.image_size=16")
-    assert (fingerprints.fingerprint(recipe, plain) == fingerprints.fingerprint(recipe, flipped)
-            != fingerprints.fingerprint(recipe, smaller))
+    assert (
+        fingerprints.fingerprint(recipe, plain)
+        == fingerprints.fingerprint(recipe, flipped)
+        != fingerprints.fingerprint(recipe, smaller)
+    )
     assert with_transform_keys(recipe, flipped, {"class_names": ["a"]}) == {
-        "class_names": ["a"], "augment": ["hflip", "rotate:10"]}
+        "class_names": ["a"],
+        "augment": ["hflip", "rotate:10"],
+    }
 
 
 def test_transform_keys_must_be_data_keys():
     recipe = dataclasses.replace(load_recipe("image_folder"), transform_keys=("augmnt",))
-    with pytest.raises(ConfigError, match=r"`transform_keys` names 'augmnt', not a key of its data_config "
-                                          r"ImageFolderData \(augment, "):
+    with pytest.raises(
+        ConfigError,
+        match=r"`transform_keys` names 'augmnt', not a key of its data_config "
+        r"ImageFolderData \(augment, ",
+    ):
         check_recipe(recipe)
 
 
 def read_inputs(recipe, cfg, path: Path, **settings) -> tuple[dict, dict]:
     """All of an image recipe's inputs (which it yields a chunk at a time), joined."""
     parts = list(predict_module.chunks(recipe.read_inputs(cfg, {}, path, **settings)))
-    return ({"file": [f for ids, _ in parts for f in ids["file"]]},
-            {"image": np.concatenate([columns["image"] for _, columns in parts])})
+    return (
+        {"file": [f for ids, _ in parts for f in ids["file"]]},
+        {"image": np.concatenate([columns["image"] for _, columns in parts])},
+    )
 
 
 def test_prediction_reads_a_file_or_a_folder_and_names_a_broken_image(tmp_path):
@@ -405,15 +468,21 @@ def test_one_image_under_two_classes_is_refused(tmp_path):
     write_shapes(tmp_path / "train", 2, seed=0)
     (tmp_path / "train" / "square" / "also.png").symlink_to("../circle/001.png")
     recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}")
-    with pytest.raises(DataError, match=r"circle/001.png \(class circle\) and .*square/also.png \(class square\) "
-                                        r"are one file"):
+    with pytest.raises(
+        DataError,
+        match=r"circle/001.png \(class circle\) and .*square/also.png \(class square\) "
+        r"are one file",
+    ):
         recipe.raw_files(cfg)
     (tmp_path / "train" / "square" / "also.png").unlink()
     write_shapes(tmp_path / "shared", 1, seed=1)  # outside the tree, linked from two classes
     (tmp_path / "train" / "circle" / "shared").symlink_to(tmp_path / "shared")
     (tmp_path / "train" / "triangle" / "shared.png").symlink_to(tmp_path / "shared" / "square" / "000.png")
-    with pytest.raises(DataError, match=r"circle/shared/square/000.png \(class circle\) and .*triangle/shared.png "
-                                        r"\(class triangle\) are one file"):
+    with pytest.raises(
+        DataError,
+        match=r"circle/shared/square/000.png \(class circle\) and .*triangle/shared.png "
+        r"\(class triangle\) are one file",
+    ):
         recipe.raw_files(cfg)
 
 
@@ -430,14 +499,24 @@ def test_images_above_the_pixel_limit_name_the_setting(tmp_path):
         read_inputs(recipe, cfg, tmp_path / "train" / "circle")
     bomb.unlink()
     # The setting is the limit: the 40-60 px shapes are refused under 1,000 pixels, read under 3,600.
-    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
-                        "data.max_image_pixels=1000", cache)
+    recipe, cfg = parse(
+        f"data.train_dir={tmp_path / 'train'}",
+        "data.eval_fraction=0.5",
+        "data.image_size=8",
+        "data.max_image_pixels=1000",
+        cache,
+    )
     with pytest.raises(DataError, match="more than the 1,000 allowed"):
         shard_store.prepare(recipe, cfg)
     with pytest.raises(DataError, match="more than the 1,000 allowed"):
         read_inputs(recipe, cfg, tmp_path / "train")
-    recipe, cfg = parse(f"data.train_dir={tmp_path / 'train'}", "data.eval_fraction=0.5", "data.image_size=8",
-                        "data.max_image_pixels=3600", cache)
+    recipe, cfg = parse(
+        f"data.train_dir={tmp_path / 'train'}",
+        "data.eval_fraction=0.5",
+        "data.image_size=8",
+        "data.max_image_pixels=3600",
+        cache,
+    )
     assert len(shard_store.open_shards(shard_store.prepare(recipe, cfg))[0]["train"]) == 3
     with pytest.raises(ConfigError, match="data.max_image_pixels=0"):
         recipe.raw_files(parse(f"data.train_dir={tmp_path / 'train'}", "data.max_image_pixels=0")[1])
@@ -450,8 +529,12 @@ def test_one_class_folder_is_refused_naming_the_folder(tmp_path):
         for file in (tmp_path / "photos" / "train" / shape).iterdir():
             file.unlink()
         (tmp_path / "photos" / "train" / shape).rmdir()
-    result = cli(common(tmp_path, "recipe=image_folder", "data.train_dir=photos/train", "data.image_size=8",
-                        "trainer.batch_size=2"), cwd=tmp_path)
+    result = cli(
+        common(
+            tmp_path, "recipe=image_folder", "data.train_dir=photos/train", "data.image_size=8", "trainer.batch_size=2"
+        ),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "photos/train has one class folder, 'circle'" in result.stderr and "Traceback" not in result.stderr
     assert "Fix: add a folder of images for each other class" in result.stderr
@@ -492,7 +575,8 @@ def write_grey_digits(folder: Path, per_class: int, width: int = 8, height: int 
         (folder / label).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), mode="L").save(
-                folder / label / f"{i:03d}.png")
+                folder / label / f"{i:03d}.png"
+            )
     return folder
 
 
@@ -502,12 +586,21 @@ def test_size_and_channels_come_from_the_images_headers(tmp_path, capsys):
     assert cfg.data.image_size is None and cfg.data.channels is None
     splits, meta = recipe.prepare(cfg)
     assert (meta["image_size"], meta["channels"]) == (8, 1)  # the shorter side; every image grayscale
-    assert meta["source_images"] == {"files": 12, "headers_read": 12, "median_size": [10, 8], "smallest": [10, 8],
-                                     "largest": [10, 8], "median_shorter_side": 8, "grayscale": True}
+    assert meta["source_images"] == {
+        "files": 12,
+        "headers_read": 12,
+        "median_size": [10, 8],
+        "smallest": [10, 8],
+        "largest": [10, 8],
+        "median_shorter_side": 8,
+        "grayscale": True,
+    }
     assert np.array(splits["train"].decoded()[0]["image"]).shape == (1, 8, 8)
     said = capsys.readouterr().out
-    assert ("train images 10x8 px (median; 10x8 to 10x8), grayscale (headers of 12 of 12 files) -> data.image_size=8 "
-            "(the images), data.channels=1 (the images), data.resize=crop") in said and "WARNING" not in said
+    assert (
+        "train images 10x8 px (median; 10x8 to 10x8), grayscale (headers of 12 of 12 files) -> data.image_size=8 "
+        "(the images), data.channels=1 (the images), data.resize=crop"
+    ) in said and "WARNING" not in said
     assert recipe.model(cfg, meta)(torch.rand(2, 1, 8, 8)).shape == (2, 2)  # the model takes the shards' shape
 
     # Colour photos larger than the cap: RGB at 64 px, as the tutorial's Resize((64, 64)).
@@ -519,8 +612,9 @@ def test_size_and_channels_come_from_the_images_headers(tmp_path, capsys):
     assert (meta["image_size"], meta["channels"], meta["source_images"]["grayscale"]) == (64, 3, False)
 
     # A size given far above the images' is warned about, with the size the images would give.
-    recipe, cfg = parse(f"data.train_dir={tmp_path / 'digits'}", "data.eval_fraction=0.5", "data.image_size=64",
-                        "data.channels=3")
+    recipe, cfg = parse(
+        f"data.train_dir={tmp_path / 'digits'}", "data.eval_fraction=0.5", "data.image_size=64", "data.channels=3"
+    )
     splits, meta = recipe.prepare(cfg)
     assert (meta["image_size"], meta["channels"]) == (64, 3)
     assert np.array(splits["train"].decoded()[0]["image"]).shape == (3, 64, 64)
@@ -532,8 +626,9 @@ def test_size_and_channels_come_from_the_images_headers(tmp_path, capsys):
     # Other data evaluated for a run takes the run's size and channels (data.statistics names its meta.json).
     run_meta = tmp_path / "meta.json"
     run_meta.write_text(json.dumps({"class_names": ["0", "1"], "image_size": 12, "channels": 3}))
-    recipe, cfg = parse(f"data.train_dir={tmp_path / 'digits'}", "data.eval_fraction=0.5",
-                        f"data.statistics={run_meta}")
+    recipe, cfg = parse(
+        f"data.train_dir={tmp_path / 'digits'}", "data.eval_fraction=0.5", f"data.statistics={run_meta}"
+    )
     assert run_meta in recipe.raw_files(cfg)  # its content joins the fingerprint
     assert (recipe.prepare(cfg)[1]["image_size"], recipe.prepare(cfg)[1]["channels"]) == (12, 3)
 
@@ -541,7 +636,7 @@ def test_size_and_channels_come_from_the_images_headers(tmp_path, capsys):
 def stripes(height: int, width: int) -> torch.Tensor:
     """A white RGB image [3, height, width] whose outer eighths of columns are black."""
     image = torch.full((3, height, width), 255, dtype=torch.uint8)
-    image[..., :width // 8], image[..., width - width // 8:] = 0, 0
+    image[..., : width // 8], image[..., width - width // 8 :] = 0, 0
     return image
 
 
@@ -565,8 +660,9 @@ def test_resize_modes_fit_a_wide_image_to_the_square():
 @pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])
 def test_every_resize_mode_prepares_and_predicts_the_same_pixels(tmp_path, mode):
     write_shapes(tmp_path / "photos", 2, seed=0)
-    recipe, cfg = parse(f"data.train_dir={tmp_path / 'photos'}", "data.eval_fraction=0.5", "data.image_size=16",
-                        f"data.resize={mode}")
+    recipe, cfg = parse(
+        f"data.train_dir={tmp_path / 'photos'}", "data.eval_fraction=0.5", "data.image_size=16", f"data.resize={mode}"
+    )
     splits, meta = recipe.prepare(cfg)
     _, columns = read_inputs(recipe, cfg, tmp_path / "photos")  # prediction fits new images as prepare() did
     assert columns["image"].shape == (6, 3, 16, 16)
@@ -628,12 +724,42 @@ def test_random_resized_crop_is_the_same_for_the_global_batch_on_one_or_two_proc
     script = tmp_path / "augment.py"
     script.write_text(AUGMENT_SLICES)
     env = {"PYTHONPATH": str(ROOT)}
-    ok(subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=tmp_path,
-                      env=environment(1, env), capture_output=True, text=True, timeout=300))
-    ok(subprocess.run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                       str(script), str(tmp_path / "two.pt")], cwd=tmp_path, env=environment(2, env),
-                      capture_output=True, text=True, timeout=300))
+    ok(
+        subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "one.pt")],
+            cwd=tmp_path,
+            env=environment(1, env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
+    ok(
+        subprocess.run(
+            [
+                str(BIN / "accelerate"),
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--main_process_port",
+                str(free_port()),
+                str(script),
+                str(tmp_path / "two.pt"),
+            ],
+            cwd=tmp_path,
+            env=environment(2, env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.shape == two.shape == (8, 3, 16, 16) and torch.equal(one, two)
 
@@ -645,9 +771,22 @@ def test_resnet50_trains_on_224_px_photos(workdir):
     write_shapes(workdir / "photos", 3, seed=0)
     for image in (workdir / "photos").rglob("*.png"):
         Image.open(image).resize((300, 240)).save(image)
-    ok(cli(common(workdir, "recipe=image_folder", "data.train_dir=photos", "data.eval_fraction=0.3",
-                  "data.image_size=224", "data.augment=[random_resized_crop:0.35,hflip]", "model.arch=resnet50",
-                  "trainer.batch_size=2", "trainer.max_steps=1"), cwd=workdir))
+    ok(
+        cli(
+            common(
+                workdir,
+                "recipe=image_folder",
+                "data.train_dir=photos",
+                "data.eval_fraction=0.3",
+                "data.image_size=224",
+                "data.augment=[random_resized_crop:0.35,hflip]",
+                "model.arch=resnet50",
+                "trainer.batch_size=2",
+                "trainer.max_steps=1",
+            ),
+            cwd=workdir,
+        )
+    )
     s = summary(workdir / "runs", "image_folder")
     assert s["steps"] == 1 and s["eval/samples"] == 3 and np.isfinite(s["eval/loss"])
     meta = json.loads((run_dirs(workdir / "runs", "image_folder")[0] / "meta.json").read_text())

@@ -30,8 +30,9 @@ def one_step(model, opt, sched=None):
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_every_optimizer_steps(name):
-    _, cfg = pipeline_cli.parse([f"optimizer.name={name}", "optimizer.lr=0.05", "optimizer.momentum=0.9",
-                                 "optimizer.weight_decay=0.01"])
+    _, cfg = pipeline_cli.parse(
+        [f"optimizer.name={name}", "optimizer.lr=0.05", "optimizer.momentum=0.9", "optimizer.weight_decay=0.01"]
+    )
     model = tiny()
     before = [p.detach().clone() for p in model.parameters()]
     opt = optim.optimizer(cfg.optimizer, model.parameters())
@@ -47,8 +48,15 @@ def test_every_schedule_follows_its_shape(name, warmup):
         with pytest.raises(ConfigError, match="own warmup"):
             pipeline_cli.parse([f"scheduler.name={name}", f"scheduler.warmup_steps={warmup}"])
         return
-    _, cfg = pipeline_cli.parse([f"scheduler.name={name}", f"scheduler.warmup_steps={warmup}",
-                                 "optimizer.lr=0.1", "scheduler.step_size=1", "scheduler.gamma=0.5"])
+    _, cfg = pipeline_cli.parse(
+        [
+            f"scheduler.name={name}",
+            f"scheduler.warmup_steps={warmup}",
+            "optimizer.lr=0.1",
+            "scheduler.step_size=1",
+            "scheduler.gamma=0.5",
+        ]
+    )
     model = tiny()
     opt = optim.optimizer(cfg.optimizer, model.parameters())
     sched = optim.scheduler(cfg.scheduler, opt, steps_per_epoch=10, epochs=2)
@@ -123,4 +131,5 @@ def test_hooks_on_and_off_end_to_end(workdir):
     assert "debug/" not in (off_run / "metrics.jsonl").read_text()
     # Observing does not change training.
     assert summary(workdir / "on" / "runs", "digits")["eval/loss"] == pytest.approx(
-        summary(workdir / "off" / "runs", "digits")["eval/loss"], rel=1e-6)
+        summary(workdir / "off" / "runs", "digits")["eval/loss"], rel=1e-6
+    )

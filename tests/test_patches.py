@@ -98,8 +98,10 @@ def test_moved_lomo_check_disables_that_patch(monkeypatch):
     monkeypatch.delattr(accelerate.optimizer, "is_lomo_available")
     active, lines = apply()
     assert active == {"lomo": False, "signature": True, "backward": True}
-    assert lines == [f"patches: lomo skipped: accelerate.optimizer.is_lomo_available is gone "
-                     f"(Accelerate {accelerate.__version__}; see pipeline/patches.py)"]
+    assert lines == [
+        f"patches: lomo skipped: accelerate.optimizer.is_lomo_available is gone "
+        f"(Accelerate {accelerate.__version__}; see pipeline/patches.py)"
+    ]
     assert not hasattr(accelerate.optimizer, "is_lomo_available")
 
 
@@ -121,8 +123,11 @@ def test_replaced_inspect_disables_the_signature_patch(monkeypatch):
 
 
 def test_zero_grad_without_inspect_disables_the_signature_patch(monkeypatch):
-    monkeypatch.setattr(accelerate.optimizer.AcceleratedOptimizer, "zero_grad",
-                        lambda self, set_to_none=None: self.optimizer.zero_grad())
+    monkeypatch.setattr(
+        accelerate.optimizer.AcceleratedOptimizer,
+        "zero_grad",
+        lambda self, set_to_none=None: self.optimizer.zero_grad(),
+    )
     active, lines = apply()
     assert not active["signature"] and len(lines) == 1 and "zero_grad no longer calls inspect.signature" in lines[0]
     assert accelerate.optimizer.inspect is inspect
@@ -135,8 +140,10 @@ def test_changed_backward_falls_back_to_accelerates(monkeypatch):
     monkeypatch.setattr(accelerate.Accelerator, "backward", backward)
     active, lines = apply()
     assert active == {"lomo": True, "signature": True, "backward": False}
-    assert len(lines) == 1 and "backward skipped: accelerate.Accelerator.backward no longer reads scaler, " \
-                                "distributed_type" in lines[0]
+    assert (
+        len(lines) == 1
+        and "backward skipped: accelerate.Accelerator.backward no longer reads scaler, distributed_type" in lines[0]
+    )
     accelerator, model, _ = prepared()
     assert not accelerator._plain_backward
     accelerator.backward(model(torch.randn(8, 4)).square().mean())
@@ -192,7 +199,9 @@ def test_unknown_patch_name_in_environment_names_the_valid_ones(monkeypatch):
 
 def test_importing_patches_changes_nothing():
     # Applied explicitly when a run starts, never as a side effect of an import.
-    code = ("import inspect, accelerate.optimizer as o, pipeline.patches as p; "
-            "assert o.inspect is inspect and not hasattr(o.is_lomo_available, 'cache_info'); "
-            "assert not any(p.active.values()) and not p.Accelerator(cpu=True)._plain_backward")
+    code = (
+        "import inspect, accelerate.optimizer as o, pipeline.patches as p; "
+        "assert o.inspect is inspect and not hasattr(o.is_lomo_available, 'cache_info'); "
+        "assert not any(p.active.values()) and not p.Accelerator(cpu=True)._plain_backward"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment(), check=True, timeout=120)

@@ -22,8 +22,13 @@ WATER = Path(conftest.TEST_DATA) / "water-potability" / "water_potability.csv"
 def water_run(tmp_path_factory):
     """A real three-epoch water_potability run on the real CSV: (its folder, its summary, the working folder)."""
     workdir = tmp_path_factory.mktemp("predict")
-    ok(cli(common(workdir, "recipe=water_potability", f"data.root={WATER.parent}", "trainer.epochs=3"),
-           cwd=workdir, env={"OMP_NUM_THREADS": "1"}))
+    ok(
+        cli(
+            common(workdir, "recipe=water_potability", f"data.root={WATER.parent}", "trainer.epochs=3"),
+            cwd=workdir,
+            env={"OMP_NUM_THREADS": "1"},
+        )
+    )
     run = run_dirs(workdir / "runs", "water_potability")[0]
     return run, json.loads((run / "summary.json").read_text()), workdir
 
@@ -36,7 +41,8 @@ def eval_rows(raw: pd.DataFrame) -> np.ndarray:
     """The rows of the CSV the run held out: the same stratified split (seed, fraction) over the row numbers."""
     rows = datasets.Dataset.from_dict(
         {"row": np.arange(len(raw)), "label": raw["Potability"].to_numpy()},
-        features=datasets.Features({"row": datasets.Value("int64"), "label": datasets.ClassLabel(num_classes=2)}))
+        features=datasets.Features({"row": datasets.Value("int64"), "label": datasets.ClassLabel(num_classes=2)}),
+    )
     return np.asarray(rows.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")["test"]["row"])
 
 
@@ -131,7 +137,6 @@ def test_evaluate_on_other_data_uses_the_runs_statistics_as_predict_does(water_r
     assert evaluated["eval/loss"] == pytest.approx(bce, rel=1e-6)
 
 
-
 def test_two_writers_of_one_output_never_mix_and_a_users_tmp_file_is_left_alone(tmp_path):
     out = tmp_path / "preds.csv"
     mine = tmp_path / "preds.csv.tmp"  # a person's own file, beside the output
@@ -171,14 +176,13 @@ def test_a_run_meta_json_of_the_wrong_shape_is_named_with_the_fix(water_run, tmp
     recipe, cfg, _ = runs.load_run(copy)
     damaged = {
         "a list": ([meta], "it holds a JSON list, not the object of facts"),
-        "class names of the wrong type": ({**meta, "class_names": "potable"}, "its class_names is \"potable\""),
+        "class names of the wrong type": ({**meta, "class_names": "potable"}, 'its class_names is "potable"'),
         "a statistic of the wrong type": ({**meta, "y_std": "abc", "task": "regression"}, "its 'y_std' is \"abc\""),
         "a list where a dict belongs": ({**meta, "categories": []}, "its 'categories' is [], where a JSON dict"),
     }
     for case, (content, said) in damaged.items():
         (copy / "meta.json").write_text(json.dumps(content))
-        with pytest.raises(DataError, match=rf"(?s){copy / 'meta.json'} is damaged: .*Fix: restore meta.json"
-                           ) as error:
+        with pytest.raises(DataError, match=rf"(?s){copy / 'meta.json'} is damaged: .*Fix: restore meta.json") as error:
             runs.load_model(copy, recipe, cfg, runs.read_meta(copy))
         assert said in str(error.value), case
     (copy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "feature_names"}))

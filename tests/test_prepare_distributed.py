@@ -25,7 +25,7 @@ from recipes._splits import split_train_eval
 
 # digits whose prepare can be slowed or fail on one process, and whose raw_files logs which process called it
 # (raw_files is what fingerprinting walks and stats).
-SLOW_DIGITS = '''
+SLOW_DIGITS = """
 import dataclasses
 import os
 import time
@@ -54,7 +54,7 @@ def model(cfg, meta):
 
 
 recipe = dataclasses.replace(digits.recipe, name="slow_digits", prepare=prepare, raw_files=raw_files, model=model)
-'''
+"""
 
 
 @pytest.fixture
@@ -75,18 +75,37 @@ def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -
     code is its process's. Returns (exit code, output, seconds until it ended) per machine."""
     port, procs, started = str(free_port()), [], time.monotonic()
     for rank, args in enumerate(args_of):
-        cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--num_machines", str(len(args_of)),
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               "--multi_gpu", "--num_processes", str(len(args_of)), "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"), *args]
+        cmd = [
+            sys.executable,
+            str(ROOT / "launch" / "run.py"),
+            "--num_machines",
+            str(len(args_of)),
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--multi_gpu",
+            "--num_processes",
+            str(len(args_of)),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "launch" / "train.py"),
+            *args,
+        ]
         log = workdir / f"machine{rank}.log"
         with open(log, "w") as out:
-            procs.append((subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                                           env=environment(1, env)), log))
+            procs.append(
+                (subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=environment(1, env)), log)
+            )
     ended = {}
     while len(ended) < len(procs) and time.monotonic() - started < timeout:
-        ended.update({i: time.monotonic() - started for i, (p, _) in enumerate(procs)
-                      if i not in ended and p.poll() is not None})
+        ended.update(
+            {i: time.monotonic() - started for i, (p, _) in enumerate(procs) if i not in ended and p.poll() is not None}
+        )
         time.sleep(0.1)
     for proc, _ in procs:
         if proc.poll() is None:
@@ -99,10 +118,20 @@ def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -
 def test_a_prepare_longer_than_the_collective_timeout_still_trains(slow_digits):
     # The waiting process sits in no collective: a 20 s prepare outlasts trainer.dist_timeout_s=8.
     workdir = slow_digits
-    result = ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
-                           "trainer.dist_timeout_s=8"),
-                    cwd=workdir, processes=2,
-                    env={"PREPARE_SLEEP_S": "20", "RAW_FILES_LOG": str(workdir / "raw_files.log")}))
+    result = ok(
+        cli(
+            common(
+                workdir,
+                "recipe=local.slow_digits",
+                "trainer.epochs=1",
+                "trainer.max_steps=5",
+                "trainer.dist_timeout_s=8",
+            ),
+            cwd=workdir,
+            processes=2,
+            env={"PREPARE_SLEEP_S": "20", "RAW_FILES_LOG": str(workdir / "raw_files.log")},
+        )
+    )
     s = summary(workdir / "runs", "slow_digits")
     assert s["num_processes"] == 2 and s["eval/samples"] == 360
     assert result.stdout.count("data: preparing slow_digits") == 1
@@ -113,9 +142,13 @@ def test_a_prepare_longer_than_the_collective_timeout_still_trains(slow_digits):
 def test_training_collectives_time_out_after_dist_timeout_s(slow_digits):
     # Process 1 builds its model late: process 0 waits for it in DDP's first broadcast, for 8 s, not 30 min.
     workdir = slow_digits
-    result = cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=8"),
-                 cwd=workdir, processes=2, launcher="run",
-                 env={"MODEL_SLOW_ON_RANK": "1", "RAW_FILES_LOG": str(workdir / "raw_files.log")})
+    result = cli(
+        common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.dist_timeout_s=8"),
+        cwd=workdir,
+        processes=2,
+        launcher="run",
+        env={"MODEL_SLOW_ON_RANK": "1", "RAW_FILES_LOG": str(workdir / "raw_files.log")},
+    )
     assert result.returncode != 0 and "Timed out waiting 8000ms" in result.stderr, result.stderr[-3000:]
 
 
@@ -125,8 +158,16 @@ def test_node_local_caches_build_once_per_node_from_one_fingerprint(slow_digits)
     # that process 0 computed; only process 0 walks the raw files.
     workdir = slow_digits
     env = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
-    args = [common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5",
-                   f"data.cache_dir={workdir / f'cache{m}'}") for m in (0, 1)]
+    args = [
+        common(
+            workdir,
+            "recipe=local.slow_digits",
+            "trainer.epochs=1",
+            "trainer.max_steps=5",
+            f"data.cache_dir={workdir / f'cache{m}'}",
+        )
+        for m in (0, 1)
+    ]
     results = machines(workdir, args, env)
     assert [code for code, _, _ in results] == [0, 0], "\n".join(out[-3000:] for _, out, _ in results)
     assert ranks_that_fingerprinted(workdir) == ["0"]
@@ -156,11 +197,21 @@ def test_evaluate_on_other_data_waits_for_a_long_prepare_on_two_processes(slow_d
     # launch/evaluate.py with data.* overrides prepares new shards the same way as training.
     workdir = slow_digits
     log = {"RAW_FILES_LOG": str(workdir / "raw_files.log")}
-    ok(cli(common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5"), cwd=workdir,
-           env=log))
+    ok(
+        cli(
+            common(workdir, "recipe=local.slow_digits", "trainer.epochs=1", "trainer.max_steps=5"), cwd=workdir, env=log
+        )
+    )
     run = run_dirs(workdir / "runs", "slow_digits")[0]
-    result = ok(cli([f"run={run}", "data.eval_fraction=0.3", "trainer.eval_batch_size=64", "trainer.dist_timeout_s=8"],
-                    cwd=workdir, processes=2, script="evaluate", env={**log, "PREPARE_SLEEP_S": "20"}))
+    result = ok(
+        cli(
+            [f"run={run}", "data.eval_fraction=0.3", "trainer.eval_batch_size=64", "trainer.dist_timeout_s=8"],
+            cwd=workdir,
+            processes=2,
+            script="evaluate",
+            env={**log, "PREPARE_SLEEP_S": "20"},
+        )
+    )
     assert "540 samples, 2 processes" in result.stdout
     assert ranks_that_fingerprinted(workdir) == ["0", "0"]  # the training run's, then process 0's alone
     assert len(list((workdir / "cache" / "slow_digits").iterdir())) == 2
@@ -185,9 +236,14 @@ def test_fsdp_is_refused_before_any_work(workdir):
     assert not (workdir / "cache").exists() and not (workdir / "runs").exists()
 
 
-@pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
-                                           ("ACCELERATE_USE_PARALLELISM_CONFIG", "a parallelism config")])
+@pytest.mark.parametrize(
+    "variable,name",
+    [
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+        ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
+        ("ACCELERATE_USE_PARALLELISM_CONFIG", "a parallelism config"),
+    ],
+)
 def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):
@@ -209,7 +265,7 @@ def test_a_state_of_another_distributed_type_is_refused(kind):
 # ---------------------------------------------------------------- one prepare shared by every process
 
 # image_folder, with decoding that can be slowed (so that a test can kill a build half way).
-SLOW_IMAGES = '''
+SLOW_IMAGES = """
 import dataclasses
 import os
 import time
@@ -229,7 +285,7 @@ def prepare(cfg):
 
 
 recipe = dataclasses.replace(image_folder.recipe, name="slow_images", prepare=prepare)
-'''
+"""
 
 
 def write_images(folder: Path, per_class: int = 30, classes: int = 3) -> Path:
@@ -240,21 +296,31 @@ def write_images(folder: Path, per_class: int = 30, classes: int = 3) -> Path:
         for i in range(per_class):
             h, w = (int(v) for v in rng.integers(20, 41, 2))
             pixels = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-            pixels[h // 4: 3 * h // 4, w // 4: 3 * w // 4, c] = 220
+            pixels[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4, c] = 220
             Image.fromarray(pixels).save(folder / f"class{c}" / f"{i:03d}.png")
     return folder
 
 
 def prepare_args(workdir: Path, cache: str, *extra: str) -> list[str]:
-    return [f"data.train_dir={workdir / 'images'}", "data.image_size=16", "data.num_shards=3",
-            f"data.cache_dir={workdir / cache}", *extra]
+    return [
+        f"data.train_dir={workdir / 'images'}",
+        "data.image_size=16",
+        "data.num_shards=3",
+        f"data.cache_dir={workdir / cache}",
+        *extra,
+    ]
 
 
 def run_prepare(workdir: Path, processes: int, args: list[str], **popen) -> subprocess.CompletedProcess:
     """launch/prepare.py on `processes` processes, under launch/run.py (which passes the exit code on)."""
-    return subprocess.run(command(args, processes, script="prepare", launcher="run"), cwd=workdir,
-                          env=environment(processes, popen.pop("env", None)), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        command(args, processes, script="prepare", launcher="run"),
+        cwd=workdir,
+        env=environment(processes, popen.pop("env", None)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def built(cache: Path) -> dict[str, bytes]:
@@ -281,9 +347,14 @@ def test_a_killed_shared_build_is_redone_to_the_same_shards(workdir):
     (workdir / "local").mkdir()
     (workdir / "local" / "slow_images.py").write_text(SLOW_IMAGES)
     args = ["recipe=local.slow_images", *prepare_args(workdir, "cache")]
-    proc = subprocess.Popen(command(args, 2, script="prepare"), cwd=workdir,
-                            env=environment(2, {"DECODE_SLEEP_S": "2"}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(args, 2, script="prepare"),
+        cwd=workdir,
+        env=environment(2, {"DECODE_SLEEP_S": "2"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if "processes decode" in line:
             break
@@ -317,9 +388,15 @@ def test_a_broken_image_in_any_process_part_stops_every_process(workdir):
 def test_decoding_while_writing_gives_the_rows_of_decoding_first(tmp_path):
     # Holding out by labels before decoding chooses the rows that holding out decoded images chose.
     write_images(tmp_path / "images", per_class=10)
-    recipe, cfg = pipeline_cli.parse(["recipe=image_folder", f"data.train_dir={tmp_path / 'images'}",
-                                      "data.image_size=8", "data.eval_fraction=0.3",
-                                      f"data.cache_dir={tmp_path / 'cache'}"])
+    recipe, cfg = pipeline_cli.parse(
+        [
+            "recipe=image_folder",
+            f"data.train_dir={tmp_path / 'images'}",
+            "data.image_size=8",
+            "data.eval_fraction=0.3",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     splits, _ = shard_store.open_shards(shard_store.prepare(recipe, cfg))
     folder = image_folder.read_folder(cfg, "train")
     read = image_folder.partial(image_folder.read_image, channels=3, max_pixels=cfg.data.max_image_pixels)

@@ -44,11 +44,33 @@ cli.main("train", "", run)
 def mask_agreement(tmp_path, gpu: bool = False) -> tuple[float, float, str]:
     script = tmp_path / "masks.py"
     script.write_text(MASKS)
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(script), *common(tmp_path, *WATER)]
-    out = ok(subprocess.run(cmd, cwd=tmp_path, env=environment(2, {"PYTHONPATH": str(ROOT)}, gpu=gpu),
-                            capture_output=True, text=True, timeout=300)).stdout
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *common(tmp_path, *WATER),
+    ]
+    out = ok(
+        subprocess.run(
+            cmd,
+            cwd=tmp_path,
+            env=environment(2, {"PYTHONPATH": str(ROOT)}, gpu=gpu),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    ).stdout
     line = next(x for x in out.splitlines() if x.startswith("processes "))
     words = line.split()
     assert words[1] == "2", line
@@ -120,14 +142,38 @@ def machines(args: list[str], workdir, per_machine: int) -> list[subprocess.Pope
     first_two = (environment(gpu=True).get("CUDA_VISIBLE_DEVICES") or "0,1").split(",")[:2]
     procs = []
     for rank in range(count):
-        cmd = [str(BIN / "accelerate"), "launch", "--num_machines", str(count), "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--multi_gpu",
-               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "launch" / "train.py"), *args]
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--num_machines",
+            str(count),
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "launch" / "train.py"),
+            *args,
+        ]
         gpus = ",".join(first_two) if per_machine == 2 else first_two[rank]
-        procs.append(subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=environment(2, {"CUDA_VISIBLE_DEVICES": gpus, "PYTHONUNBUFFERED": "1"},
-                                                      gpu=True)))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=workdir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=environment(2, {"CUDA_VISIBLE_DEVICES": gpus, "PYTHONUNBUFFERED": "1"}, gpu=True),
+            )
+        )
     return procs
 
 

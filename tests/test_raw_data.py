@@ -19,8 +19,10 @@ OMNIGLOT_ZIP = Path(__file__).parent / "data" / "omniglot-small" / "images_backg
 
 def listing(root: Path) -> dict:
     """Every file and folder under `root` with its size and modification time: what "unchanged" means here."""
-    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def refused(result) -> str:
@@ -52,7 +54,7 @@ def test_truncated_or_corrupt_mnist_gz_is_named_and_the_data_folder_is_untouched
     # Changed bytes inside a complete .gz: its CRC catches them.
     good = (write_mnist_raw(workdir / "good") / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").read_bytes()
     bad = bytearray(good)
-    bad[len(bad) // 2: len(bad) // 2 + 200] = bytes(200)
+    bad[len(bad) // 2 : len(bad) // 2 + 200] = bytes(200)
     labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
     labels.write_bytes(bad)
     shutil.copy(root.parent / "good" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz", gz)
@@ -108,8 +110,7 @@ def test_omniglot_zip_is_read_in_place_and_a_damaged_one_is_named(workdir):
 
     archive.write_bytes(OMNIGLOT_ZIP.read_bytes()[:700_000])
     before = listing(root)
-    err = refused(cli(common(workdir, "recipe=omniglot_multi", f"data.root={root}"),
-                      cwd=workdir, script="prepare"))
+    err = refused(cli(common(workdir, "recipe=omniglot_multi", f"data.root={root}"), cwd=workdir, script="prepare"))
     assert str(archive) in err and "damaged" in err and "images_background.zip" in err
     assert listing(root) == before
 
@@ -131,8 +132,17 @@ def test_download_without_network_fails_within_seconds(tmp_path):
 
     started = time.perf_counter()
     with pytest.raises(errors.DataError) as e:
-        _raw_files.download([("train-images-idx3-ubyte.gz", [m + "train-images-idx3-ubyte.gz" for m in MNIST.mirrors],
-                        dict(MNIST.resources)["train-images-idx3-ubyte.gz"])], tmp_path / "MNIST" / "raw", "MNIST")
+        _raw_files.download(
+            [
+                (
+                    "train-images-idx3-ubyte.gz",
+                    [m + "train-images-idx3-ubyte.gz" for m in MNIST.mirrors],
+                    dict(MNIST.resources)["train-images-idx3-ubyte.gz"],
+                )
+            ],
+            tmp_path / "MNIST" / "raw",
+            "MNIST",
+        )
     assert time.perf_counter() - started < 30
     assert "could not be downloaded" in str(e.value) and "ossci-datasets" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # no folder made for a file that never came
@@ -189,8 +199,14 @@ def test_headline_command_downloads_by_default_and_says_where_files_go(workdir):
     assert time.perf_counter() - started < 120
     raw = (workdir / "data" / "MNIST" / "raw").resolve()
     assert "data.download is on, but MNIST raw files could not be downloaded" in err and str(raw) in err
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz", "https://ossci-datasets.s3.amazonaws.com/mnist/", "data.download=false"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "data.download=false",
+    ):
         assert name in err
     assert not (workdir / "data").exists()  # no folder made for a download that did not happen
     nothing_made(workdir)
@@ -213,8 +229,15 @@ def test_failed_download_leaves_no_partial_file(workdir, proxy):
     for cut in (False, True):
         Proxy.cut = cut
         before = listing(root)
-        err = refused(cli(common(workdir, "recipe=mnist_cnn", f"data.root={root}"), cwd=workdir, env=proxy,
-                          script="prepare", timeout=120))
+        err = refused(
+            cli(
+                common(workdir, "recipe=mnist_cnn", f"data.root={root}"),
+                cwd=workdir,
+                env=proxy,
+                script="prepare",
+                timeout=120,
+            )
+        )
         assert "could not be downloaded" in err and "t10k-images-idx3-ubyte.gz" in err
         assert "train-images-idx3-ubyte.gz" not in err  # present files are not asked for
         assert listing(root) == before
@@ -222,10 +245,20 @@ def test_failed_download_leaves_no_partial_file(workdir, proxy):
 
 @pytest.mark.slow
 def test_download_false_names_the_files_and_where_they_go(workdir):
-    err = refused(cli(common(workdir, "recipe=fashion_mnist_mlp", f"data.root={workdir / 'nothing'}",
-                             "data.download=false"), cwd=workdir))
-    for word in [str(workdir / "nothing" / "FashionMNIST" / "raw"), "train-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte", ".gz", "data.root", "data.download=true"]:
+    err = refused(
+        cli(
+            common(workdir, "recipe=fashion_mnist_mlp", f"data.root={workdir / 'nothing'}", "data.download=false"),
+            cwd=workdir,
+        )
+    )
+    for word in [
+        str(workdir / "nothing" / "FashionMNIST" / "raw"),
+        "train-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        ".gz",
+        "data.root",
+        "data.download=true",
+    ]:
         assert word in err
     assert not (workdir / "nothing").exists()
 

@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.recipe import Recipe, dataset, from_arrays
 from pipeline.recipe_contract import check_batch
 
-RECIPE = '''
+RECIPE = """
 from pathlib import Path
 
 import datasets
@@ -49,7 +49,7 @@ def metrics(cfg, meta):
 recipe = Recipe(name="points", description="two features, a 0/1 label", prepare=prepare, raw_files=raw_files,
                 model=lambda cfg, meta: nn.Linear(2, 2), metrics=metrics,
                 inputs=("features",))
-'''
+"""
 
 
 def write(folder, *changes: tuple[str, str]):
@@ -90,15 +90,26 @@ def test_the_good_recipe_trains_and_its_shards_are_one_datasetdict(workdir):
 @pytest.mark.slow
 def test_missing_inputs_names_the_column_the_columns_and_the_fix(workdir):
     args = write(workdir, ('\n                inputs=("features",))', ")"))
-    refused(cli(args, cwd=workdir), "recipe 'points'", "mine/points.py", "input column 'image'",
-            "its columns are: features, label", "inputs=('features',)")
+    refused(
+        cli(args, cwd=workdir),
+        "recipe 'points'",
+        "mine/points.py",
+        "input column 'image'",
+        "its columns are: features, label",
+        "inputs=('features',)",
+    )
     assert not (workdir / "runs").exists() and not list((workdir / "cache").rglob("meta.json"))
 
 
 def test_prepare_returning_only_the_splits_says_what_to_return(workdir):
     args = write(workdir, ("    return splits, meta", "    return splits"))
-    refused(cli(args, cwd=workdir, script="prepare"), "recipe 'points'", "returned only the splits (train, eval)",
-            "(DatasetDict, meta)", "return datasets.DatasetDict(train=..., eval=...), meta")
+    refused(
+        cli(args, cwd=workdir, script="prepare"),
+        "recipe 'points'",
+        "returned only the splits (train, eval)",
+        "(DatasetDict, meta)",
+        "return datasets.DatasetDict(train=..., eval=...), meta",
+    )
 
 
 def test_a_missing_eval_split_is_named(workdir):
@@ -107,8 +118,13 @@ def test_a_missing_eval_split_is_named(workdir):
 
 
 def test_numpy_values_in_meta_are_saved_as_numbers_and_lists(workdir):
-    args = write(workdir, ('meta = {"mean": x.mean(0).tolist()}',
-                           'meta = {"mean": x.mean(0), "rows": np.int64(len(x)), "std": {"a": x[:, 0].std()}}'))
+    args = write(
+        workdir,
+        (
+            'meta = {"mean": x.mean(0).tolist()}',
+            'meta = {"mean": x.mean(0), "rows": np.int64(len(x)), "std": {"a": x[:, 0].std()}}',
+        ),
+    )
     ok(cli(args, cwd=workdir, script="prepare"))
     [meta_file] = (workdir / "cache" / "points").rglob(shard_store.META_FILE)
     meta = json.loads(meta_file.read_text())
@@ -122,15 +138,23 @@ def test_meta_that_json_cannot_hold_is_named_by_its_key(workdir):
 
 def test_single_logit_with_the_default_loss_points_to_the_binary_pieces(workdir):
     args = write(workdir, ("nn.Linear(2, 2)", "nn.Sequential(nn.Linear(2, 1), nn.Flatten(0))"))
-    refused(cli(args, cwd=workdir), "outputs of shape [16]", "labels are integers", "loss=binary_cross_entropy",
-            "predictions=binary_predictions", "metrics=binary_metrics")
+    refused(
+        cli(args, cwd=workdir),
+        "outputs of shape [16]",
+        "labels are integers",
+        "loss=binary_cross_entropy",
+        "predictions=binary_predictions",
+        "metrics=binary_metrics",
+    )
 
 
 def test_the_binary_pieces_train_a_single_logit_model(workdir):
-    args = write(workdir, ("nn.Linear(2, 2)", "nn.Linear(2, 1)"),  # [N, 1] outputs are taken as [N]
-                 ("metrics=metrics,", "metrics=binary_metrics, loss=binary_cross_entropy, "
-                                      "predictions=binary_predictions,"),
-                 ("import Recipe,", "import Recipe, binary_cross_entropy, binary_metrics, binary_predictions,"))
+    args = write(
+        workdir,
+        ("nn.Linear(2, 2)", "nn.Linear(2, 1)"),  # [N, 1] outputs are taken as [N]
+        ("metrics=metrics,", "metrics=binary_metrics, loss=binary_cross_entropy, predictions=binary_predictions,"),
+        ("import Recipe,", "import Recipe, binary_cross_entropy, binary_metrics, binary_predictions,"),
+    )
     out = ok(cli(args + ["trainer.epochs=20", "optimizer.lr=0.1"], cwd=workdir))
     for name in ("eval/accuracy", "eval/auroc", "eval/f1"):
         assert name in out.stdout
@@ -140,19 +164,32 @@ def test_the_binary_pieces_train_a_single_logit_model(workdir):
 
 def test_a_split_column_without_a_fixed_shape_is_refused(workdir):
     # Dataset.from_dict stores a 2-D array as variable-length lists, which cannot become one tensor.
-    args = write(workdir, ("train=from_arrays(features=x[:80], label=y[:80])",
-                           'train=datasets.Dataset.from_dict({"features": x[:80], "label": y[:80]})'))
-    refused(cli(args, cwd=workdir, script="prepare"), "column 'features' of the prepared 'train' split has no fixed "
-            "shape", "from_arrays(features=array", "length=")
+    args = write(
+        workdir,
+        (
+            "train=from_arrays(features=x[:80], label=y[:80])",
+            'train=datasets.Dataset.from_dict({"features": x[:80], "label": y[:80]})',
+        ),
+    )
+    refused(
+        cli(args, cwd=workdir, script="prepare"),
+        "column 'features' of the prepared 'train' split has no fixed shape",
+        "from_arrays(features=array",
+        "length=",
+    )
 
 
-@pytest.mark.parametrize("change, words", [
-    (('inputs=("features",)', 'inputs=("features")'), ["`inputs` must be a tuple", "trailing comma"]),
-    (("prepare=prepare,", "prepare='prepare',"), ["`prepare` must be a function",
-                                                                      "`prepare=prepare`"]),
-    (("metrics=metrics,", "metrics=metrics, defaults=[('trainer', 1)],"), ["`defaults` must be a dict",
-                                                                           "defaults={'trainer'"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (('inputs=("features",)', 'inputs=("features")'), ["`inputs` must be a tuple", "trailing comma"]),
+        (("prepare=prepare,", "prepare='prepare',"), ["`prepare` must be a function", "`prepare=prepare`"]),
+        (
+            ("metrics=metrics,", "metrics=metrics, defaults=[('trainer', 1)],"),
+            ["`defaults` must be a dict", "defaults={'trainer'"],
+        ),
+    ],
+)
 def test_wrong_field_types_are_named_when_the_recipe_loads(workdir, change, words):
     refused(cli(write(workdir, change), cwd=workdir, script="prepare"), "recipe 'points'", *words)
     assert not (workdir / "cache").exists()  # stopped before any data was read
@@ -160,9 +197,16 @@ def test_wrong_field_types_are_named_when_the_recipe_loads(workdir, change, word
 
 def test_first_batch_check_names_columns_a_transform_left_out():
     # With a transform the split's columns may not be the batch's; the loop checks its first batch.
-    recipe = Recipe(name="t", description="", prepare=print, raw_files=print, model=print,
-                                    metrics=print,
-                            transform=lambda batch, train, meta: {"x": batch["features"]}, inputs=("x",))
+    recipe = Recipe(
+        name="t",
+        description="",
+        prepare=print,
+        raw_files=print,
+        model=print,
+        metrics=print,
+        transform=lambda batch, train, meta: {"x": batch["features"]},
+        inputs=("x",),
+    )
     cfg = None  # a tuple `inputs` needs no config
     check_batch(recipe, cfg, {"x": torch.zeros(2, 3), "label": torch.zeros(2)})
     with pytest.raises(ConfigError, match=r"target column 'label' .* first training batch .* columns are: x"):
@@ -179,8 +223,13 @@ def same_rows(ours: datasets.Dataset, theirs: datasets.Dataset) -> bool:
 def test_dataset_builds_what_from_dict_builds():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(50, 6)), rng.integers(0, 3, 50)
-    features = datasets.Features({"features": datasets.List(datasets.Value("float32"), length=3),
-                                  "label": datasets.ClassLabel(names=["a", "b", "c"]), "w": datasets.Value("float32")})
+    features = datasets.Features(
+        {
+            "features": datasets.List(datasets.Value("float32"), length=3),
+            "label": datasets.ClassLabel(names=["a", "b", "c"]),
+            "w": datasets.Value("float32"),
+        }
+    )
     columns = {"features": x[:, ::2], "label": y, "w": x[:, 0]}  # a strided view, float64 into float32
     assert same_rows(dataset(columns, features), datasets.Dataset.from_dict(columns, features=features))
     images = rng.integers(0, 255, (4, 1, 3, 3)).astype(np.uint8)  # more dimensions: from_dict itself
@@ -193,10 +242,12 @@ def test_split_train_eval_holds_out_what_train_test_split_holds_out(tmp_path, st
 
     rng = np.random.default_rng(1)
     for rows, classes, fraction, seed in [(50, 2, 0.2, 42), (1797, 10, 0.2, 7), (3276, 2, 0.25, 0), (200, 7, 0.3, 5)]:
-        features = datasets.Features({"x": datasets.Value("float64"),
-                                      "label": datasets.ClassLabel(num_classes=classes)})
-        full = datasets.Dataset.from_dict({"x": rng.normal(size=rows), "label": rng.integers(0, classes, rows)},
-                                          features=features)
+        features = datasets.Features(
+            {"x": datasets.Value("float64"), "label": datasets.ClassLabel(num_classes=classes)}
+        )
+        full = datasets.Dataset.from_dict(
+            {"x": rng.normal(size=rows), "label": rng.integers(0, classes, rows)}, features=features
+        )
         on_disk = tmp_path / f"{rows}-{stratify}"
         full.save_to_disk(on_disk)
         # In memory, as a selection of another dataset, and memory-mapped from disk (as decoded images are).
@@ -204,7 +255,8 @@ def test_split_train_eval_holds_out_what_train_test_split_holds_out(tmp_path, st
             theirs = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
             train, held_out = split_train_eval(ds, fraction, seed, stratify)
             assert same_rows(train, theirs["train"]) and same_rows(held_out, theirs["test"]), (rows, classes)
-    one_of_a_class = datasets.Dataset.from_dict({"label": [0, 0, 0, 1]}, features=datasets.Features(
-        {"label": datasets.ClassLabel(num_classes=2)}))
+    one_of_a_class = datasets.Dataset.from_dict(
+        {"label": [0, 0, 0, 1]}, features=datasets.Features({"label": datasets.ClassLabel(num_classes=2)})
+    )
     with pytest.raises(ValueError, match="The least populated class in label column has only 1 member"):
         split_train_eval(one_of_a_class, 0.5, 0, "label")

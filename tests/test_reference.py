@@ -15,9 +15,16 @@ SCRIPT = str(ROOT / "launch" / "reference.py")
 @pytest.mark.slow
 def test_quick_tables_row_beside_its_baselines(tmp_path):
     work, out = tmp_path / "work", tmp_path / "reference.md"
-    result = ok(subprocess.run([sys.executable, SCRIPT, "--quick", "--only", "tables", "--work", str(work),
-                                "--out", str(out)], cwd=tmp_path, env=environment(), capture_output=True, text=True,
-                               timeout=300))
+    result = ok(
+        subprocess.run(
+            [sys.executable, SCRIPT, "--quick", "--only", "tables", "--work", str(work), "--out", str(out)],
+            cwd=tmp_path,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     (row,) = json.loads((work / "reference.json").read_text())
     assert row["name"] == "iris" and row["metric"] == "eval/accuracy"
     # Both runs finished and scored; scikit-learn's baselines beat chance (1/3) by far on the same 30 rows.
@@ -36,8 +43,14 @@ def test_quick_tables_row_beside_its_baselines(tmp_path):
 
 def test_work_inside_the_repository_is_refused(tmp_path):
     inside = ROOT / "reference-work-test"
-    result = subprocess.run([sys.executable, SCRIPT, "--work", str(inside)], cwd=tmp_path, env=environment(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--work", str(inside)],
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "inside the repository" in result.stderr and "Fix: --work /tmp/reference" in result.stderr
     assert not inside.exists()
@@ -53,11 +66,14 @@ def test_image_set_scored_on_a_test_folder_apart(tmp_path, monkeypatch):
     args = digits_images(tmp_path / "digits")
     # A fifth of each class in the test folder, the rest in train; every image once, none in both.
     files = {split: sorted((tmp_path / "digits" / split).rglob("*.png")) for split in ("train", "test")}
-    per_class = {split: {c: sum(f.parent.name == c for f in found) for c in map(str, range(10))}
-                 for split, found in files.items()}
+    per_class = {
+        split: {c: sum(f.parent.name == c for f in found) for c in map(str, range(10))}
+        for split, found in files.items()
+    }
     assert len(files["train"]) + len(files["test"]) == 1797 and len(files["test"]) == 360
-    assert all(abs(per_class["test"][c] - 0.2 * (per_class["train"][c] + per_class["test"][c])) <= 1
-               for c in per_class["test"])
+    assert all(
+        abs(per_class["test"][c] - 0.2 * (per_class["train"][c] + per_class["test"][c])) <= 1 for c in per_class["test"]
+    )
     assert not {f.name for f in files["train"]} & {f.name for f in files["test"]}
     ok(cli([*args, f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, script="prepare"))
     (shards,) = (tmp_path / "cache" / "image_folder").iterdir()

@@ -29,8 +29,12 @@ time.sleep(600)
 
 def holder(path) -> subprocess.Popen:
     """Another process holding the lock file `path` until it is killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -50,8 +54,9 @@ def test_a_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path):
     assert json.loads(path.read_text())["pid"] == proc.pid
     notes = []
     held = lock.take(path, "run x", say=notes.append)
-    assert len(notes) == 1 and notes[0].startswith(f"note: run x was locked by pid {proc.pid} on host "
-                                                   f"{socket.gethostname()} since ")
+    assert len(notes) == 1 and notes[0].startswith(
+        f"note: run x was locked by pid {proc.pid} on host {socket.gethostname()} since "
+    )
     assert notes[0].endswith(", which no longer runs; this process takes the lock over")
     assert json.loads(path.read_text())["pid"] == os.getpid()
     held.release()
@@ -65,13 +70,24 @@ def test_a_lock_whose_holder_cannot_be_shown_gone_is_refused(tmp_path):
     try:
         here = socket.gethostname()
         # Written by a live process on this host, whose flock this filesystem did not keep: refused.
-        path.write_text(json.dumps({"host": here, "pid": sleeper.pid, "since": "then",
-                                    "process_start": lock.process_start(sleeper.pid)}))
+        path.write_text(
+            json.dumps(
+                {"host": here, "pid": sleeper.pid, "since": "then", "process_start": lock.process_start(sleeper.pid)}
+            )
+        )
         with pytest.raises(ConfigError, match=f"pid {sleeper.pid} on host {here} since then: it is running"):
             lock.take(path, "run x")
         # The same pid with another start time: the pid was reused by a newer process, the holder is gone.
-        path.write_text(json.dumps({"host": here, "pid": sleeper.pid, "since": "then",
-                                    "process_start": lock.process_start(sleeper.pid) - 1}))
+        path.write_text(
+            json.dumps(
+                {
+                    "host": here,
+                    "pid": sleeper.pid,
+                    "since": "then",
+                    "process_start": lock.process_start(sleeper.pid) - 1,
+                }
+            )
+        )
         notes = []
         lock.take(path, "run x", say=notes.append).release()
         assert "now belongs to a newer process" in notes[0]
@@ -116,15 +132,18 @@ def wait_for_lock(run_dir, proc: subprocess.Popen, timeout: float = 300) -> dict
 def test_a_second_command_on_a_live_run_is_refused(workdir):
     args = common(workdir, "trainer.epochs=200", "run_name=live")
     run_dir = workdir / "runs" / "digits" / "live"
-    live = subprocess.Popen(command(args), cwd=workdir, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    live = subprocess.Popen(
+        command(args), cwd=workdir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         held = wait_for_lock(run_dir, live)
         assert held["pid"] == live.pid and held["host"] == socket.gethostname()
         second = cli(args, cwd=workdir, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
-        assert f"error: run {run_dir} is being written by pid {live.pid} on host {held['host']} since " \
-               f"{held['since']}" in second.stderr
+        assert (
+            f"error: run {run_dir} is being written by pid {live.pid} on host {held['host']} since "
+            f"{held['since']}" in second.stderr
+        )
         assert "Traceback" not in second.stderr and "resuming" not in second.stdout
         assert live.poll() is None  # the live run goes on
     finally:
@@ -144,8 +163,10 @@ def test_a_dead_runs_lock_is_taken_over_and_an_error_gives_it_back(workdir):
     # Diverges at its first log line: an error after training started.
     result = cli(common(workdir, "optimizer.lr=1e30", "trainer.log_every=1", "run_name=stale"), cwd=workdir)
     assert result.returncode == 3, result.stderr[-3000:]
-    assert (f"note: run {run_dir} was locked by pid {dead.pid} on host {socket.gethostname()} since then, which no "
-            f"longer runs; this process takes the lock over") in result.stdout + result.stderr
+    assert (
+        f"note: run {run_dir} was locked by pid {dead.pid} on host {socket.gethostname()} since then, which no "
+        f"longer runs; this process takes the lock over"
+    ) in result.stdout + result.stderr
     assert not (run_dir / lock.NAME).exists()
 
 
@@ -176,11 +197,38 @@ def two_machines(workdir, args: list[str], timeout: int = 240) -> list[subproces
     training process's own code."""
     port, procs = str(free_port()), []
     for rank in (0, 1):
-        cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--num_machines", "2", "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--multi_gpu", "--num_processes", "2",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"), *args]
-        procs.append(subprocess.Popen(cmd, cwd=workdir, env=environment(2), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+        cmd = [
+            sys.executable,
+            str(ROOT / "launch" / "run.py"),
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "launch" / "train.py"),
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=workdir,
+                env=environment(2),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     results = []
     try:
         for proc in procs:
@@ -233,9 +281,16 @@ def test_two_builds_of_the_same_shards_at_once_leave_one_intact_folder(tmp_path)
     # Each build writes a folder of its own and renames it into place; the second rename fails on the first's
     # complete folder, which both then use. So two prepares of one fingerprint waste work but never race.
     out, go = tmp_path / "cache" / "fp", tmp_path / "go"
-    builds = [subprocess.Popen([sys.executable, "-c", SAVE, str(out), str(go)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-              for _ in range(2)]
+    builds = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAVE, str(out), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(2)
+    ]
     deadline = time.time() + 240
     while len(list(tmp_path.glob("ready-*"))) < 2 and time.time() < deadline:
         time.sleep(0.05)

@@ -36,8 +36,14 @@ def test_prepare_once_reuse_and_invalidate(workdir):
     # The log names what is read: the raw files' folder, how many and how large.
     assert f"from {root / 'MNIST' / 'raw'} (4 files, " in first.stdout
     [shards] = shard_dirs(workdir, "mnist_mlp")
-    assert {p.name for p in shards.iterdir()} == {"train", "eval", "test", "dataset_dict.json", "meta.json",
-                                                  "checksums.json"}  # one DatasetDict and the pipeline's files
+    assert {p.name for p in shards.iterdir()} == {
+        "train",
+        "eval",
+        "test",
+        "dataset_dict.json",
+        "meta.json",
+        "checksums.json",
+    }  # one DatasetDict and the pipeline's files
     assert len(list((shards / "train").glob("*.arrow"))) == 4  # data.num_shards
 
     # Reused: same directory, untouched files, no preparation.
@@ -78,11 +84,18 @@ def test_split_is_stratified_and_disjoint(workdir):
 
 @pytest.mark.slow
 def test_missing_raw_files_name_the_directory_files_and_fixes(workdir):
-    result = cli(common(workdir, "recipe=mnist_cnn", f"data.root={workdir / 'nothing'}", "data.download=false"),
-                 cwd=workdir)
+    result = cli(
+        common(workdir, "recipe=mnist_cnn", f"data.root={workdir / 'nothing'}", "data.download=false"), cwd=workdir
+    )
     assert result.returncode == 2
-    for word in [str(workdir / "nothing" / "MNIST" / "raw"), "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-                 ".gz", "data.root", "data.download=true"]:
+    for word in [
+        str(workdir / "nothing" / "MNIST" / "raw"),
+        "train-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        ".gz",
+        "data.root",
+        "data.download=true",
+    ]:
         assert word in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workdir / "runs").exists()  # nothing left behind that looks like a run
@@ -180,7 +193,8 @@ def test_loader_workers_serve_the_same_batches(workdir):
     from conftest import summary
 
     assert summary(workdir / "w2" / "runs", "digits")["eval/loss"] == pytest.approx(
-        summary(workdir / "w0" / "runs", "digits")["eval/loss"], rel=1e-6)
+        summary(workdir / "w0" / "runs", "digits")["eval/loss"], rel=1e-6
+    )
 
 
 # ---------------------------------------------------------------- shard integrity (checksums written with them)
@@ -256,8 +270,10 @@ def test_shard_checks_cost(workdir, mnist_root):
     started = time.perf_counter()
     shard_store.check_shards(out, full=True)
     full = time.perf_counter() - started
-    print(f"size check {sizes * 1e3:.2f} ms; full hash {size / 2**20:.1f} MiB in {full * 1e3:.0f} ms "
-          f"({size / 2**20 / full:.0f} MiB/s)")
+    print(
+        f"size check {sizes * 1e3:.2f} ms; full hash {size / 2**20:.1f} MiB in {full * 1e3:.0f} ms "
+        f"({size / 2**20 / full:.0f} MiB/s)"
+    )
     assert sizes < 0.05 and size / 2**20 / full > 50
 
 
@@ -295,8 +311,9 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     mnist = load_recipe("mnist_mlp")
 
     def helpers_hash(name, source):
-        return fingerprints.code_hash(dataclasses.replace(mnist, prepare=functools.partial(
-            module_copy(tmp_path, name, source).idx_splits, MNIST)))
+        return fingerprints.code_hash(
+            dataclasses.replace(mnist, prepare=functools.partial(module_copy(tmp_path, name, source).idx_splits, MNIST))
+        )
 
     helpers = (RECIPES / "_torchvision.py").read_text()
     same = helpers_hash("helpers_a", helpers)

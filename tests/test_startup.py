@@ -23,8 +23,13 @@ HEAVY = ("torch", "datasets", "accelerate", "torchmetrics", "wandb")
 
 def run(script: str, *args, cwd=ROOT) -> tuple[subprocess.CompletedProcess, set[str]]:
     """launch/<script>.py as a user runs it, and the top-level packages it imported (`-X importtime`)."""
-    out = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "launch" / f"{script}.py"), *map(str, args)],
-                         cwd=cwd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "launch" / f"{script}.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)$", out.stderr, re.M))
     return out, {name for name in imported if name in HEAVY}
 
@@ -36,26 +41,33 @@ def test_help_imports_no_torch(script):
     assert not heavy, f"launch/{script}.py --help imported {sorted(heavy)}"
 
 
-@pytest.mark.parametrize("args, says", [
-    (["trainer.epoch=3"], "unknown config key 'trainer.epoch'"),
-    (["trainer.epochs=abc"], "trainer.epochs"),
-    (["optimizer.name=adamx"], "choose one of: sgd, adam"),
-    (["tracking=wandbx"], "choose one of:"),
-    (["trainer.epochs=0"], "bad value trainer.epochs=0: must be >= 1"),
-    (["scheduler.name=onecycle", "scheduler.warmup_steps=5"], "onecycle has its own warmup"),
-    (["--config", "missing.yaml"], "--config missing.yaml: does not exist"),
-    (["--config", "bad.yaml"], "--config bad.yaml: unknown config key 'trainer.epoch'"),
-    (["data.eval_fraction=1.5"], "bad value data.eval_fraction=1.5: must be between 0 and 1"),
-    (["model.init=glorot"], "bad value model.init='glorot'; choose one of: default"),
-    (["data.num_shards=many"], "data.num_shards"),
-    (["recipe=digit"], "unknown recipe 'digit' (no module recipes.digit); available recipes: clouds, digits"),
-    (["--config", "other.yaml"], "--config other.yaml: unknown recipe 'nosuch'"),
-    (["data.foo=1"], "unknown config key 'data.foo'; valid keys under 'data': cache_dir, download, eval_fraction"),
-    (["recipe=image_folder", "data.imag_size=3"], "unknown config key 'data.imag_size'; valid keys under 'data': "
-                                                   "augment, cache_dir, channels"),
-    (["recipe=time_series", "model.targt=level"], "unknown config key 'model.targt'; valid keys under 'model': "
-                                                   "cell, hidden_size, init, num_layers, target"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["trainer.epoch=3"], "unknown config key 'trainer.epoch'"),
+        (["trainer.epochs=abc"], "trainer.epochs"),
+        (["optimizer.name=adamx"], "choose one of: sgd, adam"),
+        (["tracking=wandbx"], "choose one of:"),
+        (["trainer.epochs=0"], "bad value trainer.epochs=0: must be >= 1"),
+        (["scheduler.name=onecycle", "scheduler.warmup_steps=5"], "onecycle has its own warmup"),
+        (["--config", "missing.yaml"], "--config missing.yaml: does not exist"),
+        (["--config", "bad.yaml"], "--config bad.yaml: unknown config key 'trainer.epoch'"),
+        (["data.eval_fraction=1.5"], "bad value data.eval_fraction=1.5: must be between 0 and 1"),
+        (["model.init=glorot"], "bad value model.init='glorot'; choose one of: default"),
+        (["data.num_shards=many"], "data.num_shards"),
+        (["recipe=digit"], "unknown recipe 'digit' (no module recipes.digit); available recipes: clouds, digits"),
+        (["--config", "other.yaml"], "--config other.yaml: unknown recipe 'nosuch'"),
+        (["data.foo=1"], "unknown config key 'data.foo'; valid keys under 'data': cache_dir, download, eval_fraction"),
+        (
+            ["recipe=image_folder", "data.imag_size=3"],
+            "unknown config key 'data.imag_size'; valid keys under 'data': augment, cache_dir, channels",
+        ),
+        (
+            ["recipe=time_series", "model.targt=level"],
+            "unknown config key 'model.targt'; valid keys under 'model': cell, hidden_size, init, num_layers, target",
+        ),
+    ],
+)
 def test_config_error_imports_no_torch(tmp_path, args, says):
     (tmp_path / "bad.yaml").write_text("recipe: digits\ntrainer:\n  epoch: 3\n")
     (tmp_path / "other.yaml").write_text("recipe: nosuch\n")
@@ -77,15 +89,26 @@ def test_sweep_dry_run_and_compare_import_no_torch(tmp_path):
     assert out.returncode == 0 and "0.4" in out.stdout and not heavy, (out.stderr[-2000:], heavy)
 
 
-
 @pytest.mark.parametrize("options", [[], ["--multi_gpu", "--num_processes", "2"]], ids=["one", "two"])
 def test_run_passes_accelerate_what_it_would_warn_about(tmp_path, options):
     # No `accelerate config` file (HF_HOME is empty): launch/run.py passes launch/accelerate/default.yaml.
     processes = 2 if options else 1
-    out = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *options, "--main_process_port",
-                          str(free_port()), str(ROOT / "launch" / "train.py"), "trainer.epoch=3"], cwd=tmp_path,
-                         env=environment(processes, {"HF_HOME": str(tmp_path / "hf")}), capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "run.py"),
+            *options,
+            "--main_process_port",
+            str(free_port()),
+            str(ROOT / "launch" / "train.py"),
+            "trainer.epoch=3",
+        ],
+        cwd=tmp_path,
+        env=environment(processes, {"HF_HOME": str(tmp_path / "hf")}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "unknown config key 'trainer.epoch'" in out.stderr, out.stderr[-2000:]
     assert "defaults used instead" not in out.stderr and "--num_processes" not in out.stderr, out.stderr
 
@@ -129,8 +152,14 @@ def test_progress_bar_per_epoch_on_a_terminal(workdir):
     parent, child = os.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
     env = {k: v for k, v in environment().items() if k != "TQDM_DISABLE"}
-    proc = subprocess.Popen(command(common(workdir, "trainer.epochs=2")), cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=child, text=True)
+    proc = subprocess.Popen(
+        command(common(workdir, "trainer.epochs=2")),
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=child,
+        text=True,
+    )
     os.close(child)
     drawn = b""
     with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
@@ -192,10 +221,9 @@ def test_recipe_keys_file_lists_every_recipes_keys():
     from pipeline import config, overrides
     from pipeline.recipe_contract import load_recipe
 
-    built = {name: overrides.recipe_keys(config.build([], load_recipe(name)))
-             for name in overrides.recipe_names()}
+    built = {name: overrides.recipe_keys(config.build([], load_recipe(name))) for name in overrides.recipe_names()}
     if os.environ.get("UPDATE_RECIPE_KEYS"):
         overrides.RECIPE_KEYS.write_text(json.dumps(built, indent=1) + "\n")
     assert json.loads(overrides.RECIPE_KEYS.read_text()) == built, (
-        "recipes/keys.json is stale: UPDATE_RECIPE_KEYS=1 pytest tests/test_startup.py -k recipe_keys")
-
+        "recipes/keys.json is stale: UPDATE_RECIPE_KEYS=1 pytest tests/test_startup.py -k recipe_keys"
+    )

@@ -26,14 +26,25 @@ def split(tmp_path_factory):
     rng = np.random.default_rng(0)
     n = 3500
     table = datasets.Dataset.from_dict(
-        {"image": rng.integers(0, 256, (n, 3, 4, 5), dtype=np.uint8), "label": rng.integers(0, 7, n),
-         "features": rng.normal(size=(n, 6)).astype(np.float32), "value": rng.normal(size=n),
-         "flag": rng.integers(0, 2, n).astype(bool), "small": rng.integers(-5, 5, n).astype(np.int8)},
-        features=datasets.Features({"image": datasets.Array3D((3, 4, 5), "uint8"),
-                                    "label": datasets.ClassLabel(num_classes=7),
-                                    "features": datasets.List(datasets.Value("float32"), length=6),
-                                    "value": datasets.Value("float64"), "flag": datasets.Value("bool"),
-                                    "small": datasets.Value("int8")}))
+        {
+            "image": rng.integers(0, 256, (n, 3, 4, 5), dtype=np.uint8),
+            "label": rng.integers(0, 7, n),
+            "features": rng.normal(size=(n, 6)).astype(np.float32),
+            "value": rng.normal(size=n),
+            "flag": rng.integers(0, 2, n).astype(bool),
+            "small": rng.integers(-5, 5, n).astype(np.int8),
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Array3D((3, 4, 5), "uint8"),
+                "label": datasets.ClassLabel(num_classes=7),
+                "features": datasets.List(datasets.Value("float32"), length=6),
+                "value": datasets.Value("float64"),
+                "flag": datasets.Value("bool"),
+                "small": datasets.Value("int8"),
+            }
+        ),
+    )
     out = tmp_path_factory.mktemp("shards") / "split"
     table.save_to_disk(str(out), num_shards=3)
     return datasets.load_from_disk(str(out))
@@ -135,18 +146,25 @@ def test_available_memory_stays_within_a_cgroup_limit():
         pytest.skip(f"cannot make a memory cgroup here ({e})")
     try:
         code = "from pipeline.memory_budget import available_memory; print(available_memory())"
-        out = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "{sys.executable}" -c "{code}"'],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "{sys.executable}" -c "{code}"'],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         assert 0 < int(out.stdout) <= 2**30  # the limit less what the process already uses
     finally:
         group.rmdir()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["data.in_memory=maybe"], "data.in_memory"),
-    (["data.in_memory_budget_gb=-1"], "data.in_memory_budget_gb=-1.0: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data.in_memory=maybe"], "data.in_memory"),
+        (["data.in_memory_budget_gb=-1"], "data.in_memory_budget_gb=-1.0: must be >= 0"),
+    ],
+)
 def test_bad_streaming_settings_are_refused(argv, message):
     from pipeline import cli as pipeline_cli
 
@@ -156,8 +174,10 @@ def test_bad_streaming_settings_are_refused(argv, message):
 
 def test_a_recipe_with_its_own_dataset_refuses_streaming_before_any_data_is_read(workdir):
     # The check comes before prepare: here there is not even data, and the message is about the setting.
-    result = cli(common(workdir, "recipe=electricity_forecast", f"data.root={workdir / 'none'}",
-                        "data.in_memory=false"), cwd=workdir)
+    result = cli(
+        common(workdir, "recipe=electricity_forecast", f"data.root={workdir / 'none'}", "data.in_memory=false"),
+        cwd=workdir,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: recipe 'electricity_forecast' builds its own dataset from whole columns" in result.stderr
     assert not (workdir / "cache").exists() and not (workdir / "runs").exists()
@@ -169,8 +189,9 @@ def test_streaming_trains_exactly_as_in_memory(workdir, processes):
     # auto with no budget left streams both splits: the mechanism a split larger than memory takes.
     args = ["trainer.epochs=2", "trainer.log_every=10"]
     ok(cli(common(workdir, *args, "data.in_memory=true", "run_name=memory"), cwd=workdir, processes=processes))
-    streamed = ok(cli(common(workdir, *args, "data.in_memory_budget_gb=0", "run_name=stream"), cwd=workdir,
-                      processes=processes))
+    streamed = ok(
+        cli(common(workdir, *args, "data.in_memory_budget_gb=0", "run_name=stream"), cwd=workdir, processes=processes)
+    )
     assert "data: train 1,437 rows (44 steps/epoch), eval 360 rows; all streamed from the shards" in streamed.stdout
     runs = workdir / "runs" / "digits"
     memory, stream = (json.loads((runs / name / "summary.json").read_text()) for name in ("memory", "stream"))
@@ -194,14 +215,22 @@ def test_a_streamed_split_takes_no_memory_of_its_own(workdir):
     train = [*data_args, "trainer.epochs=1", "trainer.max_steps=5"]
     peaks = {}
     for name, path in (("memory", "data.in_memory=true"), ("stream", "data.in_memory_budget_gb=0.01")):
-        proc = subprocess.Popen(command(common(workdir, *train, path, f"run_name={name}")), cwd=workdir,
-                                env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            command(common(workdir, *train, path, f"run_name={name}")),
+            cwd=workdir,
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         peaks[name] = peak_rss_anon(proc)
         assert proc.wait() == 0, proc.stderr.read()[-3000:]
     runs = workdir / "runs" / "synthetic"
     chosen = json.loads((runs / "stream" / "summary.json").read_text())["data"]
     assert chosen["train"]["path"] == chosen["eval"]["path"] == "stream", chosen
     size = 16000 * (3 * 64 * 64 + 8)
-    print(f"peak RssAnon: {peaks['memory'] / 2**20:,.0f} MiB in memory, {peaks['stream'] / 2**20:,.0f} MiB streamed, "
-          f"data {size / 2**20:,.0f} MiB")
+    print(
+        f"peak RssAnon: {peaks['memory'] / 2**20:,.0f} MiB in memory, {peaks['stream'] / 2**20:,.0f} MiB streamed, "
+        f"data {size / 2**20:,.0f} MiB"
+    )
     assert peaks["memory"] - peaks["stream"] > 0.6 * size, {k: v / 2**20 for k, v in peaks.items()}

@@ -30,8 +30,11 @@ def relative(path: Path) -> str:
 
 
 def functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
-    return [node for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    return [
+        node
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
 
 
 def parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
@@ -69,7 +72,7 @@ def test_no_import_cycles_in_pipeline():
 
     def visit(module: str) -> None:
         if module in path:
-            cycle = path[path.index(module):] + [module]
+            cycle = path[path.index(module) :] + [module]
             pytest.fail(f"import cycle: {' -> '.join(cycle)}")
         if module in done:
             return
@@ -88,8 +91,9 @@ def test_each_pipeline_module_imports_on_its_own():
     names = sorted(f"pipeline.{p.stem}" for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__")
     failed = {}
     for name in names:  # one fresh interpreter each: a cycle shows only when a module is imported first
-        result = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         if result.returncode:
             failed[name] = result.stderr.strip().splitlines()[-1:]
     assert not failed
@@ -109,8 +113,11 @@ def length(node: ast.FunctionDef) -> int:
 
 @pytest.mark.parametrize("name", LOOP_MODULES)
 def test_no_long_argument_lists(name):
-    wide = {f: n for f, node in functions_by_name(name).items()
-            if (n := len(node.args.posonlyargs + node.args.args + node.args.kwonlyargs)) > MAX_PARAMETERS}
+    wide = {
+        f: n
+        for f, node in functions_by_name(name).items()
+        if (n := len(node.args.posonlyargs + node.args.args + node.args.kwonlyargs)) > MAX_PARAMETERS
+    }
     assert not wide, f"pipeline/{name}: functions with more than {MAX_PARAMETERS} parameters: {wide}"
 
 
@@ -136,10 +143,13 @@ def test_train_tells_the_story_and_building_is_elsewhere():
 def test_recipe_modules_and_functions_are_small():
     long_modules = {m.name: n for m in RECIPE_MODULES if (n := len(m.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
-    long_functions = {f"{m.name}:{node.name}": node.end_lineno - node.lineno + 1
-                      for m in RECIPE_MODULES for node in ast.walk(ast.parse(m.read_text()))
-                      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-                      and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    long_functions = {
+        f"{m.name}:{node.name}": node.end_lineno - node.lineno + 1
+        for m in RECIPE_MODULES
+        for node in ast.walk(ast.parse(m.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
 
 
@@ -155,8 +165,12 @@ def private_uses(tree: ast.Module) -> list[str]:
                 elif alias.name.startswith("_"):
                     found.append(f"from {node.module} import {alias.name}")
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
-                and node.attr.startswith("_")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+        ):
             found.append(f"{node.value.id}.{node.attr}")
     return found
 
@@ -170,8 +184,11 @@ TIMING = re.compile(r"\b\d[\d,.]*\s?(?:ms|us|µs|s|sec|seconds)\b|\bfaster\b|\bm
 
 
 def comments_and_docstrings(source: str) -> list[tuple[int, str]]:
-    texts = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
-             if t.type == tokenize.COMMENT]
+    texts = [
+        (t.start[0], t.string)
+        for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type == tokenize.COMMENT
+    ]
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             doc = ast.get_docstring(node, clean=False)
@@ -181,14 +198,45 @@ def comments_and_docstrings(source: str) -> list[tuple[int, str]]:
 
 
 def test_comments_quote_no_timings():
-    quoted = [f"{m.name}:{line}: {TIMING.search(text).group(0)!r}"
-              for m in RECIPE_MODULES for line, text in comments_and_docstrings(m.read_text()) if TIMING.search(text)]
-    assert not quoted, "comments or docstrings that quote timings (say why instead; history goes in commits):\n" + \
-        "\n".join(quoted)
+    quoted = [
+        f"{m.name}:{line}: {TIMING.search(text).group(0)!r}"
+        for m in RECIPE_MODULES
+        for line, text in comments_and_docstrings(m.read_text())
+        if TIMING.search(text)
+    ]
+    assert not quoted, (
+        "comments or docstrings that quote timings (say why instead; history goes in commits):\n" + "\n".join(quoted)
+    )
+
+
+ROW = re.compile(r"^D\d+ (\S+):(\d+)-(\d+) ~ (\S+):(\d+)-(\d+)(.*)$")
+
+
+def only_items_of_a_list(path: Path, first: int, last: int) -> bool:
+    """Lines `first`-`last` hold nothing but the items of an argument list, one a line, as `ruff format` lays out a
+    call too long for one line (`nn.ReLU(),`, `name="digits",`): two such lists of the same shape declare, they do
+    not repeat logic."""
+    lines = path.read_text().splitlines()[first - 1 : last]
+    code = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return all(line.endswith((",", "(", "[", "{")) or line in (")", "]", "}") for line in code)
 
 
 @pytest.mark.skipif(shutil.which("duplicates") is None, reason="the `duplicates` command is not on PATH")
 def test_no_code_written_twice():
-    out = subprocess.run(["duplicates", "--repo", str(RECIPES), "--seconds", "60"], capture_output=True, text=True,
-                         timeout=300).stdout
-    assert out.startswith("no duplicates"), out
+    out = subprocess.run(
+        ["duplicates", "--repo", str(RECIPES), "--seconds", "60", "--most", "50"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    rows = [ROW.match(line) for line in out.splitlines()[1:] if ROW.match(line)]
+    repeated = [
+        row.group(0)
+        for row in rows
+        if not (
+            "shape" in row.group(7)
+            and only_items_of_a_list(RECIPES / row.group(1), int(row.group(2)), int(row.group(3)))
+            and only_items_of_a_list(RECIPES / row.group(4), int(row.group(5)), int(row.group(6)))
+        )
+    ]
+    assert out.startswith("no duplicates") or (rows and not repeated), out

@@ -22,8 +22,15 @@ ONE_PROCESS = f"{BIN / 'accelerate'} launch --num_processes 1 --num_machines 1 -
 
 
 def run_sweep(args: list[str], cwd, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP), *args], cwd=cwd, env=environment(), capture_output=True,
-                          text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(SWEEP), *args],
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 def outputs(workdir, *extra: str) -> list[str]:
@@ -32,22 +39,34 @@ def outputs(workdir, *extra: str) -> list[str]:
 
 # ---- values: a comma outside brackets and quotes separates them
 
-@pytest.mark.parametrize("raw, values", [
-    ("1e-3,3e-3", ["1e-3", "3e-3"]),
-    ("[0.9,0.999]", ["[0.9,0.999]"]),  # a list is one value
-    ("[0.9,0.999],[0.8,0.99]", ["[0.9,0.999]", "[0.8,0.99]"]),
-    ("'a,b',c", ["'a,b'", "c"]),  # a quoted text keeps its comma
-    ("{a: 1, b: 2},{a: 3}", ["{a: 1, b: 2}", "{a: 3}"]),
-    ("32", ["32"]),
-    ("", [""]),  # run_name= and other empty values pass on as typed
-])
+
+@pytest.mark.parametrize(
+    "raw, values",
+    [
+        ("1e-3,3e-3", ["1e-3", "3e-3"]),
+        ("[0.9,0.999]", ["[0.9,0.999]"]),  # a list is one value
+        ("[0.9,0.999],[0.8,0.99]", ["[0.9,0.999]", "[0.8,0.99]"]),
+        ("'a,b',c", ["'a,b'", "c"]),  # a quoted text keeps its comma
+        ("{a: 1, b: 2},{a: 3}", ["{a: 1, b: 2}", "{a: 3}"]),
+        ("32", ["32"]),
+        ("", [""]),  # run_name= and other empty values pass on as typed
+    ],
+)
 def test_values_split_at_top_level_commas(raw, values):
     assert sweep.split_values("key", raw) == values
 
 
 def test_grid_is_every_combination_named_by_its_values(tmp_path):
-    runs = sweep.plan([f"output_dir={tmp_path}", "recipe=digits", "optimizer.lr=1e-3,3e-3",
-                       "optimizer.betas=[0.9,0.999],[0.8,0.99]", "trainer.batch_size=32,64,128"], "s")
+    runs = sweep.plan(
+        [
+            f"output_dir={tmp_path}",
+            "recipe=digits",
+            "optimizer.lr=1e-3,3e-3",
+            "optimizer.betas=[0.9,0.999],[0.8,0.99]",
+            "trainer.batch_size=32,64,128",
+        ],
+        "s",
+    )
     assert len(runs) == 12 and len({r.run_dir for r in runs}) == 12
     assert {r.run_dir.parent for r in runs} == {tmp_path / "digits"}  # one parent folder
     assert runs[0].run_dir.name == "s-01-lr=1e-3-betas=0.9,0.999-batch_size=32"  # no brackets: not a glob
@@ -64,13 +83,16 @@ def test_grid_is_every_combination_named_by_its_values(tmp_path):
     assert names[0] == "s-1-optimizer.name=sgd-scheduler.name=none"
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["optimizer.lr=1e-3,3e-3", "trainer.epoch=1,2"], ["run 1 of the sweep", "unknown config key 'trainer.epoch'"]),
-    (["trainer.batch_size=32,0"], ["run 2 of the sweep", "trainer.batch_size=0", ">= 1"]),  # the last one too
-    (["optimizer.lr=1e-3,"], ["empty value between commas"]),
-    (["run_name=a,b"], ["--name"]),
-    (["optimizer.lr"], ["not key=value"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["optimizer.lr=1e-3,3e-3", "trainer.epoch=1,2"], ["run 1 of the sweep", "unknown config key 'trainer.epoch'"]),
+        (["trainer.batch_size=32,0"], ["run 2 of the sweep", "trainer.batch_size=0", ">= 1"]),  # the last one too
+        (["optimizer.lr=1e-3,"], ["empty value between commas"]),
+        (["run_name=a,b"], ["--name"]),
+        (["optimizer.lr"], ["not key=value"]),
+    ],
+)
 def test_every_combination_is_checked_before_any_run(argv, words):
     with pytest.raises(ConfigError) as e:
         sweep.plan(argv, "s")
@@ -80,23 +102,36 @@ def test_every_combination_is_checked_before_any_run(argv, words):
 
 # ---- the local grid, run for real
 
+
 @pytest.mark.slow
 def test_sweep_runs_every_combination_reports_a_failure_and_ends_with_the_table(workdir):
     # batch 30 does not split into 4 accumulation steps: that run fails when it starts, the others still run.
-    args = ["--name", "grid", "recipe=digits", "trainer.max_steps=4", "trainer.epochs=1", "trainer.grad_accum_steps=4",
-            "optimizer.lr=0.01", "trainer.batch_size=32,30,64", *outputs(workdir)]
+    args = [
+        "--name",
+        "grid",
+        "recipe=digits",
+        "trainer.max_steps=4",
+        "trainer.epochs=1",
+        "trainer.grad_accum_steps=4",
+        "optimizer.lr=0.01",
+        "trainer.batch_size=32,30,64",
+        *outputs(workdir),
+    ]
     started = time.perf_counter()
     result = run_sweep(args, cwd=workdir)
     print(f"3 runs in {time.perf_counter() - started:.1f} s")
     assert result.returncode == 1, result.stdout + result.stderr  # not all succeeded
     assert "multiple of 4" in result.stderr  # the failed run's own message
     out = result.stdout
-    for line in ("[sweep] ok                grid-1-batch_size=32", "[sweep] failed (exit 2)   grid-2-batch_size=30",
-                 "[sweep] ok                grid-3-batch_size=64"):
+    for line in (
+        "[sweep] ok                grid-1-batch_size=32",
+        "[sweep] failed (exit 2)   grid-2-batch_size=30",
+        "[sweep] ok                grid-3-batch_size=64",
+    ):
         assert line in out
     finished = [p.name for p in run_dirs(workdir / "runs", "digits") if (p / "summary.json").exists()]
     assert finished == ["grid-1-batch_size=32", "grid-3-batch_size=64"]
-    table = out[out.index("| run |"):].splitlines()
+    table = out[out.index("| run |") :].splitlines()
     assert "trainer.batch_size" in table[0] and "eval/accuracy" in table[0]  # the key that differs, the results
     assert table[2].startswith("| grid-1-batch_size=32 | done | 32 |") and table[3].startswith("| grid-3-")
     for run in finished:
@@ -107,10 +142,24 @@ def test_sweep_runs_every_combination_reports_a_failure_and_ends_with_the_table(
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_its_running_child(workdir):
-    args = ["--name", "long", "--launcher", ONE_PROCESS, "recipe=digits", "trainer.epochs=500",
-            "optimizer.lr=0.01,0.02", *outputs(workdir)]
-    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=workdir, env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "--name",
+        "long",
+        "--launcher",
+        ONE_PROCESS,
+        "recipe=digits",
+        "trainer.epochs=500",
+        "optimizer.lr=0.01,0.02",
+        *outputs(workdir),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(SWEEP), *args],
+        cwd=workdir,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = workdir / "runs" / "digits" / "long-1-lr=0.01" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -128,8 +177,21 @@ def test_ctrl_c_stops_the_sweep_and_its_running_child(workdir):
 
 
 def test_dry_run_prints_each_command_with_the_launcher(workdir):
-    result = ok(run_sweep(["--dry-run", "--launcher", "accelerate launch --multi_gpu --num_processes 2",
-                           "--name", "d", "recipe=digits", "optimizer.lr=1e-3,3e-3", *outputs(workdir)], cwd=workdir))
+    result = ok(
+        run_sweep(
+            [
+                "--dry-run",
+                "--launcher",
+                "accelerate launch --multi_gpu --num_processes 2",
+                "--name",
+                "d",
+                "recipe=digits",
+                "optimizer.lr=1e-3,3e-3",
+                *outputs(workdir),
+            ],
+            cwd=workdir,
+        )
+    )
     lines = [shlex.split(line) for line in result.stdout.splitlines()]
     assert len(lines) == 2 and not (workdir / "runs").exists()
     assert lines[0][:5] == [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
@@ -143,13 +205,16 @@ def test_sweep_reads_a_config_file(tmp_path):
     task = tmp_path / "task.yaml"
     task.write_text(f"recipe: water_potability\noutput_dir: {tmp_path}\ntrainer: {{epochs: 3}}\n")
     runs = sweep.plan(["--config", str(task), "optimizer.lr=1e-3,3e-3"], "f")
-    assert [r.run_dir for r in runs] == [tmp_path / "water_potability" / "f-1-lr=1e-3",
-                                         tmp_path / "water_potability" / "f-2-lr=3e-3"]
+    assert [r.run_dir for r in runs] == [
+        tmp_path / "water_potability" / "f-1-lr=1e-3",
+        tmp_path / "water_potability" / "f-2-lr=3e-3",
+    ]
     _, cfg = cli.parse(runs[1].argv)
     assert cfg.trainer.epochs == 3 and cfg.optimizer.lr == 3e-3 and runs[1].argv[:2] == ["--config", str(task)]
 
 
 # ---- W&B sweeps: each config run the way `wandb agent` runs it
+
 
 def agent_command(sweep_config: dict) -> list[str]:
     """The command `wandb agent` starts for one run of this sweep (wandb_agent.Agent._command_run), with
@@ -187,10 +252,18 @@ def test_wandb_sweep_configs_build_the_config_their_agent_asks_for(path):
 
 def test_wandb_agent_values_null_and_booleans_read_as_yaml():
     # The agent writes each value with Python's str(): YAML's null arrives as None, true as True.
-    command = agent_command({"program": "launch/train.py", "parameters": {
-        "recipe": {"value": "digits"}, "trainer.max_steps": {"values": [None, 100]},
-        "checkpoint.monitor": {"values": [None, "eval/loss"]}, "trainer.tf32": {"values": [False, True]},
-        "optimizer.betas": {"value": [0.9, 0.99]}}})
+    command = agent_command(
+        {
+            "program": "launch/train.py",
+            "parameters": {
+                "recipe": {"value": "digits"},
+                "trainer.max_steps": {"values": [None, 100]},
+                "checkpoint.monitor": {"values": [None, "eval/loss"]},
+                "trainer.tf32": {"values": [False, True]},
+                "optimizer.betas": {"value": [0.9, 0.99]},
+            },
+        }
+    )
     assert "--trainer.max_steps=None" in command and "--trainer.tf32=False" in command
     _, cfg = cli.parse(command[3:])
     assert cfg.trainer.max_steps is None and cfg.checkpoint.monitor is None and cfg.trainer.tf32 is False
@@ -202,8 +275,11 @@ def test_wandb_agent_command_runs(workdir):
     """The first sweep config's agent command, run as a process: its config prints and reads back."""
     utils = pytest.importorskip("wandb.sdk.launch.sweeps.utils")
     command = agent_command(utils.load_sweep_config(str(ROOT / "launch" / "sweeps" / "water_potability.yaml")))
-    result = ok(subprocess.run([*command, "--print-config"], cwd=ROOT, env=environment(), capture_output=True,
-                               text=True, timeout=300))
+    result = ok(
+        subprocess.run(
+            [*command, "--print-config"], cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300
+        )
+    )
     printed = yaml.safe_load(result.stdout)
     assert printed["recipe"] == "water_potability" and printed["optimizer"]["lr"] == 0.001
     assert printed["trainer"]["batch_size"] == 32

@@ -35,18 +35,24 @@ def tables(folder: Path) -> dict:
     house = houses(folder)
     pd.read_csv(house).to_parquet(folder / "houses.parquet")
     bad = house.read_text().splitlines(keepends=True)
-    bad[5] = "abc" + bad[5][bad[5].index(","):]  # text in a number column
+    bad[5] = "abc" + bad[5][bad[5].index(",") :]  # text in a number column
     bad[9] = "\n"  # a blank line
     bad[20] = bad[20].rstrip() + ",7\n"  # a cell too many
     (folder / "bad.csv").write_text("".join(bad))
-    return {"houses": ["recipe=tabular", f"data.file={house}", "data.target=price"],
-            "parquet": ["recipe=tabular", f"data.file={folder / 'houses.parquet'}", "data.target=price"],
-            "unscaled": ["recipe=tabular", f"data.file={house}", "data.target=price", "data.standardize=false"],
-            "cancer": ["recipe=tabular", f"data.file={cancer_csv(folder)}", "data.target=diagnosis"],
-            "water": ["recipe=water_potability", f"data.root={WATER}"],
-            "water_mean": ["recipe=water_potability", f"data.root={WATER}", "data.impute=mean"],
-            "dropped": ["recipe=tabular", f"data.file={folder / 'bad.csv'}", "data.target=price",
-                        "data.drop_bad_rows=true"]}
+    return {
+        "houses": ["recipe=tabular", f"data.file={house}", "data.target=price"],
+        "parquet": ["recipe=tabular", f"data.file={folder / 'houses.parquet'}", "data.target=price"],
+        "unscaled": ["recipe=tabular", f"data.file={house}", "data.target=price", "data.standardize=false"],
+        "cancer": ["recipe=tabular", f"data.file={cancer_csv(folder)}", "data.target=diagnosis"],
+        "water": ["recipe=water_potability", f"data.root={WATER}"],
+        "water_mean": ["recipe=water_potability", f"data.root={WATER}", "data.impute=mean"],
+        "dropped": [
+            "recipe=tabular",
+            f"data.file={folder / 'bad.csv'}",
+            "data.target=price",
+            "data.drop_bad_rows=true",
+        ],
+    }
 
 
 def whole_table(recipe, cfg, meta: dict) -> tuple[dict, dict]:
@@ -58,25 +64,32 @@ def whole_table(recipe, cfg, meta: dict) -> tuple[dict, dict]:
     values = table[target].to_numpy()
     # classes in their sorted order
     y = values.astype(np.float32) if meta["task"] == "regression" else np.searchsorted(np.unique(values), values)
-    parts = split_indices(len(table), cfg.data.eval_fraction, cfg.data.split_seed,
-                          None if meta["task"] == "regression" else y)
+    parts = split_indices(
+        len(table), cfg.data.eval_fraction, cfg.data.split_seed, None if meta["task"] == "regression" else y
+    )
     columns = split_columns(table, meta["numbers"], categorical)
     x = columns["numbers"][parts[0]]
     stats = {}
     if cfg.data.impute.name != "none":
         stats[cfg.data.impute.name if cfg.data.impute.name == "median" else "fill"] = fill = (
-            np.nanmedian(x, axis=0) if cfg.data.impute.name == "median" else np.nanmean(x, axis=0))
+            np.nanmedian(x, axis=0) if cfg.data.impute.name == "median" else np.nanmean(x, axis=0)
+        )
         x = np.where(np.isnan(x), fill, x)
     scale = cfg.data.standardize
-    stats.update(mean=x.mean(axis=0) if scale else np.zeros(x.shape[1]), std=x.std(axis=0) if scale else
-                 np.ones(x.shape[1]), categories={n: sorted(set(columns[n][parts[0]]) - {""}) for n in categorical})
+    stats.update(
+        mean=x.mean(axis=0) if scale else np.zeros(x.shape[1]),
+        std=x.std(axis=0) if scale else np.ones(x.shape[1]),
+        categories={n: sorted(set(columns[n][parts[0]]) - {""}) for n in categorical},
+    )
     splits = {}
     for name, rows in zip(("train", "eval"), parts):
         label = y[rows]
         if meta["task"] == "regression":
             label = ((label - meta["y_mean"]) / meta["y_std"]).astype(np.float32)
-        splits[name] = {"features": preprocess({k: v[rows] for k, v in columns.items()}, meta)["features"],
-                        "label": label}
+        splits[name] = {
+            "features": preprocess({k: v[rows] for k, v in columns.items()}, meta)["features"],
+            "label": label,
+        }
     return splits, stats
 
 
@@ -101,20 +114,24 @@ def test_bad_cells_are_named_by_their_lines_across_batches(workdir, tiny_batches
     path = houses(workdir / "data")
     lines = path.read_text().splitlines(keepends=True)
     for at in (7, 130, 131, 400):
-        lines[at] = "inf" + lines[at][lines[at].index(","):]
+        lines[at] = "inf" + lines[at][lines[at].index(",") :]
     lines[300] = lines[300].replace("north", '"no\nrth"').replace("south", '"so\nuth"').replace("east", '"ea\nst"')
     lines[50] = "\n"
     path.write_text("".join(lines))
-    recipe, cfg = pipeline_cli.parse(["recipe=tabular", f"data.file={path}", "data.target=price",
-                                      f"data.cache_dir={workdir / 'cache'}"])
+    recipe, cfg = pipeline_cli.parse(
+        ["recipe=tabular", f"data.file={path}", "data.target=price", f"data.cache_dir={workdir / 'cache'}"]
+    )
     with pytest.raises(DataError) as streamed:
         shard_store.prepare(recipe, cfg, log=lambda *a: None)
     columns, _, enough, how = table_columns(cfg, Spec(), path)
     with pytest.raises(DataError) as whole:
         _tables.read(cfg, path, columns, enough, how)
     assert str(streamed.value) == str(whole.value)
-    assert "not a finite number" in str(whole.value) and "4 cells: line 8 column 1 (area) 'inf'; line 131" in str(
-        whole.value) and "line 402 column 1 (area) 'inf'" in str(whole.value)
+    assert (
+        "not a finite number" in str(whole.value)
+        and "4 cells: line 8 column 1 (area) 'inf'; line 131" in str(whole.value)
+        and "line 402 column 1 (area) 'inf'" in str(whole.value)
+    )
 
 
 def test_shards_written_batch_by_batch_are_the_bytes_save_to_disk_writes(workdir, monkeypatch):
@@ -125,13 +142,26 @@ def test_shards_written_batch_by_batch_are_the_bytes_save_to_disk_writes(workdir
     monkeypatch.setattr(_table_stream, "READ_BYTES", 5000 * 5 * 4)
     rng = np.random.default_rng(0)
     rows = 30_001
-    table = pd.DataFrame({"a": rng.normal(size=rows), "b": rng.normal(size=rows) * 100,
-                          "color": rng.choice(["red", "green", "blue"], rows), "label": rng.integers(0, 3, rows)})
+    table = pd.DataFrame(
+        {
+            "a": rng.normal(size=rows),
+            "b": rng.normal(size=rows) * 100,
+            "color": rng.choice(["red", "green", "blue"], rows),
+            "label": rng.integers(0, 3, rows),
+        }
+    )
     table.loc[::17, "b"] = np.nan  # empty cells, filled with the train median
     path = workdir / "table.csv"
     table.to_csv(path, index=False)
-    recipe, cfg = pipeline_cli.parse(["recipe=tabular", f"data.file={path}", "data.target=label", "data.num_shards=3",
-                                      f"data.cache_dir={workdir / 'cache'}"])
+    recipe, cfg = pipeline_cli.parse(
+        [
+            "recipe=tabular",
+            f"data.file={path}",
+            "data.target=label",
+            "data.num_shards=3",
+            f"data.cache_dir={workdir / 'cache'}",
+        ]
+    )
     out = shard_store.prepare(recipe, cfg, log=lambda *a: None)
     for name, split in datasets.load_from_disk(str(out)).items():
         split.save_to_disk(str(workdir / "saved" / name), num_shards=3)

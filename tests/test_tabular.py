@@ -46,17 +46,24 @@ def houses(folder: Path, n: int = 600, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     area, rooms = rng.uniform(30, 150, n), rng.integers(1, 6, n).astype(float)
     town = rng.choice(["north", "south", "east"], n)
-    price = 2.5 * area + 12 * rooms + np.select([town == "north", town == "south"], [40, -25], 0) \
-        + rng.normal(0, 25, n)
+    price = 2.5 * area + 12 * rooms + np.select([town == "north", town == "south"], [40, -25], 0) + rng.normal(0, 25, n)
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"area": area.round(2), "rooms": rooms, "town": town, "price": price.round(2)}).to_csv(
-        folder / "houses.csv", index=False)
+        folder / "houses.csv", index=False
+    )
     return folder / "houses.csv"
 
 
 def parse(workdir: Path, path: Path, *args: str):
-    return pipeline_cli.parse(["recipe=tabular", f"data.root={path.parent}", f"data.file={path.name}",
-                               f"data.cache_dir={workdir / 'cache'}", *args])
+    return pipeline_cli.parse(
+        [
+            "recipe=tabular",
+            f"data.root={path.parent}",
+            f"data.file={path.name}",
+            f"data.cache_dir={workdir / 'cache'}",
+            *args,
+        ]
+    )
 
 
 def prepared(workdir: Path, path: Path, *args: str):
@@ -72,15 +79,19 @@ def held_out(rows: int, stratify: np.ndarray | None = None) -> np.ndarray:
     if stratify is not None:
         columns["label"], features["label"] = stratify, datasets.ClassLabel(num_classes=int(stratify.max()) + 1)
     split = datasets.Dataset.from_dict(columns, features=datasets.Features(features)).train_test_split(
-        test_size=0.2, seed=0, stratify_by_column="label" if stratify is not None else None)
+        test_size=0.2, seed=0, stratify_by_column="label" if stratify is not None else None
+    )
     return np.asarray(split["test"]["row"])
 
 
 @pytest.mark.slow
 def test_breast_cancer_csv_trains_with_no_code_and_predicts(workdir):
     path = cancer_csv(workdir / "data")
-    result = ok(cli(common(workdir, "recipe=tabular", f"data.file={path}", "data.target=diagnosis"), cwd=workdir,
-                    env=ONE_THREAD))
+    result = ok(
+        cli(
+            common(workdir, "recipe=tabular", f"data.file={path}", "data.target=diagnosis"), cwd=workdir, env=ONE_THREAD
+        )
+    )
     assert "data: task binary, inferred from the target 'diagnosis' (2 values: benign, malignant)" in result.stdout
     assert "30 number columns -> 'diagnosis' (binary)" in result.stdout
     [run] = run_dirs(workdir / "runs", "tabular")
@@ -88,7 +99,8 @@ def test_breast_cancer_csv_trains_with_no_code_and_predicts(workdir):
     assert summary["eval/samples"] == 114 and summary["eval/accuracy"] >= 0.95, summary
     matrix = summary["eval/confusion_matrix"]  # rows the true classes: benign, malignant
     assert sum(map(sum, matrix)) == 114 and (matrix[0][0] + matrix[1][1]) / 114 == pytest.approx(
-        summary["eval/accuracy"], abs=1e-6)
+        summary["eval/accuracy"], abs=1e-6
+    )
     assert (run / "confusion_matrix.png").exists() and (run / "curves.png").exists()
 
     # The same CSV, labels and all, predicted with the stored statistics: the held-out rows score as in the run.
@@ -103,8 +115,13 @@ def test_breast_cancer_csv_trains_with_no_code_and_predicts(workdir):
 @pytest.mark.slow
 def test_regression_csv_reaches_the_least_squares_r2(workdir):
     path = houses(workdir / "data")
-    result = ok(cli(common(workdir, "recipe=tabular", f"data.file={path}", "data.target=price",
-                           "trainer.epochs=40"), cwd=workdir, env=ONE_THREAD))
+    result = ok(
+        cli(
+            common(workdir, "recipe=tabular", f"data.file={path}", "data.target=price", "trainer.epochs=40"),
+            cwd=workdir,
+            env=ONE_THREAD,
+        )
+    )
     assert "task regression, inferred from the target 'price'" in result.stdout
     assert "2 number columns, 1 categorical (one-hot): town -> 'price' (regression)" in result.stdout
     [run] = run_dirs(workdir / "runs", "tabular")
@@ -157,8 +174,10 @@ def test_parquet_reads_as_the_same_table(workdir):
 def test_mistakes_are_named(workdir, monkeypatch):
     path = houses(workdir / "data", n=60)
     recipe, cfg = parse(workdir, path)
-    with pytest.raises(ConfigError, match="needs the column to predict: data.target=<column name>; .* has the "
-                                          "columns area, rooms, town, price"):
+    with pytest.raises(
+        ConfigError,
+        match="needs the column to predict: data.target=<column name>; .* has the columns area, rooms, town, price",
+    ):
         recipe.raw_files(cfg)
     with pytest.raises(DataError, match="(?s)no column 'cost' in its header.*set data.target= data.features="):
         prepared(workdir, path, "data.target=cost")
@@ -204,8 +223,12 @@ CHECKED = {  # files that need the checks' verdict: read cell by cell (refused, 
     "a short row": HEADER + "50.5,2,north\n70,3,south,210.25\n",
     "spaces in the header": "area, rooms,town,price\n50.5,2,north,180\n70,3,south,210.25\n",
 }
-COLUMNS = [Column("area", "number", True), Column("rooms", "number", True), Column("town", "category", True),
-           Column("price", "number")]
+COLUMNS = [
+    Column("area", "number", True),
+    Column("rooms", "number", True),
+    Column("town", "category", True),
+    Column("price", "number"),
+]
 
 
 def read_both(tmp_path: Path, text: str):
@@ -245,7 +268,8 @@ def test_a_name_the_header_gives_twice_is_refused_on_every_reader(workdir):
     path = houses(workdir / "data", n=60)
     table = pd.read_csv(path)
     doubled = "area,rooms,area,town,price\n" + "".join(
-        f"{r.area},{r.rooms},{r.area * 2},{r.town},{r.price}\n" for r in table.itertuples())
+        f"{r.area},{r.rooms},{r.area * 2},{r.town},{r.price}\n" for r in table.itertuples()
+    )
     clean, checked = workdir / "data" / "twice.csv", workdir / "data" / "twice-checked.csv"
     clean.write_text(doubled)
     checked.write_text(doubled.replace("\n", "\n\n", 3))  # a blank line: read cell by cell
@@ -254,11 +278,19 @@ def test_a_name_the_header_gives_twice_is_refused_on_every_reader(workdir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table([table.area, table.rooms, table.area * 2, table.town, table.price],
-                            names=["area", "rooms", "area", "town", "price"]), parquet)
+    pq.write_table(
+        pa.table(
+            [table.area, table.rooms, table.area * 2, table.town, table.price],
+            names=["area", "rooms", "area", "town", "price"],
+        ),
+        parquet,
+    )
     for file in (clean, checked, parquet):
-        with pytest.raises(DataError, match=rf"(?s){file.name}: the header names 1 column more than once: 'area' at "
-                                            r"columns 1, 3\. Only the first.*Fix: give every column its own name"):
+        with pytest.raises(
+            DataError,
+            match=rf"(?s){file.name}: the header names 1 column more than once: 'area' at "
+            r"columns 1, 3\. Only the first.*Fix: give every column its own name",
+        ):
             prepared(workdir, file, "data.target=price")
         with pytest.raises(DataError, match="'area' at columns 1, 3"):  # named features too
             prepared(workdir, file, "data.target=price", "data.features=[area,rooms]")
@@ -269,8 +301,11 @@ def test_a_name_the_header_gives_twice_is_refused_on_every_reader(workdir):
 
 def test_the_target_among_the_features_is_refused(workdir):
     path = houses(workdir / "data", n=60)
-    with pytest.raises(ConfigError, match=r"(?s)data.target=price is also among data.features=\['area', 'price'\]: "
-                                          r"the model would be given the answer .*label leak.*Fix: remove price"):
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)data.target=price is also among data.features=\['area', 'price'\]: "
+        r"the model would be given the answer .*label leak.*Fix: remove price",
+    ):
         prepared(workdir, path, "data.target=price", "data.features=[area,price]")
 
 
@@ -278,8 +313,11 @@ def test_a_target_with_one_class_is_refused(workdir):
     path = houses(workdir / "data", n=60)
     pd.read_csv(path).assign(sold="yes", rooms=3).to_csv(path, index=False)
     for target, task in (("sold", "auto"), ("rooms", "auto"), ("rooms", "multiclass"), ("sold", "multiclass")):
-        with pytest.raises(DataError, match=rf"houses.csv: the target column '{target}' has one value in all 60 rows "
-                                            rf"\({target}=(yes|3)\), so there is nothing to classify"):
+        with pytest.raises(
+            DataError,
+            match=rf"houses.csv: the target column '{target}' has one value in all 60 rows "
+            rf"\({target}=(yes|3)\), so there is nothing to classify",
+        ):
             prepared(workdir, path, f"data.target={target}", f"data.task={task}", "data.features=[area]")
 
 
@@ -297,8 +335,13 @@ def test_metrics_of_a_target_near_float32s_limit_are_finite_json(workdir):
     from test_tracking import strict_json
 
     path = big_target(workdir / "data")
-    ok(cli(common(workdir, "recipe=tabular", f"data.file={path}", "data.target=y", "trainer.epochs=1"), cwd=workdir,
-           env=ONE_THREAD))
+    ok(
+        cli(
+            common(workdir, "recipe=tabular", f"data.file={path}", "data.target=y", "trainer.epochs=1"),
+            cwd=workdir,
+            env=ONE_THREAD,
+        )
+    )
     run = run_dirs(workdir / "runs", "tabular")[0]
     summary = strict_json((run / "summary.json").read_text())
     lines = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -310,11 +353,15 @@ def test_metrics_of_a_target_near_float32s_limit_are_finite_json(workdir):
 
 def test_an_unscaled_target_whose_squares_overflow_float32_is_refused(workdir):
     path = big_target(workdir / "data", n=60)
-    with pytest.raises(DataError, match=r"(?s)big.csv: the target column 'y' reaches .*e\+20, and with "
-                                        r"data.standardize=false .*Fix: leave data.standardize=true"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)big.csv: the target column 'y' reaches .*e\+20, and with "
+        r"data.standardize=false .*Fix: leave data.standardize=true",
+    ):
         prepared(workdir, path, "data.target=y", "data.standardize=false")
-    _, meta = prepared(workdir, big_target(workdir / "small", n=60, scale=1e6), "data.target=y",
-                       "data.standardize=false")
+    _, meta = prepared(
+        workdir, big_target(workdir / "small", n=60, scale=1e6), "data.target=y", "data.standardize=false"
+    )
     assert meta["y_std"] == 1.0
 
 
@@ -365,12 +412,35 @@ cli.main("train", "", run)
 def loader_epochs(workdir: Path, processes: int, *args: str) -> tuple[dict, str]:
     script = workdir / "epochs.py"
     script.write_text(EPOCHS)
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
-              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port())] if processes > 1 else [sys.executable]
-    result = ok(subprocess.run([*launch, str(script), *common(workdir / f"p{processes}", *args)], cwd=workdir,
-                               env=environment(processes, {"PYTHONPATH": str(ROOT)}), capture_output=True,
-                               text=True, timeout=300))
+    launch = (
+        [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
+    result = ok(
+        subprocess.run(
+            [*launch, str(script), *common(workdir / f"p{processes}", *args)],
+            cwd=workdir,
+            env=environment(processes, {"PYTHONPATH": str(ROOT)}),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     return json.loads(result.stdout.splitlines()[-1]), result.stdout
 
 
@@ -381,8 +451,10 @@ def test_a_150_row_table_trains_on_every_row_each_epoch_on_1_or_2_processes(work
     # ragged last step of 8 is completed by the epoch's first 8 rows, so all 120 train.
     args = ("recipe=tabular", f"data.file={path}", "data.target=species", "trainer.min_steps_per_epoch=8")
     one, log = loader_epochs(workdir, 1, *args)
-    assert "data: trainer.batch_size 64 -> 16: the 120 train rows make 8 steps an epoch " \
-           "(trainer.min_steps_per_epoch=8)" in log
+    assert (
+        "data: trainer.batch_size 64 -> 16: the 120 train rows make 8 steps an epoch "
+        "(trainer.min_steps_per_epoch=8)" in log
+    )
     assert (one["run_batch"], one["steps"]) == (16, 8)
     for epoch in one["epochs"]:
         assert len(epoch["rows"]) == 128 and epoch["all"] and epoch["rows"][120:] == epoch["rows"][:8]
@@ -402,9 +474,11 @@ def test_the_batch_halves_to_the_steps_asked_as_far_as_the_processes_allow(workd
     assert batch_sizes.fit_batch(cfg, 5000, 1, said.append) is cfg and len(said) == 1  # 79 steps: nothing to do
     # 8 processes cannot split a batch below 8: 15 steps, and the log says why not 16.
     assert batch_sizes.fit_batch(cfg, 120, 8, said.append).trainer.batch_size == 8
-    assert said[-1] == ("data: trainer.batch_size 64 -> 8: the 120 train rows make 15 steps an epoch "
-                        "(trainer.min_steps_per_epoch=16); fewer than 16: a smaller batch would not split into "
-                        "8 process(es) x 1 accumulation step(s)")
+    assert said[-1] == (
+        "data: trainer.batch_size 64 -> 8: the 120 train rows make 15 steps an epoch "
+        "(trainer.min_steps_per_epoch=16); fewer than 16: a smaller batch would not split into "
+        "8 process(es) x 1 accumulation step(s)"
+    )
     _, off = parse(workdir, workdir / "t.csv", "data.target=y", "trainer.min_steps_per_epoch=0")
     assert batch_sizes.fit_batch(off, 120, 1, said.append) is off
 
@@ -414,8 +488,9 @@ def test_number_like_classes_read_as_written(workdir, capsys):
     rng = np.random.default_rng(0)
     folder = workdir / "data"
     folder.mkdir()
-    pd.DataFrame({"a": rng.normal(size=90).round(3), "b": rng.normal(size=90).round(3),
-                  "kind": np.arange(90) % 3}).to_csv(folder / "kinds.csv", index=False)
+    pd.DataFrame(
+        {"a": rng.normal(size=90).round(3), "b": rng.normal(size=90).round(3), "kind": np.arange(90) % 3}
+    ).to_csv(folder / "kinds.csv", index=False)
     _, meta = prepared(workdir, folder / "kinds.csv", "data.target=kind")
     assert meta["class_names"] == ["0", "1", "2"]
     said = capsys.readouterr().out

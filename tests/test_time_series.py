@@ -37,8 +37,16 @@ def edit_rows(path: Path, change) -> None:
 
 def prepare(workdir: Path, path: Path, *args: str, recipe: str = "time_series"):
     """The prepared splits (whole-column tensors) and meta, built in this process."""
-    recipe_, cfg = pipeline_cli.parse([f"recipe={recipe}", f"data.root={path.parent}", f"data.file={path.name}",
-                                       f"data.cache_dir={workdir / 'cache'}", *NAMES, *args])
+    recipe_, cfg = pipeline_cli.parse(
+        [
+            f"recipe={recipe}",
+            f"data.root={path.parent}",
+            f"data.file={path.name}",
+            f"data.cache_dir={workdir / 'cache'}",
+            *NAMES,
+            *args,
+        ]
+    )
     splits, meta = shard_store.open_shards(shard_store.prepare(recipe_, cfg, log=lambda *a: None))
     return {name: tensor_rows.columns(split)["value"] for name, split in splits.items()}, meta
 
@@ -80,8 +88,9 @@ def test_missing_timestamps_and_empty_values_are_interpolated_within_each_part(w
     path = write_series(workdir / "d" / "load.csv")
     raw = pd.read_csv(path)["load"].to_numpy()
     # Rows 100-101 left out (two missing hours), an empty value at 300 and at the last train hour (479).
-    edit_rows(path, lambda t: t.drop(index=[100, 101]).assign(load=lambda x: x["load"].mask(x.index.isin([300, 479]),
-                                                                                           "")))
+    edit_rows(
+        path, lambda t: t.drop(index=[100, 101]).assign(load=lambda x: x["load"].mask(x.index.isin([300, 479]), ""))
+    )
     splits, meta = prepare(workdir, path)
     values = units(splits, meta)
     assert len(values) == 600 and meta["steps_missing"] == 2 and meta["values_filled"] == 2
@@ -124,13 +133,16 @@ def test_mixed_utc_offsets_are_refused_naming_the_first_rows_that_differ(workdir
     local = pd.date_range("2024-03-30 00:00", periods=600, freq="h", tz="UTC").tz_convert("Europe/Berlin")
     edit_rows(path, lambda t: t.assign(date=local.strftime("%Y-%m-%d %H:%M%z")))
     message = refused(workdir, path)
-    assert ("column 'date' mixes UTC offsets: line 2 '2024-03-30 01:00+0100' (UTC+01:00), then line 27 "
-            "'2024-03-31 03:00+0200' (UTC+02:00)") in message
+    assert (
+        "column 'date' mixes UTC offsets: line 2 '2024-03-30 01:00+0100' (UTC+01:00), then line 27 "
+        "'2024-03-31 03:00+0200' (UTC+02:00)"
+    ) in message
     assert "convert the column to one offset, e.g. UTC" in message
     # Some with an offset, some without (pandas reads those as NaT: they were "not a timestamp").
     edit_rows(path, lambda t: t.assign(date=t["date"].where(t.index < 20, t["date"].str[:16])))
     assert "line 2 '2024-03-30 01:00+0100' (UTC+01:00), then line 22 '2024-03-30 21:00' (no offset)" in refused(
-        workdir, path)
+        workdir, path
+    )
     # One offset throughout is one clock: prepared as before.
     edit_rows(path, lambda t: t.assign(date=local.tz_convert("UTC").strftime("%Y-%m-%d %H:%M+00:00")))
     splits, meta = prepare(workdir, path)
@@ -143,8 +155,9 @@ def test_named_columns_and_sizes_are_checked(workdir):
     assert "no column 'kwh'" in message and "data.time_column= data.value_column=" in message
     with pytest.raises(ConfigError, match="data.horizon=0"):
         prepare(workdir, path, "data.horizon=0")
-    recipe, cfg = pipeline_cli.parse(["recipe=time_series", f"data.root={path.parent}", "data.file=load.csv",
-                                      "data.time_column=date"])
+    recipe, cfg = pipeline_cli.parse(
+        ["recipe=time_series", f"data.root={path.parent}", "data.file=load.csv", "data.time_column=date"]
+    )
     with pytest.raises(ConfigError, match="both data.time_column= and data.value_column="):
         recipe.prepare(cfg)
     # Each part must hold a window and the value `horizon` steps after it: 120 eval steps hold 100 + 20.
@@ -170,16 +183,21 @@ def write_calendar(path: Path, freq: str, n: int, drop: tuple[int, ...] = (), em
     rows `drop` left out, values `empty` left empty."""
     t = np.arange(n)
     value = 100 + 0.5 * t + 10 * np.sin(2 * np.pi * t / 12) + np.random.default_rng(3).normal(0, 1, n)
-    table = pd.DataFrame({"date": pd.date_range("1990-01-01", periods=n, freq=freq).strftime("%Y-%m-%d"),
-                          "load": value.round(3).astype(str)})
+    table = pd.DataFrame(
+        {
+            "date": pd.date_range("1990-01-01", periods=n, freq=freq).strftime("%Y-%m-%d"),
+            "load": value.round(3).astype(str),
+        }
+    )
     table.loc[list(empty), "load"] = ""
     path.parent.mkdir(parents=True, exist_ok=True)
     table.drop(index=list(drop)).to_csv(path, index=False)
     return path
 
 
-@pytest.mark.parametrize("freq, gap_steps", [("MS", 1), ("ME", 1), ("QS-JAN", 1), ("YS-JAN", 1), ("B", 1),
-                                             ("W-SUN", 1)])
+@pytest.mark.parametrize(
+    "freq, gap_steps", [("MS", 1), ("ME", 1), ("QS-JAN", 1), ("YS-JAN", 1), ("B", 1), ("W-SUN", 1)]
+)
 def test_calendar_frequencies_are_inferred_and_a_missing_step_is_one_step(workdir, freq, gap_steps):
     path = write_calendar(workdir / "d" / "load.csv", freq, 120, drop=(50,), empty=(7, 90))
     splits, meta = prepare(workdir, path)
@@ -205,12 +223,21 @@ def test_an_untrained_change_model_is_the_naive_forecast(workdir):
     from recipes.time_series import Windows, transform
 
     path = write_series(workdir / "d" / "load.csv")
-    recipe, cfg = pipeline_cli.parse(["recipe=time_series", f"data.root={path.parent}", "data.file=load.csv", *NAMES,
-                                      f"data.cache_dir={workdir / 'cache'}", "data.horizon=3"])
+    recipe, cfg = pipeline_cli.parse(
+        [
+            "recipe=time_series",
+            f"data.root={path.parent}",
+            "data.file=load.csv",
+            *NAMES,
+            f"data.cache_dir={workdir / 'cache'}",
+            "data.horizon=3",
+        ]
+    )
     splits, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg, log=lambda *a: None))
     assert cfg.model.target.name == "change" and meta["window"] == 24 and meta["change_std"] > 0
-    batch = transform(Windows(tensor_rows.columns(splits["eval"])["value"], meta["window"], 3).__getitems__(range(94)),
-                      False, meta)
+    batch = transform(
+        Windows(tensor_rows.columns(splits["eval"])["value"], meta["window"], 3).__getitems__(range(94)), False, meta
+    )
     metrics = recipe.metrics(cfg, meta)[""]
     with torch.no_grad():
         outputs = recipe.model(cfg, meta)(batch["window"])
@@ -225,14 +252,27 @@ def test_an_untrained_change_model_is_the_naive_forecast(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("freq, n, last, past", [("MS", 96, "1997-12-01", "1998-01-01"),
-                                                  ("YE-DEC", 60, "2049-12-31", "2050-12-31")])
+@pytest.mark.parametrize(
+    "freq, n, last, past", [("MS", 96, "1997-12-01", "1998-01-01"), ("YE-DEC", 60, "2049-12-31", "2050-12-31")]
+)
 def test_monthly_and_yearly_files_train_and_predict_at_calendar_dates(workdir, freq, n, last, past):
     """Real dates, one left out; a short series: the default window is half its eval part (96 months: 20 held
     out, window 10; 60 years: 12, window 6)."""
     path = write_calendar(workdir / "d" / "load.csv", freq, n, drop=(20,))
-    result = ok(cli(common(workdir, "recipe=time_series", f"data.root={path.parent}", "data.file=load.csv", *NAMES,
-                           "trainer.epochs=2"), cwd=workdir, env=ONE_THREAD))
+    result = ok(
+        cli(
+            common(
+                workdir,
+                "recipe=time_series",
+                f"data.root={path.parent}",
+                "data.file=load.csv",
+                *NAMES,
+                "trainer.epochs=2",
+            ),
+            cwd=workdir,
+            env=ONE_THREAD,
+        )
+    )
     assert f"one step every {'month start' if freq == 'MS' else 'year end'} ({freq}) (inferred" in result.stdout
     [run] = run_dirs(workdir / "runs", "time_series")
     meta = runs.read_meta(run)
@@ -241,12 +281,18 @@ def test_monthly_and_yearly_files_train_and_predict_at_calendar_dates(workdir, f
     held_out = n - int(n * 0.8)
     assert meta["window"] == held_out // 2 and summary["eval/samples"] == held_out - meta["window"]
 
-    result = ok(cli([f"run={run}", f"input={path}", f"output={workdir / 'out.csv'}"], cwd=workdir, script="predict",
-                    env=ONE_THREAD))
+    result = ok(
+        cli(
+            [f"run={run}", f"input={path}", f"output={workdir / 'out.csv'}"],
+            cwd=workdir,
+            script="predict",
+            env=ONE_THREAD,
+        )
+    )
     out = pd.read_csv(workdir / "out.csv")
     # One forecast per window ending in the file (the left-out row filled in), each at the calendar date it is for.
     assert len(out) == n - meta["window"] + 1 and out["date"].iloc[-1].startswith(past)
-    expected = pd.date_range("1990-01-01", periods=n + 1, freq=freq)[meta["window"]:].strftime("%Y-%m-%d")
+    expected = pd.date_range("1990-01-01", periods=n + 1, freq=freq)[meta["window"] :].strftime("%Y-%m-%d")
     assert [d[:10] for d in out["date"]] == list(expected)
 
 
@@ -256,9 +302,23 @@ def test_monthly_and_yearly_files_train_and_predict_at_calendar_dates(workdir, f
 @pytest.mark.slow
 def test_predictions_on_the_eval_part_give_back_the_runs_eval_metrics(workdir):
     path = write_series(workdir / "d" / "load.csv")
-    ok(cli(common(workdir, "recipe=time_series", f"data.root={path.parent}", "data.file=load.csv", *NAMES,
-                  "data.window=12", "data.horizon=3", "model.cell=gru", "trainer.epochs=2"), cwd=workdir,
-           env=ONE_THREAD))
+    ok(
+        cli(
+            common(
+                workdir,
+                "recipe=time_series",
+                f"data.root={path.parent}",
+                "data.file=load.csv",
+                *NAMES,
+                "data.window=12",
+                "data.horizon=3",
+                "model.cell=gru",
+                "trainer.epochs=2",
+            ),
+            cwd=workdir,
+            env=ONE_THREAD,
+        )
+    )
     [run] = run_dirs(workdir / "runs", "time_series")
     summary = json.loads((run / "summary.json").read_text())
     meta = runs.read_meta(run)
@@ -268,8 +328,14 @@ def test_predictions_on_the_eval_part_give_back_the_runs_eval_metrics(workdir):
     table = pd.read_csv(path)
     recent = table[pd.to_datetime(table["date"]) >= pd.Timestamp(meta["eval_start"])]
     recent.to_csv(workdir / "recent.csv", index=False)
-    result = ok(cli([f"run={run}", f"input={workdir / 'recent.csv'}", f"output={workdir / 'out.csv'}"], cwd=workdir,
-                    script="predict", env=ONE_THREAD))
+    result = ok(
+        cli(
+            [f"run={run}", f"input={workdir / 'recent.csv'}", f"output={workdir / 'out.csv'}"],
+            cwd=workdir,
+            script="predict",
+            env=ONE_THREAD,
+        )
+    )
     assert "predicted: 109 inputs" in result.stdout
     out = pd.read_csv(workdir / "out.csv")
     assert list(out.columns) == ["date", "naive", "forecast"] and len(out) == 120 - 12 + 1
@@ -286,8 +352,9 @@ def test_predictions_on_the_eval_part_give_back_the_runs_eval_metrics(workdir):
     # Fewer rows than the window: how many are needed.
     recent.iloc[:5].to_csv(workdir / "short.csv", index=False)
     recipe, cfg, _ = runs.load_run(run, [])
-    with pytest.raises(DataError, match="5 time steps, but the run's model reads windows of data.window=12: at "
-                                        "least 12 are needed"):
+    with pytest.raises(
+        DataError, match="5 time steps, but the run's model reads windows of data.window=12: at least 12 are needed"
+    ):
         recipe.read_inputs(cfg, meta, workdir / "short.csv")
 
 

@@ -51,9 +51,19 @@ def test_wandb_offline_run_gets_resolved_config_and_metrics(workdir, monkeypatch
         return run
 
     monkeypatch.setattr(wandb, "init", init)
-    _, cfg = pipeline_cli.parse(["trainer.epochs=2", "tracking=wandb", "project=tests", "tracking.tags=[baseline]",
-                                 "tracking.group=mine", "tracking.notes=first try", "tracking.log_model=true",
-                                 f"output_dir={workdir / 'runs'}", f"data.cache_dir={workdir / 'cache'}"])
+    _, cfg = pipeline_cli.parse(
+        [
+            "trainer.epochs=2",
+            "tracking=wandb",
+            "project=tests",
+            "tracking.tags=[baseline]",
+            "tracking.group=mine",
+            "tracking.notes=first try",
+            "tracking.log_model=true",
+            f"output_dir={workdir / 'runs'}",
+            f"data.cache_dir={workdir / 'cache'}",
+        ]
+    )
     try:
         summary = train(cfg)
     finally:
@@ -64,8 +74,13 @@ def test_wandb_offline_run_gets_resolved_config_and_metrics(workdir, monkeypatch
     assert run.project == "tests" or run.settings.project == "tests"
     config = dict(run.config)
     assert config["recipe"] == "digits" and config["trainer"]["epochs"] == 2
-    assert config["optimizer"] == {"name": "adam", "lr": 0.001, "momentum": 0.0, "weight_decay": 0.0,
-                                   "betas": [0.9, 0.999]}
+    assert config["optimizer"] == {
+        "name": "adam",
+        "lr": 0.001,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+    }
     # The runtime the run resolved, as run.json records it: what runs are filtered by.
     run_dir = run_dirs(workdir / "runs", "digits")[0]
     record = json.loads((run_dir / "run.json").read_text())
@@ -115,8 +130,11 @@ def test_wandb_labels_come_from_the_config_unless_wandb_variables_are_set(monkey
 
     assert labels() == {"tags": ["digits", "a", "b"], "group": "g", "notes": "n", "job_type": "eval"}
     assert pipeline_cli.parse([])[1].tracking.group is None  # grouped by the recipe by default:
-    assert tracking.wandb_labels(pipeline_cli.parse([])[1]) == {"tags": ["digits"], "group": "digits",
-                                                                "job_type": "train"}
+    assert tracking.wandb_labels(pipeline_cli.parse([])[1]) == {
+        "tags": ["digits"],
+        "group": "digits",
+        "job_type": "train",
+    }
     # wandb.init reads its variables itself, and an argument would win over them: where one is set, none is given.
     for var in tracking.WANDB_ENV.values():
         monkeypatch.setenv(var, "x")
@@ -150,8 +168,14 @@ def test_online_attempts_of_a_run_share_one_wandb_run(monkeypatch, tmp_path):
 
 def mode_seen_by_a_fresh_process(home, **env) -> str:
     """wandb_mode() without the server check, in a new process (wandb keeps a login for its process)."""
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT),
-           "CUDA_VISIBLE_DEVICES": "", **env}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+        **env,
+    }
     code = "from pipeline import tracking; print(tracking.wandb_mode(verify=False))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -185,8 +209,13 @@ def test_mode_follows_login(tmp_path):
 def test_bad_key_or_no_network_stops_before_training(workdir, processes):
     # This machine has no network: the login check fails as it would for a wrong key, within seconds.
     started = time.perf_counter()
-    result = cli(common(workdir, "trainer.epochs=1", "tracking=wandb"), cwd=workdir, processes=processes,
-                 launcher="run", env={"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "HOME": str(workdir)})
+    result = cli(
+        common(workdir, "trainer.epochs=1", "tracking=wandb"),
+        cwd=workdir,
+        processes=processes,
+        launcher="run",
+        env={"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "HOME": str(workdir)},
+    )
     seconds = time.perf_counter() - started
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("error: W&B rejected the login from WANDB_API_KEY or could not be reached") == 1
@@ -257,6 +286,7 @@ def test_tracker_without_its_package_stops_with_the_install_command(workdir):
 
 def strict_json(text: str):
     """json.loads refusing the NaN/Infinity tokens Python writes by default (they are not JSON)."""
+
     def refuse(token):
         raise ValueError(f"{token} is not JSON")
 
@@ -272,11 +302,22 @@ def test_non_finite_numbers_are_written_as_null_and_read_by_compare(tmp_path):
     record = tracking.LocalRecord(run)
     record.log({"eval/mse": float("inf"), "eval/r2": float("nan"), "eval/mae": 2.5, "epoch": 1}, step=3)
     record.finish()
-    files.write_json(run / "summary.json", {"eval/mse": float("inf"), "eval/r2": float("nan"),
-                                               "eval/per": [1.0, float("-inf")], "best": {"v": float("nan")}})
+    files.write_json(
+        run / "summary.json",
+        {
+            "eval/mse": float("inf"),
+            "eval/r2": float("nan"),
+            "eval/per": [1.0, float("-inf")],
+            "best": {"v": float("nan")},
+        },
+    )
     line = strict_json((run / "metrics.jsonl").read_text())
     assert line == {"step": 3, "eval/mse": None, "eval/r2": None, "eval/mae": 2.5, "epoch": 1}
-    assert strict_json((run / "summary.json").read_text()) == {"eval/mse": None, "eval/r2": None,
-                                                                "eval/per": [1.0, None], "best": {"v": None}}
+    assert strict_json((run / "summary.json").read_text()) == {
+        "eval/mse": None,
+        "eval/r2": None,
+        "eval/per": [1.0, None],
+        "best": {"v": None},
+    }
     header, rows = compare.table([compare.read_run(run)], ["eval/mse", "eval/r2"])
     assert compare.markdown(header, rows).splitlines()[-1].startswith("| a | done | - | - |")

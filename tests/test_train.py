@@ -19,7 +19,8 @@ def test_digits_through_accelerate_launch(workdir):
     assert s["eval/samples"] == 360 and s["num_processes"] == 1
     run = run_dirs(workdir / "runs", "digits")[0]
     assert {"config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "meta.json"} <= {
-        p.name for p in run.iterdir()}
+        p.name for p in run.iterdir()
+    }
     # The record holds one line per logged step/epoch, with the names summary.json uses.
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("eval/accuracy" in line for line in lines) == 10
@@ -39,8 +40,13 @@ def test_digits_through_accelerate_launch(workdir):
 
 @pytest.mark.slow
 def test_mnist_cnn_on_real_mnist(workdir, mnist_root):
-    ok(cli(common(workdir, "recipe=mnist_cnn", f"data.root={mnist_root}", "trainer.epochs=1"),
-           cwd=workdir, launcher="accelerate"))
+    ok(
+        cli(
+            common(workdir, "recipe=mnist_cnn", f"data.root={mnist_root}", "trainer.epochs=1"),
+            cwd=workdir,
+            launcher="accelerate",
+        )
+    )
     s = summary(workdir / "runs", "mnist_cnn")
     # One epoch over 9,000 real digits; the tutorial's network is past 0.95 after one full epoch.
     assert s["eval/accuracy"] >= 0.9 and s["eval/samples"] == 1000
@@ -62,8 +68,7 @@ def test_two_processes_count_every_eval_sample_once(workdir):
     assert len(list((workdir / "cache" / "digits").iterdir())) == 1  # shards built once
     # Same seed, same global batches, averaged gradients: the 1-process run gives the same numbers.
     one_dir = workdir / "one"
-    ok(cli(common(one_dir, "trainer.epochs=2", "data.eval_fraction=0.105", "trainer.eval_batch_size=128"),
-           cwd=workdir))
+    ok(cli(common(one_dir, "trainer.epochs=2", "data.eval_fraction=0.105", "trainer.eval_batch_size=128"), cwd=workdir))
     s1 = summary(one_dir / "runs", "digits")
     assert s1["eval/samples"] == 189
     assert s2["eval/loss"] == pytest.approx(s1["eval/loss"], rel=1e-3)
