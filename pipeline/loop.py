@@ -268,7 +268,7 @@ def save_weights(accelerator, model, folder: Path, **kwargs) -> None:
         accelerator.unwrap_model(model, keep_torch_compile=False), folder, safe_serialization=True, **kwargs
     )
     if accelerator.is_main_process:
-        checkpoint.as_umask_allows(Path(folder).glob("model*.safetensors"))
+        files.as_umask_allows(Path(folder).glob("model*.safetensors"))
 
 
 def finish(run: TrainingRun, state: LoopState) -> dict:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from conftest import command, common, environment
 
-from pipeline import checkpoint
+from pipeline import checkpoint, files
 
 
 def unshare_or_skip(*flags: str) -> list[str]:
@@ -143,7 +143,7 @@ def test_weights_take_the_mode_the_umask_gives_any_file(tmp_path):
     try:
         save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
         (tmp_path / "config.yaml").write_text("x: 1\n")
-        checkpoint.as_umask_allows([tmp_path / "model.safetensors"])
+        files.as_umask_allows([tmp_path / "model.safetensors"])
     finally:
         os.umask(previous)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {

@@ -1,7 +1,7 @@
 """Preparing shards under several processes: no collective timeout on the wait, one fingerprint, errors reach
 every process; a prepare shared by every process (each decodes its part of the shard files of an image folder) is
 byte for byte the one-process build, a killed one is redone, an error in any process's part stops every process
-with its message; and the distributed types the loop refuses."""
+with its message."""
 
 import signal
 import subprocess
@@ -17,8 +17,6 @@ from PIL import Image
 
 from pipeline import cli as pipeline_cli
 from pipeline import decoded_shards, shard_store
-from pipeline.errors import ConfigError
-from pipeline.processes import check_distributed
 from recipes import image_folder
 from recipes._images import image_rows
 from recipes._splits import split_train_eval
@@ -225,41 +223,6 @@ def test_the_waiting_process_says_whom_it_waits_for(capsys):
     with shard_store._waiting("process 2 waiting", speak=False, every=0.05):
         time.sleep(0.2)
     assert capsys.readouterr().out == ""
-
-
-def test_fsdp_is_refused_before_any_work(workdir):
-    # What `accelerate launch --use_fsdp` (or an `accelerate config` with FSDP) sets for the training process.
-    result = cli(common(workdir, "trainer.epochs=1"), cwd=workdir, env={"ACCELERATE_USE_FSDP": "true"})
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "error: accelerate config chose FSDP; this pipeline supports one process, DDP" in result.stderr
-    assert "accelerate launch --multi_gpu" in result.stderr and "Traceback" not in result.stderr
-    assert not (workdir / "cache").exists() and not (workdir / "runs").exists()
-
-
-@pytest.mark.parametrize(
-    "variable,name",
-    [
-        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-        ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
-        ("ACCELERATE_USE_PARALLELISM_CONFIG", "a parallelism config"),
-    ],
-)
-def test_other_sharding_launch_choices_are_refused(monkeypatch, variable, name):
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(ConfigError, match=f"accelerate config chose {name}"):
-        check_distributed()
-
-
-@pytest.mark.parametrize("kind", ["XLA", "MULTI_NPU", "MULTI_XPU", "FSDP", "DEEPSPEED"])
-def test_a_state_of_another_distributed_type_is_refused(kind):
-    # What a TPU host (XLA) or an NPU launch gives the training process: the state's own type, no variable.
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    state = SimpleNamespace(distributed_type=DistributedType[kind])
-    with pytest.raises(ConfigError, match=f"accelerate config chose {DistributedType[kind].value};"):
-        check_distributed(state)
 
 
 # ---------------------------------------------------------------- one prepare shared by every process
