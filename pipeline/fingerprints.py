@@ -10,6 +10,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -69,12 +70,18 @@ def fingerprinted_stats(recipe, cfg: DictConfig, walk: bool = True) -> list[tupl
 
 
 def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
-    """(path relative to data.root, size, mtime in ns) of each raw file the recipe reads, sorted by path."""
-    root, stats = Path(cfg.data.root), []
-    for path in sorted(Path(p) for p in recipe.raw_files(cfg)):
-        stat = path.stat()
-        rel = path.relative_to(root) if path.is_relative_to(root) else path
-        stats.append((str(rel), stat.st_size, stat.st_mtime_ns))
+    """(path relative to data.root, size, mtime in ns) of each raw file the recipe reads, sorted by path.
+
+    One Path a file (its normal form and order) and text from there on: a million images are stat'ed before
+    any process can start decoding them."""
+    root = str(Path(cfg.data.root))
+    # Path.relative_to as a prefix: every relative path is under ".", and an absolute one under no relative root.
+    prefix = "" if root == "." else os.path.join(root, "")
+    stats = []
+    for path in map(str, sorted(Path(p) for p in recipe.raw_files(cfg))):
+        stat = os.stat(path)
+        rel = path[len(prefix) :] if path.startswith(prefix) else path
+        stats.append((rel, stat.st_size, stat.st_mtime_ns))
     return stats
 
 

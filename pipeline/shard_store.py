@@ -81,13 +81,16 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share
 def _source(recipe, cfg: DictConfig) -> str:
     """The raw files a prepare reads, as a person recognizes them: the file, or the folder holding them with
     their count and size (the stats the fingerprint was made from); data.root for a recipe that lists none."""
-    stats = fingerprinted_stats(recipe, cfg, walk=False)
-    if not stats:
-        return str(cfg.data.root)
-    paths = [Path(cfg.data.root, rel) for rel, _, _ in stats]
-    if len(paths) == 1:
-        return str(paths[0])
-    return f"{os.path.commonpath(paths)} ({len(paths):,} files, {files.size_text(sum(s for _, s, _ in stats))})"
+    stats, root = fingerprinted_stats(recipe, cfg, walk=False), str(cfg.data.root)
+    if len(stats) <= 1:
+        return str(Path(root, stats[0][0])) if stats else root
+    # The folders the files are in, a handful however many files: their common path is the files'.
+    folders = [os.path.join(root, folder) for folder in {os.path.dirname(rel) for rel, _, _ in stats}]
+    try:
+        common = os.path.commonpath(folders)
+    except ValueError:  # absolute and relative folders: named from /
+        common = os.path.commonpath([os.path.abspath(folder) for folder in folders])
+    return f"{common} ({len(stats):,} files, {files.size_text(sum(s for _, s, _ in stats))})"
 
 
 def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Path:

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 from pipeline.decoded_shards import Undecoded
 from pipeline.errors import DataError
 from pipeline.files import scratch_folder
+from pipeline.recipe import dataset
 
 
 def undecoded_images(
@@ -36,9 +37,12 @@ def undecoded_images(
     """
     size, resize = cfg.data.image_size, resize_mode(cfg)
     classes = {name: datasets.ClassLabel(names=names) for name, (_, names) in labels.items()}
-    files = datasets.Dataset.from_dict(
-        {"path": paths, **{name: rows for name, (rows, _) in labels.items()}},
-        features=datasets.Features({"path": datasets.Value("string"), **classes}),
+    files = dataset(
+        {
+            "path": np.asarray(paths, dtype=str),
+            **{name: np.asarray(rows, dtype=np.int64) for name, (rows, _) in labels.items()},
+        },
+        datasets.Features({"path": datasets.Value("string"), **classes}),
     )
     features = datasets.Features({**classes, "image": datasets.Array3D(shape=(channels, size, size), dtype="uint8")})
     return Undecoded(files, partial(_decoded, size=size, read=read, resize=resize), features)
@@ -118,7 +122,9 @@ def read_image(path: str, channels: int = 3, max_pixels: int | None = None) -> t
             image = Image.open(f)  # reads the header only
             pixels = image.width * image.height
             if pixels <= limit:
-                return v2.functional.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+                mode = "L" if channels == 1 else "RGB"
+                # convert() to the mode an image has already decodes and then copies it
+                return v2.functional.pil_to_tensor(image if image.mode == mode else image.convert(mode))
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise unreadable(path, e) from None
     raise DataError(

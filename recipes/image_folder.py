@@ -150,9 +150,9 @@ def read_folder(cfg, split: str, hint: str = "") -> ImageFolder:
     return folder
 
 
-def raw_files(cfg, hint: str = "") -> list[Path]:
+def raw_files(cfg, hint: str = "") -> list[str]:
     check_data_keys(cfg)  # the fingerprint asks for the raw files before anything else runs: a typo stops here, at once
-    files = [Path(p) for split in FOLDERS if folder_path(cfg, split) for p, _ in read_folder(cfg, split, hint).samples]
+    files = [p for split in FOLDERS if folder_path(cfg, split) for p, _ in read_folder(cfg, split, hint).samples]
     return with_statistics(cfg, files)
 
 
