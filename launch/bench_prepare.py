@@ -3,7 +3,7 @@ or recipe=image_folder) on 1..N processes of their own, and reports rows/s, MB/s
 
 python launch/bench_prepare.py --mb 1000 --folder /tmp/bench     # a CSV of ~9M rows x 10 columns
 python launch/bench_prepare.py --mb 100 --folder /tmp/bench data.impute=mean   # more keys go to the recipe
-python launch/bench_prepare.py --images 40000 --side 96 --processes 1,2 --folder /tmp/bench --project 8x32
+python launch/bench_prepare.py --images 40000 --side 96 --processes 1,2 --repeat 2 --folder /tmp/bench --project 8x32
 The CSV (8 numbers, one empty cell in 20 in x1, a category, a 3-class label) or the JPEGs (10 class folders) are
 made once per size and seed and reused; the shards go to <folder>/cache and are rebuilt on every run.
 `--project MxC` prints how long 1.28M images (ImageNet's train split) would take on M machines of C cores, from
@@ -70,17 +70,17 @@ def launched(processes: int, script_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script, *script_args]
 
 
-def timed(command: list[str]) -> tuple[str, tuple[int, int, int]]:
+def timed(command: list[str], env: dict | None = None) -> tuple[str, tuple[int, int, int]]:
     """Runs `command`; returns its output and the memory of the one of its processes that took the most:
     (max RSS, peak private, peak anonymous). Max RSS is the kernel's high-water mark (VmHWM, what ru_maxrss and a
     cluster's memory limit count): memory of its own and the pages of files it maps (libraries, memory-mapped
     shards). Private (Private_Clean + Private_Dirty of smaps_rollup) leaves out pages other processes map too;
-    anonymous (RssAnon) is what the kernel cannot drop. The last two are sampled every 50 ms."""
+    anonymous (RssAnon) is what the kernel cannot drop. The last two are sampled every 50 ms. `env`: the
+    processes' environment (default this one's, with OMP_NUM_THREADS=1)."""
     import psutil
 
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if env is None else env
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peaks: dict[int, tuple[int, int, int]] = {}
     while proc.poll() is None:
         try:
@@ -129,43 +129,54 @@ def bench_images(args, keys: list[str]) -> None:
     # Every count starts with the raw files in the page cache: the first would otherwise pay for reading them.
     for path in folder.rglob("*.jpg"):
         path.read_bytes()
-    rates = {}
-    for processes in args.processes:
-        # The last count's shards are removed first, not by --rebuild: deleting a GB of files is not preparing.
-        shutil.rmtree(args.folder / "cache", ignore_errors=True)
-        output, peak = timed(
-            launched(
-                processes,
-                [
-                    "recipe=image_folder",
-                    f"data.train_dir={folder}",
-                    f"data.image_size={args.side}",
-                    f"data.cache_dir={args.folder / 'cache'}",
-                    *keys,
-                ],
-            )
-        )
-        own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s \(.*?, ([\d.,]+) (GB|MB) of shards", output)
-        rows, seconds = int(own[1].replace(",", "")), float(own[2])
-        rates[processes] = rows / seconds
-        print(
-            f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
-            f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; one process's "
-            f"{gib(peak)}"
-        )
-    first = args.processes[0]
+    # The counts take turns (1, 2, 1, 2, ...), so that a change in the machine's other work weighs on each alike.
+    seconds = {processes: [] for processes in args.processes}
+    for _ in range(args.repeat):
+        for processes in args.processes:
+            seconds[processes].append(prepare_images(args, keys, folder, processes))
+    first, best = args.processes[0], {processes: min(times) for processes, times in seconds.items()}
     for processes in args.processes[1:]:
-        print(f"{processes} vs {first} process(es): {rates[first] / rates[processes]:.2f}x the time")
+        rounds = ", ".join(f"{mine / theirs:.2f}x" for mine, theirs in zip(seconds[processes], seconds[first]))
+        print(
+            f"{processes} vs {first} process(es): {best[processes] / best[first]:.2f}x the time (best of each; "
+            f"each round: {rounds})"
+        )
     if args.project:
         machines, cores = (int(n) for n in args.project.lower().split("x"))
-        most = max(rates)  # the rate per process where the most processes shared the work
-        per_process = rates[most] / most
+        most = max(best)  # the rate per process where the most processes shared the work
+        per_process = args.images / best[most] / most
         hours = 1_281_167 / (per_process * machines * cores) / 3600
         print(
             f"projection: 1,281,167 images at {args.side} px on {machines} machine(s) x {cores} cores at "
             f"{per_process:,.0f} images/s per process: {hours * 60:,.1f} min (decoding JPEGs this size; "
             f"photographs of ~110 KB decode several times slower)"
         )
+
+
+def prepare_images(args, keys: list[str], folder: Path, processes: int) -> float:
+    """One prepare of `folder` into an empty cache on `processes` processes, started as a user starts them: one
+    process with its defaults, several by torchrun (which gives each OMP_NUM_THREADS=1); returns its seconds."""
+    # The last run's shards are removed first, not by --rebuild: deleting a GB of files is not preparing.
+    shutil.rmtree(args.folder / "cache", ignore_errors=True)
+    load, started = os.getloadavg()[0], time.perf_counter()
+    script_args = [
+        "recipe=image_folder",
+        f"data.train_dir={folder}",
+        f"data.image_size={args.side}",
+        f"data.cache_dir={args.folder / 'cache'}",
+        *keys,
+    ]
+    output, peak = timed(launched(processes, script_args), env=dict(os.environ))
+    wall = time.perf_counter() - started
+    own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s \(.*?, ([\d.,]+) (GB|MB) of shards", output)
+    rows, seconds = int(own[1].replace(",", "")), float(own[2])
+    print(
+        f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
+        f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; {wall:.1f} s with the "
+        f"processes' start; load average {load:.2f} before; one process's {gib(peak)}",
+        flush=True,
+    )
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         help="process counts to prepare with, e.g. 1,2",
     )
     parser.add_argument("--project", default="", help="MxC: project 1.28M images on M machines of C cores")
+    parser.add_argument("--repeat", type=int, default=1, help="prepare with each process count this many times")
     args, keys = parser.parse_known_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
     if args.images:

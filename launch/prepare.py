@@ -26,9 +26,10 @@ def prepare(recipe, cfg, verify: bool = False, rebuild: bool = False):
     if state is not None and not state.is_main_process:
         shard_store.prepare(recipe, cfg, state, log=lambda *_: None, rebuild=rebuild)
         return
-    reused = not rebuild and (shard_store.shards_dir(recipe, cfg) / shard_store.META_FILE).exists()
     started = time.perf_counter()
-    out = shard_store.prepare(recipe, cfg, state, rebuild=rebuild)  # progress bars for map and save on a terminal
+    out = shard_store.shards_dir(recipe, cfg)  # the fingerprint, once: it walks and stats every raw file
+    reused = not rebuild and (out / shard_store.META_FILE).exists()
+    out = shard_store.prepare(recipe, cfg, state, rebuild=rebuild, fingerprinted=out.name)
     seconds = time.perf_counter() - started
     if verify:
         started = time.perf_counter()

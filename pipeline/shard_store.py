@@ -45,8 +45,9 @@ def shards_dir(recipe, cfg: DictConfig, fingerprinted: str | None = None) -> Pat
     return Path(cfg.data.cache_dir) / recipe.name / (fingerprinted or fingerprint(recipe, cfg))
 
 
-def prepare(recipe, cfg: DictConfig, state=None, log=print, rebuild: bool = False) -> Path:
-    """Builds the recipe's shards unless they exist (or `rebuild`); returns their directory.
+def prepare(recipe, cfg: DictConfig, state=None, log=print, rebuild: bool = False, fingerprinted=None) -> Path:
+    """Builds the recipe's shards unless they exist (or `rebuild`); returns their directory. `fingerprinted`:
+    the fingerprint, if the caller computed it (on the main process; the others never need it).
 
     Reused shards are checked against the checksums written with them (see `check_shards`), so a damaged
     cache stops here, before any run directory exists. Under several processes (`state`: an accelerate
@@ -55,8 +56,8 @@ def prepare(recipe, cfg: DictConfig, state=None, log=print, rebuild: bool = Fals
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # per-shard bars are noise in a job's log
     if state is None or state.num_processes == 1:
-        return _build(recipe, cfg, shards_dir(recipe, cfg), log, rebuild)
-    return _prepare_together(recipe, cfg, state, log, rebuild)
+        return _build(recipe, cfg, shards_dir(recipe, cfg, fingerprinted), log, rebuild)
+    return _prepare_together(recipe, cfg, state, log, rebuild, fingerprinted)
 
 
 def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share=None) -> Path:
@@ -93,7 +94,7 @@ def _source(recipe, cfg: DictConfig) -> str:
     return f"{common} ({len(stats):,} files, {files.size_text(sum(s for _, s, _ in stats))})"
 
 
-def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Path:
+def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool, fingerprinted: str | None) -> Path:
     """The main process fingerprints the raw files and builds (or checks) the shards while the others wait;
     then the main process of every other node does the same in its own cache (which may be node-local),
     under the fingerprint the main process computed. The raw files are walked once, and read once per node at most.
@@ -107,7 +108,7 @@ def _prepare_together(recipe, cfg: DictConfig, state, log, rebuild: bool) -> Pat
     try:
         if state.is_main_process:
             share = Sharing(state, group, log, cfg.data.num_proc)
-            first = [_attempt(lambda: _build(recipe, cfg, shards_dir(recipe, cfg), log, rebuild, share))]
+            first = [_attempt(lambda: _build(recipe, cfg, shards_dir(recipe, cfg, fingerprinted), log, rebuild, share))]
             dist.broadcast_object_list(first, src=0, group=group)
         else:  # a part of the shard files to write, if process 0 hands them out, then its outcome
             first = _take_part(state, group, cfg.data.num_proc)
