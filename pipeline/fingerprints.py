@@ -6,11 +6,13 @@ rebuilds them.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -87,26 +89,34 @@ def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
 
 def code_hash(recipe) -> str:
     """Hash of the source that makes the shards: the whole module that defines prepare() (the recipe's, unless
-    prepare() is a `functools.partial` of a shared helper), and every project function or class it reaches
-    (e.g. the shared helpers in recipes/_*.py), so editing any of them rebuilds the shards.
+    prepare() is a `functools.partial` of a shared helper), every project function or class it reaches
+    (e.g. the shared helpers in recipes/_*.py) and the module-level constants those use, so editing any of them
+    rebuilds the shards.
 
     Source text, not behaviour: a comment or whitespace edit in those places rebuilds them too.
     """
     # A partial of a shared helper (functools' module is its getmodule): that helper and what it reaches only.
     module = None if isinstance(recipe.prepare, functools.partial) else inspect.getmodule(recipe.prepare)
     parts = [inspect.getsource(module)] if module else []
-    parts += [f"{o.__qualname__}\n{inspect.getsource(o)}" for o in _reached(recipe.prepare)]
+    reached = _reached(recipe.prepare)
+    parts += [f"{o.__qualname__}\n{inspect.getsource(o)}" for o in reached]
+    parts += _constants(reached, _project(recipe.prepare))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _project(start) -> set[str]:
+    """This repo's packages and the one that holds `start` (a recipe kept outside this repo)."""
+    start = getattr(start, "func", start)
+    return {*PROJECT, (getattr(start, "__module__", None) or "pipeline").split(".")[0]}
 
 
 def _reached(start) -> list:
     """Project functions and classes that `start` calls, directly or through others, sorted by name.
 
-    The project: this repo's packages and the one that holds `start` (a recipe kept outside this repo).
+    The project: `_project(start)`.
     """
-    start = getattr(start, "func", start)
-    project = {*PROJECT, (getattr(start, "__module__", None) or "pipeline").split(".")[0]}
-    found, todo = {}, [start]
+    project = _project(start)
+    found, todo = {}, [getattr(start, "func", start)]
     while todo:
         obj = todo.pop()
         obj = getattr(obj, "func", obj)  # a functools.partial
@@ -139,3 +149,42 @@ def _names(code) -> set[str]:
         if inspect.iscode(const):
             names |= _names(const)
     return names
+
+
+def _constants(reached: list, project: set[str]) -> list[str]:
+    """The module-level assignments (`HEADERS_READ = 10_000`, `load = partial(...)`) that the reached functions
+    use, as source text, with the ones those assignments use in turn: a constant shapes the shards as much as the
+    function that reads it. Text, like the functions, so a checkout elsewhere or another machine hashes the same.
+    """
+    texts = {}
+    for function in (o for o in reached if inspect.isfunction(o)):
+        names = _names(function.__code__)
+        used = [function.__globals__.get(n) for n in names]
+        modules = [sys.modules.get(function.__module__)]
+        modules += [v for v in used if inspect.ismodule(v) and v.__name__.split(".")[0] in project]
+        for module in filter(None, modules):
+            statements = _assignments(module.__name__)
+            todo = [n for n in names if n in statements]
+            while todo:
+                name = todo.pop()
+                if (module.__name__, name) not in texts:
+                    text, uses = statements[name]
+                    texts[module.__name__, name] = text
+                    todo += [n for n in uses if n in statements]
+    return sorted(f"{name}\n{text}" for (_, name), text in texts.items())  # the text, not where it lives
+
+
+@functools.cache
+def _assignments(module_name: str) -> dict[str, tuple[str, set[str]]]:
+    """A module's top-level assignments by the names they bind: (the statement's text, the names it reads)."""
+    source = inspect.getsource(sys.modules[module_name])
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            reads = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+            for target in targets:
+                for name in (n.id for n in ast.walk(target) if isinstance(n, ast.Name)):
+                    text, earlier = found.get(name, ("", set()))  # a name bound twice keeps both statements
+                    found[name] = (text + ast.get_source_segment(source, node), earlier | reads)
+    return found

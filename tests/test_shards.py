@@ -323,6 +323,13 @@ def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
     assert reached_edit != helpers and helpers_hash("helpers_c", reached_edit) != same
     assert unreached_edit != helpers and helpers_hash("helpers_d", unreached_edit) == same
 
+    # A module-level constant a reached helper reads (torchvision_arrays reads IDX_FILES) is part of the code too;
+    # one nothing reached reads is not.
+    constant_edit = helpers.replace('"test_images": "t10k-images-idx3-ubyte"', '"test_images": "t10k-images.idx3"')
+    unread_edit = helpers + "\nNOT_READ_BY_PREPARE = 1\n"
+    assert constant_edit != helpers and helpers_hash("helpers_e", constant_edit) != same
+    assert helpers_hash("helpers_f", unread_edit) == same
+
     reached = {f.__qualname__ for f in fingerprints._reached(mnist.prepare)}
     assert {"idx_splits", "torchvision_arrays", "image_split", "split_train_eval", "read_idx"} <= reached
     assert not {"loader", "columns", "Rows", "prepare", "check", "read"} & reached
