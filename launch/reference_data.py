@@ -45,6 +45,24 @@ def sklearn_table(loader: str, target: str, classes: bool):
     return write
 
 
+def statsmodels_table(name: str, target: str):
+    """One of statsmodels' data sets as the CSV it would be published as (a text column stays text)."""
+
+    def write(folder: Path) -> list[str]:
+        path = folder / f"{name}.csv"
+        statsmodels_data(name).to_csv(path, index=False)
+        return ["recipe=tabular", f"data.file={path}", f"data.target={target}"]
+
+    return write
+
+
+def water_potability(folder: Path) -> list[str]:
+    """The tests' Kaggle water quality CSV (3,275 rows, empty cells in three columns), as published."""
+    path = folder / "water_potability.csv"
+    shutil.copyfile(TEST_DATA / "water-potability" / "water_potability.csv", path)
+    return ["recipe=tabular", f"data.file={path}", "data.target=Potability"]
+
+
 def save_pngs(images, labels, folder: Path) -> None:
     """uint8 grey images [N, H, W] as <folder>/<label>/<index>.png."""
     from PIL import Image
@@ -186,7 +204,12 @@ ENTRIES = [
     Entry("tables", "iris", sklearn_table("load_iris", "species", True), quick=True),
     Entry("tables", "wine", sklearn_table("load_wine", "cultivar", True)),
     Entry("tables", "breast_cancer", sklearn_table("load_breast_cancer", "diagnosis", True)),
+    Entry("tables", "water_potability", water_potability),
     Entry("tables", "diabetes", sklearn_table("load_diabetes", "progression", False)),
+    Entry("tables", "grunfeld", statsmodels_table("grunfeld", "invest")),  # a text column: the firm
+    Entry("tables", "engel", statsmodels_table("engel", "foodexp")),
+    Entry("tables", "fair", statsmodels_table("fair", "affairs")),
+    Entry("tables", "randhie", statsmodels_table("randhie", "mdvis")),
     Entry("images", "digits", digits_images, quick=True),
     Entry("images", "omniglot_alphabets", omniglot_images),
     Entry("images", "mnist_test", mnist_images),

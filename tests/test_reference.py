@@ -83,3 +83,40 @@ def test_image_set_scored_on_a_test_folder_apart(tmp_path, monkeypatch):
     found = image_baselines(str(shards))
     assert set(found) == {"logistic", "gradient boosting"}
     assert all(0.9 <= value <= 1 for value, _ in found.values()), found
+
+
+def test_table_sets_write_as_a_user_would_and_prepare(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from launch.reference_data import ENTRIES
+    from pipeline import cli as pipeline_cli
+    from pipeline import shard_store
+
+    written = {}
+    for entry in (e for e in ENTRIES if e.family == "tables"):
+        (tmp_path / entry.name).mkdir()
+        written[entry.name] = entry.write(tmp_path / entry.name)
+    # Four class tables and five regression tables, each one CSV with its header, as published.
+    expected = {
+        "iris": (150, "species"),
+        "wine": (178, "cultivar"),
+        "breast_cancer": (569, "diagnosis"),
+        "water_potability": (3275, "Potability"),
+        "diabetes": (442, "progression"),
+        "grunfeld": (220, "invest"),
+        "engel": (235, "foodexp"),
+        "fair": (6366, "affairs"),
+        "randhie": (20190, "mdvis"),
+    }
+    assert set(written) == set(expected)
+    for name, (rows, target) in expected.items():
+        args = written[name]
+        assert args[0] == "recipe=tabular" and args[2] == f"data.target={target}", args
+        path = tmp_path / name / args[1].rsplit("/", 1)[-1]
+        assert args[1] == f"data.file={path}" and path.exists()
+        lines = path.read_text().splitlines()
+        assert len(lines) == rows + 1 and target in lines[0].split(","), (name, lines[0])
+    # grunfeld's firm is written as text: the recipe one-hots it and infers a regression on invest.
+    recipe, cfg = pipeline_cli.parse([*written["grunfeld"], f"data.cache_dir={tmp_path / 'cache'}"])
+    _, meta = shard_store.open_shards(shard_store.prepare(recipe, cfg, log=lambda *a: None))
+    assert meta["task"] == "regression" and meta["categorical"] == ["firm"]
+    assert meta["numbers"] == ["value", "capital", "year"] and len(meta["categories"]["firm"]) == 11

@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs
-from sklearn.datasets import load_breast_cancer, load_iris
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from pipeline import cli as pipeline_cli
 from pipeline import shard_store, tensor_rows
@@ -142,6 +145,26 @@ def test_regression_csv_reaches_the_least_squares_r2(workdir):
     ok(cli([f"run={run}", f"input={path}", f"output={workdir / 'out.csv'}"], cwd=workdir, script="predict"))
     predicted = pd.read_csv(workdir / "out.csv")["price"].to_numpy()[rows]
     assert ((predicted - y) ** 2).mean() == pytest.approx(summary["eval/mse"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_regression_default_reaches_the_ridge_r2_with_its_final_weights(workdir):
+    # scikit-learn's diabetes table (442 rows, 10 numbers) as a CSV: a small, noisy, mostly linear target.
+    frame = load_diabetes(as_frame=True).frame.rename(columns={"target": "progression"})
+    (workdir / "data").mkdir()
+    frame.to_csv(workdir / "data" / "diabetes.csv", index=False)
+    args = ("recipe=tabular", f"data.file={workdir / 'data' / 'diabetes.csv'}", "data.target=progression")
+    result = ok(cli(common(workdir, *args, "checkpoint.weights=final"), cwd=workdir, env=ONE_THREAD))
+    assert "model: hidden layers [32] for regression (model.hidden=null: by task)" in result.stdout
+    summary = json.loads((run_dirs(workdir / "runs", "tabular")[0] / "summary.json").read_text())
+    assert summary["weights"] == "final"
+
+    # A ridge regression on standardized columns, fitted on the same train rows, scored on the same eval rows.
+    rows = held_out(len(frame))
+    train = np.setdiff1d(np.arange(len(frame)), rows)
+    x, y = frame.drop(columns="progression").to_numpy(), frame["progression"].to_numpy()
+    ridge = make_pipeline(StandardScaler(), Ridge()).fit(x[train], y[train]).score(x[rows], y[rows])
+    assert summary["eval/r2"] >= ridge - 0.02, (summary["eval/r2"], ridge)
 
 
 def test_task_inference_one_hot_and_train_only_statistics(workdir):
