@@ -16,7 +16,8 @@ run is that process's, start-up and preparation included. Baselines (scikit-lear
           part, each forecasting the same eval steps as the model (one step ahead, from all values before it)
 Images are scored on their test split, with the weights of the best evaluation (checkpoint.weights=best); tables
 and series have no split apart from eval, so they are scored on it with their final weights: best weights would
-be picked on the very rows that score them.
+be picked on the very rows that score them. Beside the tables' default, the score of its best epoch: what the
+same run reports with the default checkpoint.weights=best.
 Everything is written under --work (default: a temporary folder, removed at the end), never in the repository.
 """
 
@@ -201,6 +202,7 @@ def measure(entry: Entry, work: Path) -> dict:
         sizes = summary.get("data", {})
         run.update(
             value=summary.get(key),
+            best_epoch=best_epoch(run.get("run_dir"), summary, key),
             naive_mse=summary.get("eval/naive_mse"),
             rows=[sizes[split]["rows"] for split in ("train", "eval", "test") if split in sizes],
         )
@@ -218,6 +220,16 @@ def measure(entry: Entry, work: Path) -> dict:
         row["baselines"] = {name: {"value": v, "wall_s": t} for name, (v, t) in fit(shards).items()}
         check_naive(row)
     return row
+
+
+def best_epoch(run_dir: str | None, summary: dict, key: str | None) -> list | None:
+    """[epoch, score] of the best evaluation: what the same run reports with checkpoint.weights=best (the
+    default), its epoch picked on the very eval rows that score it."""
+    epoch = summary.get("best/epoch")
+    if not run_dir or epoch is None:
+        return None
+    records = (json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return next(([epoch, r[key]] for r in records if r.get("epoch") == epoch and key in r), None)
 
 
 def check_naive(row: dict) -> None:
@@ -256,7 +268,8 @@ def markdown(rows: list[dict], header: str) -> str:
         baselines = list(dict.fromkeys(name for r in mine for name in r["baselines"]))
         splits_named = "train/eval/test" if family == "images" else "train/eval"
         ratio = ["default / naive"] if family == "series" else []
-        names = ["data set", splits_named, "metric", "default", "tuned", *baselines, *ratio]
+        best = ["default's best epoch (picked on eval)"] if family == "tables" else []
+        names = ["data set", splits_named, "metric", "default", *best, "tuned", *baselines, *ratio]
         parts += [
             "",
             f"### {family}",
@@ -267,21 +280,24 @@ def markdown(rows: list[dict], header: str) -> str:
             "| --- " * len(names) + "|",
         ]
         for r in mine:
-            parts.append("| " + " | ".join(table_row(r, baselines, ratio)) + " |")
+            parts.append("| " + " | ".join(table_row(r, baselines, ratio, best)) + " |")
     return "\n".join(parts) + "\n"
 
 
-def table_row(r: dict, baselines: list[str], ratio: list[str]) -> list[str]:
+def table_row(r: dict, baselines: list[str], ratio: list[str], best: list[str]) -> list[str]:
     rows_seen = next((run["rows"] for run in r["runs"].values() if run.get("rows")), None)
     name = f"{r['name']} ({r['grid']})" if r.get("grid") else r["name"]
     found = [cell(r["baselines"][b]) if b in r["baselines"] else "-" for b in baselines]
     default, naive = r["runs"]["default"].get("value"), r["baselines"].get("naive", {}).get("value")
     shown = [f"{default / naive:.2f}" if default is not None and naive else "-" for _ in ratio]
+    picked = r["runs"]["default"].get("best_epoch")
+    best_cell = [f"{picked[1]:.3f} (epoch {picked[0]})" if picked else "-" for _ in best]
     return [
         name,
         "/".join(f"{n:,}" for n in rows_seen) if rows_seen else "-",
         (r.get("metric") or "-").split("/")[-1],
         cell(r["runs"]["default"]),
+        *best_cell,
         cell(r["runs"]["tuned"]),
         *found,
         *shown,

@@ -30,6 +30,9 @@ def test_quick_tables_row_beside_its_baselines(tmp_path):
     # Both runs finished and scored; scikit-learn's baselines beat chance (1/3) by far on the same 30 rows.
     for run in row["runs"].values():
         assert "error" not in run and 0 <= run["value"] <= 1 and run["rows"] == [120, 30], run
+    # Beside the final weights' score, the best epoch's (what checkpoint.weights=best reports), read from the run.
+    epoch, best = row["runs"]["default"]["best_epoch"]
+    assert 1 <= epoch <= 20 and 0 <= best <= 1
     assert set(row["baselines"]) == {"logistic / ridge", "gradient boosting"}
     assert all(b["value"] >= 0.8 for b in row["baselines"].values()), row["baselines"]
     # The baselines read the default run's shards: its eval split, the rows the run's metric counted.
