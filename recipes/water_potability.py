@@ -1,6 +1,6 @@
 """water_potability: is this water safe to drink? 9 measurements -> MLP 9-16-8-1 (BatchNorm, ELU, He init).
 
-A preset of `tabular`: the Kaggle "Water Quality" CSV as published (3,276 rows), <data.root>/water_potability.csv.
+A preset of `tabular`: the Kaggle "Water Quality" CSV as published (3,275 rows), <data.root>/water_potability.csv.
 Empty cells are filled with the train medians, then every column is standardized (train statistics).
 python launch/train.py recipe=water_potability data.root=data
 """
