@@ -164,14 +164,16 @@ def weights_file(run_dir: Path, weights: str = "final") -> Path:
 def load_model(run_dir, recipe: Recipe, cfg, meta: dict, weights: str = "final", say=print) -> torch.nn.Module:
     """The recipe's model for this config and meta, with the run's weights loaded strictly (on the CPU)."""
     path = weights_file(Path(run_dir), weights)
-    check_own_weights(Path(run_dir), path, weights not in WEIGHTS, say)
-    try:
+    try:  # read first: a file cut short is damaged, whatever its hash says
         state = load_file(path)
     except Exception as e:  # safetensors names what it could not read; any failure means the file is unusable
+        other = {"final": "best", "best": "final"}.get(weights)
+        instead = f"; weights={other} evaluates the run's other weights" if other else ""
         raise DataError(
             f"cannot read the weights {path}: {str(e).splitlines()[0]}. The file is damaged (cut short "
-            f"or overwritten); a copy of the run folder from before, or training again, gives it back"
+            f"or overwritten); a copy of the run folder from before, or training again, gives it back{instead}"
         ) from None
+    check_own_weights(Path(run_dir), path, weights not in WEIGHTS, say)
     try:
         model = recipe.model(cfg, meta)
     except KeyError as e:  # a fact the recipe reads now that an older version did not keep

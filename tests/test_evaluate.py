@@ -113,11 +113,17 @@ def test_only_data_may_change_after_training(finished):
 def test_damaged_or_foreign_weights_are_named(finished):
     recipe, cfg, meta = runs.load_run(finished)
     weights = finished / "model.safetensors"
+    (finished / "run.json").write_text(json.dumps({"weights": {"model.safetensors": files.sha256(weights)}}))
     whole = weights.read_bytes()
     weights.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(DataError, match="cannot read the weights .*model.safetensors: .*damaged"):
+    # Cut short, it is damaged (not "replaced", though its hash differs from the one run.json records).
+    with pytest.raises(DataError, match="cannot read the weights .*model.safetensors: .*damaged.*weights=best"):
         runs.load_model(finished, recipe, cfg, meta)
+    # Whole but another file: replaced, which names the fix (put it back, or name it explicitly).
     save_file({"net.0.weight": recipe.model(cfg, meta).state_dict()["net.0.weight"]}, weights)
+    with pytest.raises(DataError, match="is not the file this run saved.*replaced"):
+        runs.load_model(finished, recipe, cfg, meta)
+    (finished / "run.json").unlink()  # a run recorded before the hashes: the file is loaded, and does not fit
     with pytest.raises(ConfigError, match="do not fit the model recipe 'digits' builds now: Missing key"):
         runs.load_model(finished, recipe, cfg, meta)
     with pytest.raises(ConfigError, match="has no best.safetensors"):
