@@ -318,7 +318,7 @@ def finish(run: TrainingRun, state: LoopState) -> dict:
         if accelerator.is_main_process:
             files.write_json(run.run_dir / "summary.json", summary)
             checkpoint.remove_all(run.run_dir)  # only the folders it wrote: a person's files stay
-            plots.write(run.run_dir, results, class_names, say=accelerator.print)
+            plots.write(run.run_dir, summary, class_names, say=accelerator.print)
     accelerator.print(report.summary_line(summary))
     accelerator.end_training()
     return summary

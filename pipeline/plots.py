@@ -14,14 +14,15 @@ MAX_METRICS = 8  # eval metrics drawn beside the losses; per-class values are le
 SPLITS = ("eval", "test")
 
 
-def write(run_dir: Path, results: dict, class_names: list | None, say=print) -> list[Path]:
+def write(run_dir: Path, summary: dict, class_names: list | None, say=print) -> list[Path]:
     """Both pictures, where there is something to draw. A picture that fails is one line through `say`: the
     weights and the summary are written by then, and a plot is never worth failing the run for."""
     run_dir = Path(run_dir)
     jobs = [("curves.png", lambda out: curves(read_lines(run_dir / "metrics.jsonl"), out, class_names))]
-    matrices = {s: results[f"{s}/confusion_matrix"] for s in SPLITS if f"{s}/confusion_matrix" in results}
+    matrices = {s: summary[f"{s}/confusion_matrix"] for s in SPLITS if f"{s}/confusion_matrix" in summary}
     if matrices and class_names:
-        jobs.append(("confusion_matrix.png", lambda out: confusion_matrix(matrices, class_names, out)))
+        weights = which_weights(summary)
+        jobs.append(("confusion_matrix.png", lambda out: confusion_matrix(matrices, class_names, out, weights)))
     written = []
     for name, draw in jobs:
         try:
@@ -30,6 +31,13 @@ def write(run_dir: Path, results: dict, class_names: list | None, say=print) -> 
         except Exception as e:  # noqa: BLE001 -- any failure of a picture, by design (see above)
             say(f"plots: {name} was not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return written
+
+
+def which_weights(summary: dict) -> str:
+    """The weights the summary's scores are of: `best weights (epoch 3)` or `final weights`."""
+    if summary.get("weights") == "best" and summary.get("best/epoch") is not None:
+        return f"best weights (epoch {summary['best/epoch']})"
+    return f"{summary.get('weights', 'final')} weights"
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -89,7 +97,7 @@ def curves(lines: list[dict], out: Path, class_names: list | None = None) -> Non
     plt.close(fig)
 
 
-def confusion_matrix(matrices: dict, class_names: list, out: Path) -> None:
+def confusion_matrix(matrices: dict, class_names: list, out: Path, weights: str = "final weights") -> None:
     """One panel per split: counts, rows the true classes, columns the predicted ones."""
     plt = pyplot()
     n = len(class_names)
@@ -105,7 +113,7 @@ def confusion_matrix(matrices: dict, class_names: list, out: Path) -> None:
             yticks=range(n),
             xlabel="predicted",
             ylabel="true",
-            title=f"{split}: {total:,} samples, final weights",
+            title=f"{split}: {total:,} samples, {weights}",
         )
         slanted = n > 4 and max(map(len, map(str, class_names))) > 2  # long names would overlap
         ax.set_xticklabels(class_names, rotation=45 if slanted else 0, ha="right" if slanted else "center")

@@ -33,7 +33,12 @@ def test_a_finished_classifier_run_draws_its_curves_and_confusion_matrix(digits_
         assert path.read_bytes()[:8] == PNG
         height, width, _ = imread(path).shape  # a whole image PNG readers decode
         assert height > 300 and width > 300
-    # The matrix drawn is the final evaluation's: every eval sample counted once, the diagonal its accuracy.
+    # The matrix drawn is the reported weights' evaluation (its title says which): every eval sample counted
+    # once, the diagonal its accuracy.
+    assert plots.which_weights(summary) == f"{summary['weights']} weights" + (
+        f" (epoch {summary['best/epoch']})" if summary["weights"] == "best" else ""
+    )
+    assert plots.which_weights({"weights": "final", "best/epoch": 1}) == "final weights"
     matrix = summary["eval/confusion_matrix"]
     assert len(matrix) == len(matrix[0]) == 10
     assert sum(map(sum, matrix)) == summary["eval/samples"] == summary["data"]["eval"]["rows"] == 360
