@@ -208,7 +208,7 @@ def summary_line(summary: dict) -> str:
     )[:SHOWN_SCORES]
     shown = " ".join(f"{k}={summary[k]:.4f}" for k in keys)
     return (
-        f"done: {summary['recipe']} {summary['epochs']} epochs {summary['steps']} steps "
+        f"done: {summary['recipe']} {count(summary['epochs'], 'epoch')} {count(summary['steps'], 'step')} "
         f"{summary['train/samples_per_s']:,.0f} samples/s {weights_text(summary)}{shown} -> {summary['run_dir']}"
     )
 
@@ -220,5 +220,10 @@ def weights_text(summary: dict) -> str:
     monitor = next(k.removeprefix("best/") for k in summary if k.startswith("best/eval/"))
     return (
         f"weights: best (epoch {summary['best/epoch']} of {summary['epochs']}, {monitor} "
-        f"{summary['best/' + monitor]:.4g}) "
+        f"{summary['best/' + monitor]:.4f}) "
     )
+
+
+def count(n: int, noun: str) -> str:
+    """`1 epoch`, `2,430 steps`."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

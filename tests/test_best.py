@@ -182,11 +182,13 @@ def test_the_done_line_says_the_weights_then_test_then_averages_before_classes()
         "best/epoch": 9,
     }
     assert summary_line(summary) == (
-        "done: image_folder 11 epochs 99 steps 10 samples/s weights: best (epoch 9 of 11, eval/accuracy 0.97) "
+        "done: image_folder 11 epochs 99 steps 10 samples/s weights: best (epoch 9 of 11, eval/accuracy 0.9700) "
         "test/accuracy=0.9000 test/f1_macro=0.8900 eval/accuracy=0.9700 eval/f1_macro=0.9600 test/loss=0.4000 "
         "eval/loss=0.3000 eval/f1_micro=0.9700 test/f1/cat=0.5000 -> r"
     )
     assert "samples/s weights: final test/accuracy=0.9000" in summary_line({**summary, "weights": "final"})
+    # Counts as a person writes them: one epoch, thousands grouped.
+    assert summary_line({**summary, "epochs": 1, "steps": 2430}).startswith("done: image_folder 1 epoch 2,430 steps ")
 
 
 def check_run_record(record: dict) -> None:
