@@ -61,8 +61,8 @@ class Best:
         self.monitor = self.monitor or next(k for k in DEFAULT_MONITORS if k in results)
         self.mode = self.mode or default_mode(self.monitor)
         value = results.get(self.monitor)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            available = ", ".join(k for k, v in results.items() if isinstance(v, (int, float)))
+        if not is_metric(self.monitor, value):
+            available = ", ".join(k for k, v in results.items() if is_metric(k, v))
             raise ConfigError(
                 f"checkpoint.monitor={self.monitor} is not a metric this recipe's evaluation reports; "
                 f"choose one of: {available}"
@@ -107,6 +107,11 @@ class Best:
             "stopped_early": self.stopped_early is not None,
             **({"stopped_early/reason": self.stopped_early} if self.stopped_early else {}),
         }
+
+
+def is_metric(key: str, value) -> bool:
+    """A score an evaluation reports (a number); its sample count is not one."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not key.endswith("/samples")
 
 
 def default_mode(metric: str) -> str:

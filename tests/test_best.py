@@ -239,6 +239,10 @@ def test_early_stopping_and_monitor_values_are_checked():
     with pytest.raises(ConfigError, match="choose one of: auto, max, min"):
         config.build(["checkpoint.mode=maximum"], digits)
     assert config.build(["checkpoint.mode=MIN"], digits).checkpoint.mode.name == "min"
+    # A sample count is no score: monitoring it is refused, and the choices offered are the metrics alone.
+    counted = Best.of(config.build(["checkpoint.monitor=eval/samples"], digits))
+    with pytest.raises(ConfigError, match=r"eval/samples is not a metric.*choose one of: eval/loss, eval/accuracy$"):
+        counted.update({"eval/loss": 0.5, "eval/samples": 360, "eval/accuracy": 0.8}, 10, 1, OneProcess())
 
 
 class OneProcess:
