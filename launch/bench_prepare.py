@@ -158,7 +158,7 @@ def prepare_images(args, keys: list[str], folder: Path, processes: int) -> float
     process with its defaults, several by torchrun (which gives each OMP_NUM_THREADS=1); returns its seconds."""
     # The last run's shards are removed first, not by --rebuild: deleting a GB of files is not preparing.
     shutil.rmtree(args.folder / "cache", ignore_errors=True)
-    load, started = os.getloadavg()[0], time.perf_counter()
+    load, started, before = os.getloadavg()[0], time.perf_counter(), cpu_seconds()
     script_args = [
         "recipe=image_folder",
         f"data.train_dir={folder}",
@@ -167,16 +167,29 @@ def prepare_images(args, keys: list[str], folder: Path, processes: int) -> float
         *keys,
     ]
     output, peak = timed(launched(processes, script_args), env=dict(os.environ))
-    wall = time.perf_counter() - started
+    wall, others = time.perf_counter() - started, cpu_seconds() - before
     own = re.search(r"prepared ([\d,]+) rows in ([\d.]+) s \(.*?, ([\d.,]+) (GB|MB) of shards", output)
     rows, seconds = int(own[1].replace(",", "")), float(own[2])
     print(
         f"{processes} process(es): {rows:,} images in {seconds:.1f} s: {rows / seconds:,.0f} images/s "
         f"({rows / seconds / processes:,.0f} per process), {own[3]} {own[4]} of shards; {wall:.1f} s with the "
-        f"processes' start; load average {load:.2f} before; one process's {gib(peak)}",
+        f"processes' start; load average {load:.2f} before, {others:.1f} CPU-s of other work meanwhile; one "
+        f"process's {gib(peak)}",
         flush=True,
     )
     return seconds
+
+
+def cpu_seconds() -> float:
+    """CPU seconds the machine has spent on anything but this bench and the processes it ran and waited for:
+    the other work that shares the cores with a measurement (the kernel's own included)."""
+    import resource
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    own = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return (user + nice + system + irq + softirq + steal) / ticks - sum(r.ru_utime + r.ru_stime for r in own)
 
 
 def main(argv: list[str] | None = None) -> None:

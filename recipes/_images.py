@@ -143,8 +143,9 @@ def unreadable(path: str, e: Exception) -> DataError:
 
 # PIL modes without colour: one grey (or black/white) channel, with or without alpha.
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-# At most this many headers are read, evenly spread over the files: enough for a median, a second at most.
-HEADERS_READ = 10_000
+# At most this many headers are read, evenly spread over the files (and so over the class folders): the median
+# of a thousand images is the set's, and no process can start decoding until they are read.
+HEADERS_READ = 1_000
 
 
 def image_headers(paths: list[str]) -> dict:
