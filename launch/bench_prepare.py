@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS_PER_CHUNK = 100_000
+PRIVATE_EVERY = 20  # samples of 50 ms
 
 
 def generate(path: Path, mb: float, seed: int = 0) -> int:
@@ -75,24 +76,30 @@ def timed(command: list[str], env: dict | None = None) -> tuple[str, tuple[int, 
     (max RSS, peak private, peak anonymous). Max RSS is the kernel's high-water mark (VmHWM, what ru_maxrss and a
     cluster's memory limit count): memory of its own and the pages of files it maps (libraries, memory-mapped
     shards). Private (Private_Clean + Private_Dirty of smaps_rollup) leaves out pages other processes map too;
-    anonymous (RssAnon) is what the kernel cannot drop. The last two are sampled every 50 ms. `env`: the
-    processes' environment (default this one's, with OMP_NUM_THREADS=1)."""
+    anonymous (RssAnon) is what the kernel cannot drop. Anonymous memory is sampled every 50 ms, private memory
+    and the processes' list every PRIVATE_EVERY samples: both walk much more (a process's page tables, every
+    process), and at every sample they slowed the prepare they measured. `env`: the processes' environment
+    (default this one's, with OMP_NUM_THREADS=1)."""
     import psutil
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if env is None else env
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peaks: dict[int, tuple[int, int, int]] = {}
+    family, sample = [], 0
     while proc.poll() is None:
-        try:
-            family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
-        except psutil.Error:
-            family = []
+        full = sample % PRIVATE_EVERY == 0
+        if full:
+            try:
+                family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+            except psutil.Error:
+                family = []
         for pid in family:
             try:
-                now = memory(pid)
+                now = memory(pid, private=full)
             except OSError:  # the process ended
                 continue
             peaks[pid] = tuple(max(a, b) for a, b in zip(peaks.get(pid, (0, 0, 0)), now))
+        sample += 1
         time.sleep(0.05)
     output = proc.stdout.read()
     if proc.returncode:
@@ -100,17 +107,20 @@ def timed(command: list[str], env: dict | None = None) -> tuple[str, tuple[int, 
     return output, tuple(max((p[i] for p in peaks.values()), default=0) for i in range(3))
 
 
-def memory(pid: int) -> tuple[int, int, int]:
-    """(VmHWM, Private_Clean + Private_Dirty, Anonymous) of process `pid`, in bytes."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+def memory(pid: int, private: bool = True) -> tuple[int, int, int]:
+    """(VmHWM, Private_Clean + Private_Dirty (0 unless `private`), RssAnon) of process `pid`, in bytes."""
+    texts = [Path(f"/proc/{pid}/status").read_text()]
+    if private:
+        texts.append(Path(f"/proc/{pid}/smaps_rollup").read_text())
     kb = {
         line.split(":")[0]: int(line.split()[1])
-        for text in (status, rollup)
+        for text in texts
         for line in text.splitlines()
-        if line.split(":")[0] in ("VmHWM", "Private_Clean", "Private_Dirty", "Anonymous")
+        if line.split(":")[0] in ("VmHWM", "Private_Clean", "Private_Dirty", "RssAnon")
     }
-    return kb["VmHWM"] * 1024, (kb["Private_Clean"] + kb["Private_Dirty"]) * 1024, kb["Anonymous"] * 1024
+    if "VmHWM" not in kb:  # a process that has ended, not yet reaped
+        raise ProcessLookupError(pid)
+    return kb["VmHWM"] * 1024, (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) * 1024, kb["RssAnon"] * 1024
 
 
 def gib(peak: tuple[int, int, int]) -> str:

@@ -10,6 +10,7 @@ the same layout, and the build moves the files into place (`Written`) instead of
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -109,6 +110,7 @@ def write_shard(split: Undecoded, index: int, count: int, folder: Path) -> dict:
     returns its {"<split>/<file>": {size, sha256}}: the writer hashes what it wrote while the bytes are in the
     page cache, so a build shared by many processes is not left hashing every file on one of them.
     Written under a temporary name and renamed: a killed writer leaves no shard file."""
+    keep_freed_memory()
     part = split.rows.shard(num_shards=count, index=index, contiguous=True)
     target = folder / shard_name(index, count)
     partial = target.with_name(f".{target.name}.partial")
@@ -122,6 +124,25 @@ def write_shard(split: Undecoded, index: int, count: int, folder: Path) -> dict:
     sums = {"size": partial.stat().st_size, "sha256": files.sha256(partial)}
     partial.rename(target)
     return {f"{folder.name}/{target.name}": sums}
+
+
+# glibc's mallopt(3) parameters, and the values a decoding process sets: blocks under MAP_FROM come from the heap,
+# and the heap gives freed memory back to the kernel once more than TRIM_AT is free at its top.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_AT, MAP_FROM = 64 * 2**20, 16 * 2**20
+
+
+def keep_freed_memory() -> None:
+    """Has glibc keep a decoded batch's freed arrays (MiBs each) for the next batch. By default it maps every
+    block over 128 KiB afresh and unmaps it when freed, until the process happens to free a larger block: a process
+    that had not, such as one handed its share of a build, faulted in new pages for every batch and decoded
+    slower than the process that had. Not glibc (no mallopt): nothing to do."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return
+    mallopt(M_TRIM_THRESHOLD, TRIM_AT)
+    mallopt(M_MMAP_THRESHOLD, MAP_FROM)
 
 
 def _write(args) -> dict:
