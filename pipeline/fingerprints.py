@@ -74,17 +74,32 @@ def fingerprinted_stats(recipe, cfg: DictConfig, walk: bool = True) -> list[tupl
 def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:
     """(path relative to data.root, size, mtime in ns) of each raw file the recipe reads, sorted by path.
 
-    One Path a file (its normal form and order) and text from there on: a million images are stat'ed before
-    any process can start decoding them."""
+    Paths as text in Path's normal form and order, with no Path made for text already in that form: a million
+    images are stat'ed before any process can start decoding them."""
     root = str(Path(cfg.data.root))
     # Path.relative_to as a prefix: every relative path is under ".", and an absolute one under no relative root.
     prefix = "" if root == "." else os.path.join(root, "")
     stats = []
-    for path in map(str, sorted(Path(p) for p in recipe.raw_files(cfg))):
+    for path in sorted(map(_normal, recipe.raw_files(cfg)), key=_parts):
         stat = os.stat(path)
         rel = path[len(prefix) :] if path.startswith(prefix) else path
         stats.append((rel, stat.st_size, stat.st_mtime_ns))
     return stats
+
+
+def _normal(path) -> str:
+    """str(Path(path)): text with no empty or "." part and no trailing "/" is so already."""
+    normal = isinstance(path, str) and path not in ("", ".") and "//" not in path and "/./" not in path
+    if normal and not path.startswith("./") and not path.endswith(("/", "/.")):
+        return path
+    return str(Path(path))
+
+
+def _parts(path: str) -> list[str]:
+    """Path(path).parts of a path in normal form, by which Paths sort: the root ("/", or POSIX's "//") first."""
+    root = "//" if path.startswith("//") else "/" if path.startswith("/") else ""
+    rest = path[len(root) :]
+    return ([root] if root else []) + (rest.split("/") if rest not in ("", ".") else [])
 
 
 def code_hash(recipe) -> str:

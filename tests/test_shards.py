@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
 from conftest import cli, common, ok, write_mnist_raw
+from omegaconf import OmegaConf
 from torchvision.datasets import MNIST
 
 from pipeline import batching, errors, files, fingerprints, shard_store, tensor_rows
@@ -292,6 +294,23 @@ def module_copy(tmp_path, name: str, source: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def test_raw_stats_name_and_order_the_files_as_paths_do(tmp_path, monkeypatch):
+    # Text in Path's normal form is taken as it is, anything else through Path: the same names, order and stats.
+    for name in ("data/a.jpg", "data/sub/b.jpg", "data2/c.jpg", "data-x.jpg", ".hidden/d.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * len(name))
+    monkeypatch.chdir(tmp_path)
+    listed = ["data//sub/b.jpg", "./data2/c.jpg", "data-x.jpg", str(tmp_path / "data/a.jpg"), Path("data/a.jpg")]
+    listed += ["data/sub/../a.jpg", ".hidden/d.jpg", "data/sub/b.jpg/"]
+    recipe = SimpleNamespace(raw_files=lambda cfg: listed)
+    for root in (".", "data", "data/", str(tmp_path), str(tmp_path / "data"), "/"):
+        by_path = []
+        for path in sorted(Path(p) for p in listed):
+            rel = path.relative_to(Path(root)) if path.is_relative_to(Path(root)) else path
+            by_path.append((str(rel), path.stat().st_size, path.stat().st_mtime_ns))
+        assert fingerprints.raw_stats(recipe, OmegaConf.create({"data": {"root": root}})) == by_path, root
 
 
 def test_editing_prepare_or_its_helpers_changes_the_fingerprint(tmp_path):
