@@ -155,11 +155,11 @@ def bench_images(args, keys: list[str]) -> None:
         machines, cores = (int(n) for n in args.project.lower().split("x"))
         most = max(best)  # the rate per process where the most processes shared the work
         per_process = args.images / best[most] / most
-        hours = 1_281_167 / (per_process * machines * cores) / 3600
+        seconds = 1_281_167 / (per_process * machines * cores)
         print(
             f"projection: 1,281,167 images at {args.side} px on {machines} machine(s) x {cores} cores at "
-            f"{per_process:,.0f} images/s per process: {hours * 60:,.1f} min (decoding JPEGs this size; "
-            f"photographs of ~110 KB decode several times slower)"
+            f"{per_process:,.0f} images/s per process: {seconds // 60:,.0f} min {seconds % 60:.0f} s (decoding JPEGs "
+            f"this size; photographs of ~110 KB decode several times slower)"
         )
 
 

@@ -57,7 +57,7 @@ class DataConfig:
     eval_fraction: float = 0.1  # held out from the training source for per-epoch evaluation
     split_seed: int = 0  # the held-out split is fixed by this, not by `seed`
     num_shards: int = 4  # Arrow files per split on disk
-    num_proc: int = 1  # processes for `datasets.map` while preparing (changing it misses the cache)
+    num_proc: int = 1  # worker processes of each preparing process (decoders, `datasets.map`); not in the fingerprint
     num_workers: int = 0  # DataLoader workers; only for data that is read from disk per batch
     # Each split as whole tensors in memory, or read a batch at a time from its memory-mapped shards (the
     # same batches either way). auto: in memory while the splits fit in in_memory_budget_gb.
