@@ -65,10 +65,13 @@ def _key(recipe, cfg: DictConfig) -> tuple:
     return recipe.name, json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
 
 
-def fingerprinted_stats(recipe, cfg: DictConfig, walk: bool = True) -> list[tuple[str, int, int]]:
+def fingerprinted_stats(recipe, cfg: DictConfig, walk: bool = True) -> list[tuple[str, int, int]] | None:
     """`raw_stats` as the last fingerprint of this recipe and data config saw them (walked now if none was and
-    `walk`; else [] : a process that was sent the fingerprint never walks the raw files)."""
-    return _FINGERPRINTED.get(_key(recipe, cfg)) or (raw_stats(recipe, cfg) if walk else [])
+    `walk`; else None: a process that was sent the fingerprint never walks the raw files)."""
+    stats = _FINGERPRINTED.get(_key(recipe, cfg))
+    if stats is None and walk:
+        stats = raw_stats(recipe, cfg)
+    return stats
 
 
 def raw_stats(recipe, cfg: DictConfig) -> list[tuple[str, int, int]]:

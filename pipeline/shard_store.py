@@ -34,6 +34,7 @@ CHECKSUM_FILE = "checksums.json"  # {file: {size, sha256}} of every shard file, 
 # larger ones get their sizes checked on every load, a full hash with `launch/prepare.py --verify`, and one
 # whenever a file fails to load.
 FULL_CHECK_BYTES = 128 * 2**20
+NAMED_FILES = 3  # raw files a "preparing ... from" line names one by one; more are counted in their folder
 # Waiting for another process's prepare: no practical limit (a process that dies closes its connections,
 # which ends the wait with an error), and a line in the log every REPORT_EVERY_S.
 WAIT_LIMIT = timedelta(days=7)
@@ -80,11 +81,16 @@ def _build(recipe, cfg: DictConfig, out: Path, log, rebuild: bool = False, share
 
 
 def _source(recipe, cfg: DictConfig) -> str:
-    """The raw files a prepare reads, as a person recognizes them: the file, or the folder holding them with
-    their count and size (the stats the fingerprint was made from); data.root for a recipe that lists none."""
+    """The raw files a prepare reads, as a person recognizes them: the files by name where there are a few, or
+    the folder holding them with their count and size (the stats the fingerprint was made from); data.root
+    where this process was sent the fingerprint and never listed them."""
     stats, root = fingerprinted_stats(recipe, cfg, walk=False), str(cfg.data.root)
-    if len(stats) <= 1:
-        return str(Path(root, stats[0][0])) if stats else root
+    if stats is None:
+        return root
+    if not stats:
+        return "no files (the recipe generates its data)"
+    if len(stats) <= NAMED_FILES:  # a table and the run's statistics file, each by name
+        return ", ".join(str(Path(root, rel)) for rel, _, _ in stats)
     # The folders the files are in, a handful however many files: their common path is the files'.
     folders = [os.path.join(root, folder) for folder in {os.path.dirname(rel) for rel, _, _ in stats}]
     try:

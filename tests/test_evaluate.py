@@ -237,6 +237,8 @@ def test_a_csv_edited_after_training_is_other_data_and_foreign_weights_stop_eval
     edited = evaluate(run, workdir)
     assert "not the run's own data (its raw files changed since it trained): fingerprint " in edited.stdout
     assert "the run's train statistics" in edited.stdout  # not statistics refitted on the edited rows
+    # The files it prepares from, by name: the table and the run's statistics (not their common folder).
+    assert f"from {csv}, {run / 'meta.json'} -> " in edited.stdout, edited.stdout
     [other] = (run / "evaluations").glob("eval-*.json")
     again = json.loads(other.read_text())
     assert again["own_data"] is False and again["run_fingerprint"] == trained != again["fingerprint"]

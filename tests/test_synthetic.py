@@ -34,6 +34,7 @@ def prepared(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("synthetic")
     out = prepare(workdir, workdir / "cache", "data.num_proc=2")
     assert re.search(r"prepared 2,000 rows in [\d.]+ s \([\d,]+ rows/s, [\d.]+ MB of shards, [\d.]+ MB/s\)", out), out
+    assert "data: preparing synthetic from no files (the recipe generates its data) -> " in out, out
     return workdir / "cache"
 
 
