@@ -119,7 +119,7 @@ def test_the_summary_evaluate_and_predict_use_the_best_weights_unless_told_final
     assert s["weights"] == "best" and s["eval/loss"] == pytest.approx(first["eval/loss"], rel=1e-6)
     assert s["eval/accuracy"] == pytest.approx(first["eval/accuracy"], abs=1e-6) and s["eval/loss"] != last["eval/loss"]
     line = next(x for x in result.stdout.splitlines() if x.startswith("done: "))
-    assert f"weights: best (epoch 1 of 3, eval/loss {s['best/eval/loss']:.4g}) eval/accuracy=" in line
+    assert f"weights: best (epoch 1 of 3, eval/loss {s['best/eval/loss']:.4f}) eval/accuracy=" in line
     workdir = run_dir.parent.parent.parent
     ok(cli([f"run={run_dir}"], cwd=workdir, script="evaluate"))
     ok(cli([f"run={run_dir}", "weights=final"], cwd=workdir, script="evaluate"))
