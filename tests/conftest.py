@@ -50,38 +50,21 @@ def command(args: list[str], processes: int = 1, script: str = "train", launcher
     launch = (
         [sys.executable, str(ROOT / "launch" / "run.py")] if launcher == "run" else [str(BIN / "accelerate"), "launch"]
     )
-    if processes == 1 and launcher in ("accelerate", "run"):
-        cmd = [
-            *launch,
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(ROOT / "launch" / f"{script}.py"),
-        ]
-    elif processes == 1:
-        cmd = [sys.executable, str(ROOT / "launch" / f"{script}.py")]
-    else:
-        cmd = [
-            *launch,
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            str(ROOT / "launch" / f"{script}.py"),
-        ]
-    return cmd + args
+    if processes == 1 and launcher == "python":
+        return [sys.executable, str(ROOT / "launch" / f"{script}.py"), *args]
+    return [*launch, *launch_flags(processes), str(ROOT / "launch" / f"{script}.py"), *args]
+
+
+def launch_flags(processes: int, machines: int = 1, rank: int = 0, port: int | str | None = None) -> list[str]:
+    """`accelerate launch`'s flags for `processes` processes in all on `machines` (this one `rank`, the first at
+    127.0.0.1:`port`), without fp16/bf16 or dynamo: every choice given, so no `accelerate config` file is read."""
+    flags = ["--num_processes", str(processes), "--num_machines", str(machines)]
+    flags += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        flags += ["--multi_gpu", "--main_process_port", str(port or free_port())]
+    if machines > 1:
+        flags += ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
+    return flags
 
 
 def environment(processes: int = 1, env: dict | None = None, gpu: bool = False) -> dict:

@@ -6,7 +6,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, needs_gpus, ok, run_dirs, summary
+from conftest import (
+    BIN,
+    ROOT,
+    TEST_DATA,
+    cli,
+    common,
+    environment,
+    free_port,
+    launch_flags,
+    needs_gpus,
+    ok,
+    run_dirs,
+    summary,
+)
 from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slow
@@ -57,21 +70,7 @@ def two_machines(workdir, gpu: bool) -> dict:
         cmd = [
             str(BIN / "accelerate"),
             "launch",
-            "--num_machines",
-            "2",
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *launch_flags(2, machines=2, rank=rank, port=port),
             str(ROOT / "launch" / "train.py"),
             *common(workdir, "trainer.epochs=2"),
         ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, cli, command, common, environment, free_port, ok, run_dirs, summary
+from conftest import ROOT, cli, command, common, environment, free_port, launch_flags, ok, run_dirs, summary
 from PIL import Image
 
 from pipeline import cli as pipeline_cli
@@ -77,21 +77,7 @@ def machines(workdir, args_of: list[list[str]], env: dict, timeout: int = 300) -
         cmd = [
             sys.executable,
             str(ROOT / "launch" / "run.py"),
-            "--num_machines",
-            str(len(args_of)),
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--multi_gpu",
-            "--num_processes",
-            str(len(args_of)),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *launch_flags(len(args_of), machines=len(args_of), rank=rank, port=port),
             str(ROOT / "launch" / "train.py"),
             *args,
         ]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, needs_gpus, ok
+from conftest import BIN, ROOT, TEST_DATA, cli, common, environment, free_port, launch_flags, needs_gpus, ok
 from safetensors.torch import load_file
 from test_checkpoint import kill, kill_after_checkpoint
 
@@ -47,17 +47,7 @@ def mask_agreement(tmp_path, gpu: bool = False) -> tuple[float, float, str]:
     cmd = [
         str(BIN / "accelerate"),
         "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *launch_flags(2),
         str(script),
         *common(tmp_path, *WATER),
     ]
@@ -145,21 +135,7 @@ def machines(args: list[str], workdir, per_machine: int) -> list[subprocess.Pope
         cmd = [
             str(BIN / "accelerate"),
             "launch",
-            "--num_machines",
-            str(count),
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *launch_flags(2, machines=count, rank=rank, port=port),
             str(ROOT / "launch" / "train.py"),
             *args,
         ]

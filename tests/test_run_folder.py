@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cli, command, common, environment, free_port
+from conftest import ROOT, cli, command, common, environment, free_port, launch_flags
 
 from pipeline import lock, shard_store
 from pipeline.errors import ConfigError
@@ -200,21 +200,7 @@ def two_machines(workdir, args: list[str], timeout: int = 240) -> list[subproces
         cmd = [
             sys.executable,
             str(ROOT / "launch" / "run.py"),
-            "--num_machines",
-            "2",
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *launch_flags(2, machines=2, rank=rank, port=port),
             str(ROOT / "launch" / "train.py"),
             *args,
         ]

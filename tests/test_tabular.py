@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, cli, common, environment, free_port, ok, run_dirs
+from conftest import ROOT, cli, common, environment, launch_flags, ok, run_dirs
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
 from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
@@ -439,17 +439,7 @@ def loader_epochs(workdir: Path, processes: int, *args: str) -> tuple[dict, str]
         [
             str(Path(sys.executable).parent / "accelerate"),
             "launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
+            *launch_flags(processes),
         ]
         if processes > 1
         else [sys.executable]
